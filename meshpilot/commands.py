@@ -1,0 +1,276 @@
+"""Control-plane subcommands: ``serve``, ``bootstrap``, ``demo`` and the management CLI
+(``service``, ``instance``, ``proxies``) that talks to a running control plane's HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+__all__ = ["register"]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(coro: Any) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        asyncio.run(coro)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from meshpilot.controlplane import ControlPlane
+    from meshpilot.plugins import install_plugins
+    from meshpilot.settings import load_settings
+
+    overrides = {
+        "listen_address": args.listen,
+        "xds_port": args.xds_port,
+        "api_port": args.api_port,
+        "store": args.store,
+        "token": args.token,
+        "debounce_ms": args.debounce_ms,
+        "debug_api": True if args.debug_api else None,
+        "domain": args.domain,
+    }
+    if args.consul_port is not None:
+        overrides["consul_port"] = None if args.consul_port < 0 else args.consul_port
+    if args.eureka_port is not None:
+        overrides["eureka_port"] = None if args.eureka_port < 0 else args.eureka_port
+    settings = load_settings(args.config, **overrides)
+    if args.consul_port is not None and args.consul_port < 0:
+        settings = settings.model_copy(update={"consul_port": None})
+    if args.eureka_port is not None and args.eureka_port < 0:
+        settings = settings.model_copy(update={"eureka_port": None})
+    _setup_logging(settings.log_level)
+
+    async def main() -> None:
+        cp = ControlPlane(settings)
+        install_plugins(cp)
+        await cp.run(ready_file=args.ready_file)
+
+    try:
+        _run(main())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
+
+    host, _, port = args.control_plane.rpartition(":")
+    opts = BootstrapOptions(
+        node_id=args.node,
+        service=args.service or "",
+        namespace=args.namespace,
+        zone=args.zone,
+        control_plane_host=host or "127.0.0.1",
+        control_plane_port=int(port),
+        api_type="GRPC" if args.sotw else "DELTA_GRPC",
+        admin_port=args.admin_port,
+        outbound_port=args.outbound_port,
+        inbound_port=args.inbound_port,
+        app_port=args.app_port,
+        hds=args.hds,
+    )
+    doc = build_bootstrap(opts)
+    text = json.dumps(doc, indent=2)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+class _Api:
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                err = json.loads(exc.read())
+                msg = err.get("error", "")
+            except ValueError:
+                msg = exc.reason
+            raise SystemExit(f"meshpilot: {method} {path}: {exc.code} {msg}") from None
+        except urllib.error.URLError as exc:
+            raise SystemExit(f"meshpilot: cannot reach the management API at {self.url}: {exc.reason}") from None
+
+
+def _api(args: argparse.Namespace) -> _Api:
+    return _Api(args.api, args.token or os.environ.get("MESHPILOT_TOKEN"))
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _parse_ports(specs: list[str]) -> list[dict[str, Any]]:
+    ports = []
+    for spec in specs:
+        # name:port[/protocol]
+        try:
+            name, rest = spec.split(":", 1)
+            port, _, proto = rest.partition("/")
+            ports.append({"name": name, "port": int(port), "protocol": proto or "http"})
+        except ValueError:
+            raise SystemExit(f"meshpilot: --port {spec!r}: expected NAME:PORT[/PROTOCOL]") from None
+    return ports
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    api = _api(args)
+    if args.action == "list":
+        _print(api.call("GET", "/v1/services"))
+    elif args.action == "get":
+        _print(api.call("GET", f"/v1/services/{args.namespace}/{args.name}"))
+    elif args.action == "delete":
+        _print(api.call("DELETE", f"/v1/services/{args.namespace}/{args.name}"))
+    elif args.action in ("create", "apply"):
+        if args.file:
+            import yaml
+
+            with open(args.file) as f:
+                body = yaml.safe_load(f)
+        else:
+            body = {"name": args.name, "namespace": args.namespace, "ports": _parse_ports(args.port or ["http:80"])}
+        if args.action == "create":
+            _print(api.call("POST", "/v1/services", body))
+        else:
+            _print(api.call("PUT", f"/v1/services/{body.get('namespace', 'default')}/{body['name']}", body))
+    return 0
+
+
+def cmd_instance(args: argparse.Namespace) -> int:
+    api = _api(args)
+    if args.action == "list":
+        path = f"/v1/services/{args.namespace}/{args.service}/instances" if args.service else "/v1/instances"
+        _print(api.call("GET", path))
+    elif args.action == "register":
+        ports = dict(p.split("=", 1) for p in (args.port or []))
+        body = {
+            "id": args.id,
+            "address": args.address,
+            "ports": {k: int(v) for k, v in ports.items()},
+            "zone": args.zone,
+            "weight": args.weight,
+            "labels": dict(kv.split("=", 1) for kv in (args.label or [])),
+        }
+        _print(api.call("POST", f"/v1/services/{args.namespace}/{args.service}/instances", body))
+    elif args.action == "deregister":
+        _print(api.call("DELETE", f"/v1/instances/{args.id}"))
+    elif args.action == "health":
+        _print(api.call("PUT", f"/v1/instances/{args.id}/health", {"status": args.status}))
+    return 0
+
+
+def cmd_proxies(args: argparse.Namespace) -> int:
+    _print(_api(args).call("GET", "/v1/proxies"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meshpilot.demo import run_demo
+
+    _setup_logging("WARNING")
+    try:
+        _run(run_demo(requests=args.requests, keep_running=not args.once))
+    except KeyboardInterrupt:
+        print("\nmeshpilot demo: stopped")
+    return 0
+
+
+def _api_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", default=os.environ.get("MESHPILOT_API", "http://127.0.0.1:15014"), help="management API URL")
+    p.add_argument("--token", help="bearer token for writes (or MESHPILOT_TOKEN)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="run the control plane")
+    p.add_argument("--config", help="settings YAML file")
+    p.add_argument("--listen", help="address for every listener (default 127.0.0.1)")
+    p.add_argument("--xds-port", type=int)
+    p.add_argument("--api-port", type=int)
+    p.add_argument("--consul-port", type=int, help="-1 disables the Consul API")
+    p.add_argument("--eureka-port", type=int, help="-1 disables the Eureka API")
+    p.add_argument("--store", help="sqlite:PATH or memory:")
+    p.add_argument("--token", help="bearer token required for writes")
+    p.add_argument("--domain", help="mesh DNS domain (default mesh)")
+    p.add_argument("--debounce-ms", type=int)
+    p.add_argument("--debug-api", action="store_true", help="enable /v1/debug resource injection (tests only)")
+    p.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bootstrap", help="print an Envoy bootstrap for a sidecar of this control plane")
+    p.add_argument("--node", required=True, help="node id")
+    p.add_argument("--service", help="the node's own service")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--zone", default="")
+    p.add_argument("--control-plane", default="127.0.0.1:15010", help="HOST:PORT of the xDS server")
+    p.add_argument("--sotw", action="store_true", help="state-of-the-world ADS (GRPC) instead of delta")
+    p.add_argument("--hds", action="store_true", help="also open the health discovery stream")
+    p.add_argument("--admin-port", type=int, default=15000)
+    p.add_argument("--outbound-port", type=int, default=15001)
+    p.add_argument("--inbound-port", type=int, default=15006)
+    p.add_argument("--app-port", type=int, default=0)
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("service", help="manage services")
+    p.add_argument("action", choices=["list", "get", "create", "apply", "delete"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--port", action="append", help="NAME:PORT[/PROTOCOL], repeatable")
+    p.add_argument("-f", "--file", help="service definition (YAML or JSON)")
+    _api_flags(p)
+    p.set_defaults(func=cmd_service)
+
+    p = sub.add_parser("instance", help="manage instances")
+    p.add_argument("action", choices=["list", "register", "deregister", "health"])
+    p.add_argument("--service")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--id")
+    p.add_argument("--address")
+    p.add_argument("--port", action="append", help="PORTNAME=PORT, repeatable")
+    p.add_argument("--zone", default="")
+    p.add_argument("--weight", type=int, default=100)
+    p.add_argument("--label", action="append", help="KEY=VALUE, repeatable")
+    p.add_argument("--status", choices=["passing", "warning", "critical"])
+    _api_flags(p)
+    p.set_defaults(func=cmd_instance)
+
+    p = sub.add_parser("proxies", help="list connected Envoys")
+    _api_flags(p)
+    p.set_defaults(func=cmd_proxies)
+
+    p = sub.add_parser("demo", help="run a small mesh on this machine and send traffic through it")
+    p.add_argument("--requests", type=int, default=20)
+    p.add_argument("--once", action="store_true", help="exit after the traffic instead of waiting for Ctrl-C")
+    p.set_defaults(func=cmd_demo)

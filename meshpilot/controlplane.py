@@ -1,0 +1,302 @@
+"""The control-plane process: registry and store, change debouncing, translation into the cache,
+the xDS gRPC server and the HTTP front doors, all on one asyncio loop.
+
+Data flows one way (DESIGN.md): a write changes the registry, the registry emits a change, the
+debouncer collects changes for ``debounce_ms`` (never longer than ``debounce_max_ms`` in total),
+then only the resources the changes touch are rebuilt by translate/ and put into the cache, which
+tells the subscribed streams. Other parts of the product plug in through ``add_*`` hooks: extra
+gRPC services (HDS), extra HTTP apps (Consul, Eureka), extra shared resources (policies) and extra
+per-node HTTP filters (the WASM governance filters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+
+from meshpilot import metrics
+from meshpilot.model import Service
+from meshpilot.registry import Change, Registry
+from meshpilot.registry.store import open_store
+from meshpilot.settings import Settings
+from meshpilot.translate.clusters import build_cluster, build_inbound_cluster
+from meshpilot.translate.dns import build_dns_service, dns_resource_name
+from meshpilot.translate.endpoints import build_endpoints
+from meshpilot.translate.listeners import INBOUND, OUTBOUND, build_inbound_listener, build_outbound_listener
+from meshpilot.translate.names import OUTBOUND_ROUTE, TYPE, cluster_name, inbound_cluster_name
+from meshpilot.translate.node import NodeInfo
+from meshpilot.translate.routes import build_outbound_routes
+from meshpilot.xds.cache import ResourceCache
+from meshpilot.xds.server import XdsServer
+
+__all__ = ["ControlPlane"]
+
+log = logging.getLogger("meshpilot.controlplane")
+
+NodeFilters = Callable[[NodeInfo, str], list[hcm.HttpFilter]]  # (node, "inbound"|"outbound")
+
+
+@dataclass
+class _Dirty:
+    services: set[str] = field(default_factory=set)
+    endpoints: set[str] = field(default_factory=set)
+    other: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.services or self.endpoints or self.other)
+
+
+class ControlPlane:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        if settings.store.startswith("etcd://"):
+            raise ValueError("store: the etcd store is not available in this build; use sqlite:PATH")
+        self.registry = Registry(open_store(settings.store), settings.vip_cidr, settings.vip6_cidr)
+        self.cache = ResourceCache()
+        self.nodes: dict[str, NodeInfo] = {}
+        self.xds = XdsServer(self.cache, self._node_connected, self._node_gone)
+        self.ports: dict[str, int] = {}
+        self._dirty = _Dirty()
+        self._kick = asyncio.Event()
+        self._published: dict[str, set[str]] = {}  # service key -> cluster names
+        self._grpc_handlers: list[grpc.GenericRpcHandler] = [self.xds.handler()]
+        self._http_apps: list[tuple[str, Callable[[], web.Application], int | None]] = []
+        self._node_filters: list[NodeFilters] = []
+        self._shared_builders: list[Callable[[set[str]], None]] = []
+        self._tasks: list[Callable[[], Any]] = []
+        self._grpc: grpc.aio.Server | None = None
+        self._runners: list[web.AppRunner] = []
+        self.ready = asyncio.Event()
+        self.registry.subscribe(self._on_change)
+
+    # ---- extension points ---------------------------------------------------------------------
+
+    def add_grpc_handler(self, handler: grpc.GenericRpcHandler) -> None:
+        self._grpc_handlers.append(handler)
+
+    def add_http_app(self, name: str, factory: Callable[[], web.Application], port: int | None) -> None:
+        """Serve another HTTP app on its own port (None: disabled)."""
+        self._http_apps.append((name, factory, port))
+
+    def add_node_filters(self, hook: NodeFilters) -> None:
+        self._node_filters.append(hook)
+
+    def add_shared_builder(self, builder: Callable[[set[str]], None]) -> None:
+        """``builder(changed_keys)`` is called on every rebuild with the changed document keys
+        (policy keys and service keys), and once at start with ``{"*"}``."""
+        self._shared_builders.append(builder)
+
+    def add_task(self, factory: Callable[[], Any]) -> None:
+        """A long-running coroutine owned (and restarted on failure) by the control plane."""
+        self._tasks.append(factory)
+
+    def refresh_nodes(self) -> None:
+        """Rebuild every connected node's own resources (after a per-node filter hook changed)."""
+        for node in list(self.nodes.values()):
+            self._build_node(node)
+
+    # ---- change handling ----------------------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        metrics.REGISTRY_WRITES.labels(change.kind).inc()
+        if change.kind == "service":
+            self._dirty.services.add(change.key)
+        elif change.kind == "instance":
+            self._dirty.endpoints.add(change.service)
+        else:
+            self._dirty.other.add(change.key)
+        self._kick.set()
+
+    async def _debounce(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet = self.settings.debounce_ms / 1000
+        cap = self.settings.debounce_max_ms / 1000
+        while True:
+            await self._kick.wait()
+            first = loop.time()
+            while True:
+                self._kick.clear()
+                remaining = first + cap - loop.time()
+                if remaining <= 0 or quiet <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(min(quiet, remaining)):
+                        await self._kick.wait()
+                except TimeoutError:
+                    break
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply every pending change to the cache now."""
+        dirty, self._dirty = self._dirty, _Dirty()
+        if dirty:
+            self._rebuild(dirty)
+
+    def _rebuild(self, dirty: _Dirty) -> None:
+        metrics.REBUILDS.inc()
+        domain = self.settings.domain
+        reg = self.registry
+        for key in sorted(dirty.services):
+            svc = reg.service(key)
+            old = self._published.get(key, set())
+            if svc is None:
+                self.cache.remove(TYPE.CLUSTER, old)
+                self.cache.remove(TYPE.ENDPOINT, old)
+                self.cache.remove(TYPE.DNS, [key])
+                self._published.pop(key, None)
+                continue
+            clusters = {cluster_name(svc, p, domain): build_cluster(svc, p, domain) for p in svc.ports}
+            stale = old - set(clusters)
+            # endpoints before clusters: a new cluster finds its endpoints already in the cache
+            self._put_endpoints(svc)
+            self.cache.put(TYPE.CLUSTER, clusters)
+            self.cache.remove(TYPE.CLUSTER, stale)
+            self.cache.remove(TYPE.ENDPOINT, stale)
+            self._published[key] = set(clusters)
+            vip = self.settings.single_vip or svc.vip
+            self.cache.put(TYPE.DNS, {dns_resource_name(svc): build_dns_service(svc, domain, vip, reg.vip6(svc))})
+        for key in sorted(dirty.endpoints - dirty.services):
+            svc = reg.service(key)
+            if svc is not None:
+                self._put_endpoints(svc)
+        if dirty.services:
+            self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: build_outbound_routes(reg.services(), domain)})
+            for node in list(self.nodes.values()):
+                if node.service_key in dirty.services:
+                    self._build_node(node)
+        changed = dirty.other | dirty.services
+        if changed:
+            for builder in self._shared_builders:
+                builder(changed)
+
+    def _put_endpoints(self, svc: Service) -> None:
+        domain = self.settings.domain
+        instances = self.registry.instances(svc.key)
+        self.cache.put(
+            TYPE.ENDPOINT, {cluster_name(svc, p, domain): build_endpoints(svc, p, instances, domain) for p in svc.ports}
+        )
+
+    def build_all(self) -> None:
+        self._rebuild(_Dirty(services={s.key for s in self.registry.services()}))
+        if not self.registry.services():
+            self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: build_outbound_routes([], self.settings.domain)})
+        for builder in self._shared_builders:
+            builder({"*"})
+
+    # ---- nodes --------------------------------------------------------------------------------
+
+    def _node_connected(self, node: NodeInfo) -> None:
+        self.nodes[node.id] = node
+        self._build_node(node)
+
+    def _node_gone(self, node: NodeInfo) -> None:
+        self.nodes.pop(node.id, None)
+        self.cache.drop_scope(node.id)
+
+    def node_filters(self, node: NodeInfo, direction: str) -> list[hcm.HttpFilter]:
+        out: list[hcm.HttpFilter] = []
+        for hook in self._node_filters:
+            out.extend(hook(node, direction))
+        return out
+
+    def _build_node(self, node: NodeInfo) -> None:
+        if node.proxyless:
+            return
+        listeners = {}
+        clusters = {}
+        if node.outbound_port:
+            listeners[OUTBOUND] = build_outbound_listener(node, self.node_filters(node, "outbound"))
+        if node.inbound_port and node.app_port:
+            svc = self.registry.service(node.service_key) if node.service else None
+            protocol = "http"
+            if svc is not None:
+                protocol = next((p.protocol for p in svc.ports), "http")
+            listeners[INBOUND] = build_inbound_listener(node, self.node_filters(node, "inbound"))
+            clusters[inbound_cluster_name(node.app_port)] = build_inbound_cluster(node, protocol)
+        self.cache.replace(TYPE.CLUSTER, clusters, scope=node.id)
+        self.cache.replace(TYPE.LISTENER, listeners, scope=node.id)
+
+    # ---- serving ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self.build_all()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.http2.max_ping_strikes", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        server.add_generic_rpc_handlers(self._grpc_handlers)
+        self.ports["xds"] = server.add_insecure_port(f"{s.listen_address}:{s.xds_port}")
+        if not self.ports["xds"]:
+            raise OSError(f"xds_port: cannot listen on {s.listen_address}:{s.xds_port}")
+        await server.start()
+        self._grpc = server
+        from meshpilot.api.app import build_api
+
+        apps: list[tuple[str, Callable[[], web.Application], int | None]] = [("api", lambda: build_api(self), s.api_port)]
+        for name, factory, port in [*apps, *self._http_apps]:
+            if port is None:
+                continue
+            runner = web.AppRunner(factory(), access_log=None, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, s.listen_address, port, reuse_address=True)
+            await site.start()
+            self._runners.append(runner)
+            sock = site._server.sockets[0] if site._server and site._server.sockets else None  # type: ignore[union-attr]
+            self.ports[name] = sock.getsockname()[1] if sock else port
+        self.ready.set()
+        log.info("event=control_plane_ready %s", " ".join(f"{k}_port={v}" for k, v in self.ports.items()))
+
+    async def stop(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self._grpc is not None:
+            await self._grpc.stop(grace=0.5)
+            self._grpc = None
+        self.registry.store.close()
+
+    async def run(self, ready_file: str | None = None) -> None:
+        """Serve until cancelled."""
+        await self.start()
+        if ready_file:
+            tmp = Path(ready_file + ".tmp")
+            tmp.write_text(json.dumps({"pid": os.getpid(), **self.ports}))
+            tmp.replace(ready_file)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(_supervise("debounce", self._debounce))
+                for factory in self._tasks:
+                    tg.create_task(_supervise(getattr(factory, "__name__", "task"), factory))
+        finally:
+            await self.stop()
+
+
+async def _supervise(name: str, factory: Callable[[], Any]) -> None:
+    """Run a long-lived task; log and restart it (with a short back-off) if it fails."""
+    delay = 0.1
+    while True:
+        try:
+            await factory()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("event=task_failed task=%s restart_in=%.1fs", name, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

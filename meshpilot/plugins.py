@@ -1,0 +1,33 @@
+"""Wires the optional parts of the product (HDS, Consul and Eureka APIs, policies, meshdns table)
+into a ControlPlane. Each part exposes ``install(cp)`` in its package's ``plugin`` module."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from meshpilot.controlplane import ControlPlane
+
+__all__ = ["install_plugins"]
+
+_PLUGINS = (
+    "meshpilot.xds.hds",
+    "meshpilot.consul.plugin",
+    "meshpilot.eureka.plugin",
+    "meshpilot.policy.plugin",
+)
+
+
+def install_plugins(cp: ControlPlane) -> None:
+    for name in _PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        install = getattr(module, "install", None)
+        if install is None:
+            continue
+        install(cp)
+        logging.getLogger("meshpilot").debug("event=plugin_installed plugin=%s", name)

@@ -1,0 +1,51 @@
+"""The control plane's one settings object: defaults that work on one machine, then a YAML file,
+then ``MESHPILOT_<FIELD>`` environment variables, then command-line flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Settings", "load_settings"]
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen_address: str = "127.0.0.1"
+    xds_port: int = Field(default=15010, ge=0, le=65535)
+    api_port: int = Field(default=15014, ge=0, le=65535)
+    consul_port: int | None = Field(default=8500, ge=0, le=65535, description="null disables the Consul API")
+    eureka_port: int | None = Field(default=8761, ge=0, le=65535, description="null disables the Eureka API")
+    store: str = Field(default="sqlite:var/meshpilot.db", description="sqlite:PATH, memory:, or etcd://HOST:PORT")
+    domain: str = "mesh"
+    vip_cidr: str = "240.240.0.0/16"
+    vip6_cidr: str | None = None
+    single_vip: str | None = Field(default=None, description="give every service this one virtual IP (HTTP only)")
+    debounce_ms: int = Field(default=100, ge=0, le=10_000)
+    debounce_max_ms: int = Field(default=1_000, ge=0, le=60_000)
+    token: str | None = Field(default=None, description="bearer token required for every write")
+    debug_api: bool = Field(default=False, description="enable /v1/debug (test-only resource injection)")
+    hds_interval_s: float = Field(default=1.0, gt=0, le=300)
+    hds_critical_after_s: float = Field(default=45.0, gt=0)
+    hds_remove_after_s: float = Field(default=300.0, gt=0)
+    log_level: str = "INFO"
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    data: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: settings must be a mapping")
+        data.update(loaded)
+    for name in Settings.model_fields:
+        env = os.environ.get(f"MESHPILOT_{name.upper()}")
+        if env is not None:
+            data[name] = None if env == "" else env
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings.model_validate(data)

@@ -1,0 +1,104 @@
+"""Services → Envoy Clusters (CDS): one EDS cluster per service port, plus a node's inbound cluster."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+from meshpilot.model import Service, ServicePort
+from meshpilot.translate.names import cluster_name, inbound_cluster_name
+from meshpilot.translate.node import NodeInfo
+
+__all__ = ["ads_source", "build_cluster", "build_clusters", "build_inbound_cluster", "duration_ms"]
+
+_LB = {
+    "round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
+    "least_request": cluster_pb2.Cluster.LEAST_REQUEST,
+    "random": cluster_pb2.Cluster.RANDOM,
+}
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def duration_ms(ms: int) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def ads_source() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+    )
+
+
+def _http2_options() -> any_pb2.Any:
+    opts = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    packed = any_pb2.Any()
+    packed.Pack(opts)
+    return packed
+
+
+def build_cluster(service: Service, port: ServicePort, domain: str) -> cluster_pb2.Cluster:
+    t = service.traffic
+    name = cluster_name(service, port, domain)
+    c = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_source(), service_name=name),
+        connect_timeout=duration_ms(t.connect_timeout_ms),
+        lb_policy=_LB[t.lb_policy],
+        outlier_detection=outlier_detection_pb2.OutlierDetection(
+            consecutive_5xx=wrappers_pb2.UInt32Value(value=t.outlier.consecutive_5xx),
+            consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=t.outlier.consecutive_gateway_failure),
+            enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+            interval=duration_ms(t.outlier.interval_ms),
+            base_ejection_time=duration_ms(t.outlier.base_ejection_time_ms),
+            max_ejection_percent=wrappers_pb2.UInt32Value(value=t.outlier.max_ejection_percent),
+        ),
+    )
+    # host-set changes apply at once; no 1 s merge window between EDS updates
+    c.common_lb_config.update_merge_window.CopyFrom(duration_pb2.Duration())
+    if t.zone_aware:
+        c.common_lb_config.zone_aware_lb_config.min_cluster_size.value = 1
+    if port.protocol in ("http2", "grpc"):
+        c.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(_http2_options())
+    return c
+
+
+def build_clusters(services: list[Service], domain: str) -> list[cluster_pb2.Cluster]:
+    return [build_cluster(s, p, domain) for s in services for p in s.ports]
+
+
+def build_inbound_cluster(node: NodeInfo, protocol: str = "http") -> cluster_pb2.Cluster:
+    """The cluster the inbound listener forwards to: the node's own app on loopback."""
+    c = cluster_pb2.Cluster(
+        name=inbound_cluster_name(node.app_port),
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=duration_ms(1000),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=inbound_cluster_name(node.app_port),
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(
+                                address=address_pb2.Address(
+                                    socket_address=address_pb2.SocketAddress(
+                                        address=node.app_address, port_value=node.app_port
+                                    )
+                                )
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+    if protocol in ("http2", "grpc"):
+        c.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(_http2_options())
+    return c

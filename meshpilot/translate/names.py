@@ -1,0 +1,56 @@
+"""Names shared by translate/, meshdns and the SDK front doors: type URLs, cluster names, host forms."""
+
+from __future__ import annotations
+
+from meshpilot.model import Service, ServicePort
+
+__all__ = ["TYPE", "OUTBOUND_ROUTE", "cluster_name", "fqdn", "host_forms", "inbound_cluster_name", "portless_port"]
+
+OUTBOUND_ROUTE = "outbound"
+
+
+class TYPE:
+    CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+    ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+    LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+    ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+    EXTENSION_CONFIG = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+    DNS = "type.googleapis.com/meshpilot.dns.v1.DnsService"
+
+
+def fqdn(service: Service, domain: str) -> str:
+    return f"{service.name}.{service.namespace}.svc.{domain}"
+
+
+def cluster_name(service: Service, port: ServicePort, domain: str) -> str:
+    """Istio-style outbound cluster name, also the EDS service name."""
+    return f"outbound|{port.port}||{fqdn(service, domain)}"
+
+
+def inbound_cluster_name(port: int) -> str:
+    return f"inbound|{port}||"
+
+
+def portless_port(service: Service) -> ServicePort:
+    """The port a Host without ``:port`` means: the one numbered 80, else the first."""
+    for p in service.ports:
+        if p.port == 80:
+            return p
+    return service.ports[0]
+
+
+def host_forms(service: Service, port: ServicePort, domain: str, *, short: bool = True) -> list[str]:
+    """Every Host/authority a caller may use for this service port, lower-case.
+
+    ``<svc>`` (only when ``short``), ``<svc>.<ns>``, ``<svc>.<ns>.svc.<domain>``, and the service's
+    virtual IP, each with ``:<port>``; the forms without a port too for the service's portless port.
+    """
+    names = [f"{service.name}.{service.namespace}", fqdn(service, domain)]
+    if short:
+        names.insert(0, service.name)
+    if service.vip:
+        names.append(service.vip)
+    out = [f"{n}:{port.port}" for n in names]
+    if port is portless_port(service) or port == portless_port(service):
+        out.extend(names)
+    return out

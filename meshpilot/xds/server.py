@@ -1,0 +1,183 @@
+"""The ADS gRPC service (state-of-the-world and delta) on grpc.aio.
+
+Each stream is a state machine from stream.py plus two tasks: a reader that feeds it requests and
+a writer that sends what it returns. Cache changes only mark streams pending and wake their
+writers, so a slow Envoy delays nobody but itself, and several changes queued behind a slow write
+collapse into one push of the latest state. Responses are cached bytes written through an
+identity serializer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import json_format
+
+from meshpilot import metrics
+from meshpilot.translate.node import NodeInfo, node_info
+from meshpilot.xds.cache import ResourceCache
+from meshpilot.xds.stream import DeltaStream, SotwStream
+
+__all__ = ["ADS_SERVICE", "XdsServer"]
+
+log = logging.getLogger("meshpilot.xds")
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+@dataclass(slots=True)
+class StreamHandle:
+    id: int
+    machine: SotwStream | DeltaStream
+    wake: asyncio.Event
+    peer: str
+    node: NodeInfo | None = None
+    connected_at: float = field(default_factory=time.time)
+    user_agent: str = ""
+
+
+class XdsServer:
+    """ADS streams over one cache. ``on_node`` is called with a node's info before its first
+    response (to build its own resources); ``on_node_gone`` when its last stream closes."""
+
+    def __init__(
+        self,
+        cache: ResourceCache,
+        on_node: Callable[[NodeInfo], None] = lambda n: None,
+        on_node_gone: Callable[[NodeInfo], None] = lambda n: None,
+    ) -> None:
+        self.cache = cache
+        self.on_node = on_node
+        self.on_node_gone = on_node_gone
+        self.streams: dict[int, StreamHandle] = {}
+        self._ids = itertools.count(1)
+        self._node_streams: dict[str, int] = {}
+        cache.watch(self._on_change)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            ADS_SERVICE,
+            {
+                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self._sotw,
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=_identity,
+                ),
+                "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self._delta,
+                    request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                    response_serializer=_identity,
+                ),
+            },
+        )
+
+    def _on_change(self, type_url: str, scope: str, names: frozenset[str], stamp: float) -> None:
+        if scope:
+            for h in self.streams.values():
+                if h.machine.node_id == scope and h.machine.notify(type_url, scope, names, stamp):
+                    h.wake.set()
+            return
+        for h in self.streams.values():
+            if h.machine.notify(type_url, scope, names, stamp):
+                h.wake.set()
+
+    def proxies(self) -> list[dict[str, Any]]:
+        out = []
+        for h in sorted(self.streams.values(), key=lambda x: x.id):
+            node = h.node
+            out.append(
+                {
+                    "stream": h.id,
+                    "node_id": node.id if node else "",
+                    "cluster": node.cluster if node else "",
+                    "service": node.service_key if node else "",
+                    "peer": h.peer,
+                    "user_agent": h.user_agent,
+                    "connected_at": h.connected_at,
+                    **h.machine.summary(),
+                }
+            )
+        return out
+
+    async def _sotw(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext) -> None:
+        await self._serve(SotwStream(self.cache), requests, context)
+
+    async def _delta(self, requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext) -> None:
+        await self._serve(DeltaStream(self.cache), requests, context)
+
+    async def _serve(self, machine: SotwStream | DeltaStream, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        handle = StreamHandle(next(self._ids), machine, asyncio.Event(), context.peer())
+        self.streams[handle.id] = handle
+        metrics.XDS_STREAMS.labels(machine.kind).inc()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(self._write(handle, context))
+                try:
+                    await self._read(handle, requests)
+                finally:
+                    writer.cancel()
+        except* (asyncio.CancelledError, grpc.aio.AioRpcError):
+            pass
+        except* StreamError as eg:
+            for e in eg.exceptions:
+                log.warning("event=stream_rejected stream=%s peer=%s reason=%s", handle.id, handle.peer, e)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            del self.streams[handle.id]
+            metrics.XDS_STREAMS.labels(machine.kind).dec()
+            if handle.node is not None:
+                left = self._node_streams.get(handle.node.id, 1) - 1
+                if left <= 0:
+                    self._node_streams.pop(handle.node.id, None)
+                    self.on_node_gone(handle.node)
+                else:
+                    self._node_streams[handle.node.id] = left
+            log.info("event=stream_closed stream=%s node=%s", handle.id, handle.node.id if handle.node else "")
+
+    async def _read(self, handle: StreamHandle, requests: AsyncIterator[Any]) -> None:
+        async for req in requests:
+            if handle.node is None:
+                if not req.HasField("node") or not req.node.id:
+                    raise StreamError("the first request of a stream must carry node.id")
+                md = json_format.MessageToDict(req.node.metadata) if req.node.HasField("metadata") else {}
+                handle.node = node_info(req.node.id, req.node.cluster, md, req.node.locality.zone)
+                handle.user_agent = f"{req.node.user_agent_name} {req.node.user_agent_build_version.version.major_number}.{req.node.user_agent_build_version.version.minor_number}".strip()
+                handle.machine.node_id = req.node.id
+                self._node_streams[req.node.id] = self._node_streams.get(req.node.id, 0) + 1
+                log.info("event=stream_open stream=%s kind=%s node=%s peer=%s", handle.id, handle.machine.kind, req.node.id, handle.peer)
+                self.on_node(handle.node)
+            nacks = handle.machine.nacks
+            handle.machine.receive(req)
+            if handle.machine.nacks != nacks and handle.machine.last_nack:
+                n = handle.machine.last_nack
+                metrics.XDS_NACKS.labels(n.type_url.rsplit(".", 1)[-1]).inc()
+                log.warning("event=nack node=%s type=%s error=%r", handle.node.id, n.type_url, n.message[:500])
+            if handle.machine.pending:
+                handle.wake.set()
+
+    async def _write(self, handle: StreamHandle, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            await handle.wake.wait()
+            handle.wake.clear()
+            for type_url, payload in handle.machine.responses():
+                await context.write(payload)
+                metrics.XDS_PUSHES.labels(type_url.rsplit(".", 1)[-1], handle.machine.kind).inc()
+            for seconds in handle.machine.latencies:
+                metrics.XDS_PUSH_SECONDS.observe(max(0.0, seconds))
+            handle.machine.latencies.clear()
+
+
+class StreamError(Exception):
+    pass
