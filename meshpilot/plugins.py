@@ -15,6 +15,8 @@ _PLUGINS = (
     "meshpilot.consul.plugin",
     "meshpilot.eureka.plugin",
     "meshpilot.policy.plugin",
+    "meshpilot.proxyless.plugin",
+    "meshpilot.meshdns.plugin",
 )
 
 
