@@ -1,0 +1,252 @@
+"""The meshdns server: UDP and TCP listeners around the pure core, the forwarder and the table feed.
+
+The UDP hot path is one dictionary lookup keyed by the packet after its id and flags (counts, question, OPT),
+whose value is the prebuilt response in the four RD/CD variants; a hit prepends the query id and sends. Every
+miss goes through :func:`meshpilot.meshdns.answer.respond`, which either builds the mesh answer (stored for next
+time), answers an error, drops the packet, or hands it to the :class:`~meshpilot.meshdns.forward.Forwarder`.
+A new table replaces the dictionaries wholesale, so an answer is never older than the table it came from.
+
+:class:`MeshDns` is the in-process API the sidecar agent uses (``async with MeshDns(config) as dns``, then
+``dns.port``); :func:`serve` wraps it for the ``meshpilot meshdns`` command. Both own their tasks in an
+``asyncio.TaskGroup`` and close their listeners on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from meshpilot.meshdns.ads import AdsState, load_state, run_ads, save_state
+from meshpilot.meshdns.answer import DROP, FORWARD, REPLY, flag_variants, respond
+from meshpilot.meshdns.config import MeshDnsConfig, read_resolv_conf, without_self
+from meshpilot.meshdns.forward import Forwarder
+from meshpilot.meshdns.table import NameTable, Service, load_services_file
+
+__all__ = ["MeshDns", "serve"]
+
+log = logging.getLogger("meshpilot.meshdns")
+
+_HOT_LIMIT = 100_000
+_TCP_IDLE = 10.0
+
+
+class _Udp(asyncio.DatagramProtocol):
+    __slots__ = ("dns", "transport", "hits")
+
+    def __init__(self, dns: MeshDns) -> None:
+        self.dns = dns
+        self.transport: asyncio.DatagramTransport | None = None
+        self.hits = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        hot = self.dns._udp_hot.get(data[4:])
+        if hot is not None and not data[2] & 0xF8:  # a query (QR 0) with opcode QUERY
+            self.transport.sendto(data[:2] + hot[(data[2] & 1) | ((data[3] & 0x10) >> 3)], addr)  # type: ignore[union-attr]
+            self.hits += 1
+            return
+        self.dns._miss(data, lambda out: self.transport.sendto(out, addr), tcp=False)  # type: ignore[union-attr]
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors about clients that went away; nothing to do
+
+
+class MeshDns:
+    """One meshdns instance. ``async with MeshDns(config) as dns:`` binds, loads the table and starts the feed."""
+
+    def __init__(self, config: MeshDnsConfig) -> None:
+        self.config = config
+        self.counters: dict[str, int] = {}
+        upstreams = list(config.upstreams)
+        search = list(config.search)
+        if not upstreams:
+            upstreams, resolv_search = read_resolv_conf()
+            if not search:
+                search = resolv_search
+        self._search = tuple(search)
+        self._requested_upstreams = upstreams
+        self.forwarder = Forwarder([], timeout=config.upstream_timeout, counters=self.counters)
+        self.ads = AdsState(config.node_id, load_state(config.state_file) if config.state_file else None)
+        self.table = NameTable.build((), domain=config.domain, ttl=config.ttl)
+        self._serial = 0
+        self._udp_hot: dict[bytes, tuple[bytes, bytes, bytes, bytes]] = {}
+        self._tcp_hot: dict[bytes, tuple[bytes, bytes, bytes, bytes]] = {}
+        self._udp: _Udp | None = None
+        self._udp_transport: asyncio.DatagramTransport | None = None
+        self._tcp_server: asyncio.Server | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._feed: asyncio.Task[None] | None = None
+        self.port = 0
+        self.table_updated = asyncio.Event()
+
+    # -- table -----------------------------------------------------------------------------------------------
+
+    def set_services(self, services: list[Service]) -> None:
+        """Install a new table; prebuilt answers of the old one are dropped with it."""
+        self._serial += 1
+        self.table = NameTable.build(services, domain=self.config.domain, ttl=self.config.ttl, search=self._search,
+                                     namespace=self.config.namespace, serial=self._serial)
+        self._udp_hot = {}
+        self._tcp_hot = {}
+        self.counters["table_updates"] = self.counters.get("table_updates", 0) + 1
+        self.table_updated.set()
+        self.table_updated = asyncio.Event()
+        log.info("event=table_installed services=%d serial=%d", len(services), self._serial)
+
+    async def _on_ads_change(self) -> None:
+        self.set_services(self.ads.services())
+        if self.config.state_file:
+            await asyncio.to_thread(save_state, self.config.state_file, dict(self.ads.resources))
+
+    # -- queries ---------------------------------------------------------------------------------------------
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def _miss(self, data: bytes, reply: Callable[[bytes], Any], *, tcp: bool) -> None:
+        try:
+            if len(data) >= 12 and not data[2] & 0xF8:
+                cached = self.forwarder.cached(data, None, tcp)
+                if cached is not None:
+                    self._count("forward_cache_hits")
+                    reply(cached)
+                    return
+            outcome = respond(data, self.table, tcp=tcp)
+            if outcome.kind == REPLY:
+                self._count(f"replies_{outcome.reason}" if outcome.reason else "mesh_answers")
+                if outcome.cacheable:
+                    hot = self._tcp_hot if tcp else self._udp_hot
+                    if len(hot) >= _HOT_LIMIT:
+                        hot.clear()
+                    hot[data[4:]] = flag_variants(outcome.response)
+                reply(outcome.response)
+            elif outcome.kind == FORWARD:
+                assert outcome.query is not None
+                cached = self.forwarder.cached(data, outcome.query, tcp)
+                if cached is not None:
+                    self._count("forward_cache_hits")
+                    reply(cached)
+                elif self._tg is not None:
+                    self._count("forwarded")
+                    self._tg.create_task(self._forward(data, outcome.query, reply, tcp))
+            elif outcome.kind == DROP:
+                self._count(f"dropped_{outcome.reason}")
+        except Exception:  # a packet must never take the server down; count it and move on
+            self._count("internal_errors")
+            log.exception("event=query_failed")
+
+    async def _forward(self, data: bytes, query: Any, reply: Callable[[bytes], Any], tcp: bool) -> None:
+        try:
+            reply(await self.forwarder.resolve(data, query, tcp))
+        except Exception:
+            self._count("internal_errors")
+            log.exception("event=forward_failed")
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def reply(out: bytes) -> None:
+            if not writer.is_closing():
+                writer.write(struct.pack("!H", len(out)) + out)
+
+        try:
+            while True:
+                async with asyncio.timeout(_TCP_IDLE):
+                    (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    data = await reader.readexactly(length)
+                hot = self._tcp_hot.get(data[4:])
+                if hot is not None and not data[2] & 0xF8:
+                    reply(data[:2] + hot[(data[2] & 1) | ((data[3] & 0x10) >> 3)])
+                    self._count("tcp_hot_hits")
+                else:
+                    self._miss(data, reply, tcp=True)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def _bind(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.config.host, self.config.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for attempt in range(20):
+            transport, proto = await loop.create_datagram_endpoint(
+                lambda: _Udp(self), local_addr=(host, port), family=family)
+            bound = transport.get_extra_info("sockname")[1]
+            try:
+                self._tcp_server = await asyncio.start_server(self._tcp_client, host, bound, family=family,
+                                                              reuse_address=True)
+            except OSError:
+                transport.close()
+                if port or attempt == 19:
+                    raise
+                continue
+            self._udp_transport, self._udp, self.port = transport, proto, bound
+            return
+
+    async def __aenter__(self) -> MeshDns:
+        upstreams = without_self(self._requested_upstreams, self.config.host, self.config.port or -1)
+        await self._bind()
+        self.forwarder.upstreams = without_self(upstreams, self.config.host, self.port)
+        if self.config.static_table:
+            self.set_services(load_services_file(self.config.static_table))
+        elif self.ads.resources:
+            self.set_services(self.ads.services())  # the last table, served until the control plane answers
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        if self.config.control_plane and not self.config.static_table:
+            self._feed = self._tg.create_task(run_ads(
+                self.config.control_plane, self.ads, self._on_ads_change,
+                backoff_max=self.config.backoff_max, counters=self.counters))
+        log.info("event=meshdns_listening host=%s port=%d upstreams=%s services=%d", self.config.host, self.port,
+                 ",".join(f"{h}:{p}" for h, p in self.forwarder.upstreams), len(self.table.services))
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        # listeners first, then the tasks they fed
+        if self._udp_transport is not None:
+            self._udp_transport.close()
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+        if self._feed is not None:
+            self._feed.cancel()
+        if self._tg is not None:
+            await self._tg.__aexit__(exc_type, exc, tb)
+            self._tg = None
+
+    # -- metrics ---------------------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, int]:
+        out = dict(self.counters)
+        out["udp_hot_hits"] = self._udp.hits if self._udp else 0
+        out["table_services"] = len(self.table.services)
+        out["ads_acks"], out["ads_nacks_total"] = self.ads.acks, self.ads.nacks
+        return out
+
+    def metrics_text(self) -> str:
+        """The counters in Prometheus text format."""
+        lines = ["# HELP meshdns_events_total meshdns events by kind", "# TYPE meshdns_events_total counter"]
+        m = self.metrics()
+        services = m.pop("table_services")
+        for name, value in sorted(m.items()):
+            lines.append(f'meshdns_events_total{{event="{name}"}} {value}')
+        lines += ["# HELP meshdns_table_services services in the name table", "# TYPE meshdns_table_services gauge",
+                  f"meshdns_table_services {services}"]
+        return "\n".join(lines) + "\n"
+
+
+async def serve(config: MeshDnsConfig, *, ready: Callable[[MeshDns], Any] | None = None) -> None:
+    """Run meshdns until cancelled; ``ready`` is called with the running instance (``.port`` is bound)."""
+    async with MeshDns(config) as dns:
+        if ready is not None:
+            ready(dns)
+        await asyncio.Event().wait()
