@@ -64,7 +64,7 @@ def _flags(query_flags: int, rcode: int, *, aa: bool, tc: bool = False) -> int:
 def _error(data: bytes, rcode: int, question_end: int, query: Query | None) -> bytes:
     """An error response echoing the question when it could be read (and the OPT when there was one)."""
     qid, qflags = struct.unpack_from("!HH", data)
-    has_q = question_end > 12
+    has_q = question_end > 12 and (qflags >> 11) & 0xF == 0  # other opcodes give the sections other meanings
     ext = 0
     if rcode > 15:
         ext, rcode = rcode >> 4, rcode & 0xF
@@ -159,7 +159,8 @@ def respond(data: bytes, table: NameTable, *, tcp: bool = False) -> Outcome:
     except FormatError as exc:
         return Outcome(REPLY, _error(data, RCODE.FORMERR, exc.question_end, None), reason="formerr")
     if q.opcode != 0:
-        return Outcome(REPLY, _error(data, RCODE.NOTIMP, q.question_end, q), q, reason="notimp")
+        # header only: other opcodes give the sections other meanings (UPDATE's zone section must be SOA)
+        return Outcome(REPLY, _error(data, RCODE.NOTIMP, 0, None), q, reason="notimp")
     if q.qtype in (251, 252):  # IXFR, AXFR
         return Outcome(REPLY, _error(data, RCODE.REFUSED, q.question_end, q), q, reason="refused")
     out = _build(data, q, table, tcp)
