@@ -159,6 +159,8 @@ class XdsServer:
                 log.info("event=stream_open stream=%s kind=%s node=%s peer=%s", handle.id, handle.machine.kind, req.node.id, handle.peer)
                 self.on_node(handle.node)
             nacks = handle.machine.nacks
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("event=request stream=%s %s", handle.id, _describe(req))
             handle.machine.receive(req)
             if handle.machine.nacks != nacks and handle.machine.last_nack:
                 n = handle.machine.last_nack
@@ -177,6 +179,18 @@ class XdsServer:
             for seconds in handle.machine.latencies:
                 metrics.XDS_PUSH_SECONDS.observe(max(0.0, seconds))
             handle.machine.latencies.clear()
+
+
+def _describe(req: Any) -> str:
+    if isinstance(req, discovery_pb2.DeltaDiscoveryRequest):
+        return (
+            f"type={req.type_url.rsplit('.', 1)[-1]} nonce={req.response_nonce!r} subscribe={list(req.resource_names_subscribe)} "
+            f"unsubscribe={list(req.resource_names_unsubscribe)} initial={len(req.initial_resource_versions)} nack={req.HasField('error_detail')}"
+        )
+    return (
+        f"type={req.type_url.rsplit('.', 1)[-1]} nonce={req.response_nonce!r} version={req.version_info!r} "
+        f"names={list(req.resource_names)[:5]} nack={req.HasField('error_detail')}"
+    )
 
 
 class StreamError(Exception):

@@ -8,9 +8,11 @@ Rules both variants follow:
 - a NACK is recorded and the rejected version is not sent again; the next change is;
 - a request whose nonce is not the latest sent for its type is stale and only its subscription
   changes count;
-- Envoy re-requests a cluster's endpoints after the cluster changes and keeps the cluster warming
-  until they arrive, so a repeated request (sotw: a second request carrying an already-answered
-  nonce; delta: a subscribe to a name already subscribed) is answered even when nothing changed.
+- a changed cluster stays warming in Envoy until its endpoints arrive again. Over sotw Envoy
+  re-requests them (a second request carrying an already-answered nonce), and that request is
+  answered even when nothing changed; over delta it does not re-request names it holds, so the
+  endpoints of every cluster sent are sent again right behind it. A delta subscribe to a name
+  already subscribed is answered too.
 """
 
 from __future__ import annotations
@@ -269,7 +271,9 @@ class DeltaStream(_Stream):
 
     def responses(self, now: float | None = None) -> list[tuple[str, bytes]]:
         out = []
-        for type_url in self._pending_types():
+        queue = self._pending_types()
+        while queue:
+            type_url = queue.pop(0)
             ts = self.types[type_url]
             ts.pending = False
             if ts.full:
@@ -310,5 +314,15 @@ class DeltaStream(_Stream):
             out.append((type_url, msg))
             self.pushes += 1
             self.latencies.append((time.monotonic() if now is None else now) - ts.pending_since)
+            if type_url == TYPE.CLUSTER and versions:
+                # a changed cluster warms until its endpoints arrive, and delta Envoy does not
+                # re-request names it already holds: send them again right behind the cluster
+                eds = self.types.get(TYPE.ENDPOINT)
+                again = {n for n in versions if eds is not None and n in eds.names}
+                if eds is not None and again:
+                    eds.forced_names |= again
+                    self._mark(eds, ts.pending_since)
+                    if TYPE.ENDPOINT not in queue:
+                        queue.insert(0, TYPE.ENDPOINT)
         return out
 
