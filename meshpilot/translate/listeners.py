@@ -82,7 +82,9 @@ def build_outbound_listener(node: NodeInfo, extra_filters: Sequence[hcm.HttpFilt
         rds=hcm.Rds(config_source=ads_source(), route_config_name=OUTBOUND_ROUTE),
         http_filters=filters,
     )
-    return _listener(OUTBOUND, node.bind_address, node.outbound_port, manager)
+    listener = _listener(OUTBOUND, node.bind_address, node.outbound_port, manager)
+    listener.traffic_direction = base_pb2.OUTBOUND
+    return listener
 
 
 def build_inbound_listener(node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter] = ()) -> listener_pb2.Listener:
@@ -99,4 +101,6 @@ def build_inbound_listener(node: NodeInfo, extra_filters: Sequence[hcm.HttpFilte
         route_config=route,
         http_filters=[*extra_filters, _router()],
     )
-    return _listener(INBOUND, node.bind_address, node.inbound_port, manager)
+    listener = _listener(INBOUND, node.bind_address, node.inbound_port, manager)
+    listener.traffic_direction = base_pb2.INBOUND  # drained first on graceful offline
+    return listener

@@ -1,0 +1,253 @@
+"""The sidecar agent (``meshpilot sidecar``): one per app, on a VM, bare metal or in a pod.
+
+It makes sure the service exists in the registry, renders the Envoy bootstrap from spec.yaml,
+starts Envoy (and the app itself when the spec has ``mesh.app``) and restarts either with back-off
+when it dies. Registration and health are not the agent's business: Envoy's HDS stream does that
+(xds/hds.py). On SIGTERM/SIGINT it runs the graceful offline sequence of DESIGN.md:
+
+1. deregister the instance through the management API (HDS has no deregister message);
+2. wait, bounded by ``mesh.syncTimeout``, until every Envoy consuming the service has ACKed the
+   endpoints without it (``GET /v1/services/{ns}/{name}/synced``);
+3. run ``mesh.preStop``;
+4. drain Envoy's inbound listeners (admin ``/drain_listeners?inboundonly&graceful``) for
+   ``mesh.drainTime``;
+5. stop the app, then Envoy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from meshpilot.sidecar.render import SidecarOptions, bootstrap_options
+from meshpilot.sidecar.spec import SidecarSpec
+from meshpilot.sidecar.supervise import Supervised
+from meshpilot.translate.bootstrap import build_bootstrap
+
+__all__ = ["AgentConfig", "run_agent"]
+
+log = logging.getLogger("meshpilot.sidecar")
+
+
+def default_envoy() -> str:
+    return shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy") or "envoy"
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    spec: SidecarSpec
+    options: SidecarOptions
+    api_url: str
+    token: str | None = None
+    workdir: Path = Path(".")
+    envoy: str = field(default_factory=default_envoy)
+    concurrency: int = 1
+    ready_file: Path | None = None
+    log_level: str = "info"
+
+
+class _Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.bopts = bootstrap_options(cfg.spec, cfg.options)
+        self.instance_id = self.bopts.node_id
+        self.admin_port = self.bopts.admin_port
+        self.stop_requested = asyncio.Event()
+        self.timings: dict[str, float] = {}
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        self.admin_path = cfg.workdir / "envoy.admin"
+        self.envoy: Supervised | None = None
+        self.app: Supervised | None = None
+
+    # ---- management API --------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.cfg.token}"} if self.cfg.token else {}
+
+    async def ensure_service(self, http: aiohttp.ClientSession) -> None:
+        spec = self.cfg.spec
+        path = f"{self.cfg.api_url}/v1/services/{spec.metadata.namespace}/{spec.metadata.name}"
+        async with http.get(path) as r:
+            if r.status == 200:
+                return
+            if r.status != 404:
+                raise RuntimeError(f"GET {path}: {r.status} {await r.text()}")
+        body = spec.service().model_dump(mode="json", exclude={"vip"})
+        async with http.post(f"{self.cfg.api_url}/v1/services", json=body, headers=self._headers()) as r:
+            if r.status not in (201, 409):  # 409: another sidecar created it first
+                raise RuntimeError(f"creating service {spec.metadata.name}: {r.status} {await r.text()}")
+        log.info("event=service_created service=%s.%s", spec.metadata.name, spec.metadata.namespace)
+
+    async def deregister(self, http: aiohttp.ClientSession) -> None:
+        url = f"{self.cfg.api_url}/v1/instances/{quote(self.instance_id, safe='')}?source=mesh"
+        async with http.delete(url, headers=self._headers()) as r:
+            if r.status not in (200, 404):
+                raise RuntimeError(f"deregister: {r.status} {await r.text()}")
+            log.info("event=deregistered instance=%s status=%d", self.instance_id, r.status)
+
+    async def wait_synced(self, http: aiohttp.ClientSession, bound_s: float) -> bool:
+        spec = self.cfg.spec
+        url = f"{self.cfg.api_url}/v1/services/{spec.metadata.namespace}/{spec.metadata.name}/synced"
+        last: Any = None
+        try:
+            async with asyncio.timeout(bound_s):
+                while True:
+                    async with http.get(url) as r:
+                        last = await r.json() if r.status == 200 else await r.text()
+                        if r.status == 200 and last.get("synced"):
+                            return True
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            log.warning("event=sync_timeout bound_s=%.1f last=%s", bound_s, json.dumps(last)[:300])
+            return False
+
+    # ---- processes ---------------------------------------------------------------------------
+
+    def _envoy_argv(self, config: Path) -> list[str]:
+        drain = self.cfg.spec.mesh.drainTime
+        argv = [
+            self.cfg.envoy, "-c", str(config), "--use-dynamic-base-id",
+            "--concurrency", str(self.cfg.concurrency), "-l", self.cfg.log_level,
+            "--drain-time-s", str(max(1, round(drain))), "--drain-strategy", "immediate",
+            "--parent-shutdown-time-s", str(max(2, round(drain) + 1)),
+        ]
+        if self.bopts.admin_port == 0:
+            argv += ["--admin-address-path", str(self.admin_path)]
+        return argv
+
+    async def wait_envoy_admin(self, timeout: float = 20.0) -> int:
+        """The admin port of the current Envoy once it answers."""
+        async with asyncio.timeout(timeout):
+            while True:
+                port = self.bopts.admin_port
+                if port == 0 and self.admin_path.exists():
+                    text = self.admin_path.read_text().strip()
+                    port = int(text.rsplit(":", 1)[1]) if text else 0
+                if port:
+                    try:
+                        _, w = await asyncio.open_connection("127.0.0.1", port)
+                        w.close()
+                        return port
+                    except OSError:
+                        pass
+                await asyncio.sleep(0.05)
+
+    def _write_ready(self) -> None:
+        if not self.cfg.ready_file:
+            return
+        doc = {
+            "pid": os.getpid(),
+            "envoy_pid": self.envoy.proc.pid if self.envoy and self.envoy.proc else None,
+            "envoy_restarts": self.envoy.restarts if self.envoy else 0,
+            "app_pid": self.app.proc.pid if self.app and self.app.proc else None,
+            "admin_port": self.admin_port,
+            "instance_id": self.instance_id,
+            "inbound_port": self.bopts.inbound_port,
+            "outbound_port": self.bopts.outbound_port,
+        }
+        tmp = self.cfg.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(self.cfg.ready_file)
+
+    async def _watch_envoy(self) -> None:
+        """Keep the ready file current across Envoy restarts (admin port may change)."""
+        assert self.envoy is not None
+        seen = None
+        while True:
+            proc = self.envoy.proc
+            if proc is not None and proc.pid != seen and proc.returncode is None:
+                if self.bopts.admin_port == 0 and seen is not None:
+                    self.admin_path.unlink(missing_ok=True)
+                try:
+                    self.admin_port = await self.wait_envoy_admin()
+                    seen = proc.pid
+                    self._write_ready()
+                except TimeoutError:
+                    log.warning("event=envoy_admin_timeout pid=%d", proc.pid)
+            await asyncio.sleep(0.1)
+
+    # ---- graceful offline --------------------------------------------------------------------
+
+    async def offline(self, http: aiohttp.ClientSession) -> None:
+        mesh = self.cfg.spec.mesh
+        t0 = time.monotonic()
+        try:
+            await self.deregister(http)
+            ok = await self.wait_synced(http, mesh.syncTimeout)
+            self.timings["synced_s"] = time.monotonic() - t0
+            log.info("event=consumers_synced ok=%s after_s=%.3f", ok, self.timings["synced_s"])
+        except (aiohttp.ClientError, RuntimeError, OSError) as exc:
+            log.error("event=deregister_failed error=%s", exc)
+        if mesh.preStop is not None:
+            await self._pre_stop(mesh.preStop.command, mesh.preStop.timeout)
+        if mesh.drainTime > 0 and self.envoy and self.envoy.proc and self.envoy.proc.returncode is None:
+            try:
+                url = f"http://127.0.0.1:{self.admin_port}/drain_listeners?inboundonly&graceful"
+                async with http.post(url) as r:
+                    log.info("event=drain_started status=%d drain_s=%.1f", r.status, mesh.drainTime)
+                await asyncio.sleep(mesh.drainTime)
+            except (aiohttp.ClientError, OSError) as exc:
+                log.error("event=drain_failed error=%s", exc)
+        if self.app is not None:
+            await self.app.stop(mesh.app.stopTimeout if mesh.app else 10.0)
+        if self.envoy is not None:
+            await self.envoy.stop(5.0)
+        log.info("event=offline_done total_s=%.3f", time.monotonic() - t0)
+
+    async def _pre_stop(self, command: list[str], timeout: float) -> None:
+        proc = await asyncio.create_subprocess_exec(*command, cwd=str(self.cfg.workdir))
+        try:
+            async with asyncio.timeout(timeout):
+                code = await proc.wait()
+            log.info("event=pre_stop_done code=%s", code)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            log.warning("event=pre_stop_timeout after_s=%.1f", timeout)
+
+    # ---- main --------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_requested.set)
+        config = self.cfg.workdir / "envoy.json"
+        config.write_text(json.dumps(build_bootstrap(self.bopts), indent=2))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            try:
+                await self.ensure_service(http)
+            except (aiohttp.ClientError, RuntimeError, OSError) as exc:
+                log.error("event=service_check_failed error=%s", exc)
+                return 1
+            mesh = self.cfg.spec.mesh
+            async with asyncio.TaskGroup() as tg:
+                if mesh.app is not None:
+                    env = {**os.environ, **mesh.app.env}
+                    self.app = Supervised("app", mesh.app.command, self.cfg.workdir / "app.log", env, mesh.app.workingDir)
+                    tg.create_task(self.app.run())
+                self.envoy = Supervised("envoy", self._envoy_argv(config), self.cfg.workdir / "envoy.log")
+                tg.create_task(self.envoy.run())
+                watcher = tg.create_task(self._watch_envoy())
+                log.info("event=sidecar_started instance=%s inbound=%d outbound=%d app=%d",
+                         self.instance_id, self.bopts.inbound_port, self.bopts.outbound_port, self.bopts.app_port)
+                await self.stop_requested.wait()
+                log.info("event=stop_requested instance=%s", self.instance_id)
+                await self.offline(http)
+                watcher.cancel()
+        return 0
+
+
+async def run_agent(cfg: AgentConfig) -> int:
+    return await _Agent(cfg).run()

@@ -1,0 +1,263 @@
+"""spec.yaml: what a sidecar needs to know about the app it fronts.
+
+The document is a Kubernetes Service (``apiVersion``, ``kind: Service``, ``metadata`` with name,
+namespace and labels, ``spec.ports`` with name/port/targetPort/protocol/appProtocol), so the same
+file describes the service in a cluster and on a VM, plus a ``mesh`` section for what a VM needs:
+the app's health check, zone and weight, drain time, an optional pre-stop command, an optional
+``app`` the agent starts and supervises, the sidecar's own ports, and an optional API list.
+
+``load_spec(text)`` validates and returns a frozen ``SidecarSpec``; every error names the field
+(``spec.ports.0.targetPort: ...``). Pure: no I/O besides parsing the given text.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from meshpilot.model import ApiOperation, Service, ServicePort, field_errors
+
+__all__ = ["SpecError", "SidecarSpec", "load_spec", "parse_duration"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; ``fields`` is [{field, reason}]."""
+
+    def __init__(self, fields: list[dict[str, str]]) -> None:
+        self.fields = fields
+        super().__init__("; ".join(f"{f['field']}: {f['reason']}" for f in fields))
+
+
+def parse_duration(v: Any) -> float:
+    """Seconds from ``1.5``, ``"1.5"``, ``"500ms"``, ``"2s"`` or ``"1m"``."""
+    if isinstance(v, bool):
+        raise ValueError("must be a duration such as 500ms, 2s or 1m")
+    if isinstance(v, (int, float)):
+        n = float(v)
+    elif isinstance(v, str):
+        m = _DURATION.match(v)
+        if not m:
+            raise ValueError(f"must be a duration such as 500ms, 2s or 1m, got {v!r}")
+        n = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+    else:
+        raise ValueError("must be a duration such as 500ms, 2s or 1m")
+    if n != n or n < 0 or n > 86_400:
+        raise ValueError(f"must be between 0 and 24h, got {v!r}")
+    return n
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, str_strip_whitespace=True)
+
+
+def _durations(*names: str) -> Any:
+    """A before-validator turning duration strings of these fields into seconds."""
+    return field_validator(*names, mode="before")(lambda cls, v: parse_duration(v))
+
+
+class Metadata(_Model):
+    name: str
+    namespace: str = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class PortSpec(_Model):
+    name: str
+    port: int = Field(ge=1, le=65535)
+    targetPort: int | None = Field(default=None, ge=1, le=65535, description="the app's port (default: port)")
+    protocol: str = "TCP"
+    appProtocol: str | None = None
+
+    @field_validator("appProtocol")
+    @classmethod
+    def _app_protocol(cls, v: str | None) -> str | None:
+        if v is not None and v.lower() not in ("http", "http2", "grpc", "tcp", "h2c", "kubernetes.io/h2c"):
+            raise ValueError(f"must be http, http2, grpc, tcp or kubernetes.io/h2c, got {v!r}")
+        return v
+
+    @field_validator("targetPort", mode="before")
+    @classmethod
+    def _target(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.isdigit():
+            raise ValueError("named target ports are not supported outside Kubernetes; give the app's port number")
+        return v
+
+    @property
+    def mesh_protocol(self) -> Literal["http", "http2", "grpc", "tcp"]:
+        """appProtocol first, then a mesh protocol in ``protocol``, then the port name's prefix
+        (``http``, ``http-web``, ``grpc-api``), as Kubernetes meshes do; otherwise plain TCP."""
+        for candidate in (self.appProtocol, self.protocol if self.protocol.upper() != "TCP" else None):
+            p = (candidate or "").lower()
+            if p in ("http", "http2", "grpc", "tcp"):
+                return p  # type: ignore[return-value]
+            if p in ("kubernetes.io/h2c", "h2c"):
+                return "http2"
+        prefix = self.name.split("-", 1)[0].lower()
+        if prefix in ("http", "http2", "grpc"):
+            return prefix  # type: ignore[return-value]
+        return "tcp"
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol(cls, v: str) -> str:
+        if v.upper() in ("UDP", "SCTP"):
+            raise ValueError(f"{v} is not carried by the mesh; use TCP (or http, http2, grpc, tcp)")
+        if v.upper() != "TCP" and v.lower() not in ("http", "http2", "grpc", "tcp"):
+            raise ValueError(f"must be TCP, http, http2, grpc or tcp, got {v!r}")
+        return v
+
+
+class ServiceSpecBody(_Model):
+    ports: list[PortSpec] = Field(min_length=1, max_length=64)
+    selector: dict[str, str] = Field(default_factory=dict)
+    type: str = "ClusterIP"
+
+
+class HttpCheck(_Model):
+    path: str = Field(default="/", pattern=r"^/[^\s]*$", max_length=1024)
+
+
+class TcpCheck(_Model):
+    pass
+
+
+class HealthCheck(_Model):
+    _d = _durations("interval", "timeout")
+    http: HttpCheck | None = None
+    tcp: TcpCheck | None = None
+    interval: float = Field(default=5.0, ge=0.05, le=3600)
+    timeout: float = Field(default=1.0, ge=0.01, le=600)
+    healthyThreshold: int = Field(default=1, ge=1, le=100)
+    unhealthyThreshold: int = Field(default=3, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> HealthCheck:
+        if self.http is not None and self.tcp is not None:
+            raise ValueError("give either http or tcp, not both")
+        return self
+
+    @property
+    def kind(self) -> Literal["http", "tcp"]:
+        return "http" if self.http is not None else "tcp"
+
+
+class AppSpec(_Model):
+    _d = _durations("stopTimeout")
+    command: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    workingDir: str | None = None
+    stopTimeout: float = Field(default=10.0, ge=0, le=600)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str]) -> list[str]:
+        if not v[0]:
+            raise ValueError("the first element must be the program to run")
+        return v
+
+
+class PreStop(_Model):
+    _d = _durations("timeout")
+    command: list[str] = Field(min_length=1)
+    timeout: float = Field(default=30.0, ge=0, le=3600)
+
+
+class SidecarPorts(_Model):
+    adminPort: int = Field(default=15000, ge=0, le=65535)
+    outboundPort: int = Field(default=15001, ge=0, le=65535)
+    inboundPort: int = Field(default=15006, ge=1, le=65535)
+    bindAddress: str = "127.0.0.1"
+    advertiseAddress: str | None = None
+    capture: bool = False
+    port: str | None = Field(default=None, description="the spec port the sidecar fronts (default: the first)")
+
+
+class MeshSection(_Model):
+    _d = _durations("drainTime", "syncTimeout")
+    zone: str = Field(default="", max_length=128)
+    weight: int = Field(default=100, ge=1, le=10_000)
+    healthCheck: HealthCheck = HealthCheck()
+    drainTime: float = Field(default=3.0, ge=0, le=3600, description="graceful drain of inbound listeners")
+    syncTimeout: float = Field(default=10.0, ge=0, le=600, description="bound on waiting for consumers to ACK")
+    preStop: PreStop | None = None
+    app: AppSpec | None = None
+    sidecar: SidecarPorts = SidecarPorts()
+    apis: list[ApiOperation] = Field(default_factory=list, max_length=1024)
+
+
+class SidecarSpec(_Model):
+    apiVersion: str = "v1"
+    kind: Literal["Service"] = "Service"
+    metadata: Metadata
+    spec: ServiceSpecBody
+    mesh: MeshSection = MeshSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SidecarSpec:
+        names = [p.name for p in self.spec.ports]
+        if self.mesh.sidecar.port is not None and self.mesh.sidecar.port not in names:
+            raise ValueError(f"mesh.sidecar.port: {self.mesh.sidecar.port!r} is not one of spec.ports ({', '.join(names)})")
+        # the service model carries the same rules (DNS labels, unique names/ports): check them here
+        try:
+            self.service()
+        except ValidationError as exc:
+            f = field_errors(exc)[0]
+            field, reason = f["field"], f["reason"]
+            if field == "(body)" and ": " in reason:
+                field, _, reason = reason.partition(": ")
+            top = field.split(".")[0]
+            where = f"metadata.{field}" if top in ("name", "namespace", "labels") else f"spec.{field}" if top == "ports" else field
+            raise ValueError(f"{where}: {reason}") from None
+        return self
+
+    @property
+    def fronted(self) -> PortSpec:
+        want = self.mesh.sidecar.port
+        return next((p for p in self.spec.ports if p.name == want), self.spec.ports[0])
+
+    @property
+    def app_port(self) -> int:
+        p = self.fronted
+        return p.targetPort or p.port
+
+    def service(self) -> Service:
+        return Service(
+            name=self.metadata.name,
+            namespace=self.metadata.namespace,
+            ports=[ServicePort(name=p.name, port=p.port, protocol=p.mesh_protocol) for p in self.spec.ports],
+            labels={k: v for k, v in self.metadata.labels.items() if k != "version"},
+            apis=self.mesh.apis,
+        )
+
+
+def _pretty(errors: list[dict[str, str]]) -> list[dict[str, str]]:
+    out = []
+    for e in errors:
+        f = e["field"]
+        # "Value error, ..." from a model validator already names its field
+        if f == "(body)" and ":" in e["reason"].split(" ", 1)[0]:
+            f, _, r = e["reason"].partition(": ")
+            out.append({"field": f, "reason": r})
+        else:
+            out.append({"field": f, "reason": e["reason"]})
+    return out
+
+
+def load_spec(text: str | bytes) -> SidecarSpec:
+    """Parse and validate a spec.yaml document; raises SpecError naming each bad field."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError([{"field": "(document)", "reason": f"not valid YAML: {exc}".replace("\n", " ")}]) from None
+    if not isinstance(data, dict):
+        raise SpecError([{"field": "(document)", "reason": "must be a mapping (a Kubernetes Service with a mesh section)"}])
+    try:
+        return SidecarSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_pretty(field_errors(exc))) from None
