@@ -5,8 +5,9 @@ Data flows one way (DESIGN.md): a write changes the registry, the registry emits
 debouncer collects changes for ``debounce_ms`` (never longer than ``debounce_max_ms`` in total),
 then only the resources the changes touch are rebuilt by translate/ and put into the cache, which
 tells the subscribed streams. Other parts of the product plug in through ``add_*`` hooks: extra
-gRPC services (HDS), extra HTTP apps (Consul, Eureka), extra shared resources (policies) and extra
-per-node HTTP filters (the WASM governance filters).
+gRPC services (HDS), extra HTTP apps (Consul, Eureka), extra shared resources (policies), extra
+per-node HTTP filters (the WASM governance filters) and routing overlays (routing policies: subsets,
+weights and per-route overrides, applied when services' clusters, endpoints and routes are built).
 """
 
 from __future__ import annotations
@@ -18,24 +19,24 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from aiohttp import web
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 
 from meshpilot import metrics
-from meshpilot.model import Service
+from meshpilot.model import Service, ServicePort
 from meshpilot.registry import Change, Registry
 from meshpilot.registry.store import open_store
 from meshpilot.settings import Settings
-from meshpilot.translate.clusters import build_cluster, build_inbound_cluster
+from meshpilot.translate.clusters import build_cluster, build_inbound_cluster, subset_cluster_name
 from meshpilot.translate.dns import build_dns_service, dns_resource_name
 from meshpilot.translate.endpoints import build_endpoints
 from meshpilot.translate.listeners import INBOUND, OUTBOUND, build_inbound_listener, build_outbound_listener
 from meshpilot.translate.names import OUTBOUND_ROUTE, TYPE, cluster_name, inbound_cluster_name
 from meshpilot.translate.node import NodeInfo
-from meshpilot.translate.routes import build_outbound_routes
+from meshpilot.translate.routes import ServiceRouting, Subset, build_outbound_routes
 from meshpilot.xds.cache import ResourceCache
 from meshpilot.xds.server import XdsServer
 
@@ -44,6 +45,14 @@ __all__ = ["ControlPlane"]
 log = logging.getLogger("meshpilot.controlplane")
 
 NodeFilters = Callable[[NodeInfo, str], list[hcm.HttpFilter]]  # (node, "inbound"|"outbound")
+
+
+class RoutingSource(Protocol):
+    def affected(self, changed: set[str]) -> set[str]:
+        """Take in changed document keys; return the service keys whose routing changed."""
+
+    def routing(self, service_key: str) -> ServiceRouting | None:
+        """The service's routing overlay, if any."""
 
 
 @dataclass
@@ -73,6 +82,7 @@ class ControlPlane:
         self._http_apps: list[tuple[str, Callable[[], web.Application], int | None]] = []
         self._node_filters: list[NodeFilters] = []
         self._shared_builders: list[Callable[[set[str]], None]] = []
+        self._routing_sources: list[RoutingSource] = []
         self._tasks: list[Callable[[], Any]] = []
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
@@ -95,6 +105,25 @@ class ControlPlane:
         """``builder(changed_keys)`` is called on every rebuild with the changed document keys
         (policy keys and service keys), and once at start with ``{"*"}``."""
         self._shared_builders.append(builder)
+
+    def add_routing_source(self, source: RoutingSource) -> None:
+        """Routing overlays for services; consulted on every rebuild (before shared builders)."""
+        self._routing_sources.append(source)
+
+    def service_routing(self, key: str) -> ServiceRouting | None:
+        for source in self._routing_sources:
+            found = source.routing(key)
+            if found is not None:
+                return found
+        return None
+
+    def _routing_map(self) -> dict[str, ServiceRouting]:
+        out = {}
+        for svc in self.registry.services():
+            found = self.service_routing(svc.key)
+            if found is not None:
+                out[svc.key] = found
+        return out
 
     def add_task(self, factory: Callable[[], Any]) -> None:
         """A long-running coroutine owned (and restarted on failure) by the control plane."""
@@ -146,7 +175,11 @@ class ControlPlane:
         metrics.REBUILDS.inc()
         domain = self.settings.domain
         reg = self.registry
-        for key in sorted(dirty.services):
+        rerouted: set[str] = set()  # services whose routing overlay changed
+        for source in self._routing_sources:
+            rerouted |= source.affected(dirty.other)
+        rerouted = {k for k in rerouted if reg.service(k) is not None}
+        for key in sorted(dirty.services | rerouted):
             svc = reg.service(key)
             old = self._published.get(key, set())
             if svc is None:
@@ -156,6 +189,9 @@ class ControlPlane:
                 self._published.pop(key, None)
                 continue
             clusters = {cluster_name(svc, p, domain): build_cluster(svc, p, domain) for p in svc.ports}
+            clusters.update(
+                (name, build_cluster(svc, p, domain, subset.name)) for p, subset, name in self._subsets(svc)
+            )
             stale = old - set(clusters)
             # endpoints before clusters: a new cluster finds its endpoints already in the cache
             self._put_endpoints(svc)
@@ -165,26 +201,41 @@ class ControlPlane:
             self._published[key] = set(clusters)
             vip = self.settings.single_vip or svc.vip
             self.cache.put(TYPE.DNS, {dns_resource_name(svc): build_dns_service(svc, domain, vip, reg.vip6(svc))})
-        for key in sorted(dirty.endpoints - dirty.services):
+        for key in sorted(dirty.endpoints - dirty.services - rerouted):
             svc = reg.service(key)
             if svc is not None:
                 self._put_endpoints(svc)
+        if dirty.services or rerouted:
+            self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: build_outbound_routes(reg.services(), domain, self._routing_map())})
         if dirty.services:
-            self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: build_outbound_routes(reg.services(), domain)})
             for node in list(self.nodes.values()):
                 if node.service_key in dirty.services:
                     self._build_node(node)
-        changed = dirty.other | dirty.services
+        changed = dirty.other | dirty.services | rerouted
         if changed:
             for builder in self._shared_builders:
                 builder(changed)
 
+    def _subsets(self, svc: Service) -> list[tuple[ServicePort, Subset, str]]:
+        """(port, subset, cluster name) of every subset cluster the service's routing asks for."""
+        routing = self.service_routing(svc.key)
+        if routing is None:
+            return []
+        domain = self.settings.domain
+        return [
+            (p, subset, subset_cluster_name(svc, p, subset.name, domain))
+            for p in svc.ports
+            if routing.applies_to(p)
+            for subset in routing.subsets
+        ]
+
     def _put_endpoints(self, svc: Service) -> None:
         domain = self.settings.domain
         instances = self.registry.instances(svc.key)
-        self.cache.put(
-            TYPE.ENDPOINT, {cluster_name(svc, p, domain): build_endpoints(svc, p, instances, domain) for p in svc.ports}
-        )
+        assignments = {cluster_name(svc, p, domain): build_endpoints(svc, p, instances, domain) for p in svc.ports}
+        for p, subset, name in self._subsets(svc):
+            assignments[name] = build_endpoints(svc, p, instances, domain, (subset.name, dict(subset.labels)))
+        self.cache.put(TYPE.ENDPOINT, assignments)
 
     def build_all(self) -> None:
         self._rebuild(_Dirty(services={s.key for s in self.registry.services()}))

@@ -1,4 +1,9 @@
-"""Services → Envoy Clusters (CDS): one EDS cluster per service port, plus a node's inbound cluster."""
+"""Services → Envoy Clusters (CDS): one EDS cluster per service port, plus a node's inbound cluster.
+
+A routing policy may split a service into subsets of its instances (by label, e.g. version v1/v2);
+each subset of each port is a cluster of its own, ``outbound|<port>|<subset>|<fqdn>``, with the
+same traffic settings and its own EDS (endpoints.py lists only the instances the subset selects).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,10 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from meshpilot.model import Service, ServicePort
-from meshpilot.translate.names import cluster_name, inbound_cluster_name
+from meshpilot.translate.names import cluster_name, fqdn, inbound_cluster_name
 from meshpilot.translate.node import NodeInfo
 
-__all__ = ["ads_source", "build_cluster", "build_clusters", "build_inbound_cluster", "duration_ms"]
+__all__ = ["ads_source", "build_cluster", "build_clusters", "build_inbound_cluster", "duration_ms", "subset_cluster_name"]
 
 _LB = {
     "round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
@@ -43,9 +48,15 @@ def _http2_options() -> any_pb2.Any:
     return packed
 
 
-def build_cluster(service: Service, port: ServicePort, domain: str) -> cluster_pb2.Cluster:
+def subset_cluster_name(service: Service, port: ServicePort, subset: str, domain: str) -> str:
+    """Istio-style name of a subset's cluster, also its EDS service name."""
+    return f"outbound|{port.port}|{subset}|{fqdn(service, domain)}"
+
+
+def build_cluster(service: Service, port: ServicePort, domain: str, subset: str = "") -> cluster_pb2.Cluster:
+    """The EDS cluster of a service port, or of one subset of it when ``subset`` is given."""
     t = service.traffic
-    name = cluster_name(service, port, domain)
+    name = subset_cluster_name(service, port, subset, domain) if subset else cluster_name(service, port, domain)
     c = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,

@@ -3,31 +3,41 @@
 Only routable instances are listed (healthy at least once, not critical now): Envoy would still
 send traffic to hosts marked unhealthy when a cluster is in panic mode. Instances are grouped by
 zone into localities, each weighted by the sum of its endpoints' weights (proxyless gRPC clients
-require locality weights).
+require locality weights). A subset's assignment (``subset`` with its name and label selector)
+lists only the instances whose labels match the selector, under the subset's cluster name.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from google.protobuf import struct_pb2
 
 from meshpilot.model import Instance, Service, ServicePort
+from meshpilot.translate.clusters import subset_cluster_name
 from meshpilot.translate.names import cluster_name
 
 __all__ = ["build_endpoints"]
 
 
 def build_endpoints(
-    service: Service, port: ServicePort, instances: list[Instance], domain: str
+    service: Service,
+    port: ServicePort,
+    instances: list[Instance],
+    domain: str,
+    subset: tuple[str, Mapping[str, str]] | None = None,
 ) -> endpoint_pb2.ClusterLoadAssignment:
+    """The assignment of a service port, or of the subset ``(name, labels)`` of it."""
     by_zone: dict[str, list[Instance]] = defaultdict(list)
+    selector = subset[1] if subset else {}
     for inst in instances:
-        if inst.routable and port.name in inst.ports:
+        if inst.routable and port.name in inst.ports and all(inst.labels.get(k) == v for k, v in selector.items()):
             by_zone[inst.zone].append(inst)
-    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(service, port, domain))
+    name = subset_cluster_name(service, port, subset[0], domain) if subset else cluster_name(service, port, domain)
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     for zone in sorted(by_zone):
         members = sorted(by_zone[zone], key=lambda i: i.id)
         loc = cla.endpoints.add()

@@ -5,23 +5,117 @@ belongs to the service in namespace ``default`` when there is one, else to the o
 that name; when several namespaces share a name and none is ``default``, callers must qualify it.
 Unknown hosts get a 404 that says so. The route configuration is shared by every sidecar, so
 per-node details (the ``x-mesh-caller`` stamp) live in each node's listener instead.
+
+A service may carry a routing overlay (``ServiceRouting``, produced from routing policies by
+policy/): ordered routes, each matching a path and headers, splitting traffic by weight between
+subsets of the service's instances (``weighted_clusters``) and overriding timeout, retries and
+fault injection. The same virtual host, built with ``proxyless=True``, is what proxyless gRPC
+clients get: gRPC reads a route's deadline from ``max_stream_duration``, not ``timeout``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2
 
-from meshpilot.model import Service
-from meshpilot.translate.clusters import duration_ms
+from meshpilot.model import Service, ServicePort
+from meshpilot.translate.clusters import duration_ms, subset_cluster_name
 from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, host_forms
 
-__all__ = ["build_outbound_routes", "build_route_action", "short_name_owners"]
+__all__ = [
+    "FAULT_FILTER",
+    "Fault",
+    "HeaderMatch",
+    "RouteRule",
+    "ServiceRouting",
+    "Subset",
+    "build_outbound_routes",
+    "build_route_action",
+    "build_service_routes",
+    "build_virtual_host",
+    "short_name_owners",
+]
 
 _PREVIOUS_HOSTS = "envoy.retry_host_predicates.previous_hosts"
+FAULT_FILTER = "envoy.filters.http.fault"  # the HTTP filter name routes address their fault overrides to
+
+
+# ---- the routing overlay (plain values; policy/ builds them from validated policy objects) ----
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    """A named subset of a service's instances: those whose labels include all of ``labels``."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.labels)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    name: str
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+    present: bool | None = None  # True: the header is present; False: it is absent
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    delay_percent: float = 0.0
+    delay_ms: int = 0
+    abort_percent: float = 0.0
+    abort_http_status: int = 0
+    abort_grpc_status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """One route of a service's virtual host. ``destinations`` are (subset name, weight);
+    the subset name ``""`` means every instance of the service."""
+
+    name: str
+    destinations: tuple[tuple[str, int], ...]
+    path_prefix: str | None = None
+    path_exact: str | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    timeout_ms: int | None = None
+    retries: int | None = None
+    retry_on: str | None = None
+    per_try_timeout_ms: int | None = None
+    fault: Fault | None = None
+
+    @property
+    def matches_all(self) -> bool:
+        return self.path_exact is None and (self.path_prefix in (None, "/")) and not self.headers
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRouting:
+    """Routing overlay of one service; ``ports`` limits it to these port names (None: all)."""
+
+    subsets: tuple[Subset, ...] = ()
+    rules: tuple[RouteRule, ...] = ()
+    ports: frozenset[str] | None = None
+    source: str = field(default="", compare=False)  # the policy it came from, for route names
+
+    def applies_to(self, port: ServicePort) -> bool:
+        return self.ports is None or port.name in self.ports
+
+
+# ---- building ----------------------------------------------------------------------------------
 
 
 def short_name_owners(services: list[Service]) -> set[str]:
@@ -35,40 +129,151 @@ def short_name_owners(services: list[Service]) -> set[str]:
     return owners
 
 
-def build_route_action(service: Service, cluster: str) -> rc.RouteAction:
+def _pack(msg: object) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)  # type: ignore[arg-type]
+    return a
+
+
+def build_route_action(
+    service: Service,
+    cluster: str,
+    rule: RouteRule | None = None,
+    *,
+    proxyless: bool = False,
+) -> rc.RouteAction:
+    """The action for ``cluster`` with the service's traffic settings, overridden by ``rule``."""
     t = service.traffic
-    action = rc.RouteAction(cluster=cluster, timeout=duration_ms(t.timeout_ms))
-    if t.retries:
+    timeout = t.timeout_ms if rule is None or rule.timeout_ms is None else rule.timeout_ms
+    retries = t.retries if rule is None or rule.retries is None else rule.retries
+    retry_on = t.retry_on if rule is None or rule.retry_on is None else rule.retry_on
+    per_try = t.per_try_timeout_ms if rule is None or rule.per_try_timeout_ms is None else rule.per_try_timeout_ms
+    action = rc.RouteAction(cluster=cluster, timeout=duration_ms(timeout))
+    if proxyless and timeout:
+        # gRPC clients take the route's deadline from here (gRFC A31), Envoy from ``timeout``
+        action.max_stream_duration.max_stream_duration.CopyFrom(duration_ms(timeout))
+    if retries:
         from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 
-        predicate = any_pb2.Any()
-        predicate.Pack(previous_hosts_pb2.PreviousHostsPredicate())
         action.retry_policy.CopyFrom(
             rc.RetryPolicy(
-                retry_on=t.retry_on,
+                retry_on=retry_on,
                 host_selection_retry_max_attempts=5,
-                retry_host_predicate=[rc.RetryPolicy.RetryHostPredicate(name=_PREVIOUS_HOSTS, typed_config=predicate)],
+                retry_host_predicate=[
+                    rc.RetryPolicy.RetryHostPredicate(name=_PREVIOUS_HOSTS, typed_config=_pack(previous_hosts_pb2.PreviousHostsPredicate()))
+                ],
             )
         )
-        action.retry_policy.num_retries.value = t.retries
-        if t.per_try_timeout_ms:
-            action.retry_policy.per_try_timeout.CopyFrom(duration_ms(t.per_try_timeout_ms))
+        action.retry_policy.num_retries.value = retries
+        if per_try:
+            action.retry_policy.per_try_timeout.CopyFrom(duration_ms(per_try))
     return action
 
 
-def build_outbound_routes(services: list[Service], domain: str) -> route_pb2.RouteConfiguration:
+def _percent(p: float) -> percent_pb2.FractionalPercent:
+    return percent_pb2.FractionalPercent(numerator=round(p * 10_000), denominator=percent_pb2.FractionalPercent.MILLION)
+
+
+def build_fault(fault: Fault) -> fault_pb2.HTTPFault:
+    out = fault_pb2.HTTPFault()
+    if fault.delay_percent > 0 and fault.delay_ms > 0:
+        out.delay.CopyFrom(common_fault.FaultDelay(fixed_delay=duration_ms(fault.delay_ms), percentage=_percent(fault.delay_percent)))
+    if fault.abort_percent > 0:
+        abort = fault_pb2.FaultAbort(percentage=_percent(fault.abort_percent))
+        if fault.abort_grpc_status is not None:
+            abort.grpc_status = fault.abort_grpc_status
+        else:
+            abort.http_status = fault.abort_http_status or 503
+        out.abort.CopyFrom(abort)
+    return out
+
+
+def _header_matcher(h: HeaderMatch) -> rc.HeaderMatcher:
+    m = rc.HeaderMatcher(name=h.name)
+    if h.exact is not None:
+        m.string_match.CopyFrom(string_pb2.StringMatcher(exact=h.exact))
+    elif h.prefix is not None:
+        m.string_match.CopyFrom(string_pb2.StringMatcher(prefix=h.prefix))
+    elif h.regex is not None:
+        m.string_match.CopyFrom(string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=h.regex)))
+    else:
+        m.present_match = True
+        if h.present is False:
+            m.invert_match = True
+    return m
+
+
+def _rule_route(service: Service, port: ServicePort, domain: str, rule: RouteRule, *, proxyless: bool) -> rc.Route:
+    route = rc.Route(name=rule.name)
+    if rule.path_exact is not None:
+        route.match.path = rule.path_exact
+    else:
+        route.match.prefix = rule.path_prefix or "/"
+    route.match.headers.extend(_header_matcher(h) for h in rule.headers)
+    dests = [(s, w) for s, w in rule.destinations if w > 0] or list(rule.destinations[:1])
+
+    def cluster_of(subset: str) -> str:
+        return subset_cluster_name(service, port, subset, domain) if subset else cluster_name(service, port, domain)
+
+    if len(dests) == 1:
+        action = build_route_action(service, cluster_of(dests[0][0]), rule, proxyless=proxyless)
+    else:
+        action = build_route_action(service, "", rule, proxyless=proxyless)
+        action.ClearField("cluster")
+        for subset, weight in dests:
+            cw = action.weighted_clusters.clusters.add(name=cluster_of(subset))
+            cw.weight.value = weight
+    route.route.CopyFrom(action)
+    if rule.fault is not None:
+        route.typed_per_filter_config[FAULT_FILTER].CopyFrom(_pack(build_fault(rule.fault)))
+    return route
+
+
+def build_service_routes(
+    service: Service, port: ServicePort, domain: str, routing: ServiceRouting | None = None, *, proxyless: bool = False
+) -> list[rc.Route]:
+    """The ordered routes of one service port: the overlay's rules, then (unless a rule already
+    matches every request) the default route to the whole service."""
+    cluster = cluster_name(service, port, domain)
+    routes: list[rc.Route] = []
+    if routing is not None and routing.applies_to(port):
+        for rule in routing.rules:
+            routes.append(_rule_route(service, port, domain, rule, proxyless=proxyless))
+            if rule.matches_all:
+                return routes
+    default = rc.Route(name=cluster)
+    default.match.prefix = "/"
+    default.route.CopyFrom(build_route_action(service, cluster, proxyless=proxyless))
+    routes.append(default)
+    return routes
+
+
+def build_virtual_host(
+    service: Service,
+    port: ServicePort,
+    domain: str,
+    routing: ServiceRouting | None = None,
+    *,
+    short: bool = True,
+    proxyless: bool = False,
+) -> rc.VirtualHost:
+    vh = rc.VirtualHost(name=f"{service.key}:{port.port}")
+    vh.domains.extend(host_forms(service, port, domain, short=short))
+    vh.routes.extend(build_service_routes(service, port, domain, routing, proxyless=proxyless))
+    return vh
+
+
+def build_outbound_routes(
+    services: list[Service], domain: str, routing: Mapping[str, ServiceRouting] | None = None
+) -> route_pb2.RouteConfiguration:
     owners = short_name_owners(services)
+    routing = routing or {}
     cfg = route_pb2.RouteConfiguration(name=OUTBOUND_ROUTE, validate_clusters={"value": False})
     for s in sorted(services, key=lambda x: x.key):
         for p in s.ports:
             if p.protocol == "tcp":
                 continue
-            cluster = cluster_name(s, p, domain)
-            vh = cfg.virtual_hosts.add(name=f"{s.key}:{p.port}")
-            vh.domains.extend(host_forms(s, p, domain, short=s.key in owners))
-            route = vh.routes.add(name=cluster)
-            route.match.prefix = "/"
-            route.route.CopyFrom(build_route_action(s, cluster))
+            cfg.virtual_hosts.append(build_virtual_host(s, p, domain, routing.get(s.key), short=s.key in owners))
     fallback = cfg.virtual_hosts.add(name="unknown-host", domains=["*"])
     r = fallback.routes.add(name="unknown-host")
     r.match.prefix = "/"

@@ -1,0 +1,165 @@
+"""The policy surface of the management API: ``/v1/policies/{kind}[/{namespace}/{name}]``.
+
+Create (POST), list (GET), get, create-or-replace (PUT) and delete, for every registered kind.
+Bodies are validated by the kind (field-level 400s, the registry unchanged); a second policy of an
+exclusive kind for the same service is a 409 naming the field. The registry's ``policies``
+documents are the only copy: reads come from there, so a write is visible at once, and the
+control plane translates it within one debounce.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from aiohttp import web
+from pydantic import RootModel
+
+from meshpilot.api import app as api_app
+from meshpilot.api.app import ApiError, json_body
+from meshpilot.policy.kinds import PolicyBase, PolicyInvalid, PolicyKind, get_kind, kinds, parse_key, policy_key
+from meshpilot.registry import Registry
+
+__all__ = ["install_routes"]
+
+_MARK = "_meshpilot_policy_route"
+
+
+def _kind(request: web.Request) -> PolicyKind:
+    name = request.match_info["kind"]
+    kind = get_kind(name)
+    if kind is None:
+        known = ", ".join(k.name for k in kinds())
+        raise ApiError(404, f"kind: no policy kind {name!r} (kinds: {known})", [{"field": "kind", "reason": f"unknown; kinds: {known}"}])
+    return kind
+
+
+def _invalid(exc: PolicyInvalid) -> ApiError:
+    return ApiError(400, str(exc), exc.fields)
+
+
+class _Handlers:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def _stored(self, kind: PolicyKind) -> list[tuple[str, Any]]:
+        return [(k, doc) for k, doc in self.registry.documents("policies") if k.startswith(kind.name + "/")]
+
+    def _conflict(self, kind: PolicyKind, policy: PolicyBase) -> None:
+        if not kind.exclusive:
+            return
+        mine = policy.target_services()
+        for key, doc in self._stored(kind):
+            if key == policy.key:
+                continue
+            try:
+                other = kind.validate(doc)
+            except PolicyInvalid:
+                continue
+            clash = mine & other.target_services()
+            if clash:
+                field = "service" if "service" in type(policy).model_fields else "(body)"
+                raise ApiError(
+                    409,
+                    f"{field}: {kind.name} {other.namespace}/{other.name} already governs {sorted(clash)[0]}",
+                    [{"field": field, "reason": f"already governed by {kind.name} {other.namespace}/{other.name}"}],
+                )
+
+    def _write(self, kind: PolicyKind, policy: PolicyBase) -> dict[str, Any]:
+        self._conflict(kind, policy)
+        doc = kind.document(policy)
+        targets = sorted(policy.target_services())
+        self.registry.put_document("policies", policy.key, doc, service=targets[0] if targets else "")
+        return doc
+
+    def _get(self, kind: PolicyKind, request: web.Request) -> tuple[str, Any]:
+        ns, name = request.match_info["namespace"].lower(), request.match_info["name"].lower()
+        key = policy_key(kind.name, ns, name)
+        doc = self.registry.store.get("policies", key)
+        if doc is None:
+            raise ApiError(404, f"name: no {kind.name} {ns}/{name}", [{"field": "name", "reason": "not found"}])
+        return key, doc
+
+    async def list_all(self, request: web.Request) -> web.Response:
+        ns = request.query.get("namespace")
+        out = []
+        for key, doc in self.registry.documents("policies"):
+            parsed = parse_key(key)
+            if parsed is not None and (ns is None or parsed[1] == ns):
+                out.append(doc)
+        return web.json_response(out)
+
+    async def list(self, request: web.Request) -> web.Response:
+        kind = _kind(request)
+        ns = request.query.get("namespace")
+        out = [doc for key, doc in self._stored(kind) if ns is None or key.split("/")[1] == ns]
+        return web.json_response(out)
+
+    async def create(self, request: web.Request) -> web.Response:
+        kind = _kind(request)
+        try:
+            policy = kind.validate(await json_body(request))
+        except PolicyInvalid as exc:
+            raise _invalid(exc) from None
+        if self.registry.store.get("policies", policy.key) is not None:
+            raise ApiError(409, f"name: {kind.name} {policy.namespace}/{policy.name} already exists", [{"field": "name", "reason": "already exists"}])
+        return web.json_response(self._write(kind, policy), status=201)
+
+    async def get(self, request: web.Request) -> web.Response:
+        _key, doc = self._get(_kind(request), request)
+        return web.json_response(doc)
+
+    async def put(self, request: web.Request) -> web.Response:
+        kind = _kind(request)
+        data = await json_body(request)
+        if not isinstance(data, dict):
+            raise ApiError(400, "body: must be a JSON object", [{"field": "(body)", "reason": "not an object"}])
+        ns, name = request.match_info["namespace"].lower(), request.match_info["name"].lower()
+        for field, want in (("name", name), ("namespace", ns)):
+            if field in data and str(data[field]).lower() != want:
+                raise ApiError(400, f"{field}: {data[field]!r} does not match the URL ({want!r})", [{"field": field, "reason": "does not match the URL"}])
+        try:
+            policy = kind.validate({**data, "name": name, "namespace": ns})
+        except PolicyInvalid as exc:
+            raise _invalid(exc) from None
+        existed = self.registry.store.get("policies", policy.key) is not None
+        return web.json_response(self._write(kind, policy), status=200 if existed else 201)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        kind = _kind(request)
+        key, doc = self._get(kind, request)
+        service = ""
+        try:
+            targets = sorted(kind.validate(doc).target_services())
+            service = targets[0] if targets else ""
+        except PolicyInvalid:
+            pass
+        self.registry.delete_document("policies", key, service=service)
+        return web.json_response(doc)
+
+
+def install_routes(registry: Registry) -> None:
+    """Add the policy routes to the management API (replacing those of an earlier install)."""
+    h = _Handlers(registry)
+    api_app.api_routes[:] = [r for r in api_app.api_routes if not getattr(r[2], _MARK, False)]
+    routes: list[tuple[str, str, Any, str, Any]] = [
+        ("GET", "/v1/policies", h.list_all, "List policies of every kind", None),
+        ("GET", "/v1/policies/{kind}", h.list, "List policies of a kind (RoutingPolicy, ...)", None),
+        ("POST", "/v1/policies/{kind}", h.create, "Create a policy", _body_model()),
+        ("GET", "/v1/policies/{kind}/{namespace}/{name}", h.get, "Get a policy", None),
+        ("PUT", "/v1/policies/{kind}/{namespace}/{name}", h.put, "Create or replace a policy", _body_model()),
+        ("DELETE", "/v1/policies/{kind}/{namespace}/{name}", h.delete, "Delete a policy", None),
+    ]
+    for method, path, handler, summary, model in routes:
+        async def marked(request: web.Request, _handler: Any = handler) -> web.StreamResponse:
+            return await _handler(request)  # type: ignore[no-any-return]
+
+        setattr(marked, _MARK, True)
+        api_app.api_routes.append((method, path, marked, summary, model))
+
+
+def _body_model() -> Any:
+    """The request schema shown in /openapi.json: any registered kind's model."""
+    models = tuple(k.model for k in kinds())
+    if len(models) <= 1:
+        return models[0] if models else None
+    return type("PolicyBody", (RootModel[Union[models]],), {"__doc__": "a policy of any kind; the URL names which"})  # noqa: UP007
