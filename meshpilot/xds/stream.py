@@ -185,7 +185,7 @@ class SotwStream(_Stream):
             ts.pending = False
             forced, ts.forced = ts.forced, False
             version, body = self.cache.sotw_body(type_url, self.node_id, None if ts.wildcard else frozenset(ts.names))
-            if not forced and (version == ts.sent_version or version == ts.nacked_version):
+            if not forced and version == ts.sent_version:  # also: a NACKed version is not resent
                 continue
             nonce = self._nonce()
             msg = string_field(1, version) + body + string_field(4, type_url) + string_field(5, nonce)

@@ -1,0 +1,144 @@
+"""The management API rejects bad input with a 4xx naming the field, and stores nothing then."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from meshpilot.api.app import build_api, openapi_document
+from meshpilot.controlplane import ControlPlane
+from meshpilot.settings import Settings
+
+WEB = {"name": "web", "ports": [{"name": "http", "port": 80}]}
+
+
+async def _client(tmp: Path, **settings: object) -> tuple[ControlPlane, TestClient]:
+    cp = ControlPlane(Settings(store=f"sqlite:{tmp / 'db.sqlite'}", **settings))
+    client = TestClient(TestServer(build_api(cp)))
+    await client.start_server()
+    return cp, client
+
+
+def _snapshot(cp: ControlPlane) -> tuple[list[object], list[object]]:
+    return [s.model_dump() for s in cp.registry.services()], [i.model_dump() for i in cp.registry.instances()]
+
+
+BAD_SERVICES = [
+    (b"{not json", "(body)"),
+    (b'{"name": "web", "ports": [{"name": "http", "port": 80}], "colour": "red"}', "colour"),
+    (b'{"name": "Bad_Name!", "ports": [{"name": "http", "port": 80}]}', "name"),
+    (b'{"name": "web", "ports": [{"name": "http", "port": 70000}]}', "ports.0.port"),
+    (b'{"name": "web", "ports": []}', "ports"),
+    (b'{"name": "web", "ports": [{"name": "http", "port": 80, "protocol": "smtp"}]}', "ports.0.protocol"),
+    (b'{"name": "web", "ports": [{"name": "http", "port": 80}], "vip": "1.2.3.4"}', "vip"),
+    (b'[1, 2]', "(body)"),
+]
+
+
+@pytest.mark.parametrize("body,field", BAD_SERVICES)
+async def test_bad_service_is_rejected_and_nothing_stored(tmp_path: Path, body: bytes, field: str) -> None:
+    cp, client = await _client(tmp_path)
+    try:
+        assert (await client.post("/v1/services", json=WEB)).status == 201
+        before = _snapshot(cp)
+        resp = await client.post("/v1/services", data=body, headers={"Content-Type": "application/json"})
+        data = await resp.json()
+        assert resp.status == 400, f"expected 400, got {resp.status}: {data}"
+        fields = [f["field"] for f in data["fields"]]
+        assert field in fields or (field == "(body)" and fields in ([], ["(body)"])), f"expected field {field!r} named, got {data}"
+        assert _snapshot(cp) == before
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+BAD_INSTANCES = [
+    ({"id": "i1", "address": "not-an-ip", "ports": {"http": 8080}}, 400, "address"),
+    ({"id": "i1", "address": "127.0.0.1", "ports": {"http": 0}}, 400, "ports.http"),
+    ({"id": "i1", "address": "127.0.0.1", "ports": {"grpc": 8080}}, 400, "ports.grpc"),
+    ({"id": "i1", "address": "127.0.0.1", "ports": {"http": 8080}, "extra": 1}, 400, "extra"),
+    ({"id": "", "address": "127.0.0.1", "ports": {"http": 8080}}, 400, "id"),
+    ({"id": "dup", "address": "127.0.0.1", "ports": {"http": 8080}}, 409, "id"),
+    ({"id": "i1", "address": "127.0.0.1", "ports": {"http": 8080}, "weight": 0}, 400, "weight"),
+]
+
+
+@pytest.mark.parametrize("body,status,field", BAD_INSTANCES)
+async def test_bad_instance_is_rejected_and_nothing_stored(tmp_path: Path, body: dict, status: int, field: str) -> None:
+    cp, client = await _client(tmp_path)
+    try:
+        await client.post("/v1/services", json=WEB)
+        r = await client.post("/v1/services/default/web/instances", json={"id": "dup", "address": "127.0.0.1", "ports": {"http": 1}})
+        assert r.status == 201
+        before = _snapshot(cp)
+        resp = await client.post("/v1/services/default/web/instances", json=body)
+        data = await resp.json()
+        assert resp.status == status, f"expected {status}, got {resp.status}: {data}"
+        assert field in [f["field"] for f in data["fields"]], f"expected field {field!r} named, got {data}"
+        assert _snapshot(cp) == before
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+async def test_unknown_service_and_instance_are_404(tmp_path: Path) -> None:
+    cp, client = await _client(tmp_path)
+    try:
+        r = await client.post("/v1/services/default/nope/instances", json={"id": "x", "address": "127.0.0.1", "ports": {"http": 1}})
+        assert r.status == 404 and (await r.json())["fields"][0]["field"] == "service"
+        assert (await client.get("/v1/services/default/nope")).status == 404
+        assert (await client.delete("/v1/instances/nope")).status == 404
+        assert (await client.put("/v1/instances/nope/health", json={"status": "passing"})).status == 404
+        assert cp.registry.services() == []
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+async def test_token_protects_writes_only(tmp_path: Path) -> None:
+    cp, client = await _client(tmp_path, token="s3cret")
+    try:
+        r = await client.post("/v1/services", json=WEB)
+        assert r.status == 401, await r.text()
+        r = await client.post("/v1/services", json=WEB, headers={"Authorization": "Bearer wrong"})
+        assert r.status == 401
+        assert cp.registry.services() == []
+        r = await client.post("/v1/services", json=WEB, headers={"Authorization": "Bearer s3cret"})
+        assert r.status == 201
+        assert (await client.get("/v1/services")).status == 200
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+async def test_lifecycle_health_and_metrics(tmp_path: Path) -> None:
+    cp, client = await _client(tmp_path)
+    try:
+        svc = await (await client.post("/v1/services", json=WEB)).json()
+        assert svc["vip"].startswith("240.240.")
+        r = await client.post("/v1/services/default/web/instances", json={"id": "w1", "address": "10.0.0.1", "ports": {"http": 8080}, "health": "critical"})
+        inst = await r.json()
+        assert inst["health"] == "critical" and inst["routable"] is False
+        inst = await (await client.put("/v1/instances/w1/health", json={"status": "passing"})).json()
+        assert inst["routable"] is True
+        inst = await (await client.put("/v1/instances/w1/maintenance", json={"enabled": True})).json()
+        assert inst["health"] == "critical" and inst["routable"] is False
+        listed = await (await client.get("/v1/services/default/web/instances")).json()
+        assert [i["id"] for i in listed] == ["w1"]
+        text = await (await client.get("/metrics")).text()
+        assert "meshpilot_api_requests_total" in text and "meshpilot_xds_push_seconds" in text
+        doc = await (await client.get("/openapi.json")).json()
+        assert doc["openapi"].startswith("3.") and "/v1/services/{namespace}/{name}/instances" in doc["paths"]
+        assert (await client.delete("/v1/services/default/web")).status == 200
+        assert cp.registry.instances() == []
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+def test_openapi_document_names_every_schema() -> None:
+    doc = openapi_document()
+    for name in ("Service", "Instance", "InstanceIn", "Error"):
+        assert name in doc["components"]["schemas"], f"schema {name} missing"

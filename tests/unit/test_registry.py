@@ -1,0 +1,82 @@
+"""The registry: durable writes, stable virtual IPs, check ownership, events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshpilot.model import Check, Instance, Service
+from meshpilot.registry import Change, Conflict, NotFound, Registry, RegistryError
+from meshpilot.registry.store import SqliteStore
+
+
+def _svc(name: str = "web", **kw: object) -> Service:
+    return Service(name=name, ports=[{"name": "http", "port": 80}], **kw)
+
+
+def _inst(i: str = "w1", **kw: object) -> Instance:
+    return Instance(**{"id": i, "service": "web", "address": "127.0.0.1", "ports": {"http": 8080}, **kw})
+
+
+def test_survives_restart_with_same_vips(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    r = Registry(SqliteStore(db))
+    vips = {r.put_service(_svc(f"s{n}")).vip for n in range(50)}
+    assert len(vips) == 50, "virtual IPs must be unique"
+    r.put_service(_svc())
+    r.register(_inst(checks=[Check(id="c", owner="x", status="passing")]))
+    before = ([s.model_dump() for s in r.services()], [i.model_dump() for i in r.instances()])
+    r.store.close()
+    r2 = Registry(SqliteStore(db))
+    after = ([s.model_dump() for s in r2.services()], [i.model_dump() for i in r2.instances()])
+    assert after == before
+    # an update keeps the VIP; a fresh registry allocates the same VIP for the same name
+    assert r2.put_service(_svc(labels={"a": "b"})).vip == r2.service("web.default").vip
+    assert Registry(SqliteStore(tmp_path / "other.db")).put_service(_svc()).vip == r2.service("web.default").vip
+
+
+def test_checks_are_owned_and_health_is_the_worst(tmp_path: Path) -> None:
+    r = Registry(SqliteStore(tmp_path / "r.db"))
+    r.put_service(_svc())
+    inst = r.register(_inst(checks=[Check(id="hds", owner="hds", status="critical")]))
+    assert inst.health.value == "critical" and not inst.routable
+    inst = r.set_check("w1", Check(id="hds", owner="hds", status="passing"))
+    assert inst.routable and inst.ever_passed
+    with pytest.raises(Conflict):
+        r.set_check("w1", Check(id="hds", owner="consul", status="critical"))
+    inst = r.set_check("w1", Check(id="ttl", owner="consul", status="warning"))
+    assert inst.health.value == "warning" and inst.routable
+    inst = r.set_check("w1", Check(id="ttl", owner="consul", status="critical"))
+    assert not inst.routable and inst.ever_passed
+    with pytest.raises(Conflict):
+        r.deregister("w1", source="consul")
+    r.deregister("w1", source="api")
+    assert r.instances() == []
+
+
+def test_bad_writes_change_nothing(tmp_path: Path) -> None:
+    r = Registry(SqliteStore(tmp_path / "r.db"))
+    events: list[Change] = []
+    r.subscribe(events.append)
+    with pytest.raises(NotFound):
+        r.register(_inst())
+    r.put_service(_svc())
+    with pytest.raises(RegistryError) as exc:
+        r.register(_inst(ports={"grpc": 1}))
+    assert exc.value.field == "ports.grpc"
+    r.register(_inst())
+    with pytest.raises(Conflict):
+        r.register(_inst(address="10.0.0.1"))
+    assert r.instance("w1").address == "127.0.0.1"
+    assert [(e.kind, e.op) for e in events] == [("service", "put"), ("instance", "put")]
+
+
+def test_delete_service_removes_its_instances(tmp_path: Path) -> None:
+    r = Registry(SqliteStore(tmp_path / "r.db"))
+    r.put_service(_svc())
+    r.register(_inst("a"))
+    r.register(_inst("b"))
+    r.delete_service("web.default")
+    assert r.instances() == [] and r.services() == []
+    assert list(SqliteStore(tmp_path / "r.db").items("instances")) == []
