@@ -1,0 +1,178 @@
+"""The HDS core without I/O: node metadata → registration and specifier, reports → check status,
+lost streams → critical then removed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import pytest
+from envoy.config.core.v3 import health_check_pb2
+from envoy.service.health.v3 import hds_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshpilot.model import CheckStatus
+from meshpilot.xds.hds import HdsError, HdsSession, Liveness, build_specifier, registration
+from meshpilot.translate.node import node_info
+
+
+def _md(**over: Any) -> dict[str, Any]:
+    md: dict[str, Any] = {
+        "SERVICE": "b", "NAMESPACE": "default", "INBOUND_PORT": 15006, "APP_PORT": 8080, "OUTBOUND_PORT": 15001,
+        "PORT_NAME": "http", "LABELS": {"version": "v2"}, "WEIGHT": 50,
+        "HEALTH_CHECK": {"kind": "http", "path": "/healthz", "interval_s": 0.5, "timeout_s": 0.25,
+                         "healthy_threshold": 1, "unhealthy_threshold": 2},
+    }
+    md.update(over)
+    return md
+
+
+def test_registration_from_node_metadata() -> None:
+    reg = registration(node_info("b-1", "b", _md(), "z1"))
+    inst = reg.instance
+    got = (inst.id, inst.service, inst.address, inst.ports, inst.zone, inst.weight, inst.labels, inst.source)
+    want = ("b-1", "b", "127.0.0.1", {"http": 15006}, "z1", 50, {"version": "v2"}, "mesh")
+    assert got == want, f"expected {want}, got {got}"
+    assert [(c.id, c.owner, c.status) for c in inst.checks] == [("hds", "hds", CheckStatus.critical)], inst.checks
+    assert not inst.routable, "a new sidecar instance must not be routable before its first healthy report"
+    # HTTP checks go through the inbound listener, TCP ones straight to the app
+    assert (reg.plan.address, reg.plan.port, reg.plan.path) == ("127.0.0.1", 15006, "/healthz"), reg.plan
+    tcp = registration(node_info("b-1", "b", _md(HEALTH_CHECK={"kind": "tcp"}, APP_ADDRESS="127.0.0.5")))
+    assert (tcp.plan.kind, tcp.plan.address, tcp.plan.port) == ("tcp", "127.0.0.5", 8080), tcp.plan
+
+
+def test_specifier_sets_every_interval_explicitly() -> None:
+    reg = registration(node_info("b-1", "b", _md()))
+    spec = build_specifier(reg, 0.5)
+    assert spec.interval.ToMilliseconds() == 500, f"report interval: expected 500 ms, got {spec.interval}"
+    (chc,) = spec.cluster_health_checks
+    (hc,) = chc.health_checks
+    got = {
+        "interval": hc.interval.ToMilliseconds(), "timeout": hc.timeout.ToMilliseconds(),
+        "no_traffic": hc.no_traffic_interval.ToMilliseconds(), "healthy": hc.healthy_threshold.value,
+        "unhealthy": hc.unhealthy_threshold.value, "path": hc.http_health_check.path,
+    }
+    want = {"interval": 500, "timeout": 250, "no_traffic": 500, "healthy": 1, "unhealthy": 2, "path": "/healthz"}
+    assert got == want, f"expected {want}, got {got}"
+    ep = chc.locality_endpoints[0].endpoints[0].address.socket_address
+    assert (ep.address, ep.port_value) == ("127.0.0.1", 15006), ep
+
+
+@pytest.mark.parametrize(
+    "over,field",
+    [
+        ({"SERVICE": ""}, "SERVICE"),
+        ({"INBOUND_PORT": 0}, "INBOUND_PORT"),
+        ({"APP_PORT": "x"}, "APP_PORT"),
+        ({"BIND_ADDRESS": "0.0.0.0"}, "ADVERTISE_ADDRESS"),
+        ({"HEALTH_CHECK": {"kind": "grpc"}}, "HEALTH_CHECK.kind"),
+        ({"HEALTH_CHECK": {"kind": "http", "path": "healthz"}}, "HEALTH_CHECK.path"),
+        ({"HEALTH_CHECK": {"interval_s": -1}}, "HEALTH_CHECK.interval_s"),
+        ({"HEALTH_CHECK": {"timeout_s": "soon"}}, "HEALTH_CHECK.timeout_s"),
+        ({"HEALTH_CHECK": []}, "HEALTH_CHECK"),
+        ({"LABELS": {"a": 1}}, "LABELS"),
+        ({"PORT_NAME": 7}, "PORT_NAME"),
+    ],
+)
+def test_bad_metadata_is_rejected_naming_the_field(over: dict[str, Any], field: str) -> None:
+    with pytest.raises(HdsError) as err:
+        registration(node_info("b-1", "b", _md(**over)))
+    assert err.value.field == field, f"expected the error to name {field}, got {err.value.field} ({err.value})"
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=10,
+)
+_keys = st.sampled_from(["SERVICE", "NAMESPACE", "INBOUND_PORT", "APP_PORT", "BIND_ADDRESS", "ADVERTISE_ADDRESS",
+                         "PORT_NAME", "LABELS", "WEIGHT", "HEALTH_CHECK", "APP_ADDRESS"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_keys, _json, max_size=8), st.text(max_size=20))
+def test_junk_metadata_gives_a_registration_or_a_named_error(md: dict[str, Any], node_id: str) -> None:
+    try:
+        reg = registration(node_info(node_id, "c", md))
+    except HdsError as exc:
+        assert exc.field and str(exc).startswith("node.metadata."), exc
+        return
+    build_specifier(reg, 1.0).SerializeToString()
+    assert reg.instance.ports and reg.plan.port > 0
+
+
+def _report(cluster: str, status: int) -> hds_pb2.EndpointHealthResponse:
+    r = hds_pb2.EndpointHealthResponse()
+    c = r.cluster_endpoints_health.add(cluster_name=cluster)
+    c.locality_endpoints_health.add().endpoints_health.add(health_status=status)
+    return r
+
+
+def test_first_unhealthy_of_a_young_stream_is_not_news() -> None:
+    reg = registration(node_info("b-1", "b", _md()))  # cycle 0.75 s
+    s = HdsSession(reg, started=100.0)
+    H, U = health_check_pb2.HEALTHY, health_check_pb2.UNHEALTHY
+    seq = [(100.5, U), (101.0, H), (101.5, H), (102.0, U), (102.5, U), (103.0, H)]
+    got = [s.report(_report(reg.cluster, st_), t) for t, st_ in seq]
+    want = [None, CheckStatus.passing, None, CheckStatus.critical, None, CheckStatus.passing]
+    assert got == want, f"expected {want}, got {got}"
+    # once the stream is older than a cycle, an unhealthy app is news even without a healthy report
+    s2 = HdsSession(reg, started=100.0)
+    assert s2.report(_report(reg.cluster, U), 100.9) is CheckStatus.critical
+    # reports for other clusters say nothing
+    assert s2.report(_report("hds|other", H), 101.0) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 5), st.sampled_from([0, 1, 2, 3, 4, 5])), max_size=30))
+def test_session_emits_only_changes(reports: list[tuple[float, int]]) -> None:
+    reg = registration(node_info("b-1", "b", _md()))
+    s = HdsSession(reg, started=0.0)
+    t = 0.0
+    emitted = []
+    for dt, status in reports:
+        t += dt
+        out = s.report(_report(reg.cluster, status), t)
+        if out is not None:
+            emitted.append(out)
+    assert all(a != b for a, b in zip(emitted, emitted[1:])), f"repeated status emitted: {emitted}"
+
+
+def test_liveness_marks_critical_then_removes() -> None:
+    lv = Liveness(critical_after_s=45, remove_after_s=300)
+    lv.opened("a")
+    lv.opened("a")  # a second stream from the same node (Envoy hot restart)
+    lv.closed("a", 0.0)
+    assert lv.due(100.0) == ([], []), "a node with a stream left is alive"
+    lv.closed("a", 10.0)
+    assert lv.due(54.0) == ([], []), "within the grace period nothing happens"
+    assert lv.due(55.0) == (["a"], []), "after the grace period the instance turns critical"
+    assert lv.due(56.0) == ([], []), "critical is reported once"
+    lv.opened("a")
+    lv.closed("a", 60.0)
+    assert lv.due(106.0) == (["a"], []), "a reconnect resets the clock"
+    assert lv.due(360.0) == ([], ["a"]), "after the removal period the instance goes"
+    assert lv.due(1000.0) == ([], []), "removal happens once"
+
+
+def test_specifier_is_accepted_by_envoy_schema(tmp_path: Any) -> None:
+    """The health check we send must be valid Envoy config: embed it in a static cluster and validate."""
+    from google.protobuf import json_format
+
+    from tests.support import ENVOY
+
+    reg = registration(node_info("b-1", "b", _md()))
+    hc = json_format.MessageToDict(build_specifier(reg, 1.0).cluster_health_checks[0].health_checks[0])
+    cfg = {
+        "static_resources": {"clusters": [{
+            "name": "hds", "type": "STATIC", "connect_timeout": "1s", "health_checks": [hc],
+            "load_assignment": {"cluster_name": "hds", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15006}}}}]}]},
+        }]}
+    }
+    path = tmp_path / "hc.json"
+    path.write_text(json.dumps(cfg))
+    r = subprocess.run([ENVOY, "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"envoy rejected the health check: {r.stdout[-2000:]} {r.stderr[-2000:]}"
