@@ -410,21 +410,28 @@ impl Shared {
             OPEN if now_ns < self.open_until_ns => {
                 (Admit::Reject { half_open: false, retry_after_ns: self.open_until_ns - now_ns }, false)
             }
-            OPEN => {
-                self.state = HALF_OPEN;
-                self.gen = self.gen.wrapping_add(1);
-                self.permits = rule.half_open_calls - 1;
-                self.probe_calls = 0;
-                self.probe_failures = 0;
-                self.probe_slow = 0;
-                (Admit::Probe(self.gen), true)
-            }
+            OPEN => self.start_half_open(rule, now_ns),
+            // All probes are out but some never reported within a wait period (a worker restarted,
+            // a probe hangs): start a fresh half-open round rather than stay stuck.
+            HALF_OPEN if self.permits == 0 && now_ns >= self.open_until_ns => self.start_half_open(rule, now_ns),
             _ if self.permits > 0 => {
                 self.permits -= 1;
                 (Admit::Probe(self.gen), true)
             }
             _ => (Admit::Reject { half_open: true, retry_after_ns: 0 }, false),
         }
+    }
+
+    fn start_half_open(&mut self, rule: &BreakerRule, now_ns: u64) -> (Admit, bool) {
+        self.state = HALF_OPEN;
+        self.gen = self.gen.wrapping_add(1);
+        // In half-open this is the deadline for the probes to report.
+        self.open_until_ns = now_ns.saturating_add(rule.open_wait_ns.max(NS));
+        self.permits = rule.half_open_calls - 1;
+        self.probe_calls = 0;
+        self.probe_failures = 0;
+        self.probe_slow = 0;
+        (Admit::Probe(self.gen), true)
     }
 
     /// Records a probe's outcome; once all permitted probes have reported, closes or re-opens.
@@ -523,11 +530,15 @@ mod tests {
     use crate::config::parse;
 
     fn rule(extra: &str) -> BreakerRule {
-        let size = if extra.contains("window_size") { "" } else { "window_size = 10\n" };
-        let doc = format!(
-            "[breaker t]\n{}min_calls = 5\nfailure_rate = 50\nopen_wait = 1s\nhalf_open_calls = 2\n{}",
-            size, extra
-        );
+        let mut doc = String::from("[breaker t]\n");
+        for base in ["window_size = 10", "min_calls = 5", "failure_rate = 50", "open_wait = 1s", "half_open_calls = 2"] {
+            let key = base.split(' ').next().unwrap_or("");
+            if !extra.contains(key) {
+                doc.push_str(base);
+                doc.push('\n');
+            }
+        }
+        doc.push_str(extra);
         parse(doc.as_bytes()).expect("valid").breakers.remove(0)
     }
 
@@ -605,6 +616,18 @@ mod tests {
         assert_eq!(s.state, HALF_OPEN, "one of two probes reported, expected half-open");
         s.probe_done(&r, g, OK, later);
         assert_eq!(s.state, CLOSED, "both probes succeeded, expected closed");
+    }
+
+    #[test]
+    fn a_lost_probe_does_not_stick_half_open() {
+        let r = rule("half_open_calls = 1\n");
+        let mut s = Shared::new(&r);
+        s.open(&r, T0);
+        let later = T0 + r.open_wait_ns;
+        let g1 = s.admit(&r, later).0;
+        assert!(matches!(s.admit(&r, later + 1).0, Admit::Reject { half_open: true, .. }));
+        let g2 = s.admit(&r, later + r.open_wait_ns).0;
+        assert!(matches!(g2, Admit::Probe(_)) && g1 != g2, "expected a new round after the deadline, got {:?} then {:?}", g1, g2);
     }
 
     #[test]

@@ -378,10 +378,6 @@ fn unescape(v: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn default_reply(status: u32) -> Reply {
-    Reply { status, body: Vec::new(), headers: Vec::new() }
-}
-
 fn new_breaker(name: String) -> BreakerRule {
     BreakerRule {
         name,
