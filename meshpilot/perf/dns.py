@@ -1,0 +1,277 @@
+"""``meshpilot perf dns``: meshdns against dnsmasq and unbound, measured with dnsperf in one run.
+
+The harness starts, on 127.0.0.1 ports chosen by the OS: an upstream unbound that serves ``f<i>.example`` names
+from local data (static root zone, so nothing leaves the machine), then meshdns, dnsmasq and unbound, each
+answering the same ``svc<i>.default.svc.mesh`` names itself (meshdns from a static table, dnsmasq from
+``host-record``, unbound from ``local-data``) and forwarding everything else to that upstream. For each server it
+measures two workloads: mesh names, and forwarded names after a warm-up pass (so they come from the server's
+cache). Each workload is a throughput run (dnsperf at full speed: qps) and a latency run at a fixed, moderate
+rate with per-query reporting (percentiles), so latency is comparable across servers. It prints the results as
+JSON and one summary line with the meshdns/dnsmasq qps ratio for mesh names (the bar is >= 1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "main", "register_dns", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run (%(default)s)")
+    p.add_argument("--names", type=int, default=200, help="mesh names and forwarded names (%(default)s)")
+    p.add_argument("--clients", type=int, default=4, help="dnsperf -c (%(default)s)")
+    p.add_argument("--outstanding", type=int, default=200, help="dnsperf -q (%(default)s)")
+    p.add_argument("--latency-qps", type=int, default=10000, help="rate of the latency runs (%(default)s)")
+    p.add_argument("--latency-duration", type=float, default=3.0, help="seconds per latency run (%(default)s)")
+    p.add_argument("--servers", default="meshdns,dnsmasq,unbound", help="comma-separated subset to run")
+    p.add_argument("--json-out", default=None, help="also write the JSON report to this file")
+
+
+def register_dns(subparsers: Any) -> None:
+    p = subparsers.add_parser("dns", help="meshdns vs dnsmasq vs unbound with dnsperf")
+    add_arguments(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    report = run(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    print(report["summary"])
+    return 0
+
+
+# -- processes -------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = u.getsockname()[1]
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return int(port)
+    raise RuntimeError("no free port")
+
+
+def _query(name: str) -> bytes:
+    qname = b"".join(bytes((len(p),)) + p.encode() for p in name.split(".") if p) + b"\0"
+    return struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
+
+
+def _wait_answering(port: int, name: str, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+            s.sendto(_query(name), ("127.0.0.1", port))
+            try:
+                data = s.recv(4096)
+            except OSError:
+                continue
+            if len(data) >= 12 and data[3] & 0xF == 0 and struct.unpack_from("!H", data, 6)[0] > 0:
+                return
+    raise RuntimeError(f"port {port} did not answer {name} within {timeout}s")
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], **kw: Any) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(cmd, **kw)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _unbound_conf(port: int, workdir: Path, local: list[str], extra: str) -> str:
+    lines = [
+        "server:", f"  interface: 127.0.0.1@{port}", f"  port: {port}", "  do-daemonize: no", '  username: ""',
+        '  chroot: ""', f'  directory: "{workdir}"', '  pidfile: ""', "  use-syslog: no", '  logfile: ""',
+        "  do-ip6: no", "  num-threads: 1", "  access-control: 127.0.0.0/8 allow", '  module-config: "iterator"',
+        "  do-not-query-localhost: no", "  verbosity: 0",
+    ]
+    lines += [f"  {line}" for line in local]
+    return "\n".join(lines) + "\n" + extra + "remote-control:\n  control-enable: no\n"
+
+
+@contextlib.contextmanager
+def _upstream(workdir: Path, fwd_names: list[str]) -> Iterator[int]:
+    port = _free_port()
+    local = ['local-zone: "." static', 'local-zone: "example." static',
+             'local-data: "example. 3600 IN SOA ns.example. hostmaster.example. 1 3600 600 86400 3600"']
+    local += [f'local-data: "{n}. 3600 IN A 192.0.2.{i % 250 + 1}"' for i, n in enumerate(fwd_names)]
+    conf = workdir / "upstream.conf"
+    conf.write_text(_unbound_conf(port, workdir, local, ""))
+    with _process([shutil.which("unbound") or "/usr/sbin/unbound", "-d", "-c", str(conf)],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        _wait_answering(port, fwd_names[0], proc)
+        yield port
+
+
+@contextlib.contextmanager
+def _meshdns(workdir: Path, services: list[dict[str, Any]], upstream: int) -> Iterator[int]:
+    table = workdir / "table.json"
+    table.write_text(json.dumps(services))
+    cmd = [sys.executable, "-m", "meshpilot.cli", "meshdns", "--listen", "127.0.0.1:0", "--control-plane", "none",
+           "--static-table", str(table), "--upstream", f"127.0.0.1:{upstream}", "--log-level", "warning",
+           "--search", ""]
+    with _process(cmd, stdout=subprocess.PIPE, stderr=open(workdir / "meshdns.log", "wb")) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        if not line.startswith("meshdns listening"):
+            raise RuntimeError(f"meshdns did not start: {line!r}: {(workdir / 'meshdns.log').read_text()[-2000:]}")
+        port = int(line.rsplit(":", 1)[1])
+        _wait_answering(port, "svc0.default.svc.mesh", proc)
+        yield port
+
+
+@contextlib.contextmanager
+def _dnsmasq(workdir: Path, mesh: list[tuple[str, str]], upstream: int) -> Iterator[int]:
+    port = _free_port()
+    conf = workdir / "dnsmasq.conf"
+    lines = [f"port={port}", "listen-address=127.0.0.1", "bind-interfaces", "no-resolv", "no-hosts",
+             f"server=127.0.0.1#{upstream}", "cache-size=10000", "local-ttl=30", "user=root", "pid-file=",
+             "log-facility=-"]
+    lines += [f"host-record={name},{ip}" for name, ip in mesh]
+    conf.write_text("\n".join(lines) + "\n")
+    exe = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+    with _process([exe, "-k", "-C", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        _wait_answering(port, mesh[0][0], proc)
+        yield port
+
+
+@contextlib.contextmanager
+def _unbound_peer(workdir: Path, mesh: list[tuple[str, str]], upstream: int) -> Iterator[int]:
+    port = _free_port()
+    local = ['local-zone: "mesh." static']
+    local += [f'local-data: "{name}. 30 IN A {ip}"' for name, ip in mesh]
+    extra = f'forward-zone:\n  name: "."\n  forward-addr: 127.0.0.1@{upstream}\n'
+    conf = workdir / "unbound-peer.conf"
+    conf.write_text(_unbound_conf(port, workdir, local, extra))
+    with _process([shutil.which("unbound") or "/usr/sbin/unbound", "-d", "-c", str(conf)],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        _wait_answering(port, mesh[0][0], proc)
+        yield port
+
+
+# -- dnsperf ---------------------------------------------------------------------------------------------------
+
+_QPS = re.compile(r"Queries per second:\s+([\d.]+)")
+_LOST = re.compile(r"Queries lost:\s+(\d+)")
+_COMPLETED = re.compile(r"Queries completed:\s+(\d+)")
+_AVG = re.compile(r"Average Latency \(s\):\s+([\d.]+)")
+_RCODES = re.compile(r"Response codes:\s+(.*)")
+_VERBOSE = re.compile(r"^> (\S+) .* ([\d.]+)$")
+
+
+def _dnsperf(port: int, datafile: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = [shutil.which("dnsperf") or "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(datafile), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _throughput(port: int, datafile: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out = _dnsperf(port, datafile, "-l", str(args.duration), "-c", str(args.clients), "-q", str(args.outstanding),
+                   "-T", "1").stdout
+
+    def grab(rx: re.Pattern[str], cast: Any = float) -> Any:
+        m = rx.search(out)
+        return cast(m.group(1)) if m else None
+
+    return {"qps": grab(_QPS), "completed": grab(_COMPLETED, int), "lost": grab(_LOST, int),
+            "avg_latency_ms": round((grab(_AVG) or 0) * 1000, 4), "rcodes": grab(_RCODES, str)}
+
+
+def _latency(port: int, datafile: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out = _dnsperf(port, datafile, "-l", str(args.latency_duration), "-Q", str(args.latency_qps), "-c", "1", "-v",
+                   "-T", "1").stdout
+    lat = sorted(float(m.group(2)) for line in out.splitlines() if (m := _VERBOSE.match(line)))
+    if not lat:
+        return {"samples": 0}
+
+    def pct(p: float) -> float:
+        return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1000, 4)
+
+    return {"rate_qps": args.latency_qps, "samples": len(lat), "p50_ms": pct(50), "p90_ms": pct(90),
+            "p99_ms": pct(99), "p999_ms": pct(99.9), "max_ms": round(lat[-1] * 1000, 4)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Start the upstream and the three servers, measure, stop everything; returns the report."""
+    n = args.names
+    mesh = [(f"svc{i}.default.svc.mesh", f"240.240.{i // 250}.{i % 250 + 1}") for i in range(n)]
+    fwd = [f"f{i}.example" for i in range(n)]
+    services = [{"name": f"svc{i}", "namespace": "default", "vip": ip,
+                 "ports": [{"name": "http", "port": 80, "protocol": "http"}]} for i, (_, ip) in enumerate(mesh)]
+    wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
+    starters = {"meshdns": lambda w, u: _meshdns(w, services, u), "dnsmasq": lambda w, u: _dnsmasq(w, mesh, u),
+                "unbound": lambda w, u: _unbound_peer(w, mesh, u)}
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="meshpilot-perf-dns-") as tmp:
+        workdir = Path(tmp)
+        mesh_file = workdir / "mesh.txt"
+        mesh_file.write_text("".join(f"{name} A\n" for name, _ in mesh))
+        fwd_file = workdir / "forwarded.txt"
+        fwd_file.write_text("".join(f"{name} A\n" for name in fwd))
+        with _upstream(workdir, fwd) as upstream:
+            for server in wanted:
+                with starters[server](workdir, upstream) as port:
+                    _dnsperf(port, fwd_file, "-n", "1")  # warm the forwarding cache
+                    results[server] = {
+                        "mesh": {"throughput": _throughput(port, mesh_file, args),
+                                 "latency": _latency(port, mesh_file, args)},
+                        "forwarded_cached": {"throughput": _throughput(port, fwd_file, args),
+                                             "latency": _latency(port, fwd_file, args)},
+                    }
+
+    def ratio(kind: str) -> float | None:
+        try:
+            return round(results["meshdns"][kind]["throughput"]["qps"] / results["dnsmasq"][kind]["throughput"]["qps"],
+                         3)
+        except (KeyError, TypeError, ZeroDivisionError):
+            return None
+
+    report: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "settings": {"duration_s": args.duration, "names": n, "clients": args.clients,
+                     "outstanding": args.outstanding, "latency_qps": args.latency_qps},
+        "results": results,
+        "ratio_meshdns_over_dnsmasq": {"mesh": ratio("mesh"), "forwarded_cached": ratio("forwarded_cached")},
+    }
+    parts = []
+    for server, r in results.items():
+        parts.append(f"{server} mesh {r['mesh']['throughput']['qps'] or 0:.0f} qps "
+                     f"p99 {r['mesh']['latency'].get('p99_ms')} ms, cached-fwd "
+                     f"{r['forwarded_cached']['throughput']['qps'] or 0:.0f} qps")
+    mesh_ratio = report["ratio_meshdns_over_dnsmasq"]["mesh"]
+    verdict = "" if mesh_ratio is None else (" (meets >= 1.0)" if mesh_ratio >= 1.0 else " (BELOW 1.0)")
+    report["summary"] = f"perf dns: {'; '.join(parts)}; meshdns/dnsmasq mesh = {mesh_ratio}{verdict}"
+    return report
