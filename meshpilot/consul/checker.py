@@ -1,0 +1,156 @@
+"""Runs the checks of Consul-registered services: HTTP and TCP probes, TTL expiry, and
+``DeregisterCriticalServiceAfter``.
+
+Consul agents run the checks of the services registered with them; meshpilot is that agent, so the
+control plane runs them (one supervised task, probes in a task group with bounded concurrency).
+Results go into the registry as checks owned by ``consul``, which is what moves an instance in and
+out of EDS. HTTP: 2xx passing, 429 warning, anything else critical (as Consul does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+
+from meshpilot.consul.agent import OWNER, ConsulAgent
+from meshpilot.consul.definitions import CheckDef
+from meshpilot.registry import RegistryError
+
+__all__ = ["run_checks"]
+
+log = logging.getLogger("meshpilot.consul.checks")
+
+_TICK_S = 0.05
+_MAX_PARALLEL = 64
+
+
+async def run_checks(agent: ConsulAgent) -> None:
+    """Keep every Consul check current until cancelled."""
+    due: dict[tuple[str, str], float] = {}
+    running: set[tuple[str, str]] = set()
+    limit = asyncio.Semaphore(_MAX_PARALLEL)
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True, limit=_MAX_PARALLEL)) as http, asyncio.TaskGroup() as tg:
+        while True:
+            now = time.monotonic()
+            _expire_ttls(agent, now)
+            _deregister_critical(agent, now)
+            live = set()
+            for iid, defs in list(agent.checks.items()):
+                for cid, d in defs.items():
+                    if d.kind not in ("http", "tcp"):
+                        continue
+                    key = (iid, cid)
+                    live.add(key)
+                    if key in running or due.get(key, 0.0) > now:
+                        continue
+                    due[key] = now + d.interval_s
+                    running.add(key)
+                    tg.create_task(_probe(agent, http, limit, iid, d, running))
+            for key in set(due) - live:
+                del due[key]
+            await asyncio.sleep(_TICK_S)
+
+
+def _expire_ttls(agent: ConsulAgent, now: float) -> None:
+    for (iid, cid), deadline in list(agent.ttl_deadline.items()):
+        if deadline > now:
+            continue
+        inst = agent.reg.instance(iid)
+        if inst is None:
+            agent.ttl_deadline.pop((iid, cid), None)
+            continue
+        current = next((c for c in inst.checks if c.id == cid and c.owner == OWNER), None)
+        d = agent.checks.get(iid, {}).get(cid)
+        if current is None or d is None:
+            agent.ttl_deadline.pop((iid, cid), None)
+            continue
+        # push the deadline out so an expired TTL is reported once, not on every tick
+        agent.ttl_deadline[(iid, cid)] = now + max(d.ttl_s, 1.0)
+        if current.status.value != "critical":
+            log.info("event=ttl_expired instance=%s check=%s", iid, cid)
+            _set(agent, iid, cid, "critical", f"TTL expired (last output: {current.output})"[:4096])
+
+
+def _deregister_critical(agent: ConsulAgent, now: float) -> None:
+    for (iid, cid), since in list(agent.critical_since.items()):
+        d = agent.checks.get(iid, {}).get(cid)
+        if d is None:
+            agent.critical_since.pop((iid, cid), None)
+            continue
+        if d.deregister_after_s and now - since >= d.deregister_after_s:
+            inst = agent.reg.instance(iid)
+            agent.critical_since.pop((iid, cid), None)
+            if inst is not None:
+                log.info("event=deregister_critical instance=%s check=%s after_s=%.1f", iid, cid, d.deregister_after_s)
+                try:
+                    agent.deregister(inst.node, agent.service_id(inst))
+                except Exception:  # already gone
+                    log.debug("event=deregister_critical_failed instance=%s", iid, exc_info=True)
+
+
+def _set(agent: ConsulAgent, iid: str, cid: str, status: str, output: str) -> None:
+    if cid not in agent.checks.get(iid, {}):
+        return  # deregistered while the probe ran
+    try:
+        agent.set_status(iid, cid, status, output)
+    except (RegistryError, Exception) as exc:  # the instance went away meanwhile
+        log.debug("event=check_result_dropped instance=%s check=%s reason=%s", iid, cid, exc)
+
+
+async def _probe(agent: ConsulAgent, http: aiohttp.ClientSession, limit: asyncio.Semaphore, iid: str, d: CheckDef, running: set[tuple[str, str]]) -> None:
+    try:
+        async with limit:
+            if d.kind == "http":
+                status, output = await _http(http, d)
+            else:
+                status, output = await _tcp(d)
+        _set(agent, iid, d.id, status, output)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("event=probe_failed instance=%s check=%s", iid, d.id)
+    finally:
+        running.discard((iid, d.id))
+
+
+async def _http(http: aiohttp.ClientSession, d: CheckDef) -> tuple[str, str]:
+    headers = {"User-Agent": "Consul Health Check", "Accept": "text/plain, text/*, */*"}
+    for k, v in d.headers:
+        headers[k] = v
+    try:
+        async with asyncio.timeout(d.timeout_s):
+            async with http.request(d.method, d.url, headers=headers, allow_redirects=False, ssl=False) as resp:
+                body = await resp.content.read(4096)
+                text = body.decode(errors="replace")
+                line = f"HTTP {d.method} {d.url}: {resp.status} {resp.reason} Output: {text}"
+                if 200 <= resp.status < 300:
+                    return "passing", line
+                if resp.status == 429:
+                    return "warning", line
+                return "critical", line
+    except TimeoutError:
+        return "critical", f"Get {d.url!r}: timed out after {d.timeout_s:g}s"
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
+        return "critical", f"Get {d.url!r}: {exc}"
+
+
+async def _tcp(d: CheckDef) -> tuple[str, str]:
+    host, _, port = d.tcp.rpartition(":")
+    host = host.strip("[]")
+    try:
+        async with asyncio.timeout(d.timeout_s):
+            _reader, writer = await asyncio.open_connection(host, int(port))
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+        return "passing", f"TCP connect {d.tcp}: Success"
+    except TimeoutError:
+        return "critical", f"dial tcp {d.tcp}: i/o timeout"
+    except OSError as exc:
+        return "critical", f"dial tcp {d.tcp}: {exc}"
