@@ -1,0 +1,30 @@
+"""``meshpilot perf ...``: the benchmark harnesses (not tests). Each prints JSON and a summary line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+__all__ = ["register"]
+
+_BENCHMARKS = {
+    "xds": ("meshpilot.perf.xds_push", "xDS push latency to many ADS clients"),
+    "dns": ("meshpilot.perf.dns", "meshdns vs dnsmasq and unbound under dnsperf"),
+    "route": ("meshpilot.perf.route", "request cost of the WASM filters through Envoy"),
+    "registry": ("meshpilot.perf.registry", "Consul API registrations/s and blocking-query wakeups"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    perf = sub.add_parser("perf", help="run a benchmark")
+    kinds = perf.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for name, (module_name, help_text) in _BENCHMARKS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        p = kinds.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
