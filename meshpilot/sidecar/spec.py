@@ -60,11 +60,21 @@ def _durations(*names: str) -> Any:
     return field_validator(*names, mode="before")(lambda cls, v: parse_duration(v))
 
 
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
 class Metadata(_Model):
     name: str
     namespace: str = "default"
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _dns_label(cls, v: str) -> str:
+        if not _LABEL.match(v):
+            raise ValueError("must be a DNS label: lower-case letters, digits and '-', 1-63 characters")
+        return v
 
 
 class PortSpec(_Model):
