@@ -194,10 +194,10 @@ class Envoy:
         config.write_text(json.dumps(self.bootstrap))
         admin_file = self.workdir / "admin.txt"
         cmd = [envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "--admin-address-path", str(admin_file),
-               "--concurrency", str(self.concurrency), "-l", self.log_level, "--disable-hot-restart",
-               "--log-path", str(self.log_path)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+               "--concurrency", str(self.concurrency), "-l", self.log_level, "--disable-hot-restart"]
+        # stderr rather than --log-path: the log file sink flushes only every few seconds.
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
         try:
             while True:
