@@ -44,7 +44,7 @@ class NodeInfo:
 def _int(v: Any, default: int = 0) -> int:
     try:
         n = int(float(v))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # junk, NaN, infinity
         return default
     return n if 0 <= n <= 65535 else default
 
