@@ -11,7 +11,13 @@ from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, config_source_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.config.core.v3 import extension_pb2
+from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
+from envoy.extensions.load_balancing_policies.random.v3 import random_pb2
+from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
+from envoy.extensions.load_balancing_policies.wrr_locality.v3 import wrr_locality_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf.message import Message
 
 from meshpilot.model import Service, ServicePort
 from meshpilot.translate.names import cluster_name, fqdn, inbound_cluster_name
@@ -19,11 +25,6 @@ from meshpilot.translate.node import NodeInfo
 
 __all__ = ["ads_source", "build_cluster", "build_clusters", "build_inbound_cluster", "duration_ms", "subset_cluster_name"]
 
-_LB = {
-    "round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
-    "least_request": cluster_pb2.Cluster.LEAST_REQUEST,
-    "random": cluster_pb2.Cluster.RANDOM,
-}
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
@@ -48,6 +49,38 @@ def _http2_options() -> any_pb2.Any:
     return packed
 
 
+def _typed(name: str, msg: Message) -> cluster_pb2.LoadBalancingPolicy.Policy:
+    packed = any_pb2.Any()
+    packed.Pack(msg)
+    return cluster_pb2.LoadBalancingPolicy.Policy(
+        typed_extension_config=extension_pb2.TypedExtensionConfig(name=name, typed_config=packed)
+    )
+
+
+def _set_lb(c: cluster_pb2.Cluster, policy: str, zone_aware: bool) -> None:
+    """Round robin as the classic enum, which Envoy and gRPC clients both read. Least-request and
+    random, which gRPC's C-core clients do not implement, as a ``load_balancing_policy`` list:
+    each reader takes the first policy it supports, so Envoy uses the intended one and gRPC
+    clients fall back to locality-weighted round robin instead of rejecting the cluster."""
+    if policy == "round_robin":
+        c.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
+        if zone_aware:
+            c.common_lb_config.zone_aware_lb_config.min_cluster_size.value = 1
+        return
+    chosen: least_request_pb2.LeastRequest | random_pb2.Random
+    chosen = least_request_pb2.LeastRequest() if policy == "least_request" else random_pb2.Random()
+    if zone_aware:
+        chosen.locality_lb_config.zone_aware_lb_config.min_cluster_size.value = 1
+    fallback = wrr_locality_pb2.WrrLocality(
+        endpoint_picking_policy=cluster_pb2.LoadBalancingPolicy(
+            policies=[_typed("envoy.load_balancing_policies.round_robin", round_robin_pb2.RoundRobin())]
+        )
+    )
+    c.load_balancing_policy.policies.extend(
+        [_typed(f"envoy.load_balancing_policies.{policy}", chosen), _typed("envoy.load_balancing_policies.wrr_locality", fallback)]
+    )
+
+
 def subset_cluster_name(service: Service, port: ServicePort, subset: str, domain: str) -> str:
     """Istio-style name of a subset's cluster, also its EDS service name."""
     return f"outbound|{port.port}|{subset}|{fqdn(service, domain)}"
@@ -62,7 +95,6 @@ def build_cluster(service: Service, port: ServicePort, domain: str, subset: str 
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_source(), service_name=name),
         connect_timeout=duration_ms(t.connect_timeout_ms),
-        lb_policy=_LB[t.lb_policy],
         outlier_detection=outlier_detection_pb2.OutlierDetection(
             consecutive_5xx=wrappers_pb2.UInt32Value(value=t.outlier.consecutive_5xx),
             consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=t.outlier.consecutive_gateway_failure),
@@ -74,8 +106,7 @@ def build_cluster(service: Service, port: ServicePort, domain: str, subset: str 
     )
     # host-set changes apply at once; no 1 s merge window between EDS updates
     c.common_lb_config.update_merge_window.CopyFrom(duration_pb2.Duration())
-    if t.zone_aware:
-        c.common_lb_config.zone_aware_lb_config.min_cluster_size.value = 1
+    _set_lb(c, t.lb_policy, t.zone_aware)
     if port.protocol in ("http2", "grpc"):
         c.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(_http2_options())
     return c

@@ -2,8 +2,8 @@
 
 Only routable instances are listed (healthy at least once, not critical now): Envoy would still
 send traffic to hosts marked unhealthy when a cluster is in panic mode. Instances are grouped by
-zone into localities, each weighted by the sum of its endpoints' weights (proxyless gRPC clients
-require locality weights). A subset's assignment (``subset`` with its name and label selector)
+zone into localities, each weighted by the sum of its endpoints' weights and always carrying the
+locality field (proxyless gRPC clients require both). A subset's assignment (``subset`` with its name and label selector)
 lists only the instances whose labels match the selector, under the subset's cluster name.
 """
 
@@ -41,8 +41,8 @@ def build_endpoints(
     for zone in sorted(by_zone):
         members = sorted(by_zone[zone], key=lambda i: i.id)
         loc = cla.endpoints.add()
-        if zone:
-            loc.locality.CopyFrom(base_pb2.Locality(zone=zone))
+        # gRPC clients reject a locality entry without the field, even an empty one
+        loc.locality.CopyFrom(base_pb2.Locality(zone=zone))
         loc.load_balancing_weight.value = sum(i.weight for i in members)
         loc.priority = 0
         for inst in members:

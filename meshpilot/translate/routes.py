@@ -152,6 +152,10 @@ def build_route_action(
     if proxyless and timeout:
         # gRPC clients take the route's deadline from here (gRFC A31), Envoy from ``timeout``
         action.max_stream_duration.max_stream_duration.CopyFrom(duration_ms(timeout))
+    if proxyless:
+        retry_on = _grpc_retry_on(retry_on)
+        if not retry_on:
+            retries = 0
     if retries:
         from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 
@@ -168,6 +172,20 @@ def build_route_action(
         if per_try:
             action.retry_policy.per_try_timeout.CopyFrom(duration_ms(per_try))
     return action
+
+
+_GRPC_CODES = ("cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")
+_TRANSPORT = {"connect-failure", "refused-stream", "reset", "5xx", "gateway-error", "retriable-status-codes"}
+
+
+def _grpc_retry_on(retry_on: str) -> str:
+    """Envoy retry conditions as a gRPC client understands them (gRFC A44: status names only).
+    Transport failures surface in gRPC as UNAVAILABLE, so they map to ``unavailable``."""
+    conditions = set(retry_on.split(","))
+    codes = {c for c in conditions if c in _GRPC_CODES}
+    if conditions & _TRANSPORT:
+        codes.add("unavailable")
+    return ",".join(c for c in _GRPC_CODES if c in codes)
 
 
 def _percent(p: float) -> percent_pb2.FractionalPercent:
