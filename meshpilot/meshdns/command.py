@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: search list of /etc/resolv.conf)")
     p.add_argument("--static-table", default=None, metavar="FILE",
                    help="JSON/YAML list of services to serve instead of the control plane's table")
+    p.add_argument("--no-udp-batch", dest="udp_batch", action="store_false",
+                   help="serve UDP through a plain asyncio DatagramProtocol instead of batched recvmmsg/sendmmsg")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -51,7 +53,7 @@ def config_from_args(args: argparse.Namespace) -> MeshDnsConfig:
         host=host, port=port, control_plane=cp, state_file=args.state_file,
         upstreams=tuple(parse_hostport(u, 53) for u in args.upstream), upstream_timeout=args.upstream_timeout,
         ttl=args.ttl, domain=args.domain.strip("."), namespace=args.namespace, search=search,
-        static_table=args.static_table, **kwargs,
+        static_table=args.static_table, udp_batch=args.udp_batch, **kwargs,
     )
 
 

@@ -31,6 +31,7 @@ class MeshDnsConfig:
     static_table: str | None = None
     upstream_timeout: float = 1.5
     backoff_max: float = 5.0
+    udp_batch: bool = True  # recvmmsg/sendmmsg fast path where available
 
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:

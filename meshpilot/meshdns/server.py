@@ -1,6 +1,7 @@
 """The meshdns server: UDP and TCP listeners around the pure core, the forwarder and the table feed.
 
-The UDP hot path is one dictionary lookup keyed by the packet after its id and flags (counts, question, OPT),
+The UDP hot path (batched with recvmmsg/sendmmsg on Linux, see batch.py, else an asyncio DatagramProtocol) is
+one dictionary lookup keyed by the packet after its id and flags (counts, question, OPT),
 whose value is the prebuilt response in the four RD/CD variants; a hit prepends the query id and sends. Every
 miss goes through :func:`meshpilot.meshdns.answer.respond`, which either builds the mesh answer (stored for next
 time), answers an error, drops the packet, or hands it to the :class:`~meshpilot.meshdns.forward.Forwarder`.
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from meshpilot.meshdns import batch
 from meshpilot.meshdns.ads import AdsState, load_state, run_ads, save_state
 from meshpilot.meshdns.answer import DROP, FORWARD, REPLY, flag_variants, respond
 from meshpilot.meshdns.config import MeshDnsConfig, read_resolv_conf, without_self
@@ -80,6 +82,7 @@ class MeshDns:
         self._tcp_hot: dict[bytes, tuple[bytes, bytes, bytes, bytes]] = {}
         self._udp: _Udp | None = None
         self._udp_transport: asyncio.DatagramTransport | None = None
+        self._batched: batch.BatchedUdp | None = None
         self._tcp_server: asyncio.Server | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._feed: asyncio.Task[None] | None = None
@@ -173,23 +176,49 @@ class MeshDns:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    async def _bind(self) -> None:
+    async def _bind_udp(self, host: str, port: int, family: int) -> int:
         loop = asyncio.get_running_loop()
+        if self.config.udp_batch and batch.available(family):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                sock.bind((host, port))
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+            self._batched = batch.BatchedUdp(sock, lambda: self._udp_hot,
+                                             lambda data, reply: self._miss(data, reply, tcp=False))
+            loop.add_reader(sock.fileno(), self._batched.on_readable)
+            return int(sock.getsockname()[1])
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: _Udp(self), local_addr=(host, port), family=family)
+        self._udp_transport, self._udp = transport, proto
+        return int(transport.get_extra_info("sockname")[1])
+
+    def _close_udp(self) -> None:
+        if self._udp_transport is not None:
+            self._udp_transport.close()
+            self._udp_transport = None
+        if self._batched is not None:
+            asyncio.get_running_loop().remove_reader(self._batched.fd)
+            self._batched.sock.close()
+            self._batched = None
+
+    async def _bind(self) -> None:
         host, port = self.config.host, self.config.port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for attempt in range(20):
-            transport, proto = await loop.create_datagram_endpoint(
-                lambda: _Udp(self), local_addr=(host, port), family=family)
-            bound = transport.get_extra_info("sockname")[1]
+            bound = await self._bind_udp(host, port, family)
             try:
                 self._tcp_server = await asyncio.start_server(self._tcp_client, host, bound, family=family,
                                                               reuse_address=True)
             except OSError:
-                transport.close()
+                self._close_udp()
                 if port or attempt == 19:
                     raise
                 continue
-            self._udp_transport, self._udp, self.port = transport, proto, bound
+            self.port = bound
             return
 
     async def __aenter__(self) -> MeshDns:
@@ -213,8 +242,7 @@ class MeshDns:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         # listeners first, then the tasks they fed
-        if self._udp_transport is not None:
-            self._udp_transport.close()
+        self._close_udp()
         if self._tcp_server is not None:
             self._tcp_server.close()
         if self._feed is not None:
@@ -227,7 +255,9 @@ class MeshDns:
 
     def metrics(self) -> dict[str, int]:
         out = dict(self.counters)
-        out["udp_hot_hits"] = self._udp.hits if self._udp else 0
+        out["udp_hot_hits"] = (self._udp.hits if self._udp else 0) + (self._batched.hits if self._batched else 0)
+        if self._batched is not None:
+            out["udp_send_drops"] = self._batched.send_drops
         out["table_services"] = len(self.table.services)
         out["ads_acks"], out["ads_nacks_total"] = self.ads.acks, self.ads.nacks
         return out
