@@ -105,6 +105,7 @@ def proxy_bootstrap(
         "http_filters": [*http_filters, _ROUTER],
     }
     return {
+        "node": {"id": "testbed", "cluster": "testbed"},  # file-based ECDS needs a node identity
         "admin": _admin(),
         "static_resources": {
             "listeners": [{
