@@ -1,0 +1,148 @@
+"""The Eureka-compatible REST API (default port 8761, under ``/eureka``): register, renew, status
+override, metadata, cancel, full and delta fetch, by app, instance and VIP; JSON or XML both ways.
+
+Handlers only convert between HTTP and ``EurekaFront``. The answer is JSON when the client accepts
+JSON (Spring's and Eureka's own clients ask for it), XML otherwise or when it asks for XML. Write
+errors answer Eureka's status codes (400, 404) with a plain-text reason. When a token is configured,
+writes need ``Authorization: Bearer <token>`` (or the token as HTTP Basic password).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from meshpilot.eureka.codec import STATUSES, EurekaError, from_xml, parse_instance, to_xml
+from meshpilot.eureka.front import EurekaFront
+
+__all__ = ["build_eureka_app"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _wants_xml(request: web.Request) -> bool:
+    accept = request.headers.get("Accept", "").lower()
+    if "json" in accept:
+        return False
+    return "xml" in accept
+
+
+def _authorized(request: web.Request, token: str) -> bool:
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return hmac.compare_digest(auth[7:].strip().encode(), token.encode())
+    if auth.lower().startswith("basic "):
+        try:
+            _user, _, password = base64.b64decode(auth[6:].strip()).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return hmac.compare_digest(password.encode(), token.encode())
+    return False
+
+
+def build_eureka_app(front: EurekaFront, token: str | None = None) -> web.Application:
+    def render(request: web.Request, root: str, value: Any, status: int = 200) -> web.Response:
+        if _wants_xml(request):
+            body = '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>' + to_xml(root, value)
+            return web.Response(status=status, body=body.encode(), content_type="application/xml")
+        return web.Response(status=status, body=json.dumps({root: value}, separators=(",", ":")).encode(), content_type="application/json")
+
+    @web.middleware
+    async def eureka_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            if token and request.method not in ("GET", "HEAD") and not _authorized(request, token):
+                raise EurekaError(401, "a valid token is required for writes")
+            return await handler(request)
+        except EurekaError as exc:
+            return web.Response(status=exc.status, text=exc.message + "\n", content_type="text/plain")
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return web.Response(status=exc.status, text=(exc.reason or "error") + "\n", content_type="text/plain")
+            raise
+
+    async def register(request: web.Request) -> web.Response:
+        app = request.match_info["app"]
+        raw = await request.read()
+        ctype = request.headers.get("Content-Type", "").lower()
+        if not raw.strip():
+            raise EurekaError(400, "instance: a body is required")
+        if "xml" in ctype or raw.lstrip().startswith(b"<"):
+            tag, doc = from_xml(raw)
+            if tag != "instance":
+                raise EurekaError(400, f"expected an <instance> document, got <{tag}>")
+        else:
+            try:
+                doc = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise EurekaError(400, f"malformed JSON: {exc}") from None
+        info = parse_instance(doc, app)
+        front.register(info)
+        return web.Response(status=204)
+
+    async def renew(request: web.Request) -> web.Response:
+        view = front.renew(request.match_info["app"], request.match_info["id"])
+        return render(request, "instance", view)
+
+    async def cancel(request: web.Request) -> web.Response:
+        front.cancel(request.match_info["app"], request.match_info["id"])
+        return web.Response(status=200)
+
+    async def status_override(request: web.Request) -> web.Response:
+        value = request.query.get("value", "").upper()
+        if value not in STATUSES:
+            raise EurekaError(400, f"value: {value!r} is not one of {', '.join(STATUSES)}")
+        front.set_status(request.match_info["app"], request.match_info["id"], value)
+        return web.Response(status=200)
+
+    async def clear_override(request: web.Request) -> web.Response:
+        value = request.query.get("value", "").upper()
+        if value and value not in STATUSES:
+            raise EurekaError(400, f"value: {value!r} is not one of {', '.join(STATUSES)}")
+        front.set_status(request.match_info["app"], request.match_info["id"], None, value if value and value != "UNKNOWN" else None)
+        return web.Response(status=200)
+
+    async def metadata(request: web.Request) -> web.Response:
+        front.set_metadata(request.match_info["app"], request.match_info["id"], dict(request.query))
+        return web.Response(status=200)
+
+    async def apps(request: web.Request) -> web.Response:
+        return render(request, "applications", front.applications())
+
+    async def delta(request: web.Request) -> web.Response:
+        return render(request, "applications", front.deltas())
+
+    async def one_app(request: web.Request) -> web.Response:
+        return render(request, "application", front.application(request.match_info["app"]))
+
+    async def one_instance(request: web.Request) -> web.Response:
+        return render(request, "instance", front.instance(request.match_info["app"], request.match_info["id"]))
+
+    async def instance_by_id(request: web.Request) -> web.Response:
+        return render(request, "instance", front.instance(None, request.match_info["id"]))
+
+    async def vip(request: web.Request) -> web.Response:
+        return render(request, "applications", front.applications(vip=request.match_info["vip"]))
+
+    app = web.Application(middlewares=[eureka_errors], client_max_size=1024 * 1024)
+    r = app.router
+    for base in ("/eureka", "/eureka/v2"):
+        r.add_get(f"{base}/apps", apps)
+        r.add_get(f"{base}/apps/", apps)
+        r.add_get(f"{base}/apps/delta", delta)
+        r.add_get(f"{base}/apps/{{app}}", one_app)
+        r.add_post(f"{base}/apps/{{app}}", register)
+        r.add_get(f"{base}/apps/{{app}}/{{id}}", one_instance)
+        r.add_put(f"{base}/apps/{{app}}/{{id}}", renew)
+        r.add_delete(f"{base}/apps/{{app}}/{{id}}", cancel)
+        r.add_put(f"{base}/apps/{{app}}/{{id}}/status", status_override)
+        r.add_delete(f"{base}/apps/{{app}}/{{id}}/status", clear_override)
+        r.add_put(f"{base}/apps/{{app}}/{{id}}/metadata", metadata)
+        r.add_get(f"{base}/instances/{{id}}", instance_by_id)
+        r.add_get(f"{base}/vips/{{vip}}", vip)
+        r.add_get(f"{base}/svips/{{vip}}", vip)
+    return app
