@@ -1,0 +1,163 @@
+"""translate/ with routing overlays: weighted subset routes, matches, overrides and faults, subset
+clusters and assignments, proxyless route shapes; Envoy itself validates what is built."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from google.protobuf import json_format
+
+from meshpilot.model import Check, Instance, Service
+from meshpilot.proxyless.resources import build_api_listener, build_proxyless_routes
+from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
+from meshpilot.translate.clusters import build_cluster, subset_cluster_name
+from meshpilot.translate.endpoints import build_endpoints
+from meshpilot.translate.listeners import build_outbound_listener
+from meshpilot.translate.node import NodeInfo
+from meshpilot.translate.routes import FAULT_FILTER, Fault, HeaderMatch, RouteRule, ServiceRouting, Subset, build_outbound_routes
+from tests.support import ENVOY, tmpdir
+
+WEB = Service(name="web", ports=[{"name": "http", "port": 80}, {"name": "grpc", "port": 9000, "protocol": "grpc"}], vip="240.240.0.9")
+SUBSETS = (Subset("v1", (("version", "v1"),)), Subset("v2", (("version", "v2"),)))
+SPLIT = RouteRule("split/route-0", (("v1", 90), ("v2", 10)))
+
+
+def routing(*rules: RouteRule, ports: frozenset[str] | None = None) -> ServiceRouting:
+    return ServiceRouting(subsets=SUBSETS, rules=rules or (SPLIT,), ports=ports)
+
+
+def vhost(cfg: object, name: str) -> object:
+    for vh in cfg.virtual_hosts:  # type: ignore[attr-defined]
+        if vh.name == name:
+            return vh
+    raise AssertionError(f"expected a virtual host {name!r}")
+
+
+def test_no_overlay_keeps_one_route_to_the_service() -> None:
+    cfg = build_outbound_routes([WEB], "mesh")
+    vh = vhost(cfg, "web.default:80")
+    assert [r.route.cluster for r in vh.routes] == ["outbound|80||web.default.svc.mesh"], f"expected one route to the service, got {vh.routes}"
+
+
+def test_weighted_split_between_subset_clusters() -> None:
+    vh = vhost(build_outbound_routes([WEB], "mesh", {WEB.key: routing()}), "web.default:80")
+    assert len(vh.routes) == 1, f"expected the catch-all rule alone (no default after it), got {len(vh.routes)} routes"
+    got = [(c.name, c.weight.value) for c in vh.routes[0].route.weighted_clusters.clusters]
+    want = [("outbound|80|v1|web.default.svc.mesh", 90), ("outbound|80|v2|web.default.svc.mesh", 10)]
+    assert got == want, f"expected {want}, got {got}"
+
+
+def test_matches_overrides_and_fault_then_default() -> None:
+    rule = RouteRule(
+        "p/beta",
+        (("v2", 1),),
+        path_prefix="/api",
+        headers=(HeaderMatch("x-user", exact="beta"), HeaderMatch("x-debug", present=False)),
+        timeout_ms=250,
+        retries=3,
+        retry_on="5xx",
+        fault=Fault(delay_percent=12.5, delay_ms=100, abort_percent=1, abort_http_status=418),
+    )
+    vh = vhost(build_outbound_routes([WEB], "mesh", {WEB.key: routing(rule)}), "web.default:80")
+    first, default = vh.routes
+    assert first.match.prefix == "/api" and [h.name for h in first.match.headers] == ["x-user", "x-debug"], f"expected the match, got {first.match}"
+    assert first.match.headers[1].invert_match, "expected present=False to become an inverted presence match"
+    assert first.route.cluster == "outbound|80|v2|web.default.svc.mesh", f"expected a single-destination route to name its cluster, got {first.route}"
+    assert first.route.timeout.ToMilliseconds() == 250 and first.route.retry_policy.num_retries.value == 3, f"expected overrides, got {first.route}"
+    fault = fault_pb2.HTTPFault()
+    first.typed_per_filter_config[FAULT_FILTER].Unpack(fault)
+    assert fault.delay.percentage.numerator == 125_000 and fault.abort.http_status == 418, f"expected 12.5% delay and 418 aborts, got {fault}"
+    assert default.route.cluster == "outbound|80||web.default.svc.mesh", f"expected a default route to the whole service last, got {default}"
+
+
+def test_overlay_limited_to_a_port() -> None:
+    cfg = build_outbound_routes([WEB], "mesh", {WEB.key: routing(ports=frozenset({"grpc"}))})
+    assert vhost(cfg, "web.default:80").routes[0].route.cluster == "outbound|80||web.default.svc.mesh", "expected port http untouched"
+    assert vhost(cfg, "web.default:9000").routes[0].route.HasField("weighted_clusters"), "expected port grpc split"
+
+
+def test_proxyless_routes_carry_deadline_and_grpc_retry_conditions() -> None:
+    port = WEB.port("grpc")
+    assert port is not None
+    cfg = build_proxyless_routes(WEB, port, "mesh", routing(RouteRule("r", (("v1", 1),), timeout_ms=1500, retries=2, retry_on="reset,5xx,internal")))
+    action = cfg.virtual_hosts[0].routes[0].route
+    assert action.max_stream_duration.max_stream_duration.ToMilliseconds() == 1500, f"expected a 1.5 s max_stream_duration, got {action.max_stream_duration}"
+    assert action.retry_policy.retry_on == "internal,unavailable", f"expected gRPC status conditions, got {action.retry_policy.retry_on!r}"
+    none = build_proxyless_routes(WEB, port, "mesh", routing(RouteRule("r", (("v1", 1),), retries=2, retry_on="retriable-headers")))
+    assert not none.virtual_hosts[0].routes[0].route.HasField("retry_policy"), "expected no retry policy when no condition means anything to gRPC"
+
+
+def _instance(i: str, version: str, zone: str = "") -> Instance:
+    return Instance(id=i, service="web", address="127.0.0.1", ports={"http": 8000, "grpc": 9000}, zone=zone, labels={"version": version}, checks=[Check(id="c", owner="t", status="passing")], ever_passed=True)
+
+
+def test_subset_assignment_selects_by_label_and_always_has_locality() -> None:
+    port = WEB.port("http")
+    assert port is not None
+    insts = [_instance("a", "v1"), _instance("b", "v2", "z1"), _instance("c", "v2")]
+    cla = build_endpoints(WEB, port, insts, "mesh", ("v2", {"version": "v2"}))
+    assert cla.cluster_name == subset_cluster_name(WEB, port, "v2", "mesh"), f"expected the subset's name, got {cla.cluster_name}"
+    ids = sorted(ep.metadata.filter_metadata["meshpilot"]["instance"] for loc in cla.endpoints for ep in loc.lb_endpoints)
+    assert ids == ["b", "c"], f"expected the v2 instances b and c, got {ids}"
+    assert all(loc.HasField("locality") and loc.load_balancing_weight.value > 0 for loc in cla.endpoints), "expected locality and weight on every locality entry"
+
+
+@pytest.mark.parametrize("policy", ["least_request", "random", "round_robin"])
+def test_cluster_lb_shapes(policy: str) -> None:
+    svc = WEB.model_copy(update={"traffic": WEB.traffic.model_copy(update={"lb_policy": policy})})
+    port = svc.port("grpc")
+    assert port is not None
+    c = build_cluster(svc, port, "mesh", "v1")
+    assert c.name == "outbound|9000|v1|web.default.svc.mesh", f"expected the subset cluster name, got {c.name}"
+    if policy == "round_robin":
+        assert c.lb_policy == cluster_pb2.Cluster.ROUND_ROBIN and not c.HasField("load_balancing_policy"), "expected the classic enum"
+    else:
+        names = [p.typed_extension_config.name for p in c.load_balancing_policy.policies]
+        assert names == [f"envoy.load_balancing_policies.{policy}", "envoy.load_balancing_policies.wrr_locality"], f"expected {policy} then a gRPC fallback, got {names}"
+
+
+def _validate(config: dict[str, object], workdir: Path) -> subprocess.CompletedProcess[str]:
+    path = workdir / "config.json"
+    path.write_text(json.dumps(config))
+    return subprocess.run([ENVOY, "--mode", "validate", "-c", str(path), "--use-dynamic-base-id"], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.e2e
+def test_envoy_accepts_the_built_resources() -> None:
+    from meshpilot.policy.plugin import fault_filter
+
+    rule = RouteRule("p/r", (("v1", 3), ("v2", 1)), path_exact="/x", headers=(HeaderMatch("x-a", regex="b.*"), HeaderMatch("x-c", prefix="d")), fault=Fault(abort_percent=50, abort_grpc_status=14))
+    overlay = {WEB.key: routing(rule, SPLIT)}
+    node = NodeInfo(id="n", service="caller", outbound_port=15001)
+    listener = build_outbound_listener(node, [fault_filter()])
+    # serve the routes inline instead of over RDS, so validation covers them
+    manager_any = listener.filter_chains[0].filters[0].typed_config
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+
+    manager = hcm.HttpConnectionManager()
+    manager_any.Unpack(manager)
+    manager.ClearField("rds")
+    manager.route_config.CopyFrom(build_outbound_routes([WEB], "mesh", overlay))
+    manager_any.Pack(manager)
+    clusters = [build_cluster(WEB, p, "mesh", s) for p in WEB.ports for s in ("", "v1", "v2")]
+    boot = build_bootstrap(BootstrapOptions(node_id="n", admin_port=0))
+    boot["static_resources"]["clusters"] += [json_format.MessageToDict(c) for c in clusters]
+    boot["static_resources"]["listeners"] = [json_format.MessageToDict(listener)]
+    proc = _validate(boot, tmpdir("meshpilot-validate-"))
+    assert proc.returncode == 0, f"expected envoy --mode validate to accept the config, got exit {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+
+
+def test_api_listener_shape() -> None:
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+
+    listener = build_api_listener("web:9000", "proxyless|web.default:9000")
+    manager = hcm.HttpConnectionManager()
+    listener.api_listener.api_listener.Unpack(manager)
+    assert listener.name == "web:9000" and not listener.HasField("address"), "expected an address-less listener named as the target"
+    assert manager.rds.route_config_name == "proxyless|web.default:9000" and manager.rds.config_source.HasField("ads"), f"expected RDS over ADS, got {manager.rds}"
+    assert [f.name for f in manager.http_filters][-1] == "envoy.filters.http.router", "expected the router filter last"
