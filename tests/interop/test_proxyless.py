@@ -243,3 +243,23 @@ def test_grpc_js_xds_follows_weight_change(mesh: Mesh, node_modules: Path) -> No
     cmd = [node, str(HERE / "client.js"), str(HERE / "echo.proto"), f"echo:{SERVICE_PORT}", "120"]
     with client(cmd, mesh.bootstrap("grpc-js-client"), mesh.workdir, "grpc-js", {"NODE_XDS_MODULES": str(node_modules)}) as log:
         _follow_weight_change(mesh, log, "grpc-js-xds")
+
+
+def test_grpcio_fault_injection_and_route_timeout(mesh: Mesh, echo_gen: Path) -> None:
+    base = {"service": "echo", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}
+    abort = {**base, "routes": [{"destinations": [{"subset": "v1"}], "fault": {"abort": {"percent": 50, "grpc_status": 8}}}]}
+    mesh.call("PUT", "/v1/policies/RoutingPolicy/default/echo-faults", abort)
+    cmd = [sys.executable, str(HERE / "client.py"), str(echo_gen), f"echo:{SERVICE_PORT}", "120"]
+    with client(cmd, mesh.bootstrap("grpcio-faults"), mesh.workdir, "grpcio-faults") as log:
+        first = wait_until(lambda: next((ts for ts, o in list(log.calls) if o == "v1"), None), 30, what="a first call answered by v1")
+        wait_until(lambda: log.count_since(first) >= 400 or log.proc.poll() is not None, 60, what="400 calls")
+        share = _share(log.since(first)[:400])
+        assert abs(share.get("error:RESOURCE_EXHAUSTED", 0) - 50) <= 10 and abs(share.get("v1", 0) - 50) <= 10, (
+            f"expected about half the calls aborted with RESOURCE_EXHAUSTED and half on v1 (±10), got {share}"
+        )
+        slow = {**base, "routes": [{"destinations": [{"subset": "v1"}], "timeout_ms": 200, "fault": {"delay": {"percent": 100, "fixed_delay_ms": 1000}}}]}
+        changed_at = time.time()
+        mesh.call("PUT", "/v1/policies/RoutingPolicy/default/echo-faults", slow)
+        wait_until(lambda: log.count_since(changed_at + FOLLOW_S) >= 5 or log.proc.poll() is not None, 30, what="5 calls after the change")
+        outcomes = log.since(changed_at + FOLLOW_S)[:5]
+        assert outcomes == ["error:DEADLINE_EXCEEDED"] * 5, f"expected a 1 s injected delay to hit the 200 ms route timeout on every call, got {outcomes}"
