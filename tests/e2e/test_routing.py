@@ -207,3 +207,34 @@ def test_sidecar_never_gets_proxyless_listeners(sidecar: Sidecar) -> None:
     dump = sidecar.proxy.config_dump("dynamic_listeners")
     names = sorted(c.get("name", "") for c in dump.get("configs", []))
     assert names == ["outbound"], f"expected only the sidecar's own listener in its LDS, got {names}"
+
+
+def test_policy_cli_apply_list_get_delete() -> None:
+    import subprocess
+
+    from tests.support import VENV_BIN
+
+    workdir = tmpdir("meshpilot-policy-cli-")
+    spec = workdir / "policies.yaml"
+    spec.write_text(
+        "kind: RoutingPolicy\nname: a\nservice: web\nsubsets: [{name: v1, labels: {version: v1}}]\n"
+        "routes: [{destinations: [{subset: v1}]}]\n---\n"
+        "kind: routing\nname: b\nnamespace: shop\nservice: cart\nroutes: [{destinations: [{}], timeout_ms: 500}]\n"
+    )
+    with control_plane(workdir) as cp:
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([str(VENV_BIN / "meshpilot"), "policy", *args, "--api", cp.api], capture_output=True, text=True, timeout=30)
+
+        done = cli("apply", "-f", str(spec))
+        assert done.returncode == 0, f"expected apply to succeed, got {done.returncode}: {done.stderr}"
+        listed = json.loads(cli("list", "RoutingPolicy").stdout)
+        assert sorted((p["namespace"], p["name"]) for p in listed) == [("default", "a"), ("shop", "b")], f"expected both policies listed, got {listed}"
+        got = json.loads(cli("get", "RoutingPolicy", "b", "-n", "shop").stdout)
+        assert got["routes"][0]["timeout_ms"] == 500, f"expected policy b with its timeout, got {got}"
+        bad = workdir / "bad.yaml"
+        bad.write_text("kind: RoutingPolicy\nname: c\nservice: web\nroutes: [{destinations: [{subset: v9}]}]\n")
+        done = cli("apply", "-f", str(bad))
+        assert done.returncode != 0 and "routes.0.destinations.0.subset" in done.stderr, f"expected a field error for the bad subset, got {done.returncode}: {done.stderr}"
+        assert cli("delete", "RoutingPolicy", "a").returncode == 0, "expected delete to succeed"
+        left = json.loads(cli("list").stdout)
+        assert [p["name"] for p in left] == ["b"], f"expected only b left, got {left}"
