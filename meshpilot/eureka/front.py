@@ -118,7 +118,8 @@ class EurekaFront:
             metadata["tags"] = ",".join(tags)
         r = self.regs.get(inst.id)
         if r is not None:
-            status, override = r["status"], r.get("override") or "UNKNOWN"
+            # as in Eureka, an override replaces the status clients see (and filter on)
+            status, override = r.get("override") or r["status"], r.get("override") or "UNKNOWN"
             instance_id, host = r["instance_id"], r["host_name"]
             extra = r.get("urls", {})
             dirty = str(r.get("dirty_ms", 0))
