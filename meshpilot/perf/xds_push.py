@@ -176,6 +176,7 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
         t = time.monotonic()
         await _seed(api, args.services, args.endpoints)
         seed_s = time.monotonic() - t
+        rss_seeded = ps.memory_info().rss
 
         clients = [_Client(i, delta) for i in range(args.clients)]
         opts = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
@@ -235,6 +236,8 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
                 "from_last_write": _percentiles([max(0.0, b - (t_last - t0)) for b in burst]),
                 "cpu_seconds": round(burst_cpu, 3),
             },
+            "rss_before_clients_mb": round(rss_seeded / 2**20, 1),
+            "rss_end_mb": round(ps.memory_info().rss / 2**20, 1),
             "peak_rss_mb": round(_peak_rss(proc.pid) / 2**20, 1),
             "stream_errors": errors,
         }

@@ -120,6 +120,15 @@ class ResourceCache:
         shared = scopes.get("")
         return shared.get(name) if shared else None
 
+    _EMPTY: dict[str, Entry] = {}
+
+    def scopes(self, type_url: str, node_id: str = "") -> tuple[dict[str, Entry], dict[str, Entry]]:
+        """The node's own entries and the shared ones of a type (read-only views for hot loops)."""
+        scopes = self._data.get(type_url)
+        if not scopes:
+            return self._EMPTY, self._EMPTY
+        return (scopes.get(node_id, self._EMPTY) if node_id else self._EMPTY), scopes.get("", self._EMPTY)
+
     def wildcard_names(self, type_url: str, node_id: str = "") -> set[str]:
         scopes = self._data.get(type_url, {})
         names = {n for n, e in scopes.get("", {}).items() if e.wildcard}

@@ -476,6 +476,24 @@ def install(cp: ControlPlane) -> None:
     s = cp.settings
     server = HdsServer(cp.registry, s.hds_interval_s, s.hds_critical_after_s, s.hds_remove_after_s)
     cp.registry.subscribe(server.on_change)
+
+    def sidecar_addresses() -> frozenset[str]:
+        return frozenset(i.address for i in cp.registry.instances() if i.source == SOURCE)
+
+    cp.trusted_peers = sidecar_addresses()
+
+    def on_instance(change: Change) -> None:
+        if change.kind != "instance":
+            return
+        inst = cp.registry.instance(change.key)
+        if inst is not None and inst.source == SOURCE and inst.address in (cp.trusted_peers or ()):
+            return  # the common case: a known sidecar address
+        peers = sidecar_addresses()
+        if peers != cp.trusted_peers:
+            cp.trusted_peers = peers
+            cp.refresh_nodes()
+
+    cp.registry.subscribe(on_instance)
     cp.add_grpc_handler(server.handler())
 
     async def sweeps() -> None:

@@ -64,6 +64,8 @@ class XdsServer:
         self.streams: dict[int, StreamHandle] = {}
         self._ids = itertools.count(1)
         self._node_streams: dict[str, int] = {}
+        self._changes: dict[tuple[str, str], tuple[set[str], float]] = {}
+        self._dispatch_scheduled = False
         cache.watch(self._on_change)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -84,6 +86,31 @@ class XdsServer:
         )
 
     def _on_change(self, type_url: str, scope: str, names: frozenset[str], stamp: float) -> None:
+        """Collect cache changes and tell the streams once the current rebuild is done, so a
+        rebuild that touches many services costs one notification per stream, not one each."""
+        key = (type_url, scope)
+        pending = self._changes.get(key)
+        if pending is None:
+            self._changes[key] = (set(names), stamp)
+        else:
+            pending[0].update(names)
+        if self._dispatch_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._dispatch()
+            return
+        self._dispatch_scheduled = True
+        loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
+        changes, self._changes = self._changes, {}
+        for (type_url, scope), (names, stamp) in changes.items():
+            self._notify(type_url, scope, frozenset(names), stamp)
+
+    def _notify(self, type_url: str, scope: str, names: frozenset[str], stamp: float) -> None:
         if scope:
             for h in self.streams.values():
                 if h.machine.node_id == scope and h.machine.notify(type_url, scope, names, stamp):

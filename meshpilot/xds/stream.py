@@ -65,16 +65,52 @@ class _TypeState:
     dirty: set[str] = field(default_factory=set)
     forced_names: set[str] = field(default_factory=set)
     full: bool = False
-    nonce_versions: dict[str, dict[str, str]] = field(default_factory=dict)
-    acked: dict[str, str] = field(default_factory=dict)
+    names_frozen: frozenset[str] = frozenset()
+    # delta: names carried by responses not ACKed yet (transient), names whose sent version was NACKed
+    unacked: dict[str, frozenset[str]] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    sent_rev: int = 0
+    _digest: tuple[int, str] = (-1, "")
+
+    def acked_resource(self, name: str) -> str | None:
+        """The version of ``name`` the client has ACKed (delta), or None if it has not."""
+        version = self.sent.get(name)
+        if version is None or self.rejected.get(name) == version:
+            return None
+        for names in self.unacked.values():
+            if name in names:
+                return None
+        return version
+
+    @property
+    def acked(self) -> _AckedView:
+        return _AckedView(self)
 
     def acked_digest(self) -> str:
-        if self.acked_version or not self.acked:
+        """sotw: the ACKed version; delta: a digest of the resource versions the client holds."""
+        if self.acked_version or not self.sent:
             return self.acked_version
-        h = hashlib.blake2b(digest_size=8)
-        for name in sorted(self.acked):
-            h.update(name.encode() + b"=" + self.acked[name].encode() + b";")
-        return h.hexdigest()
+        if self.unacked:
+            return "pending"
+        if self._digest[0] != self.sent_rev:
+            h = hashlib.blake2b(digest_size=8)
+            for name in sorted(self.sent):
+                h.update(name.encode() + b"=" + self.sent[name].encode() + b";")
+            self._digest = (self.sent_rev, h.hexdigest())
+        return self._digest[1]
+
+
+class _AckedView:
+    """``ts.acked.get(name)``: the ACKed version of one resource, computed on demand."""
+
+    __slots__ = ("_ts",)
+
+    def __init__(self, ts: _TypeState) -> None:
+        self._ts = ts
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        v = self._ts.acked_resource(name)
+        return default if v is None else v
 
 
 class _Stream:
@@ -113,7 +149,7 @@ class _Stream:
                 t: ("*" if ts.wildcard else sorted(ts.names)) if ts.wildcard or len(ts.names) <= 20 else f"{len(ts.names)} names"
                 for t, ts in self.types.items()
             },
-            "acked": {t: ts.acked_digest() for t, ts in self.types.items() if ts.acked_version or ts.acked},
+            "acked": {t: ts.acked_digest() for t, ts in self.types.items() if ts.acked_version or ts.sent},
             "sent": {t: ts.sent_version for t, ts in self.types.items() if ts.sent_version},
             "last_nack": self.last_nack.as_dict() if self.last_nack else None,
             "nacks": self.nacks,
@@ -126,7 +162,16 @@ class _Stream:
 
 
 class SotwStream(_Stream):
+    """State of the world. Listeners and clusters are always sent whole (absence means removal);
+    other types (endpoints, routes, ...) are sent incrementally: the first response and new
+    subscriptions get every subscribed resource, later ones only those that changed, which the
+    protocol allows and which keeps an endpoint change from resending every endpoint."""
+
     kind = "GRPC"
+
+    def __init__(self, cache: ResourceCache, node_id: str = "") -> None:
+        super().__init__(cache, node_id)
+        self.recent_clusters: set[str] = set()
 
     def receive(self, req: discovery_pb2.DiscoveryRequest, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -138,12 +183,16 @@ class SotwStream(_Stream):
         wildcard = (not names and type_url in _WILDCARD_BY_DEFAULT and (ts.requests == 0 or ts.wildcard)) or "*" in names
         names.discard("*")
         changed = wildcard != ts.wildcard or names != ts.names
-        ts.wildcard, ts.names = wildcard, names
+        if changed:
+            ts.dirty |= names - ts.names
+            if wildcard and not ts.wildcard:
+                ts.full = True
+            ts.wildcard, ts.names, ts.names_frozen = wildcard, names, frozenset(names)
         first = ts.requests == 0
         ts.requests += 1
         nonce = req.response_nonce
         if first or not ts.sent_nonce:
-            ts.forced = True
+            ts.forced = ts.full = True
             self._mark(ts, now)
             return
         if nonce != ts.sent_nonce:  # stale: answered by a response already on its way
@@ -154,6 +203,11 @@ class SotwStream(_Stream):
         if nonce == ts.answered_nonce:
             # the same nonce again: Envoy re-requests (e.g. endpoints of a re-created cluster)
             ts.forced = True
+            if type_url == TYPE.ENDPOINT and self.recent_clusters:
+                ts.dirty |= self.recent_clusters & ts.names
+                self.recent_clusters = set()
+            else:
+                ts.full = True
             self._mark(ts, now)
             return
         ts.answered_nonce = nonce
@@ -173,10 +227,15 @@ class SotwStream(_Stream):
         ts = self.types.get(type_url)
         if ts is None or ts.requests == 0:
             return False
-        if ts.wildcard or not ts.names.isdisjoint(names):
-            self._mark(ts, stamp)
-            return True
-        return False
+        if ts.wildcard:
+            ts.dirty |= names
+        else:
+            hit = names & ts.names if len(names) < len(ts.names) else ts.names & names
+            if not hit:
+                return False
+            ts.dirty |= hit
+        self._mark(ts, stamp)
+        return True
 
     def responses(self, now: float | None = None) -> list[tuple[str, bytes]]:
         out = []
@@ -184,9 +243,29 @@ class SotwStream(_Stream):
             ts = self.types[type_url]
             ts.pending = False
             forced, ts.forced = ts.forced, False
-            version, body = self.cache.sotw_body(type_url, self.node_id, None if ts.wildcard else frozenset(ts.names))
-            if not forced and version == ts.sent_version:  # also: a NACKed version is not resent
-                continue
+            if type_url in _WILDCARD_BY_DEFAULT:
+                version, body = self.cache.sotw_body(type_url, self.node_id, None if ts.wildcard else ts.names_frozen)
+                if not forced and version == ts.sent_version:  # also: a NACKed version is not resent
+                    ts.dirty = set()
+                    continue
+                if type_url == TYPE.CLUSTER:
+                    self.recent_clusters = ts.dirty
+                ts.dirty = set()
+            else:
+                if ts.full:
+                    names = self.cache.wildcard_names(type_url, self.node_id) | ts.names if ts.wildcard else ts.names
+                    ts.full = False
+                else:
+                    names = ts.dirty
+                ts.dirty = set()
+                entries = [e for e in (self.cache.get(type_url, n, self.node_id) for n in sorted(names)) if e is not None]
+                if not entries:
+                    continue
+                h = hashlib.blake2b(digest_size=8)
+                for e in entries:
+                    h.update(e.name.encode() + b"=" + e.version.encode() + b";")
+                version = h.hexdigest()
+                body = b"".join(e.sotw_field for e in entries)
             nonce = self._nonce()
             msg = string_field(1, version) + body + string_field(4, type_url) + string_field(5, nonce)
             ts.sent_nonce, ts.sent_version = nonce, version
@@ -209,11 +288,16 @@ class DeltaStream(_Stream):
         ts.requests += 1
         nonce = req.response_nonce
         if nonce:
-            sent_versions = ts.nonce_versions.pop(nonce, None)
+            carried = ts.unacked.pop(nonce, None)
             if req.HasField("error_detail"):
-                self._record_nack(type_url, nonce, ",".join(sorted(sent_versions or {}))[:200], req.error_detail.message)
-            elif sent_versions is not None:
-                ts.acked.update(sent_versions)
+                rejected = sorted(carried or ())
+                for n in rejected:
+                    if n in ts.sent:
+                        ts.rejected[n] = ts.sent[n]
+                self._record_nack(type_url, nonce, ",".join(rejected)[:200], req.error_detail.message)
+            elif carried:
+                for n in carried:
+                    ts.rejected.pop(n, None)
         touched = False
         if first:
             ts.sent.update(req.initial_resource_versions)
@@ -261,14 +345,6 @@ class DeltaStream(_Stream):
         self._mark(ts, stamp)
         return True
 
-    def _subscribed(self, ts: _TypeState, name: str, type_url: str) -> bool:
-        if name in ts.names:
-            return True
-        if ts.wildcard:
-            e = self.cache.get(type_url, name, self.node_id)
-            return e is not None and e.wildcard
-        return False
-
     def responses(self, now: float | None = None) -> list[tuple[str, bytes]]:
         out = []
         queue = self._pending_types()
@@ -288,16 +364,19 @@ class DeltaStream(_Stream):
             fields: list[bytes] = []
             removed: list[str] = []
             versions: dict[str, str] = {}
+            own, shared = self.cache.scopes(type_url, self.node_id)
+            sent, subscribed, wildcard = ts.sent, ts.names, ts.wildcard
             for name in sorted(candidates):
-                entry = self.cache.get(type_url, name, self.node_id)
-                if entry is not None and self._subscribed(ts, name, type_url):
-                    if ts.sent.get(name) != entry.version or name in forced:
+                entry = own.get(name) or shared.get(name) if own else shared.get(name)
+                if entry is not None and (name in subscribed or (wildcard and entry.wildcard)):
+                    if sent.get(name) != entry.version or name in forced:
                         fields.append(entry.delta_field)
                         ts.sent[name] = entry.version
                         versions[name] = entry.version
                 elif name in ts.sent:
                     del ts.sent[name]
-                    ts.acked.pop(name, None)
+                    ts.sent_rev += 1
+                    ts.rejected.pop(name, None)
                     if entry is None or name in ts.names or ts.wildcard:
                         removed.append(name)
                 elif name in forced and entry is None:
@@ -308,9 +387,10 @@ class DeltaStream(_Stream):
             msg = b"".join(fields) + string_field(4, type_url) + string_field(5, nonce) + strings_field(6, removed)
             ts.sent_nonce = nonce
             ts.sent_version = nonce
-            ts.nonce_versions[nonce] = versions
-            if len(ts.nonce_versions) > 64:
-                ts.nonce_versions.pop(next(iter(ts.nonce_versions)))
+            ts.sent_rev += 1
+            ts.unacked[nonce] = frozenset(versions) | frozenset(removed)
+            if len(ts.unacked) > 64:  # a client that never ACKs must not grow this
+                ts.unacked.pop(next(iter(ts.unacked)))
             out.append((type_url, msg))
             self.pushes += 1
             self.latencies.append((time.monotonic() if now is None else now) - ts.pending_since)

@@ -267,3 +267,40 @@ def test_sotw_client_view_converges_to_cache(steps: list[tuple[str, str, int]]) 
             client = _names(last)
             accepted.append(last.version_info)
     assert client == cache.names(C)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops, st.lists(names, min_size=1, max_size=4, unique=True))
+def test_sotw_endpoints_are_incremental_and_converge(steps: list[tuple[str, str, int]], subscribed: list[str]) -> None:
+    """Endpoint responses carry only changes, yet the client ends up with every subscribed resource."""
+    cache = ResourceCache()
+    s = SotwStream(cache, "n1")
+    _wire(cache, s)
+    s.receive(discovery_pb2.DiscoveryRequest(type_url=E, resource_names=subscribed))
+    client: dict[str, bytes] = {}
+    last: discovery_pb2.DiscoveryResponse | None = None
+    for op, name, val in steps:
+        if op == "put":
+            cache.put(E, {name: _cla(name, val)})
+        elif op == "remove":
+            cache.remove(E, [name])
+        elif op in ("ack", "nack") and last is not None:
+            req = discovery_pb2.DiscoveryRequest(type_url=E, resource_names=subscribed, response_nonce=last.nonce, version_info=last.version_info)
+            if op == "nack":
+                req.error_detail.message = "no"
+            s.receive(req)
+        elif op == "junk":
+            s.receive(discovery_pb2.DiscoveryRequest(type_url=E, resource_names=subscribed, response_nonce=name))
+        for _, raw in s.responses():
+            last = _sotw_decode(raw)
+            assert len(last.resources) <= len(subscribed)
+            for a in last.resources:
+                m = endpoint_pb2.ClusterLoadAssignment()
+                a.Unpack(m)
+                assert m.cluster_name in subscribed, f"sent unsubscribed {m.cluster_name}"
+                client[m.cluster_name] = a.value
+    for n in subscribed:
+        e = cache.get(E, n)
+        if e is not None:
+            assert n in client, f"{n}: never sent"
+            assert e.any_bytes.endswith(client[n]), f"{n}: the client holds a stale version"
