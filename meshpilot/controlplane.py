@@ -84,6 +84,9 @@ class ControlPlane:
         self._shared_builders: list[Callable[[set[str]], None]] = []
         self._routing_sources: list[RoutingSource] = []
         self._tasks: list[Callable[[], Any]] = []
+        # addresses of registered sidecars, kept by the HDS plugin; inbound listeners keep
+        # x-mesh-caller only from these (None: from everyone)
+        self.trusted_peers: frozenset[str] | None = None
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
         self.ready = asyncio.Event()
@@ -209,7 +212,7 @@ class ControlPlane:
             self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: build_outbound_routes(reg.services(), domain, self._routing_map())})
         if dirty.services:
             for node in list(self.nodes.values()):
-                if node.service_key in dirty.services:
+                if node.service_key in dirty.services or node.capture:  # capture chains list every VIP
                     self._build_node(node)
         changed = dirty.other | dirty.services | rerouted
         if changed:
@@ -266,13 +269,15 @@ class ControlPlane:
         listeners = {}
         clusters = {}
         if node.outbound_port:
-            listeners[OUTBOUND] = build_outbound_listener(node, self.node_filters(node, "outbound"))
+            services = self.registry.services() if node.capture else ()
+            listeners[OUTBOUND] = build_outbound_listener(node, self.node_filters(node, "outbound"), services, self.settings.domain)
         if node.inbound_port and node.app_port:
             svc = self.registry.service(node.service_key) if node.service else None
             protocol = "http"
             if svc is not None:
                 protocol = next((p.protocol for p in svc.ports), "http")
-            listeners[INBOUND] = build_inbound_listener(node, self.node_filters(node, "inbound"))
+            peers = sorted(self.trusted_peers) if self.trusted_peers is not None else None
+            listeners[INBOUND] = build_inbound_listener(node, self.node_filters(node, "inbound"), peers)
             clusters[inbound_cluster_name(node.app_port)] = build_inbound_cluster(node, protocol)
         self.cache.replace(TYPE.CLUSTER, clusters, scope=node.id)
         self.cache.replace(TYPE.LISTENER, listeners, scope=node.id)

@@ -105,6 +105,9 @@ def build_bootstrap(o: BootstrapOptions) -> dict[str, Any]:
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
         "static_resources": {"clusters": clusters},
+        # every stat of a sidecar carries its own service: with the cluster (destination) name,
+        # request counts, status codes and latency are labelled by source and destination
+        "stats_config": {"stats_tags": [{"tag_name": "source_service", "fixed_value": f"{o.service}.{o.namespace}" if o.service else o.node_id}]},
         "layered_runtime": {
             "layers": [
                 {"name": "static", "static_layer": {"overload.global_downstream_max_connections": 50000}},

@@ -1,31 +1,44 @@
 """Per-node Listeners (LDS): the outbound listener apps call through, the inbound one in front of the app.
 
 The outbound listener routes HTTP by Host/authority with the shared ``outbound`` route configuration
-(RDS) and stamps ``x-mesh-caller`` with the node's own service, overwriting what the app sent. The
-inbound listener forwards everything to the node's app on loopback. Extra HTTP filters (the WASM
-governance filters, delivered over ECDS) are passed in by the caller and run before the router.
+(RDS) and stamps ``x-mesh-caller`` with the node's own service, overwriting what the app sent. On a
+node with outbound capture (iptables, ``CAPTURE``) it also recovers the original destination
+(``original_dst`` listener filter) and picks a filter chain per service virtual IP and port: HTTP
+ports go through the same routes, TCP ports straight to the service's cluster. The inbound listener
+forwards everything to the node's app on loopback; it keeps ``x-mesh-caller`` only on connections
+from registered sidecar addresses (``trusted_peers``) and strips it from everyone else. Both write a
+JSON access log line per request naming source and destination service (request counts, status
+and latency per destination are Envoy's cluster stats, tagged with the source service by the
+bootstrap). Extra HTTP filters (the WASM governance
+filters, delivered over ECDS) are passed in by the caller and run before the router.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, substitution_format_string_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-from google.protobuf import any_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.message import Message
 
+from meshpilot.model import Service
 from meshpilot.translate.clusters import ads_source
-from meshpilot.translate.names import OUTBOUND_ROUTE, inbound_cluster_name
+from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, inbound_cluster_name
 from meshpilot.translate.node import NodeInfo
 
-__all__ = ["CALLER_HEADER", "INBOUND", "OUTBOUND", "build_inbound_listener", "build_outbound_listener", "pack"]
+__all__ = ["CALLER_HEADER", "INBOUND", "OUTBOUND", "access_log", "build_inbound_listener", "build_outbound_listener", "pack"]
 
 CALLER_HEADER = "x-mesh-caller"
 OUTBOUND = "outbound"
@@ -46,48 +59,119 @@ def _address(host: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
 
 
-def _listener(name: str, host: str, port: int, manager: hcm.HttpConnectionManager) -> listener_pb2.Listener:
-    return listener_pb2.Listener(
-        name=name,
-        address=_address(host, port),
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                filters=[listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager", typed_config=pack(manager))]
-            )
-        ],
+def _chain(manager: Message, name: str = "") -> listener_components_pb2.FilterChain:
+    filter_name = (
+        "envoy.filters.network.tcp_proxy" if isinstance(manager, tcp_proxy_pb2.TcpProxy)
+        else "envoy.filters.network.http_connection_manager"
+    )
+    return listener_components_pb2.FilterChain(
+        name=name, filters=[listener_components_pb2.Filter(name=filter_name, typed_config=pack(manager))]
     )
 
 
-def build_outbound_listener(node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter] = ()) -> listener_pb2.Listener:
+def _listener(name: str, host: str, port: int, manager: hcm.HttpConnectionManager) -> listener_pb2.Listener:
+    return listener_pb2.Listener(name=name, address=_address(host, port), filter_chains=[_chain(manager)])
+
+
+def access_log(direction: str, fields: dict[str, str]) -> accesslog_pb2.AccessLog:
+    """One JSON line per request (or TCP connection) on Envoy's stdout."""
+    fmt = struct_pb2.Struct()
+    fmt.update({
+        "time": "%START_TIME%", "direction": direction, "protocol": "%PROTOCOL%", "method": "%REQ(:METHOD)%",
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "authority": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%",
+        "flags": "%RESPONSE_FLAGS%", "duration_ms": "%DURATION%", "bytes_in": "%BYTES_RECEIVED%",
+        "bytes_out": "%BYTES_SENT%", "upstream_host": "%UPSTREAM_HOST%", "upstream_cluster": "%UPSTREAM_CLUSTER%",
+        "peer": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", **fields,
+    })
+    out = stream_pb2.StdoutAccessLog(log_format=substitution_format_string_pb2.SubstitutionFormatString(json_format=fmt))
+    return accesslog_pb2.AccessLog(name="envoy.access_loggers.stdout", typed_config=pack(out))
+
+
+def _header_filter(name: str, mutation: mutation_rules_pb2.HeaderMutation) -> hcm.HttpFilter:
+    cfg = header_mutation_pb2.HeaderMutation(mutations=header_mutation_pb2.Mutations(request_mutations=[mutation]))
+    return hcm.HttpFilter(name=name, typed_config=pack(cfg))
+
+
+def _stamp_caller(service: str) -> hcm.HttpFilter:
+    return _header_filter("mesh.caller", mutation_rules_pb2.HeaderMutation(
+        append=base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=CALLER_HEADER, value=service),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    ))
+
+
+def _strip_caller() -> hcm.HttpFilter:
+    return _header_filter("mesh.caller-strip", mutation_rules_pb2.HeaderMutation(remove=CALLER_HEADER))
+
+
+def _outbound_manager(node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter], destination: str) -> hcm.HttpConnectionManager:
     filters: list[hcm.HttpFilter] = []
     if node.service:
-        stamp = header_mutation_pb2.HeaderMutation(
-            mutations=header_mutation_pb2.Mutations(
-                request_mutations=[
-                    mutation_rules_pb2.HeaderMutation(
-                        append=base_pb2.HeaderValueOption(
-                            header=base_pb2.HeaderValue(key=CALLER_HEADER, value=node.service),
-                            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-                        )
-                    )
-                ]
-            )
-        )
-        filters.append(hcm.HttpFilter(name="mesh.caller", typed_config=pack(stamp)))
+        filters.append(_stamp_caller(node.service))
     filters.extend(extra_filters)
     filters.append(_router())
-    manager = hcm.HttpConnectionManager(
+    return hcm.HttpConnectionManager(
         stat_prefix="outbound",
         codec_type=hcm.HttpConnectionManager.AUTO,
         rds=hcm.Rds(config_source=ads_source(), route_config_name=OUTBOUND_ROUTE),
         http_filters=filters,
+        access_log=[access_log("outbound", {"source_service": node.service_key, "destination_service": destination})],
     )
-    listener = _listener(OUTBOUND, node.bind_address, node.outbound_port, manager)
+
+
+def _vip_chains(
+    node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter], services: Sequence[Service], domain: str
+) -> list[listener_components_pb2.FilterChain]:
+    chains = []
+    for svc in sorted(services, key=lambda s: s.key):
+        if not svc.vip:
+            continue
+        try:
+            vip = ipaddress.ip_address(svc.vip)
+        except ValueError:
+            continue
+        for port in svc.ports:
+            cluster = cluster_name(svc, port, domain)
+            manager: Message
+            if port.protocol == "tcp":
+                manager = tcp_proxy_pb2.TcpProxy(
+                    stat_prefix=f"outbound_tcp|{port.port}|{svc.key}", cluster=cluster,
+                    access_log=[access_log("outbound", {"source_service": node.service_key, "destination_service": svc.key})],
+                )
+            else:
+                manager = _outbound_manager(node, extra_filters, svc.key)
+            chain = _chain(manager, f"{svc.vip}:{port.port}")
+            chain.filter_chain_match.prefix_ranges.add(address_prefix=str(vip), prefix_len={"value": vip.max_prefixlen})
+            chain.filter_chain_match.destination_port.value = port.port
+            chains.append(chain)
+    return chains
+
+
+def build_outbound_listener(
+    node: NodeInfo,
+    extra_filters: Sequence[hcm.HttpFilter] = (),
+    services: Sequence[Service] = (),
+    domain: str = "mesh",
+) -> listener_pb2.Listener:
+    """The listener apps call through. With ``node.capture``, ``services`` give the per-VIP chains."""
+    manager = _outbound_manager(node, extra_filters, "%REQ(:AUTHORITY)%")
+    listener = listener_pb2.Listener(name=OUTBOUND, address=_address(node.bind_address, node.outbound_port))
     listener.traffic_direction = base_pb2.OUTBOUND
+    if node.capture:
+        listener.listener_filters.append(
+            listener_components_pb2.ListenerFilter(
+                name="envoy.filters.listener.original_dst", typed_config=pack(original_dst_pb2.OriginalDst())
+            )
+        )
+        listener.filter_chains.extend(_vip_chains(node, extra_filters, services, domain))
+        listener.default_filter_chain.CopyFrom(_chain(manager, "default"))
+    else:
+        listener.filter_chains.append(_chain(manager))
     return listener
 
 
-def build_inbound_listener(node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter] = ()) -> listener_pb2.Listener:
+def _inbound_manager(node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter], strip: bool) -> hcm.HttpConnectionManager:
     cluster = inbound_cluster_name(node.app_port)
     route = route_pb2.RouteConfiguration(name="inbound")
     vh = route.virtual_hosts.add(name="inbound", domains=["*"])
@@ -95,12 +179,34 @@ def build_inbound_listener(node: NodeInfo, extra_filters: Sequence[hcm.HttpFilte
     r.match.prefix = "/"
     r.route.CopyFrom(rc.RouteAction(cluster=cluster))
     r.route.timeout.SetInParent()  # 0: the caller's sidecar owns the timeout
-    manager = hcm.HttpConnectionManager(
+    filters = [_strip_caller()] if strip else []
+    return hcm.HttpConnectionManager(
         stat_prefix="inbound",
         codec_type=hcm.HttpConnectionManager.AUTO,
         route_config=route,
-        http_filters=[*extra_filters, _router()],
+        http_filters=[*filters, *extra_filters, _router()],
+        access_log=[access_log("inbound", {"source_service": f"%REQ({CALLER_HEADER})%", "destination_service": node.service_key})],
     )
-    listener = _listener(INBOUND, node.bind_address, node.inbound_port, manager)
+
+
+def build_inbound_listener(
+    node: NodeInfo,
+    extra_filters: Sequence[hcm.HttpFilter] = (),
+    trusted_peers: Sequence[str] | None = None,
+) -> listener_pb2.Listener:
+    """The listener in front of the app. ``trusted_peers``: addresses of registered sidecars, whose
+    ``x-mesh-caller`` is kept; every other peer's is stripped. None keeps it from everyone."""
+    listener = listener_pb2.Listener(name=INBOUND, address=_address(node.bind_address, node.inbound_port))
     listener.traffic_direction = base_pb2.INBOUND  # drained first on graceful offline
+    if trusted_peers is None:
+        listener.filter_chains.append(_chain(_inbound_manager(node, extra_filters, strip=False)))
+        return listener
+    peers = sorted({str(ipaddress.ip_address(p)) for p in trusted_peers})
+    if peers:
+        chain = _chain(_inbound_manager(node, extra_filters, strip=False), "sidecars")
+        for p in peers:
+            ip = ipaddress.ip_address(p)
+            chain.filter_chain_match.source_prefix_ranges.add(address_prefix=p, prefix_len={"value": ip.max_prefixlen})
+        listener.filter_chains.append(chain)
+    listener.default_filter_chain.CopyFrom(_chain(_inbound_manager(node, extra_filters, strip=True), "others"))
     return listener
