@@ -49,6 +49,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         control_plane_host=host, control_plane_port=port, node_id=args.node_id or "",
         api_type="GRPC" if args.sotw else "DELTA_GRPC",
         admin_port=args.admin_port, inbound_port=args.inbound_port, outbound_port=args.outbound_port,
+        advertise_address=args.advertise_address or os.environ.get("MESHPILOT_ADVERTISE_ADDRESS", ""),
     )
     cfg = AgentConfig(
         spec=spec, options=opts, api_url=api.rstrip("/"), token=args.token or os.environ.get("MESHPILOT_TOKEN"),
@@ -73,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--admin-port", type=int, help="Envoy admin port on loopback (0: pick one)")
     p.add_argument("--inbound-port", type=int)
     p.add_argument("--outbound-port", type=int)
+    p.add_argument("--advertise-address", help="address callers reach the inbound port at (or MESHPILOT_ADVERTISE_ADDRESS)")
     p.add_argument("--sotw", action="store_true", help="state-of-the-world ADS instead of delta")
     p.add_argument("--envoy", help="Envoy binary (default: the one next to this Python)")
     p.add_argument("--workdir", default="var/sidecar", help="bootstrap, logs and admin address go here")

@@ -30,6 +30,7 @@ class SidecarOptions:
     inbound_port: int | None = None
     outbound_port: int | None = None
     retry_max_s: float = 1.0
+    advertise_address: str = ""  # overrides mesh.sidecar.advertiseAddress (a pod's IP)
 
 
 def default_node_id(spec: SidecarSpec, inbound_port: int, host: str | None = None) -> str:
@@ -55,8 +56,8 @@ def bootstrap_options(spec: SidecarSpec, o: SidecarOptions) -> BootstrapOptions:
             "unhealthy_threshold": hc.unhealthyThreshold,
         },
     }
-    if sc.advertiseAddress:
-        metadata["ADVERTISE_ADDRESS"] = sc.advertiseAddress
+    if o.advertise_address or sc.advertiseAddress:
+        metadata["ADVERTISE_ADDRESS"] = o.advertise_address or sc.advertiseAddress
     return BootstrapOptions(
         node_id=o.node_id or default_node_id(spec, inbound),
         service=spec.metadata.name,

@@ -1,0 +1,66 @@
+"""Kubernetes subcommands: ``inject`` (patch manifests, like ``istioctl kube-inject``) and
+``webhook`` (the same injection as an HTTPS mutating admission webhook, AdmissionReview v1)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def _config(args: argparse.Namespace) -> object:
+    from meshpilot.kube.inject import InjectConfig
+
+    return InjectConfig(image=args.image, control_plane=args.control_plane, api=args.api, vip_cidr=args.vip_cidr)
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from meshpilot.kube.inject import InjectError, inject_documents
+
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except OSError as exc:
+        print(f"meshpilot inject: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        out = inject_documents(text, _config(args))  # type: ignore[arg-type]
+    except InjectError as exc:
+        print(f"meshpilot inject: {args.file}: {exc}", file=sys.stderr)
+        return 1
+    if args.output:
+        Path(args.output).write_text(out)
+    else:
+        sys.stdout.write(out)
+    return 0
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from meshpilot.kube.webhook import serve
+
+    return serve(args.listen, args.port, args.cert, args.key, _config(args), args.ready_file)  # type: ignore[arg-type]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", default="meshpilot/meshpilot:latest", help="image of the sidecar and init containers")
+    p.add_argument("--control-plane", default="meshpilot.meshpilot-system.svc:15010")
+    p.add_argument("--api", default="http://meshpilot.meshpilot-system.svc:15014")
+    p.add_argument("--vip-cidr", default="240.240.0.0/16")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("inject", help="add the sidecar and capture init container to Kubernetes manifests")
+    p.add_argument("-f", "--file", required=True, help="manifest (YAML, several documents allowed; - for stdin)")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    _common(p)
+    p.set_defaults(func=cmd_inject)
+
+    p = sub.add_parser("webhook", help="serve sidecar injection as a mutating admission webhook over HTTPS")
+    p.add_argument("--listen", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=9443)
+    p.add_argument("--cert", required=True, help="TLS certificate (PEM)")
+    p.add_argument("--key", required=True, help="TLS private key (PEM)")
+    p.add_argument("--ready-file", help="write the bound port as JSON here once serving")
+    _common(p)
+    p.set_defaults(func=cmd_webhook)
