@@ -75,6 +75,8 @@ class ConsulAgent:
         self._indexes: dict[str, tuple[int, int]] = {}  # instance id -> (create index, modify index)
         self.checks: dict[str, dict[str, CheckDef]] = {}  # instance id -> check id -> definition
         self._by_check: dict[tuple[str, str], str] = {}  # (node, check id) -> instance id
+        self._node_of_checks: dict[str, str] = {}  # instance id -> node its checks are indexed under
+        self._unsaved: set[str] = set()  # instances whose check definitions are not yet stored
         self.ttl_deadline: dict[tuple[str, str], float] = {}
         self.critical_since: dict[tuple[str, str], float] = {}
         self._maintenance_reason: dict[str, str] = {}
@@ -111,6 +113,8 @@ class ConsulAgent:
         if change.kind == "instance":
             if change.op == "delete":
                 self._indexes.pop(change.key, None)
+                if change.key in self.checks:
+                    self._unsaved.add(change.key)
                 self._forget(change.key)
             else:
                 create = self._indexes.get(change.key, (self.index, 0))[0]
@@ -197,8 +201,9 @@ class ConsulAgent:
         defs = dict(self.checks.get(iid, {})) if old is not None and not replace_checks else {}
         for d in sdef.checks:
             defs[d.id] = d
-        for (n, cid), other in self._by_check.items():
-            if n == node and other != iid and cid in defs:
+        for cid in defs:
+            other = self._by_check.get((node, cid))
+            if other is not None and other != iid:
                 raise ConsulError(400, f"Invalid check: CheckID {cid!r} is already used by another service on node {node!r}")
         old_status = {c.id: c for c in old.checks if c.owner == OWNER} if old is not None else {}
         checks = []
@@ -235,7 +240,7 @@ class ConsulAgent:
             raise ConsulError(404, f'Unknown service ID "{service_id}". Ensure that the service ID is passed, not the service name.')
         self.reg.deregister(iid, OWNER)
         self._forget(iid)
-        self.reg.store.write({}, ((_META, f"consul/checks/{iid}"),))
+        self._unsaved.add(iid)
         release_service(self.reg, inst.service_key, OWNER)
         return inst
 
@@ -243,14 +248,18 @@ class ConsulAgent:
         for cid in self.checks.pop(iid, {}):
             self.ttl_deadline.pop((iid, cid), None)
             self.critical_since.pop((iid, cid), None)
-        for k in [k for k, v in self._by_check.items() if v == iid]:
-            del self._by_check[k]
+        node = self._node_of_checks.pop(iid, None)
+        if node is not None:
+            for k in [k for k in self._by_check if k[0] == node and self._by_check[k] == iid]:
+                del self._by_check[k]
         self._maintenance_reason.pop(iid, None)
 
     def _set_defs(self, inst: Instance, defs: dict[str, CheckDef], now: float) -> None:
-        for k in [k for k, v in self._by_check.items() if v == inst.id]:
-            del self._by_check[k]
         old = self.checks.get(inst.id, {})
+        for cid in old:
+            if self._by_check.get((inst.node, cid)) == inst.id:
+                del self._by_check[(inst.node, cid)]
+        self._node_of_checks[inst.id] = inst.node
         for cid in set(old) - set(defs):
             self.ttl_deadline.pop((inst.id, cid), None)
             self.critical_since.pop((inst.id, cid), None)
@@ -266,11 +275,23 @@ class ConsulAgent:
                 self.critical_since.pop((inst.id, cid), None)
 
     def _persist_defs(self, iid: str) -> None:
-        defs = self.checks.get(iid)
-        if defs:
-            self.reg.store.write({(_META, f"consul/checks/{iid}"): [d.to_json() for d in defs.values()]})
-        else:
-            self.reg.store.write({}, ((_META, f"consul/checks/{iid}"),))
+        """Check definitions are written behind (``flush``), batched into one transaction."""
+        self._unsaved.add(iid)
+
+    def flush(self) -> None:
+        """Write pending check definitions to the store (called by the checker every tick)."""
+        if not self._unsaved:
+            return
+        puts: dict[tuple[str, str], Any] = {}
+        deletes: list[tuple[str, str]] = []
+        for iid in self._unsaved:
+            defs = self.checks.get(iid)
+            if defs and self.reg.instance(iid) is not None:
+                puts[(_META, f"consul/checks/{iid}")] = [d.to_json() for d in defs.values()]
+            else:
+                deletes.append((_META, f"consul/checks/{iid}"))
+        self._unsaved.clear()
+        self.reg.store.write(puts, tuple(deletes))
 
     def register_check(self, raw: Any, node: str) -> None:
         d = parse_check(raw)

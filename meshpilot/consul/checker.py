@@ -36,6 +36,7 @@ async def run_checks(agent: ConsulAgent) -> None:
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True, limit=_MAX_PARALLEL)) as http, asyncio.TaskGroup() as tg:
         while True:
             now = time.monotonic()
+            agent.flush()
             _expire_ttls(agent, now)
             _deregister_critical(agent, now)
             live = set()
