@@ -57,6 +57,7 @@ class XdsServer:
         cache: ResourceCache,
         on_node: Callable[[NodeInfo], None] = lambda n: None,
         on_node_gone: Callable[[NodeInfo], None] = lambda n: None,
+        max_concurrent_writes: int = 64,
     ) -> None:
         self.cache = cache
         self.on_node = on_node
@@ -66,6 +67,7 @@ class XdsServer:
         self._node_streams: dict[str, int] = {}
         self._changes: dict[tuple[str, str], tuple[set[str], float]] = {}
         self._dispatch_scheduled = False
+        self._writers = asyncio.Semaphore(max_concurrent_writes)
         cache.watch(self._on_change)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -199,10 +201,14 @@ class XdsServer:
     async def _write(self, handle: StreamHandle, context: grpc.aio.ServicerContext) -> None:
         while True:
             await handle.wake.wait()
-            handle.wake.clear()
-            for type_url, payload in handle.machine.responses():
-                await context.write(payload)
-                metrics.XDS_PUSHES.labels(type_url.rsplit(".", 1)[-1], handle.machine.kind).inc()
+            # A bounded number of streams build and write at once: responses exist only while a
+            # slot is held, so a thousand clients syncing together do not hold a thousand full
+            # snapshots in memory, and the loop keeps time for the API between pushes.
+            async with self._writers:
+                handle.wake.clear()
+                for type_url, payload in handle.machine.responses():
+                    await context.write(payload)
+                    metrics.XDS_PUSHES.labels(type_url.rsplit(".", 1)[-1], handle.machine.kind).inc()
             for seconds in handle.machine.latencies:
                 metrics.XDS_PUSH_SECONDS.observe(max(0.0, seconds))
             handle.machine.latencies.clear()
