@@ -344,7 +344,8 @@ def synced(xds: XdsServer, cluster_names: set[str]) -> dict[str, Any]:
         if m.kind == "DELTA_GRPC":
             for n in names:
                 e = xds.cache.get(TYPE.ENDPOINT, n, m.node_id)
-                if e is not None and ts.acked.get(n) != e.version:
+                acked = ts.acked_resource(n) if hasattr(ts, "acked_resource") else ts.acked.get(n)
+                if e is not None and acked != e.version:
                     pending.append(node)
                     break
         else:
