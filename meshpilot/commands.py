@@ -88,6 +88,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         inbound_port=args.inbound_port,
         app_port=args.app_port,
         hds=args.hds,
+        service_port=args.service_port,
     )
     doc = build_bootstrap(opts)
     text = json.dumps(doc, indent=2)
@@ -240,6 +241,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--outbound-port", type=int, default=15001)
     p.add_argument("--inbound-port", type=int, default=15006)
     p.add_argument("--app-port", type=int, default=0)
+    p.add_argument("--service-port", type=int, default=0, help="the node's own service port; with --zone enables zone-aware routing")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_bootstrap)
 

@@ -243,7 +243,7 @@ def through(proxy_port: int, host: str, path: str = "/", headers: dict[str, str]
     return status, data
 
 
-def sidecar_bootstrap(node: str, xds_port: int, *, service: str = "", sotw: bool = False, outbound_port: int = 0, inbound_port: int = 0, app_port: int = 0, zone: str = "", hds: bool = False) -> dict[str, Any]:
+def sidecar_bootstrap(node: str, xds_port: int, *, service: str = "", sotw: bool = False, outbound_port: int = 0, inbound_port: int = 0, app_port: int = 0, zone: str = "", hds: bool = False, service_port: int = 0) -> dict[str, Any]:
     from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
 
     return build_bootstrap(
@@ -251,6 +251,7 @@ def sidecar_bootstrap(node: str, xds_port: int, *, service: str = "", sotw: bool
             node_id=node, service=service, zone=zone, control_plane_port=xds_port,
             api_type="GRPC" if sotw else "DELTA_GRPC", admin_port=0,
             outbound_port=outbound_port, inbound_port=inbound_port, app_port=app_port, hds=hds,
+            service_port=service_port,
         )
     )
 

@@ -33,6 +33,8 @@ class BootstrapOptions:
     capture: bool = False
     retry_max_s: float = 1.0  # ADS reconnect back-off cap (Envoy's default is 30 s)
     local_cluster: str = ""  # EDS name of the node's own service port, for zone-aware routing
+    service_port: int = 0  # the node's own service port: with a zone, names the local cluster
+    domain: str = "mesh"
     hds: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -115,7 +117,10 @@ def build_bootstrap(o: BootstrapOptions) -> dict[str, Any]:
             ]
         },
     }
-    if o.local_cluster and o.zone:
+    local_cluster = o.local_cluster
+    if not local_cluster and o.zone and o.service and o.service_port:
+        local_cluster = f"outbound|{o.service_port}||{o.service}.{o.namespace}.svc.{o.domain}"
+    if local_cluster and o.zone:
         # zone-aware routing compares upstream zones against the node's own service's members
         clusters.append(
             {
@@ -123,7 +128,7 @@ def build_bootstrap(o: BootstrapOptions) -> dict[str, Any]:
                 "type": "EDS",
                 "connect_timeout": "1s",
                 "eds_cluster_config": {
-                    "service_name": o.local_cluster,
+                    "service_name": local_cluster,
                     "eds_config": {"ads": {}, "resource_api_version": "V3"},
                 },
             }
