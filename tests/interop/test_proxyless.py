@@ -198,7 +198,8 @@ def _share(outcomes: list[str]) -> dict[str, float]:
 def _follow_weight_change(mesh: Mesh, log: CallLog, name: str) -> None:
     def stderr_tail() -> str:
         p = mesh.workdir / f"{name}.stderr"
-        return p.read_text()[-2000:] if p.exists() else ""
+        text = p.read_text()[-2000:] if p.exists() else ""
+        return f"(client exit code {log.proc.poll()}) {text}"
 
     # the first successful call marks the client as resolved
     first = wait_until(lambda: next((ts for ts, o in list(log.calls) if not o.startswith("error")), None), 30, what=f"{name}: a first successful call")
@@ -241,7 +242,7 @@ def test_grpc_js_xds_follows_weight_change(mesh: Mesh, node_modules: Path) -> No
         pytest.skip("node is not installed on this machine")
     mesh.split(90, 10)
     cmd = [node, str(HERE / "client.js"), str(HERE / "echo.proto"), f"echo:{SERVICE_PORT}", "120"]
-    with client(cmd, mesh.bootstrap("grpc-js-client"), mesh.workdir, "grpc-js", {"NODE_XDS_MODULES": str(node_modules)}) as log:
+    with client(cmd, mesh.bootstrap("grpc-js-client"), mesh.workdir, "grpc-js-xds", {"NODE_XDS_MODULES": str(node_modules)}) as log:
         _follow_weight_change(mesh, log, "grpc-js-xds")
 
 

@@ -28,12 +28,21 @@ function once() {
   });
 }
 
-(async () => {
+// grpc-js unreferences its own handles: while a call waits for a new picker (right after a route
+// change) nothing else may keep the event loop alive, and node would exit with the call pending.
+const keepAlive = setInterval(() => {}, 1000);
+
+async function loop() {
   while (!stopped && Date.now() < deadline) {
     const outcome = await once();
     process.stdout.write(`${(Date.now() / 1000).toFixed(3)} ${outcome}\n`);
     if (outcome.startsWith('error:')) await new Promise((r) => setTimeout(r, 10));
   }
+}
+
+// a few calls in flight at once, as an application would have
+Promise.all([loop(), loop(), loop(), loop()]).then(() => {
+  clearInterval(keepAlive);
   client.close();
   process.exit(0);
-})();
+});
