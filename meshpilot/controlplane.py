@@ -83,6 +83,8 @@ class ControlPlane:
         self._node_filters: list[NodeFilters] = []
         self._shared_builders: list[Callable[[set[str]], None]] = []
         self._routing_sources: list[RoutingSource] = []
+        self._service_overrides: list[Callable[[Service], Service]] = []
+        self._node_watchers: list[Callable[[NodeInfo, bool], None]] = []
         self._tasks: list[Callable[[], Any]] = []
         # addresses of registered sidecars, kept by the HDS plugin; inbound listeners keep
         # x-mesh-caller only from these (None: from everyone)
@@ -112,6 +114,15 @@ class ControlPlane:
     def add_routing_source(self, source: RoutingSource) -> None:
         """Routing overlays for services; consulted on every rebuild (before shared builders)."""
         self._routing_sources.append(source)
+
+    def add_service_override(self, hook: Callable[[Service], Service]) -> None:
+        """``hook(service) -> service`` adjusts a service before its clusters are built (outlier
+        detection from circuit-breaker policies); a routing source reports which services to rebuild."""
+        self._service_overrides.append(hook)
+
+    def add_node_watcher(self, hook: Callable[[NodeInfo, bool], None]) -> None:
+        """``hook(node, connected)`` after a node's first stream opens and after its last one closes."""
+        self._node_watchers.append(hook)
 
     def service_routing(self, key: str) -> ServiceRouting | None:
         for source in self._routing_sources:
@@ -191,9 +202,12 @@ class ControlPlane:
                 self.cache.remove(TYPE.DNS, [key])
                 self._published.pop(key, None)
                 continue
-            clusters = {cluster_name(svc, p, domain): build_cluster(svc, p, domain) for p in svc.ports}
+            built = svc
+            for override in self._service_overrides:
+                built = override(built)
+            clusters = {cluster_name(svc, p, domain): build_cluster(built, p, domain) for p in svc.ports}
             clusters.update(
-                (name, build_cluster(svc, p, domain, subset.name)) for p, subset, name in self._subsets(svc)
+                (name, build_cluster(built, p, domain, subset.name)) for p, subset, name in self._subsets(svc)
             )
             stale = old - set(clusters)
             # endpoints before clusters: a new cluster finds its endpoints already in the cache
@@ -252,10 +266,14 @@ class ControlPlane:
     def _node_connected(self, node: NodeInfo) -> None:
         self.nodes[node.id] = node
         self._build_node(node)
+        for watcher in self._node_watchers:
+            watcher(node, True)
 
     def _node_gone(self, node: NodeInfo) -> None:
         self.nodes.pop(node.id, None)
         self.cache.drop_scope(node.id)
+        for watcher in self._node_watchers:
+            watcher(node, False)
 
     def node_filters(self, node: NodeInfo, direction: str) -> list[hcm.HttpFilter]:
         out: list[hcm.HttpFilter] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from types import ModuleType
 
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
@@ -28,11 +29,13 @@ __all__ = ["fault_filter", "install", "load_kinds"]
 _FRAMEWORK = {"api", "command", "engine", "kinds", "plugin"}
 
 
-def load_kinds() -> None:
+def load_kinds() -> list[ModuleType]:
     """Import every kind module of this package (each registers its kind)."""
-    for info in pkgutil.iter_modules(meshpilot.policy.__path__):
-        if info.name not in _FRAMEWORK and not info.name.startswith("_"):
-            importlib.import_module(f"meshpilot.policy.{info.name}")
+    return [
+        importlib.import_module(f"meshpilot.policy.{info.name}")
+        for info in pkgutil.iter_modules(meshpilot.policy.__path__)
+        if info.name not in _FRAMEWORK and not info.name.startswith("_")
+    ]
 
 
 def fault_filter() -> hcm.HttpFilter:
@@ -47,10 +50,15 @@ def _outbound_filters(node: NodeInfo, direction: str) -> list[hcm.HttpFilter]:
 
 
 def install(cp: ControlPlane) -> PolicyEngine:
-    load_kinds()
+    modules = load_kinds()
     engine = PolicyEngine(cp.registry, cp.settings.domain, cp.cache)
     cp.add_routing_source(engine)
     cp.add_shared_builder(engine.publish)
     cp.add_node_filters(_outbound_filters)
     install_routes(cp.registry)
+    # a module may also wire itself into the control plane (after the engine, which it may read)
+    for module in modules:
+        attach = getattr(module, "attach", None)
+        if callable(attach):
+            attach(cp, engine)
     return engine

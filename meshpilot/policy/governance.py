@@ -1,0 +1,387 @@
+"""Governance in the data plane: circuit-breaker and rate-limit policies delivered to sidecars.
+
+Every sidecar's listeners carry two HTTP filters whose configuration comes by ECDS (never inside
+the listener, so a policy change does not drain connections and keep-alive clients see it at
+once): ``meshpilot.governance.outbound`` (callers' breakers, one shared resource) and
+``meshpilot.governance.inbound`` (the limits on calls into the node's service, one resource per
+node, because a cluster-wide ``total_rate`` is divided among the service's live sidecars by
+instance weight). A governed filter is meshpilot's WASM module (``meshpilot/wasm/mesh.wasm``),
+whose code Envoy fetches from this control plane's management API (``/v1/wasm/mesh.wasm``,
+through the ``meshpilot-api`` cluster pushed by CDS) and checks against its sha256; an ungoverned
+one is a no-op header-mutation filter, so nodes pay for the VM only where a policy applies. The
+same policies' ``instance`` sections become outlier detection on the guarded services' clusters
+(through the control plane's service-override hook). docs/governance.md is the user's view.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, extension_pb2, http_uri_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.http.wasm.v3 import wasm_pb2 as http_wasm_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.extensions.wasm.v3 import wasm_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+from meshpilot.model import Outlier, Service
+from meshpilot.policy.breaker import CircuitBreakerPolicy, breaker_rules, outlier_of
+from meshpilot.policy.ratelimit import RateLimitPolicy, divide, limit_rules
+from meshpilot.registry import Change
+from meshpilot.translate.clusters import ads_source, subset_cluster_name
+from meshpilot.translate.names import TYPE, cluster_name
+from meshpilot.translate.node import NodeInfo
+from meshpilot.wasm import modules
+from meshpilot.wasm.config import FilterConfigError, encode
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from meshpilot.controlplane import ControlPlane
+    from meshpilot.policy.engine import PolicyEngine
+
+__all__ = [
+    "API_CLUSTER",
+    "INBOUND_FILTER",
+    "OUTBOUND_FILTER",
+    "WASM_PATH",
+    "Governance",
+    "WasmModule",
+    "attach",
+    "ecds_filter",
+    "passthrough_config",
+    "wasm_config",
+]
+
+log = logging.getLogger("meshpilot.governance")
+
+OUTBOUND_FILTER = "meshpilot.governance.outbound"
+INBOUND_FILTER = "meshpilot.governance.inbound"
+API_CLUSTER = "meshpilot-api"
+WASM_PATH = "/v1/wasm/mesh.wasm"
+VM_ID = "meshpilot"
+MAX_RULES = 64  # per section of one filter configuration (the filter's limit)
+
+_WASM_TYPE = modules.WASM_TYPE_URL
+_PASSTHROUGH_TYPE = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+
+
+def _pack(msg: Any) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(msg)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class WasmModule:
+    """The module's bytes as served, and their sha256 (read once, so what is served is what the
+    configuration pins, even if the file is rebuilt while the control plane runs)."""
+
+    data: bytes
+    sha256: str
+
+    @classmethod
+    def load(cls, name: str = "mesh") -> WasmModule:
+        data = modules.module_path(name).read_bytes()
+        return cls(data, hashlib.sha256(data).hexdigest())
+
+
+def passthrough_config(name: str) -> extension_pb2.TypedExtensionConfig:
+    """An ungoverned filter: a header mutation that mutates nothing."""
+    return extension_pb2.TypedExtensionConfig(name=name, typed_config=_pack(header_mutation_pb2.HeaderMutation()))
+
+
+def ecds_filter(name: str) -> hcm.HttpFilter:
+    """The listener's side: an HTTP filter whose config comes by ECDS over ADS. Until the first
+    config arrives it passes everything (the listener never waits for it)."""
+    return hcm.HttpFilter(
+        name=name,
+        config_discovery=config_source_pb2.ExtensionConfigSource(
+            config_source=ads_source(),
+            default_config=passthrough_config(name).typed_config,
+            apply_default_config_without_warming=True,
+            type_urls=[_WASM_TYPE, _PASSTHROUGH_TYPE],
+        ),
+    )
+
+
+def wasm_config(name: str, configuration: str, uri: str, sha256: str, cluster: str = API_CLUSTER) -> extension_pb2.TypedExtensionConfig:
+    """The ECDS resource of a governed filter: the WASM module fetched over HTTP (pinned by
+    sha256) with the filter's text configuration. FAIL_OPEN: if the VM fails at runtime,
+    requests pass ungoverned rather than failing."""
+    remote = base_pb2.RemoteDataSource(
+        http_uri=http_uri_pb2.HttpUri(uri=uri, cluster=cluster, timeout=duration_pb2.Duration(seconds=10)),
+        sha256=sha256,
+        retry_policy=base_pb2.RetryPolicy(num_retries=wrappers_pb2.UInt32Value(value=10)),
+    )
+    config = wasm_pb2.PluginConfig(
+        name=name,
+        root_id="meshpilot",
+        vm_config=wasm_pb2.VmConfig(vm_id=VM_ID, runtime="envoy.wasm.runtime.v8", code=base_pb2.AsyncDataSource(remote=remote)),
+        configuration=_pack(wrappers_pb2.StringValue(value=configuration)),
+        failure_policy=wasm_pb2.FAIL_OPEN,
+    )
+    return extension_pb2.TypedExtensionConfig(name=name, typed_config=_pack(http_wasm_pb2.Wasm(config=config)))
+
+
+def api_cluster(host: str, port: int) -> cluster_pb2.Cluster:
+    """The cluster Envoys fetch WASM code through: this control plane's management API."""
+    address = address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
+    return cluster_pb2.Cluster(
+        name=API_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=duration_pb2.Duration(seconds=2),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=API_CLUSTER,
+            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=address))]
+            )],
+        ),
+    )
+
+
+def _reachable(listen_address: str) -> str:
+    """The address sidecars use for the management API: the listen address, or for a wildcard
+    listen address the host's primary address."""
+    try:
+        if not ipaddress.ip_address(listen_address).is_unspecified:
+            return listen_address
+    except ValueError:
+        return listen_address
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+class Governance:
+    """Turns the breaker and limit policies in force into ECDS resources, per-node shares and
+    outlier overrides, and keeps them current as policies, services and sidecars change."""
+
+    def __init__(self, cp: ControlPlane, engine: PolicyEngine, module: WasmModule | None) -> None:
+        self.cp = cp
+        self.engine = engine
+        self.module = module
+        self.domain = cp.settings.domain
+        self.outliers: dict[str, Outlier] = self._outliers()
+        self._governed_nodes: set[str] = set()
+
+    # ---- instance level: outlier detection (a routing source and a service override) ---------
+
+    def _outliers(self) -> dict[str, Outlier]:
+        out: dict[str, Outlier] = {}
+        for p in self.engine.of_kind("CircuitBreakerPolicy"):
+            assert isinstance(p, CircuitBreakerPolicy)
+            o = outlier_of(p)
+            if o is not None:
+                out.setdefault(p.service_key, o)
+        return out
+
+    def affected(self, changed: set[str]) -> set[str]:
+        """Services whose outlier override changed (their clusters are rebuilt)."""
+        if not any(k.startswith("CircuitBreakerPolicy/") for k in changed):
+            return set()
+        old, self.outliers = self.outliers, self._outliers()
+        return {k for k in old.keys() | self.outliers.keys() if old.get(k) != self.outliers.get(k)}
+
+    def routing(self, service_key: str) -> None:
+        return None
+
+    def override(self, service: Service) -> Service:
+        o = self.outliers.get(service.key)
+        if o is None:
+            return service
+        return service.model_copy(update={"traffic": service.traffic.model_copy(update={"outlier": o})})
+
+    # ---- the listeners' side ----------------------------------------------------------------
+
+    def node_filters(self, node: NodeInfo, direction: str) -> list[hcm.HttpFilter]:
+        if self.module is None or node.proxyless:
+            return []
+        return [ecds_filter(OUTBOUND_FILTER if direction == "outbound" else INBOUND_FILTER)]
+
+    # ---- the filters' configuration ---------------------------------------------------------
+
+    @property
+    def uri(self) -> str | None:
+        port = self.cp.ports.get("api")
+        if not port:
+            return None  # not serving yet: published once the API listens
+        return f"http://{_reachable(self.cp.settings.listen_address)}:{port}{WASM_PATH}"
+
+    def _clusters(self, svc: Service, port: str | None) -> list[str]:
+        routing = self.cp.service_routing(svc.key)
+        out = []
+        for p in svc.ports:
+            if p.protocol == "tcp" or (port is not None and p.name != port):
+                continue
+            out.append(cluster_name(svc, p, self.domain))
+            if routing is not None and routing.applies_to(p):
+                out.extend(subset_cluster_name(svc, p, s.name, self.domain) for s in routing.subsets)
+        return out
+
+    def outbound_document(self) -> dict[str, Any]:
+        rules: list[dict[str, Any]] = []
+        for p in self.engine.of_kind("CircuitBreakerPolicy"):
+            assert isinstance(p, CircuitBreakerPolicy)
+            svc = self.cp.registry.service(p.service_key)
+            if svc is None:
+                continue
+            rules += _valid(breaker_rules(p, svc, self._clusters(svc, p.port)), "breakers", p.key)
+        return {"breakers": _capped(rules, "breakers")}
+
+    def shares(self, service_key: str) -> dict[str, float]:
+        """Each live sidecar's fraction of the service's cluster-wide limits, by instance weight.
+        A sidecar whose instance is registered but not routable gets what it would get if it were."""
+        weights: dict[str, int] = {}
+        waiting: dict[str, int] = {}
+        for node in self.cp.nodes.values():
+            if node.proxyless or node.service_key != service_key or not (node.inbound_port and node.app_port):
+                continue
+            inst = self.cp.registry.instance(node.id)
+            if inst is None:
+                weights[node.id] = 100
+            elif inst.routable:
+                weights[node.id] = inst.weight
+            else:
+                waiting[node.id] = inst.weight
+        out = divide(1.0, weights)
+        for nid, w in waiting.items():
+            out[nid] = divide(1.0, {**weights, nid: w})[nid]
+        return out
+
+    def inbound_document(self, node: NodeInfo, fraction: float) -> dict[str, Any]:
+        svc = self.cp.registry.service(node.service_key)
+        rules: list[dict[str, Any]] = []
+        for p in self.engine.of_kind("RateLimitPolicy"):
+            assert isinstance(p, RateLimitPolicy)
+            if p.service_key == node.service_key:
+                rules += _valid(limit_rules(p, svc, fraction), "rate_limits", p.key)
+        return {"rate_limits": _capped(rules, "rate_limits")}
+
+    def _resource(self, name: str, document: dict[str, Any], uri: str) -> extension_pb2.TypedExtensionConfig:
+        assert self.module is not None
+        if not any(document.values()):
+            return passthrough_config(name)
+        return wasm_config(name, encode(document), uri, self.module.sha256)
+
+    def publish(self, changed: set[str] | None = None) -> None:
+        """Shared builder: every governance resource, recomputed (the cache pushes only changes)."""
+        uri = self.uri
+        if self.module is None or uri is None:
+            return
+        self.cp.cache.put(TYPE.CLUSTER, {API_CLUSTER: api_cluster(_reachable(self.cp.settings.listen_address), self.cp.ports["api"])})
+        self.cp.cache.put(TYPE.EXTENSION_CONFIG, {
+            OUTBOUND_FILTER: self._resource(OUTBOUND_FILTER, self.outbound_document(), uri),
+            INBOUND_FILTER: passthrough_config(INBOUND_FILTER),
+        })
+        for key in {n.service_key for n in self.cp.nodes.values() if n.service_key}:
+            self.publish_inbound(key)
+
+    def publish_inbound(self, service_key: str) -> None:
+        """The inbound filter of each of the service's sidecars, with its share of the limits."""
+        uri = self.uri
+        if self.module is None or uri is None:
+            return
+        shares = self.shares(service_key)
+        for nid, fraction in shares.items():
+            node = self.cp.nodes.get(nid)
+            if node is None:
+                continue
+            document = self.inbound_document(node, fraction)
+            if any(document.values()):
+                self.cp.cache.put(TYPE.EXTENSION_CONFIG, {INBOUND_FILTER: self._resource(INBOUND_FILTER, document, uri)}, scope=nid)
+                self._governed_nodes.add(nid)
+            elif nid in self._governed_nodes:
+                self.cp.cache.remove(TYPE.EXTENSION_CONFIG, [INBOUND_FILTER], scope=nid)
+                self._governed_nodes.discard(nid)
+
+    # ---- sidecars and instances come and go -------------------------------------------------
+
+    def on_node(self, node: NodeInfo, connected: bool) -> None:
+        if not connected:
+            self._governed_nodes.discard(node.id)  # its scope is gone with it
+        if node.service_key:
+            self.publish_inbound(node.service_key)
+
+    def on_change(self, change: Change) -> None:
+        if change.kind == "instance" and change.service:
+            self.publish_inbound(change.service)
+
+    # ---- serving the module -----------------------------------------------------------------
+
+    async def serve_module(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+
+        from meshpilot.api.app import ApiError
+
+        if request.match_info["name"] != "mesh.wasm" or self.module is None:
+            raise ApiError(404, f"name: no module {request.match_info['name']!r} (modules: mesh.wasm)", [{"field": "name", "reason": "not found"}])
+        etag = f'"{self.module.sha256}"'
+        headers = {"ETag": etag, "X-Meshpilot-Sha256": self.module.sha256, "Cache-Control": "public, max-age=31536000, immutable"}
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=self.module.data, content_type="application/wasm", headers=headers)
+
+
+def _valid(rules: list[dict[str, Any]], section: str, source: str) -> list[dict[str, Any]]:
+    """Rules the filter accepts. Policies are validated when written, but a rule built from a
+    service's declared apis (a path template the filter cannot read) is dropped and logged."""
+    out = []
+    for rule in rules:
+        try:
+            encode({section: [rule]})
+        except FilterConfigError as exc:
+            log.error("event=governance_rule_dropped policy=%s rule=%s reason=%r", source, rule.get("name"), str(exc))
+        else:
+            out.append(rule)
+    return out
+
+
+def _capped(rules: list[dict[str, Any]], section: str) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    unique = []
+    for r in rules:
+        if r["name"] not in seen:
+            seen.add(r["name"])
+            unique.append(r)
+    if len(unique) > MAX_RULES:
+        log.error("event=governance_rules_capped section=%s rules=%d kept=%d", section, len(unique), MAX_RULES)
+    return unique[:MAX_RULES]
+
+
+def attach(cp: ControlPlane, engine: PolicyEngine) -> Governance:
+    """Wire governance into a control plane (called by the policy plugin after the engine)."""
+    from meshpilot.api.app import api_routes
+
+    try:
+        module: WasmModule | None = WasmModule.load("mesh")
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("event=governance_disabled reason=%r", str(exc))
+        module = None
+    gov = Governance(cp, engine, module)
+    cp.add_routing_source(gov)
+    cp.add_service_override(gov.override)
+    cp.add_node_filters(gov.node_filters)
+    cp.add_shared_builder(gov.publish)
+    cp.add_node_watcher(gov.on_node)
+    cp.registry.subscribe(gov.on_change)
+
+    async def publish_when_serving() -> None:
+        await cp.ready.wait()  # the module's URI names the API's bound port
+        gov.publish()
+
+    publish_when_serving.__name__ = "governance_publish"
+    cp.add_task(publish_when_serving)
+    route = ("GET", "/v1/wasm/{name}", gov.serve_module, "The governance WASM module, as sidecars fetch it (ETag and X-Meshpilot-Sha256: its sha256)", None)
+    api_routes[:] = [r for r in api_routes if (r[0], r[1]) != (route[0], route[1])]
+    api_routes.append(route)
+    cp.governance = gov  # type: ignore[attr-defined]
+    return gov
