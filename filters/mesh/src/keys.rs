@@ -17,7 +17,12 @@ pub fn value(raw: &[u8]) -> String {
         return MISSING.to_string();
     }
     let cut = &raw[..raw.len().min(MAX_VALUE_BYTES)];
-    String::from_utf8_lossy(cut).replace('\0', "_")
+    let s = String::from_utf8_lossy(cut);
+    if s.contains('\0') {
+        s.replace('\0', "_")
+    } else {
+        s.into_owned()
+    }
 }
 
 pub fn breaker_key(rule: &str, target: &str) -> String {

@@ -1,0 +1,176 @@
+"""``meshpilot perf route``: what the WASM filters cost per request, measured through a real Envoy.
+
+wrk drives one proxy Envoy at a time, all in front of the same fast backend (an Envoy answering with a
+direct response), in the same run: (a) no filter, (b) Envoy's native local_ratelimit, (c) meshpilot's
+rate limiter, (d) meshpilot's circuit breaker, (e) both in one filter, (f) a WASM filter that only
+returns Continue. Limits are set far above the offered load so every request takes the admitted path,
+which is the path whose cost matters. Prints JSON (rps, latency percentiles, the proxy's CPU time per
+request, ratios to (a), (e) vs (f)) and a summary line. The bar from the issue: (e) costs at most 10 % of (a)'s rps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+from meshpilot.wasm import config, modules
+from meshpilot.wasm import testbed as tb
+
+__all__ = ["add_arguments", "main", "SCENARIOS"]
+
+SCENARIOS = {
+    "a_none": "no filter",
+    "b_native_local_ratelimit": "Envoy's local_ratelimit",
+    "c_ratelimit": "meshpilot rate limiter",
+    "d_breaker": "meshpilot circuit breaker",
+    "e_both": "meshpilot breaker + rate limiter (one filter)",
+    "f_noop_wasm": "WASM filter returning Continue",
+}
+_HIGH = 10_000_000  # tokens: far above anything two cores can push
+
+_LIMITER = {"name": "api", "key": "route", "rate": 1_000_000, "burst": _HIGH}
+_BREAKER = {"name": "api", "per": "route", "sliding_window_type": "count", "sliding_window_size": 100,
+            "minimum_calls": 20, "failure_rate_threshold": 50, "slow_call_duration": "2s",
+            "slow_call_rate_threshold": 80, "wait_duration_in_open": "10s", "permitted_calls_in_half_open": 3}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=int, default=10, help="seconds of load per scenario (default 10)")
+    p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    p.add_argument("--concurrency", type=int, default=1, help="proxy Envoy workers (default 1)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat all scenarios; the median round is reported")
+    p.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="run only these scenarios")
+    p.add_argument("--output", help="also write the JSON report to this file")
+    p.add_argument("--check", action="store_true", help="exit 1 if (e) costs more than 10%% of (a)'s rps")
+
+
+def _filters(name: str) -> list[dict[str, Any]]:
+    if name == "a_none":
+        return []
+    if name == "b_native_local_ratelimit":
+        return [tb.native_local_ratelimit(_HIGH, _HIGH)]
+    if name == "f_noop_wasm":
+        return [{"name": "noop", "typed_config": modules.wasm_filter("", module="noop", name="noop", vm_id="noop")}]
+    policy: dict[str, Any] = {"rate_limits": [], "breakers": []}
+    if name in ("c_ratelimit", "e_both"):
+        policy["rate_limits"].append(_LIMITER)
+    if name in ("d_breaker", "e_both"):
+        policy["breakers"].append(_BREAKER)
+    return [{"name": "meshpilot", "typed_config": modules.wasm_filter(config.encode(policy))}]
+
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _parse_wrk(out: str) -> dict[str, Any]:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not rps:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    latency = {}
+    for pct, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        latency[f"p{pct}"] = round(float(value) * _UNIT_MS[unit], 3)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    return {"rps": round(float(rps.group(1)), 1), "latency_ms": latency,
+            "requests": int(total.group(1)) if total else None, "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run_one(name: str, backend_port: int, args: argparse.Namespace) -> dict[str, Any]:
+    port = tb.free_port()
+    boot = tb.proxy_bootstrap(port, [tb.Route("api", "/", "backend")], {"backend": backend_port}, _filters(name))
+    with tb.Envoy(boot, port, concurrency=args.concurrency, log_level="warn") as envoy:
+        url = f"http://127.0.0.1:{port}/"
+        # A short warm-up so VMs, connection pools and caches are hot before measuring.
+        subprocess.run(["wrk", "-t1", "-c4", "-d1s", url], capture_output=True, timeout=30, check=False)
+        assert envoy.proc is not None
+        cpu_before = _cpu_seconds(envoy.proc.pid)
+        proc = subprocess.run(["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s",
+                               "--latency", url], capture_output=True, text=True, timeout=args.duration + 60)
+        cpu = _cpu_seconds(envoy.proc.pid) - cpu_before
+        if proc.returncode != 0:
+            raise RuntimeError(f"wrk failed for {name}: {proc.stderr}")
+        result = _parse_wrk(proc.stdout)
+        # CPU per request is what a filter really costs; it is far less sensitive than rps to other
+        # work sharing the machine's cores.
+        result["proxy_cpu_us_per_request"] = round(cpu * 1e6 / result["requests"], 2) if result["requests"] else None
+        return result
+
+
+def main(args: argparse.Namespace) -> int:
+    if shutil.which("wrk") is None:
+        print("perf route: wrk is not installed (Debian package wrk)", file=sys.stderr)
+        return 1
+    try:
+        modules.module_path("mesh")
+        modules.module_path("noop")
+    except FileNotFoundError as exc:
+        print(f"perf route: {exc}", file=sys.stderr)
+        return 1
+    names = args.only or list(SCENARIOS)
+    rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    bport = tb.free_port()
+    with tb.Envoy(tb.direct_response_bootstrap(bport), bport, concurrency=1, log_level="warn"):
+        for _ in range(max(1, args.rounds)):
+            for name in names:
+                rounds[name].append(_run_one(name, bport, args))
+    results: dict[str, Any] = {}
+    for name, runs in rounds.items():
+        median_rps = statistics.median(r["rps"] for r in runs)
+        best = min(runs, key=lambda r: abs(r["rps"] - median_rps))
+        results[name] = {"what": SCENARIOS[name], **best, "rounds_rps": [r["rps"] for r in runs],
+                         "rounds_cpu_us": [r["proxy_cpu_us_per_request"] for r in runs]}
+    if "a_none" in results:
+        base = results["a_none"]["rps"]
+        base_cpu = results["a_none"]["proxy_cpu_us_per_request"]
+        for r in results.values():
+            r["ratio_to_a"] = round(r["rps"] / base, 4) if base else None
+            if base_cpu and r.get("proxy_cpu_us_per_request"):
+                r["cpu_ratio_to_a"] = round(r["proxy_cpu_us_per_request"] / base_cpu, 4)
+    report: dict[str, Any] = {
+        "benchmark": "route",
+        "settings": {"duration_s": args.duration, "connections": args.connections, "wrk_threads": args.threads,
+                     "proxy_workers": args.concurrency, "backend": "Envoy direct_response, 1 worker",
+                     "rounds": args.rounds, "cpus": os.cpu_count()},
+        "scenarios": results,
+    }
+    if "e_both" in results and "f_noop_wasm" in results:
+        report["e_vs_f"] = round(results["e_both"]["rps"] / results["f_noop_wasm"]["rps"], 4)
+        e_cpu, f_cpu = results["e_both"]["proxy_cpu_us_per_request"], results["f_noop_wasm"]["proxy_cpu_us_per_request"]
+        if e_cpu and f_cpu:
+            report["e_vs_f_cpu"] = round(e_cpu / f_cpu, 4)
+    ok = True
+    if "e_both" in results and "a_none" in results:
+        cost = 1 - results["e_both"]["rps"] / results["a_none"]["rps"]
+        ok = cost <= 0.10
+        report["bar"] = {"e_cost_vs_a": round(cost, 4), "limit": 0.10, "met": ok}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    summary = ", ".join(f"{n.split('_')[0]}={r['rps']:.0f}rps/{r['proxy_cpu_us_per_request']}us"
+                        + (f" ({r['ratio_to_a']:.3f})" if "ratio_to_a" in r else "")
+                        for n, r in results.items())
+    print(f"perf route: {summary}" + (f"; e vs f {report['e_vs_f']:.3f}" if "e_vs_f" in report else ""))
+    return 1 if (args.check and not ok) else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="meshpilot perf route", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
