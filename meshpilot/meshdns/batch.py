@@ -2,7 +2,8 @@
 
 One Python-level ``recvfrom`` + ``sendto`` per query costs two system calls and an address tuple each way, and
 caps a single meshdns process well below a C resolver on a busy machine. This reader wakes up from the event
-loop (``loop.add_reader``), takes up to 64 datagrams per system call, answers prebuilt-response hits in place
+loop (``loop.add_reader``), takes up to 64 datagrams per system call, answers prebuilt-response hits (mesh
+names, and cached upstream answers while their TTLs are current; see server.py) in place
 (the client's socket address is reused as raw bytes, never converted) and sends them back with one
 ``sendmmsg``. Misses go to the same slow path as the asyncio DatagramProtocol, which stays the fallback where
 this is unavailable (not Linux, IPv6 listeners, no libc).
@@ -14,10 +15,14 @@ import ctypes
 import ctypes.util
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BatchedUdp", "available"]
+__all__ = ["BatchedUdp", "HotEntry", "available"]
+
+#: a prebuilt response from byte 2 on in its four RD/CD variants, and the clock value until which it may be sent
+HotEntry = tuple[bytes, bytes, bytes, bytes, float]
 
 _N = 64
 _SLOT = 4096
@@ -61,9 +66,11 @@ def available(family: int) -> bool:
 class BatchedUdp:
     """Reads and answers datagrams on a bound, non-blocking IPv4 UDP socket in batches."""
 
-    def __init__(self, sock: socket.socket, hot: Callable[[], dict[bytes, tuple[bytes, bytes, bytes, bytes]]],
-                 miss: Callable[[bytes, Callable[[bytes], Any]], None]) -> None:
+    def __init__(self, sock: socket.socket, hot: Callable[[], dict[bytes, HotEntry]],
+                 miss: Callable[[bytes, Callable[[bytes], Any]], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.sock = sock
+        self._clock = clock
         self.fd = sock.fileno()
         self._hot = hot
         self._miss = miss
@@ -127,12 +134,13 @@ class BatchedUdp:
             if n <= 0:
                 return
             hot = self._hot()
+            now = self._clock()  # after the datagrams arrived: an entry valid now was valid when they came
             j = 0
             for i in range(n):
                 off = i * _SLOT
                 data = bytes(rmv[off:off + r32[i * stride32 + len_at]])
                 entry = hot.get(data[4:])
-                if entry is not None and not data[2] & 0xF8:
+                if entry is not None and not data[2] & 0xF8 and entry[4] > now:
                     out = data[:2] + entry[(data[2] & 1) | ((data[3] & 0x10) >> 3)]
                     soff = j * _SLOT
                     smv[soff:soff + len(out)] = out

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-file", default=None, help="where the last table is kept across restarts")
     p.add_argument("--upstream", action="append", default=[], metavar="HOST[:PORT]",
                    help="resolver for non-mesh names, repeatable (default: nameservers of /etc/resolv.conf)")
+    p.add_argument("--upstream-mark", default=None, metavar="MARK",
+                   help="SO_MARK for upstream queries, e.g. 0x539, the mark `meshpilot capture` exempts (needs "
+                        "CAP_NET_ADMIN; default: none)")
     p.add_argument("--upstream-timeout", type=float, default=1.5, help="seconds per upstream try (%(default)s)")
     p.add_argument("--ttl", type=int, default=30, help="TTL of mesh answers in seconds (%(default)s)")
     p.add_argument("--domain", default="mesh", help="mesh domain (%(default)s)")
@@ -42,6 +45,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def _mark(text: str | None) -> int | None:
+    if text is None or text.strip().lower() in ("", "none", "0"):
+        return None
+    try:
+        mark = int(text, 0)
+    except ValueError:
+        raise ValueError(f"--upstream-mark: {text!r} is not a number such as 0x539") from None
+    if not 0 < mark < 2**32:
+        raise ValueError(f"--upstream-mark: {text!r} must be between 1 and 2^32-1")
+    return mark
+
+
 def config_from_args(args: argparse.Namespace) -> MeshDnsConfig:
     host, port = parse_hostport(args.listen, 15053)
     cp = None if args.control_plane.lower() in ("", "none") else args.control_plane
@@ -53,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> MeshDnsConfig:
         host=host, port=port, control_plane=cp, state_file=args.state_file,
         upstreams=tuple(parse_hostport(u, 53) for u in args.upstream), upstream_timeout=args.upstream_timeout,
         ttl=args.ttl, domain=args.domain.strip("."), namespace=args.namespace, search=search,
-        static_table=args.static_table, udp_batch=args.udp_batch, **kwargs,
+        static_table=args.static_table, udp_batch=args.udp_batch, upstream_mark=_mark(args.upstream_mark), **kwargs,
     )
 
 

@@ -32,6 +32,7 @@ class MeshDnsConfig:
     upstream_timeout: float = 1.5
     backoff_max: float = 5.0
     udp_batch: bool = True  # recvmmsg/sendmmsg fast path where available
+    upstream_mark: int | None = None  # SO_MARK on upstream sockets, exempt from the node's capture rules
 
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:

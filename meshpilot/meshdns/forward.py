@@ -4,7 +4,9 @@ Every upstream query gets a fresh random id and its own connected UDP socket (so
 kernel's randomised ephemeral range), and only an answer from that upstream with the same id and question is
 accepted (RFC 5452). Each upstream is tried in turn with a timeout; a truncated answer is retried over TCP; when
 every upstream fails the client gets SERVFAIL straight away (a refused port fails in microseconds, not after a
-timeout). Identical questions in flight share one upstream query.
+timeout). Identical questions in flight share one upstream query. With ``mark`` set, every upstream socket
+carries that SO_MARK, which the node's capture rules exempt, so meshdns's own queries to port 53 are not
+redirected back to itself.
 
 Answers are cached under the lower-cased name, type, class and the client's EDNS shape (OPT present, DO bit),
 for the smallest TTL in the answer, or for a negative answer the SOA's TTL/MINIMUM (RFC 2308), capped at
@@ -17,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from meshpilot.meshdns.answer import OUR_UDP_SIZE, udp_limit
@@ -148,6 +151,8 @@ class Forwarder:
     timeout: float = 1.5
     max_ttl: int = 3600
     counters: dict[str, int] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic
+    mark: int | None = None  # SO_MARK for upstream sockets (the capture rules' exempt mark)
     _cache: dict[tuple[bytes, int, int, int], _Entry] = field(default_factory=dict)
     _exact: dict[bytes, tuple[_Entry, tuple[bytes, int, int, int], _Shape]] = field(default_factory=dict)
     _inflight: dict[tuple[bytes, int, int, int], _Inflight] = field(default_factory=dict)
@@ -159,12 +164,20 @@ class Forwarder:
 
     def cached(self, data: bytes, q: Query | None, tcp: bool, now: float | None = None) -> bytes | None:
         """Replay a cached answer for this packet; with ``q`` None only an exact-bytes hit is possible."""
-        now = time.monotonic() if now is None else now
+        hit = self.cached_until(data, q, tcp, now)
+        return None if hit is None else hit[0]
+
+    def cached_until(self, data: bytes, q: Query | None, tcp: bool,
+                     now: float | None = None) -> tuple[bytes, float] | None:
+        """Like :meth:`cached`, plus the instant until which the same response (after its id) stays exact: the
+        next whole second of the entry's age (when every TTL in it drops by one) or its expiry, if sooner.
+        The server keeps such a response in its prebuilt-answer dictionary until then."""
+        now = self.clock() if now is None else now
         hit = self._exact.get(data[4:])
         if hit is not None:
             entry, key, shape = hit
             if entry.expires > now and self._cache.get(key) is entry:
-                return self._render(entry, data, shape, tcp, now)
+                return self._render(entry, data, shape, tcp, now), self._valid_until(entry, now)
             del self._exact[data[4:]]
         if q is None:
             return None
@@ -179,7 +192,16 @@ class Forwarder:
             self._exact.clear()
         shape = _shape(q)
         self._exact[data[4:]] = (entry2, key, shape)
-        return self._render(entry2, data, shape, tcp, now)
+        return self._render(entry2, data, shape, tcp, now), self._valid_until(entry2, now)
+
+    @staticmethod
+    def _valid_until(entry: _Entry, now: float) -> float:
+        return min(entry.expires, entry.stored + int(now - entry.stored) + 1)
+
+    def forget_exact(self) -> None:
+        """Drop the exact-bytes index (not the cache): the next packet of each spelling is classified again, so a
+        name that has just become a mesh name is answered from the table, not from an older upstream answer."""
+        self._exact.clear()
 
     def _render(self, entry: _Entry, data: bytes, shape: _Shape, tcp: bool, now: float) -> bytes:
         age = int(now - entry.stored)
@@ -202,7 +224,7 @@ class Forwarder:
     async def resolve(self, data: bytes, q: Query, tcp: bool) -> bytes:
         """Answer ``q`` through the upstreams (or the cache); SERVFAIL when none of them answers."""
         key = self._key(q)
-        now = time.monotonic()
+        now = self.clock()
         entry = self._cache.get(key)
         if entry is None or entry.expires <= now:
             flight = self._inflight.get(key)
@@ -226,7 +248,7 @@ class Forwarder:
         if entry is None:
             self.counters["servfail_sent"] = self.counters.get("servfail_sent", 0) + 1
             return servfail(q, data)
-        return self._render(entry, data, _shape(q), tcp, time.monotonic())
+        return self._render(entry, data, _shape(q), tcp, self.clock())
 
     async def _exchange(self, q: Query, key: tuple[bytes, int, int, int]) -> _Entry | None:
         question = encode_name(q.lower_labels()) + struct.pack("!HH", q.qtype, q.qclass)
@@ -241,7 +263,7 @@ class Forwarder:
                     resp = await self._udp(host, port, msg, qid, question)
                     if resp[2] & 0x02:  # TC: the same question over TCP
                         resp = await self._tcp(host, port, msg, qid, question)
-                entry = _parse_upstream(resp, 12 + len(question), time.monotonic(), self.max_ttl)
+                entry = _parse_upstream(resp, 12 + len(question), self.clock(), self.max_ttl)
             except (OSError, TimeoutError, FormatError, EOFError, asyncio.IncompleteReadError) as exc:
                 self.counters["upstream_failures"] = self.counters.get("upstream_failures", 0) + 1
                 log.debug("event=upstream_failed upstream=%s:%d error=%r", host, port, exc)
@@ -258,21 +280,49 @@ class Forwarder:
             return entry
         return None
 
-    @staticmethod
-    async def _udp(host: str, port: int, msg: bytes, qid: int, question: bytes) -> bytes:
+    def _socket(self, host: str, kind: int) -> socket.socket:
+        """A non-blocking socket for one upstream query, carrying ``mark`` (SO_MARK) when one is configured, so
+        the node's capture rules let it pass instead of sending it back to meshdns."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, kind)
+        try:
+            sock.setblocking(False)
+            if self.mark is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+                except OSError as exc:  # needs CAP_NET_ADMIN; a uid exemption may cover us instead
+                    log.warning("event=so_mark_unavailable mark=%#x error=%r (upstream queries go unmarked)",
+                                self.mark, exc)
+                    self.mark = None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _udp(self, host: str, port: int, msg: bytes, qid: int, question: bytes) -> bytes:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UpstreamUdp(qid, question, future), remote_addr=(host, port))
+        sock = self._socket(host, socket.SOCK_DGRAM)
+        try:
+            sock.connect((host, port))  # a fresh ephemeral source port, and only this peer's datagrams
+        except BaseException:
+            sock.close()
+            raise
+        transport, _ = await loop.create_datagram_endpoint(lambda: _UpstreamUdp(qid, question, future), sock=sock)
         try:
             transport.sendto(msg)
             return await future
         finally:
             transport.close()
 
-    @staticmethod
-    async def _tcp(host: str, port: int, msg: bytes, qid: int, question: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def _tcp(self, host: str, port: int, msg: bytes, qid: int, question: bytes) -> bytes:
+        sock = self._socket(host, socket.SOCK_STREAM)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
         try:
             writer.write(struct.pack("!H", len(msg)) + msg)
             await writer.drain()
@@ -283,5 +333,3 @@ class Forwarder:
                     return resp
         finally:
             writer.close()
-
-

@@ -2,8 +2,10 @@
 
 The UDP hot path (batched with recvmmsg/sendmmsg on Linux, see batch.py, else an asyncio DatagramProtocol) is
 one dictionary lookup keyed by the packet after its id and flags (counts, question, OPT),
-whose value is the prebuilt response in the four RD/CD variants; a hit prepends the query id and sends. Every
-miss goes through :func:`meshpilot.meshdns.answer.respond`, which either builds the mesh answer (stored for next
+whose value is the prebuilt response in the four RD/CD variants and the instant it stops being exact; a hit
+prepends the query id and sends. Mesh answers stay exact until the table changes; a cached upstream answer only
+until its TTLs would drop by another second or it expires, after which the next query takes the slow path,
+which renders it again with the TTLs counted down (or goes upstream once it has expired). Every miss goes through :func:`meshpilot.meshdns.answer.respond`, which either builds the mesh answer (stored for next
 time), answers an error, drops the packet, or hands it to the :class:`~meshpilot.meshdns.forward.Forwarder`.
 A new table replaces the dictionaries wholesale, so an answer is never older than the table it came from.
 
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import struct
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -50,7 +54,7 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         hot = self.dns._udp_hot.get(data[4:])
-        if hot is not None and not data[2] & 0xF8:  # a query (QR 0) with opcode QUERY
+        if hot is not None and not data[2] & 0xF8 and hot[4] > self.dns.clock():  # a query with opcode QUERY
             self.transport.sendto(data[:2] + hot[(data[2] & 1) | ((data[3] & 0x10) >> 3)], addr)  # type: ignore[union-attr]
             self.hits += 1
             return
@@ -63,7 +67,7 @@ class _Udp(asyncio.DatagramProtocol):
 class MeshDns:
     """One meshdns instance. ``async with MeshDns(config) as dns:`` binds, loads the table and starts the feed."""
 
-    def __init__(self, config: MeshDnsConfig) -> None:
+    def __init__(self, config: MeshDnsConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.counters: dict[str, int] = {}
         upstreams = list(config.upstreams)
@@ -74,12 +78,14 @@ class MeshDns:
                 search = resolv_search
         self._search = tuple(search)
         self._requested_upstreams = upstreams
-        self.forwarder = Forwarder([], timeout=config.upstream_timeout, counters=self.counters)
+        self.clock: Callable[[], float] = clock
+        self.forwarder = Forwarder([], timeout=config.upstream_timeout, counters=self.counters, clock=clock,
+                                   mark=config.upstream_mark)
         self.ads = AdsState(config.node_id, load_state(config.state_file) if config.state_file else None)
         self.table = NameTable.build((), domain=config.domain, ttl=config.ttl)
         self._serial = 0
-        self._udp_hot: dict[bytes, tuple[bytes, bytes, bytes, bytes]] = {}
-        self._tcp_hot: dict[bytes, tuple[bytes, bytes, bytes, bytes]] = {}
+        self._udp_hot: dict[bytes, batch.HotEntry] = {}
+        self._tcp_hot: dict[bytes, batch.HotEntry] = {}
         self._udp: _Udp | None = None
         self._udp_transport: asyncio.DatagramTransport | None = None
         self._batched: batch.BatchedUdp | None = None
@@ -98,6 +104,7 @@ class MeshDns:
                                      namespace=self.config.namespace, serial=self._serial)
         self._udp_hot = {}
         self._tcp_hot = {}
+        self.forwarder.forget_exact()
         self.counters["table_updates"] = self.counters.get("table_updates", 0) + 1
         self.table_updated.set()
         self.table_updated = asyncio.Event()
@@ -113,29 +120,35 @@ class MeshDns:
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 
+    def _remember(self, data: bytes, response: bytes, until: float, tcp: bool) -> None:
+        """Keep a response in the prebuilt-answer dictionary, valid until ``until`` (``inf`` for mesh answers)."""
+        hot = self._tcp_hot if tcp else self._udp_hot
+        if len(hot) >= _HOT_LIMIT:
+            hot.clear()
+        hot[data[4:]] = (*flag_variants(response), until)
+
     def _miss(self, data: bytes, reply: Callable[[bytes], Any], *, tcp: bool) -> None:
         try:
             if len(data) >= 12 and not data[2] & 0xF8:
-                cached = self.forwarder.cached(data, None, tcp)
-                if cached is not None:
+                hit = self.forwarder.cached_until(data, None, tcp)
+                if hit is not None:
                     self._count("forward_cache_hits")
-                    reply(cached)
+                    self._remember(data, hit[0], hit[1], tcp)
+                    reply(hit[0])
                     return
             outcome = respond(data, self.table, tcp=tcp)
             if outcome.kind == REPLY:
                 self._count(f"replies_{outcome.reason}" if outcome.reason else "mesh_answers")
                 if outcome.cacheable:
-                    hot = self._tcp_hot if tcp else self._udp_hot
-                    if len(hot) >= _HOT_LIMIT:
-                        hot.clear()
-                    hot[data[4:]] = flag_variants(outcome.response)
+                    self._remember(data, outcome.response, math.inf, tcp)
                 reply(outcome.response)
             elif outcome.kind == FORWARD:
                 assert outcome.query is not None
-                cached = self.forwarder.cached(data, outcome.query, tcp)
-                if cached is not None:
+                hit = self.forwarder.cached_until(data, outcome.query, tcp)
+                if hit is not None:
                     self._count("forward_cache_hits")
-                    reply(cached)
+                    self._remember(data, hit[0], hit[1], tcp)
+                    reply(hit[0])
                 elif self._tg is not None:
                     self._count("forwarded")
                     self._tg.create_task(self._forward(data, outcome.query, reply, tcp))
@@ -163,7 +176,7 @@ class MeshDns:
                     (length,) = struct.unpack("!H", await reader.readexactly(2))
                     data = await reader.readexactly(length)
                 hot = self._tcp_hot.get(data[4:])
-                if hot is not None and not data[2] & 0xF8:
+                if hot is not None and not data[2] & 0xF8 and hot[4] > self.clock():
                     reply(data[:2] + hot[(data[2] & 1) | ((data[3] & 0x10) >> 3)])
                     self._count("tcp_hot_hits")
                 else:
@@ -188,7 +201,7 @@ class MeshDns:
                 sock.close()
                 raise
             self._batched = batch.BatchedUdp(sock, lambda: self._udp_hot,
-                                             lambda data, reply: self._miss(data, reply, tcp=False))
+                                             lambda data, reply: self._miss(data, reply, tcp=False), self.clock)
             loop.add_reader(sock.fileno(), self._batched.on_readable)
             return int(sock.getsockname()[1])
         transport, proto = await loop.create_datagram_endpoint(
