@@ -36,7 +36,7 @@ from meshpilot.translate.endpoints import build_endpoints
 from meshpilot.translate.listeners import INBOUND, OUTBOUND, build_inbound_listener, build_outbound_listener
 from meshpilot.translate.names import OUTBOUND_ROUTE, TYPE, cluster_name, inbound_cluster_name
 from meshpilot.translate.node import NodeInfo
-from meshpilot.translate.routes import ServiceRouting, Subset, build_outbound_routes
+from meshpilot.translate.routes import OutboundRoutes, ServiceRouting, Subset
 from meshpilot.xds.cache import ResourceCache
 from meshpilot.xds.server import XdsServer
 
@@ -72,6 +72,7 @@ class ControlPlane:
             raise ValueError("store: the etcd store is not available in this build; use sqlite:PATH")
         self.registry = Registry(open_store(settings.store), settings.vip_cidr, settings.vip6_cidr)
         self.cache = ResourceCache()
+        self._routes = OutboundRoutes()
         self.nodes: dict[str, NodeInfo] = {}
         self.xds = XdsServer(self.cache, self._node_connected, self._node_gone)
         self.ports: dict[str, int] = {}
@@ -223,7 +224,7 @@ class ControlPlane:
             if svc is not None:
                 self._put_endpoints(svc)
         if dirty.services or rerouted:
-            self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: build_outbound_routes(reg.services(), domain, self._routing_map())})
+            self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: self._routes.build(reg.services(), domain, self._routing_map())})
         if dirty.services:
             for node in list(self.nodes.values()):
                 if node.service_key in dirty.services or node.capture:  # capture chains list every VIP
@@ -257,7 +258,7 @@ class ControlPlane:
     def build_all(self) -> None:
         self._rebuild(_Dirty(services={s.key for s in self.registry.services()}))
         if not self.registry.services():
-            self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: build_outbound_routes([], self.settings.domain)})
+            self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: self._routes.build([], self.settings.domain)})
         for builder in self._shared_builders:
             builder({"*"})
 

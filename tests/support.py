@@ -199,6 +199,7 @@ def envoy(workdir: Path, bootstrap: dict[str, Any], name: str = "envoy", concurr
 
 class _Handler(httpserver.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
 
     def do_GET(self) -> None:  # noqa: N802
         srv = self.server

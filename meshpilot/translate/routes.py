@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from envoy.config.route.v3 import route_components_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault
@@ -30,8 +31,10 @@ from google.protobuf import any_pb2
 from meshpilot.model import Service, ServicePort
 from meshpilot.translate.clusters import duration_ms, subset_cluster_name
 from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, host_forms
+from meshpilot.xds.wire import bytes_field
 
 __all__ = [
+    "OutboundRoutes",
     "FAULT_FILTER",
     "Fault",
     "HeaderMatch",
@@ -281,6 +284,21 @@ def build_virtual_host(
     return vh
 
 
+def _fallback_host() -> route_components_pb2.VirtualHost:
+    fallback = rc.VirtualHost(name="unknown-host", domains=["*"])
+    r = fallback.routes.add(name="unknown-host")
+    r.match.prefix = "/"
+    r.direct_response.status = 404
+    r.direct_response.body.inline_string = "meshpilot: no mesh service answers to this host\n"
+    return fallback
+
+
+def _service_hosts(
+    s: Service, domain: str, routing: ServiceRouting | None, short: bool
+) -> list[rc.VirtualHost]:
+    return [build_virtual_host(s, p, domain, routing, short=short) for p in s.ports if p.protocol != "tcp"]
+
+
 def build_outbound_routes(
     services: list[Service], domain: str, routing: Mapping[str, ServiceRouting] | None = None
 ) -> route_pb2.RouteConfiguration:
@@ -288,13 +306,42 @@ def build_outbound_routes(
     routing = routing or {}
     cfg = route_pb2.RouteConfiguration(name=OUTBOUND_ROUTE, validate_clusters={"value": False})
     for s in sorted(services, key=lambda x: x.key):
-        for p in s.ports:
-            if p.protocol == "tcp":
-                continue
-            cfg.virtual_hosts.append(build_virtual_host(s, p, domain, routing.get(s.key), short=s.key in owners))
-    fallback = cfg.virtual_hosts.add(name="unknown-host", domains=["*"])
-    r = fallback.routes.add(name="unknown-host")
-    r.match.prefix = "/"
-    r.direct_response.status = 404
-    r.direct_response.body.inline_string = "meshpilot: no mesh service answers to this host\n"
+        cfg.virtual_hosts.extend(_service_hosts(s, domain, routing.get(s.key), s.key in owners))
+    cfg.virtual_hosts.append(_fallback_host())
     return cfg
+
+
+class OutboundRoutes:
+    """The outbound RouteConfiguration as wire bytes, rebuilt incrementally.
+
+    Equal to ``build_outbound_routes`` (a unit test holds them to it), but each service's virtual
+    hosts are serialised once and reused while the service object, its routing overlay and its
+    claim on the short name stay the same, so a change to one service of a thousand costs one
+    service's worth of building.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[str, tuple[Service, str, ServiceRouting | None, bool, bytes]] = {}
+        head = route_pb2.RouteConfiguration(name=OUTBOUND_ROUTE, validate_clusters={"value": False})
+        self._head = head.SerializeToString(deterministic=True)
+        self._tail = bytes_field(2, _fallback_host().SerializeToString(deterministic=True))
+
+    def build(self, services: list[Service], domain: str, routing: Mapping[str, ServiceRouting] | None = None) -> bytes:
+        owners = short_name_owners(services)
+        routing = routing or {}
+        parts = [self._head]
+        memo: dict[str, tuple[Service, str, ServiceRouting | None, bool, bytes]] = {}
+        for s in sorted(services, key=lambda x: x.key):
+            overlay, short = routing.get(s.key), s.key in owners
+            hit = self._memo.get(s.key)
+            if hit is not None and hit[0] is s and hit[1] == domain and hit[2] == overlay and hit[3] == short:
+                chunk = hit[4]
+            else:
+                chunk = b"".join(
+                    bytes_field(2, vh.SerializeToString(deterministic=True)) for vh in _service_hosts(s, domain, overlay, short)
+                )
+            memo[s.key] = (s, domain, overlay, short, chunk)
+            parts.append(chunk)
+        self._memo = memo
+        parts.append(self._tail)
+        return b"".join(parts)
