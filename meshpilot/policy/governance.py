@@ -67,6 +67,7 @@ INBOUND_FILTER = "meshpilot.governance.inbound"
 API_CLUSTER = "meshpilot-api"
 WASM_PATH = "/v1/wasm/mesh.wasm"
 VM_ID = "meshpilot"
+INITIAL_FETCH_TIMEOUT_S = 10  # a listener waits at most this long for its filter config and code
 MAX_RULES = 64  # per section of one filter configuration (the filter's limit)
 
 _WASM_TYPE = modules.WASM_TYPE_URL
@@ -98,15 +99,21 @@ def passthrough_config(name: str) -> extension_pb2.TypedExtensionConfig:
     return extension_pb2.TypedExtensionConfig(name=name, typed_config=_pack(header_mutation_pb2.HeaderMutation()))
 
 
+def _ecds_source() -> config_source_pb2.ConfigSource:
+    source = ads_source()
+    source.initial_fetch_timeout.CopyFrom(duration_pb2.Duration(seconds=INITIAL_FETCH_TIMEOUT_S))
+    return source
+
+
 def ecds_filter(name: str) -> hcm.HttpFilter:
     """The listener's side: an HTTP filter whose config comes by ECDS over ADS. Until the first
     config arrives it passes everything (the listener never waits for it)."""
     return hcm.HttpFilter(
         name=name,
         config_discovery=config_source_pb2.ExtensionConfigSource(
-            config_source=ads_source(),
+            config_source=_ecds_source(),
             default_config=passthrough_config(name).typed_config,
-            apply_default_config_without_warming=True,
+            apply_default_config_without_warming=False,
             type_urls=[_WASM_TYPE, _PASSTHROUGH_TYPE],
         ),
     )
@@ -268,8 +275,6 @@ class Governance:
 
     def _resource(self, name: str, document: dict[str, Any], uri: str) -> extension_pb2.TypedExtensionConfig:
         assert self.module is not None
-        if not any(document.values()):
-            return passthrough_config(name)
         return wasm_config(name, encode(document), uri, self.module.sha256)
 
     def publish(self, changed: set[str] | None = None) -> None:
@@ -280,7 +285,7 @@ class Governance:
         self.cp.cache.put(TYPE.CLUSTER, {API_CLUSTER: api_cluster(_reachable(self.cp.settings.listen_address), self.cp.ports["api"])})
         self.cp.cache.put(TYPE.EXTENSION_CONFIG, {
             OUTBOUND_FILTER: self._resource(OUTBOUND_FILTER, self.outbound_document(), uri),
-            INBOUND_FILTER: passthrough_config(INBOUND_FILTER),
+            INBOUND_FILTER: self._resource(INBOUND_FILTER, {}, uri),
         })
         for key in {n.service_key for n in self.cp.nodes.values() if n.service_key}:
             self.publish_inbound(key)
