@@ -479,7 +479,7 @@ def install(cp: ControlPlane) -> None:
     cp.registry.subscribe(server.on_change)
 
     def sidecar_addresses() -> frozenset[str]:
-        return frozenset(i.address for i in cp.registry.instances() if i.source == SOURCE)
+        return frozenset(i.address for i in cp.registry.iter_instances() if i.source == SOURCE)
 
     cp.trusted_peers = sidecar_addresses()
 
