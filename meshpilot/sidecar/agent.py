@@ -1,8 +1,10 @@
 """The sidecar agent (``meshpilot sidecar``): one per app, on a VM, bare metal or in a pod.
 
 It makes sure the service exists in the registry, renders the Envoy bootstrap from spec.yaml,
-starts Envoy (and the app itself when the spec has ``mesh.app``) and restarts either with back-off
-when it dies. Registration and health are not the agent's business: Envoy's HDS stream does that
+starts the node's meshdns in its own event loop (``mesh.dns``, on by default: fed by the same control
+plane over delta ADS, its last table kept in the work directory, upstream queries marked with the
+capture rules' exempt SO_MARK), then Envoy (and the app itself when the spec has ``mesh.app``), and
+restarts each with back-off when it dies. Registration and health are not the agent's business: Envoy's HDS stream does that
 (xds/hds.py). On SIGTERM/SIGINT it runs the graceful offline sequence of DESIGN.md:
 
 1. deregister the instance through the management API (HDS has no deregister message);
@@ -11,7 +13,7 @@ when it dies. Registration and health are not the agent's business: Envoy's HDS 
 3. run ``mesh.preStop``;
 4. drain Envoy's inbound listeners (admin ``/drain_listeners?inboundonly&graceful``) for
    ``mesh.drainTime``;
-5. stop the app, then Envoy.
+5. stop the app, then Envoy; meshdns answers until the very end, then closes.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from urllib.parse import quote
 
 import aiohttp
 
+from meshpilot.meshdns.config import MeshDnsConfig
+from meshpilot.meshdns.server import MeshDns
 from meshpilot.sidecar.render import SidecarOptions, bootstrap_options
 from meshpilot.sidecar.spec import SidecarSpec
-from meshpilot.sidecar.supervise import Supervised
+from meshpilot.sidecar.supervise import BASE_DELAY_S, MAX_DELAY_S, Supervised
 from meshpilot.translate.bootstrap import build_bootstrap
 
-__all__ = ["AgentConfig", "run_agent"]
+__all__ = ["AgentConfig", "dns_config", "run_agent"]
 
 log = logging.getLogger("meshpilot.sidecar")
 
@@ -58,6 +62,23 @@ class AgentConfig:
     log_level: str = "info"
 
 
+def dns_config(spec: SidecarSpec, options: SidecarOptions, node_id: str, workdir: Path) -> MeshDnsConfig:
+    """The meshdns settings of a sidecar: ``mesh.dns`` from the spec, the agent's control plane, and a node id
+    of its own (``<node>~meshdns``: the Envoy's node id carries listener metadata a table stream must not
+    replace)."""
+    d = spec.mesh.dns
+    host, port = d.listen_address
+    cp_host = f"[{options.control_plane_host}]" if ":" in options.control_plane_host else options.control_plane_host
+    # an empty search list must stay empty rather than fall back to resolv.conf's: "" is the "none" suffix
+    search = tuple(d.search_suffixes(spec.metadata.namespace)) or ("",)
+    return MeshDnsConfig(
+        host=host, port=port, control_plane=f"{cp_host}:{options.control_plane_port}", node_id=f"{node_id}~meshdns",
+        state_file=str(workdir / "meshdns.json"), upstreams=tuple(d.upstream_addresses), ttl=d.ttl, domain=d.domain,
+        search=search, namespace=spec.metadata.namespace, upstream_timeout=d.upstreamTimeout,
+        upstream_mark=d.upstreamMark,
+    )
+
+
 class _Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -70,6 +91,8 @@ class _Agent:
         self.admin_path = cfg.workdir / "envoy.admin"
         self.envoy: Supervised | None = None
         self.app: Supervised | None = None
+        self.dns: MeshDns | None = None
+        self.dns_settled = asyncio.Event()  # meshdns bound, or its first attempt failed
 
     # ---- management API --------------------------------------------------------------------
 
@@ -156,6 +179,7 @@ class _Agent:
             "instance_id": self.instance_id,
             "inbound_port": self.bopts.inbound_port,
             "outbound_port": self.bopts.outbound_port,
+            "dns_port": self.dns.port if self.dns is not None else None,
         }
         tmp = self.cfg.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
@@ -177,6 +201,31 @@ class _Agent:
                 except TimeoutError:
                     log.warning("event=envoy_admin_timeout pid=%d", proc.pid)
             await asyncio.sleep(0.1)
+
+    async def _run_dns(self) -> None:
+        """meshdns in this event loop, restarted with back-off when it cannot bind or fails."""
+        config = dns_config(self.cfg.spec, self.cfg.options, self.instance_id, self.cfg.workdir)
+        delay = BASE_DELAY_S
+        while True:
+            try:
+                async with MeshDns(config) as dns:
+                    self.dns = dns
+                    self.dns_settled.set()
+                    delay = BASE_DELAY_S
+                    log.info("event=meshdns_started listen=%s:%d upstreams=%s search=%s", config.host, dns.port,
+                             ",".join(f"{h}:{p}" for h, p in dns.forwarder.upstreams) or "-",
+                             ",".join(s for s in config.search if s) or "-")
+                    if self.envoy is not None:
+                        self._write_ready()
+                    await asyncio.Event().wait()
+            except Exception as exc:  # noqa: BLE001 - logged and retried; the sidecar keeps running without DNS
+                log.error("event=meshdns_failed listen=%s:%d error=%r retry_in_s=%.1f", config.host, config.port,
+                          exc, delay)
+            finally:
+                self.dns = None
+            self.dns_settled.set()
+            await asyncio.sleep(delay)
+            delay = min(MAX_DELAY_S, delay * 2)
 
     # ---- graceful offline --------------------------------------------------------------------
 
@@ -233,6 +282,14 @@ class _Agent:
                 return 1
             mesh = self.cfg.spec.mesh
             async with asyncio.TaskGroup() as tg:
+                dns_task = None
+                if mesh.dns.enabled:  # before the app and Envoy, so the app's first lookups are answered
+                    dns_task = tg.create_task(self._run_dns())
+                    try:
+                        async with asyncio.timeout(5.0):
+                            await self.dns_settled.wait()
+                    except TimeoutError:
+                        log.warning("event=meshdns_slow_start waited_s=5.0")
                 if mesh.app is not None:
                     env = {**os.environ, **mesh.app.env}
                     self.app = Supervised("app", mesh.app.command, self.cfg.workdir / "app.log", env, mesh.app.workingDir)
@@ -246,6 +303,8 @@ class _Agent:
                 log.info("event=stop_requested instance=%s", self.instance_id)
                 await self.offline(http)
                 watcher.cancel()
+                if dns_task is not None:
+                    dns_task.cancel()
         return 0
 
 

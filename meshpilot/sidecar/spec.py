@@ -4,7 +4,8 @@ The document is a Kubernetes Service (``apiVersion``, ``kind: Service``, ``metad
 namespace and labels, ``spec.ports`` with name/port/targetPort/protocol/appProtocol), so the same
 file describes the service in a cluster and on a VM, plus a ``mesh`` section for what a VM needs:
 the app's health check, zone and weight, drain time, an optional pre-stop command, an optional
-``app`` the agent starts and supervises, the sidecar's own ports, and an optional API list.
+``app`` the agent starts and supervises, the sidecar's own ports, the node's meshdns (``dns``, on by
+default) and an optional API list.
 
 ``load_spec(text)`` validates and returns a frozen ``SidecarSpec``; every error names the field
 (``spec.ports.0.targetPort: ...``). Pure: no I/O besides parsing the given text.
@@ -12,15 +13,16 @@ the app's health check, zone and weight, drain time, an optional pre-stop comman
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meshpilot.model import ApiOperation, Service, ServicePort, field_errors
 
-__all__ = ["SpecError", "SidecarSpec", "load_spec", "parse_duration"]
+__all__ = ["DnsSpec", "SpecError", "SidecarSpec", "load_spec", "parse_duration"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
@@ -188,6 +190,86 @@ class SidecarPorts(_Model):
     port: str | None = Field(default=None, description="the spec port the sidecar fronts (default: the first)")
 
 
+def _hostport(text: str, default_port: int) -> tuple[str, int]:
+    """``"10.0.0.2"``, ``"10.0.0.2:5353"``, ``"[::1]:53"`` or ``"::1"`` → (IP address, port), or ValueError."""
+    from meshpilot.meshdns.config import parse_hostport
+
+    try:
+        host, port = parse_hostport(text, default_port)
+    except ValueError:
+        raise ValueError(f"must be an IP address with an optional :PORT, got {text!r}") from None
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        raise ValueError(f"must be an IP address (not a host name) with an optional :PORT, got {text!r}") from None
+    return host, port
+
+
+def _upstream(text: str) -> str:
+    host, port = _hostport(text, 53)
+    if port == 0:
+        raise ValueError(f"port 0 is not a resolver's port, got {text!r}")
+    return text
+
+
+_DNS_NAME = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
+
+
+def _dns_name(text: str) -> str:
+    if len(text) > 253 or not _DNS_NAME.match(text):
+        raise ValueError(f"must be a DNS name such as shop.svc.mesh, got {text!r}")
+    return text.rstrip(".").lower()
+
+
+class DnsSpec(_Model):
+    """The node's meshdns, run by the agent: mesh names to VIPs, the rest forwarded (docs/meshdns.md)."""
+
+    _d = _durations("upstreamTimeout")
+    enabled: bool = True
+    listen: str = Field(default="127.0.0.1:15053", description="UDP and TCP address; port 0 picks one")
+    upstreams: list[Annotated[str, AfterValidator(_upstream)]] | None = Field(
+        default=None, max_length=16, description="resolvers for other names (default: /etc/resolv.conf)")
+    search: list[Annotated[str, AfterValidator(_dns_name)]] | None = Field(
+        default=None, max_length=16, description="suffixes mesh names are also answered under "
+                                                 "(default: <namespace>.svc.<domain>, svc.<domain>)")
+    domain: Annotated[str, AfterValidator(_dns_name)] = "mesh"
+    ttl: int = Field(default=30, ge=0, le=86_400)
+    upstreamTimeout: float = Field(default=1.5, ge=0.05, le=60)
+    upstreamMark: int | None = Field(default=0x539, ge=1, le=2**32 - 1,
+                                     description="SO_MARK on upstream queries: the capture rules' exempt mark")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        _hostport(v, 15053)
+        return v
+
+    @field_validator("upstreamMark", mode="before")
+    @classmethod
+    def _mark(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be a number such as 0x539, or null")
+        if isinstance(v, str):
+            try:
+                return int(v, 0)
+            except ValueError:
+                raise ValueError(f"must be a number such as 0x539, or null, got {v!r}") from None
+        return v
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return _hostport(self.listen, 15053)
+
+    @property
+    def upstream_addresses(self) -> list[tuple[str, int]]:
+        return [_hostport(u, 53) for u in self.upstreams or ()]
+
+    def search_suffixes(self, namespace: str) -> list[str]:
+        if self.search is not None:
+            return list(self.search)
+        return [f"{namespace}.svc.{self.domain}", f"svc.{self.domain}"]
+
+
 class MeshSection(_Model):
     _d = _durations("drainTime", "syncTimeout")
     zone: str = Field(default="", max_length=128)
@@ -198,6 +280,7 @@ class MeshSection(_Model):
     preStop: PreStop | None = None
     app: AppSpec | None = None
     sidecar: SidecarPorts = SidecarPorts()
+    dns: DnsSpec = DnsSpec()
     apis: list[ApiOperation] = Field(default_factory=list, max_length=1024)
 
 
@@ -213,6 +296,7 @@ class SidecarSpec(_Model):
         names = [p.name for p in self.spec.ports]
         if self.mesh.sidecar.port is not None and self.mesh.sidecar.port not in names:
             raise ValueError(f"mesh.sidecar.port: {self.mesh.sidecar.port!r} is not one of spec.ports ({', '.join(names)})")
+        self._dns_consistent()
         # the service model carries the same rules (DNS labels, unique names/ports): check them here
         try:
             self.service()
@@ -225,6 +309,20 @@ class SidecarSpec(_Model):
             where = f"metadata.{field}" if top in ("name", "namespace", "labels") else f"spec.{field}" if top == "ports" else field
             raise ValueError(f"{where}: {reason}") from None
         return self
+
+    def _dns_consistent(self) -> None:
+        dns, sc = self.mesh.dns, self.mesh.sidecar
+        if not dns.enabled:
+            return
+        host, port = dns.listen_address
+        for name, other in (("adminPort", sc.adminPort), ("outboundPort", sc.outboundPort),
+                            ("inboundPort", sc.inboundPort)):
+            if port and port == other:
+                raise ValueError(f"mesh.dns.listen: port {port} is also mesh.sidecar.{name}")
+        for i, (uh, up) in enumerate(dns.upstream_addresses):
+            if up == port and ipaddress.ip_address(uh.split("%", 1)[0]) == ipaddress.ip_address(host.split("%", 1)[0]):
+                raise ValueError(f"mesh.dns.upstreams.{i}: {dns.upstreams[i]!r} is meshdns's own address "  # type: ignore[index]
+                                 "(it would forward to itself)")
 
     @property
     def fronted(self) -> PortSpec:

@@ -2,8 +2,9 @@
 HTTP apps on 127.0.0.1.
 
 Lossless rolling of a service under a steady client loop, health checks that keep a failing app out
-of EDS (with the removal time measured against its bound), kill -9 of a sidecar, and an Envoy crash
-that the agent repairs without re-registration churn.
+of EDS (with the removal time measured against its bound), kill -9 of a sidecar, an Envoy crash
+that the agent repairs without re-registration churn, and the agent's meshdns fed by the same
+control plane.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def spec_doc(name: str, app_port: int, inbound: int, outbound: int, *, health: s
                             "healthyThreshold": 1, "unhealthyThreshold": UNHEALTHY},
             "drainTime": drain, "syncTimeout": "5s",
             "sidecar": {"adminPort": 0, "inboundPort": inbound, "outboundPort": outbound},
+            "dns": {"enabled": False},  # several sidecars share this machine; the meshdns test turns it on
         },
     }
 
@@ -368,3 +370,90 @@ def test_deregister_needs_the_token_and_bad_spec_is_rejected(cp: Any, tmp_path: 
     assert r.returncode == 2, f"expected exit 2 for a bad spec, got {r.returncode}: {r.stderr}"
     for field in ("metadata.name", "spec.ports.0.targetPort"):
         assert field in r.stderr, f"expected the error to name {field}, got: {r.stderr}"
+
+
+class _Upstream:
+    """A resolver on 127.0.0.1 for the meshdns test: ``ext.example`` A 192.0.2.77, anything else NXDOMAIN."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.asked: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rrset
+
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except OSError:
+                continue
+            q = dns.message.from_wire(data)
+            name = q.question[0].name.to_text().lower()
+            self.asked.append(name)
+            r = dns.message.make_response(q)
+            if name == "ext.example.":
+                r.answer.append(dns.rrset.from_text(name, 60, "IN", "A", "192.0.2.77"))
+            else:
+                r.set_rcode(dns.rcode.NXDOMAIN)
+            self.sock.sendto(r.to_wire(), addr)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def _resolve(port: int, name: str) -> list[str]:
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    r = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=2)
+    if r.rcode() != dns.rcode.NOERROR:
+        return [dns.rcode.to_text(r.rcode())]
+    return sorted(rr.to_text() for rrset in r.answer for rr in rrset)
+
+
+def test_agent_runs_meshdns_fed_by_the_control_plane(cp: Any, tmp_path: Path) -> None:
+    up = _Upstream()
+    try:
+        with app("b") as b:
+            doc = spec_doc("b", b.port, free_port(), free_port())
+            doc["mesh"]["dns"] = {"listen": "127.0.0.1:0", "upstreams": [f"127.0.0.1:{up.port}"], "ttl": 7}
+            with sidecar(tmp_path, "b", doc, cp, "b-dns-1") as car:
+                port = car.info()["dns_port"]
+                assert isinstance(port, int) and port > 0, f"expected the ready file to carry meshdns's port, got {car.info()}"
+                vip = cp.call("GET", "/v1/services/default/b")[1]["vip"]
+                for name in ("b", "b.default", "b.default.svc.mesh", "B.Default.Svc.Mesh"):
+                    got = wait_until(lambda n=name: _resolve(port, n) == [vip] and _resolve(port, n), 5,
+                                     what=f"{name} -> {vip} from the agent's meshdns")
+                    assert got == [vip], f"{name}: expected {[vip]}, got {got}"
+                assert _resolve(port, "nosuch.default.svc.mesh") == ["NXDOMAIN"]
+                assert _resolve(port, "ext.example") == ["192.0.2.77"], "expected ext.example forwarded upstream"
+                assert up.asked == ["ext.example."], f"expected only ext.example upstream, got {up.asked}"
+
+                # the table follows the registry live, and is kept in the agent's work directory
+                t0 = time.monotonic()
+                status, body = cp.call("POST", "/v1/services", {"name": "late", "ports": [{"name": "http", "port": 80}]},
+                                       {"Authorization": f"Bearer {TOKEN}"})
+                assert status == 201, f"expected 201 creating a service, got {status} {body}"
+                late_vip = cp.call("GET", "/v1/services/default/late")[1]["vip"]
+                wait_until(lambda: _resolve(port, "late.default.svc.mesh") == [late_vip], 1.0, interval=0.01,
+                           what="a new service answered by the agent's meshdns within 1 s")
+                print(f"new service answered by the agent's meshdns after {time.monotonic() - t0:.3f}s")
+                state = json.loads((car.dir / "meshdns.json").read_text())
+                assert {"b.default", "late.default"} <= set(state["resources"]), \
+                    f"expected b.default and late.default in the state file, got {sorted(state['resources'])}"
+                assert car.terminate() == 0, f"expected a clean exit:\n{car.log.read_text()[-3000:]}"
+    finally:
+        up.close()

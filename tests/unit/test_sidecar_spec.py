@@ -84,6 +84,19 @@ def test_rendered_bootstrap_carries_what_hds_reads_and_is_valid(tmp_path: Path) 
         ({"mesh": {"drainTime": -1}}, "mesh.drainTime"),
         ({"mesh": {"colour": "blue"}}, "mesh.colour"),
         ({"kind": "Deployment"}, "kind"),
+        ({"mesh": {"dns": {"listen": "localhost:53"}}}, "mesh.dns.listen"),
+        ({"mesh": {"dns": {"listen": "127.0.0.1:70000"}}}, "mesh.dns.listen"),
+        ({"mesh": {"dns": {"listen": "127.0.0.1:15006"}}}, "mesh.dns.listen"),
+        ({"mesh": {"dns": {"upstreams": ["10.0.0.2", "dns.example"]}}}, "mesh.dns.upstreams.1"),
+        ({"mesh": {"dns": {"upstreams": ["127.0.0.1:15053"]}}}, "mesh.dns.upstreams.0"),
+        ({"mesh": {"dns": {"search": ["ok.example", "bad..name"]}}}, "mesh.dns.search.1"),
+        ({"mesh": {"dns": {"domain": "-mesh"}}}, "mesh.dns.domain"),
+        ({"mesh": {"dns": {"ttl": -1}}}, "mesh.dns.ttl"),
+        ({"mesh": {"dns": {"upstreamTimeout": "forever"}}}, "mesh.dns.upstreamTimeout"),
+        ({"mesh": {"dns": {"upstreamMark": "red"}}}, "mesh.dns.upstreamMark"),
+        ({"mesh": {"dns": {"upstreamMark": 0}}}, "mesh.dns.upstreamMark"),
+        ({"mesh": {"dns": {"enabled": "sometimes"}}}, "mesh.dns.enabled"),
+        ({"mesh": {"dns": {"port": 53}}}, "mesh.dns.port"),
     ],
 )
 def test_bad_spec_names_the_field(patch: dict, field: str) -> None:
@@ -137,3 +150,26 @@ def test_backoff_doubles_then_resets() -> None:
         d.append(next_delay(d[-1], 0.1))
     assert d[1] == 2 * d[0] and d[-1] == MAX_DELAY_S, d
     assert next_delay(MAX_DELAY_S, 60) == d[0], "a child that ran long enough restarts at once"
+
+
+def test_meshdns_settings_from_the_spec() -> None:
+    from meshpilot.sidecar.agent import dns_config
+
+    opts = SidecarOptions(control_plane_host="10.1.2.3", control_plane_port=15010)
+    d = dns_config(load_spec(GOOD), opts, "reviews-1", Path("/var/lib/sc"))
+    got = (d.host, d.port, d.control_plane, d.node_id, d.state_file, d.upstreams, d.search, d.namespace, d.domain,
+           d.upstream_mark)
+    want = ("127.0.0.1", 15053, "10.1.2.3:15010", "reviews-1~meshdns", "/var/lib/sc/meshdns.json", (),
+            ("shop.svc.mesh", "svc.mesh"), "shop", "mesh", 0x539)
+    assert got == want, f"expected the defaults {want}, got {got}"
+
+    doc = yaml.safe_load(GOOD)
+    doc["mesh"]["dns"] = {"listen": "[::1]:5300", "upstreams": ["10.0.0.2", "[fd00::53]:5353"], "search": [],
+                          "domain": "corp.mesh", "ttl": 5, "upstreamTimeout": "800ms", "upstreamMark": "0x10"}
+    d = dns_config(load_spec(yaml.safe_dump(doc)), SidecarOptions(control_plane_host="::1"), "n", Path("w"))
+    got = (d.host, d.port, d.control_plane, d.upstreams, d.search, d.domain, d.ttl, d.upstream_timeout, d.upstream_mark)
+    want = ("::1", 5300, "[::1]:15010", (("10.0.0.2", 53), ("fd00::53", 5353)), ("",), "corp.mesh", 5, 0.8, 0x10)
+    assert got == want, f"expected {want}, got {got}"
+    off = load_spec("metadata: {name: a}\nspec: {ports: [{name: http, port: 80}]}\nmesh: {dns: {enabled: false, "
+                    "listen: 127.0.0.1:15006, upstreamMark: null}}\n").mesh.dns
+    assert (off.enabled, off.upstreamMark) == (False, None), f"expected DNS off and no mark, got {off}"
