@@ -478,18 +478,21 @@ def install(cp: ControlPlane) -> None:
     server = HdsServer(cp.registry, s.hds_interval_s, s.hds_critical_after_s, s.hds_remove_after_s)
     cp.registry.subscribe(server.on_change)
 
-    def sidecar_addresses() -> frozenset[str]:
-        return frozenset(i.address for i in cp.registry.iter_instances() if i.source == SOURCE)
-
-    cp.trusted_peers = sidecar_addresses()
+    # sidecar instance id -> address, kept up to date from change events (no registry scans)
+    sidecars = {i.id: i.address for i in cp.registry.iter_instances() if i.source == SOURCE}
+    cp.trusted_peers = frozenset(sidecars.values())
 
     def on_instance(change: Change) -> None:
         if change.kind != "instance":
             return
         inst = cp.registry.instance(change.key)
-        if inst is not None and inst.source == SOURCE and inst.address in (cp.trusted_peers or ()):
-            return  # the common case: a known sidecar address
-        peers = sidecar_addresses()
+        if inst is not None and inst.source == SOURCE:
+            if sidecars.get(inst.id) == inst.address:
+                return  # the common case: a known sidecar address
+            sidecars[inst.id] = inst.address
+        elif sidecars.pop(change.key, None) is None:
+            return  # not a sidecar instance: nothing to do
+        peers = frozenset(sidecars.values())
         if peers != cp.trusted_peers:
             cp.trusted_peers = peers
             cp.refresh_nodes()
