@@ -57,6 +57,7 @@ struct LimitEntry {
     shared_key: String,
     lease: Lease,
     metrics: Option<(u32, u32, u32)>, // allowed counter, rejected counter, tokens gauge
+    reported_tokens: u64,
     last_used_ns: u64,
 }
 
@@ -75,12 +76,15 @@ impl<T> RuleKeys<T> {
 
 struct Root {
     cfg: Rc<Config>,
+    /// Bumped on every configuration, so a request admitted under an older one is not misattributed.
+    epoch: u64,
     breakers: Vec<RuleKeys<Target>>,
     limits: Vec<RuleKeys<LimitEntry>>,
     now_ns: u64,
 }
 
 struct Tracked {
+    epoch: u64,
     rule: usize,
     target: usize,
     probe: Option<u32>,
@@ -335,7 +339,7 @@ fn limit_entry(cfg: &Config, set: &mut RuleKeys<LimitEntry>, rule: &config::Limi
         _ => None,
     };
     let shared_key = keys::limit_key(&rule.name, name);
-    set.items.push(LimitEntry { shared_key, lease: Lease::default(), metrics, last_used_ns: now_ns });
+    set.items.push(LimitEntry { shared_key, lease: Lease::default(), metrics, reported_tokens: u64::MAX, last_used_ns: now_ns });
     let i = set.items.len() - 1;
     set.index.insert(name.to_string(), i);
     i
@@ -494,7 +498,7 @@ fn on_request(root: &mut Root, http: &mut Http) -> Decision {
         }
     }
     let start_ns = if rule.slow_call_ns > 0 { slow_clock(rule, cfg.tick_ms, &mut now_cached, &mut root.now_ns) } else { 0 };
-    http.tracked = Some(Tracked { rule: i, target: idx, probe, start_ns, responded: false });
+    http.tracked = Some(Tracked { epoch: root.epoch, rule: i, target: idx, probe, start_ns, responded: false });
     Decision::Continue
 }
 
@@ -511,6 +515,9 @@ fn slow_clock(rule: &config::BreakerRule, tick_ms: u32, cache: &mut Option<u64>,
 /// Notes a tracked request's outcome: a half-open probe reports at once, a closed-state call is kept
 /// locally (and folded at once only if it may trip the breaker).
 fn on_outcome(root: &mut Root, tr: &Tracked, status_failure: Option<bool>) {
+    if tr.epoch != root.epoch {
+        return;
+    }
     let cfg = Rc::clone(&root.cfg);
     let rule = match cfg.breakers.get(tr.rule) {
         Some(r) => r,
@@ -614,7 +621,10 @@ fn on_tick(root: &mut Root) {
                 if e.lease.rejected > 0 {
                     host::increment_metric(rejected, e.lease.rejected as i64);
                 }
-                host::record_metric(tokens, e.lease.last_seen_tokens);
+                if e.reported_tokens != e.lease.last_seen_tokens {
+                    host::record_metric(tokens, e.lease.last_seen_tokens);
+                    e.reported_tokens = e.lease.last_seen_tokens;
+                }
             }
             e.lease.allowed = 0;
             e.lease.rejected = 0;
@@ -652,7 +662,7 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, parent_id: u32) {
             if let Ok(mut roots) = r.try_borrow_mut() {
                 roots.insert(
                     context_id,
-                    Root { cfg: Rc::new(Config::default()), breakers: Vec::new(), limits: Vec::new(), now_ns: 0 },
+                    Root { cfg: Rc::new(Config::default()), epoch: 0, breakers: Vec::new(), limits: Vec::new(), now_ns: 0 },
                 );
             }
         });
@@ -693,7 +703,9 @@ pub extern "C" fn proxy_on_configure(root_id: u32, size: usize) -> u32 {
     let tick = cfg.tick_ms;
     let ok = ROOTS.with(|r| match r.try_borrow_mut() {
         Ok(mut roots) => {
+            let epoch = roots.get(&root_id).map_or(0, |r| r.epoch + 1);
             let root = Root {
+                epoch,
                 breakers: cfg.breakers.iter().map(|_| RuleKeys::new()).collect(),
                 limits: cfg.limits.iter().map(|_| RuleKeys::new()).collect(),
                 cfg: Rc::new(cfg),
