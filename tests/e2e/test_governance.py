@@ -304,3 +304,44 @@ def test_invalid_policies_are_rejected_with_fields_and_store_nothing(clean: Mesh
         status, listed = m.cp.call("GET", f"/v1/policies/{kind}")
         assert status == 200 and listed == [], f"expected no {kind} stored after rejections, got {listed}"
     assert m.ecds_version() == version, "expected Envoy's filter config untouched by rejected policies"
+
+
+def test_a_config_the_filter_rejects_is_a_nack_in_proxies_and_the_last_good_config_stays() -> None:
+    """Policies cannot produce a config the filter rejects, so the bad one is injected directly."""
+    workdir = tmpdir("meshpilot-governance-nack-")
+    with control_plane(workdir, extra=["--debug-api"]) as cp, backend("orders-1") as orders:
+        for method, path, body in [
+            ("POST", "/v1/services", {"name": "orders", "ports": [{"name": "http", "port": 80}], "traffic": {"retries": 0}}),
+            ("POST", "/v1/services/default/orders/instances", {"id": "orders-1", "address": "127.0.0.1", "ports": {"http": orders.port}}),
+            ("PUT", BREAKER + "kept", {"service": "orders", "sliding_window_size": 5, "minimum_calls": 5, "wait_duration_in_open": "60s"}),
+        ]:
+            status, data = cp.call(method, path, body)
+            assert status < 300, f"expected {method} {path} to succeed, got {status}: {data}"
+        port = free_port()
+        with envoy(workdir, sidecar_bootstrap("web-nack", cp.xds_port, service="web", outbound_port=port)) as proxy:
+            wait_until(lambda: get(port, "/")[0] == 200, 20, what="a first 200 through the sidecar")
+            good = next(c["ecds_filter"] for c in proxy.config_dump("ecds_filters")["configs"]
+                        if c["ecds_filter"]["name"] == "meshpilot.governance.outbound")
+            bad = json.loads(json.dumps(good["typed_config"]))
+            bad["config"]["configuration"]["value"] = "[breaker broken]\nwindow = sideways\n"
+            status, data = cp.call("POST", "/v1/debug/resources", {
+                "type_url": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig", "name": "meshpilot.governance.outbound",
+                "scope": "web-nack", "resource": {"name": "meshpilot.governance.outbound", "typed_config": bad}})
+            assert status == 201, f"expected the injection to be accepted, got {status}: {data}"
+
+            def nack() -> dict[str, Any] | None:
+                for p in cp.call("GET", "/v1/proxies")[1]:
+                    n = p.get("last_nack")
+                    if p["node_id"] == "web-nack" and n and "TypedExtensionConfig" in json.dumps(n):
+                        return n
+                return None
+
+            n = wait_until(nack, 5, what="a NACK of the filter config in /v1/proxies")
+            assert proxy.proc is not None and proxy.proc.poll() is None, "expected Envoy to keep running after the NACK"
+            assert "meshpilot filter: configuration rejected" in proxy.log.read_text(errors="replace"), "expected the filter to log why"
+            assert "Unable to create Wasm plugin" in n.get("error", ""), f"expected Envoy's reason in the NACK, got {n}"
+            # Envoy's config dump shows the last config received; what it enforces is the last good one
+            orders.failing["/"] = 500
+            got = [get(port, "/")[0] for _ in range(8)]
+            first = got.index(503) if 503 in got else len(got)
+            assert 3 <= first <= 5 and set(got[first:]) == {503}, f"expected the kept breaker (window 5) to open after 3-5 failures, got {got}"
