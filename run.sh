@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 ROOT=$(pwd)
 
 APT_PACKAGES=(
-  python3 python3-venv ca-certificates curl procps iproute2 iptables
+  python3 python3-venv ca-certificates curl openssl procps iproute2 iptables
   rustc cargo libstd-rust-dev-wasm32
   etcd-server dnsperf dnsmasq-base unbound knot-dnsutils wrk nghttp2-client
 )
