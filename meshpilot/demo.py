@@ -157,6 +157,15 @@ async def _mesh(workdir: Path) -> AsyncIterator[dict[str, object]]:
             await serving
 
 
+async def _accepts(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
 async def run_demo(requests: int = 20, keep_running: bool = True) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="meshpilot-demo-"))
     try:
@@ -178,7 +187,9 @@ async def run_demo(requests: int = 20, keep_running: bool = True) -> None:
                             line for line in text.splitlines()
                             if line.startswith("outbound|80||backend.default.svc.mesh::") and line.endswith("::health_flags::healthy")
                         ]
-                        if len(healthy) == 2:
+                        # ... and every sidecar's listeners serve (they start once their filter config is in)
+                        listening = all([await _accepts(car.opts.inbound_port) for car in mesh["sidecars"]])  # type: ignore[attr-defined]
+                        if len(healthy) == 2 and listening:
                             break
                     except OSError:
                         pass
