@@ -116,8 +116,8 @@ struct Req {
     path: Option<Option<Vec<u8>>>,
 }
 
-/// The first non-empty property among `paths`. Envoy's top-level names (`route_name`, `cluster_name`)
-/// are read directly from the stream; the `xds.*` forms build a map on every call, so they come second.
+/// The first non-empty property among `paths`. Only the `xds.*` names: Envoy 1.40 no longer answers the
+/// old top-level `route_name`, and every miss would cost a host call per request.
 fn prop_string(paths: &[&[u8]]) -> Option<String> {
     for p in paths {
         if let Some(b) = host::property(p) {
@@ -132,11 +132,11 @@ fn prop_string(paths: &[&[u8]]) -> Option<String> {
 impl Req {
     fn cluster(&mut self) -> Option<&str> {
         self.cluster
-            .get_or_insert_with(|| prop_string(&[b"cluster_name", b"xds\0cluster_name"]))
+            .get_or_insert_with(|| prop_string(&[b"xds\0cluster_name"]))
             .as_deref()
     }
     fn route(&mut self) -> Option<&str> {
-        self.route.get_or_insert_with(|| prop_string(&[b"route_name", b"xds\0route_name"])).as_deref()
+        self.route.get_or_insert_with(|| prop_string(&[b"xds\0route_name"])).as_deref()
     }
     fn method(&mut self) -> Option<&str> {
         self.method
