@@ -169,7 +169,9 @@ def write_ecds(path: Path, name: str, typed_config: dict[str, Any], version: str
     """Atomically replaces the ECDS file (a DiscoveryResponse) so Envoy's watch sees one move."""
     doc = {"version_info": version, "resources": [
         {"@type": _ECDS_TYPE, "name": name, "typed_config": typed_config}]}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Written beside the watched directory, not in it: any event in that directory makes Envoy re-read
+    # the file, and a temporary file there would re-apply the previous version once more.
+    tmp = path.parent.parent / f".{path.name}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
 
