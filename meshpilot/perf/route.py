@@ -3,9 +3,11 @@
 wrk drives one proxy Envoy at a time, all in front of the same fast backend (an Envoy answering with a
 direct response), in the same run: (a) no filter, (b) Envoy's native local_ratelimit, (c) meshpilot's
 rate limiter, (d) meshpilot's circuit breaker, (e) both in one filter, (f) a WASM filter that only
-returns Continue. Limits are set far above the offered load so every request takes the admitted path,
-which is the path whose cost matters. Prints JSON (rps, latency percentiles, the proxy's CPU time per
-request, ratios to (a), (e) vs (f)) and a summary line. The bar from the issue: (e) costs at most 10 % of (a)'s rps.
+returns Continue, (g) breaker and limiter as two filter instances sharing one VM. Limits are far above
+the offered load so every request takes the admitted path, the path whose cost matters. Prints JSON
+(rps, latency percentiles, the proxy's CPU time per request, ratios to (a), (e) vs (f)) and a summary
+line. The bar from the issue: (e) costs at most 10 % of (a)'s rps. On a machine shared with other
+work, rps swings with the neighbours; CPU time per request is the steadier measure of filter cost.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ SCENARIOS = {
     "d_breaker": "meshpilot circuit breaker",
     "e_both": "meshpilot breaker + rate limiter (one filter)",
     "f_noop_wasm": "WASM filter returning Continue",
+    "g_both_two_filters": "breaker and rate limiter as two filters sharing one VM",
 }
 _HIGH = 10_000_000  # tokens: far above anything two cores can push
 
@@ -59,6 +62,11 @@ def _filters(name: str) -> list[dict[str, Any]]:
         return [tb.native_local_ratelimit(_HIGH, _HIGH)]
     if name == "f_noop_wasm":
         return [{"name": "noop", "typed_config": modules.wasm_filter("", module="noop", name="noop", vm_id="noop")}]
+    if name == "g_both_two_filters":
+        return [{"name": "meshpilot-breaker", "typed_config": modules.wasm_filter(
+                    config.encode({"breakers": [_BREAKER]}), name="meshpilot-breaker")},
+                {"name": "meshpilot-ratelimit", "typed_config": modules.wasm_filter(
+                    config.encode({"rate_limits": [_LIMITER]}), name="meshpilot-ratelimit")}]
     policy: dict[str, Any] = {"rate_limits": [], "breakers": []}
     if name in ("c_ratelimit", "e_both"):
         policy["rate_limits"].append(_LIMITER)
