@@ -451,9 +451,11 @@ def test_agent_runs_meshdns_fed_by_the_control_plane(cp: Any, tmp_path: Path) ->
                 wait_until(lambda: _resolve(port, "late.default.svc.mesh") == [late_vip], 1.0, interval=0.01,
                            what="a new service answered by the agent's meshdns within 1 s")
                 print(f"new service answered by the agent's meshdns after {time.monotonic() - t0:.3f}s")
-                state = json.loads((car.dir / "meshdns.json").read_text())
-                assert {"b.default", "late.default"} <= set(state["resources"]), \
-                    f"expected b.default and late.default in the state file, got {sorted(state['resources'])}"
+                def saved() -> list[str]:  # written just after the table is installed
+                    names = sorted(json.loads((car.dir / "meshdns.json").read_text())["resources"])
+                    return names if {"b.default", "late.default"} <= set(names) else []
+
+                wait_until(saved, 5, what="b.default and late.default in the agent's meshdns.json")
                 assert car.terminate() == 0, f"expected a clean exit:\n{car.log.read_text()[-3000:]}"
     finally:
         up.close()
