@@ -249,6 +249,10 @@ class HdsSession:
     seen_healthy: bool = False
     reports: int = 0
     last: CheckStatus | None = None
+    # a reconnect of an instance that was passing: its restarted Envoy checks through its own
+    # inbound listener, which warms (filter configs, WASM code) before it accepts connections
+    resumed: bool = False
+    warmup_s: float = 10.0
 
     def report(self, resp: hds_pb2.EndpointHealthResponse, now: float) -> CheckStatus | None:
         """The status this report sets for the ``hds`` check, or None when it says nothing new."""
@@ -260,6 +264,8 @@ class HdsSession:
             self.seen_healthy = True
         elif not self.seen_healthy and now - self.started < self.registration.plan.cycle_s:
             # Envoy reports a host failed until its first check completes
+            return None
+        elif not self.seen_healthy and self.resumed and now - self.started < self.warmup_s:
             return None
         if status == self.last:
             return None
@@ -420,11 +426,13 @@ class HdsServer:
                     md = json_format.MessageToDict(n.metadata) if n.HasField("metadata") else {}
                     try:
                         reg = registration(node_info(n.id, n.cluster, md, n.locality.zone))
+                        before = self.registry.instance(reg.instance.id)
+                        resumed = before is not None and before.source == SOURCE and before.routable
                         self._register(reg)
                     except (HdsError, RegistryError) as exc:
                         log.warning("event=hds_rejected node=%s reason=%s", n.id, exc)
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                    session = HdsSession(reg, time.monotonic())
+                    session = HdsSession(reg, time.monotonic(), resumed=resumed)
                     self.sessions[sid] = session
                     iid = reg.instance.id
                     self.liveness.opened(iid)

@@ -125,6 +125,18 @@ def test_first_unhealthy_of_a_young_stream_is_not_news() -> None:
     assert s2.report(_report("hds|other", H), 101.0) is None
 
 
+def test_a_resumed_sidecar_gets_time_to_warm_its_listeners() -> None:
+    """After an Envoy restart the instance stays as it was while the new Envoy warms up."""
+    reg = registration(node_info("b-1", "b", _md()))
+    U, H = health_check_pb2.UNHEALTHY, health_check_pb2.HEALTHY
+    s = HdsSession(reg, started=100.0, resumed=True, warmup_s=10.0)
+    assert [s.report(_report(reg.cluster, U), t) for t in (101.0, 105.0, 109.9)] == [None, None, None]
+    assert s.report(_report(reg.cluster, U), 110.1) is CheckStatus.critical, "warm-up is bounded"
+    s2 = HdsSession(reg, started=100.0, resumed=True, warmup_s=10.0)
+    assert s2.report(_report(reg.cluster, H), 103.0) is CheckStatus.passing
+    assert s2.report(_report(reg.cluster, U), 104.0) is CheckStatus.critical, "after a healthy report, failures count at once"
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 5), st.sampled_from([0, 1, 2, 3, 4, 5])), max_size=30))
 def test_session_emits_only_changes(reports: list[tuple[float, int]]) -> None:
