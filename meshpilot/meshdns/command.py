@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="UDP and TCP listening address (port 0 picks one; default %(default)s)")
     p.add_argument("--control-plane", default="127.0.0.1:15010", metavar="HOST:PORT",
                    help="xDS server with the name table; 'none' to run without one (default %(default)s)")
-    p.add_argument("--node-id", default=None, help="node id sent to the control plane (default: host name)")
+    p.add_argument("--node-id", default=None, help="node id sent to the control plane (default: HOSTNAME~meshdns)")
     p.add_argument("--state-file", default=None, help="where the last table is kept across restarts")
     p.add_argument("--upstream", action="append", default=[], metavar="HOST[:PORT]",
                    help="resolver for non-mesh names, repeatable (default: nameservers of /etc/resolv.conf)")

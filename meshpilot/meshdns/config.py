@@ -21,7 +21,8 @@ class MeshDnsConfig:
     host: str = "127.0.0.1"
     port: int = 15053
     control_plane: str | None = "127.0.0.1:15010"
-    node_id: str = field(default_factory=socket.gethostname)
+    # never an Envoy's node id: the control plane builds a node's listeners from its stream's metadata
+    node_id: str = field(default_factory=lambda: f"{socket.gethostname()}~meshdns")
     state_file: str | None = None
     upstreams: tuple[tuple[str, int], ...] = ()
     ttl: int = 30
