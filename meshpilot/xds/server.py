@@ -31,8 +31,6 @@ __all__ = ["ADS_SERVICE", "XdsServer"]
 log = logging.getLogger("meshpilot.xds")
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-_LARGE_RESPONSE = 64 * 1024
-_ACK_WAIT_S = 5.0
 
 
 def _identity(b: bytes) -> bytes:
@@ -48,8 +46,6 @@ class StreamHandle:
     node: NodeInfo | None = None
     connected_at: float = field(default_factory=time.time)
     user_agent: str = ""
-    awaiting_nonce: str = ""  # a large response whose ACK the writer waits for
-    answered: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class XdsServer:
@@ -195,8 +191,6 @@ class XdsServer:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("event=request stream=%s %s", handle.id, _describe(req))
             handle.machine.receive(req)
-            if handle.awaiting_nonce and req.response_nonce == handle.awaiting_nonce:
-                handle.answered.set()
             if handle.machine.nacks != nacks and handle.machine.last_nack:
                 n = handle.machine.last_nack
                 metrics.XDS_NACKS.labels(n.type_url.rsplit(".", 1)[-1]).inc()
@@ -212,23 +206,9 @@ class XdsServer:
             # snapshots in memory, and the loop keeps time for the API between pushes.
             async with self._writers:
                 handle.wake.clear()
-                out = handle.machine.responses()
-                # grpc accepts a write before the client has read it; holding the slot until the
-                # client answers a large response keeps the bytes in flight bounded by the slots
-                large = any(len(payload) >= _LARGE_RESPONSE for _, payload in out)
-                if large:
-                    handle.awaiting_nonce = str(handle.machine.nonce_counter)
-                    handle.answered.clear()
-                for type_url, payload in out:
+                for type_url, payload in handle.machine.responses():
                     await context.write(payload)
                     metrics.XDS_PUSHES.labels(type_url.rsplit(".", 1)[-1], handle.machine.kind).inc()
-                if large:
-                    try:
-                        async with asyncio.timeout(_ACK_WAIT_S):
-                            await handle.answered.wait()
-                    except TimeoutError:
-                        pass
-                    handle.awaiting_nonce = ""
             for seconds in handle.machine.latencies:
                 metrics.XDS_PUSH_SECONDS.observe(max(0.0, seconds))
             handle.machine.latencies.clear()
