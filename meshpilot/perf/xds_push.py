@@ -191,6 +191,7 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
             await asyncio.gather(*(c.synced.wait() for c in clients))
         sync_s = time.monotonic() - t
         sync_cpu = _cpu(ps) - (cpu0.user + cpu0.system)
+        hwm_sync = _peak_rss(proc.pid)
 
         async with ClientSession() as s:
             # one endpoint change
@@ -204,6 +205,7 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
                 assert r.status == 201, await r.text()
             single = await _wait_seen(clients, t0, args.timeout)
             single_cpu = _cpu(ps) - cpu1
+            hwm_single = _peak_rss(proc.pid)
 
             # a burst of registrations, one after another
             last = _marker_address(2 + args.burst - 1)
@@ -239,6 +241,10 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
             "rss_before_clients_mb": round(rss_seeded / 2**20, 1),
             "rss_end_mb": round(ps.memory_info().rss / 2**20, 1),
             "peak_rss_mb": round(_peak_rss(proc.pid) / 2**20, 1),
+            "peak_rss_mb_by_phase": {
+                "initial_sync": round(hwm_sync / 2**20, 1),
+                "single_change": round(hwm_single / 2**20, 1),
+            },
             "stream_errors": errors,
         }
     finally:

@@ -31,6 +31,8 @@ __all__ = ["ADS_SERVICE", "XdsServer"]
 log = logging.getLogger("meshpilot.xds")
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+_GATE_BYTES = 64 * 1024
+_ANSWER_WAIT_S = 5.0
 
 
 def _identity(b: bytes) -> bytes:
@@ -46,6 +48,8 @@ class StreamHandle:
     node: NodeInfo | None = None
     connected_at: float = field(default_factory=time.time)
     user_agent: str = ""
+    awaiting_nonce: str = ""  # a whole-state response whose answer the writer waits for
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class XdsServer:
@@ -191,6 +195,8 @@ class XdsServer:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("event=request stream=%s %s", handle.id, _describe(req))
             handle.machine.receive(req)
+            if handle.awaiting_nonce and req.response_nonce == handle.awaiting_nonce:
+                handle.answered.set()
             if handle.machine.nacks != nacks and handle.machine.last_nack:
                 n = handle.machine.last_nack
                 metrics.XDS_NACKS.labels(n.type_url.rsplit(".", 1)[-1]).inc()
@@ -206,9 +212,28 @@ class XdsServer:
             # snapshots in memory, and the loop keeps time for the API between pushes.
             async with self._writers:
                 handle.wake.clear()
-                for type_url, payload in handle.machine.responses():
+                out = handle.machine.responses()
+                # grpc takes a write before the client has read it. A whole-state response (a
+                # client's initial sync, a resync) can be large, so the slot is held until the
+                # client answers it: when a thousand clients sync at once, only as many snapshots
+                # as there are slots are in flight. Incremental pushes never wait.
+                gate = handle.machine.full_bytes >= _GATE_BYTES
+                if gate:
+                    handle.awaiting_nonce = str(handle.machine.nonce_counter)
+                    handle.answered.clear()
+                for type_url, payload in out:
                     await context.write(payload)
                     metrics.XDS_PUSHES.labels(type_url.rsplit(".", 1)[-1], handle.machine.kind).inc()
+                # an idle stream must not keep its last responses alive until the next push
+                del out
+                payload = b""
+                if gate:
+                    try:
+                        async with asyncio.timeout(_ANSWER_WAIT_S):
+                            await handle.answered.wait()
+                    except TimeoutError:
+                        pass
+                    handle.awaiting_nonce = ""
             for seconds in handle.machine.latencies:
                 metrics.XDS_PUSH_SECONDS.observe(max(0.0, seconds))
             handle.machine.latencies.clear()

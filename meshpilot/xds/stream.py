@@ -18,6 +18,7 @@ Rules both variants follow:
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +126,7 @@ class _Stream:
         self.nacks = 0
         self.pushes = 0
         self.latencies: list[float] = []  # push latencies since last read by the server
+        self.full_bytes = 0  # bytes of whole-state responses in the last responses() call
 
     def _nonce(self) -> str:
         self.nonce_counter += 1
@@ -179,7 +181,7 @@ class SotwStream(_Stream):
         if not type_url:
             return
         ts = self.types.setdefault(type_url, _TypeState())
-        names = set(req.resource_names)
+        names = {sys.intern(n) for n in req.resource_names}  # shared, not one copy per stream
         wildcard = (not names and type_url in _WILDCARD_BY_DEFAULT and (ts.requests == 0 or ts.wildcard)) or "*" in names
         names.discard("*")
         changed = wildcard != ts.wildcard or names != ts.names
@@ -239,10 +241,12 @@ class SotwStream(_Stream):
 
     def responses(self, now: float | None = None) -> list[tuple[str, bytes]]:
         out = []
+        self.full_bytes = 0
         for type_url in self._pending_types():
             ts = self.types[type_url]
             ts.pending = False
             forced, ts.forced = ts.forced, False
+            whole = type_url in _WILDCARD_BY_DEFAULT or ts.full
             if type_url in _WILDCARD_BY_DEFAULT:
                 version, body = self.cache.sotw_body(type_url, self.node_id, None if ts.wildcard else ts.names_frozen)
                 if not forced and version == ts.sent_version:  # also: a NACKed version is not resent
@@ -267,8 +271,10 @@ class SotwStream(_Stream):
                 version = h.hexdigest()
                 body = b"".join(e.sotw_field for e in entries)
             nonce = self._nonce()
-            msg = string_field(1, version) + body + string_field(4, type_url) + string_field(5, nonce)
+            msg = b"".join((string_field(1, version), body, string_field(4, type_url), string_field(5, nonce)))
             ts.sent_nonce, ts.sent_version = nonce, version
+            if whole:
+                self.full_bytes += len(msg)
             out.append((type_url, msg))
             self.pushes += 1
             self.latencies.append((time.monotonic() if now is None else now) - ts.pending_since)
@@ -306,6 +312,7 @@ class DeltaStream(_Stream):
             ts.full = True
             touched = True
         for n in req.resource_names_subscribe:
+            n = sys.intern(n)  # shared, not one copy per stream
             touched = True
             if n == "*":
                 ts.wildcard = True
@@ -347,11 +354,13 @@ class DeltaStream(_Stream):
 
     def responses(self, now: float | None = None) -> list[tuple[str, bytes]]:
         out = []
+        self.full_bytes = 0
         queue = self._pending_types()
         while queue:
             type_url = queue.pop(0)
             ts = self.types[type_url]
             ts.pending = False
+            whole = ts.full
             if ts.full:
                 candidates = set(ts.names) | set(ts.sent)
                 if ts.wildcard:
@@ -384,7 +393,10 @@ class DeltaStream(_Stream):
             if not fields and not removed:
                 continue
             nonce = self._nonce()
-            msg = b"".join(fields) + string_field(4, type_url) + string_field(5, nonce) + strings_field(6, removed)
+            fields.extend((string_field(4, type_url), string_field(5, nonce), strings_field(6, removed)))
+            msg = b"".join(fields)
+            if whole:
+                self.full_bytes += len(msg)
             ts.sent_nonce = nonce
             ts.sent_version = nonce
             ts.sent_rev += 1
