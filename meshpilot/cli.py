@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 _COMMAND_MODULES = (
     "meshpilot.commands",
@@ -22,17 +23,23 @@ _COMMAND_MODULES = (
 )
 
 
+def import_optional(name: str) -> ModuleType | None:
+    """The module, or None when that module itself does not exist (errors inside it still raise)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return None
+        raise
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshpilot", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        module.register(subparsers)
+        module = import_optional(name)
+        if module is not None:
+            module.register(subparsers)
     return parser
 
 

@@ -3,9 +3,9 @@ into a ControlPlane. Each part exposes ``install(cp)`` in its package's ``plugin
 
 from __future__ import annotations
 
-import importlib
 import logging
 
+from meshpilot.cli import import_optional
 from meshpilot.controlplane import ControlPlane
 
 __all__ = ["install_plugins"]
@@ -22,12 +22,7 @@ _PLUGINS = (
 
 def install_plugins(cp: ControlPlane) -> None:
     for name in _PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
+        module = import_optional(name)
         install = getattr(module, "install", None)
         if install is None:
             continue

@@ -24,6 +24,7 @@ __all__ = [
     "ServicePort",
     "Traffic",
     "ValidationError",
+    "dns_label",
     "field_errors",
     "service_key",
 ]
@@ -37,7 +38,8 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
 
 
-def _dns_label(value: str, what: str) -> str:
+def dns_label(value: str, what: str = "value") -> str:
+    """``value`` lower-cased, or ValueError naming ``what`` when it is not a DNS label."""
     value = value.lower()
     if not _LABEL.match(value):
         raise ValueError(
@@ -119,12 +121,12 @@ class Service(_Frozen):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _dns_label(v, "name")
+        return dns_label(v, "name")
 
     @field_validator("namespace")
     @classmethod
     def _ns(cls, v: str) -> str:
-        return _dns_label(v, "namespace")
+        return dns_label(v, "namespace")
 
     @field_validator("labels")
     @classmethod
@@ -190,12 +192,12 @@ class Instance(_Frozen):
     @field_validator("service")
     @classmethod
     def _service(cls, v: str) -> str:
-        return _dns_label(v, "service")
+        return dns_label(v, "service")
 
     @field_validator("namespace")
     @classmethod
     def _ns(cls, v: str) -> str:
-        return _dns_label(v, "namespace")
+        return dns_label(v, "namespace")
 
     @field_validator("address")
     @classmethod

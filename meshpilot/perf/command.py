@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from meshpilot.cli import import_optional
 
 __all__ = ["register"]
 
@@ -19,12 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     perf = sub.add_parser("perf", help="run a benchmark")
     kinds = perf.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     for name, (module_name, help_text) in _BENCHMARKS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
+        module = import_optional(module_name)
+        if module is None:
+            continue
         p = kinds.add_parser(name, help=help_text)
         module.add_arguments(p)
         p.set_defaults(func=module.main)

@@ -11,7 +11,6 @@ touching them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from meshpilot.model import field_errors
+from meshpilot.model import dns_label, field_errors
 
 if TYPE_CHECKING:
     from meshpilot.registry import Registry
@@ -37,19 +36,6 @@ __all__ = [
     "policy_key",
     "register_kind",
 ]
-
-_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
-
-def dns_label(value: str, what: str = "value") -> str:
-    value = value.lower()
-    if not _LABEL.match(value):
-        raise ValueError(
-            f"{what} must be a DNS label: lower-case letters, digits and '-', 1-63 characters, "
-            "starting and ending with a letter or digit"
-        )
-    return value
-
 
 class PolicyBase(BaseModel):
     """Fields every policy has. A kind's model adds its own and says which services it targets."""

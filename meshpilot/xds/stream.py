@@ -158,6 +158,26 @@ class _Stream:
             "pushes": self.pushes,
         }
 
+    def notify(self, type_url: str, scope: str, names: frozenset[str], stamp: float) -> bool:
+        """A cache change: mark the type pending when it touches this stream's subscription
+        (or, delta, a resource the client holds that vanished from its shadowed scope)."""
+        if scope and scope != self.node_id:
+            return False
+        ts = self.types.get(type_url)
+        if ts is None or ts.requests == 0:
+            return False
+        if ts.wildcard:
+            ts.dirty |= names
+        else:
+            hit = names & ts.names if len(names) < len(ts.names) else ts.names & names
+            if not hit:
+                hit = {n for n in names if n in ts.sent}  # always empty for sotw
+                if not hit:
+                    return False
+            ts.dirty |= hit
+        self._mark(ts, stamp)
+        return True
+
     def _record_nack(self, type_url: str, nonce: str, version: str, message: str) -> None:
         self.nacks += 1
         self.last_nack = Nack(type_url, nonce, version, message, time.time())
@@ -222,22 +242,6 @@ class SotwStream(_Stream):
         if changed:
             ts.forced = True
             self._mark(ts, now)
-
-    def notify(self, type_url: str, scope: str, names: frozenset[str], stamp: float) -> bool:
-        if scope and scope != self.node_id:
-            return False
-        ts = self.types.get(type_url)
-        if ts is None or ts.requests == 0:
-            return False
-        if ts.wildcard:
-            ts.dirty |= names
-        else:
-            hit = names & ts.names if len(names) < len(ts.names) else ts.names & names
-            if not hit:
-                return False
-            ts.dirty |= hit
-        self._mark(ts, stamp)
-        return True
 
     def responses(self, now: float | None = None) -> list[tuple[str, bytes]]:
         out = []
@@ -332,25 +336,6 @@ class DeltaStream(_Stream):
                 ts.dirty.add(n)
         if touched:
             self._mark(ts, now)
-
-    def notify(self, type_url: str, scope: str, names: frozenset[str], stamp: float) -> bool:
-        if scope and scope != self.node_id:
-            return False
-        ts = self.types.get(type_url)
-        if ts is None or ts.requests == 0:
-            return False
-        if ts.wildcard:
-            ts.dirty |= names
-        else:
-            hit = names & ts.names
-            if not hit:
-                # a resource the client holds may have vanished from its (shadowed) scope
-                hit = {n for n in names if n in ts.sent}
-                if not hit:
-                    return False
-            ts.dirty |= hit
-        self._mark(ts, stamp)
-        return True
 
     def responses(self, now: float | None = None) -> list[tuple[str, bytes]]:
         out = []
