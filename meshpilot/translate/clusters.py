@@ -92,6 +92,8 @@ def build_cluster(service: Service, port: ServicePort, domain: str, subset: str 
     name = subset_cluster_name(service, port, subset, domain) if subset else cluster_name(service, port, domain)
     c = cluster_pb2.Cluster(
         name=name,
+        # stats keep the whole name: Envoy's tag extraction splits cluster names at dots
+        alt_stat_name=name.replace(".", "_"),
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_source(), service_name=name),
         connect_timeout=duration_ms(t.connect_timeout_ms),

@@ -37,6 +37,7 @@ from meshpilot.model import Service
 from meshpilot.translate.clusters import ads_source
 from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, inbound_cluster_name
 from meshpilot.translate.node import NodeInfo
+from meshpilot.translate.routes import DESTINATION_SERVICE
 
 __all__ = ["CALLER_HEADER", "INBOUND", "OUTBOUND", "access_log", "build_inbound_listener", "build_outbound_listener", "pack"]
 
@@ -155,7 +156,7 @@ def build_outbound_listener(
     domain: str = "mesh",
 ) -> listener_pb2.Listener:
     """The listener apps call through. With ``node.capture``, ``services`` give the per-VIP chains."""
-    manager = _outbound_manager(node, extra_filters, "%REQ(:AUTHORITY)%")
+    manager = _outbound_manager(node, extra_filters, DESTINATION_SERVICE)
     listener = listener_pb2.Listener(name=OUTBOUND, address=_address(node.bind_address, node.outbound_port))
     listener.traffic_direction = base_pb2.OUTBOUND
     if node.capture:

@@ -34,6 +34,7 @@ from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, host_forms
 from meshpilot.xds.wire import bytes_field
 
 __all__ = [
+    "DESTINATION_SERVICE",
     "OutboundRoutes",
     "FAULT_FILTER",
     "Fault",
@@ -269,6 +270,9 @@ def build_service_routes(
     return routes
 
 
+DESTINATION_SERVICE = "%METADATA(ROUTE:meshpilot:service)%"
+
+
 def build_virtual_host(
     service: Service,
     port: ServicePort,
@@ -281,6 +285,10 @@ def build_virtual_host(
     vh = rc.VirtualHost(name=f"{service.key}:{port.port}")
     vh.domains.extend(host_forms(service, port, domain, short=short))
     vh.routes.extend(build_service_routes(service, port, domain, routing, proxyless=proxyless))
+    if not proxyless:
+        # the destination service, for access logs (%METADATA(ROUTE:meshpilot:service)%)
+        for r in vh.routes:
+            r.metadata.filter_metadata["meshpilot"].update({"service": service.key})
     return vh
 
 
