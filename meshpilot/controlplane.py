@@ -296,7 +296,8 @@ class ControlPlane:
             if svc is not None:
                 protocol = next((p.protocol for p in svc.ports), "http")
             peers = sorted(self.trusted_peers) if self.trusted_peers is not None else None
-            listeners[INBOUND] = build_inbound_listener(node, self.node_filters(node, "inbound"), peers)
+            filters = self.node_filters(node, "inbound") if protocol != "tcp" else []
+            listeners[INBOUND] = build_inbound_listener(node, filters, peers, protocol)
             clusters[inbound_cluster_name(node.app_port)] = build_inbound_cluster(node, protocol)
         self.cache.replace(TYPE.CLUSTER, clusters, scope=node.id)
         self.cache.replace(TYPE.LISTENER, listeners, scope=node.id)

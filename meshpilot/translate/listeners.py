@@ -194,11 +194,20 @@ def build_inbound_listener(
     node: NodeInfo,
     extra_filters: Sequence[hcm.HttpFilter] = (),
     trusted_peers: Sequence[str] | None = None,
+    protocol: str = "http",
 ) -> listener_pb2.Listener:
     """The listener in front of the app. ``trusted_peers``: addresses of registered sidecars, whose
-    ``x-mesh-caller`` is kept; every other peer's is stripped. None keeps it from everyone."""
+    ``x-mesh-caller`` is kept; every other peer's is stripped. None keeps it from everyone.
+    A ``tcp`` app gets a plain TCP proxy (no HTTP filters, no caller header)."""
     listener = listener_pb2.Listener(name=INBOUND, address=_address(node.bind_address, node.inbound_port))
     listener.traffic_direction = base_pb2.INBOUND  # drained first on graceful offline
+    if protocol == "tcp":
+        proxy = tcp_proxy_pb2.TcpProxy(
+            stat_prefix="inbound_tcp", cluster=inbound_cluster_name(node.app_port),
+            access_log=[access_log("inbound", {"source_service": "-", "destination_service": node.service_key})],
+        )
+        listener.filter_chains.append(_chain(proxy, "tcp"))
+        return listener
     if trusted_peers is None:
         listener.filter_chains.append(_chain(_inbound_manager(node, extra_filters, strip=False)))
         return listener
