@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from meshpilot.model import Outlier, Service, service_key
+from meshpilot.model import Outlier, Service
 from meshpilot.policy._filterspec import ApiSelector, ReplySpec, Spec, check_rules, op_match, resolve_apis, rule_name
-from meshpilot.policy.kinds import PolicyBase, PolicyKind, TranslateContext, Translation, dns_label, register_kind
+from meshpilot.policy.kinds import PolicyKind, ServicePolicy, TranslateContext, Translation, register_kind
 
 __all__ = ["BREAKER", "CircuitBreakerPolicy", "InstanceSpec", "breaker_rules", "outlier_of"]
 
@@ -32,12 +32,11 @@ class InstanceSpec(Spec):
     max_ejection_percent: int = Field(default=50, ge=0, le=100, description="never eject more than this share of instances")
 
 
-class CircuitBreakerPolicy(PolicyBase):
+class CircuitBreakerPolicy(ServicePolicy):
     """A breaker guarding one service (per service or per API), enforced by callers' sidecars."""
 
     kind_name = "CircuitBreakerPolicy"
 
-    service: str = Field(description="the guarded service's name (in the policy's namespace)")
     port: str | None = Field(default=None, description="only this port name; omitted: every HTTP/gRPC port")
     per: Literal["service", "api"] = Field(default="service", description="service: one breaker per service cluster; api: one per API")
     apis: list[ApiSelector] = Field(default_factory=list, max_length=16, description="per: api — the APIs with a breaker each; omitted: every API the service declares")
@@ -53,22 +52,6 @@ class CircuitBreakerPolicy(PolicyBase):
     reply: ReplySpec | None = Field(default=None, description="the local reply while open (default 503)")
     instance: InstanceSpec | None = Field(default=None, description="outlier detection for the service's clusters; omitted: the service's own")
 
-    @field_validator("service")
-    @classmethod
-    def _service(cls, v: str) -> str:
-        return dns_label(v, "service")
-
-    @field_validator("port")
-    @classmethod
-    def _port(cls, v: str | None) -> str | None:
-        return None if v is None else dns_label(v, "port")
-
-    @property
-    def service_key(self) -> str:
-        return service_key(self.service, self.namespace)
-
-    def target_services(self) -> set[str]:
-        return {self.service_key}
 
     def settings(self) -> dict[str, Any]:
         """The filter's breaker fields (everything but name and match)."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from meshpilot.model import dns_label, field_errors
+from meshpilot.model import dns_label, field_errors, service_key
 
 if TYPE_CHECKING:
     from meshpilot.registry import Registry
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PolicyBase",
+    "ServicePolicy",
     "PolicyInvalid",
     "PolicyKind",
     "TranslateContext",
@@ -64,6 +65,30 @@ class PolicyBase(BaseModel):
     def target_services(self) -> set[str]:
         """Keys of the services this policy governs (the registry files it under the first)."""
         return set()
+
+
+class ServicePolicy(PolicyBase):
+    """A policy that governs one service of its namespace (and, where the kind has ``port``, one
+    of its ports)."""
+
+    service: str = Field(description="the target service's name (in the policy's namespace)")
+
+    @field_validator("service")
+    @classmethod
+    def _service(cls, v: str) -> str:
+        return dns_label(v, "service")
+
+    @field_validator("port", check_fields=False)
+    @classmethod
+    def _port(cls, v: str | None) -> str | None:
+        return None if v is None else dns_label(v, "port")
+
+    @property
+    def service_key(self) -> str:
+        return service_key(self.service, self.namespace)
+
+    def target_services(self) -> set[str]:
+        return {self.service_key}
 
 
 class PolicyInvalid(Exception):

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from meshpilot.model import Service, field_errors, service_key
+from meshpilot.model import Service, field_errors
 from meshpilot.policy._filterspec import ApiSelector, ReplySpec, Spec, check_rules, op_match, resolve_apis, rule_name
-from meshpilot.policy.kinds import PolicyBase, PolicyKind, TranslateContext, Translation, dns_label, register_kind
+from meshpilot.policy.kinds import PolicyKind, ServicePolicy, TranslateContext, Translation, register_kind
 
 __all__ = ["LIMIT", "HeaderKey", "RateLimitPolicy", "divide", "limit_rules", "per_second"]
 
@@ -38,12 +38,11 @@ class HeaderKey(Spec):
         return v
 
 
-class RateLimitPolicy(PolicyBase):
+class RateLimitPolicy(ServicePolicy):
     """A token bucket (rate, burst) on calls into one service, per sidecar or cluster-wide."""
 
     kind_name = "RateLimitPolicy"
 
-    service: str = Field(description="the limited service's name (in the policy's namespace)")
     api: ApiSelector | None = Field(default=None, description="only calls to this API (by name, or method + path); omitted: every call")
     per: Literal["service", "api", "caller"] | HeaderKey = Field(
         default="service",
@@ -53,11 +52,6 @@ class RateLimitPolicy(PolicyBase):
     total_rate: float | str | None = Field(default=None, description="tokens per second for the whole service, divided among its sidecars by weight")
     burst: int = Field(description="bucket size (with total_rate: for the whole service, divided like the rate)")
     reply: ReplySpec | None = Field(default=None, description="the local reply when limited (default 429, with retry-after)")
-
-    @field_validator("service")
-    @classmethod
-    def _service(cls, v: str) -> str:
-        return dns_label(v, "service")
 
     @field_validator("per", mode="before")
     @classmethod
@@ -73,13 +67,6 @@ class RateLimitPolicy(PolicyBase):
                 first = field_errors(exc)[0]
                 raise ValueError(f"{first['field']}: {first['reason']}") from None
         raise ValueError(f"expected service, api, caller or {{header: <name>}}, got {v!r}")
-
-    @property
-    def service_key(self) -> str:
-        return service_key(self.service, self.namespace)
-
-    def target_services(self) -> set[str]:
-        return {self.service_key}
 
 
 def per_second(value: float | str) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from meshpilot.model import service_key
-from meshpilot.policy.kinds import PolicyBase, PolicyKind, TranslateContext, Translation, dns_label, register_kind
+from meshpilot.policy.kinds import PolicyKind, ServicePolicy, TranslateContext, Translation, dns_label, register_kind
 from meshpilot.translate.routes import Fault, HeaderMatch, RouteRule, ServiceRouting, Subset
 
 __all__ = ["ROUTING", "RoutingPolicy"]
@@ -149,32 +149,15 @@ class RouteSpec(_Spec):
         return m is None or (m.path_exact is None and m.path_prefix in (None, "/") and not m.headers)
 
 
-class RoutingPolicy(PolicyBase):
+class RoutingPolicy(ServicePolicy):
     """Subsets of one service and the routes that split its traffic between them."""
 
     kind_name = "RoutingPolicy"
 
-    service: str = Field(description="the target service's name (in the policy's namespace)")
     port: str | None = Field(default=None, description="limit the policy to this port name; omitted: every HTTP/gRPC port")
     subsets: list[SubsetSpec] = Field(default_factory=list, max_length=32)
     routes: list[RouteSpec] = Field(min_length=1, max_length=64)
 
-    @field_validator("service")
-    @classmethod
-    def _service(cls, v: str) -> str:
-        return dns_label(v, "service")
-
-    @field_validator("port")
-    @classmethod
-    def _port(cls, v: str | None) -> str | None:
-        return None if v is None else dns_label(v, "port")
-
-    @property
-    def service_key(self) -> str:
-        return service_key(self.service, self.namespace)
-
-    def target_services(self) -> set[str]:
-        return {self.service_key}
 
 
 def _check(policy: RoutingPolicy) -> list[dict[str, str]]:
