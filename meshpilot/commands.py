@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from meshpilot.plugins import install_plugins
     from meshpilot.settings import load_settings
 
-    overrides = {
+    flags = {
         "listen_address": args.listen,
         "xds_port": args.xds_port,
         "api_port": args.api_port,
@@ -47,16 +47,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "debounce_ms": args.debounce_ms,
         "debug_api": True if args.debug_api else None,
         "domain": args.domain,
+        "consul_port": args.consul_port,
+        "eureka_port": args.eureka_port,
     }
-    if args.consul_port is not None:
-        overrides["consul_port"] = None if args.consul_port < 0 else args.consul_port
-    if args.eureka_port is not None:
-        overrides["eureka_port"] = None if args.eureka_port < 0 else args.eureka_port
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    for port in ("consul_port", "eureka_port"):
+        if overrides.get(port, 0) < 0:
+            overrides[port] = None  # -1 disables that front door
     settings = load_settings(args.config, **overrides)
-    if args.consul_port is not None and args.consul_port < 0:
-        settings = settings.model_copy(update={"consul_port": None})
-    if args.eureka_port is not None and args.eureka_port < 0:
-        settings = settings.model_copy(update={"eureka_port": None})
     _setup_logging(settings.log_level)
 
     async def main() -> None:

@@ -265,6 +265,11 @@ class ControlPlane:
     # ---- nodes --------------------------------------------------------------------------------
 
     def _node_connected(self, node: NodeInfo) -> None:
+        known = self.nodes.get(node.id)
+        if known is not None and _has_listeners(known) and not _has_listeners(node):
+            # another stream of the same node id that declares no listeners (a DNS-table client,
+            # a debugging tool) must not take the node's listeners away
+            return
         self.nodes[node.id] = node
         self._build_node(node)
         for watcher in self._node_watchers:
@@ -361,6 +366,10 @@ class ControlPlane:
                     tg.create_task(_supervise(getattr(factory, "__name__", "task"), factory))
         finally:
             await self.stop()
+
+
+def _has_listeners(node: NodeInfo) -> bool:
+    return bool(node.outbound_port or (node.inbound_port and node.app_port))
 
 
 async def _supervise(name: str, factory: Callable[[], Any]) -> None:

@@ -47,5 +47,5 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         env = os.environ.get(f"MESHPILOT_{name.upper()}")
         if env is not None:
             data[name] = None if env == "" else env
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data.update(overrides)  # as given: None means 'disabled' for the optional ports
     return Settings.model_validate(data)

@@ -236,9 +236,7 @@ class Registry:
         return self._update(inst, maintenance=on)
 
     def _update(self, inst: Instance, **changes: Any) -> Instance:
-        new = _mark_passed(inst.model_copy(update=changes))
-        # re-validate: model_copy does not
-        new = Instance.model_validate(new.model_dump())
+        new = _mark_passed(Instance.model_validate({**inst.model_dump(), **changes}))
         if new == inst:
             return inst
         self._write_instance(new)

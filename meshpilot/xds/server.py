@@ -207,27 +207,16 @@ class XdsServer:
     async def _write(self, handle: StreamHandle, context: grpc.aio.ServicerContext) -> None:
         while True:
             await handle.wake.wait()
-            # A bounded number of streams build and write at once: responses exist only while a
-            # slot is held, so a thousand clients syncing together do not hold a thousand full
-            # snapshots in memory, and the loop keeps time for the API between pushes.
+            # A bounded number of streams build and write at once, and responses live only inside
+            # _push: an idle stream keeps nothing of its last push alive until the next one.
             async with self._writers:
                 handle.wake.clear()
-                out = handle.machine.responses()
-                # grpc takes a write before the client has read it. A whole-state response (a
-                # client's initial sync, a resync) can be large, so the slot is held until the
-                # client answers it: when a thousand clients sync at once, only as many snapshots
-                # as there are slots are in flight. Incremental pushes never wait.
-                gate = handle.machine.full_bytes >= _GATE_BYTES
+                gate = await self._push(handle, context)
                 if gate:
-                    handle.awaiting_nonce = str(handle.machine.nonce_counter)
-                    handle.answered.clear()
-                for type_url, payload in out:
-                    await context.write(payload)
-                    metrics.XDS_PUSHES.labels(type_url.rsplit(".", 1)[-1], handle.machine.kind).inc()
-                # an idle stream must not keep its last responses alive until the next push
-                del out
-                payload = b""
-                if gate:
+                    # grpc takes a write before the client has read it. A whole-state response
+                    # (an initial sync, a resync) can be large, so the slot is held until the
+                    # client answers it: a thousand clients syncing at once have at most as many
+                    # snapshots in flight as there are slots. Incremental pushes never wait.
                     try:
                         async with asyncio.timeout(_ANSWER_WAIT_S):
                             await handle.answered.wait()
@@ -237,6 +226,18 @@ class XdsServer:
             for seconds in handle.machine.latencies:
                 metrics.XDS_PUSH_SECONDS.observe(max(0.0, seconds))
             handle.machine.latencies.clear()
+
+    async def _push(self, handle: StreamHandle, context: grpc.aio.ServicerContext) -> bool:
+        """Write what the stream owes; True when the client's answer should be awaited."""
+        out = handle.machine.responses()
+        gate = handle.machine.full_bytes >= _GATE_BYTES
+        if gate:  # set before writing: the answer may arrive while the last write completes
+            handle.awaiting_nonce = str(handle.machine.nonce_counter)
+            handle.answered.clear()
+        for type_url, payload in out:
+            await context.write(payload)
+            metrics.XDS_PUSHES.labels(type_url.rsplit(".", 1)[-1], handle.machine.kind).inc()
+        return gate
 
 
 def _describe(req: Any) -> str:

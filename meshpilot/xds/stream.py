@@ -58,7 +58,6 @@ class _TypeState:
     sent_nonce: str = ""
     sent_version: str = ""
     acked_version: str = ""
-    nacked_version: str = ""
     answered_nonce: str = ""  # sotw: a nonce already ACKed/NACKed once
     requests: int = 0
     # delta
@@ -234,11 +233,9 @@ class SotwStream(_Stream):
             return
         ts.answered_nonce = nonce
         if req.HasField("error_detail"):
-            ts.nacked_version = ts.sent_version
             self._record_nack(type_url, nonce, ts.sent_version, req.error_detail.message)
         else:
             ts.acked_version = req.version_info
-            ts.nacked_version = ""
         if changed:
             ts.forced = True
             self._mark(ts, now)
