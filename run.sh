@@ -10,7 +10,7 @@ ROOT=$(pwd)
 APT_PACKAGES=(
   python3 python3-venv ca-certificates curl openssl procps iproute2 iptables
   rustc cargo libstd-rust-dev-wasm32
-  etcd-server dnsperf dnsmasq-base unbound knot-dnsutils wrk nghttp2-client
+  etcd-server dnsperf dnsmasq-base unbound knot-dnsutils wrk nghttp2-client valgrind
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }

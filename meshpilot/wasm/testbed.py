@@ -60,6 +60,7 @@ class Route:
     prefix: str
     cluster: str
     timeout: str = "5s"
+    filters_off: tuple[str, ...] = ()  # HTTP filters this route switches off (FilterConfig.disabled)
 
 
 def _cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
@@ -85,6 +86,14 @@ def _admin() -> dict[str, Any]:
     return {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
 
 
+def _route(r: Route) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": r.name, "match": {"prefix": r.prefix}, "route": {"cluster": r.cluster, "timeout": r.timeout}}
+    if r.filters_off:
+        out["typed_per_filter_config"] = {
+            name: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True} for name in r.filters_off}
+    return out
+
+
 def proxy_bootstrap(
     listen_port: int,
     routes: Sequence[Route],
@@ -99,8 +108,7 @@ def proxy_bootstrap(
         "stat_prefix": stat_prefix,
         "route_config": {"name": "local", "virtual_hosts": [{
             "name": "all", "domains": ["*"],
-            "routes": [{"name": r.name, "match": {"prefix": r.prefix},
-                        "route": {"cluster": r.cluster, "timeout": r.timeout}} for r in routes],
+            "routes": [_route(r) for r in routes],
         }]},
         "http_filters": [*http_filters, _ROUTER],
     }

@@ -213,6 +213,49 @@ def test_control_plane_publishes_filters_shares_and_outliers() -> None:
     assert "[breaker" not in _filter_text(cp, "meshpilot.governance.outbound"), "expected no breaker once the policy is deleted"
 
 
+def _outbound_filter_off(cp: ControlPlane) -> dict[str, bool]:
+    """Virtual host → whether it switches the outbound governance filter off."""
+    from envoy.config.route.v3 import route_components_pb2 as rc
+    from envoy.config.route.v3 import route_pb2
+
+    from meshpilot.policy.governance import OUTBOUND_FILTER
+    from meshpilot.translate.names import OUTBOUND_ROUTE
+
+    entry = cp.cache.get(TYPE.ROUTE, OUTBOUND_ROUTE)
+    assert entry is not None, "expected the outbound route configuration"
+    cfg = _unpack(entry, route_pb2.RouteConfiguration())
+    out = {}
+    for vh in cfg.virtual_hosts:
+        fc = rc.FilterConfig()
+        out[vh.name] = OUTBOUND_FILTER in vh.typed_per_filter_config and vh.typed_per_filter_config[OUTBOUND_FILTER].Unpack(fc) and fc.disabled
+    return out
+
+
+@needs_module
+def test_only_routes_to_guarded_services_run_the_outbound_filter() -> None:
+    cp = ControlPlane(Settings(store="memory:"))
+    install(cp)
+    cp.ports["api"] = 15999
+    cp.build_all()
+    reg = cp.registry
+    reg.put_service(Service(name="api", ports=[{"name": "http", "port": 80}]))
+    reg.put_service(Service(name="web", ports=[{"name": "http", "port": 80}]))
+    cp.flush()
+    off = _outbound_filter_off(cp)
+    assert off == {"api.default:80": True, "web.default:80": True, "unknown-host": True}, f"expected every host to skip the filter without policies, got {off}"
+
+    # a breaker without an instance section: only the set of guarded services changes
+    reg.put_document("policies", "CircuitBreakerPolicy/default/cb", {"kind": "CircuitBreakerPolicy", "name": "cb", "service": "api"}, service="api.default")
+    cp.flush()
+    off = _outbound_filter_off(cp)
+    assert off == {"api.default:80": False, "web.default:80": True, "unknown-host": True}, f"expected calls to api alone to run the filter, got {off}"
+
+    reg.delete_document("policies", "CircuitBreakerPolicy/default/cb", service="api.default")
+    cp.flush()
+    off = _outbound_filter_off(cp)
+    assert off["api.default:80"], f"expected api's routes to skip the filter again once the breaker is gone, got {off}"
+
+
 def test_sidecar_listeners_carry_ecds_filters_only() -> None:
     from meshpilot.policy.governance import INBOUND_FILTER, OUTBOUND_FILTER, ecds_filter
 

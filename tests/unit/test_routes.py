@@ -96,6 +96,23 @@ def _instance(i: str, version: str, zone: str = "") -> Instance:
     return Instance(id=i, service="web", address="127.0.0.1", ports={"http": 8000, "grpc": 9000}, zone=zone, labels={"version": version}, checks=[Check(id="c", owner="t", status="passing")], ever_passed=True)
 
 
+def test_optional_filter_runs_only_for_its_services() -> None:
+    from envoy.config.route.v3 import route_components_pb2 as rc
+
+    other = Service(name="other", ports=[{"name": "http", "port": 80}], vip="240.240.0.10")
+    cfg = build_outbound_routes([WEB, other], "mesh", None, {"gov": frozenset({WEB.key})})
+    for vh in cfg.virtual_hosts:
+        switched = vh.typed_per_filter_config.get("gov")
+        if vh.name.startswith("web.default:"):
+            assert switched is None, f"a guarded service's host {vh.name} must run the filter, got {switched}"
+            continue
+        assert switched is not None, f"host {vh.name} must switch the filter off"
+        fc = rc.FilterConfig()
+        assert switched.Unpack(fc) and fc.disabled, f"host {vh.name}: expected FilterConfig(disabled=true), got {switched}"
+    names = {vh.name for vh in cfg.virtual_hosts}
+    assert {"web.default:80", "web.default:9000", "other.default:80", "unknown-host"} <= names, f"unexpected hosts {names}"
+
+
 def test_subset_assignment_selects_by_label_and_always_has_locality() -> None:
     port = WEB.port("http")
     assert port is not None
@@ -142,7 +159,8 @@ def test_envoy_accepts_the_built_resources() -> None:
     manager = hcm.HttpConnectionManager()
     manager_any.Unpack(manager)
     manager.ClearField("rds")
-    manager.route_config.CopyFrom(build_outbound_routes([WEB], "mesh", overlay))
+    other = Service(name="other", ports=[{"name": "http", "port": 80}], vip="240.240.0.10")
+    manager.route_config.CopyFrom(build_outbound_routes([WEB, other], "mesh", overlay, {FAULT_FILTER: frozenset({WEB.key})}))
     manager_any.Pack(manager)
     clusters = [build_cluster(WEB, p, "mesh", s) for p in WEB.ports for s in ("", "v1", "v2")]
     boot = build_bootstrap(BootstrapOptions(node_id="n", admin_port=0))
