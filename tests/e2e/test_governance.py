@@ -246,6 +246,45 @@ def test_policy_change_reaches_a_keepalive_connection_within_a_second(clean: Mes
     assert m.stat("listener_manager.lds.update_success") == lds, "expected no listener update for a policy change"
 
 
+def _filter_switched_off(m: Mesh, vhost: str) -> bool | None:
+    """Whether the sidecar's routes (as Envoy holds them) switch the outbound filter off for a
+    virtual host; None if Envoy has no such host."""
+    for c in m.proxy.config_dump("dynamic_route_configs").get("configs", []):
+        for vh in c.get("route_config", {}).get("virtual_hosts", []):
+            if vh.get("name") == vhost:
+                fc = vh.get("typed_per_filter_config", {}).get("meshpilot.governance.outbound")
+                return bool(fc and fc.get("disabled"))
+    return None
+
+
+def test_only_guarded_services_routes_run_the_filter_and_the_switch_reaches_open_connections(clean: Mesh) -> None:
+    m = clean
+    wait_until(lambda: _filter_switched_off(m, "orders.default:80") is True, 5, what="orders' routes to skip the filter without a breaker")
+    assert _filter_switched_off(m, "unknown-host") is True, "expected the unknown-host route to skip the filter"
+    lds = m.stat("listener_manager.lds.update_success")
+    conn = http.client.HTTPConnection("127.0.0.1", m.port, timeout=5)
+    try:
+        assert get(m.port, "/", conn)[0] == 200, "expected a 200 before any breaker"
+        sock = conn.sock
+        m.orders.failing["/"] = 500
+        m.api("PUT", BREAKER + "switch", {"service": "orders", "sliding_window_size": 5, "minimum_calls": 5, "wait_duration_in_open": "60s"})
+        changed = time.monotonic()
+        statuses = []
+        while time.monotonic() - changed < 3:
+            statuses.append(get(m.port, "/", conn)[0])
+            if statuses[-1] == 503:
+                break
+            time.sleep(0.02)
+        assert statuses[-1] == 503, f"expected the new breaker to open on the same keep-alive connection, got {statuses[-12:]}"
+        assert conn.sock is sock, "expected the switch to reach the open connection (no drain, no reconnect)"
+    finally:
+        conn.close()
+    assert _filter_switched_off(m, "orders.default:80") is False, "expected orders' routes to run the filter while a breaker guards it"
+    assert m.stat("listener_manager.lds.update_success") == lds, "expected no listener update when the filter is switched on"
+    m.api("DELETE", BREAKER + "switch")
+    wait_until(lambda: _filter_switched_off(m, "orders.default:80") is True, 5, what="orders' routes to skip the filter again")
+
+
 def test_instance_section_becomes_outlier_detection(clean: Mesh) -> None:
     m = clean
     cluster = "outbound|80||orders.default.svc.mesh"
