@@ -8,7 +8,7 @@ ROOT=$(pwd)
 RUSTC=${RUSTC:-/usr/bin/rustc}
 CARGO=${CARGO:-/usr/bin/cargo}
 OUT="$ROOT/meshpilot/wasm"
-MODULES=(mesh noop)
+MODULES=(mesh noop probe)
 STAMP="$ROOT/filters/target/.meshpilot-build-stamp"
 
 log() { printf 'build-filters: %s\n' "$*" >&2; }

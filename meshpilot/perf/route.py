@@ -12,7 +12,10 @@ shared with other work, rps swings with the neighbours; CPU time per request is 
 
 ``--instructions N`` measures instead what noise cannot move: each scenario's proxy runs under
 valgrind's callgrind, and the user-space instructions it executes for N requests (after a warm-up)
-are counted, so a filter's cost is read as instructions per request, the same on every run.
+are counted, so a filter's cost is read as instructions per request, the same on every run. With
+``--probes`` it also prices single host calls: the probe module (filters/probe) repeats one call ten
+times per request, and the difference to the probe making no call, divided by ten, is the call's
+price; one more probe run has the router add a ``%CEL(...)%`` response header, to price that.
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ SCENARIOS = {
     "g_both_two_filters": "breaker and rate limiter as two filters sharing one VM",
     "h_switched_off": "the filter of (e), switched off by the route",
 }
+# --probes: the probe module's configuration per scenario ("" makes no call)
+PROBES = {
+    "p_none": "", "p_clock": "clock = 10", "p_missing": "missing = 10", "p_path": "path = 10", "p_route": "route = 10",
+    "p_cluster": "cluster = 10", "p_status": "status = 10", "p_missing_response": "missing_response = 10", "p_cel_header": "",
+}
+_PROBE_TIMES = 10
+_CEL_HEADER = "%CEL(response.code >= 500 ? 'failure' : '')%"
 _HIGH = 10_000_000  # tokens: far above anything two cores can push
 
 _LIMITER = {"name": "api", "key": "route", "rate": 1_000_000, "burst": _HIGH}
@@ -66,9 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instructions", type=int, default=0, metavar="N",
                    help="count the proxy's instructions per request over N requests under callgrind instead of "
                         "measuring rps (needs valgrind and h2load)")
+    p.add_argument("--probes", action="store_true", help="with --instructions: also price single host calls with the probe module")
 
 
 def _filters(name: str) -> list[dict[str, Any]]:
+    if name in PROBES:
+        return [{"name": "probe", "typed_config": modules.wasm_filter(PROBES[name], module="probe", name="probe", vm_id="probe")}]
     if name == "a_none":
         return []
     if name == "b_native_local_ratelimit":
@@ -90,7 +103,12 @@ def _filters(name: str) -> list[dict[str, Any]]:
 
 def _bootstrap(name: str, port: int, backend_port: int) -> dict[str, Any]:
     off = ("meshpilot",) if name == "h_switched_off" else ()
-    return tb.proxy_bootstrap(port, [tb.Route("api", "/", "backend", filters_off=off)], {"backend": backend_port}, _filters(name))
+    boot = tb.proxy_bootstrap(port, [tb.Route("api", "/", "backend", filters_off=off)], {"backend": backend_port}, _filters(name))
+    if name == "p_cel_header":  # the router adds a header only on failures: what that costs on success
+        hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["route_config"]["virtual_hosts"][0]["routes"][0]["response_headers_to_add"] = [
+            {"header": {"key": "x-meshpilot-failure", "value": _CEL_HEADER}, "keep_empty_value": False}]
+    return boot
 
 
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -226,10 +244,14 @@ def _main_instructions(args: argparse.Namespace, names: list[str]) -> int:
             print(f"perf route: --instructions needs {tool} (Debian packages valgrind, nghttp2-client)", file=sys.stderr)
             return 1
     results: dict[str, Any] = {}
+    probes: dict[str, int] = {}
     bport = tb.free_port()
     with tb.Envoy(tb.direct_response_bootstrap(bport), bport, concurrency=1, log_level="warn"):
         for name in names:
             results[name] = {"what": SCENARIOS[name], **_count_one(name, bport, args.instructions)}
+        if args.probes:
+            for name in PROBES:
+                probes[name] = _count_one(name, bport, args.instructions)["instructions_per_request"]
     base = results.get("a_none", {}).get("instructions_per_request")
     for r in results.values():
         if base:
@@ -240,6 +262,16 @@ def _main_instructions(args: argparse.Namespace, names: list[str]) -> int:
                               "scenarios": results}
     if "e_both" in results and "f_noop_wasm" in results:
         report["e_vs_f"] = round(results["e_both"]["instructions_per_request"] / results["f_noop_wasm"]["instructions_per_request"], 4)
+    if probes:
+        none = probes["p_none"]
+        prices: dict[str, Any] = {"probe_filter_no_calls": none}
+        if base:
+            prices["probe_filter_over_no_filter"] = none - base
+        for name, count in probes.items():
+            if name not in ("p_none", "p_cel_header"):
+                prices[name[2:]] = round((count - none) / _PROBE_TIMES)
+        prices["cel_response_header"] = probes["p_cel_header"] - none
+        report["host_call_prices"] = prices
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
@@ -248,6 +280,8 @@ def _main_instructions(args: argparse.Namespace, names: list[str]) -> int:
     summary = ", ".join(f"{n.split('_')[0]}={r['instructions_per_request']}" + (f" ({r['ratio_to_a']:.3f})" if "ratio_to_a" in r else "")
                         for n, r in results.items())
     print(f"perf route: instructions per request: {summary}")
+    if probes:
+        print("perf route: host call prices (instructions): " + ", ".join(f"{k}={v}" for k, v in report["host_call_prices"].items()))
     return 0
 
 
@@ -255,12 +289,15 @@ def main(args: argparse.Namespace) -> int:
     if args.instructions < 0:
         print("perf route: --instructions must be a positive number of requests", file=sys.stderr)
         return 2
+    if args.probes and not args.instructions:
+        print("perf route: --probes prices host calls in instructions; give --instructions N too", file=sys.stderr)
+        return 2
     if shutil.which("wrk") is None and not args.instructions:
         print("perf route: wrk is not installed (Debian package wrk)", file=sys.stderr)
         return 1
     try:
-        modules.module_path("mesh")
-        modules.module_path("noop")
+        for m in modules.MODULES:
+            modules.module_path(m)
     except FileNotFoundError as exc:
         print(f"perf route: {exc}", file=sys.stderr)
         return 1

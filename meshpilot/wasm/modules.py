@@ -2,9 +2,10 @@
 
 ``scripts/build-filters.sh`` (run by setup) compiles ``filters/`` and leaves ``<name>.wasm`` and
 ``<name>.wasm.sha256`` in this package directory; nothing built is committed. ``mesh`` is the
-governance filter (circuit breaker + rate limiter), ``noop`` the Continue-only baseline. The control
-plane serves the bytes over HTTP and names them by sha256 in Envoy's remote code source, so sidecars
-need no local copy; tests and benchmarks load the local file.
+governance filter (circuit breaker + rate limiter), ``noop`` the Continue-only baseline and ``probe``
+the benchmark's host-call pricer. The control plane serves the bytes over HTTP and names them by
+sha256 in Envoy's remote code source, so sidecars need no local copy; tests and benchmarks load the
+local file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 __all__ = ["MODULES", "build", "module_path", "module_sha256", "wasm_filter", "WASM_TYPE_URL"]
 
-MODULES = ("mesh", "noop")
+MODULES = ("mesh", "noop", "probe")
 WASM_TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 _DIR = Path(__file__).resolve().parent
 _BUILD_SCRIPT = _DIR.parent.parent / "scripts" / "build-filters.sh"
