@@ -33,7 +33,7 @@ from meshpilot.settings import Settings
 from meshpilot.translate.clusters import build_cluster, build_inbound_cluster, subset_cluster_name
 from meshpilot.translate.dns import build_dns_service, dns_resource_name
 from meshpilot.translate.endpoints import build_endpoints
-from meshpilot.translate.listeners import INBOUND, OUTBOUND, build_inbound_listener, build_outbound_listener
+from meshpilot.translate.listeners import INBOUND, INBOUND_ROUTE, OUTBOUND, build_inbound_listener, build_inbound_routes, build_outbound_listener
 from meshpilot.translate.names import OUTBOUND_ROUTE, TYPE, cluster_name, inbound_cluster_name
 from meshpilot.translate.node import NodeInfo
 from meshpilot.translate.routes import OutboundRoutes, ServiceRouting, Subset
@@ -86,6 +86,7 @@ class ControlPlane:
         self._routing_sources: list[RoutingSource] = []
         self._service_overrides: list[Callable[[Service], Service]] = []
         self._optional_filters: dict[str, Callable[[], frozenset[str]]] = {}
+        self._optional_inbound: dict[str, Callable[[NodeInfo], bool]] = {}
         self._node_watchers: list[Callable[[NodeInfo, bool], None]] = []
         self._tasks: list[Callable[[], Any]] = []
         # addresses of registered sidecars, kept by the HDS plugin; inbound listeners keep
@@ -127,6 +128,23 @@ class ControlPlane:
         every other service switch the filter off, so their requests skip it at no cost. A routing
         source reports services whose answer changed (their routes are rebuilt)."""
         self._optional_filters[name] = services
+
+    def add_optional_inbound_filter(self, name: str, wanted: Callable[[NodeInfo], bool]) -> None:
+        """An inbound HTTP filter only some nodes need: the inbound routes of a node for which
+        ``wanted(node)`` is false switch it off. Call ``refresh_inbound_routes`` when the answer changes."""
+        self._optional_inbound[name] = wanted
+
+    def refresh_inbound_routes(self, node_id: str) -> None:
+        """Rebuild a node's inbound routes (an optional inbound filter's answer changed)."""
+        node = self.nodes.get(node_id)
+        if node is not None and not node.proxyless:
+            self.cache.replace(TYPE.ROUTE, self._inbound_routes(node), scope=node.id)
+
+    def _inbound_routes(self, node: NodeInfo) -> dict[str, Any]:
+        if not (node.inbound_port and node.app_port):
+            return {}
+        off = sorted(name for name, wanted in self._optional_inbound.items() if not wanted(node))
+        return {INBOUND_ROUTE: build_inbound_routes(node, off)}
 
     def add_node_watcher(self, hook: Callable[[NodeInfo, bool], None]) -> None:
         """``hook(node, connected)`` after a node's first stream opens and after its last one closes."""
@@ -315,6 +333,7 @@ class ControlPlane:
             listeners[INBOUND] = build_inbound_listener(node, filters, peers, protocol)
             clusters[inbound_cluster_name(node.app_port)] = build_inbound_cluster(node, protocol)
         self.cache.replace(TYPE.CLUSTER, clusters, scope=node.id)
+        self.cache.replace(TYPE.ROUTE, self._inbound_routes(node), scope=node.id)  # before the listener that names them
         self.cache.replace(TYPE.LISTENER, listeners, scope=node.id)
 
     # ---- serving ------------------------------------------------------------------------------

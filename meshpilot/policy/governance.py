@@ -8,8 +8,9 @@ node, because a cluster-wide ``total_rate`` is divided among the service's live 
 instance weight). A governed filter is meshpilot's WASM module (``meshpilot/wasm/mesh.wasm``),
 whose code Envoy fetches from this control plane's management API (``/v1/wasm/mesh.wasm``,
 through the ``meshpilot-api`` cluster pushed by CDS) and checks against its sha256; an ungoverned
-one is a no-op header-mutation filter. Outbound, the routes to services no breaker guards switch the
-filter off (a route change, no drain), so only calls to guarded services enter the VM. The
+one is a no-op header-mutation filter. The routes switch the filter off where no rule can apply (a
+route change, no drain): outbound, routes to services no breaker guards; inbound, the routes of
+nodes whose service has no rate limit. Only governed calls enter the VM. The
 same policies' ``instance`` sections become outlier detection on the guarded services' clusters
 (through the control plane's service-override hook). docs/governance.md is the user's view.
 """
@@ -196,6 +197,11 @@ class Governance:
     def _guarded(self) -> frozenset[str]:
         return frozenset(p.service_key for p in self.engine.of_kind("CircuitBreakerPolicy"))
 
+    def limits_node(self, node: NodeInfo) -> bool:
+        """Whether a rate limit applies to the node's service: the only nodes whose inbound routes
+        run the filter."""
+        return node.id in self._governed_nodes
+
     def guarded_services(self) -> frozenset[str]:
         """Services a breaker guards: the only ones whose outbound routes run the filter."""
         return self.guarded
@@ -314,10 +320,13 @@ class Governance:
             document = self.inbound_document(node, fraction)
             if any(document.values()):
                 self.cp.cache.put(TYPE.EXTENSION_CONFIG, {INBOUND_FILTER: self._resource(INBOUND_FILTER, document, uri)}, scope=nid)
-                self._governed_nodes.add(nid)
+                if nid not in self._governed_nodes:
+                    self._governed_nodes.add(nid)
+                    self.cp.refresh_inbound_routes(nid)  # switch the filter on
             elif nid in self._governed_nodes:
                 self.cp.cache.remove(TYPE.EXTENSION_CONFIG, [INBOUND_FILTER], scope=nid)
                 self._governed_nodes.discard(nid)
+                self.cp.refresh_inbound_routes(nid)  # and off again
 
     # ---- sidecars and instances come and go -------------------------------------------------
 
@@ -387,6 +396,7 @@ def attach(cp: ControlPlane, engine: PolicyEngine) -> Governance:
     cp.add_service_override(gov.override)
     if module is not None:
         cp.add_optional_route_filter(OUTBOUND_FILTER, gov.guarded_services)
+        cp.add_optional_inbound_filter(INBOUND_FILTER, gov.limits_node)
     cp.add_node_filters(gov.node_filters)
     cp.add_shared_builder(gov.publish)
     cp.add_node_watcher(gov.on_node)

@@ -39,11 +39,15 @@ from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, inbound_clus
 from meshpilot.translate.node import NodeInfo
 from meshpilot.translate.routes import DESTINATION_SERVICE
 
-__all__ = ["CALLER_HEADER", "INBOUND", "OUTBOUND", "access_log", "build_inbound_listener", "build_outbound_listener", "pack"]
+__all__ = [
+    "CALLER_HEADER", "INBOUND", "INBOUND_ROUTE", "OUTBOUND", "access_log", "build_inbound_listener", "build_inbound_routes",
+    "build_outbound_listener", "pack",
+]
 
 CALLER_HEADER = "x-mesh-caller"
 OUTBOUND = "outbound"
 INBOUND = "inbound"
+INBOUND_ROUTE = "inbound"  # the node's own route configuration (RDS, scoped to the node)
 
 
 def pack(msg: Message) -> any_pb2.Any:
@@ -172,19 +176,28 @@ def build_outbound_listener(
     return listener
 
 
-def _inbound_manager(node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter], strip: bool) -> hcm.HttpConnectionManager:
-    cluster = inbound_cluster_name(node.app_port)
-    route = route_pb2.RouteConfiguration(name="inbound")
+def build_inbound_routes(node: NodeInfo, filters_off: Sequence[str] = ()) -> route_pb2.RouteConfiguration:
+    """The inbound listener's routes: everything to the app. They come by RDS (scoped to the node)
+    rather than inside the listener so that ``filters_off`` (HTTP filters the node's inbound requests
+    skip, the governance filter while no limit applies to its service) can change without a listener
+    update, which would drain the app's connections."""
+    route = route_pb2.RouteConfiguration(name=INBOUND_ROUTE)
     vh = route.virtual_hosts.add(name="inbound", domains=["*"])
     r = vh.routes.add(name="inbound")
     r.match.prefix = "/"
-    r.route.CopyFrom(rc.RouteAction(cluster=cluster))
+    r.route.CopyFrom(rc.RouteAction(cluster=inbound_cluster_name(node.app_port)))
     r.route.timeout.SetInParent()  # 0: the caller's sidecar owns the timeout
+    for name in filters_off:
+        vh.typed_per_filter_config[name].CopyFrom(pack(rc.FilterConfig(disabled=True)))
+    return route
+
+
+def _inbound_manager(node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter], strip: bool) -> hcm.HttpConnectionManager:
     filters = [_strip_caller()] if strip else []
     return hcm.HttpConnectionManager(
         stat_prefix="inbound",
         codec_type=hcm.HttpConnectionManager.AUTO,
-        route_config=route,
+        rds=hcm.Rds(config_source=ads_source(), route_config_name=INBOUND_ROUTE),
         http_filters=[*filters, *extra_filters, _router()],
         access_log=[access_log("inbound", {"source_service": f"%REQ({CALLER_HEADER})%", "destination_service": node.service_key})],
     )

@@ -1,5 +1,6 @@
 """RateLimitPolicy through real Envoy 1.40 sidecars and the control plane: a policy added or
-removed through the API reaches a keep-alive connection within 1 s; under wrk load through a
+removed through the API reaches a keep-alive connection within 1 s (the node's routes switch the filter
+on and off again, and the connection survives); under wrk load through a
 2-worker sidecar for 10 s the accepted requests are rate × 10 + burst within ±5 %; a cluster-wide
 ``total_rate`` is divided between two sidecars of one service (and re-divided as they come and go)
 and holds the total within ±5 % under even load."""
@@ -101,6 +102,16 @@ def limit_text(proxy: Any) -> str:
     return ""
 
 
+def inbound_filter_off(proxy: Any) -> bool | None:
+    """Whether the inbound routes Envoy holds switch the governance filter off; None if it has none."""
+    for c in proxy.config_dump("dynamic_route_configs").get("configs", []):
+        rc = c.get("route_config", {})
+        if rc.get("name") == "inbound":
+            fc = rc.get("virtual_hosts", [{}])[0].get("typed_per_filter_config", {}).get("meshpilot.governance.inbound")
+            return bool(fc and fc.get("disabled"))
+    return None
+
+
 def rate_of(proxy: Any, rule: str) -> str | None:
     m = re.search(rf"\[ratelimit {re.escape(rule)}\][^\[]*?\nrate = (\S+)", limit_text(proxy))
     return m.group(1) if m else None
@@ -121,6 +132,7 @@ def test_policy_added_and_removed_reaches_a_keepalive_connection_within_a_second
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
             assert get(port, conn)[0] == 200, "expected 200 before any policy"
+            assert inbound_filter_off(proxy) is True, "expected the inbound routes to skip the filter while no limit applies"
             sock = conn.sock
             added = time.monotonic()
             cluster.api("PUT", POLICY + "live", {"service": "api", "rate": "1/m", "burst": 1})
@@ -131,6 +143,7 @@ def test_policy_added_and_removed_reaches_a_keepalive_connection_within_a_second
                     break
             assert status == 429, f"expected 429 on the keep-alive connection within 1 s of the policy, got {status} after {elapsed:.2f}s"
             assert int(headers.get("retry-after", "0")) >= 1, f"expected a retry-after header on the 429, got {headers}"
+            assert inbound_filter_off(proxy) is False, "expected the inbound routes to run the filter while the limit applies"
             removed = time.monotonic()
             cluster.api("DELETE", POLICY + "live")
             while True:
@@ -140,6 +153,7 @@ def test_policy_added_and_removed_reaches_a_keepalive_connection_within_a_second
                     break
             assert status == 200, f"expected 200 again within 1 s of deleting the policy, got {status} after {elapsed:.2f}s"
             assert conn.sock is sock, "expected one keep-alive connection throughout (no listener drain)"
+            wait_until(lambda: inbound_filter_off(proxy) is True, 5, what="the inbound routes to skip the filter again")
         finally:
             conn.close()
             cluster.cp.call("DELETE", POLICY + "live")

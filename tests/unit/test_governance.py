@@ -256,6 +256,46 @@ def test_only_routes_to_guarded_services_run_the_outbound_filter() -> None:
     assert off["api.default:80"], f"expected api's routes to skip the filter again once the breaker is gone, got {off}"
 
 
+def _inbound_filter_off(cp: ControlPlane, node_id: str) -> bool:
+    from envoy.config.route.v3 import route_components_pb2 as rc
+    from envoy.config.route.v3 import route_pb2
+
+    from meshpilot.policy.governance import INBOUND_FILTER
+    from meshpilot.translate.listeners import INBOUND_ROUTE
+
+    entry = cp.cache.get(TYPE.ROUTE, INBOUND_ROUTE, node_id)
+    assert entry is not None, f"expected node {node_id}'s inbound routes"
+    vh = _unpack(entry, route_pb2.RouteConfiguration()).virtual_hosts[0]
+    fc = rc.FilterConfig()
+    return INBOUND_FILTER in vh.typed_per_filter_config and vh.typed_per_filter_config[INBOUND_FILTER].Unpack(fc) and fc.disabled
+
+
+@needs_module
+def test_only_nodes_with_a_limit_run_the_inbound_filter() -> None:
+    cp = ControlPlane(Settings(store="memory:"))
+    install(cp)
+    cp.ports["api"] = 15999
+    cp.build_all()
+    reg = cp.registry
+    reg.put_service(Service(name="api", ports=[{"name": "http", "port": 80}]))
+    reg.put_service(Service(name="web", ports=[{"name": "http", "port": 80}]))
+    cp.flush()
+    _sidecar(cp, "api-1", "api")
+    _sidecar(cp, "web-1", "web")
+    assert _inbound_filter_off(cp, "api-1") and _inbound_filter_off(cp, "web-1"), "expected no node to run the inbound filter without limits"
+
+    reg.put_document("policies", "RateLimitPolicy/default/rl", {"kind": "RateLimitPolicy", "name": "rl", "service": "api", "rate": 50, "burst": 5}, service="api.default")
+    cp.flush()
+    assert not _inbound_filter_off(cp, "api-1"), "expected api's node to run the inbound filter once a limit applies"
+    assert _inbound_filter_off(cp, "web-1"), "expected web's node to keep skipping it"
+    _sidecar(cp, "api-2", "api")
+    assert not _inbound_filter_off(cp, "api-2"), "expected a node joining a limited service to run the filter"
+
+    reg.delete_document("policies", "RateLimitPolicy/default/rl", service="api.default")
+    cp.flush()
+    assert _inbound_filter_off(cp, "api-1") and _inbound_filter_off(cp, "api-2"), "expected the filter switched off again with the limit gone"
+
+
 def test_sidecar_listeners_carry_ecds_filters_only() -> None:
     from meshpilot.policy.governance import INBOUND_FILTER, OUTBOUND_FILTER, ecds_filter
 
