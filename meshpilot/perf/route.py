@@ -5,7 +5,7 @@ direct response), in the same run: (a) no filter, (b) Envoy's native local_ratel
 rate limiter, (d) meshpilot's circuit breaker, (e) both in one filter, (f) a WASM filter that only
 returns Continue, (g) breaker and limiter as two filter instances sharing one VM, (h) the filter of
 (e) in the chain but switched off by the route, as a sidecar's route to a service no breaker guards
-has it. Limits are far above the offered load so every request takes the admitted path, the path
+has it, (i) meshpilot's filter with an empty configuration (entering it, no rule to apply). Limits are far above the offered load so every request takes the admitted path, the path
 whose cost matters. Prints JSON (rps, latency percentiles, the proxy's CPU time per request, ratios to
 (a), (e) vs (f)) and a summary line. The bar: (e) costs at most 10 % of (a)'s rps. On a machine
 shared with other work, rps swings with the neighbours; CPU time per request is steadier.
@@ -48,6 +48,7 @@ SCENARIOS = {
     "f_noop_wasm": "WASM filter returning Continue",
     "g_both_two_filters": "breaker and rate limiter as two filters sharing one VM",
     "h_switched_off": "the filter of (e), switched off by the route",
+    "i_empty_config": "meshpilot's filter with no rules",
 }
 # --probes: the probe module's configuration per scenario ("" makes no call)
 PROBES = {
