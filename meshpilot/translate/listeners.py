@@ -5,7 +5,8 @@ The outbound listener routes HTTP by Host/authority with the shared ``outbound``
 node with outbound capture (iptables, ``CAPTURE``) it also recovers the original destination
 (``original_dst`` listener filter) and picks a filter chain per service virtual IP and port: HTTP
 ports go through the same routes, TCP ports straight to the service's cluster. The inbound listener
-forwards everything to the node's app on loopback; it keeps ``x-mesh-caller`` only on connections
+forwards everything to the node's app on loopback, through the node's own ``inbound`` route
+configuration (RDS, so routes can switch filters on and off without a listener update); it keeps ``x-mesh-caller`` only on connections
 from registered sidecar addresses (``trusted_peers``) and strips it from everyone else. Both write a
 JSON access log line per request naming source and destination service (request counts, status
 and latency per destination are Envoy's cluster stats, tagged with the source service by the
