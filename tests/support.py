@@ -163,6 +163,19 @@ class EnvoyProc:
         q = f"?resource={resource}" if resource else ""
         return json.loads(self.admin(f"/config_dump{q}"))
 
+    def filter_switched_off(self, route_config: str, vhost: str, filter_name: str) -> bool | None:
+        """Whether the routes Envoy holds switch an HTTP filter off (``FilterConfig.disabled``) for a
+        virtual host of a dynamic route configuration; None if Envoy has no such host."""
+        for c in self.config_dump("dynamic_route_configs").get("configs", []):
+            rc = c.get("route_config", {})
+            if rc.get("name") != route_config:
+                continue
+            for vh in rc.get("virtual_hosts", []):
+                if vh.get("name") == vhost:
+                    fc = vh.get("typed_per_filter_config", {}).get(filter_name)
+                    return bool(fc and fc.get("disabled"))
+        return None
+
     def cluster_hosts(self, cluster: str) -> dict[str, str]:
         """host:port -> health flags, from /clusters."""
         out: dict[str, str] = {}

@@ -199,10 +199,9 @@ class Governance:
 
     def limits_node(self, node: NodeInfo) -> bool:
         """Whether a rate limit applies to the node's service: the only nodes whose inbound routes
-        run the filter. Asked from the policies too, so a node (re)connecting to a limited service
-        gets its routes on from the first push."""
-        return node.id in self._governed_nodes or any(
-            p.service_key == node.service_key for p in self.engine.of_kind("RateLimitPolicy"))
+        run the filter. Asked from the policies, not from the published configs, so a node
+        (re)connecting to a limited service gets its routes on from the first push."""
+        return any(p.service_key == node.service_key for p in self.engine.of_kind("RateLimitPolicy"))
 
     def guarded_services(self) -> frozenset[str]:
         """Services a breaker guards: the only ones whose outbound routes run the filter."""

@@ -247,14 +247,7 @@ def test_policy_change_reaches_a_keepalive_connection_within_a_second(clean: Mes
 
 
 def _filter_switched_off(m: Mesh, vhost: str) -> bool | None:
-    """Whether the sidecar's routes (as Envoy holds them) switch the outbound filter off for a
-    virtual host; None if Envoy has no such host."""
-    for c in m.proxy.config_dump("dynamic_route_configs").get("configs", []):
-        for vh in c.get("route_config", {}).get("virtual_hosts", []):
-            if vh.get("name") == vhost:
-                fc = vh.get("typed_per_filter_config", {}).get("meshpilot.governance.outbound")
-                return bool(fc and fc.get("disabled"))
-    return None
+    return m.proxy.filter_switched_off("outbound", vhost, "meshpilot.governance.outbound")
 
 
 def test_only_guarded_services_routes_run_the_filter_and_the_switch_reaches_open_connections(clean: Mesh) -> None:

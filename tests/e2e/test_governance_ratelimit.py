@@ -103,13 +103,8 @@ def limit_text(proxy: Any) -> str:
 
 
 def inbound_filter_off(proxy: Any) -> bool | None:
-    """Whether the inbound routes Envoy holds switch the governance filter off; None if it has none."""
-    for c in proxy.config_dump("dynamic_route_configs").get("configs", []):
-        rc = c.get("route_config", {})
-        if rc.get("name") == "inbound":
-            fc = rc.get("virtual_hosts", [{}])[0].get("typed_per_filter_config", {}).get("meshpilot.governance.inbound")
-            return bool(fc and fc.get("disabled"))
-    return None
+    """Whether the node's inbound routes, as Envoy holds them, switch the governance filter off."""
+    return proxy.filter_switched_off("inbound", "inbound", "meshpilot.governance.inbound")
 
 
 def rate_of(proxy: Any, rule: str) -> str | None:

@@ -213,34 +213,53 @@ def test_control_plane_publishes_filters_shares_and_outliers() -> None:
     assert "[breaker" not in _filter_text(cp, "meshpilot.governance.outbound"), "expected no breaker once the policy is deleted"
 
 
-def _outbound_filter_off(cp: ControlPlane) -> dict[str, bool]:
-    """Virtual host → whether it switches the outbound governance filter off."""
+def _switched_off(cp: ControlPlane, route: str, node_id: str = "") -> dict[str, set[str]]:
+    """Virtual host → the HTTP filters a route configuration (shared, or a node's) switches off."""
     from envoy.config.route.v3 import route_components_pb2 as rc
     from envoy.config.route.v3 import route_pb2
 
+    entry = cp.cache.get(TYPE.ROUTE, route, node_id)
+    assert entry is not None, f"expected the route configuration {route!r} (node {node_id!r})"
+    def disabled(cfg: Any) -> bool:
+        fc = rc.FilterConfig()
+        return cfg.Unpack(fc) and fc.disabled
+
+    return {vh.name: {name for name, cfg in vh.typed_per_filter_config.items() if disabled(cfg)}
+            for vh in _unpack(entry, route_pb2.RouteConfiguration()).virtual_hosts}
+
+
+def _outbound_filter_off(cp: ControlPlane) -> dict[str, bool]:
+    """Virtual host → whether it switches the outbound governance filter off."""
     from meshpilot.policy.governance import OUTBOUND_FILTER
     from meshpilot.translate.names import OUTBOUND_ROUTE
 
-    entry = cp.cache.get(TYPE.ROUTE, OUTBOUND_ROUTE)
-    assert entry is not None, "expected the outbound route configuration"
-    cfg = _unpack(entry, route_pb2.RouteConfiguration())
-    out = {}
-    for vh in cfg.virtual_hosts:
-        fc = rc.FilterConfig()
-        out[vh.name] = OUTBOUND_FILTER in vh.typed_per_filter_config and vh.typed_per_filter_config[OUTBOUND_FILTER].Unpack(fc) and fc.disabled
-    return out
+    return {vh: OUTBOUND_FILTER in off for vh, off in _switched_off(cp, OUTBOUND_ROUTE).items()}
 
 
-@needs_module
-def test_only_routes_to_guarded_services_run_the_outbound_filter() -> None:
+def _inbound_filter_off(cp: ControlPlane, node_id: str) -> bool:
+    from meshpilot.policy.governance import INBOUND_FILTER
+    from meshpilot.translate.listeners import INBOUND_ROUTE
+
+    return INBOUND_FILTER in _switched_off(cp, INBOUND_ROUTE, node_id)["inbound"]
+
+
+def _governed_plane(*services: str) -> ControlPlane:
+    """A control plane with governance installed, serving (as far as the filters' URI needs), and
+    one HTTP service per name."""
     cp = ControlPlane(Settings(store="memory:"))
     install(cp)
     cp.ports["api"] = 15999
     cp.build_all()
-    reg = cp.registry
-    reg.put_service(Service(name="api", ports=[{"name": "http", "port": 80}]))
-    reg.put_service(Service(name="web", ports=[{"name": "http", "port": 80}]))
+    for name in services:
+        cp.registry.put_service(Service(name=name, ports=[{"name": "http", "port": 80}]))
     cp.flush()
+    return cp
+
+
+@needs_module
+def test_only_routes_to_guarded_services_run_the_outbound_filter() -> None:
+    cp = _governed_plane("api", "web")
+    reg = cp.registry
     off = _outbound_filter_off(cp)
     assert off == {"api.default:80": True, "web.default:80": True, "unknown-host": True}, f"expected every host to skip the filter without policies, got {off}"
 
@@ -256,30 +275,10 @@ def test_only_routes_to_guarded_services_run_the_outbound_filter() -> None:
     assert off["api.default:80"], f"expected api's routes to skip the filter again once the breaker is gone, got {off}"
 
 
-def _inbound_filter_off(cp: ControlPlane, node_id: str) -> bool:
-    from envoy.config.route.v3 import route_components_pb2 as rc
-    from envoy.config.route.v3 import route_pb2
-
-    from meshpilot.policy.governance import INBOUND_FILTER
-    from meshpilot.translate.listeners import INBOUND_ROUTE
-
-    entry = cp.cache.get(TYPE.ROUTE, INBOUND_ROUTE, node_id)
-    assert entry is not None, f"expected node {node_id}'s inbound routes"
-    vh = _unpack(entry, route_pb2.RouteConfiguration()).virtual_hosts[0]
-    fc = rc.FilterConfig()
-    return INBOUND_FILTER in vh.typed_per_filter_config and vh.typed_per_filter_config[INBOUND_FILTER].Unpack(fc) and fc.disabled
-
-
 @needs_module
 def test_only_nodes_with_a_limit_run_the_inbound_filter() -> None:
-    cp = ControlPlane(Settings(store="memory:"))
-    install(cp)
-    cp.ports["api"] = 15999
-    cp.build_all()
+    cp = _governed_plane("api", "web")
     reg = cp.registry
-    reg.put_service(Service(name="api", ports=[{"name": "http", "port": 80}]))
-    reg.put_service(Service(name="web", ports=[{"name": "http", "port": 80}]))
-    cp.flush()
     _sidecar(cp, "api-1", "api")
     _sidecar(cp, "web-1", "web")
     assert _inbound_filter_off(cp, "api-1") and _inbound_filter_off(cp, "web-1"), "expected no node to run the inbound filter without limits"

@@ -68,6 +68,36 @@ pub fn allocate(size: usize) -> *mut u8 {
     }
 }
 
+/// The exports every meshpilot module has: the ABI version marker, the reactor initialiser and the
+/// host's allocator. Invoke once at a module's top level (`meshpilot_abi::reactor_exports!();`).
+///
+/// A reactor module: Envoy calls `_initialize` once after instantiation. Referencing the linker's
+/// constructor function there also stops the linker from wrapping every export in a constructor
+/// call, which would run WASI start-up code (refused inside `proxy_on_memory_allocate`) on every
+/// callback.
+#[macro_export]
+macro_rules! reactor_exports {
+    () => {
+        #[no_mangle]
+        pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+        extern "C" {
+            fn __wasm_call_ctors();
+        }
+
+        #[no_mangle]
+        pub extern "C" fn _initialize() {
+            // SAFETY: called once by the host before any other export, as the reactor ABI requires.
+            unsafe { __wasm_call_ctors() }
+        }
+
+        #[no_mangle]
+        pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+            $crate::allocate(size)
+        }
+    };
+}
+
 /// A block the host filled, allocated through [`allocate`]; freed on drop.
 pub struct HostBuf {
     ptr: *mut u8,

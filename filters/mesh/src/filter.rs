@@ -634,26 +634,7 @@ fn on_tick(root: &mut Root) {
 
 // ---------------------------------------------------------------- exports
 
-#[no_mangle]
-pub extern "C" fn proxy_abi_version_0_2_1() {}
-
-// A reactor module: Envoy calls `_initialize` once after instantiation. Referencing the linker's
-// constructor function here also stops the linker from wrapping every export in a constructor call,
-// which would run WASI start-up code (refused inside proxy_on_memory_allocate) on every callback.
-extern "C" {
-    fn __wasm_call_ctors();
-}
-
-#[no_mangle]
-pub extern "C" fn _initialize() {
-    // SAFETY: called once by the host before any other export, as the reactor ABI requires.
-    unsafe { __wasm_call_ctors() }
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
-    meshpilot_abi::allocate(size)
-}
+meshpilot_abi::reactor_exports!();
 
 #[no_mangle]
 pub extern "C" fn proxy_on_context_create(context_id: u32, parent_id: u32) {

@@ -73,24 +73,7 @@ mod glue {
         n
     }
 
-    #[no_mangle]
-    pub extern "C" fn proxy_abi_version_0_2_1() {}
-
-    // A reactor module, like the others (see filters/mesh/src/filter.rs).
-    extern "C" {
-        fn __wasm_call_ctors();
-    }
-
-    #[no_mangle]
-    pub extern "C" fn _initialize() {
-        // SAFETY: called once by the host before any other export, as the reactor ABI requires.
-        unsafe { __wasm_call_ctors() }
-    }
-
-    #[no_mangle]
-    pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
-        meshpilot_abi::allocate(size)
-    }
+    meshpilot_abi::reactor_exports!();
 
     #[no_mangle]
     pub extern "C" fn proxy_on_context_create(_context_id: u32, _parent_id: u32) {}
