@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "main", "register_dns", "run"]
+__all__ = ["add_arguments", "free_udp_tcp_port", "main", "register_dns", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
 # -- processes -------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_udp_tcp_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1, chosen by the OS (a DNS server takes both)."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             u.bind(("127.0.0.1", 0))
@@ -131,7 +132,7 @@ def _unbound_conf(port: int, workdir: Path, local: list[str], extra: str) -> str
 
 @contextlib.contextmanager
 def _upstream(workdir: Path, fwd_names: list[str]) -> Iterator[int]:
-    port = _free_port()
+    port = free_udp_tcp_port()
     local = ['local-zone: "." static', 'local-zone: "example." static',
              'local-data: "example. 3600 IN SOA ns.example. hostmaster.example. 1 3600 600 86400 3600"']
     local += [f'local-data: "{n}. 3600 IN A 192.0.2.{i % 250 + 1}"' for i, n in enumerate(fwd_names)]
@@ -162,7 +163,7 @@ def _meshdns(workdir: Path, services: list[dict[str, Any]], upstream: int) -> It
 
 @contextlib.contextmanager
 def _dnsmasq(workdir: Path, mesh: list[tuple[str, str]], upstream: int) -> Iterator[int]:
-    port = _free_port()
+    port = free_udp_tcp_port()
     conf = workdir / "dnsmasq.conf"
     lines = [f"port={port}", "listen-address=127.0.0.1", "bind-interfaces", "no-resolv", "no-hosts",
              f"server=127.0.0.1#{upstream}", "cache-size=10000", "local-ttl=30", "user=root", "pid-file=",
@@ -177,7 +178,7 @@ def _dnsmasq(workdir: Path, mesh: list[tuple[str, str]], upstream: int) -> Itera
 
 @contextlib.contextmanager
 def _unbound_peer(workdir: Path, mesh: list[tuple[str, str]], upstream: int) -> Iterator[int]:
-    port = _free_port()
+    port = free_udp_tcp_port()
     local = ['local-zone: "mesh." static']
     local += [f'local-data: "{name}. 30 IN A {ip}"' for name, ip in mesh]
     extra = f'forward-zone:\n  name: "."\n  forward-addr: 127.0.0.1@{upstream}\n'

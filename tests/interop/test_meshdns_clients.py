@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ import dns.rcode
 import dns.resolver
 import pytest
 
+from meshpilot.perf.dns import free_udp_tcp_port
+
 pytestmark = pytest.mark.interop
 
 SERVICES = [
@@ -37,21 +38,6 @@ SERVICES = [
     {"name": "big", "namespace": "default", "vip": "240.240.0.3",
      "ports": [{"name": f"port{i}", "port": 10000 + i, "protocol": "tcp"} for i in range(40)]},
 ]
-
-
-def _free_udp_tcp_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1, chosen by the OS."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no free port found")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -99,7 +85,7 @@ def start_meshdns(tmp: Path, *extra: str, prefix: list[str] | None = None,
 def run_unbound(tmp_path: Path) -> Iterator[int]:
     """A real unbound on 127.0.0.1 answering a few example. names from local data, nothing else."""
     exe = shutil.which("unbound") or "/usr/sbin/unbound"
-    port = _free_udp_tcp_port()
+    port = free_udp_tcp_port()
     conf = tmp_path / "unbound.conf"
     conf.write_text(f"""server:
   interface: 127.0.0.1@{port}
@@ -256,7 +242,7 @@ def test_cache_serves_while_upstream_is_gone_and_ttl_counts_down(tmp_path: Path)
 
 
 def test_upstream_down_is_servfail_fast(tmp_path: Path) -> None:
-    dead = _free_udp_tcp_port()  # nothing listens there
+    dead = free_udp_tcp_port()  # nothing listens there
     proc, port = start_meshdns(tmp_path, "--upstream", f"127.0.0.1:{dead}", "--upstream-timeout", "1.0")
     try:
         t0 = time.monotonic()
