@@ -287,7 +287,16 @@ def test_only_nodes_with_a_limit_run_the_inbound_filter() -> None:
     cp.flush()
     assert not _inbound_filter_off(cp, "api-1"), "expected api's node to run the inbound filter once a limit applies"
     assert _inbound_filter_off(cp, "web-1"), "expected web's node to keep skipping it"
+    first: dict[str, bool] = {}  # the node's inbound routes as first published, before any refresh
+
+    def seen(type_url: str, scope: str, names: frozenset[str], stamp: float) -> None:
+        if type_url == TYPE.ROUTE and scope == "api-2" and not first:
+            first["off"] = _inbound_filter_off(cp, "api-2")
+
+    stop = cp.cache.watch(seen)
     _sidecar(cp, "api-2", "api")
+    stop()
+    assert first == {"off": False}, f"expected a node joining a limited service to run the filter from its first routes, got {first}"
     assert not _inbound_filter_off(cp, "api-2"), "expected a node joining a limited service to run the filter"
 
     reg.delete_document("policies", "RateLimitPolicy/default/rl", service="api.default")
