@@ -9,7 +9,7 @@ ROOT=$(pwd)
 
 APT_PACKAGES=(
   python3 python3-venv ca-certificates curl openssl procps iproute2 iptables
-  rustc cargo libstd-rust-dev-wasm32
+  rustc cargo libstd-rust-dev-wasm32 lld-14
   etcd-server dnsperf dnsmasq-base unbound knot-dnsutils wrk nghttp2-client valgrind
 )
 
@@ -25,6 +25,28 @@ setup_apt() {
     local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+# Every executable the build and the tests call, by the path they call it. A package that is only
+# recommended (lld-14 behind /usr/bin/rust-lld) leaves a dangling link on a machine that installs without
+# recommends: check that each resolves to a real executable file, so a missing step fails here, by name.
+REQUIRED_TOOLS=(
+  /usr/bin/rustc /usr/bin/cargo /usr/bin/rust-lld
+  etcd dnsperf dnsmasq unbound kdig wrk h2load valgrind ip iptables openssl curl
+)
+
+check_tools() {
+  local bad=() t p
+  for t in "${REQUIRED_TOOLS[@]}" "$@"; do
+    p=$(command -v "$t" 2>/dev/null || true)
+    if [ -z "$p" ] || [ ! -f "$(readlink -f "$p")" ] || [ ! -x "$(readlink -f "$p")" ]; then
+      bad+=("$t${p:+ -> $(readlink -f "$p")}")
+    fi
+  done
+  if ((${#bad[@]})); then
+    log "missing or dangling executables: ${bad[*]}"
+    exit 1
   fi
 }
 
@@ -60,7 +82,7 @@ setup_build() {
   return 0
 }
 
-setup() { setup_apt; setup_venv; setup_build; }
+setup() { setup_apt; check_tools; setup_venv; check_tools "$ROOT/.venv/bin/envoy"; setup_build; }
 
 cmd=${1:-demo}; shift || true
 case "$cmd" in
