@@ -92,6 +92,9 @@ class ControlPlane:
         # addresses of registered sidecars, kept by the HDS plugin; inbound listeners keep
         # x-mesh-caller only from these (None: from everyone)
         self.trusted_peers: frozenset[str] | None = None
+        # a node's health token, set by the HDS plugin: its own health checks carry it and its
+        # inbound routes let them past every optional inbound filter ("": no such route)
+        self.health_token: Callable[[str], str] = lambda node_id: ""
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
         self.ready = asyncio.Event()
@@ -144,7 +147,7 @@ class ControlPlane:
         if not (node.inbound_port and node.app_port):
             return {}
         off = sorted(name for name, wanted in self._optional_inbound.items() if not wanted(node))
-        return {INBOUND_ROUTE: build_inbound_routes(node, off)}
+        return {INBOUND_ROUTE: build_inbound_routes(node, off, self.health_token(node.id), sorted(self._optional_inbound))}
 
     def add_node_watcher(self, hook: Callable[[NodeInfo, bool], None]) -> None:
         """``hook(node, connected)`` after a node's first stream opens and after its last one closes."""

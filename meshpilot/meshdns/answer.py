@@ -10,7 +10,8 @@ Answer rules: A/AAAA for every name form of a service; SRV for ``_<port>._tcp.<n
 bare name (all ports), target ``<svc>.<ns>.svc.<domain>.`` with its addresses as additional records; a known
 name without the asked type is NOERROR with an SOA in the authority section (RFC 2308), an unknown name inside
 a mesh domain NXDOMAIN with the SOA; OPT only when the query had one (RFC 6891); TC when the response does not
-fit the client's UDP size.
+fit the client's UDP size, which is never taken as more than 1232 bytes (:func:`udp_limit`). AA is set on mesh
+answers only, RA on every response (meshdns recurses for the names it does not own, by forwarding them).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from meshpilot.meshdns.wire import (
     split_name,
 )
 
-__all__ = ["DROP", "FORWARD", "REPLY", "Outcome", "answer", "flag_variants", "respond", "udp_limit",
+__all__ = ["DROP", "FORWARD", "REPLY", "RA", "Outcome", "answer", "flag_variants", "respond", "udp_limit",
            "OUR_UDP_SIZE"]
 
 REPLY = 0
@@ -33,7 +34,8 @@ DROP = 2
 
 #: the UDP payload size meshdns advertises and the largest it will send (DNS flag day 2020)
 OUR_UDP_SIZE = 1232
-_MAX_UDP = 4096
+#: RA: every response says meshdns offers recursion, whoever built it
+RA = 0x0080
 _SOA_LABELS = (b"ns",), (b"hostmaster",)
 
 
@@ -49,16 +51,17 @@ class Outcome:
 
 
 def udp_limit(query: Query) -> int:
-    """The largest UDP response this client accepts."""
+    """The largest UDP response meshdns sends this client: 512 without EDNS, else the client's size taken between
+    512 and 1232; a larger offer is not trusted, since a path that fragments such datagrams loses them."""
     if query.opt is None:
         return 512
-    return max(512, min(query.opt.udp_size, _MAX_UDP))
+    return max(512, min(query.opt.udp_size, OUR_UDP_SIZE))
 
 
 def _flags(query_flags: int, rcode: int, *, aa: bool, tc: bool = False) -> int:
     # QR, opcode echoed, AA, TC, RD copied; RA (we recurse by forwarding); CD copied; rcode
     return (0x8000 | (query_flags & 0x7800) | (0x0400 if aa else 0) | (0x0200 if tc else 0)
-            | (query_flags & 0x0100) | 0x0080 | (query_flags & 0x0010) | (rcode & 0xF))
+            | (query_flags & 0x0100) | RA | (query_flags & 0x0010) | (rcode & 0xF))
 
 
 def _error(data: bytes, rcode: int, question_end: int, query: Query | None) -> bytes:
@@ -154,13 +157,14 @@ def respond(data: bytes, table: NameTable, *, tcp: bool = False) -> Outcome:
         return Outcome(DROP, reason="short")
     if data[2] & 0x80:
         return Outcome(DROP, reason="response")  # never answer a response: that is how loops start
+    if data[2] & 0x78:
+        # read before the sections, which other opcodes give other meanings (a DSO message has no question, an
+        # UPDATE's zone section must be SOA): NOTIMP with the header only (RFC 1035 4.1.1, RFC 8490 5.1)
+        return Outcome(REPLY, _error(data, RCODE.NOTIMP, 0, None), reason="notimp")
     try:
         q = parse_query(data)
     except FormatError as exc:
         return Outcome(REPLY, _error(data, RCODE.FORMERR, exc.question_end, None), reason="formerr")
-    if q.opcode != 0:
-        # header only: other opcodes give the sections other meanings (UPDATE's zone section must be SOA)
-        return Outcome(REPLY, _error(data, RCODE.NOTIMP, 0, None), q, reason="notimp")
     if q.qtype in (251, 252):  # IXFR, AXFR
         return Outcome(REPLY, _error(data, RCODE.REFUSED, q.question_end, q), q, reason="refused")
     out = _build(data, q, table, tcp)

@@ -166,8 +166,11 @@ def _check_reply(data: bytes) -> None:
                 raise AssertionError("reply is shorter than a header") from None
             except Exception as exc:  # noqa: BLE001 - any parse failure is the bug we are hunting
                 raise AssertionError(f"unparsable reply {outcome.response!r} to {data!r}: {exc!r}") from None
+            flags = struct.unpack_from("!H", outcome.response, 2)[0]
+            assert flags & 0x0080, f"every reply says meshdns offers recursion (RA), got flags {flags:#06x}"
             if not tcp:
-                assert len(outcome.response) <= 4096, "UDP replies stay within the largest accepted size"
+                assert len(outcome.response) <= 1232, (
+                    f"UDP replies stay within 1232 bytes, got {len(outcome.response)}")
 
 
 @settings(max_examples=3000, deadline=None)
@@ -204,3 +207,76 @@ def mutated(draw: st.DrawFn) -> bytes:
 @given(mutated())
 def test_mutated_queries_never_raise_nor_produce_garbage(data: bytes) -> None:
     _check_reply(data)
+
+
+# -- opcodes other than QUERY: NOTIMP from the header alone (RFC 1035 4.1.1, RFC 8490 5.1) ------------------------
+
+#: a DSO Keepalive request (RFC 8490 7.1; opcode 6, no question, one TLV: type 1, inactivity and interval timeouts)
+DSO_KEEPALIVE = struct.pack("!HHHHHH", 0x1234, 6 << 11, 0, 0, 0, 0) + struct.pack("!HHII", 1, 8, 15000, 15000)
+
+
+def _assert_notimp(data: bytes, out: bytes | None) -> None:
+    assert out is not None, f"expected NOTIMP for opcode {(data[2] >> 3) & 0xF}, got no reply"
+    head = struct.unpack_from("!HHHHHH", out)
+    qid, flags, counts = head[0], head[1], head[2:]
+    got = f"id={qid:#x} flags={flags:#06x} counts={counts} ({len(out)} bytes)"
+    assert len(out) == 12 and qid == struct.unpack_from("!H", data)[0], f"expected a bare header, got {got}"
+    assert flags & 0xF == dns.rcode.NOTIMP, f"expected rcode NOTIMP (4), got {flags & 0xF}: {got}"
+    assert (flags >> 11) & 0xF == (data[2] >> 3) & 0xF, f"expected the opcode echoed, got {got}"
+    assert flags & 0x8000 and not flags & 0x0400 and flags & 0x0080, f"expected QR, no AA, RA: {got}"
+    assert counts == (0, 0, 0, 0), f"expected no sections, got {got}"
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+def test_dso_keepalive_and_unknown_opcode_without_question_get_notimp(tcp: bool) -> None:
+    _assert_notimp(DSO_KEEPALIVE, answer(DSO_KEEPALIVE, TABLE, tcp=tcp))
+    bare15 = struct.pack("!HHHHHH", 7, 15 << 11, 0, 0, 0, 0)
+    _assert_notimp(bare15, answer(bare15, TABLE, tcp=tcp))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.integers(1, 15), st.integers(0, 0xFFFF), st.integers(0, 0x7FF),
+       st.tuples(*[st.integers(0, 0xFFFF)] * 4), st.binary(max_size=300), st.booleans())
+def test_every_other_opcode_is_notimp_whatever_follows(opcode: int, qid: int, low_flags: int,
+                                                       counts: tuple[int, int, int, int], rest: bytes,
+                                                       tcp: bool) -> None:
+    data = struct.pack("!HHHHHH", qid, (opcode << 11) | low_flags, *counts) + rest
+    _assert_notimp(data, answer(data, TABLE, tcp=tcp))
+
+
+# -- the UDP size: the client's EDNS size, never more than 1232 (DNS flag day 2020) -------------------------------
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 120), st.one_of(st.none(), st.integers(0, 0xFFFF)), st.booleans())
+def test_udp_answers_stay_within_the_clients_size_and_1232(ports: int, payload: int | None, tcp: bool) -> None:
+    table = NameTable.build([Service("many", "default", vip="240.240.0.4",
+                                     ports=tuple(Port(f"p{i}", 20000 + i) for i in range(ports)))])
+    q = dns.message.make_query("many.default.svc.mesh", "SRV", use_edns=-1 if payload is None else 0,
+                               payload=payload or 0)
+    out = answer(q.to_wire(), table, tcp=tcp)
+    assert out is not None, "expected a mesh answer"
+    r = dns.message.from_wire(out)
+    limit = 512 if payload is None else max(512, min(payload, 1232))
+    truncated = bool(r.flags & dns.flags.TC)
+    srv = len(r.answer[0]) if r.answer else 0
+    if tcp:
+        assert not truncated and srv == ports, f"TCP: expected all {ports} SRV records, got {srv} TC={truncated}"
+    else:
+        assert len(out) <= limit, (f"UDP with payload {payload}: expected at most {limit} bytes, got {len(out)} "
+                                   f"({srv} SRV, TC={truncated})")
+        assert srv == (0 if truncated else ports), f"expected all {ports} SRV or TC with none, got {srv} TC={truncated}"
+
+
+def test_an_answer_over_1232_bytes_is_truncated_for_a_client_offering_4096() -> None:
+    r = ask("big.default.svc.mesh", "SRV", edns=0, payload=4096)  # 865 bytes: fits
+    assert not r.flags & dns.flags.TC and len(r.answer[0]) == 40, "expected all 40 SRV records under 1232 bytes"
+    table = NameTable.build([Service("many", "default", vip="240.240.0.4",
+                                     ports=tuple(Port(f"p{i}", 20000 + i) for i in range(64)))])
+    q = dns.message.make_query("many.default.svc.mesh", "SRV", use_edns=0, payload=4096)
+    full = answer(q.to_wire(), table, tcp=True)
+    assert full is not None and len(full) > 1232, f"the full answer must exceed 1232 bytes, got {len(full or b'')}"
+    out = answer(q.to_wire(), table)
+    assert out is not None and len(out) <= 1232, f"expected at most 1232 bytes over UDP, got {len(out or b'')}"
+    r = dns.message.from_wire(out)
+    assert r.flags & dns.flags.TC and not r.answer and r.payload == 1232, (
+        f"expected TC, no answer and OPT 1232, got flags {r.flags:#x} answer {r.answer} payload {r.payload}")
