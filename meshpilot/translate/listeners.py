@@ -6,7 +6,10 @@ node with outbound capture (iptables, ``CAPTURE``) it also recovers the original
 (``original_dst`` listener filter) and picks a filter chain per service virtual IP and port: HTTP
 ports go through the same routes, TCP ports straight to the service's cluster. The inbound listener
 forwards everything to the node's app on loopback, through the node's own ``inbound`` route
-configuration (RDS, so routes can switch filters on and off without a listener update); it keeps ``x-mesh-caller`` only on connections
+configuration (RDS, so routes can switch filters on and off without a listener update); its first
+route takes the node's own health checks (HDS, xds/hds.py), recognised by a per-node token in
+``x-mesh-health-check`` that only the node's Envoy and the control plane know, past every governance
+filter: a rate limit or breaker must never fail the check that keeps the instance in EDS. It keeps ``x-mesh-caller`` only on connections
 from registered sidecar addresses (``trusted_peers``) and strips it from everyone else. Both write a
 JSON access log line per request naming source and destination service (request counts, status
 and latency per destination are Envoy's cluster stats, tagged with the source service by the
@@ -41,11 +44,12 @@ from meshpilot.translate.node import NodeInfo
 from meshpilot.translate.routes import DESTINATION_SERVICE
 
 __all__ = [
-    "CALLER_HEADER", "INBOUND", "INBOUND_ROUTE", "OUTBOUND", "access_log", "build_inbound_listener", "build_inbound_routes",
+    "CALLER_HEADER", "HEALTH_HEADER", "INBOUND", "INBOUND_ROUTE", "OUTBOUND", "access_log", "build_inbound_listener", "build_inbound_routes",
     "build_outbound_listener", "pack",
 ]
 
 CALLER_HEADER = "x-mesh-caller"
+HEALTH_HEADER = "x-mesh-health-check"  # carries the node's health token on its own health checks
 OUTBOUND = "outbound"
 INBOUND = "inbound"
 INBOUND_ROUTE = "inbound"  # the node's own route configuration (RDS, scoped to the node)
@@ -177,17 +181,30 @@ def build_outbound_listener(
     return listener
 
 
-def build_inbound_routes(node: NodeInfo, filters_off: Sequence[str] = ()) -> route_pb2.RouteConfiguration:
+def build_inbound_routes(
+    node: NodeInfo, filters_off: Sequence[str] = (), health_token: str = "", health_skips: Sequence[str] = ()
+) -> route_pb2.RouteConfiguration:
     """The inbound listener's routes: everything to the app. They come by RDS (scoped to the node)
     rather than inside the listener so that ``filters_off`` (HTTP filters the node's inbound requests
     skip, the governance filter while no limit applies to its service) can change without a listener
-    update, which would drain the app's connections."""
+    update, which would drain the app's connections. With a ``health_token``, requests carrying it in
+    ``x-mesh-health-check`` (the node's own health checks) take a first route that switches off every
+    filter in ``health_skips`` and drops the header before the app sees it."""
     route = route_pb2.RouteConfiguration(name=INBOUND_ROUTE)
     vh = route.virtual_hosts.add(name="inbound", domains=["*"])
+    action = rc.RouteAction(cluster=inbound_cluster_name(node.app_port))
+    action.timeout.SetInParent()  # 0: the caller's sidecar owns the timeout
+    if health_token:
+        h = vh.routes.add(name="health")
+        h.match.prefix = "/"
+        h.match.headers.add(name=HEALTH_HEADER).string_match.exact = health_token
+        h.route.CopyFrom(action)
+        h.request_headers_to_remove.append(HEALTH_HEADER)
+        for name in health_skips:
+            h.typed_per_filter_config[name].CopyFrom(pack(rc.FilterConfig(disabled=True)))
     r = vh.routes.add(name="inbound")
     r.match.prefix = "/"
-    r.route.CopyFrom(rc.RouteAction(cluster=inbound_cluster_name(node.app_port)))
-    r.route.timeout.SetInParent()  # 0: the caller's sidecar owns the timeout
+    r.route.CopyFrom(action)
     for name in filters_off:
         vh.typed_per_filter_config[name].CopyFrom(pack(rc.FilterConfig(disabled=True)))
     return route

@@ -7,7 +7,12 @@ server registers the node's app as an instance (source ``mesh``, a critical ``hd
 reports EndpointHealthResponses every specifier interval; those drive the ``hds`` check, so the
 instance enters EDS only after its first HEALTHY report (DESIGN.md: lossless publish).
 
-The core is pure (``registration``, ``build_specifier``, ``HdsSession``, ``Liveness``): node
+An HTTP check goes through the node's inbound listener and carries ``x-mesh-health-check``
+with the node's health token (an HMAC of its id under a key this control plane draws at start), which
+the node's inbound routes match to skip the governance filters: a rate limit must never fail the
+check that keeps the instance in EDS, and a caller cannot forge a token it never sees.
+
+The core is pure (``registration``, ``build_specifier``, ``health_token``, ``HdsSession``, ``Liveness``): node
 metadata and reports in, registry values out. The gRPC handler keeps per-stream state outside its
 receive loop (only the first message carries the node) and the liveness sweep marks the instance of
 a lost stream critical after ``hds_critical_after_s`` (longer than Envoy's 30 s HDS reconnect
@@ -19,8 +24,11 @@ offline: whether every Envoy subscribed to the service's endpoints has ACKed the
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import ipaddress
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -34,6 +42,7 @@ from google.protobuf import duration_pb2, json_format
 
 from meshpilot.model import Check, CheckStatus, Instance, ValidationError, field_errors
 from meshpilot.registry import Change, Registry, RegistryError
+from meshpilot.translate.listeners import HEALTH_HEADER
 from meshpilot.translate.names import TYPE, cluster_name
 from meshpilot.translate.node import NodeInfo, node_info
 
@@ -53,6 +62,7 @@ __all__ = [
     "Liveness",
     "Registration",
     "build_specifier",
+    "health_token",
     "install",
     "registration",
     "synced",
@@ -197,9 +207,17 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return d
 
 
-def build_specifier(reg: Registration, report_interval_s: float) -> hds_pb2.HealthCheckSpecifier:
+def health_token(key: bytes, node_id: str) -> str:
+    """The token a node's own health checks carry: stable for the node under one key, unguessable
+    without the key."""
+    return hmac.new(key, node_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def build_specifier(reg: Registration, report_interval_s: float, token: str = "") -> hds_pb2.HealthCheckSpecifier:
     """Tell the node's Envoy to check its own app; every interval is explicit (HDS clusters carry
-    no traffic, so Envoy would otherwise probe at the 60 s no_traffic_interval)."""
+    no traffic, so Envoy would otherwise probe at the 60 s no_traffic_interval). An HTTP check
+    carries ``token`` in ``x-mesh-health-check``, which the node's inbound routes exempt from
+    governance."""
     p = reg.plan
     hc = health_check_pb2.HealthCheck(
         timeout=_duration(p.timeout_s),
@@ -215,6 +233,11 @@ def build_specifier(reg: Registration, report_interval_s: float) -> hds_pb2.Heal
     if p.kind == "http":
         hc.http_health_check.path = p.path
         hc.http_health_check.host = p.host
+        if token:
+            hc.http_health_check.request_headers_to_add.append(base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=HEALTH_HEADER, value=token),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            ))
     else:
         hc.tcp_health_check.SetInParent()
     spec = hds_pb2.HealthCheckSpecifier(interval=_duration(report_interval_s))
@@ -370,6 +393,7 @@ class HdsServer:
         self.liveness = Liveness(critical_after_s, remove_after_s)
         self.sessions: dict[int, HdsSession] = {}
         self._next = 0
+        self._key = secrets.token_bytes(32)
         now = time.monotonic()
         # instances registered before a restart must reconnect within the same bounds
         for inst in registry.instances():
@@ -395,6 +419,10 @@ class HdsServer:
 
     async def _fetch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "use StreamHealthCheck")
+
+    def token(self, node_id: str) -> str:
+        """The node's health token (its inbound routes and its checks agree on it)."""
+        return health_token(self._key, node_id)
 
     def _register(self, reg: Registration) -> None:
         inst = reg.instance
@@ -437,7 +465,7 @@ class HdsServer:
                     iid = reg.instance.id
                     self.liveness.opened(iid)
                     log.info("event=hds_open instance=%s check=%s:%s:%d", iid, reg.plan.kind, reg.plan.address, reg.plan.port)
-                    await context.write(build_specifier(reg, self.report_interval_s))
+                    await context.write(build_specifier(reg, self.report_interval_s, self.token(iid)))
                     continue
                 if msg.HasField("endpoint_health_response"):
                     status = session.report(msg.endpoint_health_response, time.monotonic())
@@ -485,6 +513,7 @@ def install(cp: ControlPlane) -> None:
     s = cp.settings
     server = HdsServer(cp.registry, s.hds_interval_s, s.hds_critical_after_s, s.hds_remove_after_s)
     cp.registry.subscribe(server.on_change)
+    cp.health_token = server.token
 
     # sidecar instance id -> address, kept up to date from change events (no registry scans)
     sidecars = {i.id: i.address for i in cp.registry.iter_instances() if i.source == SOURCE}

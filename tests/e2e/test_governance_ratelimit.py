@@ -3,7 +3,9 @@ removed through the API reaches a keep-alive connection within 1 s (the node's r
 on and off again, and the connection survives); under wrk load through a
 2-worker sidecar for 10 s the accepted requests are rate × 10 + burst within ±5 %; a cluster-wide
 ``total_rate`` is divided between two sidecars of one service (and re-divided as they come and go)
-and holds the total within ±5 % under even load."""
+and holds the total within ±5 % under even load; the sidecars' own HTTP health checks of their app,
+which pass through the same inbound listener, are never limited, so a service loaded far beyond its
+limit keeps its instances passing (and its full share of the rate)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from typing import Any
 import pytest
 
 from meshpilot.wasm import testbed
-from tests.support import control_plane, envoy, free_port, sidecar_bootstrap, tmpdir, wait_until
+from meshpilot.translate.listeners import HEALTH_HEADER
+from tests.support import control_plane, envoy, free_port, http, sidecar_bootstrap, tmpdir, wait_until
 
 pytestmark = [
     pytest.mark.e2e,
@@ -91,6 +94,26 @@ class Cluster:
         with envoy(self.workdir, boot, name=node, concurrency=2) as proxy:
             wait_until(lambda: get(port)[0] == 200, 20, what=f"a first 200 through {node}'s inbound listener")
             yield proxy, port
+
+    @contextlib.contextmanager
+    def checked_sidecar(self, node: str) -> Iterator[tuple[Any, int]]:
+        """A sidecar that registers over HDS and health-checks the app over HTTP through its own
+        inbound listener every 0.1 s (as ``meshpilot sidecar`` does with ``healthCheck.http``)."""
+        port = free_port()
+        boot = sidecar_bootstrap(node, self.cp.xds_port, service="api", inbound_port=port, app_port=self.app_port, hds=True)
+        boot["node"]["metadata"]["HEALTH_CHECK"] = {"kind": "http", "path": "/healthz", "interval_s": 0.1, "timeout_s": 0.5,
+                                                    "healthy_threshold": 1, "unhealthy_threshold": 2}
+        try:
+            with envoy(self.workdir, boot, name=node, concurrency=2) as proxy:
+                wait_until(lambda: health(self.cp, node) == "passing", 20, what=f"{node} passing its health checks")
+                yield proxy, port
+        finally:
+            self.cp.call("DELETE", f"/v1/instances/{node}")
+
+
+def health(cp: Any, iid: str) -> str:
+    status, body = cp.call("GET", f"/v1/instances/{iid}")
+    return str(body["health"]) if status == 200 else "missing"
 
 
 def limit_text(proxy: Any) -> str:
@@ -206,3 +229,39 @@ def test_proxies_show_the_ecds_subscription_without_nacks(cluster: Cluster) -> N
         subs = mine[0]["subscribed"].get("type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig")
         assert subs == ["meshpilot.governance.inbound"], f"expected an ECDS subscription to the inbound filter, got {subs}"
         assert mine[0]["last_nack"] is None, f"expected no NACK, got {mine[0]['last_nack']}"
+
+
+def test_health_checks_are_never_limited_under_three_times_the_rate(cluster: Cluster) -> None:
+    total_rate, burst = 400, 80
+    rule = "busy.default"
+    nodes = ["api-hc-1", "api-hc-2"]
+    try:
+        cluster.api("PUT", POLICY + "busy", {"service": "api", "per": "service", "total_rate": total_rate, "burst": burst})
+        with cluster.checked_sidecar(nodes[0]) as (one, port1), cluster.checked_sidecar(nodes[1]) as (two, port2):
+            wait_until(lambda: rate_of(one, rule) == "200/s" and rate_of(two, rule) == "200/s", 5,
+                       what="the total divided into 200/s per sidecar")
+            seen: dict[str, list[str]] = {n: [] for n in nodes}
+            runs = [wrk(port1, 1, 8), wrk(port2, 1, 8)]
+            forged: list[int] = []
+            while any(p.poll() is None for p in runs):
+                for n in nodes:
+                    seen[n].append(health(cluster.cp, n))
+                if len(forged) < 20:
+                    forged.append(http("GET", f"http://127.0.0.1:{port1}/healthz", headers={"Host": "api", HEALTH_HEADER: "0" * 32})[0])
+                time.sleep(0.05)
+            results = [finish(p) for p in runs]
+        accepted = sum(t - r for t, _, r in results)
+        secs = max(s for _, s, _ in results)
+        want = total_rate * secs + burst
+        flips = {n: sum(1 for a, b in zip(h, h[1:]) if a != b) for n, h in seen.items()}
+        print(f"under load: health flips {flips}; accepted {accepted} ({[t - r for t, _, r in results]}) in {secs:.2f}s,"
+              f" expected {want:.0f} ({(accepted - want) / want:+.2%})")
+        assert all(r > 0 for _, _, r in results), f"expected wrk to exceed each sidecar's share, got {results}"
+        assert 429 in forged, f"expected a request with a made-up health token to be limited like any other, got {forged}"
+        for n, h in seen.items():
+            assert len(h) > 20 and set(h) == {"passing"}, (
+                f"expected {n} to stay passing while its service is over its limit, got {sorted(set(h))} ({flips[n]} flips in {len(h)} samples)")
+        assert abs(accepted - want) <= 0.05 * want, (
+            f"expected {want:.0f} ± 5% accepted over both sidecars ({total_rate}/s × {secs:.2f}s + {burst}), got {accepted} ({(accepted - want) / want:+.1%})")
+    finally:
+        cluster.cp.call("DELETE", POLICY + "busy")

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshpilot.model import CheckStatus
-from meshpilot.xds.hds import HdsError, HdsSession, Liveness, build_specifier, registration
+from meshpilot.xds.hds import HdsError, HdsSession, Liveness, build_specifier, health_token, registration
 from meshpilot.translate.node import node_info
 
 
@@ -169,6 +169,19 @@ def test_liveness_marks_critical_then_removes() -> None:
     assert lv.due(1000.0) == ([], []), "removal happens once"
 
 
+def test_http_check_carries_the_node_health_token() -> None:
+    reg = registration(node_info("b-1", "b", _md()))
+    token = health_token(b"k" * 32, "b-1")
+    hc = build_specifier(reg, 1.0, token).cluster_health_checks[0].health_checks[0]
+    got = [(h.header.key, h.header.value) for h in hc.http_health_check.request_headers_to_add]
+    assert got == [("x-mesh-health-check", token)], f"expected the check to carry the node's token, got {got}"
+    assert len(token) == 32 and token == health_token(b"k" * 32, "b-1"), f"expected a stable 32-hex token, got {token!r}"
+    others = {health_token(b"k" * 32, "b-2"), health_token(b"j" * 32, "b-1")}
+    assert token not in others, "expected another node or another key to give another token"
+    tcp = registration(node_info("b-1", "b", _md(HEALTH_CHECK={"kind": "tcp"})))
+    assert build_specifier(tcp, 1.0, token).cluster_health_checks[0].health_checks[0].HasField("tcp_health_check")
+
+
 def test_specifier_is_accepted_by_envoy_schema(tmp_path: Any) -> None:
     """The health check we send must be valid Envoy config: embed it in a static cluster and validate."""
     from google.protobuf import json_format
@@ -176,7 +189,7 @@ def test_specifier_is_accepted_by_envoy_schema(tmp_path: Any) -> None:
     from tests.support import ENVOY
 
     reg = registration(node_info("b-1", "b", _md()))
-    hc = json_format.MessageToDict(build_specifier(reg, 1.0).cluster_health_checks[0].health_checks[0])
+    hc = json_format.MessageToDict(build_specifier(reg, 1.0, "0" * 32).cluster_health_checks[0].health_checks[0])
     cfg = {
         "static_resources": {"clusters": [{
             "name": "hds", "type": "STATIC", "connect_timeout": "1s", "health_checks": [hc],

@@ -13,7 +13,7 @@ from google.protobuf import json_format
 from meshpilot.model import Service, ServicePort
 from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
 from meshpilot.translate.clusters import build_clusters, build_inbound_cluster
-from meshpilot.translate.listeners import build_inbound_listener, build_outbound_listener
+from meshpilot.translate.listeners import build_inbound_listener, build_inbound_routes, build_outbound_listener
 from meshpilot.translate.node import NodeInfo
 from meshpilot.translate.routes import build_outbound_routes
 from tests.support import ENVOY
@@ -79,6 +79,21 @@ def test_access_logs_name_source_and_destination() -> None:
     assert (fmt["source_service"], fmt["destination_service"]) == ("%REQ(x-mesh-caller)%", "web.default"), fmt
 
 
+def test_health_checks_take_a_route_past_the_governance_filters() -> None:
+    gov = "meshpilot.governance.inbound"
+    routes = _js(build_inbound_routes(NODE, (), "t0k3n", [gov]))
+    (vh,) = routes["virtual_hosts"]
+    health, rest = vh["routes"]
+    assert health["match"]["headers"] == [{"name": "x-mesh-health-check", "string_match": {"exact": "t0k3n"}}], health["match"]
+    assert health["typed_per_filter_config"][gov].get("disabled") is True, f"expected the health route to skip {gov}: {health}"
+    assert health["request_headers_to_remove"] == ["x-mesh-health-check"], "the token must not reach the app"
+    assert health["route"] == rest["route"], "health checks must reach the same app as callers"
+    assert gov not in rest.get("typed_per_filter_config", {}) and gov not in vh.get("typed_per_filter_config", {}), (
+        f"expected callers' requests to run {gov} while a limit applies, got {vh}")
+    plain = _js(build_inbound_routes(NODE, [gov]))["virtual_hosts"][0]
+    assert [r["name"] for r in plain["routes"]] == ["inbound"], "without a token there is no health route"
+
+
 def test_capture_and_inbound_listeners_validate_in_envoy(tmp_path: Path) -> None:
     boot = build_bootstrap(BootstrapOptions(node_id="n1", service="web", admin_port=0, app_port=9999))
     clusters = [_js(c) for c in build_clusters(SERVICES, "mesh")]
@@ -95,6 +110,10 @@ def test_capture_and_inbound_listeners_validate_in_envoy(tmp_path: Path) -> None
             del cfg["rds"]
             cfg["route_config"] = routes
     inbound = _js(build_inbound_listener(NODE, (), ["127.0.0.1", "::1"]))
+    for chain in [*inbound["filter_chains"], inbound["default_filter_chain"]]:
+        cfg = chain["filters"][0]["typed_config"]
+        del cfg["rds"]
+        cfg["route_config"] = _js(build_inbound_routes(NODE, ["mesh.caller-strip"], "t0k3n", ["mesh.caller-strip"]))
     boot["static_resources"]["clusters"].extend(clusters)
     boot["static_resources"]["listeners"] = [out, inbound]
     cfg = tmp_path / "envoy.json"
