@@ -11,7 +11,7 @@ redirected back to itself.
 Answers are cached under the lower-cased name, type, class and the client's EDNS shape (OPT present, DO bit),
 for the smallest TTL in the answer, or for a negative answer the SOA's TTL/MINIMUM (RFC 2308), capped at
 ``max_ttl``. A cached answer is replayed with the client's id, flags and question spelling and with TTLs
-counted down.
+counted down; it never carries AA, always RA, and over UDP it is truncated (TC) beyond :func:`udp_limit`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from meshpilot.meshdns.answer import OUR_UDP_SIZE, udp_limit
+from meshpilot.meshdns.answer import OUR_UDP_SIZE, RA, udp_limit
 from meshpilot.meshdns.wire import (
     OPT, RCODE, SOA, FormatError, MessageWriter, Query, encode_name, scan_records,
 )
@@ -74,7 +74,7 @@ def _shape(q: Query) -> _Shape:
 
 def servfail(query: Query, data: bytes) -> bytes:
     """SERVFAIL echoing the client's question and EDNS shape."""
-    flags = 0x8000 | (query.flags & 0x7900) | 0x0080 | (query.flags & 0x0010) | RCODE.SERVFAIL
+    flags = 0x8000 | (query.flags & 0x7900) | RA | (query.flags & 0x0010) | RCODE.SERVFAIL
     head = _HEADER.pack(query.id, flags, 1, 0, 0, 1 if query.opt else 0)
     w = MessageWriter(head, data[12:query.question_end], query.labels)
     if query.opt is not None:
@@ -109,7 +109,9 @@ def _parse_upstream(resp: bytes, question_end: int, now: float, max_ttl: int) ->
                     break
     cache_for = 0 if ttl is None else max(0, min(ttl, max_ttl))
     return _Entry(
-        flags=flags & 0x04AF,  # AA, RA, AD, rcode; TC was dealt with by the TCP retry; RD/CD come from the client
+        # AD and rcode from upstream; not AA (meshdns is not authoritative for this name) nor the upstream's RA (RA
+        # says what meshdns offers); TC was dealt with by the TCP retry; RD/CD come from the client
+        flags=(flags & 0x002F) | RA,
         counts=(counts[0], counts[1], counts[2]),
         body=body,
         ttl_offsets=tuple(rec.ttl_offset - question_end for rec in keep),

@@ -14,7 +14,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import dns.asyncquery
+import dns.flags
 import dns.message
+import dns.opcode
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
@@ -34,7 +36,9 @@ class _Clock:
 
 
 class _Upstream(asyncio.DatagramProtocol):
-    """Answers every question with ``192.0.2.<n>`` (n = how many questions it has seen so far), TTL 3."""
+    """Answers every question with ``192.0.2.<n>`` (n = how many questions it has seen so far), TTL 3, as an
+    authoritative server that offers no recursion would (AA set, RA clear). A name starting with ``many.`` gets
+    80 addresses, whatever size the query offered (a 1,300-byte datagram, which loopback carries)."""
 
     def __init__(self) -> None:
         self.asked: list[str] = []
@@ -45,10 +49,14 @@ class _Upstream(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         q = dns.message.from_wire(data)
-        self.asked.append(q.question[0].name.to_text())
+        name = q.question[0].name
+        self.asked.append(name.to_text())
         r = dns.message.make_response(q)
-        r.answer.append(dns.rrset.from_text(q.question[0].name, 3, "IN", "A", f"192.0.2.{len(self.asked)}"))
-        self.transport.sendto(r.to_wire(), addr)
+        r.flags |= dns.flags.AA
+        n = len(self.asked)
+        values = [f"192.0.{i}.{n}" for i in range(80)] if name.labels[0] == b"many" else [f"192.0.2.{n}"]
+        r.answer.append(dns.rrset.from_text_list(name, 3, "IN", "A", values))
+        self.transport.sendto(r.to_wire(max_size=65535), addr)
 
 
 @asynccontextmanager
@@ -132,3 +140,75 @@ def test_mesh_names_stay_on_the_fast_path_however_time_moves() -> None:
             assert _hot_hits(server) == hits + 1, "expected a mesh answer to stay a fast-path hit"
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["recvmmsg", "asyncio"])
+def test_forwarded_answers_are_not_authoritative_and_offer_recursion(batch: bool) -> None:
+    """AA is meshdns's to claim only for mesh names; RA says what meshdns offers, not what the upstream does."""
+
+    def flags_of(r: dns.message.Message) -> str:
+        return dns.flags.to_text(r.flags)
+
+    async def scenario() -> None:
+        async with _meshdns(batch) as (server, up, _):
+            server.set_services([Service.from_dict({"name": "api", "namespace": "default", "vip": "240.240.0.7"})])
+            q = dns.message.make_query("fwd.example.", "A")
+            # forwarded, rendered from the cache, then a fast-path hit; and over TCP
+            for how in ("forwarded", "cached", "fast path"):
+                hits = _hot_hits(server)
+                r = await dns.asyncquery.udp(q, "127.0.0.1", port=server.port, timeout=2)
+                assert r.answer, f"{how}: expected the upstream's answer, got {r}"
+                assert not r.flags & dns.flags.AA and r.flags & dns.flags.RA, (
+                    f"{how}: expected RA and no AA, got flags {flags_of(r)}")
+            assert _hot_hits(server) == hits + 1, "expected the last query to be a fast-path hit"
+            r = await dns.asyncquery.tcp(q, "127.0.0.1", port=server.port, timeout=2)
+            assert not r.flags & dns.flags.AA and r.flags & dns.flags.RA, f"TCP: expected RA, no AA: {flags_of(r)}"
+            assert up.asked == ["fwd.example."], f"expected one upstream question, got {up.asked}"
+
+            mesh = await dns.asyncquery.udp(dns.message.make_query("api.default.svc.mesh.", "A"), "127.0.0.1",
+                                            port=server.port, timeout=2)
+            assert mesh.flags & dns.flags.AA and mesh.flags & dns.flags.RA, f"mesh: expected AA and RA: {flags_of(mesh)}"
+            notify = dns.message.make_query("api.default.svc.mesh.", "SOA")
+            notify.set_opcode(dns.opcode.NOTIFY)
+            err = await dns.asyncquery.udp(notify, "127.0.0.1", port=server.port, timeout=2)
+            assert err.rcode() == dns.rcode.NOTIMP and err.flags & dns.flags.RA, (
+                f"NOTIFY: expected NOTIMP with RA, got {dns.rcode.to_text(err.rcode())} {flags_of(err)}")
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["recvmmsg", "asyncio"])
+def test_forwarded_answers_over_1232_bytes_are_truncated_over_udp(batch: bool) -> None:
+    async def scenario() -> None:
+        async with _meshdns(batch) as (server, _, _):
+            q = dns.message.make_query("many.example.", "A", use_edns=0, payload=4096)
+            for how in ("forwarded", "cached", "fast path"):
+                wire = await _udp_raw(q.to_wire(), server.port)
+                r = dns.message.from_wire(wire)
+                assert len(wire) <= 1232 and r.flags & dns.flags.TC and not r.answer, (
+                    f"{how}: expected at most 1232 bytes with TC and no answer to a client offering 4096, got "
+                    f"{len(wire)} bytes, flags {dns.flags.to_text(r.flags)}, {sum(len(a) for a in r.answer)} records")
+            r = await dns.asyncquery.tcp(q, "127.0.0.1", port=server.port, timeout=2)
+            assert not r.flags & dns.flags.TC and len(r.answer[0]) == 80, (
+                f"TCP: expected all 80 addresses, got {sum(len(a) for a in r.answer)}")
+
+    asyncio.run(scenario())
+
+
+async def _udp_raw(query: bytes, port: int) -> bytes:
+    """One datagram to meshdns and the bytes that come back (dnspython would not show the datagram's size)."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+
+    class _Client(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            if not got.done():
+                got.set_result(data)
+
+    transport, _ = await loop.create_datagram_endpoint(_Client, remote_addr=("127.0.0.1", port))
+    try:
+        transport.sendto(query)
+        async with asyncio.timeout(2):
+            return await got
+    finally:
+        transport.close()
