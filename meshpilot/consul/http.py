@@ -16,12 +16,14 @@ import logging
 import random
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
+from meshpilot import boundedjson
 from meshpilot.consul.agent import VERSION, Answer, ConsulAgent
-from meshpilot.consul.definitions import ConsulError, parse_duration, parse_service
+from meshpilot.consul.definitions import ConsulError, ServiceDef, parse_catalog_registration, parse_duration, parse_service
 
 __all__ = ["build_consul_app", "parse_wait"]
 
@@ -117,19 +119,21 @@ def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Applic
         if not raw.strip():
             return None
         try:
-            return json.loads(raw)
+            return boundedjson.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ConsulError(400, f"Request decode failed: {exc}") from None
 
     async def blocking(request: web.Request, key: str, topic: str, compute: Callable[[], Any]) -> Answer:
+        """A blocking query on ``index`` (or, where Consul offers it, the content ``hash``) and ``wait``."""
         index = parse_index(request.query.get("index"))
-        wait = parse_wait(request.query.get("wait")) if index else 0.0
-        if index:
+        content_hash = request.query.get("hash", "")
+        wait = parse_wait(request.query.get("wait")) if index or content_hash else 0.0
+        if wait:
             wait += random.uniform(0, wait / 16)
-        return await agent.blocking(key, topic, compute, index, wait)
+        return await agent.blocking(key, topic, compute, index, wait, content_hash)
 
     def query_key(request: web.Request, *extra: str) -> str:
-        params = sorted((k, v) for k, v in request.query.items() if k not in ("index", "wait", "token", "stale", "consistent", "cached"))
+        params = sorted((k, v) for k, v in request.query.items() if k not in ("index", "hash", "wait", "token", "stale", "consistent", "cached"))
         return "|".join((request.path, *extra, json.dumps(params)))
 
     # ---- agent ------------------------------------------------------------------------------
@@ -137,11 +141,7 @@ def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Applic
     async def service_register(request: web.Request) -> web.Response:
         data = await body_json(request)
         node = _caller(request)
-        sdef = parse_service(data, node)
-        try:
-            ipaddress.ip_address(sdef.address)
-        except ValueError:
-            sdef = await _resolved(sdef)
+        sdef = await _resolved(parse_service(data, node))
         agent.register(sdef, node, replace_checks=_flag(request, "replace-existing-checks"))
         return web.Response(status=200, headers=headers_base)
 
@@ -172,7 +172,7 @@ def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Applic
         ans = await blocking(request, query_key(request, node), "catalog", compute)
         if ans.body == b"null":
             raise ConsulError(404, f"unknown service ID: {sid}")
-        return web.Response(body=ans.body, headers={**headers_base, "X-Consul-ContentHash": f"{ans.index:x}", "X-Consul-Index": str(ans.index)}, content_type="application/json")
+        return web.Response(body=ans.body, headers={**headers_base, "X-Consul-ContentHash": ans.hash, "X-Consul-Index": str(ans.index)}, content_type="application/json")
 
     async def agent_checks(request: web.Request) -> web.Response:
         return json_response(agent.agent_checks(_caller(request)))
@@ -290,20 +290,17 @@ def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Applic
         recurse = _flag(request, "recurse")
         if "keys" in request.query:
             sep = request.query.get("separator", "")
-            ans = await blocking(request, query_key(request), "kv", lambda: agent.kv_keys(key, sep))
+            ans = await blocking(request, query_key(request), "kv", lambda: agent.kv.keys(key, sep))
             if ans.body == b"[]":
                 return web.Response(status=404, headers={**headers_base, "X-Consul-Index": str(ans.index)})
             return answer_response(ans)
         if not key and not recurse:
             raise ConsulError(400, "Missing key name")
-        ans = await blocking(request, query_key(request), "kv", lambda: agent.kv_entries(key, recurse))
+        ans = await blocking(request, query_key(request), "kv", lambda: agent.kv.entries_json(key, recurse))
         if ans.body == b"[]":
             return web.Response(status=404, headers={**headers_base, "X-Consul-Index": str(ans.index)})
         if _flag(request, "raw") and not recurse:
-            import base64
-
-            value = agent.kv.get(key, {}).get("v")
-            return web.Response(body=base64.b64decode(value) if value else b"", headers={**headers_base, "X-Consul-Index": str(ans.index)},
+            return web.Response(body=agent.kv.value(key) or b"", headers={**headers_base, "X-Consul-Index": str(ans.index)},
                                 content_type="application/octet-stream")
         return answer_response(ans)
 
@@ -313,15 +310,16 @@ def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Applic
             raise ConsulError(400, "Missing key name")
         if len(key) > 2048:
             raise ConsulError(400, "Key too long")
-        for unsupported in ("acquire", "release"):
-            if unsupported in request.query:
-                raise ConsulError(400, f"{unsupported}: sessions are not supported by meshpilot")
         value = await request.read()
         if len(value) > MAX_KV_VALUE:
             raise ConsulError(413, f"Request body(value) too large, max size: {MAX_KV_VALUE} bytes")
         flags = _uint(request.query.get("flags"), "flags")
+        if "acquire" in request.query:
+            return json_response(agent.kv.acquire(key, value, flags, request.query["acquire"]))
+        if "release" in request.query:
+            return json_response(agent.kv.release(key, value, flags, request.query["release"]))
         cas = _uint(request.query.get("cas"), "cas") if "cas" in request.query else None
-        return json_response(agent.kv_put(key, value, flags, cas))
+        return json_response(agent.kv.put(key, value, flags, cas))
 
     async def kv_delete(request: web.Request) -> web.Response:
         key = kv_key(request)
@@ -329,7 +327,45 @@ def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Applic
         if not key and not recurse:
             raise ConsulError(405, "Missing key name")
         cas = _uint(request.query.get("cas"), "cas") if "cas" in request.query else None
-        return json_response(agent.kv_delete(key, recurse, cas))
+        return json_response(agent.kv.delete(key, recurse, cas))
+
+    # ---- transactions, sessions, catalog writes --------------------------------------------
+
+    async def txn(request: web.Request) -> web.Response:
+        results, errors = agent.kv.txn(await body_json(request))
+        status = 200 if errors is None else 409
+        return json_response({"Results": results, "Errors": errors}, index=agent.index, status=status)
+
+    async def session_create(request: web.Request) -> web.Response:
+        sid = agent.kv.create_session(await body_json(request), _caller(request), agent.check_status)
+        return json_response({"ID": sid})
+
+    async def session_renew(request: web.Request) -> web.Response:
+        sid = request.match_info["id"]
+        session = agent.kv.renew(sid)
+        if session is None:
+            raise ConsulError(404, f"Session id '{sid}' not found")
+        return json_response([session])
+
+    async def session_destroy(request: web.Request) -> web.Response:
+        agent.kv.destroy(request.match_info["id"])
+        return json_response(True)
+
+    async def session_info(request: web.Request) -> web.Response:
+        sid = request.match_info["id"]
+        return json_response([s for s in agent.kv.sessions_json() if s["ID"] == sid], index=agent.index)
+
+    async def session_list(request: web.Request) -> web.Response:
+        return json_response(agent.kv.sessions_json(request.match_info.get("node")), index=agent.index)
+
+    async def catalog_register(request: web.Request) -> web.Response:
+        node, sdef = parse_catalog_registration(await body_json(request))
+        agent.catalog_register(node, await _resolved(sdef))
+        return json_response(True)
+
+    async def catalog_deregister(request: web.Request) -> web.Response:
+        agent.catalog_deregister(await body_json(request))
+        return json_response(True)
 
     app = web.Application(middlewares=[consul_errors], client_max_size=MAX_KV_VALUE + 4096)
     r = app.router
@@ -361,6 +397,15 @@ def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Applic
     r.add_get("/v1/kv/{key:.*}", kv_get)
     r.add_put("/v1/kv/{key:.*}", kv_put)
     r.add_delete("/v1/kv/{key:.*}", kv_delete)
+    r.add_put("/v1/txn", txn)
+    r.add_put("/v1/session/create", session_create)
+    r.add_put("/v1/session/renew/{id}", session_renew)
+    r.add_put("/v1/session/destroy/{id}", session_destroy)
+    r.add_get("/v1/session/info/{id}", session_info)
+    r.add_get("/v1/session/list", session_list)
+    r.add_get("/v1/session/node/{node}", session_list)
+    r.add_put("/v1/catalog/register", catalog_register)
+    r.add_put("/v1/catalog/deregister", catalog_deregister)
     return app
 
 
@@ -376,10 +421,13 @@ def _uint(value: str | None, what: str) -> int:
     return n
 
 
-async def _resolved(sdef: Any) -> Any:
+async def _resolved(sdef: ServiceDef) -> ServiceDef:
     """The registration with its host-name Address resolved to an IP address."""
-    from dataclasses import replace
-
+    try:
+        ipaddress.ip_address(sdef.address)
+        return sdef
+    except ValueError:
+        pass
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(2.0):

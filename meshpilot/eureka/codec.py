@@ -16,7 +16,10 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from xml.parsers import expat
 from xml.sax.saxutils import escape, quoteattr
+
+from meshpilot.boundedjson import MAX_DEPTH
 
 __all__ = [
     "EurekaError",
@@ -77,13 +80,38 @@ def to_xml(tag: str, value: Any) -> str:
 
 
 def from_xml(data: bytes) -> tuple[str, Any]:
-    """(root tag, plain form) of an XML document; DTDs and entities are refused."""
-    if b"<!DOCTYPE" in data.upper() or b"<!ENTITY" in data.upper():
+    """(root tag, plain form) of an XML document; DTDs (so entities) and documents nested deeper
+    than ``MAX_DEPTH`` are refused. The DTD is seen by the parser, after decoding, so no encoding
+    (UTF-16, UTF-32, a declared charset) hides it."""
+    tree = ET.TreeBuilder()
+    depth = 0
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        nonlocal depth
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise EurekaError(400, f"XML documents nested deeper than {MAX_DEPTH} elements are not accepted")
+        tree.start(tag, attrs)
+
+    def end(tag: str) -> None:
+        nonlocal depth
+        depth -= 1
+        tree.end(tag)
+
+    def dtd(*_: Any) -> None:
         raise EurekaError(400, "XML documents with a DTD are not accepted")
+
+    parser = expat.ParserCreate()
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = tree.data
+    parser.StartDoctypeDeclHandler = dtd
+    parser.EntityDeclHandler = dtd
     try:
-        root = ET.fromstring(data)
-    except ET.ParseError as exc:
+        parser.Parse(data, True)
+    except expat.ExpatError as exc:
         raise EurekaError(400, f"malformed XML: {exc}") from None
+    root = tree.close()
     return root.tag, _plain(root)
 
 

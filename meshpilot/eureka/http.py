@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from meshpilot import boundedjson
 from meshpilot.eureka.codec import STATUSES, EurekaError, from_xml, parse_instance, to_xml
 from meshpilot.eureka.front import EurekaFront
 
@@ -77,7 +78,7 @@ def build_eureka_app(front: EurekaFront, token: str | None = None) -> web.Applic
                 raise EurekaError(400, f"expected an <instance> document, got <{tag}>")
         else:
             try:
-                doc = json.loads(raw)
+                doc = boundedjson.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise EurekaError(400, f"malformed JSON: {exc}") from None
         info = parse_instance(doc, app)

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from meshpilot import boundedjson
+
 __all__ = ["InjectConfig", "InjectError", "inject_documents", "pod_patch", "validate_object"]
 
 SIDECAR = "meshpilot-sidecar"
@@ -211,7 +213,7 @@ def admission_response(body: bytes, cfg: InjectConfig) -> tuple[int, dict[str, A
     import base64
 
     try:
-        review = json.loads(body)
+        review = boundedjson.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         return 400, {"error": f"body: not JSON: {exc}"}
     if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":

@@ -53,6 +53,21 @@ def test_dtd_is_refused() -> None:
         from_xml(b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "b">]><instance>&a;</instance>')
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-16-le", "utf-16-be"])
+def test_dtd_is_refused_whatever_the_encoding(encoding: str) -> None:
+    def encoded(body: str) -> bytes:  # with a byte-order mark, as a UTF-16 client sends it
+        text = f'<?xml version="1.0" encoding="UTF-16"?>{body}' if "16" in encoding else body
+        return (b"" if encoding == "utf-16" else "\ufeff".encode(encoding)) + text.encode(encoding)  # utf-16 adds its own
+
+    try:
+        got = from_xml(encoded('<!DOCTYPE x [<!ENTITY a "b">]><instance><app>&a;</app></instance>'))
+    except EurekaError as exc:
+        assert exc.status == 400 and "DTD" in exc.message, f"{encoding}: expected a 400 about the DTD, got {exc.status} {exc.message!r}"
+    else:
+        raise AssertionError(f"{encoding}: expected the DTD to be refused, got a parsed document {got!r}")
+    assert from_xml(encoded("<instance><app>ORDERS</app></instance>")) == ("instance", {"app": "ORDERS"})
+
+
 json_values = st.recursive(st.none() | st.integers() | st.text(max_size=10),
                            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=5), max_leaves=15)
 
