@@ -44,6 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "api_port": args.api_port,
         "store": args.store,
         "token": args.token,
+        "token_file": args.token_file,
         "debounce_ms": args.debounce_ms,
         "debug_api": True if args.debug_api else None,
         "domain": args.domain,
@@ -54,7 +55,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for port in ("consul_port", "eureka_port"):
         if overrides.get(port, 0) < 0:
             overrides[port] = None  # -1 disables that front door
-    settings = load_settings(args.config, **overrides)
+    try:
+        settings = load_settings(args.config, **overrides)
+    except ValueError as exc:
+        print(f"meshpilot serve: {exc}", file=sys.stderr)
+        return 2
     _setup_logging(settings.log_level)
 
     async def main() -> None:
@@ -124,7 +129,26 @@ class _Api:
 
 
 def _api(args: argparse.Namespace) -> _Api:
-    return _Api(args.api, args.token or os.environ.get("MESHPILOT_TOKEN"))
+    return _Api(args.api, _token(args))
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """--token, else --token-file, else $MESHPILOT_TOKEN, else the file named by $MESHPILOT_TOKEN_FILE."""
+    from meshpilot.settings import read_token
+
+    env = os.environ
+    try:
+        if args.token:
+            return str(args.token)
+        if args.token_file:
+            return read_token(args.token_file, "--token-file")
+        if env.get("MESHPILOT_TOKEN"):
+            return env["MESHPILOT_TOKEN"]
+        if env.get("MESHPILOT_TOKEN_FILE"):
+            return read_token(env["MESHPILOT_TOKEN_FILE"], "MESHPILOT_TOKEN_FILE")
+    except ValueError as exc:
+        raise SystemExit(f"meshpilot: {exc}") from None
+    return None
 
 
 def _print(obj: Any) -> None:
@@ -208,7 +232,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _api_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", default=os.environ.get("MESHPILOT_API", "http://127.0.0.1:15014"), help="management API URL")
-    p.add_argument("--token", help="bearer token for writes (or MESHPILOT_TOKEN)")
+    p.add_argument("--token", help="bearer token for writes (visible in ps: prefer --token-file or MESHPILOT_TOKEN)")
+    p.add_argument("--token-file", help="read the bearer token from this file (or MESHPILOT_TOKEN_FILE)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -220,7 +245,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--consul-port", type=int, help="-1 disables the Consul API")
     p.add_argument("--eureka-port", type=int, help="-1 disables the Eureka API")
     p.add_argument("--store", help="sqlite:PATH or memory:")
-    p.add_argument("--token", help="bearer token required for writes")
+    p.add_argument("--token", help="bearer token required for writes (visible in ps: prefer --token-file or MESHPILOT_TOKEN)")
+    p.add_argument("--token-file", help="read the bearer token from this file (or MESHPILOT_TOKEN_FILE)")
     p.add_argument("--domain", help="mesh DNS domain (default mesh)")
     p.add_argument("--debounce-ms", type=int)
     p.add_argument("--debug-api", action="store_true", help="enable /v1/debug resource injection (tests only)")

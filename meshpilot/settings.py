@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Settings", "load_settings", "read_token"]
 
 
 class Settings(BaseModel):
@@ -29,10 +29,13 @@ class Settings(BaseModel):
     debounce_ms: int = Field(default=100, ge=0, le=10_000)
     debounce_max_ms: int = Field(default=1_000, ge=0, le=60_000)
     token: str | None = Field(default=None, description="bearer token required for every write")
+    token_file: str | None = Field(default=None, description="read the token from this file instead (not visible in ps)")
     debug_api: bool = Field(default=False, description="enable /v1/debug (test-only resource injection)")
     hds_interval_s: float = Field(default=1.0, gt=0, le=300)
     hds_critical_after_s: float = Field(default=45.0, gt=0)
+    hds_dead_after_s: float = Field(default=5.0, gt=0, description="critical this soon once a sidecar's health and ADS streams both closed")
     hds_remove_after_s: float = Field(default=300.0, gt=0)
+    xds_write_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="an xDS client that leaves a response unanswered this long is disconnected")
     log_level: str = "INFO"
 
 
@@ -48,4 +51,20 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         if env is not None:
             data[name] = None if env == "" else env
     data.update(overrides)  # as given: None means 'disabled' for the optional ports
-    return Settings.model_validate(data)
+    settings = Settings.model_validate(data)
+    if settings.token_file:
+        if settings.token:
+            raise ValueError("token, token_file: set one of them, not both")
+        settings = settings.model_copy(update={"token": read_token(settings.token_file, "token_file")})
+    return settings
+
+
+def read_token(path: str | Path, what: str) -> str:
+    """A secret kept in a file (one line; surrounding white space is not part of it)."""
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what}: cannot read {path}: {exc}") from None
+    if not token:
+        raise ValueError(f"{what}: {path} is empty")
+    return token

@@ -9,7 +9,6 @@ Other parts of the product add routes through ``ControlPlane.api_routes``.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,7 @@ from aiohttp import web
 from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from meshpilot import metrics
+from meshpilot import boundedjson, metrics
 from meshpilot.model import Check, CheckStatus, Instance, Service, field_errors
 from meshpilot.registry import Conflict, NotFound, RegistryError
 
@@ -61,8 +60,9 @@ class InstanceIn(BaseModel):
 class HealthIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: CheckStatus
-    check_id: str = "api"
-    output: str = ""
+    # Check's own bounds, so that a bad value is named by its field here rather than failing later
+    check_id: str = Field(default="api", min_length=1, max_length=256)
+    output: str = Field(default="", max_length=4096)
 
 
 class MaintenanceIn(BaseModel):
@@ -83,7 +83,7 @@ async def json_body(request: web.Request) -> Any:
     if not raw:
         raise ApiError(400, "body: a JSON body is required", [{"field": "(body)", "reason": "empty"}])
     try:
-        return json.loads(raw)
+        return boundedjson.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"body: malformed JSON: {exc}", [{"field": "(body)", "reason": f"malformed JSON: {exc}"}]) from None
 
@@ -117,8 +117,8 @@ def build_api(cp: ControlPlane) -> web.Application:
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             if request.method not in ("GET", "HEAD", "OPTIONS") and s.token:
-                got = request.headers.get("Authorization", "")
-                if not hmac.compare_digest(got.encode(), f"Bearer {s.token}".encode()):
+                scheme, _, got = request.headers.get("Authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), s.token.encode()):  # RFC 7235: any case
                     raise ApiError(401, "authorization: a valid bearer token is required for writes")
             resp = await handler(request)
         except ApiError as exc:
@@ -126,6 +126,9 @@ def build_api(cp: ControlPlane) -> web.Application:
         except RegistryError as exc:
             e = _registry_error(exc)
             resp = web.json_response({"error": e.error, "fields": e.fields}, status=e.status)
+        except ValidationError as exc:  # a write whose result the model refuses (a 65th check)
+            fields = field_errors(exc)
+            resp = web.json_response({"error": "; ".join(f"{f['field']}: {f['reason']}" for f in fields), "fields": fields}, status=409)
         except web.HTTPException as exc:
             if exc.status >= 400:
                 resp = web.json_response({"error": exc.reason, "fields": []}, status=exc.status)

@@ -113,6 +113,60 @@ async def test_token_protects_writes_only(tmp_path: Path) -> None:
         cp.registry.store.close()
 
 
+@pytest.mark.parametrize("header", ["bearer s3cret", "BEARER s3cret", "Bearer  s3cret", "bEaReR s3cret"])
+async def test_bearer_scheme_is_case_insensitive(tmp_path: Path, header: str) -> None:
+    cp, client = await _client(tmp_path, token="s3cret")
+    try:
+        r = await client.post("/v1/services", json=WEB, headers={"Authorization": header})
+        assert r.status == 201, f"Authorization: {header!r}: expected 201 (RFC 7235 schemes are case-insensitive), got {r.status}: {await r.text()}"
+        r = await client.put("/v1/services/default/web", json=WEB, headers={"Authorization": header.replace("s3cret", "s3creT")})
+        assert r.status == 401, f"a wrong token must stay refused, got {r.status}"
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+BAD_HEALTH = [
+    ({"status": "passing", "output": "x" * 4097}, "output"),
+    ({"status": "passing", "check_id": ""}, "check_id"),
+    ({"status": "passing", "check_id": "c" * 257}, "check_id"),
+]
+
+
+@pytest.mark.parametrize("body,field", BAD_HEALTH, ids=["long-output", "empty-check-id", "long-check-id"])
+async def test_bad_health_report_is_a_400_naming_the_field(tmp_path: Path, body: dict, field: str) -> None:
+    cp, client = await _client(tmp_path)
+    try:
+        await client.post("/v1/services", json=WEB)
+        assert (await client.post("/v1/services/default/web/instances", json={"id": "w1", "address": "10.0.0.1", "ports": {"http": 8080}})).status == 201
+        before = _snapshot(cp)
+        resp = await client.put("/v1/instances/w1/health", json=body)
+        text = await resp.text()
+        assert resp.status == 400, f"expected 400 naming {field!r}, got {resp.status}: {text[:300]}"
+        assert field in [f["field"] for f in (await resp.json())["fields"]], f"expected field {field!r} named, got {text[:300]}"
+        assert _snapshot(cp) == before
+        ok = await client.put("/v1/instances/w1/health", json={"status": "warning", "check_id": "disk", "output": "x" * 4096})
+        assert ok.status == 200, await ok.text()
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+async def test_more_checks_than_an_instance_holds_is_a_4xx(tmp_path: Path) -> None:
+    cp, client = await _client(tmp_path)
+    try:
+        await client.post("/v1/services", json=WEB)
+        await client.post("/v1/services/default/web/instances", json={"id": "w1", "address": "10.0.0.1", "ports": {"http": 8080}})
+        for n in range(63):  # the instance holds the "api" check already; 64 in all
+            r = await client.put("/v1/instances/w1/health", json={"status": "passing", "check_id": f"c{n}"})
+            assert r.status == 200, await r.text()
+        r = await client.put("/v1/instances/w1/health", json={"status": "passing", "check_id": "one-too-many"})
+        assert r.status == 409 and "checks" in [f["field"] for f in (await r.json())["fields"]], f"expected 409 naming checks, got {r.status}: {await r.text()}"
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
 async def test_lifecycle_health_and_metrics(tmp_path: Path) -> None:
     cp, client = await _client(tmp_path)
     try:
