@@ -13,6 +13,8 @@ import json
 import os
 import secrets
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -37,7 +39,12 @@ SERVICES = [
      "ports": [{"name": "pg", "port": 5432, "protocol": "tcp"}]},
     {"name": "big", "namespace": "default", "vip": "240.240.0.3",
      "ports": [{"name": f"port{i}", "port": 10000 + i, "protocol": "tcp"} for i in range(40)]},
+    # its SRV answer is about 1,350 bytes: more than 1232, less than the 4096 clients commonly offer
+    {"name": "huge", "namespace": "default", "vip": "240.240.0.4",
+     "ports": [{"name": f"port{i}", "port": 20000 + i, "protocol": "tcp"} for i in range(64)]},
 ]
+#: an upstream answer of about 1,300 bytes
+MANY = [f"192.0.{i}.1" for i in range(80)]
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -105,7 +112,7 @@ def run_unbound(tmp_path: Path) -> Iterator[int]:
   local-data: "fwd.example. 300 IN A 192.0.2.10"
   local-data: "Mixed.example. 300 IN A 192.0.2.11"
   local-data: "example. 60 IN SOA ns.example. hostmaster.example. 1 3600 600 86400 60"
-remote-control:
+{"".join(f'  local-data: "many.example. 300 IN A {a}"{chr(10)}' for a in MANY)}remote-control:
   control-enable: no
 """)
     proc = subprocess.Popen([exe, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -176,14 +183,16 @@ def test_truncation_then_tcp_retry(meshdns: int) -> None:
     assert len(ans) == 40, f"dnspython resolver: expected 40 SRV records after TCP fallback, got {len(ans)}"
 
 
-def test_kdig(meshdns: int) -> None:
-    kdig = shutil.which("kdig") or "kdig"
+def kdig(port: int, *args: str) -> str:
+    out = subprocess.run([shutil.which("kdig") or "kdig", "@127.0.0.1", "-p", str(port), "+timeout=2", "+retry=0",
+                          *args], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, f"kdig {args} failed: {out.stderr}"
+    return out.stdout
 
+
+def test_kdig(meshdns: int) -> None:
     def run(*args: str) -> str:
-        out = subprocess.run([kdig, "@127.0.0.1", "-p", str(meshdns), "+timeout=2", "+retry=0", *args],
-                             capture_output=True, text=True, timeout=20)
-        assert out.returncode == 0, f"kdig {args} failed: {out.stderr}"
-        return out.stdout
+        return kdig(meshdns, *args)
 
     out = run("WEB.default.svc.mesh", "A", "+edns")
     assert "240.240.0.1" in out and "status: NOERROR" in out and "EDNS PSEUDOSECTION" in out, out
@@ -195,6 +204,86 @@ def test_kdig(meshdns: int) -> None:
     assert "status: NXDOMAIN" in out and "SOA" in out, f"expected NXDOMAIN with SOA:\n{out}"
     out = run("fwd.example", "A")
     assert "192.0.2.10" in out, f"expected a forwarded answer:\n{out}"
+
+
+def _kdig_flags(out: str) -> set[str]:
+    line = next((ln for ln in out.splitlines() if ln.startswith(";; Flags:")), None)
+    assert line is not None, f"no ';; Flags:' line in kdig's output:\n{out}"
+    return set(line.split(";")[2].split(":", 1)[1].split())
+
+
+def test_kdig_sees_aa_only_on_mesh_answers_and_ra_on_every_answer(meshdns: int) -> None:
+    # unbound answers its local data as an authority (AA): meshdns, which forwards it, is not one
+    for name, rtype, status, aa in [
+        ("web.default.svc.mesh", "A", "NOERROR", True), ("nosuch.default.svc.mesh", "A", "NXDOMAIN", True),
+        ("fwd.example", "A", "NOERROR", False), ("fwd.example", "A", "NOERROR", False),  # forwarded, then cached
+        ("missing.example", "A", "NXDOMAIN", False), ("fwd.example", "AAAA", "NOERROR", False),
+    ]:
+        for transport in ("+notcp", "+tcp"):
+            out = kdig(meshdns, name, rtype, transport)
+            flags = _kdig_flags(out)
+            assert f"status: {status}" in out, f"{name} {rtype} {transport}: expected {status}:\n{out}"
+            assert ("aa" in flags) == aa and "ra" in flags, (
+                f"{name} {rtype} {transport}: expected flags with ra{' and aa' if aa else ', without aa'}, "
+                f"got {sorted(flags)}")
+
+
+def _udp_exchange(wire: bytes, port: int) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        sock.sendto(wire, ("127.0.0.1", port))
+        return sock.recv(65535)
+
+
+@pytest.mark.parametrize("name,rtype,records", [("huge.default.svc.mesh", "SRV", 64), ("many.example", "A", 80)],
+                         ids=["mesh", "forwarded"])
+def test_answers_over_1232_bytes_go_over_tcp_even_for_clients_offering_4096(meshdns: int, name: str, rtype: str,
+                                                                            records: int) -> None:
+    q = dns.message.make_query(name, rtype, use_edns=0, payload=4096)
+    for attempt in ("first", "repeated"):  # the second comes from meshdns's prebuilt answers
+        wire = _udp_exchange(q.to_wire(), meshdns)
+        r = dns.message.from_wire(wire)
+        assert len(wire) <= 1232 and r.flags & dns.flags.TC, (
+            f"{name} {rtype} ({attempt}): expected at most 1232 bytes with TC over UDP, got {len(wire)} bytes, "
+            f"flags {dns.flags.to_text(r.flags)}")
+    out = kdig(meshdns, name, rtype, "+bufsize=4096")
+    got = out.count(f"\t{rtype}\t")
+    assert "(TCP)" in out and got == records, (
+        f"expected kdig to retry over TCP and get {records} {rtype} records, got {got}:\n{out}")
+    ans = resolver(meshdns).resolve(name, rtype)
+    assert len(ans) == records, f"dnspython: expected {records} records after its TCP retry, got {len(ans)}"
+
+
+def test_dso_keepalive_and_unknown_opcodes_get_notimp(meshdns: int) -> None:
+    def check(reply: bytes, opcode: int, how: str) -> None:
+        qid, flags, *counts = struct.unpack_from("!HHHHHH", reply)
+        got = f"{len(reply)} bytes, id {qid:#x}, flags {flags:#06x}, counts {counts}"
+        assert (qid, flags & 0xF, (flags >> 11) & 0xF) == (0x4D50, dns.rcode.NOTIMP, opcode), (
+            f"{how}: expected id 0x4d50, NOTIMP (4) and opcode {opcode} echoed, got {got}")
+        assert len(reply) == 12 and flags & 0x8000, f"{how}: expected a bare response header, got {got}"
+
+    # DSO Keepalive (RFC 8490 7.1): opcode 6, no question, one TLV; a server without DSO answers NOTIMP (5.1)
+    keepalive = struct.pack("!HHHHHH", 0x4D50, 6 << 11, 0, 0, 0, 0) + struct.pack("!HHII", 1, 8, 15000, 15000)
+    with socket.create_connection(("127.0.0.1", meshdns), timeout=2) as sock:
+        dns.query.send_tcp(sock, keepalive)
+        (length,) = struct.unpack("!H", _recv_exactly(sock, 2))
+        check(_recv_exactly(sock, length), 6, "DSO keepalive over TCP")
+        # the connection stays usable for ordinary queries
+        dns.query.send_tcp(sock, dns.message.make_query("web", "A"))
+        r, _ = dns.query.receive_tcp(sock)
+        assert [a.to_text() for rr in r.answer for a in rr] == ["240.240.0.1"], f"after DSO: got {r}"
+    for opcode in (3, 15):  # unassigned, with no question
+        check(_udp_exchange(struct.pack("!HHHHHH", 0x4D50, opcode << 11, 0, 0, 0, 0), meshdns), opcode,
+              f"opcode {opcode} over UDP")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        assert chunk, f"connection closed after {len(buf)} of {n} bytes"
+        buf += chunk
+    return buf
 
 
 def test_forwarding_to_unbound_with_cache(tmp_path: Path, unbound: int) -> None:
