@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from meshpilot.xds.wire import bytes_field, string_field
 
-__all__ = ["Entry", "ResourceCache", "Watcher"]
+__all__ = ["Entry", "ResourceCache", "Snapshot", "Watcher"]
 
 Watcher = Callable[[str, str, frozenset[str], float], None]  # type_url, scope, names, stamp
 
@@ -31,6 +31,25 @@ class Entry:
     sotw_field: bytes  # DiscoveryResponse.resources (field 2) holding the Any
     delta_field: bytes  # DeltaDiscoveryResponse.resources (field 2) holding a Resource
     wildcard: bool = True  # part of wildcard subscriptions (proxyless-only listeners are not)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A state-of-the-world response body: shared by every stream with the same subscription."""
+
+    version: str
+    body: bytes
+    entries: tuple[Entry, ...]
+    names: frozenset[str]
+
+
+def snapshot_of(entries: Iterable[Entry]) -> Snapshot:
+    ordered = tuple(sorted(entries, key=lambda e: e.name))
+    h = hashlib.blake2b(digest_size=8)
+    for e in ordered:
+        h.update(e.name.encode())
+        h.update(e.version.encode())
+    return Snapshot(h.hexdigest(), b"".join(e.sotw_field for e in ordered), ordered, frozenset(e.name for e in ordered))
 
 
 def make_entry(type_url: str, name: str, msg: Message | bytes, wildcard: bool = True) -> Entry:
@@ -46,7 +65,7 @@ class ResourceCache:
         self._data: dict[str, dict[str, dict[str, Entry]]] = {}  # type -> scope -> name -> entry
         self._watchers: list[Watcher] = []
         self.generation: dict[tuple[str, str], int] = {}  # (type, scope) -> changes so far
-        self._memo: dict[tuple[object, ...], tuple[tuple[int, int], str, bytes]] = {}
+        self._memo: dict[tuple[object, ...], tuple[tuple[int, int], Snapshot]] = {}
 
     def watch(self, watcher: Watcher) -> Callable[[], None]:
         self._watchers.append(watcher)
@@ -140,7 +159,12 @@ class ResourceCache:
         return sorted(self._data.get(type_url, {}).get(scope, {}))
 
     def sotw_body(self, type_url: str, node_id: str, names: frozenset[str] | None) -> tuple[str, bytes]:
-        """Version and concatenated resource fields for a state-of-the-world response.
+        """Version and concatenated resource fields for a state-of-the-world response."""
+        snap = self.sotw_snapshot(type_url, node_id, names)
+        return snap.version, snap.body
+
+    def sotw_snapshot(self, type_url: str, node_id: str, names: frozenset[str] | None) -> Snapshot:
+        """What a state-of-the-world response of this type holds for a subscription.
 
         ``names`` None means a wildcard subscription. Results are memoised per subscription
         shape and cache generation, so a push to many streams with the same subscription builds
@@ -152,25 +176,15 @@ class ResourceCache:
         key = (type_url, node_id if own else "", names)
         hit = self._memo.get(key)
         if hit is not None and hit[0] == gens:
-            return hit[1], hit[2]
+            return hit[1]
         shared = scopes.get("", {})
         if names is None:
             merged = {n: e for n, e in shared.items() if e.wildcard}
             merged.update({n: e for n, e in own.items() if e.wildcard})
-            entries = [merged[n] for n in sorted(merged)]
+            snap = snapshot_of(merged.values())
         else:
-            entries = []
-            for n in sorted(names):
-                e = own.get(n) or shared.get(n)
-                if e is not None:
-                    entries.append(e)
-        h = hashlib.blake2b(digest_size=8)
-        for e in entries:
-            h.update(e.name.encode())
-            h.update(e.version.encode())
-        version = h.hexdigest()
-        body = b"".join(e.sotw_field for e in entries)
+            snap = snapshot_of(e for e in (own.get(n) or shared.get(n) for n in names) if e is not None)
         if len(self._memo) > 8192:
             self._memo.clear()
-        self._memo[key] = (gens, version, body)
-        return version, body
+        self._memo[key] = (gens, snap)
+        return snap

@@ -8,11 +8,16 @@ Rules both variants follow:
 - a NACK is recorded and the rejected version is not sent again; the next change is;
 - a request whose nonce is not the latest sent for its type is stale and only its subscription
   changes count;
-- a changed cluster stays warming in Envoy until its endpoints arrive again. Over sotw Envoy
-  re-requests them (a second request carrying an already-answered nonce), and that request is
-  answered even when nothing changed; over delta it does not re-request names it holds, so the
-  endpoints of every cluster sent are sent again right behind it. A delta subscribe to a name
-  already subscribed is answered too.
+- a changed cluster stays warming in Envoy until its endpoints arrive again, and the server is
+  the one to provide them (xDS: "the management server should provide the EDS/RDS updates
+  during warming"): the endpoints of every changed cluster are sent right behind it, over sotw as
+  over delta. Envoy's own re-request of them may carry a nonce that is stale by then and is not
+  needed. A request repeating an already-answered nonce is answered anyway, and so is a delta
+  subscribe to a name already subscribed;
+- make before break: clusters and endpoints go before listeners and routes, and a cluster (or its
+  endpoints) that left the cache is removed from the client only once the listeners and routes
+  sent with or before its removal are answered, so no route the client holds names a cluster it
+  no longer has. Until then the client keeps the version it holds.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshpilot.translate.names import TYPE
-from meshpilot.xds.cache import ResourceCache
+from meshpilot.xds.cache import ResourceCache, Snapshot, snapshot_of
 from meshpilot.xds.wire import string_field, strings_field
 
 __all__ = ["DeltaStream", "Nack", "SotwStream", "ORDER"]
@@ -34,6 +40,8 @@ __all__ = ["DeltaStream", "Nack", "SotwStream", "ORDER"]
 ORDER = [TYPE.CLUSTER, TYPE.ENDPOINT, TYPE.LISTENER, TYPE.ROUTE, TYPE.EXTENSION_CONFIG, TYPE.DNS]
 _WILDCARD_BY_DEFAULT = {TYPE.CLUSTER, TYPE.LISTENER}
 _RANK = {t: n for n, t in enumerate(ORDER)}
+_NAMERS = (TYPE.LISTENER, TYPE.ROUTE)  # the types whose resources name clusters
+_NAMED = (TYPE.CLUSTER, TYPE.ENDPOINT)  # the types whose removal waits for them
 
 
 @dataclass(slots=True)
@@ -59,6 +67,8 @@ class _TypeState:
     sent_version: str = ""
     acked_version: str = ""
     answered_nonce: str = ""  # sotw: a nonce already ACKed/NACKed once
+    held: Snapshot | None = None  # sotw, whole types: what the last response sent holds
+    retiring: set[str] = field(default_factory=set)  # gone from the cache, removal waits for the routes
     requests: int = 0
     # delta
     sent: dict[str, str] = field(default_factory=dict)
@@ -177,6 +187,67 @@ class _Stream:
         self._mark(ts, stamp)
         return True
 
+    def responses(self, now: float | None = None) -> list[tuple[str, bytes]]:
+        """The responses owed, in ORDER; a type marked pending on the way is answered in the same call."""
+        stamp = time.monotonic() if now is None else now
+        out = []
+        self.full_bytes = 0
+        while True:
+            queue = self._pending_types()
+            if not queue and self._release_retiring(stamp):  # the routes had nothing to send after all
+                queue = self._pending_types()
+            if not queue:
+                return out
+            type_url = queue[0]
+            msg = self._respond(type_url, stamp)
+            if msg is not None:
+                out.append((type_url, msg))
+
+    def _respond(self, type_url: str, stamp: float) -> bytes | None:
+        raise NotImplementedError
+
+    def _sent(self, ts: _TypeState, stamp: float) -> None:
+        self.pushes += 1
+        self.latencies.append(stamp - ts.pending_since)
+
+    def _answered(self, ts: _TypeState) -> bool:
+        raise NotImplementedError
+
+    def _routes_settled(self) -> bool:
+        """No listener or route update is pending or awaiting the client's answer."""
+        for t in _NAMERS:
+            ts = self.types.get(t)
+            if ts is not None and (ts.pending or not self._answered(ts)):
+                return False
+        return True
+
+    def _release_retiring(self, stamp: float) -> bool:
+        """Routes answered: the removals they held back may go now. True if any may."""
+        released = False
+        if not self._routes_settled():
+            return released
+        for t in _NAMED:
+            ts = self.types.get(t)
+            if ts is not None and ts.retiring:
+                ts.dirty |= ts.retiring
+                ts.retiring = set()
+                ts.forced = released = True
+                self._mark(ts, stamp)
+        return released
+
+    def _behind_clusters(self, changed: Iterable[str], stamp: float) -> None:
+        """Mark the endpoints of changed clusters the client subscribes to for sending."""
+        eds = self.types.get(TYPE.ENDPOINT)
+        if eds is None or eds.requests == 0:
+            return
+        again = {n for n in changed if n in eds.names or eds.wildcard}
+        if again:
+            self._endpoints_again(eds, again)
+            self._mark(eds, stamp)
+
+    def _endpoints_again(self, eds: _TypeState, names: set[str]) -> None:
+        raise NotImplementedError
+
     def _record_nack(self, type_url: str, nonce: str, version: str, message: str) -> None:
         self.nacks += 1
         self.last_nack = Nack(type_url, nonce, version, message, time.time())
@@ -190,9 +261,11 @@ class SotwStream(_Stream):
 
     kind = "GRPC"
 
-    def __init__(self, cache: ResourceCache, node_id: str = "") -> None:
-        super().__init__(cache, node_id)
-        self.recent_clusters: set[str] = set()
+    def _answered(self, ts: _TypeState) -> bool:
+        return ts.sent_nonce == ts.answered_nonce
+
+    def _endpoints_again(self, eds: _TypeState, names: set[str]) -> None:
+        eds.dirty |= names
 
     def receive(self, req: discovery_pb2.DiscoveryRequest, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -222,13 +295,8 @@ class SotwStream(_Stream):
                 self._mark(ts, now)
             return
         if nonce == ts.answered_nonce:
-            # the same nonce again: Envoy re-requests (e.g. endpoints of a re-created cluster)
-            ts.forced = True
-            if type_url == TYPE.ENDPOINT and self.recent_clusters:
-                ts.dirty |= self.recent_clusters & ts.names
-                self.recent_clusters = set()
-            else:
-                ts.full = True
+            # the same nonce again: the client asks for what it has once more
+            ts.forced = ts.full = True
             self._mark(ts, now)
             return
         ts.answered_nonce = nonce
@@ -239,51 +307,75 @@ class SotwStream(_Stream):
         if changed:
             ts.forced = True
             self._mark(ts, now)
+        if type_url in _NAMERS:
+            self._release_retiring(now)
 
-    def responses(self, now: float | None = None) -> list[tuple[str, bytes]]:
-        out = []
-        self.full_bytes = 0
-        for type_url in self._pending_types():
-            ts = self.types[type_url]
-            ts.pending = False
-            forced, ts.forced = ts.forced, False
-            whole = type_url in _WILDCARD_BY_DEFAULT or ts.full
-            if type_url in _WILDCARD_BY_DEFAULT:
-                version, body = self.cache.sotw_body(type_url, self.node_id, None if ts.wildcard else ts.names_frozen)
-                if not forced and version == ts.sent_version:  # also: a NACKed version is not resent
-                    ts.dirty = set()
-                    continue
-                if type_url == TYPE.CLUSTER:
-                    self.recent_clusters = ts.dirty
+    def _respond(self, type_url: str, stamp: float) -> bytes | None:
+        ts = self.types[type_url]
+        ts.pending = False
+        forced, ts.forced = ts.forced, False
+        whole = type_url in _WILDCARD_BY_DEFAULT or ts.full
+        changed: set[str] = set()
+        if type_url in _WILDCARD_BY_DEFAULT:
+            snap = self.cache.sotw_snapshot(type_url, self.node_id, None if ts.wildcard else ts.names_frozen)
+            if type_url == TYPE.CLUSTER:
+                snap = self._keep_routed(ts, snap)
+            version, body = snap.version, snap.body
+            if not forced and version == ts.sent_version:  # also: a NACKed version is not resent
                 ts.dirty = set()
+                return None
+            changed, ts.dirty, ts.held = ts.dirty, set(), snap
+        else:
+            if ts.full:
+                names = self.cache.wildcard_names(type_url, self.node_id) | ts.names if ts.wildcard else ts.names
+                ts.full = False
             else:
-                if ts.full:
-                    names = self.cache.wildcard_names(type_url, self.node_id) | ts.names if ts.wildcard else ts.names
-                    ts.full = False
-                else:
-                    names = ts.dirty
-                ts.dirty = set()
-                entries = [e for e in (self.cache.get(type_url, n, self.node_id) for n in sorted(names)) if e is not None]
-                if not entries:
-                    continue
-                h = hashlib.blake2b(digest_size=8)
-                for e in entries:
-                    h.update(e.name.encode() + b"=" + e.version.encode() + b";")
-                version = h.hexdigest()
-                body = b"".join(e.sotw_field for e in entries)
-            nonce = self._nonce()
-            msg = b"".join((string_field(1, version), body, string_field(4, type_url), string_field(5, nonce)))
-            ts.sent_nonce, ts.sent_version = nonce, version
-            if whole:
-                self.full_bytes += len(msg)
-            out.append((type_url, msg))
-            self.pushes += 1
-            self.latencies.append((time.monotonic() if now is None else now) - ts.pending_since)
-        return out
+                names = ts.dirty
+            ts.dirty = set()
+            entries = [e for e in (self.cache.get(type_url, n, self.node_id) for n in sorted(names)) if e is not None]
+            if not entries:
+                return None
+            h = hashlib.blake2b(digest_size=8)
+            for e in entries:
+                h.update(e.name.encode() + b"=" + e.version.encode() + b";")
+            version = h.hexdigest()
+            body = b"".join(e.sotw_field for e in entries)
+        nonce = self._nonce()
+        msg = b"".join((string_field(1, version), body, string_field(4, type_url), string_field(5, nonce)))
+        ts.sent_nonce, ts.sent_version = nonce, version
+        if whole:
+            self.full_bytes += len(msg)
+        self._sent(ts, stamp)
+        if type_url == TYPE.CLUSTER and changed:
+            self._behind_clusters(changed, ts.pending_since)
+        return msg
+
+    def _keep_routed(self, ts: _TypeState, snap: Snapshot) -> Snapshot:
+        """The clusters to send: the cache's, plus those the client holds that left the cache
+        while listeners or routes that may name them are not yet answered."""
+        held = ts.held
+        if held is None:
+            return snap
+        gone = {
+            n
+            for n in ts.dirty | ts.retiring
+            if n in held.names and n not in snap.names and (ts.wildcard or n in ts.names)
+        }
+        if not gone or self._routes_settled():
+            ts.retiring = set()
+            return snap
+        ts.retiring = gone
+        return snapshot_of([*snap.entries, *(e for e in held.entries if e.name in gone)])
 
 
 class DeltaStream(_Stream):
     kind = "DELTA_GRPC"
+
+    def _answered(self, ts: _TypeState) -> bool:
+        return not ts.unacked
+
+    def _endpoints_again(self, eds: _TypeState, names: set[str]) -> None:
+        eds.forced_names |= names
 
     def receive(self, req: discovery_pb2.DeltaDiscoveryRequest, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -305,6 +397,8 @@ class DeltaStream(_Stream):
             elif carried:
                 for n in carried:
                     ts.rejected.pop(n, None)
+            if type_url in _NAMERS:
+                self._release_retiring(now)
         touched = False
         if first:
             ts.sent.update(req.initial_resource_versions)
@@ -334,69 +428,59 @@ class DeltaStream(_Stream):
         if touched:
             self._mark(ts, now)
 
-    def responses(self, now: float | None = None) -> list[tuple[str, bytes]]:
-        out = []
-        self.full_bytes = 0
-        queue = self._pending_types()
-        while queue:
-            type_url = queue.pop(0)
-            ts = self.types[type_url]
-            ts.pending = False
-            whole = ts.full
-            if ts.full:
-                candidates = set(ts.names) | set(ts.sent)
-                if ts.wildcard:
-                    candidates |= self.cache.wildcard_names(type_url, self.node_id)
-                ts.full = False
-            else:
-                candidates = ts.dirty | ts.forced_names
-            forced = ts.forced_names
-            ts.dirty, ts.forced_names = set(), set()
-            fields: list[bytes] = []
-            removed: list[str] = []
-            versions: dict[str, str] = {}
-            own, shared = self.cache.scopes(type_url, self.node_id)
-            sent, subscribed, wildcard = ts.sent, ts.names, ts.wildcard
-            for name in sorted(candidates):
-                entry = own.get(name) or shared.get(name) if own else shared.get(name)
-                if entry is not None and (name in subscribed or (wildcard and entry.wildcard)):
-                    if sent.get(name) != entry.version or name in forced:
-                        fields.append(entry.delta_field)
-                        ts.sent[name] = entry.version
-                        versions[name] = entry.version
-                elif name in ts.sent:
-                    del ts.sent[name]
-                    ts.sent_rev += 1
-                    ts.rejected.pop(name, None)
-                    if entry is None or name in ts.names or ts.wildcard:
-                        removed.append(name)
-                elif name in forced and entry is None:
-                    removed.append(name)  # tell the client it does not exist, so it stops waiting
-            if not fields and not removed:
-                continue
-            nonce = self._nonce()
-            fields.extend((string_field(4, type_url), string_field(5, nonce), strings_field(6, removed)))
-            msg = b"".join(fields)
-            if whole:
-                self.full_bytes += len(msg)
-            ts.sent_nonce = nonce
-            ts.sent_version = nonce
-            ts.sent_rev += 1
-            ts.unacked[nonce] = frozenset(versions) | frozenset(removed)
-            if len(ts.unacked) > 64:  # a client that never ACKs must not grow this
-                ts.unacked.pop(next(iter(ts.unacked)))
-            out.append((type_url, msg))
-            self.pushes += 1
-            self.latencies.append((time.monotonic() if now is None else now) - ts.pending_since)
-            if type_url == TYPE.CLUSTER and versions:
-                # a changed cluster warms until its endpoints arrive, and delta Envoy does not
-                # re-request names it already holds: send them again right behind the cluster
-                eds = self.types.get(TYPE.ENDPOINT)
-                again = {n for n in versions if eds is not None and n in eds.names}
-                if eds is not None and again:
-                    eds.forced_names |= again
-                    self._mark(eds, ts.pending_since)
-                    if TYPE.ENDPOINT not in queue:
-                        queue.insert(0, TYPE.ENDPOINT)
-        return out
+    def _respond(self, type_url: str, stamp: float) -> bytes | None:
+        ts = self.types[type_url]
+        ts.pending = False
+        whole = ts.full
+        if ts.full:
+            candidates = set(ts.names) | set(ts.sent)
+            if ts.wildcard:
+                candidates |= self.cache.wildcard_names(type_url, self.node_id)
+            ts.full = False
+        else:
+            candidates = ts.dirty | ts.forced_names
+        forced = ts.forced_names
+        ts.dirty, ts.forced_names = set(), set()
+        fields: list[bytes] = []
+        removed: list[str] = []
+        versions: dict[str, str] = {}
+        own, shared = self.cache.scopes(type_url, self.node_id)
+        sent, subscribed, wildcard = ts.sent, ts.names, ts.wildcard
+        hold = type_url in _NAMED and not self._routes_settled()
+        for name in sorted(candidates):
+            entry = own.get(name) or shared.get(name) if own else shared.get(name)
+            if entry is not None and (name in subscribed or (wildcard and entry.wildcard)):
+                if sent.get(name) != entry.version or name in forced:
+                    fields.append(entry.delta_field)
+                    ts.sent[name] = entry.version
+                    versions[name] = entry.version
+            elif name in ts.sent:
+                if hold and entry is None and (name in subscribed or wildcard):
+                    ts.retiring.add(name)  # removed once the routes naming it are answered
+                    continue
+                ts.retiring.discard(name)
+                del ts.sent[name]
+                ts.sent_rev += 1
+                ts.rejected.pop(name, None)
+                if entry is None or name in ts.names or ts.wildcard:
+                    removed.append(name)
+            elif name in forced and entry is None:
+                removed.append(name)  # tell the client it does not exist, so it stops waiting
+        if not fields and not removed:
+            return None
+        nonce = self._nonce()
+        fields.extend((string_field(4, type_url), string_field(5, nonce), strings_field(6, removed)))
+        msg = b"".join(fields)
+        if whole:
+            self.full_bytes += len(msg)
+        ts.sent_nonce = nonce
+        ts.sent_version = nonce
+        ts.sent_rev += 1
+        ts.unacked[nonce] = frozenset(versions) | frozenset(removed)
+        if len(ts.unacked) > 64:  # a client that never ACKs must not grow this
+            ts.unacked.pop(next(iter(ts.unacked)))
+        self._sent(ts, stamp)
+        if type_url == TYPE.CLUSTER and versions:
+            self._behind_clusters(versions.keys(), ts.pending_since)  # delta Envoy does not re-request them
+        return msg
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from hypothesis import given, settings
@@ -304,3 +307,243 @@ def test_sotw_endpoints_are_incremental_and_converge(steps: list[tuple[str, str,
         if e is not None:
             assert n in client, f"{n}: never sent"
             assert e.any_bytes.endswith(client[n]), f"{n}: the client holds a stale version"
+
+
+# ---- endpoints behind changed clusters; make before break -------------------------------------
+
+R = TYPE.ROUTE
+
+
+def _route(name: str, clusters: list[str]) -> route_pb2.RouteConfiguration:
+    rc = route_pb2.RouteConfiguration(name=name)
+    vh = rc.virtual_hosts.add(name="vh", domains=["*"])
+    for c in clusters:
+        r = vh.routes.add()
+        r.match.prefix = f"/{c}"
+        r.route.cluster = c
+    return rc
+
+
+def _ack(s: SotwStream, type_url: str, resp: discovery_pb2.DiscoveryResponse, names: list[str] | None = None) -> None:
+    s.receive(discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names or [], version_info=resp.version_info, response_nonce=resp.nonce))
+
+
+def test_sotw_sends_endpoints_behind_a_changed_cluster_with_another_endpoint_change() -> None:
+    """Issue 10 B: a cluster changes and another cluster's endpoints change in one window."""
+    cache = ResourceCache()
+    s = SotwStream(cache, "n1")
+    _wire(cache, s)
+    cache.put(C, {"a": _cluster("a"), "b": _cluster("b")})
+    cache.put(E, {"a": _cla("a", 1), "b": _cla("b", 1)})
+    s.receive(discovery_pb2.DiscoveryRequest(type_url=C))
+    [(_, raw)] = s.responses()
+    _ack(s, C, _sotw_decode(raw))
+    s.receive(discovery_pb2.DiscoveryRequest(type_url=E, resource_names=["a", "b"]))
+    [(_, raw)] = s.responses()
+    eds = _sotw_decode(raw)
+    _ack(s, E, eds, ["a", "b"])
+    cache.put(C, {"a": _cluster("a", 9)})  # a service update: a's cluster changes
+    cache.put(E, {"b": _cla("b", 2)})  # and a new instance of b
+    out = s.responses()
+    assert [t for t, _ in out] == [C, E], f"expected CDS then EDS, got {[t for t, _ in out]}"
+    assert sorted(_names(_sotw_decode(out[1][1]))) == ["a", "b"], (
+        f"expected the endpoints of the changed cluster a behind it (with b's), got {_names(_sotw_decode(out[1][1]))}"
+    )
+    # Envoy's own re-request of a's endpoints carries the nonce of the EDS response it had: not needed now
+    s.receive(discovery_pb2.DiscoveryRequest(type_url=E, resource_names=["a", "b"], version_info=eds.version_info, response_nonce=eds.nonce))
+    assert s.responses() == []
+
+
+def _held_clusters(out: list[tuple[str, bytes]]) -> list[list[str]]:
+    return [_names(_sotw_decode(raw)) for t, raw in out if t == C]
+
+
+def test_sotw_removes_a_cluster_only_after_the_routes_naming_it_are_acked() -> None:
+    cache = ResourceCache()
+    s = SotwStream(cache, "n1")
+    _wire(cache, s)
+    cache.put(C, {"a": _cluster("a"), "a-v1": _cluster("a-v1")})
+    cache.put(R, {"r": _route("r", ["a", "a-v1"])})
+    s.receive(discovery_pb2.DiscoveryRequest(type_url=C))
+    s.receive(discovery_pb2.DiscoveryRequest(type_url=R, resource_names=["r"]))
+    for t, raw in s.responses():
+        _ack(s, t, _sotw_decode(raw), ["r"] if t == R else [])
+    # a routing policy is deleted: its subset cluster and the route naming it go in one rebuild
+    cache.remove(C, ["a-v1"])
+    cache.put(R, {"r": _route("r", ["a"])})
+    out = s.responses()
+    assert [t for t, _ in out] == [R], f"expected only the route update while it is not acked, got {[t for t, _ in out]}"
+    assert s.responses() == [], "the subset cluster must stay until the route that named it is acked"
+    _ack(s, R, _sotw_decode(out[0][1]), ["r"])
+    out = s.responses()
+    assert _held_clusters(out) == [["a"]], f"expected the cluster removed once the route is acked, got {_held_clusters(out)}"
+
+
+def test_sotw_removal_with_no_route_change_is_immediate() -> None:
+    cache = ResourceCache()
+    s = SotwStream(cache, "n1")
+    _wire(cache, s)
+    cache.put(C, {"a": _cluster("a"), "b": _cluster("b")})
+    s.receive(discovery_pb2.DiscoveryRequest(type_url=C))
+    s.receive(discovery_pb2.DiscoveryRequest(type_url=R, resource_names=["r"]))
+    [(_, raw)] = s.responses()
+    _ack(s, C, _sotw_decode(raw))
+    cache.remove(C, ["b"])
+    assert _held_clusters(s.responses()) == [["a"]]
+
+
+def test_delta_removes_clusters_and_endpoints_only_after_the_routes_are_acked() -> None:
+    cache = ResourceCache()
+    s = DeltaStream(cache, "n1")
+    _wire(cache, s)
+    cache.put(C, {"a": _cluster("a"), "a-v1": _cluster("a-v1")})
+    cache.put(E, {"a": _cla("a", 1), "a-v1": _cla("a-v1", 1)})
+    cache.put(R, {"r": _route("r", ["a", "a-v1"])})
+    s.receive(discovery_pb2.DeltaDiscoveryRequest(type_url=C))
+    s.receive(discovery_pb2.DeltaDiscoveryRequest(type_url=E, resource_names_subscribe=["a", "a-v1"]))
+    s.receive(discovery_pb2.DeltaDiscoveryRequest(type_url=R, resource_names_subscribe=["r"]))
+    for t, raw in s.responses():
+        s.receive(discovery_pb2.DeltaDiscoveryRequest(type_url=t, response_nonce=_delta_decode(raw).nonce))
+    cache.remove(E, ["a-v1"])
+    cache.remove(C, ["a-v1"])
+    cache.put(R, {"r": _route("r", ["a"])})
+    out = s.responses()
+    assert [t for t, _ in out] == [R], f"expected only the route update first, got {[(t, list(_delta_decode(r).removed_resources)) for t, r in out]}"
+    s.receive(discovery_pb2.DeltaDiscoveryRequest(type_url=R, response_nonce=_delta_decode(out[0][1]).nonce))
+    out = s.responses()
+    removed = [(t, list(_delta_decode(raw).removed_resources)) for t, raw in out]
+    assert removed == [(C, ["a-v1"]), (E, ["a-v1"])], f"expected a-v1 removed (cluster, endpoints) after the route ACK, got {removed}"
+
+
+class _Envoy:
+    """A client as Envoy behaves over ADS: a changed or new cluster warms until an EDS response
+    carries its endpoints; after a CDS update it re-requests endpoints with the EDS nonce it has.
+    It applies a whole batch of responses before the server sees any of its requests."""
+
+    def __init__(self, stream: SotwStream | DeltaStream) -> None:
+        self.s = stream
+        self.delta = isinstance(stream, DeltaStream)
+        self.clusters: dict[str, str] = {}
+        self.routes: dict[str, list[str]] = {}
+        self.warming: set[str] = set()
+        self.eds_seen: discovery_pb2.DiscoveryResponse | None = None
+        self.broken: list[str] = []  # make before break violations, as they happened
+
+    def start(self) -> None:
+        if self.delta:
+            self.s.receive(discovery_pb2.DeltaDiscoveryRequest(type_url=C))
+            self.s.receive(discovery_pb2.DeltaDiscoveryRequest(type_url=R, resource_names_subscribe=["r"]))
+        else:
+            self.s.receive(discovery_pb2.DiscoveryRequest(type_url=C))
+            self.s.receive(discovery_pb2.DiscoveryRequest(type_url=R, resource_names=["r"]))
+
+    def _eds_request(self, new: set[str], gone: set[str]) -> Any:
+        if self.delta:
+            return discovery_pb2.DeltaDiscoveryRequest(type_url=E, resource_names_subscribe=sorted(new), resource_names_unsubscribe=sorted(gone))
+        last = self.eds_seen
+        return discovery_pb2.DiscoveryRequest(
+            type_url=E, resource_names=sorted(self.clusters),
+            version_info=last.version_info if last else "", response_nonce=last.nonce if last else "",
+        )
+
+    def apply(self, batch: list[tuple[str, bytes]]) -> list[Any]:
+        requests: list[Any] = []
+        for t, raw in batch:
+            r = _delta_decode(raw) if self.delta else _sotw_decode(raw)
+            if t == C:
+                before = dict(self.clusters)
+                if self.delta:
+                    for res in r.resources:
+                        self.clusters[res.name] = res.version
+                    for n in r.removed_resources:
+                        self.clusters.pop(n, None)
+                else:
+                    self.clusters = {}
+                    for a in r.resources:
+                        m = cluster_pb2.Cluster()
+                        a.Unpack(m)
+                        self.clusters[m.name] = m.SerializeToString(deterministic=True).hex()
+                changed = {n for n, v in self.clusters.items() if before.get(n) != v}
+                self.warming = (self.warming | changed) & set(self.clusters)
+                if changed or set(before) != set(self.clusters):
+                    requests.append(self._eds_request(set(self.clusters) - set(before), set(before) - set(self.clusters)))
+            elif t == E:
+                got = [res.name for res in r.resources] if self.delta else _names(r)
+                self.warming -= set(got)
+                if not self.delta:
+                    self.eds_seen = r
+            elif t == R:
+                items = [res.resource for res in r.resources] if self.delta else list(r.resources)
+                for a in items:
+                    m = route_pb2.RouteConfiguration()
+                    a.Unpack(m)
+                    self.routes[m.name] = [x.route.cluster for x in m.virtual_hosts[0].routes]
+            for name in sorted({c for cs in self.routes.values() for c in cs} - set(self.clusters)):
+                self.broken.append(f"route names {name} after {t.rsplit('.', 1)[-1]} but the client has no such cluster")
+            if self.delta:
+                requests.append(discovery_pb2.DeltaDiscoveryRequest(type_url=t, response_nonce=r.nonce))
+            else:
+                names = sorted(self.clusters) if t == E else ["r"] if t == R else []
+                requests.append(discovery_pb2.DiscoveryRequest(type_url=t, resource_names=names, version_info=r.version_info, response_nonce=r.nonce))
+        return requests
+
+    def settle(self) -> None:
+        for _ in range(20):
+            batch = self.s.responses()
+            if not batch:
+                return
+            for req in self.apply(batch):
+                self.s.receive(req)
+        raise AssertionError("the stream kept sending after 20 rounds")
+
+
+# a world step: a cluster changes, its endpoints change, or a subset cluster comes or goes with the route
+world = st.lists(
+    st.one_of(
+        st.tuples(st.just("cluster"), st.sampled_from(["a", "b", "c"]), st.integers(1, 4)),
+        st.tuples(st.just("endpoints"), st.sampled_from(["a", "b", "c"]), st.integers(1, 4)),
+        st.tuples(st.just("split"), st.sampled_from(["a", "b", "c"]), st.booleans()),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+def _apply_world(cache: ResourceCache, split: set[str], step: list[tuple[str, str, Any]]) -> None:
+    """One debounce window, applied as the control plane does: endpoints, clusters, then routes."""
+    for op, name, val in step:
+        if op == "cluster":
+            cache.put(C, {name: _cluster(name, val)})
+        elif op == "endpoints":
+            cache.put(E, {name: _cla(name, val)})
+        elif val:
+            cache.put(E, {f"{name}-v1": _cla(f"{name}-v1", 1)})
+            cache.put(C, {f"{name}-v1": _cluster(f"{name}-v1")})
+            split.add(name)
+        else:
+            cache.remove(C, [f"{name}-v1"])
+            cache.remove(E, [f"{name}-v1"])
+            split.discard(name)
+    cache.put(R, {"r": _route("r", ["a", "b", "c", *sorted(f"{n}-v1" for n in split)])})
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.booleans(), st.lists(world, min_size=1, max_size=5))
+def test_envoy_never_waits_for_endpoints_and_routes_never_name_missing_clusters(delta: bool, steps: list[list[tuple[str, str, Any]]]) -> None:
+    cache = ResourceCache()
+    for n in "abc":
+        cache.put(C, {n: _cluster(n)})
+        cache.put(E, {n: _cla(n, 1)})
+    cache.put(R, {"r": _route("r", ["a", "b", "c"])})
+    s: SotwStream | DeltaStream = DeltaStream(cache, "n1") if delta else SotwStream(cache, "n1")
+    _wire(cache, s)
+    envoy = _Envoy(s)
+    envoy.start()
+    envoy.settle()
+    split: set[str] = set()
+    for step in steps:
+        _apply_world(cache, split, step)
+        envoy.settle()
+        assert not envoy.warming, f"expected no cluster left warming after {step}, got {sorted(envoy.warming)} ({s.kind})"
+        assert sorted(envoy.clusters) == cache.names(C), f"expected the client to hold {cache.names(C)}, got {sorted(envoy.clusters)}"
+    assert not envoy.broken, f"make before break violated ({s.kind}): {envoy.broken}"
