@@ -22,6 +22,7 @@ from tests.support import (
 pytestmark = pytest.mark.e2e
 
 CLUSTER = "outbound|80||web.default.svc.mesh"
+CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 WEB = {"name": "web", "ports": [{"name": "http", "port": 80}]}
 
 
@@ -162,3 +163,45 @@ def test_envoy_keeps_routing_through_a_control_plane_restart(workdir: Path) -> N
                 _register(cp, "web-b", b.port)
                 wait_until(lambda: len(e.cluster_hosts(CLUSTER)) == 2, 10, what="Envoy to re-sync with the restarted control plane")
                 assert set(_spread(out, "web", 20)) == {"a", "b"}
+
+
+@pytest.mark.parametrize("variant", ["sotw", "delta"])
+def test_cluster_change_beside_another_endpoint_change_leaves_nothing_warming(workdir: Path, variant: str) -> None:
+    """One debounce window holds a service update (a's cluster changes) and a new instance of b:
+    a's new cluster must get its endpoints at once, not after Envoy's 15 s initial fetch timeout."""
+    with control_plane(workdir, extra=["--debounce-ms", "300"]) as cp, http_backend("a") as a, http_backend("b1") as b1, http_backend("b2") as b2:
+        for name in ("a", "b"):
+            assert cp.call("POST", "/v1/services", {"name": name, "ports": [{"name": "http", "port": 80}]})[0] == 201
+        for inst, svc, port in (("a-1", "a", a.port), ("b-1", "b", b1.port)):
+            status, body = cp.call("POST", f"/v1/services/default/{svc}/instances", {"id": inst, "address": "127.0.0.1", "ports": {"http": port}})
+            assert status == 201, f"registering {inst}: expected 201, got {status} {body}"
+        out = free_port()
+        boot = sidecar_bootstrap("client-1", cp.xds_port, service="client", sotw=variant == "sotw", outbound_port=out)
+        with envoy(workdir, boot) as e:
+            wait_until(lambda: through(out, "a")[0] == 200 and through(out, "b")[0] == 200, 15, what="routes to a and b")
+            svc = cp.call("GET", "/v1/services/default/a")[1]
+            assert cp.call("PUT", "/v1/services/default/a", {"ports": svc["ports"], "traffic": {**svc["traffic"], "connect_timeout_ms": 2500}})[0] == 200
+            assert cp.call("POST", "/v1/services/default/b/instances", {"id": "b-2", "address": "127.0.0.1", "ports": {"http": b2.port}})[0] == 201
+            a_cluster = "outbound|80||a.default.svc.mesh"
+            b_cluster = "outbound|80||b.default.svc.mesh"
+
+            def state() -> tuple[list[str], str, int]:
+                dump = e.config_dump()
+                warming = [c["cluster"]["name"] for cfg in dump["configs"] for c in cfg.get("dynamic_warming_clusters", [])]
+                active = [c["cluster"] for cfg in dump["configs"] for c in cfg.get("dynamic_active_clusters", [])]
+                timeout = next((c.get("connect_timeout", "") for c in active if c["name"] == a_cluster), "")
+                return warming, timeout, len(e.cluster_hosts(b_cluster))
+
+            try:
+                wait_until(lambda: state() == ([], "2.500s", 2), 3, what="a's new cluster active (not warming) and b's new instance in Envoy")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; (warming clusters, a's connect timeout, b's hosts) = {state()}") from None
+            if variant == "sotw":  # delta versions are per resource; sotw shows the response version
+
+                def cds() -> tuple[str, str]:
+                    proxy = cp.call("GET", "/v1/proxies")[1][0]
+                    return proxy["sent"].get(CDS, "none"), proxy["acked"].get(CDS, "none")
+
+                wait_until(lambda: len(set(cds())) == 1, 3, what="CDS acked == sent in /v1/proxies")
+            assert _spread(out, "a", 5) == Counter({"a": 5})
+            assert set(_spread(out, "b", 20)) == {"b1", "b2"}
