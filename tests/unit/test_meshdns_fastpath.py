@@ -167,7 +167,8 @@ def test_forwarded_answers_are_not_authoritative_and_offer_recursion(batch: bool
 
             mesh = await dns.asyncquery.udp(dns.message.make_query("api.default.svc.mesh.", "A"), "127.0.0.1",
                                             port=server.port, timeout=2)
-            assert mesh.flags & dns.flags.AA and mesh.flags & dns.flags.RA, f"mesh: expected AA and RA: {flags_of(mesh)}"
+            assert mesh.flags & dns.flags.AA and mesh.flags & dns.flags.RA, (
+                f"mesh: expected AA and RA, got {flags_of(mesh)}")
             notify = dns.message.make_query("api.default.svc.mesh.", "SOA")
             notify.set_opcode(dns.opcode.NOTIFY)
             err = await dns.asyncquery.udp(notify, "127.0.0.1", port=server.port, timeout=2)
