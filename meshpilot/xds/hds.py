@@ -16,7 +16,9 @@ The core is pure (``registration``, ``build_specifier``, ``health_token``, ``Hds
 metadata and reports in, registry values out. The gRPC handler keeps per-stream state outside its
 receive loop (only the first message carries the node) and the liveness sweep marks the instance of
 a lost stream critical after ``hds_critical_after_s`` (longer than Envoy's 30 s HDS reconnect
-back-off) and deregisters it after ``hds_remove_after_s``. The module also adds the read-only
+back-off), or after ``hds_dead_after_s`` once the node's ADS stream has been closed as long too (a
+dead sidecar: outlier detection ejects it for 30 s, and it must leave EDS before that ends), and
+deregisters it after ``hds_remove_after_s``. The module also adds the read-only
 ``GET /v1/services/{namespace}/{name}/synced`` endpoint the sidecar agent polls during graceful
 offline: whether every Envoy subscribed to the service's endpoints has ACKed their current version.
 """
@@ -312,18 +314,30 @@ class HdsSession:
 
 @dataclass(slots=True)
 class Liveness:
-    """Which nodes have an open HDS stream, and since when the others have had none. Pure."""
+    """Which nodes have an open HDS stream, and since when the others have had none. Pure.
+
+    A node whose HDS stream closed goes critical after ``critical_after_s``, or after
+    ``dead_after_s`` when its Envoy's ADS stream (``ads``) has been closed as long too: both streams
+    closing is what a dead sidecar looks like (kill -9, a crashed VM), while a reconnecting Envoy
+    opens them again within its back-off. Instances that were merely absent when this process
+    started (no close seen) get only the long grace: after a control-plane restart every sidecar
+    reconnects at its own pace."""
 
     critical_after_s: float
     remove_after_s: float
+    dead_after_s: float = 0.0  # 0: no faster path
     open: dict[str, int] = field(default_factory=dict)
     lost_at: dict[str, float] = field(default_factory=dict)
     marked: set[str] = field(default_factory=set)
+    closed_here: set[str] = field(default_factory=set)
+    ads: set[str] = field(default_factory=set)
+    ads_lost_at: dict[str, float] = field(default_factory=dict)
 
     def opened(self, instance_id: str) -> None:
         self.open[instance_id] = self.open.get(instance_id, 0) + 1
         self.lost_at.pop(instance_id, None)
         self.marked.discard(instance_id)
+        self.closed_here.discard(instance_id)
 
     def closed(self, instance_id: str, now: float) -> None:
         n = self.open.get(instance_id, 0) - 1
@@ -332,10 +346,26 @@ class Liveness:
             return
         self.open.pop(instance_id, None)
         self.lost_at[instance_id] = now
+        self.closed_here.add(instance_id)
+
+    def ads_changed(self, node_id: str, connected: bool, now: float) -> None:
+        """The node's first ADS stream opened (True) or its last one closed (False)."""
+        if connected:
+            self.ads.add(node_id)
+            self.ads_lost_at.pop(node_id, None)
+        else:
+            self.ads.discard(node_id)
+            self.ads_lost_at[node_id] = now
 
     def forget(self, instance_id: str) -> None:
         self.lost_at.pop(instance_id, None)
         self.marked.discard(instance_id)
+        self.closed_here.discard(instance_id)
+
+    def _dead(self, iid: str, at: float, now: float) -> bool:
+        if not self.dead_after_s or iid not in self.closed_here or iid in self.ads:
+            return False
+        return now - max(at, self.ads_lost_at.get(iid, at)) >= self.dead_after_s
 
     def due(self, now: float) -> tuple[list[str], list[str]]:
         """(instances to mark critical now, instances to remove now)."""
@@ -344,11 +374,14 @@ class Liveness:
             age = now - at
             if age >= self.remove_after_s:
                 remove.append(iid)
-            elif age >= self.critical_after_s and iid not in self.marked:
+            elif iid not in self.marked and (age >= self.critical_after_s or self._dead(iid, at, now)):
                 critical.append(iid)
         for iid in remove:
             self.forget(iid)
         self.marked.update(critical)
+        for nid, at in list(self.ads_lost_at.items()):
+            if now - at >= self.remove_after_s and nid not in self.lost_at:
+                del self.ads_lost_at[nid]  # nodes that never return: keep the map bounded
         return critical, remove
 
 
@@ -387,10 +420,12 @@ def synced(xds: XdsServer, cluster_names: set[str]) -> dict[str, Any]:
 class HdsServer:
     """The gRPC side: moves messages between Envoy and the pure core, and writes the registry."""
 
-    def __init__(self, registry: Registry, report_interval_s: float, critical_after_s: float, remove_after_s: float) -> None:
+    def __init__(
+        self, registry: Registry, report_interval_s: float, critical_after_s: float, remove_after_s: float, dead_after_s: float = 0.0
+    ) -> None:
         self.registry = registry
         self.report_interval_s = report_interval_s
-        self.liveness = Liveness(critical_after_s, remove_after_s)
+        self.liveness = Liveness(critical_after_s, remove_after_s, dead_after_s)
         self.sessions: dict[int, HdsSession] = {}
         self._next = 0
         self._key = secrets.token_bytes(32)
@@ -490,7 +525,7 @@ class HdsServer:
             inst = self.registry.instance(iid)
             if inst is not None and inst.source == SOURCE:
                 self.registry.set_check(iid, Check(id=CHECK_ID, owner=OWNER, status=CheckStatus.critical, output="health stream lost"))
-                log.warning("event=hds_lost instance=%s action=critical", iid)
+                log.warning("event=hds_lost instance=%s action=critical ads_open=%s", iid, iid in self.liveness.ads)
         for iid in remove:
             inst = self.registry.instance(iid)
             if inst is not None and inst.source == SOURCE:
@@ -498,7 +533,8 @@ class HdsServer:
                 log.warning("event=hds_lost instance=%s action=removed", iid)
 
     async def run_sweeps(self) -> None:
-        period = max(0.05, min(1.0, self.liveness.critical_after_s / 5))
+        lv = self.liveness
+        period = max(0.05, min(1.0, lv.critical_after_s / 5, (lv.dead_after_s or 1e9) / 10))
         while True:
             await asyncio.sleep(period)
             self.sweep(time.monotonic())
@@ -511,8 +547,9 @@ def install(cp: ControlPlane) -> None:
     from meshpilot.api.app import ApiError, api_routes
 
     s = cp.settings
-    server = HdsServer(cp.registry, s.hds_interval_s, s.hds_critical_after_s, s.hds_remove_after_s)
+    server = HdsServer(cp.registry, s.hds_interval_s, s.hds_critical_after_s, s.hds_remove_after_s, s.hds_dead_after_s)
     cp.registry.subscribe(server.on_change)
+    cp.add_node_watcher(lambda node, connected: server.liveness.ads_changed(node.id, connected, time.monotonic()))
     cp.health_token = server.token
 
     # sidecar instance id -> address, kept up to date from change events (no registry scans)

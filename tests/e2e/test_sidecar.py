@@ -361,6 +361,51 @@ def test_kill_9_then_unhealthy_then_removed_and_envoy_crash_without_churn(cp: An
         wait_until(lambda: not a.hosts(B_CLUSTER), 3, what="b-1 gone from a's EDS")
 
 
+# How long the client keeps calling after a kill -9 (`MESHPILOT_E2E_KILL_WATCH_S=60` makes the full run),
+# and hds_dead_after_s (default 5; a value above 45 shows the behaviour without the fast path).
+KILL_WATCH_S = float(os.environ.get("MESHPILOT_E2E_KILL_WATCH_S", "10"))
+DEAD_AFTER = float(os.environ.get("MESHPILOT_E2E_DEAD_AFTER_S", "5"))
+
+
+def test_kill_9_of_one_of_two_leaves_eds_within_seconds_and_loses_no_request(tmp_path: Path) -> None:
+    """With the default 45 s grace for a lost health stream: a sidecar whose health and ADS streams
+    both closed (agent, Envoy and app killed) leaves EDS within ``DEAD_AFTER`` s, long before outlier
+    detection's 30 s ejection ends, so callers never route to it again."""
+    cfg = tmp_path / "cp.yaml"
+    cfg.write_text(yaml.safe_dump({"hds_interval_s": HDS_INTERVAL, "hds_dead_after_s": DEAD_AFTER, "debounce_ms": 20, "token": TOKEN}))
+    with contextlib.ExitStack() as stack:
+        cp = stack.enter_context(control_plane(tmp_path, extra=["--config", str(cfg)]))
+        a_app = stack.enter_context(app("a"))
+        a = stack.enter_context(sidecar(tmp_path, "a", spec_doc("a", a_app.port, free_port(), free_port()), cp, "a-1"))
+        apps = [stack.enter_context(app(f"b{n}")) for n in (1, 2)]
+        bs = [stack.enter_context(sidecar(tmp_path, "b", spec_doc("b", x.port, free_port(), free_port()), cp, f"b-{n}"))
+              for n, x in zip((1, 2), apps)]
+        both = {f"127.0.0.1:{b.inbound}" for b in bs}
+        wait_until(lambda: a.hosts(B_CLUSTER) == both, 20, what="a sees b-1 and b-2")
+        with contextlib.ExitStack() as clients:
+            loops = [clients.enter_context(Loop(a.outbound, period=0.005)) for _ in range(4)]
+            time.sleep(1.0)
+            bs[1].kill()
+            apps[1].close()
+            t0 = time.monotonic()
+            left, critical = None, None
+            while (elapsed := time.monotonic() - t0) < KILL_WATCH_S:
+                if left is None and a.hosts(B_CLUSTER) == {f"127.0.0.1:{bs[0].inbound}"}:
+                    left = elapsed
+                if critical is None and not routable(cp, "b-2"):
+                    critical = elapsed
+                time.sleep(0.05)
+        after = [r for loop in loops for r in loop.results if r[0] >= t0]
+        failed = [(round(t - t0, 2), status, server) for t, status, server in after if status != 200]
+        print(f"kill -9 of b-2: critical after {critical and round(critical, 2)}s, left a's EDS after {left and round(left, 2)}s (grace {DEAD_AFTER}s);"
+              f" client: {len(after)} requests in {KILL_WATCH_S:.0f}s after the kill, {len(failed)} failed {failed[:5]}")
+        assert left is not None and left <= DEAD_AFTER + 3, (
+            f"expected b-2 (health and ADS streams closed) out of a's EDS within {DEAD_AFTER + 3:.0f}s of its kill -9, got {left}")
+        assert len(after) > 10 * KILL_WATCH_S, f"expected a steady client loop, got {len(after)} requests in {KILL_WATCH_S}s"
+        assert not failed, f"expected no failed request after the kill -9, got {len(failed)} (s after the kill, status, error): {failed[:5]}"
+        assert routable(cp, "b-1"), "expected b-1 to stay routable"
+
+
 def test_deregister_needs_the_token_and_bad_spec_is_rejected(cp: Any, tmp_path: Path) -> None:
     status, body = cp.call("DELETE", "/v1/instances/whatever?source=mesh")
     assert status == 401, f"expected 401 without a token, got {status} {body}"

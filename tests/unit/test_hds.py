@@ -169,6 +169,68 @@ def test_liveness_marks_critical_then_removes() -> None:
     assert lv.due(1000.0) == ([], []), "removal happens once"
 
 
+def test_dead_sidecar_goes_critical_once_both_streams_have_been_closed_for_the_short_grace() -> None:
+    lv = Liveness(critical_after_s=45, remove_after_s=300, dead_after_s=5)
+    for n in ("dead", "hds-only", "late-ads", "back"):
+        lv.opened(n)
+        lv.ads_changed(n, True, 0.0)
+    for n in ("dead", "hds-only", "late-ads", "back"):
+        lv.closed(n, 10.0)
+    lv.ads_changed("dead", False, 10.0)  # kill -9: both streams close at once
+    lv.ads_changed("late-ads", False, 12.0)  # ADS noticed closed 2 s later
+    lv.ads_changed("back", False, 10.0)  # a restarted Envoy reconnects both within the grace
+    lv.ads_changed("back", True, 11.0)
+    lv.opened("back")
+    assert lv.due(14.9) == ([], []), "within the short grace nothing happens"
+    assert lv.due(15.0) == (["dead"], []), "both streams closed for 5 s: critical"
+    assert lv.due(16.9) == ([], []), "the short grace counts from the later of the two closes"
+    assert lv.due(17.0) == (["late-ads"], []), "ADS closed at 12 s: critical at 17 s"
+    assert lv.due(54.9) == ([], []), "an Envoy whose ADS stream stays open keeps the long grace"
+    assert lv.due(55.0) == (["hds-only"], []), "HDS alone lost: critical after the long grace"
+
+
+def test_instances_absent_at_start_keep_the_long_grace() -> None:
+    """After a control-plane restart no stream of this process ever closed: every sidecar gets the
+    long grace to reconnect, even with no ADS stream yet."""
+    lv = Liveness(critical_after_s=45, remove_after_s=300, dead_after_s=5)
+    lv.lost_at["old"] = 0.0
+    assert lv.due(44.0) == ([], []), "expected no critical within the long grace for an instance never seen closing"
+    assert lv.due(45.0) == (["old"], [])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["hds_open", "hds_close", "ads_open", "ads_close", "sweep"]),
+                          st.floats(0, 3, allow_nan=False)), max_size=40))
+def test_never_critical_while_a_stream_is_open_or_before_a_grace_has_passed(events: list[tuple[str, float]]) -> None:
+    lv = Liveness(critical_after_s=45, remove_after_s=300, dead_after_s=5)
+    lv.opened("n")
+    lv.ads_changed("n", True, 0.0)
+    now, hds, ads = 0.0, 1, True
+    hds_lost, ads_lost = None, None
+    for kind, dt in events:
+        now += dt
+        if kind == "hds_open":
+            lv.opened("n")
+            hds, hds_lost = hds + 1, None
+        elif kind == "hds_close" and hds > 0:
+            lv.closed("n", now)
+            hds -= 1
+            hds_lost = now if hds == 0 else hds_lost
+        elif kind == "ads_open":
+            lv.ads_changed("n", True, now)
+            ads, ads_lost = True, None
+        elif kind == "ads_close":
+            lv.ads_changed("n", False, now)
+            ads, ads_lost = False, now
+        elif kind == "sweep":
+            critical, _ = lv.due(now)
+            if critical:
+                assert hds == 0 and hds_lost is not None, f"critical with an open HDS stream at {now}: {events}"
+                both = max(hds_lost, ads_lost) if not ads and ads_lost is not None else None
+                assert now - hds_lost >= 45 or (both is not None and now - both >= 5), (
+                    f"critical at {now} though HDS lost at {hds_lost}, ADS lost at {ads_lost} (open={ads}): {events}")
+
+
 def test_http_check_carries_the_node_health_token() -> None:
     reg = registration(node_info("b-1", "b", _md()))
     token = health_token(b"k" * 32, "b-1")
