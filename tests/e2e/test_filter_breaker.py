@@ -5,8 +5,10 @@ per route and per upstream cluster are independent of each other."""
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import os
+import re
 import subprocess
 import threading
 import time
@@ -250,3 +252,44 @@ def test_service_breakers_are_independent(stack: tuple[Backend, tb.Envoy]) -> No
         assert "meshpilot breaker svc: meshpilot/cb/svc/alpha opened" in envoy.log_text(), "expected the opening in the log"
     finally:
         client.close()
+
+
+def test_open_wait_counts_from_the_trip_even_with_a_slow_tick() -> None:
+    """Closed-state outcomes are timed by the worker's tick clock (free, up to one tick old); the
+    breaker's open wait must still count from the moment it trips. With a 1 s tick and a 1.5 s wait,
+    a wait stamped from the tick lets the first probe through up to 1 s early. Envoy's own log times
+    the trip ("opened") and the probe's report ("closed"), free of the client's latency."""
+    wait_s = 1.5
+    build_modules()
+    with Backend() as backend:
+        port = tb.free_port()
+        rule = {"name": "slowtick", "per": "route", "sliding_window_size": 4, "minimum_calls": 4,
+                "failure_rate_threshold": 100, "wait_duration_in_open": f"{int(wait_s * 1000)}ms", "permitted_calls_in_half_open": 1}
+        boot = tb.proxy_bootstrap(port, [tb.Route("orders", "/orders", "shop")], {"shop": backend.port},
+                                  [{"name": "meshpilot", "typed_config": modules.wasm_filter(config.encode({"tick_ms": 1000, "breakers": [rule]}))}])
+        with tb.Envoy(boot, port, concurrency=1) as envoy:
+            client = Client(envoy.port)
+            try:
+                for _ in range(3):
+                    for _ in range(3):  # closed-state calls: the worker's clock is whatever the last tick read
+                        assert client.get("/orders/ok")[0] == 200
+                    time.sleep(0.3)
+                    backend.status["orders"] = 500
+                    codes = [client.get("/orders/fail")[0] for _ in range(4)]
+                    assert codes == [500] * 4, f"expected 4 upstream failures, got {codes}"
+                    backend.status["orders"] = 200
+                    while True:
+                        code, headers = client.get("/orders/probe")
+                        if code == 200:
+                            break
+                        assert headers.get("x-mesh-circuit") == "open", f"expected 503 open until the probe, got {code} {headers}"
+                        time.sleep(0.002)
+            finally:
+                client.close()
+            stamps = re.findall(r"^\[([\d-]+ [\d:.]+)\].*breaker slowtick: \S+ (opened|closed)$", envoy.log_text(), re.M)
+        events = [(datetime.datetime.strptime(t, "%Y-%m-%d %H:%M:%S.%f"), what) for t, what in stamps]
+        assert [w for _, w in events] == ["opened", "closed"] * 3, f"expected 3 trips each closed by a probe, got {stamps}"
+        gaps = [round((events[i + 1][0] - events[i][0]).total_seconds(), 3) for i in range(0, 6, 2)]
+        print(f"trip to closing probe, by Envoy's log: {gaps} s (open wait {wait_s} s, tick 1 s)")
+        # the log has millisecond stamps; the probe goes at or after the end of the wait
+        assert min(gaps) >= wait_s - 0.002, f"expected no probe earlier than {wait_s} s after the trip, got {gaps} s"

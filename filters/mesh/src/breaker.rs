@@ -501,6 +501,18 @@ impl Local {
         (std::mem::replace(&mut self.pending, Pending::new(rule)), self.pending_gen)
     }
 
+    /// Notes a closed-state outcome timed by the worker's tick clock `tick_ns` (free, but up to one
+    /// tick old). Returns `Some(now)` when it may trip the breaker and must be folded at once, with
+    /// `now` read from `host_now` (the real clock): the fold may open the breaker, and the open wait
+    /// counts from the trip, not from the last tick. None: the next tick folds it.
+    pub fn note(&mut self, rule: &BreakerRule, o: Outcome, tick_ns: u64, host_now: impl FnOnce() -> u64) -> Option<u64> {
+        if self.record(rule, o, tick_ns) {
+            Some(host_now())
+        } else {
+            None
+        }
+    }
+
     /// Notes a closed-state outcome. Returns true when this failure may trip the breaker, so the
     /// caller should fold now instead of waiting for the tick.
     pub fn record(&mut self, rule: &BreakerRule, o: Outcome, now_ns: u64) -> bool {
@@ -580,6 +592,31 @@ mod tests {
             Admit::Reject { half_open: false, retry_after_ns } => assert!(retry_after_ns > 0),
             a => panic!("expected a rejection while open, got {:?}", a),
         }
+    }
+
+    #[test]
+    fn open_wait_counts_from_the_trip_not_from_the_last_tick() {
+        let r = rule("");
+        let (mut s, mut l) = (Shared::new(&r), Local::new(&r));
+        let tick = T0; // the worker's tick clock, 90 ms behind the host's
+        let real = T0 + 90_000_000;
+        let mut fold_at = None;
+        for i in 0..5 {
+            fold_at = l.note(&r, FAIL, tick, || real);
+            assert_eq!(fold_at.is_some(), i == 4, "failure {}: a fold is due only once the 5th may trip", i + 1);
+        }
+        let now = fold_at.unwrap_or(0);
+        assert_eq!(now, real, "the fold that may open the breaker must be stamped by the host clock, got {}", now);
+        let (p, g) = l.take_pending(&r);
+        s.fold(&r, &p, g, now);
+        assert_eq!(s.state, OPEN, "5 failures of 5 calls, expected open");
+        assert_eq!(s.open_until_ns, real + r.open_wait_ns, "the open wait must count from the trip");
+        match s.admit(&r, real + r.open_wait_ns - 1).0 {
+            Admit::Reject { half_open: false, retry_after_ns: 1 } => {}
+            a => panic!("expected a rejection 1 ns before the wait is over, got {:?}", a),
+        }
+        assert!(matches!(s.admit(&r, real + r.open_wait_ns).0, Admit::Probe(_)), "expected a probe once the wait is over");
+        assert_eq!(l.note(&r, OK, tick, || panic!("a success must not read the host clock")), None);
     }
 
     #[test]

@@ -555,8 +555,8 @@ fn on_outcome(root: &mut Root, tr: &Tracked, status_failure: Option<bool>) {
             }
         }
         None => {
-            if t.local.record(rule, o, now_ns) {
-                fold_target(rule, t, now_ns);
+            if let Some(now) = t.local.note(rule, o, now_ns, || clock(&mut cache, &mut root.now_ns)) {
+                fold_target(rule, t, now);
             }
         }
     }
