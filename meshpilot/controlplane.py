@@ -360,18 +360,15 @@ class ControlPlane:
         await server.start()
         self._grpc = server
         from meshpilot.api.app import build_api
+        from meshpilot.frontdoor import HttpLimits, connection_cap, raise_fd_limit, start_front_door
 
         apps: list[tuple[str, Callable[[], web.Application], int | None]] = [("api", lambda: build_api(self), s.api_port)]
-        for name, factory, port in [*apps, *self._http_apps]:
-            if port is None:
-                continue
-            runner = web.AppRunner(factory(), access_log=None, handle_signals=False)
-            await runner.setup()
-            site = web.TCPSite(runner, s.listen_address, port, reuse_address=True)
-            await site.start()
+        doors = [(name, factory, port) for name, factory, port in [*apps, *self._http_apps] if port is not None]
+        # a flood on one HTTP port must leave descriptors for xDS and the rest of the process
+        limits = HttpLimits(s.http_idle_timeout_s, connection_cap(s.http_max_connections, len(doors), raise_fd_limit()))
+        for name, factory, port in doors:
+            runner, self.ports[name] = await start_front_door(factory(), s.listen_address, port, limits)
             self._runners.append(runner)
-            sock = site._server.sockets[0] if site._server and site._server.sockets else None  # type: ignore[union-attr]
-            self.ports[name] = sock.getsockname()[1] if sock else port
         self.ready.set()
         log.info("event=control_plane_ready %s", " ".join(f"{k}_port={v}" for k, v in self.ports.items()))
 

@@ -30,6 +30,8 @@ class Settings(BaseModel):
     debounce_max_ms: int = Field(default=1_000, ge=0, le=60_000)
     token: str | None = Field(default=None, description="bearer token required for every write")
     token_file: str | None = Field(default=None, description="read the token from this file instead (not visible in ps)")
+    http_idle_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="an HTTP connection holding no complete request is closed this long after it opened or answered; a request body must arrive within it")
+    http_max_connections: int = Field(default=4096, ge=1, description="open connections per HTTP port (all HTTP ports together stay within half the open-file limit)")
     debug_api: bool = Field(default=False, description="enable /v1/debug (test-only resource injection)")
     hds_interval_s: float = Field(default=1.0, gt=0, le=300)
     hds_critical_after_s: float = Field(default=45.0, gt=0)

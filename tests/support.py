@@ -77,8 +77,10 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
 
 
 class ControlPlaneProc:
-    def __init__(self, workdir: Path, store: str | None = None, extra: list[str] | None = None, xds_port: int = 0, api_port: int = 0) -> None:
+    def __init__(self, workdir: Path, store: str | None = None, extra: list[str] | None = None, xds_port: int = 0, api_port: int = 0,
+                 nofile: int | None = None) -> None:
         self.workdir = workdir
+        self.nofile = nofile  # soft and hard limit on the process's open files
         self.store = store or f"sqlite:{workdir / 'meshpilot.db'}"
         self.extra = extra or []
         self.xds_port_wanted = xds_port
@@ -95,12 +97,18 @@ class ControlPlaneProc:
             "--xds-port", str(self.xds_port_wanted), "--api-port", str(self.api_port_wanted),
             "--consul-port", "-1", "--eureka-port", "-1", "--ready-file", str(ready), *self.extra,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=self.workdir)
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=self.workdir,
+                                     preexec_fn=self._limits if self.nofile is not None else None)
         wait_until(lambda: ready.exists() or self.proc.poll() is not None, 20, what="control plane ready file")
         if self.proc.poll() is not None:
             raise AssertionError(f"control plane exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
         self.ports = json.loads(ready.read_text())
         return self
+
+    def _limits(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     @property
     def api(self) -> str:

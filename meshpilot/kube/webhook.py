@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from meshpilot.frontdoor import HttpLimits, raise_fd_limit, start_front_door
 from meshpilot.kube.inject import InjectConfig, admission_response
 
 __all__ = ["build_app", "serve"]
@@ -45,11 +46,8 @@ def serve(host: str, port: int, cert: str, key: str, cfg: InjectConfig, ready_fi
         return 2
 
     async def main() -> None:
-        runner = web.AppRunner(build_app(cfg), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ctx)
-        await site.start()
-        bound = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else port  # type: ignore[union-attr]
+        raise_fd_limit()
+        runner, bound = await start_front_door(build_app(cfg), host, port, HttpLimits(), ssl_context=ctx)
         log.info("event=webhook_ready port=%d", bound)
         if ready_file:
             tmp = Path(ready_file + ".tmp")
