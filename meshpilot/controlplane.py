@@ -38,7 +38,7 @@ from meshpilot.translate.names import OUTBOUND_ROUTE, TYPE, cluster_name, inboun
 from meshpilot.translate.node import NodeInfo
 from meshpilot.translate.routes import OutboundRoutes, ServiceRouting, Subset
 from meshpilot.xds.cache import ResourceCache
-from meshpilot.xds.server import XdsServer
+from meshpilot.xds.server import MAX_REQUEST_BYTES, XdsServer
 
 __all__ = ["ControlPlane"]
 
@@ -74,7 +74,7 @@ class ControlPlane:
         self.cache = ResourceCache()
         self._routes = OutboundRoutes()
         self.nodes: dict[str, NodeInfo] = {}
-        self.xds = XdsServer(self.cache, self._node_connected, self._node_gone)
+        self.xds = XdsServer(self.cache, self._node_connected, self._node_gone, write_timeout_s=settings.xds_write_timeout_s)
         self.ports: dict[str, int] = {}
         self._dirty = _Dirty()
         self._kick = asyncio.Event()
@@ -349,7 +349,7 @@ class ControlPlane:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                 ("grpc.http2.max_ping_strikes", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.so_reuseport", 0),
             ]
         )

@@ -11,6 +11,9 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 XDS_STREAMS = Gauge("meshpilot_xds_streams", "Connected xDS streams", ["stream_type"], registry=REGISTRY)
 XDS_PUSHES = Counter("meshpilot_xds_pushes", "xDS responses sent", ["type", "stream_type"], registry=REGISTRY)
 XDS_NACKS = Counter("meshpilot_xds_nacks", "xDS responses rejected by a client", ["type"], registry=REGISTRY)
+XDS_STREAMS_ABORTED = Counter(
+    "meshpilot_xds_streams_aborted", "xDS streams the server ended with an error status", ["code"], registry=REGISTRY
+)
 XDS_PUSH_SECONDS = Histogram(
     "meshpilot_xds_push_seconds",
     "Time from a cache change to the response that carries it",

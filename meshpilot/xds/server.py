@@ -5,14 +5,24 @@ a writer that sends what it returns. Cache changes only mark streams pending and
 writers, so a slow Envoy delays nobody but itself, and several changes queued behind a slow write
 collapse into one push of the latest state. Responses are cached bytes written through an
 identity serializer.
+
+grpc.aio accepts a write at once, whether or not the client reads, so the client's answers are
+the flow control: every xDS client ACKs or NACKs every response. A stream whose client owes
+answers for more than a window of bytes writes nothing more until it answers (its changes
+collapse meanwhile), and a client that leaves a response unanswered for ``write_timeout_s`` is
+disconnected with DEADLINE_EXCEEDED. A stream never holds a writer slot while it waits for its
+client. Requests larger than a real client sends are refused with RESOURCE_EXHAUSTED before
+they cost the event loop anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,17 +36,72 @@ from meshpilot.translate.node import NodeInfo, node_info
 from meshpilot.xds.cache import ResourceCache
 from meshpilot.xds.stream import DeltaStream, SotwStream
 
-__all__ = ["ADS_SERVICE", "XdsServer"]
+__all__ = ["ADS_SERVICE", "MAX_REQUEST_BYTES", "StreamError", "Unanswered", "XdsServer", "check_request", "user_agent"]
 
 log = logging.getLogger("meshpilot.xds")
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-_GATE_BYTES = 64 * 1024
-_ANSWER_WAIT_S = 5.0
+# What a real client sends fits well inside these: a sotw endpoint request naming 50,000 clusters
+# is about 2 MB; Envoy's and grpc's node metadata is a few KB.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # for grpc.max_receive_message_length
+_MAX_NAMES = 100_000  # in each name field of one request
+_MAX_NAME_CHARS = 1024
+_MAX_METADATA_BYTES = 64 * 1024
 
 
 def _identity(b: bytes) -> bytes:
     return b
+
+
+class Unanswered:
+    """The responses a client has not answered yet, per type: the flow control of one stream.
+
+    An xDS client answers (ACKs or NACKs) every response, and an answer carries the nonce of the
+    latest response of its type the client has seen, so it answers the earlier ones of that type
+    too. Nonces are the stream's counter, so they compare as numbers."""
+
+    __slots__ = ("_sent", "bytes", "count", "window_bytes", "window_count")
+
+    def __init__(self, window_bytes: int = 1024 * 1024, window_count: int = 64) -> None:
+        self._sent: dict[str, deque[tuple[int, float, int]]] = {}
+        self.bytes = 0
+        self.count = 0
+        self.window_bytes = window_bytes
+        self.window_count = window_count
+
+    @property
+    def full(self) -> bool:
+        """Whether the client owes so much that nothing more may be written to it."""
+        return self.bytes >= self.window_bytes or self.count >= self.window_count
+
+    def sent(self, type_url: str, nonce: str, size: int, now: float) -> None:
+        self._sent.setdefault(type_url, deque()).append((int(nonce), now, size))
+        self.bytes += size
+        self.count += 1
+
+    def answer(self, type_url: str, nonce: str) -> bool:
+        """Record a request's nonce; True when it answered at least one response."""
+        q = self._sent.get(type_url)
+        if not q or not nonce or len(nonce) > 20:
+            return False
+        try:
+            n = int(nonce)
+        except ValueError:
+            return False
+        hit = False
+        while q and q[0][0] <= n:
+            self.bytes -= q.popleft()[2]
+            self.count -= 1
+            hit = True
+        return hit
+
+    def oldest(self) -> tuple[str, int, float] | None:
+        """(type, nonce, time sent) of the oldest unanswered response, if any."""
+        heads = [(q[0][1], t, q[0][0]) for t, q in self._sent.items() if q]
+        if not heads:
+            return None
+        at, type_url, nonce = min(heads)
+        return type_url, nonce, at
 
 
 @dataclass(slots=True)
@@ -48,8 +113,7 @@ class StreamHandle:
     node: NodeInfo | None = None
     connected_at: float = field(default_factory=time.time)
     user_agent: str = ""
-    awaiting_nonce: str = ""  # a whole-state response whose answer the writer waits for
-    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    unanswered: Unanswered = field(default_factory=Unanswered)
 
 
 class XdsServer:
@@ -62,8 +126,10 @@ class XdsServer:
         on_node: Callable[[NodeInfo], None] = lambda n: None,
         on_node_gone: Callable[[NodeInfo], None] = lambda n: None,
         max_concurrent_writes: int = 64,
+        write_timeout_s: float = 30.0,
     ) -> None:
         self.cache = cache
+        self.write_timeout_s = write_timeout_s
         self.on_node = on_node
         self.on_node_gone = on_node_gone
         self.streams: dict[int, StreamHandle] = {}
@@ -164,9 +230,14 @@ class XdsServer:
         except* (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         except* StreamError as eg:
-            for e in eg.exceptions:
-                log.warning("event=stream_rejected stream=%s peer=%s reason=%s", handle.id, handle.peer, e)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            e = eg.exceptions[0]
+            assert isinstance(e, StreamError)
+            metrics.XDS_STREAMS_ABORTED.labels(e.code.name).inc()
+            log.warning(
+                "event=stream_aborted stream=%s node=%s peer=%s code=%s reason=%s",
+                handle.id, handle.node.id if handle.node else "", handle.peer, e.code.name, e,
+            )
+            await context.abort(e.code, str(e))
         finally:
             del self.streams[handle.id]
             metrics.XDS_STREAMS.labels(machine.kind).dec()
@@ -181,12 +252,13 @@ class XdsServer:
 
     async def _read(self, handle: StreamHandle, requests: AsyncIterator[Any]) -> None:
         async for req in requests:
+            check_request(req)
             if handle.node is None:
                 if not req.HasField("node") or not req.node.id:
                     raise StreamError("the first request of a stream must carry node.id")
                 md = json_format.MessageToDict(req.node.metadata) if req.node.HasField("metadata") else {}
                 handle.node = node_info(req.node.id, req.node.cluster, md, req.node.locality.zone)
-                handle.user_agent = f"{req.node.user_agent_name} {req.node.user_agent_build_version.version.major_number}.{req.node.user_agent_build_version.version.minor_number}".strip()
+                handle.user_agent = user_agent(req.node)
                 handle.machine.node_id = req.node.id
                 self._node_streams[req.node.id] = self._node_streams.get(req.node.id, 0) + 1
                 log.info("event=stream_open stream=%s kind=%s node=%s peer=%s", handle.id, handle.machine.kind, req.node.id, handle.peer)
@@ -195,8 +267,8 @@ class XdsServer:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("event=request stream=%s %s", handle.id, _describe(req))
             handle.machine.receive(req)
-            if handle.awaiting_nonce and req.response_nonce == handle.awaiting_nonce:
-                handle.answered.set()
+            if handle.unanswered.answer(req.type_url, req.response_nonce):
+                handle.wake.set()  # the writer may be waiting for room
             if handle.machine.nacks != nacks and handle.machine.last_nack:
                 n = handle.machine.last_nack
                 metrics.XDS_NACKS.labels(n.type_url.rsplit(".", 1)[-1]).inc()
@@ -205,39 +277,81 @@ class XdsServer:
                 handle.wake.set()
 
     async def _write(self, handle: StreamHandle, context: grpc.aio.ServicerContext) -> None:
+        owed = handle.unanswered
         while True:
-            await handle.wake.wait()
-            # A bounded number of streams build and write at once, and responses live only inside
-            # _push: an idle stream keeps nothing of its last push alive until the next one.
-            async with self._writers:
-                handle.wake.clear()
-                gate = await self._push(handle, context)
-                if gate:
-                    # grpc takes a write before the client has read it. A whole-state response
-                    # (an initial sync, a resync) can be large, so the slot is held until the
-                    # client answers it: a thousand clients syncing at once have at most as many
-                    # snapshots in flight as there are slots. Incremental pushes never wait.
-                    try:
-                        async with asyncio.timeout(_ANSWER_WAIT_S):
-                            await handle.answered.wait()
-                    except TimeoutError:
-                        pass
-                    handle.awaiting_nonce = ""
-            for seconds in handle.machine.latencies:
-                metrics.XDS_PUSH_SECONDS.observe(max(0.0, seconds))
-            handle.machine.latencies.clear()
+            handle.wake.clear()
+            if handle.machine.pending and not owed.full:
+                # A bounded number of streams build and write at once; the slot is held only for
+                # that (grpc takes the bytes at once), never while the client reads or answers.
+                async with self._writers:
+                    await self._push(handle, context)
+                for seconds in handle.machine.latencies:
+                    metrics.XDS_PUSH_SECONDS.observe(max(0.0, seconds))
+                handle.machine.latencies.clear()
+                continue
+            oldest = owed.oldest()
+            if oldest is None:
+                await handle.wake.wait()
+                continue
+            left = oldest[2] + self.write_timeout_s - time.monotonic()
+            if left <= 0:
+                raise StreamError(
+                    f"the {oldest[0].rsplit('.', 1)[-1]} response with nonce {oldest[1]} was not answered within "
+                    f"{self.write_timeout_s:g} s; a client must read and ACK or NACK every response",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await handle.wake.wait()
 
-    async def _push(self, handle: StreamHandle, context: grpc.aio.ServicerContext) -> bool:
-        """Write what the stream owes; True when the client's answer should be awaited."""
+    async def _push(self, handle: StreamHandle, context: grpc.aio.ServicerContext) -> None:
+        """Write what the stream owes. Responses live only in here: an idle stream keeps nothing of
+        its last push alive until the next one."""
         out = handle.machine.responses()
-        gate = handle.machine.full_bytes >= _GATE_BYTES
-        if gate:  # set before writing: the answer may arrive while the last write completes
-            handle.awaiting_nonce = str(handle.machine.nonce_counter)
-            handle.answered.clear()
+        sizes: dict[str, int] = {}
         for type_url, payload in out:
             await context.write(payload)
+            sizes[type_url] = sizes.get(type_url, 0) + len(payload)
             metrics.XDS_PUSHES.labels(type_url.rsplit(".", 1)[-1], handle.machine.kind).inc()
-        return gate
+        now = time.monotonic()
+        for type_url, size in sizes.items():
+            # one answer with the latest nonce of a type answers every earlier response of it
+            handle.unanswered.sent(type_url, handle.machine.types[type_url].sent_nonce, size, now)
+
+
+def check_request(req: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest) -> None:
+    """Refuse a request larger than a real client sends, before anything iterates over it."""
+    if isinstance(req, discovery_pb2.DeltaDiscoveryRequest):
+        fields: tuple[tuple[str, Any], ...] = (
+            ("resource_names_subscribe", req.resource_names_subscribe),
+            ("resource_names_unsubscribe", req.resource_names_unsubscribe),
+            ("initial_resource_versions", req.initial_resource_versions),
+        )
+    else:
+        fields = (("resource_names", req.resource_names),)
+    for name, values in fields:
+        if len(values) > _MAX_NAMES:
+            raise StreamError(f"{name}: {len(values)} names; at most {_MAX_NAMES} in one request", grpc.StatusCode.RESOURCE_EXHAUSTED)
+        longest = max(map(len, values), default=0)
+        if longest > _MAX_NAME_CHARS:
+            raise StreamError(f"{name}: a name of {longest} characters; at most {_MAX_NAME_CHARS}", grpc.StatusCode.RESOURCE_EXHAUSTED)
+    if req.HasField("node") and req.node.HasField("metadata"):
+        size = req.node.metadata.ByteSize()
+        if size > _MAX_METADATA_BYTES:
+            raise StreamError(f"node.metadata: {size} bytes; at most {_MAX_METADATA_BYTES}", grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def user_agent(node: Any) -> str:
+    """"name version" of a client: Envoy sends a structured build version, grpc and others a string."""
+    kind = node.WhichOneof("user_agent_version_type")
+    if kind == "user_agent_version":
+        version = node.user_agent_version
+    elif kind == "user_agent_build_version":
+        v = node.user_agent_build_version.version
+        version = f"{v.major_number}.{v.minor_number}.{v.patch}"
+    else:
+        version = ""
+    return f"{node.user_agent_name} {version}".strip()
 
 
 def _describe(req: Any) -> str:
@@ -253,4 +367,8 @@ def _describe(req: Any) -> str:
 
 
 class StreamError(Exception):
-    pass
+    """Ends a stream with a gRPC status (INVALID_ARGUMENT unless said otherwise)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,119 @@
+"""The ADS server's pure parts: per-stream flow control, request limits, the client's user agent."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshpilot.translate.names import TYPE
+from meshpilot.xds.server import StreamError, Unanswered, check_request, user_agent
+
+
+def test_an_answer_covers_every_earlier_response_of_its_type_only() -> None:
+    owed = Unanswered()
+    owed.sent(TYPE.CLUSTER, "1", 100, now=10.0)
+    owed.sent(TYPE.ENDPOINT, "2", 50, now=10.5)
+    owed.sent(TYPE.CLUSTER, "3", 100, now=11.0)
+    assert owed.oldest() == (TYPE.CLUSTER, 1, 10.0)
+    assert owed.answer(TYPE.ENDPOINT, "3") is True, "an endpoint answer with a later nonce answers endpoint response 2"
+    assert owed.answer(TYPE.CLUSTER, "3") is True
+    assert (owed.bytes, owed.count, owed.oldest()) == (0, 0, None), f"everything answered, yet owed {owed.bytes} bytes in {owed.count}"
+
+
+def test_an_answer_of_another_type_or_an_old_nonce_answers_nothing() -> None:
+    owed = Unanswered()
+    owed.sent(TYPE.CLUSTER, "5", 100, now=1.0)
+    assert owed.answer(TYPE.ENDPOINT, "9") is False
+    assert owed.answer(TYPE.CLUSTER, "4") is False
+    assert owed.answer(TYPE.CLUSTER, "") is False
+    assert owed.answer(TYPE.CLUSTER, "junk") is False
+    assert owed.answer(TYPE.CLUSTER, "9" * 5000) is False, "a huge nonce must be ignored, not parsed"
+    assert owed.oldest() == (TYPE.CLUSTER, 5, 1.0)
+
+
+def test_a_stream_is_full_by_bytes_or_by_count() -> None:
+    owed = Unanswered(window_bytes=1000, window_count=3)
+    owed.sent(TYPE.CLUSTER, "1", 999, now=0)
+    assert not owed.full
+    owed.sent(TYPE.ENDPOINT, "2", 1, now=0)
+    assert owed.full, "1,000 bytes owed with a window of 1,000 should be full"
+    owed.answer(TYPE.CLUSTER, "1")
+    owed.sent(TYPE.ENDPOINT, "3", 1, now=0)
+    assert not owed.full
+    owed.sent(TYPE.ENDPOINT, "4", 1, now=0)
+    assert owed.full, "three responses owed with a window of three should be full"
+
+
+_types = st.sampled_from([TYPE.CLUSTER, TYPE.ENDPOINT, TYPE.LISTENER])
+
+
+@given(st.lists(st.one_of(st.tuples(st.just("send"), _types, st.integers(1, 5000)), st.tuples(st.just("answer"), _types, st.integers(0, 40))), max_size=60))
+def test_unanswered_matches_a_plain_list(steps: list[tuple[str, str, int]]) -> None:
+    owed = Unanswered()
+    model: list[tuple[str, int, int]] = []
+    nonce = 0
+    for op, type_url, n in steps:
+        if op == "send":
+            nonce += 1
+            owed.sent(type_url, str(nonce), n, now=float(nonce))
+            model.append((type_url, nonce, n))
+        else:
+            before = len(model)
+            model = [m for m in model if not (m[0] == type_url and m[1] <= n)]
+            assert owed.answer(type_url, str(n)) == (len(model) < before)
+        assert owed.bytes == sum(m[2] for m in model)
+        assert owed.count == len(model)
+        expected = min(model, key=lambda m: m[1]) if model else None
+        assert owed.oldest() == (expected and (expected[0], expected[1], float(expected[1])))
+
+
+def _refused(req: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest) -> StreamError:
+    with pytest.raises(StreamError) as info:
+        check_request(req)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, f"expected RESOURCE_EXHAUSTED, got {info.value.code}"
+    return info.value
+
+
+def test_requests_like_real_clients_send_pass() -> None:
+    names = [f"outbound|80||svc{i}.default.svc.mesh" for i in range(50_000)]
+    req = discovery_pb2.DiscoveryRequest(type_url=TYPE.ENDPOINT, resource_names=names)
+    req.node.id = "envoy-1"
+    req.node.metadata.update({"SERVICE": "web", "INBOUND_PORT": 15006})
+    check_request(req)
+    assert req.ByteSize() < 4 * 2**20, f"a 50,000-cluster request should fit the 4 MB message limit, is {req.ByteSize()} bytes"
+    check_request(discovery_pb2.DeltaDiscoveryRequest(type_url=TYPE.ENDPOINT, initial_resource_versions={n: "0123456789abcdef" for n in names}))
+
+
+def test_too_many_names_are_refused_naming_the_field() -> None:
+    err = _refused(discovery_pb2.DiscoveryRequest(type_url=TYPE.ENDPOINT, resource_names=[str(i) for i in range(100_001)]))
+    assert str(err) == "resource_names: 100001 names; at most 100000 in one request"
+    err = _refused(discovery_pb2.DeltaDiscoveryRequest(type_url=TYPE.ENDPOINT, initial_resource_versions={str(i): "1" for i in range(100_001)}))
+    assert str(err).startswith("initial_resource_versions: 100001 names")
+
+
+def test_a_name_longer_than_any_resource_name_is_refused() -> None:
+    err = _refused(discovery_pb2.DeltaDiscoveryRequest(type_url=TYPE.CLUSTER, resource_names_unsubscribe=["ok", "x" * 1025]))
+    assert str(err) == "resource_names_unsubscribe: a name of 1025 characters; at most 1024"
+
+
+def test_huge_node_metadata_is_refused() -> None:
+    req = discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER)
+    req.node.id = "n"
+    req.node.metadata.update({"junk": "x" * 70_000})
+    assert str(_refused(req)).startswith("node.metadata: ")
+
+
+def test_user_agent_of_envoy_and_of_grpc_clients() -> None:
+    envoy = base_pb2.Node(user_agent_name="envoy")
+    envoy.user_agent_build_version.version.major_number = 1
+    envoy.user_agent_build_version.version.minor_number = 40
+    envoy.user_agent_build_version.version.patch = 2
+    assert user_agent(envoy) == "envoy 1.40.2"
+    grpc_go = base_pb2.Node(user_agent_name="gRPC Go", user_agent_version="1.85.0")
+    assert user_agent(grpc_go) == "gRPC Go 1.85.0", f"grpc-go sends user_agent_version; got {user_agent(grpc_go)!r}"
+    assert user_agent(base_pb2.Node(user_agent_name="grpc-node-js", user_agent_version="1.13.4")) == "grpc-node-js 1.13.4"
+    assert user_agent(base_pb2.Node()) == ""
