@@ -3,15 +3,21 @@
 meshpilot is one agent serving many hosts. Each calling address is its own synthetic node (named
 after the address), and a service id is unique per node: service ``web`` registered from 10.0.0.7
 is registry instance ``consul:10.0.0.7:web``. Checks are registry checks owned by ``consul``;
-their definitions (TTL, HTTP, TCP, intervals) are kept here and in the store's ``meta`` table so
-the checker (``checker.py``) can keep them current after a restart. Every instance in the
+their definitions (TTL, HTTP, TCP, intervals) and what the registry does not hold of a registration
+(the name as registered, ``Meta`` and ``TaggedAddresses`` exactly as given) are kept here and in the
+store's ``meta`` table, written before the request is answered, so the checker (``checker.py``)
+keeps them current after a restart. Consul names need not be DNS labels (``my_service``,
+``api.v2``, ``MixedCase``): the registry holds ``mesh_name(name)`` and labels the service
+``consul-name: <name>``; Consul clients see the name as registered. Every instance in the
 registry, whatever its source, is visible through the Consul views; only Consul-registered ones
 can be changed through them.
 
 Blocking queries: every answer has an index that changes only when that answer does. The agent
 keeps, per query (path and parameters), the digest of the last answer and the index it got; a
 different answer gets the current global index (bumped by every registry change). A waiting query
-sleeps on a topic (one service, the catalog, or KV) and recomputes when that topic changes.
+sleeps on a topic (one service, the catalog, or KV) and recomputes when that topic changes. A
+check whose status is unchanged keeps a new output here and reaches the registry at most every
+5 minutes (Consul's ``check_update_interval``), so heartbeats with a new note wake no watcher.
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from meshpilot.consul.definitions import CheckDef, ConsulError, ServiceDef, parse_check
+from meshpilot.consul.definitions import CheckDef, ConsulError, ServiceDef, fold, mesh_name, parse_check
+from meshpilot.consul.kv import KeyValue
 from meshpilot.consul.metadata import exported_meta, instance_fields, join_service, primary_port, release_service, tags_of
 from meshpilot.model import Check, CheckStatus, Instance, Service, ValidationError, field_errors
 from meshpilot.registry import Change, RegistryError, Registry
 
-__all__ = ["Answer", "ConsulAgent", "OWNER", "VERSION"]
+__all__ = ["Answer", "CONSUL_NAME", "ConsulAgent", "OWNER", "VERSION"]
 
 log = logging.getLogger("meshpilot.consul")
 
@@ -42,12 +49,15 @@ VERSION = "1.17.0"  # the Consul version meshpilot's API subset corresponds to
 _PREFIX = "consul:"
 _META = "meta"
 _MAX_WATCH_KEYS = 20_000
+_OUTPUT_SYNC_S = 300.0  # Consul's check_update_interval
+CONSUL_NAME = "consul-name"  # service label: the Consul name when it is not the registry's name
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
     body: bytes
     index: int
+    hash: str = ""  # the content hash (X-Consul-ContentHash) of ``body``
 
 
 def _node_id(node: str) -> str:
@@ -55,8 +65,21 @@ def _node_id(node: str) -> str:
 
 
 def consul_name(svc: Service) -> str:
-    """The name Consul clients use: ``<name>`` in namespace default, else ``<name>.<namespace>``."""
+    """The name Consul clients use: the name registered through Consul, else ``<name>`` in namespace
+    default and ``<name>.<namespace>`` in others."""
+    registered = svc.labels.get(CONSUL_NAME)
+    if registered:
+        return registered
     return svc.name if svc.namespace == "default" else f"{svc.name}.{svc.namespace}"
+
+
+def _tagged(address: str, port: int, registered: dict[str, Any]) -> dict[str, Any]:
+    """A service's TaggedAddresses as Consul shows them: the registered ones, plus lan/wan for the
+    address's family where not given."""
+    family = "ipv6" if ":" in address else "ipv4"
+    out = {f"lan_{family}": {"Address": address, "Port": port}, f"wan_{family}": {"Address": address, "Port": port}}
+    out.update(registered)
+    return out
 
 
 def _key_for(name: str) -> str:
@@ -76,35 +99,36 @@ class ConsulAgent:
         self.checks: dict[str, dict[str, CheckDef]] = {}  # instance id -> check id -> definition
         self._by_check: dict[tuple[str, str], str] = {}  # (node, check id) -> instance id
         self._node_of_checks: dict[str, str] = {}  # instance id -> node its checks are indexed under
-        self._unsaved: set[str] = set()  # instances whose check definitions are not yet stored
+        self._unsaved: set[str] = set()  # deleted instances whose stored definitions are still to delete
+        self.records: dict[str, dict[str, Any]] = {}  # instance id -> {name, meta, tagged} as registered
+        self._output: dict[tuple[str, str], str] = {}  # newest output of a check, not yet in the registry
+        self._synced: dict[tuple[str, str], float] = {}  # when a check's output last went to the registry
         self.ttl_deadline: dict[tuple[str, str], float] = {}
         self.critical_since: dict[tuple[str, str], float] = {}
         self._maintenance_reason: dict[str, str] = {}
         self._topics: dict[str, asyncio.Event] = {}
         self._answers: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # query -> (digest, index)
         self._memo: dict[str, tuple[int, Answer]] = {}
-        self.kv: dict[str, dict[str, Any]] = {}
+        self.kv = KeyValue(registry, lambda: self.index)
+        self.index = max(self.index, self.kv.max_index)
         self._load()
         registry.subscribe(self._on_change)
 
     # ---- loading and events -------------------------------------------------------------------
 
     def _load(self) -> None:
-        for key, value in self.reg.documents("kv"):
-            if isinstance(value, dict) and "mi" in value:
-                self.kv[key] = value
-                self.index = max(self.index, int(value["mi"]))
         now = time.monotonic()
         for key, value in self.reg.store.items(_META):
-            if not key.startswith("consul/checks/"):
+            kind, _, iid = key.removeprefix("consul/").partition("/")
+            if not key.startswith("consul/") or kind not in ("checks", "service"):
                 continue
-            iid = key[len("consul/checks/") :]
             inst = self.reg.instance(iid)
             if inst is None or inst.source != OWNER:
                 self.reg.store.write({}, ((_META, key),))
-                continue
-            defs = {d["id"]: CheckDef.from_json(d) for d in value}
-            self._set_defs(inst, defs, now)
+            elif kind == "service":
+                self.records[iid] = value
+            else:
+                self._set_defs(inst, {d["id"]: CheckDef.from_json(d) for d in value}, now)
         for inst in self.reg.instances():
             self._indexes.setdefault(inst.id, (self.index, self.index))
 
@@ -113,7 +137,7 @@ class ConsulAgent:
         if change.kind == "instance":
             if change.op == "delete":
                 self._indexes.pop(change.key, None)
-                if change.key in self.checks:
+                if change.key in self.checks or change.key in self.records:
                     self._unsaved.add(change.key)
                 self._forget(change.key)
             else:
@@ -146,7 +170,7 @@ class ConsulAgent:
         if memo is not None and memo[0] == self.index:
             return memo[1]
         body = json.dumps(compute(), separators=(",", ":")).encode()
-        digest = hashlib.blake2b(body, digest_size=16).digest()
+        digest = hashlib.blake2b(body, digest_size=8).digest()
         prev = self._answers.get(key)
         if prev is not None and prev[0] == digest:
             idx = prev[1]
@@ -157,20 +181,24 @@ class ConsulAgent:
             if len(self._answers) > _MAX_WATCH_KEYS:
                 old, _ = self._answers.popitem(last=False)
                 self._memo.pop(old, None)
-        ans = Answer(body, idx)
+        ans = Answer(body, idx, digest.hex())
         self._memo[key] = (self.index, ans)
         if len(self._memo) > _MAX_WATCH_KEYS:
             self._memo.clear()
         return ans
 
-    async def blocking(self, key: str, topic: str, compute: Callable[[], Any], index: int, wait_s: float) -> Answer:
-        """Answer now if ``index`` is 0 or differs from the answer's index; else wait for a change."""
+    async def blocking(self, key: str, topic: str, compute: Callable[[], Any], index: int, wait_s: float, content_hash: str = "") -> Answer:
+        """Answer now if neither ``index`` nor ``content_hash`` is given or the answer differs from the
+        one they name; else wait for a change."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
             ev = self.topic(topic)
             ans = self.answer(key, compute)
-            if index <= 0 or ans.index != index:
+            if content_hash:
+                if ans.hash != content_hash:
+                    return ans
+            elif index <= 0 or ans.index != index:
                 return ans
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -192,8 +220,13 @@ class ConsulAgent:
         return inst.id
 
     def register(self, sdef: ServiceDef, node: str, *, replace_checks: bool = False) -> Instance:
-        """Register (or update) a service on ``node``. Validates everything before writing."""
+        """Register (or update) a service on ``node``. Validates everything, then writes the check
+        definitions and the registration before the instance, so a crash after the answer loses neither."""
         iid = self.instance_id(node, sdef.id)
+        mesh = mesh_name(sdef.name)
+        existing = self.reg.lookup(mesh)
+        if existing is not None and consul_name(existing).lower() != sdef.name.lower():
+            raise ConsulError(400, f"Invalid service name {sdef.name!r}: its mesh name {mesh!r} is taken by service {consul_name(existing)!r}")
         labels, zone, metadata = instance_fields(sdef.meta, sdef.tags)
         old = self.reg.instance(iid)
         if old is not None and old.source != OWNER:
@@ -209,11 +242,14 @@ class ConsulAgent:
         checks = []
         for d in defs.values():
             prev = old_status.get(d.id)
+            if d.kind == "none":  # the registrant sets the status
+                checks.append(Check(id=d.id, owner=OWNER, status=CheckStatus(d.status), output=d.output[:4096]))
+                continue
             status = prev.status if prev is not None else CheckStatus(d.status)
             checks.append(Check(id=d.id, owner=OWNER, status=status, output=prev.output if prev else ""))
         try:
             inst = Instance(
-                id=iid, service=sdef.name, node=node, address=sdef.address, ports={"http": sdef.port}, zone=zone,
+                id=iid, service=mesh, node=node, address=sdef.address, ports={"http": sdef.port}, zone=zone,
                 weight=sdef.weight, labels=labels, metadata=metadata, source=OWNER, checks=checks,
             )
         except ValidationError as exc:
@@ -222,15 +258,19 @@ class ConsulAgent:
             # Consul lets a service id move to another service name: replace the old instance
             self.deregister(node, sdef.id)
             old = None
-        svc, port_name = join_service(self.reg, sdef.name, sdef.port, sdef.protocol, OWNER)
+        svc, port_name = join_service(self.reg, mesh, sdef.port, sdef.protocol, OWNER,
+                                      labels={CONSUL_NAME: sdef.name} if sdef.name != mesh else None)
         inst = inst.model_copy(update={"ports": {port_name: sdef.port}})
+        record = {"name": sdef.name, "meta": dict(sdef.meta), "tagged": dict(sdef.tagged)}
+        self._save(iid, defs, record)
         try:
             inst = self.reg.register(inst, replace=True)
         except RegistryError as exc:
+            self._save(iid, self.checks.get(iid), self.records.get(iid))
             release_service(self.reg, svc.key, OWNER)
             raise ConsulError(400, f"Invalid service: {exc}") from None
+        self.records[iid] = record
         self._set_defs(inst, defs, time.monotonic())
-        self._persist_defs(iid)
         return inst
 
     def deregister(self, node: str, service_id: str) -> Instance:
@@ -240,14 +280,15 @@ class ConsulAgent:
             raise ConsulError(404, f'Unknown service ID "{service_id}". Ensure that the service ID is passed, not the service name.')
         self.reg.deregister(iid, OWNER)
         self._forget(iid)
-        self._unsaved.add(iid)
+        self._save(iid, None, None)
         release_service(self.reg, inst.service_key, OWNER)
         return inst
 
     def _forget(self, iid: str) -> None:
+        self.records.pop(iid, None)
         for cid in self.checks.pop(iid, {}):
-            self.ttl_deadline.pop((iid, cid), None)
-            self.critical_since.pop((iid, cid), None)
+            for table in (self.ttl_deadline, self.critical_since, self._output, self._synced):
+                table.pop((iid, cid), None)
         node = self._node_of_checks.pop(iid, None)
         if node is not None:
             for k in [k for k in self._by_check if k[0] == node and self._by_check[k] == iid]:
@@ -274,24 +315,26 @@ class ConsulAgent:
             else:
                 self.critical_since.pop((inst.id, cid), None)
 
-    def _persist_defs(self, iid: str) -> None:
-        """Check definitions are written behind (``flush``), batched into one transaction."""
-        self._unsaved.add(iid)
-
-    def flush(self) -> None:
-        """Write pending check definitions to the store (called by the checker every tick)."""
-        if not self._unsaved:
-            return
+    def _save(self, iid: str, defs: dict[str, CheckDef] | None, record: dict[str, Any] | None) -> None:
+        """Write an instance's check definitions and registration record (None: delete them)."""
         puts: dict[tuple[str, str], Any] = {}
         deletes: list[tuple[str, str]] = []
-        for iid in self._unsaved:
-            defs = self.checks.get(iid)
-            if defs and self.reg.instance(iid) is not None:
-                puts[(_META, f"consul/checks/{iid}")] = [d.to_json() for d in defs.values()]
+        for key, value in ((f"consul/checks/{iid}", [d.to_json() for d in defs.values()] if defs else None),
+                           (f"consul/service/{iid}", record)):
+            if value is None:
+                deletes.append((_META, key))
             else:
-                deletes.append((_META, f"consul/checks/{iid}"))
-        self._unsaved.clear()
+                puts[(_META, key)] = value
         self.reg.store.write(puts, tuple(deletes))
+        self._unsaved.discard(iid)
+
+    def flush(self) -> None:
+        """Delete the stored definitions of instances removed by others (called by the checker every tick)."""
+        for iid in list(self._unsaved):
+            if self.reg.instance(iid) is None:
+                self._forget(iid)
+                self._save(iid, None, None)
+            self._unsaved.discard(iid)
 
     def register_check(self, raw: Any, node: str) -> None:
         d = parse_check(raw)
@@ -307,9 +350,13 @@ class ConsulAgent:
         defs = dict(self.checks.get(iid, {}))
         prev = next((c for c in inst.checks if c.id == d.id and c.owner == OWNER), None)
         defs[d.id] = d
-        inst = self.reg.set_check(iid, Check(id=d.id, owner=OWNER, status=prev.status if prev else CheckStatus(d.status)))
+        self._save(iid, defs, self.records.get(iid))
+        try:
+            inst = self.reg.set_check(iid, Check(id=d.id, owner=OWNER, status=prev.status if prev else CheckStatus(d.status)))
+        except RegistryError as exc:
+            self._save(iid, self.checks.get(iid), self.records.get(iid))
+            raise ConsulError(400, f"Invalid check: {exc}") from None
         self._set_defs(inst, defs, time.monotonic())
-        self._persist_defs(iid)
 
     def _check_target(self, node: str, check_id: str) -> tuple[str, CheckDef]:
         iid = self._by_check.get((node, check_id))
@@ -324,7 +371,7 @@ class ConsulAgent:
         del defs[check_id]
         inst = self.reg.remove_check(iid, check_id, OWNER)
         self._set_defs(inst, defs, time.monotonic())
-        self._persist_defs(iid)
+        self._save(iid, defs, self.records.get(iid))
 
     def update_check(self, node: str, check_id: str, status: str, output: str) -> None:
         """TTL check update (pass/warn/fail/update); other kinds are run by meshpilot."""
@@ -335,16 +382,68 @@ class ConsulAgent:
         self.set_status(iid, check_id, status, output)
 
     def set_status(self, iid: str, check_id: str, status: str, output: str) -> None:
+        """Set a check's status and output. A new output under an unchanged status stays here (see
+        ``output``) and goes to the registry at most every ``_OUTPUT_SYNC_S``, as Consul does."""
+        key = (iid, check_id)
+        now = time.monotonic()
+        output = output[:4096]
+        inst = self.reg.instance(iid)
+        current = next((c for c in inst.checks if c.id == check_id and c.owner == OWNER), None) if inst else None
+        if current is not None and current.status.value == status and now - self._synced.get(key, -_OUTPUT_SYNC_S) < _OUTPUT_SYNC_S:
+            if output != current.output:
+                self._output[key] = output
+            else:
+                self._output.pop(key, None)
+            return
         try:
-            check = Check(id=check_id, owner=OWNER, status=CheckStatus(status), output=output[:4096])
+            check = Check(id=check_id, owner=OWNER, status=CheckStatus(status), output=output)
             inst = self.reg.set_check(iid, check)
         except (ValueError, RegistryError) as exc:
             raise ConsulError(400, f"Invalid check update: {exc}") from None
-        key = (iid, check_id)
+        self._synced[key] = now
+        self._output.pop(key, None)
         if inst.id and status == "critical":
             self.critical_since.setdefault(key, time.monotonic())
         else:
             self.critical_since.pop(key, None)
+
+    def check_status(self, node: str, check_id: str) -> str | None:
+        """The status of a check on ``node`` (``serfHealth`` always passes), None when there is none."""
+        if check_id == "serfHealth":
+            return "passing"
+        iid = self._by_check.get((node, check_id))
+        inst = self.reg.instance(iid) if iid else None
+        check = next((c for c in inst.checks if c.id == check_id and c.owner == OWNER), None) if inst else None
+        return None if check is None else check.status.value
+
+    def output(self, iid: str, check: Check) -> str:
+        """A check's newest output (the registry's may be up to ``_OUTPUT_SYNC_S`` old)."""
+        return self._output.get((iid, check.id), check.output) if check.owner == OWNER else check.output
+
+    def catalog_register(self, node: str, sdef: ServiceDef) -> None:
+        """``/v1/catalog/register``: a service on any node, with checks whose status the caller sets."""
+        self.register(sdef, node, replace_checks=True)
+
+    def catalog_deregister(self, raw: Any) -> None:
+        """``/v1/catalog/deregister``: one service, one check, or every Consul service of a node."""
+        if not isinstance(raw, dict):
+            raise ConsulError(400, "Request decode failed: expected a JSON object")
+        d = fold(raw)
+        node = str(d.get("node") or "")
+        if not node:
+            raise ConsulError(400, "Must provide node")
+        try:
+            if d.get("serviceid"):
+                self.deregister(node, str(d["serviceid"]))
+            elif d.get("checkid"):
+                self.deregister_check(node, str(d["checkid"]))
+            else:
+                for inst in self.node_instances(node):
+                    if inst.source == OWNER:
+                        self.deregister(node, self.service_id(inst))
+        except ConsulError as exc:
+            if exc.status != 404:  # Consul answers true for what is already gone
+                raise
 
     def maintenance(self, node: str, service_id: str, enable: bool, reason: str) -> None:
         iid = self.instance_id(node, service_id)
@@ -356,62 +455,6 @@ class ConsulAgent:
         else:
             self._maintenance_reason.pop(iid, None)
         self.reg.set_maintenance(iid, enable)
-
-    # ---- KV -----------------------------------------------------------------------------------
-
-    def kv_put(self, key: str, value: bytes, flags: int, cas: int | None) -> bool:
-        old = self.kv.get(key)
-        if cas is not None:
-            if cas == 0 and old is not None:
-                return False
-            if cas > 0 and (old is None or old["mi"] != cas):
-                return False
-        idx = self.index + 1
-        entry = {
-            "v": base64.b64encode(value).decode() if value else None,
-            "f": flags,
-            "ci": old["ci"] if old else idx,
-            "mi": idx,
-        }
-        self.kv[key] = entry
-        self.reg.put_document("kv", key, entry)
-        return True
-
-    def kv_delete(self, key: str, recurse: bool, cas: int | None) -> bool:
-        if recurse:
-            keys = [k for k in self.kv if k.startswith(key)]
-        else:
-            old = self.kv.get(key)
-            if cas is not None and (old is None or old["mi"] != cas):
-                return False
-            keys = [key] if old is not None else []
-        for k in keys:
-            del self.kv[k]
-            self.reg.delete_document("kv", k)
-        return True
-
-    def kv_entries(self, key: str, recurse: bool) -> list[dict[str, Any]]:
-        if recurse:
-            keys = sorted(k for k in self.kv if k.startswith(key))
-        else:
-            keys = [key] if key in self.kv else []
-        return [
-            {"LockIndex": 0, "Key": k, "Flags": self.kv[k]["f"], "Value": self.kv[k]["v"],
-             "CreateIndex": self.kv[k]["ci"], "ModifyIndex": self.kv[k]["mi"]}
-            for k in keys
-        ]
-
-    def kv_keys(self, prefix: str, separator: str) -> list[str]:
-        out: set[str] = set()
-        for k in self.kv:
-            if not k.startswith(prefix):
-                continue
-            if separator:
-                cut = k.find(separator, len(prefix))
-                if cut >= 0:
-                    k = k[: cut + len(separator)]
-            out.add(k)
-        return sorted(out)
 
     # ---- views --------------------------------------------------------------------------------
 
@@ -425,21 +468,31 @@ class ConsulAgent:
             "Meta": {"consul-network-segment": ""}, "CreateIndex": 1, "ModifyIndex": 1,
         }
 
+    def _name(self, inst: Instance, svc: Service | None) -> str:
+        rec = self.records.get(inst.id)
+        if rec is not None:
+            return str(rec["name"])
+        return consul_name(svc) if svc else inst.service
+
     def service_json(self, inst: Instance, svc: Service | None) -> dict[str, Any]:
+        """A service instance as Consul shows it; a Consul registration shows Meta and TaggedAddresses
+        exactly as given (the registry's protocol, labels and zone are not added to them)."""
         _name, port, _protocol = primary_port(svc, inst)
         create, modify = self._indexes.get(inst.id, (1, 1))
+        rec = self.records.get(inst.id)
         return {
-            "ID": self.service_id(inst), "Service": consul_name(svc) if svc else inst.service, "Tags": tags_of(inst),
-            "Address": inst.address, "Meta": exported_meta(svc, inst), "Port": port,
+            "ID": self.service_id(inst), "Service": self._name(inst, svc), "Tags": tags_of(inst),
+            "Address": inst.address, "Meta": dict(rec["meta"]) if rec is not None else exported_meta(svc, inst), "Port": port,
             "Weights": {"Passing": inst.weight, "Warning": 1}, "EnableTagOverride": False,
-            "TaggedAddresses": {"lan_ipv4": {"Address": inst.address, "Port": port}},
+            "TaggedAddresses": _tagged(inst.address, port, rec["tagged"] if rec is not None else {}),
             "Datacenter": self.datacenter, "CreateIndex": create, "ModifyIndex": modify,
         }
 
-    def checks_json(self, inst: Instance, svc: Service | None, with_node: bool = True) -> list[dict[str, Any]]:
+    def checks_json(self, inst: Instance, svc: Service | None, with_node: bool = True, newest: bool = False) -> list[dict[str, Any]]:
+        """An instance's checks; ``newest``: with outputs not yet synced to the registry (the agent's view)."""
         node = self.node_of(inst)
         sid = self.service_id(inst)
-        sname = consul_name(svc) if svc else inst.service
+        sname = self._name(inst, svc)
         tags = tags_of(inst)
         create, modify = self._indexes.get(inst.id, (1, 1))
         out: list[dict[str, Any]] = []
@@ -455,7 +508,7 @@ class ConsulAgent:
             out.append({
                 "Node": node, "CheckID": c.id if c.owner == OWNER else f"{c.owner}:{c.id}",
                 "Name": d.name if d else f"meshpilot {c.owner} check", "Status": c.status.value,
-                "Notes": d.notes if d else "", "Output": c.output, "ServiceID": sid, "ServiceName": sname,
+                "Notes": d.notes if d else "", "Output": self.output(inst.id, c) if newest else c.output, "ServiceID": sid, "ServiceName": sname,
                 "ServiceTags": tags, "Type": d.kind if d else c.owner, "Definition": d.definition() if d else {},
                 "CreateIndex": create, "ModifyIndex": modify,
             })
@@ -469,6 +522,11 @@ class ConsulAgent:
         return out
 
     def lookup(self, name: str) -> Service | None:
+        """The service a Consul name means: one registered under that name (any case), else
+        ``<name>`` or ``<name>.<namespace>`` in the registry."""
+        svc = self.reg.lookup(mesh_name(name))
+        if svc is not None and consul_name(svc).lower() == name.lower():
+            return svc
         return self.reg.service(_key_for(name))
 
     def _instances(self, name: str, tags: list[str]) -> tuple[Service | None, list[Instance]]:
@@ -544,7 +602,7 @@ class ConsulAgent:
     def agent_checks(self, node: str) -> dict[str, Any]:
         out = {}
         for inst in self.node_instances(node):
-            for c in self.checks_json(inst, self.reg.service(inst.service_key), with_node=False):
+            for c in self.checks_json(inst, self.reg.service(inst.service_key), with_node=False, newest=True):
                 out[c["CheckID"]] = c
         return out
 

@@ -37,6 +37,7 @@ async def run_checks(agent: ConsulAgent) -> None:
         while True:
             now = time.monotonic()
             agent.flush()
+            agent.kv.expire(now, agent.check_status)
             _expire_ttls(agent, now)
             _deregister_critical(agent, now)
             live = set()
@@ -73,7 +74,7 @@ def _expire_ttls(agent: ConsulAgent, now: float) -> None:
         agent.ttl_deadline[(iid, cid)] = now + max(d.ttl_s, 1.0)
         if current.status.value != "critical":
             log.info("event=ttl_expired instance=%s check=%s", iid, cid)
-            _set(agent, iid, cid, "critical", f"TTL expired (last output: {current.output})"[:4096])
+            _set(agent, iid, cid, "critical", f"TTL expired (last output: {agent.output(iid, current)})"[:4096])
 
 
 def _deregister_critical(agent: ConsulAgent, now: float) -> None:

@@ -8,9 +8,10 @@ with the status code and plain-text message Consul would answer; nothing here to
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "ConsulError",
     "ServiceDef",
     "fold",
+    "mesh_name",
+    "parse_catalog_registration",
     "parse_check",
     "parse_duration",
     "parse_service",
@@ -28,6 +31,8 @@ _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, 
 _SERVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 _CHECK_ID = re.compile(r"^[^\s/?#%]{1,200}$")
+_MESH_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_SERVICE_NAME = re.compile(r"^[^/\x00-\x1f\x7f]{1,256}$")
 _PROTOCOLS = ("http", "http2", "grpc", "tcp")
 MAX_DURATION_S = 7 * 24 * 3600.0
 
@@ -79,7 +84,10 @@ def fold(data: Any) -> Any:
         out: dict[str, Any] = {}
         for k, v in data.items():
             key = str(k).lower().replace("_", "").replace("-", "")
-            out[key] = v if key in ("meta", "header", "nodemeta") else fold(v)
+            if key == "taggedaddresses" and isinstance(v, dict):
+                out[key] = {str(tag): fold(addr) for tag, addr in v.items()}
+            else:
+                out[key] = v if key in ("meta", "header", "nodemeta") else fold(v)
         return out
     if isinstance(data, list):
         return [fold(x) for x in data]
@@ -92,7 +100,7 @@ class CheckDef:
 
     id: str
     name: str
-    kind: str  # ttl | http | tcp
+    kind: str  # ttl | http | tcp | none (the status is set by whoever registered it: the catalog)
     service_id: str = ""
     ttl_s: float = 0.0
     url: str = ""
@@ -145,14 +153,15 @@ class ServiceDef:
     """A service registration; ``address`` is an IP address or a host name still to resolve."""
 
     id: str
-    name: str
+    name: str  # as registered; ``mesh_name(name)`` is the registry's name for it
     address: str
-    port: int
+    port: int  # 0: registered without a port (listed, never routed to)
     tags: tuple[str, ...] = ()
     meta: dict[str, str] = field(default_factory=dict)
     weight: int = 1
     protocol: str = "http"
     checks: tuple[CheckDef, ...] = ()
+    tagged: dict[str, dict[str, Any]] = field(default_factory=dict)  # TaggedAddresses as registered
 
 
 def _str(d: dict[str, Any], key: str, what: str, default: str = "") -> str:
@@ -256,10 +265,8 @@ def parse_service(raw: Any, caller: str) -> ServiceDef:
     name = _str(d, "name", "Name").strip()
     if not name:
         raise ConsulError(400, "Missing service name")
-    if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$", name):
-        raise ConsulError(
-            400, f"Invalid service name {name!r}: meshpilot service names are DNS labels (letters, digits and '-', at most 63)"
-        )
+    if not _SERVICE_NAME.match(name):
+        raise ConsulError(400, f"Invalid service name {name!r}: at most 256 characters, without '/' or control characters")
     sid = _str(d, "id", "ID").strip() or name
     if not _SERVICE_ID.match(sid):
         raise ConsulError(400, f"Invalid service ID {sid!r}: use 1-128 letters, digits and _.:@-")
@@ -275,8 +282,8 @@ def parse_service(raw: Any, caller: str) -> ServiceDef:
     port = d.get("port", 0)
     if isinstance(port, bool) or not isinstance(port, int):
         raise ConsulError(400, f"Request decode failed: Port: expected an integer, got {port!r}")
-    if not 1 <= port <= 65535:
-        raise ConsulError(400, f"Invalid service port {port}: must be 1-65535 (meshpilot routes to a port)")
+    if not 0 <= port <= 65535:
+        raise ConsulError(400, f"Invalid service port {port}: must be 0-65535")
     tags_raw = d.get("tags") or []
     if not isinstance(tags_raw, list) or not all(isinstance(t, str) for t in tags_raw):
         raise ConsulError(400, "Request decode failed: Tags: expected a list of strings")
@@ -305,7 +312,7 @@ def parse_service(raw: Any, caller: str) -> ServiceDef:
     if weights is not None:
         if not isinstance(weights, dict):
             raise ConsulError(400, "Request decode failed: Weights: expected an object")
-        passing = weights.get("passing", 1)
+        passing = weights.get("passing") or 1  # 0 (a client's zero value) means the default, as in Consul
         if isinstance(passing, bool) or not isinstance(passing, int) or not 1 <= passing <= 10_000:
             raise ConsulError(400, f"Invalid weights: Passing must be 1-10000, got {passing!r}")
         weight = passing
@@ -326,5 +333,82 @@ def parse_service(raw: Any, caller: str) -> ServiceDef:
     ids = [c.id for c in checks]
     if len(set(ids)) != len(ids):
         raise ConsulError(400, "Invalid check: CheckIDs must be unique within a service")
-    return ServiceDef(id=sid, name=name.lower(), address=address, port=port, tags=tags, meta=meta, weight=weight,
-                      protocol=protocol, checks=checks)
+    return ServiceDef(id=sid, name=name, address=address, port=port, tags=tags, meta=meta, weight=weight,
+                      protocol=protocol, checks=checks, tagged=_tagged_addresses(d.get("taggedaddresses")))
+
+
+def parse_catalog_registration(raw: Any) -> tuple[str, ServiceDef]:
+    """A ``/v1/catalog/register`` body: (node, the service with its checks, statuses as given)."""
+    if not isinstance(raw, dict):
+        raise ConsulError(400, "Request decode failed: expected a JSON object")
+    d = fold(raw)
+    node = _str(d, "node", "Node").strip()
+    if not node:
+        raise ConsulError(400, "Must provide node")
+    address = _str(d, "address", "Address").strip()
+    if not address:
+        raise ConsulError(400, "Must provide address")
+    svc = d.get("service")
+    if not isinstance(svc, dict) or not svc:
+        raise ConsulError(400, "Invalid catalog registration: meshpilot registers services, not bare nodes; set Service")
+    body = {k: v for k, v in svc.items() if k not in ("check", "checks", "service")}
+    body["name"] = svc.get("service") or svc.get("name")
+    sdef = parse_service(body, address)
+    raw_checks = [*([d["check"]] if d.get("check") else []), *(d.get("checks") or [])]
+    checks = []
+    for c in raw_checks:
+        if not isinstance(c, dict):
+            raise ConsulError(400, "Request decode failed: Check: expected an object")
+        sid = _str(c, "serviceid", "ServiceID") or sdef.id
+        if sid != sdef.id:
+            raise ConsulError(400, f"Invalid check: ServiceID {sid!r} is not the registered service {sdef.id!r}; node checks are not supported")
+        cid = _str(c, "checkid", "CheckID") or _str(c, "name", "Name")
+        if not cid or not _CHECK_ID.match(cid):
+            raise ConsulError(400, f"Invalid check: CheckID {cid!r} must be 1-200 characters without spaces, '/', '?', '#' or '%'")
+        status = _str(c, "status", "Status", "critical").lower() or "critical"
+        if status not in ("passing", "warning", "critical"):
+            raise ConsulError(400, f"Invalid check: Status must be passing, warning or critical, got {status!r}")
+        checks.append(CheckDef(id=cid, name=(_str(c, "name", "Name") or cid)[:256], kind="none", service_id=sid, status=status,
+                               notes=_str(c, "notes", "Notes")[:1024], output=_str(c, "output", "Output")[:4096]))
+    if len({c.id for c in checks}) != len(checks):
+        raise ConsulError(400, "Invalid check: CheckIDs must be unique within a service")
+    return node, replace(sdef, checks=tuple(checks))
+
+
+def _tagged_addresses(raw: Any) -> dict[str, dict[str, Any]]:
+    """Service ``TaggedAddresses``: tag -> {Address, Port}, kept as registered."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConsulError(400, "Request decode failed: TaggedAddresses: expected an object of {Address, Port}")
+    out: dict[str, dict[str, Any]] = {}
+    for tag, addr in raw.items():
+        if not isinstance(addr, dict):
+            raise ConsulError(400, f"Request decode failed: TaggedAddresses[{tag!r}]: expected {{Address, Port}}")
+        address = _str(addr, "address", f"TaggedAddresses[{tag!r}].Address")
+        port = addr.get("port", 0)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConsulError(400, f"Invalid TaggedAddresses[{tag!r}].Port {port!r}: must be 0-65535")
+        if not tag or len(tag) > 128 or len(address) > 256:
+            raise ConsulError(400, f"Invalid TaggedAddresses[{tag!r}]: tags of 1-128 and addresses of at most 256 characters")
+        out[tag] = {"Address": address, "Port": port}
+    if len(out) > 16:
+        raise ConsulError(400, "Invalid TaggedAddresses: at most 16 entries")
+    return out
+
+
+def mesh_name(name: str) -> str:
+    """The registry's (DNS-label) name for a Consul service name.
+
+    Consul accepts names that are not DNS labels (``my_service``, ``api.v2``, ``MixedCase``); the mesh
+    needs one for Envoy and meshdns. Case is folded, any run of other characters becomes ``-``, and
+    a name still too long (or left empty) is cut and given a hash of the original to stay unique.
+    """
+    low = name.lower()
+    if _MESH_NAME.match(low):
+        return low
+    base = re.sub(r"[^a-z0-9]+", "-", low).strip("-")
+    if base and len(base) <= 63:
+        return base
+    digest = hashlib.sha256(low.encode()).hexdigest()[:8]
+    return f"{base[:54].strip('-')}-{digest}" if base else f"svc-{digest}"

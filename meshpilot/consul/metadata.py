@@ -36,13 +36,16 @@ CREATED_BY = "created-by"
 _PROTOCOLS = ("http", "http2", "grpc", "tcp")
 
 
-def join_service(reg: Registry, name: str, port: int, protocol: str, creator: str) -> tuple[Service, str]:
-    """The service ``name`` (created if missing) and the name of the port an instance joins."""
+def join_service(reg: Registry, name: str, port: int, protocol: str, creator: str, labels: dict[str, str] | None = None) -> tuple[Service, str]:
+    """The service ``name`` (created if missing, with ``labels``) and the name of the port an instance joins.
+
+    A service created by an instance without a port (``0``) gets port 80 for callers of its name."""
     svc = reg.lookup(name)
     if svc is None:
         proto = protocol if protocol in _PROTOCOLS else "http"
         svc = reg.put_service(
-            Service(name=name, ports=[ServicePort(name=proto, port=port, protocol=proto)], labels={CREATED_BY: creator})  # type: ignore[arg-type]
+            Service(name=name, ports=[ServicePort(name=proto, port=port or 80, protocol=proto)],  # type: ignore[arg-type]
+                    labels={**(labels or {}), CREATED_BY: creator})
         )
     match = next((p for p in svc.ports if p.protocol == protocol), None)
     return svc, (match or portless_port(svc)).name

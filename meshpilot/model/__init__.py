@@ -12,7 +12,7 @@ import re
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 __all__ = [
     "ApiOperation",
@@ -164,20 +164,28 @@ class Check(_Frozen):
 Source = Literal["mesh", "consul", "eureka", "api"]
 
 
+def _port_number(value: int, info: ValidationInfo) -> int:
+    # Consul accepts services without a port; such an instance is listed but never routed to
+    if value == 0 and info.data.get("source") != "consul":
+        raise ValueError("Input should be greater than or equal to 1")
+    return value
+
+
 class Instance(_Frozen):
     id: str = Field(description="instance id, unique in the registry")
     service: str
     namespace: str = "default"
     node: str = Field(default="", max_length=253)
     address: str = Field(description="IPv4 or IPv6 address")
-    ports: dict[str, Annotated[int, Field(ge=1, le=65535)]] = Field(
-        description="port per named service port", min_length=1
+    source: Source = "api"  # before ports: a port 0 is valid only from the Consul API
+    ports: dict[str, Annotated[int, Field(ge=0, le=65535), AfterValidator(_port_number)]] = Field(
+        description="port per named service port (0, from the Consul API only: registered without a port, never routed to)",
+        min_length=1,
     )
     zone: str = Field(default="", max_length=128)
     weight: int = Field(default=100, ge=1, le=10_000)
     labels: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, str] = Field(default_factory=dict)
-    source: Source = "api"
     checks: list[Check] = Field(default_factory=list, max_length=64)
     maintenance: bool = False
     ever_passed: bool = Field(default=False, description="set once the instance has been healthy")
@@ -236,8 +244,8 @@ class Instance(_Frozen):
 
     @property
     def routable(self) -> bool:
-        """Whether the instance belongs in EDS: healthy once, and not critical now."""
-        return self.ever_passed and self.health is not CheckStatus.critical
+        """Whether the instance belongs in EDS: healthy once, not critical now, and with a port."""
+        return self.ever_passed and self.health is not CheckStatus.critical and all(self.ports.values())
 
 
 def service_key(name: str, namespace: str = "default") -> str:

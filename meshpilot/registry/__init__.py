@@ -258,6 +258,16 @@ class Registry:
         self.store.write({}, ((table, key),))
         self._emit(Change("policy" if table == "policies" else "kv", key, service, "delete"))
 
+    def write_documents(self, table: Literal["policies", "kv"], puts: dict[str, Any], deletes: Iterable[str] = ()) -> None:
+        """Put and delete several documents of one table in one atomic write (a transaction)."""
+        gone = tuple(deletes)
+        self.store.write({(table, k): v for k, v in puts.items()}, tuple((table, k) for k in gone))
+        kind: Literal["policy", "kv"] = "policy" if table == "policies" else "kv"
+        for k in puts:
+            self._emit(Change(kind, k, "", "put"))
+        for k in gone:
+            self._emit(Change(kind, k, "", "delete"))
+
     def documents(self, table: Literal["policies", "kv"]) -> Iterable[tuple[str, Any]]:
         return self.store.items(table)
 

@@ -53,7 +53,7 @@ def test_register_heartbeat_discover_deregister(c: consul.Consul, cp: ControlPla
     _idx, nodes = c.health.service("orders", passing=True)
     assert [n["Service"]["ID"] for n in nodes] == ["orders-1"], f"expected orders-1 passing, got {nodes}"
     svc = nodes[0]["Service"]
-    assert svc["Meta"]["version"] == "1.4.2" and svc["Meta"]["zone"] == "z1" and svc["Meta"]["protocol"] == "grpc", svc["Meta"]
+    assert svc["Meta"] == {"version": "1.4.2", "zone": "z1"}, f"expected Meta exactly as registered, got {svc['Meta']}"
     assert svc["Tags"] == ["v1", "grpc"], f"expected tags back as registered, got {svc['Tags']}"
     # one metadata model: the registry holds it as labels, zone and port protocol
     status, inst = cp.call("GET", "/v1/instances/consul:127.0.0.1:orders-1")
@@ -172,8 +172,8 @@ def test_mesh_instance_going_unhealthy_leaves_passing(c: consul.Consul, cp: Cont
         ({"Name": "bad", "Port": 80, "Check": {"HTTP": "http://127.0.0.1:1/"}}, 400, "Interval must be > 0"),
         ({"Name": "bad", "Port": 80, "Check": {"TTL": "ten seconds"}}, 400, "invalid duration"),
         ({"Name": "bad", "Port": 80, "Check": {"Args": ["/bin/true"], "Interval": "1s"}}, 400, "not supported"),
-        ({"Name": "bad_name", "Port": 80}, 400, "Invalid service name"),
-        ({"Name": "bad", "Port": 0}, 400, "Invalid service port"),
+        ({"Name": "bad/name", "Port": 80}, 400, "Invalid service name"),
+        ({"Name": "bad", "Port": 70000}, 400, "Invalid service port"),
         ("not an object", 400, "Request decode failed"),
     ],
 )
@@ -230,3 +230,25 @@ def test_token_is_required_when_configured() -> None:
         assert "tok" in ok.catalog.services()[1]
         assert http("GET", f"http://127.0.0.1:{port}/v1/status/leader")[0] == 200, "expected status endpoints open"
 
+
+
+def test_check_definitions_survive_a_kill_right_after_the_answer() -> None:
+    """A registration is durable when its 200 arrives: a SIGKILL just after it keeps the TTL checks."""
+    with control_plane(tmpdir("meshpilot-consul-kill-"), extra=["--consul-port", "0"]) as proc:
+        c = consul.Consul(host="127.0.0.1", port=proc.ports["consul"])
+        ids = [f"killed-{n}" for n in range(5)]
+        for sid in ids:
+            assert c.agent.service.register("killed", service_id=sid, address="127.0.0.1", port=9200, check=consul.Check.ttl("30s"))
+        assert proc.proc is not None
+        proc.proc.kill()
+        proc.proc.wait()
+        proc.start()
+        port = proc.ports["consul"]
+        checks = consul.Consul(host="127.0.0.1", port=port).agent.checks()
+        for sid in ids:
+            got = checks.get(f"service:{sid}", {})
+            assert got.get("Type") == "ttl" and got.get("Definition", {}).get("TTL") == "30s", (
+                f"expected the TTL check of {sid} to survive the kill, got {got or 'nothing'}"
+            )
+            status, text, _ = http("PUT", f"http://127.0.0.1:{port}/v1/agent/check/pass/service:{sid}")
+            assert status == 200, f"expected a heartbeat for {sid} to be accepted after the restart, got {status} {text!r}"
