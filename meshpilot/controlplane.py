@@ -8,6 +8,12 @@ tells the subscribed streams. Other parts of the product plug in through ``add_*
 gRPC services (HDS), extra HTTP apps (Consul, Eureka), extra shared resources (policies), extra
 per-node HTTP filters (the WASM governance filters) and routing overlays (routing policies: subsets,
 weights and per-route overrides, applied when services' clusters, endpoints and routes are built).
+
+Make before break: an overlay that brings new subsets is published in two steps. First its subset
+clusters and endpoints go out with the routes that were in force (proxyless clients also get an
+unreachable route naming every cluster, so they build a balancer for each); ``subset_warmup_s``
+later its own routes follow. A gRPC client that got a route to a cluster it was not already
+balancing would fail calls in the moment between its new routes and its new balancers.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from meshpilot import metrics
 from meshpilot.model import Service, ServicePort
 from meshpilot.registry import Change, Registry
-from meshpilot.registry.store import open_store
+from meshpilot.registry.store import Store, open_store
 from meshpilot.settings import Settings
 from meshpilot.translate.clusters import build_cluster, build_inbound_cluster, subset_cluster_name
 from meshpilot.translate.dns import build_dns_service, dns_resource_name
@@ -60,12 +66,15 @@ class _Dirty:
     services: set[str] = field(default_factory=set)
     endpoints: set[str] = field(default_factory=set)
     other: set[str] = field(default_factory=set)
+    rerouted: set[str] = field(default_factory=set)  # services whose staged overlay is due in full
 
     def __bool__(self) -> bool:
-        return bool(self.services or self.endpoints or self.other)
+        return bool(self.services or self.endpoints or self.other or self.rerouted)
 
 
 class ControlPlane:
+    subset_warmup_s = 0.5  # new subsets go out this long before the routes that use them
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         if settings.store.startswith("etcd://"):
@@ -84,6 +93,8 @@ class ControlPlane:
         self._node_filters: list[NodeFilters] = []
         self._shared_builders: list[Callable[[set[str]], None]] = []
         self._routing_sources: list[RoutingSource] = []
+        self._routing_in_full: dict[str, ServiceRouting] = {}  # service key -> overlay published whole
+        self._staged: dict[str, tuple[ServiceRouting, asyncio.TimerHandle]] = {}  # new subsets, old routes
         self._service_overrides: list[Callable[[Service], Service]] = []
         self._optional_filters: dict[str, Callable[[], frozenset[str]]] = {}
         self._optional_inbound: dict[str, Callable[[NodeInfo], bool]] = {}
@@ -154,6 +165,11 @@ class ControlPlane:
         self._node_watchers.append(hook)
 
     def service_routing(self, key: str) -> ServiceRouting | None:
+        """The overlay to build the service with: a staged one while its new subsets warm up."""
+        staged = self._staged.get(key)
+        return staged[0] if staged is not None else self._source_routing(key)
+
+    def _source_routing(self, key: str) -> ServiceRouting | None:
         for source in self._routing_sources:
             found = source.routing(key)
             if found is not None:
@@ -224,7 +240,9 @@ class ControlPlane:
         rerouted: set[str] = set()  # services whose routing overlay changed
         for source in self._routing_sources:
             rerouted |= source.affected(dirty.other)
-        rerouted = {k for k in rerouted if reg.service(k) is not None}
+        rerouted = {k for k in rerouted | dirty.rerouted if reg.service(k) is not None}
+        for key in rerouted:
+            self._stage(key)
         for key in sorted(dirty.services | rerouted):
             svc = reg.service(key)
             old = self._published.get(key, set())
@@ -265,6 +283,38 @@ class ControlPlane:
             for builder in self._shared_builders:
                 builder(changed)
 
+    def _stage(self, key: str) -> None:
+        """Publish an overlay whole, or, when it brings new subsets, first with them and the routes
+        in force before (see the module docstring)."""
+        new = self._source_routing(key)
+        old = self._routing_in_full.get(key)
+        known = {s.name for s in old.subsets} if old is not None else set()
+        fresh = [s for s in new.subsets if s.name not in known] if new is not None else []
+        pending = self._staged.pop(key, None)
+        if pending is not None:
+            pending[1].cancel()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # a rebuild outside the served loop (tests, tools): nobody to warm up
+            loop = None
+        if not fresh or self.subset_warmup_s <= 0 or loop is None:
+            if new is None:
+                self._routing_in_full.pop(key, None)
+            else:
+                self._routing_in_full[key] = new
+            return
+        assert new is not None
+        rules = old.rules if old is not None and old.ports == new.ports else ()
+        staged = ServiceRouting(subsets=(*(old.subsets if old else ()), *fresh), rules=rules, ports=new.ports, source=new.source)
+        timer = loop.call_later(self.subset_warmup_s, self._warmed_up, key, new)
+        self._staged[key] = (staged, timer)
+
+    def _warmed_up(self, key: str, routing: ServiceRouting) -> None:
+        self._staged.pop(key, None)
+        self._routing_in_full[key] = routing
+        self._dirty.rerouted.add(key)
+        self._kick.set()
+
     def _subsets(self, svc: Service) -> list[tuple[ServicePort, Subset, str]]:
         """(port, subset, cluster name) of every subset cluster the service's routing asks for."""
         routing = self.service_routing(svc.key)
@@ -287,6 +337,7 @@ class ControlPlane:
         self.cache.put(TYPE.ENDPOINT, assignments)
 
     def build_all(self) -> None:
+        self._routing_in_full = self._routing_map()  # nobody is connected yet: nothing to stage
         self._rebuild(_Dirty(services={s.key for s in self.registry.services()}))
         if not self.registry.services():
             self.cache.put(TYPE.ROUTE, {OUTBOUND_ROUTE: self._routes.build([], self.settings.domain, None, self._optional_map())})
@@ -367,7 +418,9 @@ class ControlPlane:
         # a flood on one HTTP port must leave descriptors for xDS and the rest of the process
         limits = HttpLimits(s.http_idle_timeout_s, connection_cap(s.http_max_connections, len(doors), raise_fd_limit()))
         for name, factory, port in doors:
-            runner, self.ports[name] = await start_front_door(factory(), s.listen_address, port, limits)
+            app = factory()
+            app.middlewares.append(_durable_answers(self.registry.store))
+            runner, self.ports[name] = await start_front_door(app, s.listen_address, port, limits)
             self._runners.append(runner)
         self.ready.set()
         log.info("event=control_plane_ready %s", " ".join(f"{k}_port={v}" for k, v in self.ports.items()))
@@ -399,6 +452,20 @@ class ControlPlane:
 
 def _has_listeners(node: NodeInfo) -> bool:
     return bool(node.outbound_port or (node.inbound_port and node.app_port))
+
+
+def _durable_answers(store: Store) -> Any:
+    """Middleware: a request is answered only once every write made before its answer is on disk
+    (a write is acknowledged only when durable; a read never shows what a crash could undo)."""
+
+    @web.middleware
+    async def durable(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        finally:
+            await store.sync()
+
+    return durable
 
 
 async def _supervise(name: str, factory: Callable[[], Any]) -> None:

@@ -2,7 +2,8 @@
 
 Front doors (management API, Consul- and Eureka-compatible APIs, HDS) write here; translate/ and
 meshdns read from here through change events. The working set lives in memory and every write goes
-through to a durable ``Store`` before it is visible, so a restart loads exactly what was acknowledged.
+to the ``Store`` before it is visible; a front door awaits ``store.sync()`` before it answers (the
+control plane does this for every HTTP request), so a restart loads everything that was acknowledged.
 Writes that fail validation or conflict raise before anything is stored.
 """
 

@@ -1,86 +1,256 @@
 """Durable key-value storage behind the registry.
 
 The registry keeps its working set in memory and writes through to a ``Store``. A store holds
-JSON documents in named tables; every write is durable when the call returns. ``SqliteStore`` is
-the embedded default (one file, WAL journal); an etcd store implements the same interface when
-several control-plane replicas share state.
+JSON documents in named tables. ``write`` applies a change at once for every reader of the store;
+``await sync()`` returns when every write made before it is on disk, and a front door awaits it
+before it answers, so nothing is acknowledged that a crash could lose. ``SqliteStore`` is the
+embedded default (one file, WAL journal, ``synchronous=FULL``): one writer thread commits, and the
+writes that arrive while a commit is on its way to disk go together into the next one (group
+commit), so the event loop never waits for the disk and many writers share each sync. An etcd
+store implements the same interface when several control-plane replicas share state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["MemoryStore", "SqliteStore", "Store", "open_store"]
+__all__ = ["MemoryStore", "SqliteStore", "Store", "StoreError", "open_store"]
+
+log = logging.getLogger("meshpilot.registry.store")
 
 TABLES = ("services", "instances", "policies", "meta", "kv")
+
+
+class StoreError(Exception):
+    """The store cannot make writes durable (closed, or a commit failed)."""
 
 
 class Store(Protocol):
     def items(self, table: str) -> Iterator[tuple[str, Any]]: ...
     def get(self, table: str, key: str) -> Any | None: ...
     def write(self, puts: Mapping[tuple[str, str], Any], deletes: tuple[tuple[str, str], ...] = ()) -> None:
-        """Apply all puts and deletes atomically."""
-    def close(self) -> None: ...
+        """Apply all puts and deletes atomically; readers see them at once, the disk after ``sync``."""
+    async def sync(self) -> None:
+        """Return when every write made before the call is on disk (raise ``StoreError`` if it cannot be)."""
+    def close(self) -> None:
+        """Commit what is pending and close."""
+
+
+_Row = tuple[str, str, str | None]  # (table, key, JSON or None for a delete)
 
 
 class SqliteStore:
+    """SQLite in WAL mode with group commit. ``commits`` counts transactions written to disk."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        if self.path == ":memory:":
+            raise ValueError("store: an in-memory SQLite database cannot be shared by reader and writer; use MemoryStore")
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a WAL commit returns only after the log is synced (NORMAL leaves it to checkpoints)
+        self._db.execute("PRAGMA synchronous=FULL")
         for t in TABLES:
             self._db.execute(f"CREATE TABLE IF NOT EXISTS {t} (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+        # readers get their own connection: WAL lets them read while the writer syncs
+        self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._read_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._batch: list[_Row] = []
+        # writes not yet committed, newest per key, so reads see them: table -> key -> (seq, JSON | None)
+        self._pending: dict[str, dict[str, tuple[int, str | None]]] = {t: {} for t in TABLES}
+        self._issued = 0  # seq of the last write
+        self._durable = 0  # seq of the last write on disk
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._failed = ""  # why commits stopped, once they have
+        self._closed = False
+        self.commits = 0
+        self._writer = threading.Thread(target=self._run, name=f"store-writer {self.path}", daemon=True)
+        self._writer.start()
+
+    # ---- reading --------------------------------------------------------------------------
 
     def items(self, table: str) -> Iterator[tuple[str, Any]]:
         _check_table(table)
-        with self._lock:
-            rows = self._db.execute(f"SELECT k, v FROM {table} ORDER BY k").fetchall()
-        for k, v in rows:
-            yield k, json.loads(v)
+        # the pending view first: a write committed after it was taken is in the SELECT below
+        with self._cond:
+            pending = {k: v for k, (_seq, v) in self._pending[table].items()}
+        with self._read_lock:
+            rows: dict[str, str | None] = dict(self._reader.execute(f"SELECT k, v FROM {table}").fetchall())
+        rows.update(pending)
+        for k in sorted(rows):
+            v = rows[k]
+            if v is not None:
+                yield k, json.loads(v)
 
     def get(self, table: str, key: str) -> Any | None:
         _check_table(table)
-        with self._lock:
-            row = self._db.execute(f"SELECT v FROM {table} WHERE k = ?", (key,)).fetchone()
+        with self._cond:
+            hit = self._pending[table].get(key)
+        if hit is not None:
+            return None if hit[1] is None else json.loads(hit[1])
+        with self._read_lock:
+            row = self._reader.execute(f"SELECT v FROM {table} WHERE k = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 
+    # ---- writing --------------------------------------------------------------------------
+
     def write(self, puts: Mapping[tuple[str, str], Any], deletes: tuple[tuple[str, str], ...] = ()) -> None:
-        encoded = [(t, k, json.dumps(v, separators=(",", ":"), sort_keys=True)) for (t, k), v in puts.items()]
-        for t, _k, _v in encoded:
+        rows: list[_Row] = [(t, k, json.dumps(v, separators=(",", ":"), sort_keys=True)) for (t, k), v in puts.items()]
+        rows += [(t, k, None) for t, k in deletes]
+        for t, _k, _v in rows:
             _check_table(t)
-        for t, _k in deletes:
-            _check_table(t)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for t, k, v in encoded:
-                    self._db.execute(f"INSERT OR REPLACE INTO {t} (k, v) VALUES (?, ?)", (k, v))
-                for t, k in deletes:
-                    self._db.execute(f"DELETE FROM {t} WHERE k = ?", (k,))
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        if not rows:
+            return
+        with self._cond:
+            if self._closed or self._failed:
+                raise StoreError(self._failed or f"store {self.path}: closed")
+            self._issued += 1
+            self._batch.extend(rows)
+            for t, k, v in rows:
+                self._pending[t][k] = (self._issued, v)
+            self._cond.notify_all()
+
+    async def sync(self) -> None:
+        with self._cond:
+            seq = self._issued
+            if self._durable >= seq:
+                return
+            if self._failed:
+                raise StoreError(self._failed)
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append((seq, fut))
+        await fut
+
+    def flush(self) -> None:
+        """``sync`` for callers outside an event loop: block until every write so far is on disk."""
+        with self._cond:
+            seq = self._issued
+            while self._durable < seq and not self._failed:
+                self._cond.wait()
+            if self._durable < seq:
+                raise StoreError(self._failed)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._writer.join()
+        self._db.close()
+        with self._read_lock:
+            self._reader.close()
+
+    # ---- the writer thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._batch and not self._closed:
+                    self._cond.wait()
+                if not self._batch:
+                    return
+                batch, self._batch, upto = self._batch, [], self._issued
+            try:
+                self._commit(batch)
+            except Exception as exc:  # the disk or the file failed: acknowledge nothing from now on
+                log.exception("event=store_commit_failed path=%s", self.path)
+                with self._cond:
+                    self._failed = f"store {self.path}: commit failed: {exc}"
+                    waiters, self._waiters = self._waiters, []
+                    self._cond.notify_all()
+                _settle(waiters, self._failed)
+                return
+            with self._cond:
+                self._durable = upto
+                self.commits += 1
+                for t, k, _v in batch:
+                    hit = self._pending[t].get(k)
+                    if hit is not None and hit[0] <= upto:
+                        del self._pending[t][k]
+                done = [w for w in self._waiters if w[0] <= upto]
+                self._waiters = [w for w in self._waiters if w[0] > upto]
+                self._cond.notify_all()
+            _settle(done, None)
+
+    def _commit(self, batch: list[_Row]) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for t, k, v in batch:
+                if v is None:
+                    db.execute(f"DELETE FROM {t} WHERE k = ?", (k,))
+                else:
+                    db.execute(f"INSERT OR REPLACE INTO {t} (k, v) VALUES (?, ?)", (k, v))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
 
-class MemoryStore(SqliteStore):
+def _settle(waiters: list[tuple[int, asyncio.Future[None]]], exc: str | None) -> None:
+    """Wake each waiter on its own loop, one call per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for _seq, fut in waiters:
+        by_loop.setdefault(fut.get_loop(), []).append(fut)
+
+    def wake(futs: list[asyncio.Future[None]]) -> None:
+        for fut in futs:
+            if fut.done():
+                continue
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(StoreError(exc))
+
+    for loop, futs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(wake, futs)
+        except RuntimeError:  # that loop is closed: nobody waits any more
+            pass
+
+
+class MemoryStore:
     """A non-durable store for tests and benchmarks."""
 
     def __init__(self) -> None:
-        super().__init__(":memory:")
+        self._tables: dict[str, dict[str, str]] = {t: {} for t in TABLES}
+
+    def items(self, table: str) -> Iterator[tuple[str, Any]]:
+        _check_table(table)
+        rows = self._tables[table]
+        for k in sorted(rows):
+            yield k, json.loads(rows[k])
+
+    def get(self, table: str, key: str) -> Any | None:
+        _check_table(table)
+        v = self._tables[table].get(key)
+        return None if v is None else json.loads(v)
+
+    def write(self, puts: Mapping[tuple[str, str], Any], deletes: tuple[tuple[str, str], ...] = ()) -> None:
+        encoded = [(t, k, json.dumps(v, separators=(",", ":"), sort_keys=True)) for (t, k), v in puts.items()]
+        for t, _k in [*((t, k) for t, k, _v in encoded), *deletes]:
+            _check_table(t)
+        for t, k, v in encoded:
+            self._tables[t][k] = v
+        for t, k in deletes:
+            self._tables[t].pop(k, None)
+
+    async def sync(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 def open_store(url: str) -> Store:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from meshpilot.model import Check, Instance, Service
 from meshpilot.registry import Change, Conflict, NotFound, Registry, RegistryError
-from meshpilot.registry.store import SqliteStore
+from meshpilot.registry.store import SqliteStore, StoreError
 
 
 def _svc(name: str = "web", **kw: object) -> Service:
@@ -80,3 +83,57 @@ def test_delete_service_removes_its_instances(tmp_path: Path) -> None:
     r.delete_service("web.default")
     assert r.instances() == [] and r.services() == []
     assert list(SqliteStore(tmp_path / "r.db").items("instances")) == []
+
+
+def test_writes_in_flight_together_share_a_commit_and_each_is_answered_once_committed(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    store = SqliteStore(db)
+    r = Registry(store)
+    r.put_service(_svc())
+    n = 200
+    unseen: list[str] = []
+
+    async def register(i: int) -> None:  # what a front door does: write, then answer once durable
+        r.register(_inst(f"w{i}"))
+        await store.sync()
+        with closing(sqlite3.connect(db)) as other:  # sees committed transactions only
+            if other.execute("SELECT 1 FROM instances WHERE k = ?", (f"w{i}",)).fetchone() is None:
+                unseen.append(f"w{i}")
+
+    async def main() -> None:
+        await asyncio.gather(*(register(i) for i in range(n)))
+
+    before = store.commits
+    asyncio.run(main())
+    commits = store.commits - before
+    assert not unseen, f"expected each write to be committed when sync() returned; not committed: {unseen[:5]}"
+    assert 0 < commits < n, f"expected {n} concurrent writes to share commits, got {commits} commits"
+    store.close()
+    assert len(list(SqliteStore(db).items("instances"))) == n
+
+
+def test_reads_see_writes_before_they_are_committed(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "r.db")
+    store.write({("kv", "a"): {"n": 1}, ("kv", "b"): 2})
+    store.write({("kv", "c"): 3}, (("kv", "b"),))
+    assert store.get("kv", "a") == {"n": 1} and store.get("kv", "b") is None
+    assert list(store.items("kv")) == [("a", {"n": 1}), ("c", 3)]
+    store.flush()
+    assert list(store.items("kv")) == [("a", {"n": 1}), ("c", 3)]
+    store.close()
+
+
+def test_a_write_that_cannot_be_committed_is_never_acknowledged(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    store = SqliteStore(db)
+    store.write({("kv", "a"): 1})
+    asyncio.run(store.sync())
+    with closing(sqlite3.connect(db)) as other:
+        other.execute("DROP TABLE kv")  # the next commit fails inside SQLite
+    store.write({("kv", "b"): 2})
+    with pytest.raises(StoreError) as exc:
+        asyncio.run(store.sync())
+    assert "no such table" in str(exc.value), f"expected the commit's own error, got {exc.value}"
+    with pytest.raises(StoreError):
+        store.write({("kv", "c"): 3})
+    store.close()
