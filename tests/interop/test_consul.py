@@ -235,20 +235,22 @@ def test_token_is_required_when_configured() -> None:
 def test_check_definitions_survive_a_kill_right_after_the_answer() -> None:
     """A registration is durable when its 200 arrives: a SIGKILL just after it keeps the TTL checks."""
     with control_plane(tmpdir("meshpilot-consul-kill-"), extra=["--consul-port", "0"]) as proc:
-        c = consul.Consul(host="127.0.0.1", port=proc.ports["consul"])
-        ids = [f"killed-{n}" for n in range(5)]
-        for sid in ids:
-            assert c.agent.service.register("killed", service_id=sid, address="127.0.0.1", port=9200, check=consul.Check.ttl("30s"))
-        assert proc.proc is not None
-        proc.proc.kill()
-        proc.proc.wait()
-        proc.start()
-        port = proc.ports["consul"]
-        checks = consul.Consul(host="127.0.0.1", port=port).agent.checks()
-        for sid in ids:
-            got = checks.get(f"service:{sid}", {})
-            assert got.get("Type") == "ttl" and got.get("Definition", {}).get("TTL") == "30s", (
-                f"expected the TTL check of {sid} to survive the kill, got {got or 'nothing'}"
-            )
-            status, text, _ = http("PUT", f"http://127.0.0.1:{port}/v1/agent/check/pass/service:{sid}")
-            assert status == 200, f"expected a heartbeat for {sid} to be accepted after the restart, got {status} {text!r}"
+        ids: list[str] = []
+        for round_ in range(3):
+            c = consul.Consul(host="127.0.0.1", port=proc.ports["consul"])
+            for n in range(5):
+                ids.append(f"killed-{round_}-{n}")
+                assert c.agent.service.register("killed", service_id=ids[-1], address="127.0.0.1", port=9200, check=consul.Check.ttl("30s"))
+            assert proc.proc is not None
+            proc.proc.kill()
+            proc.proc.wait()
+            proc.start()
+            port = proc.ports["consul"]
+            checks = consul.Consul(host="127.0.0.1", port=port).agent.checks()
+            for sid in ids:
+                got = checks.get(f"service:{sid}", {})
+                assert got.get("Type") == "ttl" and got.get("Definition", {}).get("TTL") == "30s", (
+                    f"expected the TTL check of {sid} to survive the kill in round {round_}, got {got or 'nothing'}"
+                )
+                status, text, _ = http("PUT", f"http://127.0.0.1:{port}/v1/agent/check/pass/service:{sid}")
+                assert status == 200, f"expected a heartbeat for {sid} to be accepted after the restart, got {status} {text!r}"
