@@ -295,9 +295,9 @@ class ControlPlane:
             pending[1].cancel()
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # a rebuild outside the served loop (tests, tools): nobody to warm up
+        except RuntimeError:  # a rebuild outside the served loop (tests, tools)
             loop = None
-        if not fresh or self.subset_warmup_s <= 0 or loop is None:
+        if not fresh or self.subset_warmup_s <= 0 or loop is None or not self.nodes:  # nobody to warm up for
             if new is None:
                 self._routing_in_full.pop(key, None)
             else:

@@ -6,7 +6,11 @@ model's list, port included) there is one such Listener holding an ApiListener w
 connection manager takes its routes over RDS and ends with the router filter; the fault filter in
 front of it carries per-route fault injection (gRFC A33). Each service port has its own
 RouteConfiguration with the same routes, weights and overrides sidecars get, plus deadlines in
-``max_stream_duration`` (gRFC A31). Pure: model in, protobuf out.
+``max_stream_duration`` (gRFC A31). When a routing overlay defines subsets, a last, unreachable
+route names every cluster of the port: a gRPC client keeps a balancer for each cluster its routes
+name and picks with the new routes before its balancers have caught up, so a route that switches
+to a cluster the client was not already balancing fails calls ("unknown cluster selected for RPC",
+see docs/proxyless.md). Pure: model in, protobuf out.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from meshpilot.model import Service, ServicePort
-from meshpilot.translate.clusters import ads_source
-from meshpilot.translate.names import host_forms
+from meshpilot.translate.clusters import ads_source, subset_cluster_name
+from meshpilot.translate.names import cluster_name, host_forms
 from meshpilot.translate.routes import FAULT_FILTER, ServiceRouting, build_service_routes
 
 __all__ = ["PROTOCOLS", "build_api_listener", "build_proxyless_routes", "listener_names", "route_name"]
@@ -63,4 +67,10 @@ def build_proxyless_routes(
     cfg = route_pb2.RouteConfiguration(name=route_name(service, port))
     vh = cfg.virtual_hosts.add(name=f"{service.key}:{port.port}", domains=["*"])
     vh.routes.extend(build_service_routes(service, port, domain, routing, proxyless=True))
+    if routing is not None and routing.subsets and routing.applies_to(port):
+        keep = vh.routes.add(name="keep-clusters")  # after a catch-all: never matches
+        keep.match.prefix = "/"
+        names = [cluster_name(service, port, domain)] + [subset_cluster_name(service, port, s.name, domain) for s in routing.subsets]
+        for name in names:
+            keep.route.weighted_clusters.clusters.add(name=name).weight.value = 1
     return cfg

@@ -264,3 +264,58 @@ def test_grpcio_fault_injection_and_route_timeout(mesh: Mesh, echo_gen: Path) ->
         wait_until(lambda: log.count_since(changed_at + FOLLOW_S) >= 5 or log.proc.poll() is not None, 30, what="5 calls after the change")
         outcomes = log.since(changed_at + FOLLOW_S)[:5]
         assert outcomes == ["error:DEADLINE_EXCEEDED"] * 5, f"expected a 1 s injected delay to hit the 200 ms route timeout on every call, got {outcomes}"
+
+
+# ---- make before break: policy create / update / delete under load --------------------------------
+
+GO_CLIENT_DIR = HERE / "goclient"
+POLICY_CYCLES = 5
+PHASE_S = 1.0
+
+
+@pytest.fixture(scope="session")
+def go_client() -> Path:
+    """The grpc-go client (tests/interop/proxyless/goclient) built into var/go-xds, once per session;
+    modules come from the Go module proxy."""
+    go = shutil.which("go") or next((p for p in ("/usr/local/go/bin/go",) if Path(p).exists()), None)
+    if go is None:
+        pytest.skip("Go is not installed on this machine (no `go` on PATH or at /usr/local/go/bin/go)")
+    out = ROOT / "var" / "go-xds" / "goclient"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([go, "build", "-o", str(out), "."], cwd=GO_CLIENT_DIR, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"expected the grpc-go client to build (exit 0), got exit {proc.returncode}: {proc.stderr[-2000:]}"
+    return out
+
+
+def _cycle_policies(mesh: Mesh, log: CallLog, name: str) -> None:
+    """Create a split, move it, delete it, POLICY_CYCLES times, while the client calls steadily;
+    every call must succeed, and the split must be followed."""
+    first = wait_until(lambda: next((ts for ts, o in list(log.calls) if not o.startswith("error")), None), 30, what=f"{name}: a first successful call")
+    phases: list[tuple[float, str]] = []
+    for _ in range(POLICY_CYCLES):
+        for phase, action in (
+            ("create", lambda: mesh.split(100, 0)),
+            ("update", lambda: mesh.split(0, 100)),
+            ("delete", lambda: mesh.call("DELETE", "/v1/policies/RoutingPolicy/default/echo-split")),
+        ):
+            started = time.time()
+            phases.append((started, phase))
+            action()
+            wait_until(lambda: log.count_since(started + PHASE_S) > 0 or log.proc.poll() is not None, 30, what=f"{name}: calls after {phase}")
+            if phase == "update":  # the split is followed: calls near the end of the phase go to v2
+                tail = [o for ts, o in list(log.calls) if started <= ts < started + PHASE_S][-20:]
+                assert tail and set(tail) == {"v2"}, f"{name}: expected calls 1 s after the 0/100 update to reach v2 only, got {Counter(tail)}"
+    end = time.time() + 5.0  # a call stuck behind a broken channel fails at its 5 s deadline
+    wait_until(lambda: log.count_since(end) > 0 or log.proc.poll() is not None, 30, what=f"{name}: calls after the last phase")
+    failed: Counter[str] = Counter()
+    for ts, outcome in list(log.calls):
+        if first <= ts < end and outcome.startswith("error"):
+            failed[f"{max((p for p in phases if p[0] <= ts), default=(0.0, 'before'))[1]}: {outcome}"] += 1
+    calls = len([1 for ts, _ in list(log.calls) if first <= ts < end])
+    errors = (mesh.workdir / f"{name}.stderr").read_text()[-1500:]
+    assert not failed, f"{name}: expected 0 failed calls across {POLICY_CYCLES} policy create/update/delete cycles ({calls} calls), got {dict(failed)}; client stderr: {errors}"
+
+
+def test_grpc_go_policy_create_update_delete_without_failed_calls(mesh: Mesh, go_client: Path) -> None:
+    with client([str(go_client), f"echo:{SERVICE_PORT}", "120"], mesh.bootstrap("grpc-go-client"), mesh.workdir, "grpc-go") as log:
+        _cycle_policies(mesh, log, "grpc-go")
