@@ -23,7 +23,6 @@ check whose status is unchanged keeps a new output here and reaches the registry
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import logging
@@ -509,7 +508,7 @@ class ConsulAgent:
                 "Node": node, "CheckID": c.id if c.owner == OWNER else f"{c.owner}:{c.id}",
                 "Name": d.name if d else f"meshpilot {c.owner} check", "Status": c.status.value,
                 "Notes": d.notes if d else "", "Output": self.output(inst.id, c) if newest else c.output, "ServiceID": sid, "ServiceName": sname,
-                "ServiceTags": tags, "Type": d.kind if d else c.owner, "Definition": d.definition() if d else {},
+                "ServiceTags": tags, "Type": (d.kind if d.kind != "none" else "") if d else c.owner, "Definition": d.definition() if d else {},
                 "CreateIndex": create, "ModifyIndex": modify,
             })
         if inst.maintenance:

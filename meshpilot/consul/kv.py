@@ -34,7 +34,7 @@ _SESSIONS = "consul/sessions/"
 _VERBS = ("set", "cas", "lock", "unlock", "get", "get-tree", "check-index", "check-session", "check-not-exists",
           "delete", "delete-tree", "delete-cas")
 
-CheckStatus = Callable[[str, str], "str | None"]  # (node, check id) -> status, None when unknown
+CheckLookup = Callable[[str, str], "str | None"]  # (node, check id) -> status, None when unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +107,6 @@ class KeyValue:
         if recurse:
             op = _Op("delete-tree", key)
         elif cas is not None:
-            if key not in self.entries:
-                return False
             op = _Op("delete-cas", key, index=cas)
         else:
             op = _Op("delete", key)
@@ -211,7 +209,7 @@ class KeyValue:
 
     # ---- sessions -------------------------------------------------------------------------
 
-    def create_session(self, raw: Any, node: str, check_status: CheckStatus) -> str:
+    def create_session(self, raw: Any, node: str, check_status: CheckLookup) -> str:
         d = fold(raw) if raw is not None else {}
         if not isinstance(d, dict):
             raise ConsulError(400, "Request decode failed: expected a JSON object")
@@ -289,7 +287,7 @@ class KeyValue:
     def sessions_json(self, node: str | None = None) -> list[dict[str, Any]]:
         return [s for _sid, s in sorted(self.sessions.items()) if node is None or s["Node"] == node]
 
-    def expire(self, now: float, check_status: CheckStatus) -> None:
+    def expire(self, now: float, check_status: CheckLookup) -> None:
         """Invalidate sessions whose TTL ran out or whose checks failed (called by the checker)."""
         for sid, deadline in list(self._deadline.items()):
             if deadline <= now:
