@@ -1,11 +1,14 @@
-"""Registry benchmark through the Consul-compatible API: registrations per second and blocking-query
-wakeup latency.
+"""Registry benchmark through the Consul-compatible API: registrations per second, blocking-query
+wakeup latency and disk syncs per acknowledged write.
 
 It starts its own control plane (``meshpilot serve``, SQLite store in a temporary directory unless
 ``--store`` says otherwise), then (1) registers N services (one instance each, with a TTL check)
-and deregisters them again with C requests in flight, and (2) parks W blocking
+and deregisters them again with C requests in flight, (2) parks W blocking
 ``/v1/health/service/<name>?index=`` queries on one service, changes that service, and measures how
-long each watcher takes to get its answer. Results are printed as one JSON document.
+long each watcher takes to get its answer, and (3) with ``--sync-writes S``, counts the control
+plane's fsync/fdatasync calls (strace attached to it) while S registrations are made one at a time
+and then S with C in flight: at least one sync per acknowledged write one at a time, fewer than one
+when writes share commits. Results are printed as one JSON document.
 """
 
 from __future__ import annotations
@@ -16,17 +19,20 @@ import json
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "main", "strace_attached"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="wakeup rounds to measure (default 5)")
     parser.add_argument("--store", default="", help="control-plane store (default: SQLite in a temporary directory)")
     parser.add_argument("--consul", default="", help="benchmark an already running Consul API at HOST:PORT instead")
+    parser.add_argument("--sync-writes", type=int, default=0, help="count disk syncs for this many registrations, one at a time and "
+                        "concurrently (needs strace; default 0: skip)")
     parser.add_argument("--output", default="", help="also write the JSON report here")
 
 
@@ -64,6 +72,41 @@ def _start_control_plane(work: Path, store: str) -> tuple[subprocess.Popen[bytes
     return proc, f"127.0.0.1:{ports['consul']}"
 
 
+@contextmanager
+def strace_attached(pid: int, out: Path, *options: str) -> Iterator[None]:
+    """Trace every thread of process ``pid`` with strace into ``out`` while the block runs."""
+    strace = shutil.which("strace")
+    if strace is None:
+        raise RuntimeError("strace (Debian package strace) is needed to trace the control plane")
+    tracer = subprocess.Popen([strace, "-f", *options, "-o", str(out), "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not all("TracerPid:\t0\n" not in (t / "status").read_text() for t in Path(f"/proc/{pid}/task").iterdir()):
+            if tracer.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"strace did not attach to every thread of process {pid}")
+            time.sleep(0.02)
+        yield
+    finally:
+        tracer.send_signal(signal.SIGINT)  # strace detaches; the traced process runs on
+        tracer.wait(10)
+
+
+def _syncs(summary: str) -> int:
+    """fsync + fdatasync calls in an ``strace -c`` summary."""
+    return sum(int(line.split()[3]) for line in summary.splitlines() if line.split()[-1:] in (["fsync"], ["fdatasync"]))
+
+
+async def _sync_counts(base: str, pid: int, work: Path, n: int, concurrency: int) -> dict[str, Any]:
+    counts: dict[str, Any] = {"registrations": n}
+    for label, in_flight in (("one_at_a_time", 1), (f"{concurrency}_in_flight", concurrency)):
+        out = work / f"strace-{label}.txt"
+        with strace_attached(pid, out, "-c", "-e", "trace=fsync,fdatasync"):
+            reg = await _registrations(base, n, in_flight, prefix=f"sync-{in_flight}-", deregister=False)
+        syncs = _syncs(out.read_text())
+        counts[label] = {"syncs": syncs, "syncs_per_registration": round(syncs / n, 3), "register_per_s_traced": reg["register_per_s"]}
+    return counts
+
+
 def _percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
@@ -76,7 +119,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
             "max_ms": round(s[-1] * 1000, 2), "mean_ms": round(statistics.fmean(s) * 1000, 2)}
 
 
-async def _registrations(base: str, n: int, concurrency: int) -> dict[str, Any]:
+async def _registrations(base: str, n: int, concurrency: int, prefix: str = "bench-", deregister: bool = True) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
         sem = asyncio.Semaphore(concurrency)
 
@@ -89,18 +132,20 @@ async def _registrations(base: str, n: int, concurrency: int) -> dict[str, Any]:
 
         def reg(i: int) -> Any:
             return call("PUT", "/v1/agent/service/register",
-                        {"Name": f"bench-{i}", "ID": f"bench-{i}-1", "Address": "127.0.0.1", "Port": 20000 + i % 40000,
+                        {"Name": f"{prefix}{i}", "ID": f"{prefix}{i}-1", "Address": "127.0.0.1", "Port": 20000 + i % 40000,
                          "Tags": ["bench"], "Meta": {"version": "1"}, "Check": {"TTL": "60s"}})
 
         t0 = time.perf_counter()
         await asyncio.gather(*(reg(i) for i in range(n)))
         t1 = time.perf_counter()
         async with http.get(base + "/v1/catalog/services") as resp:
-            listed = sum(1 for k in await resp.json() if k.startswith("bench-"))
+            listed = sum(1 for k in await resp.json() if k.startswith(prefix))
         if listed != n:
             raise RuntimeError(f"expected {n} registered services, the catalog lists {listed}")
+        if not deregister:
+            return {"services": n, "concurrency": concurrency, "register_per_s": round(n / (t1 - t0), 1)}
         t2 = time.perf_counter()
-        await asyncio.gather(*(call("PUT", f"/v1/agent/service/deregister/bench-{i}-1") for i in range(n)))
+        await asyncio.gather(*(call("PUT", f"/v1/agent/service/deregister/{prefix}{i}-1") for i in range(n)))
         t3 = time.perf_counter()
     return {
         "services": n, "concurrency": concurrency,
@@ -172,7 +217,12 @@ def main(args: argparse.Namespace) -> int:
         async def run() -> dict[str, Any]:
             reg = await _registrations(base, args.services, args.concurrency)
             wake = await _wakeups(base, args.watchers, args.rounds)
-            return {"registrations": reg, "blocking_query_wakeup": wake}
+            report = {"registrations": reg, "blocking_query_wakeup": wake}
+            if args.sync_writes:
+                if proc is None:
+                    raise RuntimeError("--sync-writes traces the control plane this command starts; drop --consul")
+                report["disk_syncs"] = await _sync_counts(base, proc.pid, work, args.sync_writes, args.concurrency)
+            return report
 
         report = {"target": target, "cpus": os.cpu_count(), **asyncio.run(run())}
         text = json.dumps(report, indent=2)

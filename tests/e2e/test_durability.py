@@ -4,15 +4,13 @@ store's files completing while each write request is in flight, i.e. before its 
 from __future__ import annotations
 
 import re
-import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import control_plane, wait_until
+from meshpilot.perf.registry import strace_attached
+from tests.support import control_plane
 
 pytestmark = pytest.mark.e2e
 
@@ -40,23 +38,13 @@ def _sync_ends(log: str, db: str) -> list[float]:
     return ends
 
 
-def _traced(pid: int) -> bool:
-    tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    return all("TracerPid:\t0\n" not in (t / "status").read_text() for t in tasks)
-
-
 def test_each_acknowledged_write_is_synced_before_its_answer(workdir: Path) -> None:
-    strace = shutil.which("strace")
-    assert strace, "strace (Debian package strace) is needed to see the control plane's fsync calls"
     db = str(workdir / "meshpilot.db")
     trace = workdir / "strace.log"
-    windows: list[tuple[float, float, int]] = []
+    windows: list[tuple[float, float]] = []
     with control_plane(workdir, store=f"sqlite:{db}") as cp:
         assert cp.proc is not None
-        tracer = subprocess.Popen([strace, "-f", "-y", "-ttt", "-T", "-e", "trace=fsync,fdatasync", "-o", str(trace),
-                                   "-p", str(cp.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_until(lambda: _traced(cp.proc.pid), 10, what="strace to attach to every thread of the control plane")
+        with strace_attached(cp.proc.pid, trace, "-y", "-ttt", "-T", "-e", "trace=fsync,fdatasync"):
             for n in range(WRITES):
                 if n == 0:
                     call = ("POST", "/v1/services", {"name": "web", "ports": [{"name": "http", "port": 80}]})
@@ -64,13 +52,10 @@ def test_each_acknowledged_write_is_synced_before_its_answer(workdir: Path) -> N
                     call = ("POST", "/v1/services/default/web/instances", {"id": f"w{n}", "address": "127.0.0.1", "ports": {"http": 8000 + n}})
                 t0 = time.time()
                 status, body = cp.call(*call)
-                windows.append((t0, time.time(), status))
+                windows.append((t0, time.time()))
                 assert status == 201, f"write {n}: expected 201, got {status} {body}"
-        finally:
-            tracer.send_signal(signal.SIGINT)  # strace detaches and leaves the control plane running
-            tracer.wait(10)
     ends = _sync_ends(trace.read_text(), db)
-    unsynced = [n for n, (t0, t1, _s) in enumerate(windows) if not any(t0 <= e <= t1 for e in ends)]
+    unsynced = [n for n, (t0, t1) in enumerate(windows) if not any(t0 <= e <= t1 for e in ends)]
     assert not unsynced, (
         f"expected each of the {WRITES} acknowledged writes to be synced to disk before its answer; "
         f"{len(unsynced)} were answered with no fsync/fdatasync of {db}* in flight (first: write {unsynced[0]}), "
