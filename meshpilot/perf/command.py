@@ -10,6 +10,7 @@ __all__ = ["register"]
 
 _BENCHMARKS = {
     "xds": ("meshpilot.perf.xds_push", "xDS push latency to many ADS clients"),
+    "xds-abuse": ("meshpilot.perf.xds_abuse", "streams that never read and huge xDS requests beside a real client"),
     "dns": ("meshpilot.perf.dns", "meshdns vs dnsmasq and unbound under dnsperf"),
     "route": ("meshpilot.perf.route", "request cost of the WASM filters through Envoy"),
     "registry": ("meshpilot.perf.registry", "Consul API registrations/s and blocking-query wakeups"),
