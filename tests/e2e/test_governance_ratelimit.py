@@ -25,7 +25,7 @@ import pytest
 
 from meshpilot.wasm import testbed
 from meshpilot.translate.listeners import HEALTH_HEADER
-from tests.support import control_plane, envoy, free_port, http, sidecar_bootstrap, tmpdir, wait_until
+from tests.support import control_plane, envoy, free_port, sidecar_bootstrap, through, tmpdir, wait_until
 
 pytestmark = [
     pytest.mark.e2e,
@@ -247,7 +247,7 @@ def test_health_checks_are_never_limited_under_three_times_the_rate(cluster: Clu
                 for n in nodes:
                     seen[n].append(health(cluster.cp, n))
                 if len(forged) < 20:
-                    forged.append(http("GET", f"http://127.0.0.1:{port1}/healthz", headers={"Host": "api", HEALTH_HEADER: "0" * 32})[0])
+                    forged.append(through(port1, "api", "/healthz", {HEALTH_HEADER: "0" * 32})[0])
                 time.sleep(0.05)
             results = [finish(p) for p in runs]
         accepted = sum(t - r for t, _, r in results)
