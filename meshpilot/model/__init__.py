@@ -10,9 +10,19 @@ from __future__ import annotations
 import ipaddress
 import re
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ApiOperation",
@@ -164,11 +174,12 @@ class Check(_Frozen):
 Source = Literal["mesh", "consul", "eureka", "api"]
 
 
-def _port_number(value: int, info: ValidationInfo) -> int:
-    # Consul accepts services without a port; such an instance is listed but never routed to
-    if value == 0 and info.data.get("source") != "consul":
-        raise ValueError("Input should be greater than or equal to 1")
-    return value
+def _port_number(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+    # Consul accepts services without a port (0); such an instance is listed but never routed to.
+    # Every other source, and the schema the management API publishes, keep 1-65535.
+    if type(value) is int and value == 0 and info.data.get("source") == "consul":
+        return 0
+    return handler(value)
 
 
 class Instance(_Frozen):
@@ -178,9 +189,8 @@ class Instance(_Frozen):
     node: str = Field(default="", max_length=253)
     address: str = Field(description="IPv4 or IPv6 address")
     source: Source = "api"  # before ports: a port 0 is valid only from the Consul API
-    ports: dict[str, Annotated[int, Field(ge=0, le=65535), AfterValidator(_port_number)]] = Field(
-        description="port per named service port (0, from the Consul API only: registered without a port, never routed to)",
-        min_length=1,
+    ports: dict[str, Annotated[int, Field(ge=1, le=65535), WrapValidator(_port_number)]] = Field(
+        description="port per named service port", min_length=1
     )
     zone: str = Field(default="", max_length=128)
     weight: int = Field(default=100, ge=1, le=10_000)
