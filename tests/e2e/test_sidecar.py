@@ -370,7 +370,8 @@ DEAD_AFTER = float(os.environ.get("MESHPILOT_E2E_DEAD_AFTER_S", "5"))
 def test_kill_9_of_one_of_two_leaves_eds_within_seconds_and_loses_no_request(tmp_path: Path) -> None:
     """With the default 45 s grace for a lost health stream: a sidecar whose health and ADS streams
     both closed (agent, Envoy and app killed) leaves EDS within ``DEAD_AFTER`` s, long before outlier
-    detection's 30 s ejection ends, so callers never route to it again."""
+    detection's 30 s ejection ends, so callers never route to it again; one whose Envoy the agent
+    restarts is not flapped."""
     cfg = tmp_path / "cp.yaml"
     cfg.write_text(yaml.safe_dump({"hds_interval_s": HDS_INTERVAL, "hds_dead_after_s": DEAD_AFTER, "debounce_ms": 20, "token": TOKEN}))
     with contextlib.ExitStack() as stack:
@@ -382,6 +383,24 @@ def test_kill_9_of_one_of_two_leaves_eds_within_seconds_and_loses_no_request(tmp
               for n, x in zip((1, 2), apps)]
         both = {f"127.0.0.1:{b.inbound}" for b in bs}
         wait_until(lambda: a.hosts(B_CLUSTER) == both, 20, what="a sees b-1 and b-2")
+        # an Envoy that crashes and is restarted by its agent closes both streams too, but reopens
+        # them within the grace: never critical
+        before = bs[0].info()
+        os.kill(before["envoy_pid"], signal.SIGKILL)
+        health: list[str] = []
+
+        def restarted() -> bool:
+            i = instance(cp, "b-1")
+            health.append(i["health"] if i else "missing")
+            return bs[0].info()["envoy_pid"] != before["envoy_pid"] and through(bs[0].inbound, "b", "/")[0] == 200
+
+        wait_until(restarted, 20, what="b-1's Envoy restarted by its agent and serving")
+        t_back = time.monotonic()
+        while time.monotonic() - t_back < DEAD_AFTER + 1:
+            health.append((instance(cp, "b-1") or {}).get("health", "missing"))
+            time.sleep(0.1)
+        assert set(health) == {"passing"}, f"expected b-1 to stay passing across its Envoy's restart, got {sorted(set(health))}"
+        wait_until(lambda: a.hosts(B_CLUSTER) == both, 10, what="a sees b-1 and b-2 again")
         with contextlib.ExitStack() as clients:
             loops = [clients.enter_context(Loop(a.outbound, period=0.005)) for _ in range(4)]
             time.sleep(1.0)
