@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 from aiohttp import ClientSession
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -145,8 +146,9 @@ def _poll_api(api: str, stop: threading.Event, latencies: list[float]) -> None:
         stop.wait(0.05)
 
 
-async def _dead_readers(args: argparse.Namespace, api: str, port: int, names: list[str]) -> dict[str, Any]:
+async def _dead_readers(args: argparse.Namespace, api: str, port: int, names: list[str], ps: psutil.Process) -> dict[str, Any]:
     alone_cds, alone_eds = await _first_config(port, names)
+    rss = [ps.memory_info().rss]
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(0, args.dead, args.streams_per_channel)]
     try:
         t_open = time.monotonic()
@@ -158,6 +160,7 @@ async def _dead_readers(args: argparse.Namespace, api: str, port: int, names: li
                 while (await _dead_streams(s, api))[1] < args.dead:
                     await asyncio.sleep(0.1)
             all_pushed_s = time.monotonic() - t_open
+            rss.append(ps.memory_info().rss)
             async with asyncio.timeout(args.timeout):
                 later_cds, later_eds = await _first_config(port, names)
             held = args.dead
@@ -165,6 +168,7 @@ async def _dead_readers(args: argparse.Namespace, api: str, port: int, names: li
                 await asyncio.sleep(0.25)
                 held = (await _dead_streams(s, api))[0]
             closed_s = time.monotonic() - t_open
+            rss.append(ps.memory_info().rss)
         status = await _status_after_reading(calls[0])
         for c in calls:
             c.cancel()
@@ -181,6 +185,7 @@ async def _dead_readers(args: argparse.Namespace, api: str, port: int, names: li
         "closed_by_server": args.dead - held,
         "closed_after_seconds": round(closed_s, 1),
         "status_a_dead_stream_reads": status,
+        "control_plane_rss_mb": dict(zip(("before", "all_sent_a_response", "after_closing"), (round(r / 2**20, 1) for r in rss))),
     }
 
 
@@ -235,7 +240,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         names = [f"outbound|80||svc{i}.default.svc.mesh" for i in range(args.services)]
         out: dict[str, Any] = {"services": args.services}
         if args.dead:
-            out["dead_readers"] = await _dead_readers(args, api, ports["xds"], names)
+            out["dead_readers"] = await _dead_readers(args, api, ports["xds"], names, psutil.Process(proc.pid))
         if args.huge:
             out["huge_requests"] = await _huge_requests(args, api, ports["xds"])
         return out
