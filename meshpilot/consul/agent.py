@@ -1,4 +1,5 @@
-"""The Consul agent that meshpilot stands in for: registrations, checks, KV and the Consul views.
+"""The Consul agent that meshpilot stands in for: registrations, checks and the Consul views (KV and
+sessions: ``kv.py``).
 
 meshpilot is one agent serving many hosts. Each calling address is its own synthetic node (named
 after the address), and a service id is unique per node: service ``web`` registered from 10.0.0.7
