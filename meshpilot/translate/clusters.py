@@ -104,6 +104,12 @@ def build_cluster(service: Service, port: ServicePort, domain: str, subset: str 
             interval=duration_ms(t.outlier.interval_ms),
             base_ejection_time=duration_ms(t.outlier.base_ejection_time_ms),
             max_ejection_percent=wrappers_pb2.UInt32Value(value=t.outlier.max_ejection_percent),
+            # Envoy's defaults, spelled out: grpc-js 1.14 reads unset ones as undefined and its
+            # success-rate check then throws (killing the client) in an interval with little traffic
+            enforcing_success_rate=wrappers_pb2.UInt32Value(value=100),
+            success_rate_minimum_hosts=wrappers_pb2.UInt32Value(value=5),
+            success_rate_request_volume=wrappers_pb2.UInt32Value(value=100),
+            success_rate_stdev_factor=wrappers_pb2.UInt32Value(value=1900),
         ),
     )
     # host-set changes apply at once; no 1 s merge window between EDS updates

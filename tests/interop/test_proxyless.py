@@ -319,3 +319,18 @@ def _cycle_policies(mesh: Mesh, log: CallLog, name: str) -> None:
 def test_grpc_go_policy_create_update_delete_without_failed_calls(mesh: Mesh, go_client: Path) -> None:
     with client([str(go_client), f"echo:{SERVICE_PORT}", "120"], mesh.bootstrap("grpc-go-client"), mesh.workdir, "grpc-go") as log:
         _cycle_policies(mesh, log, "grpc-go")
+
+
+def test_grpcio_policy_create_update_delete_without_failed_calls(mesh: Mesh, echo_gen: Path) -> None:
+    cmd = [sys.executable, str(HERE / "client.py"), str(echo_gen), f"echo:{SERVICE_PORT}", "120"]
+    with client(cmd, mesh.bootstrap("grpcio-cycles"), mesh.workdir, "grpcio-cycles") as log:
+        _cycle_policies(mesh, log, "grpcio-cycles")
+
+
+def test_grpc_js_xds_policy_create_update_delete_without_failed_calls(mesh: Mesh, node_modules: Path) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed on this machine")
+    cmd = [node, str(HERE / "client.js"), str(HERE / "echo.proto"), f"echo:{SERVICE_PORT}", "120"]
+    with client(cmd, mesh.bootstrap("grpc-js-cycles"), mesh.workdir, "grpc-js-cycles", {"NODE_XDS_MODULES": str(node_modules)}) as log:
+        _cycle_policies(mesh, log, "grpc-js-cycles")

@@ -8,8 +8,9 @@ from meshpilot.controlplane import ControlPlane
 from meshpilot.meshdns import dns_pb2
 from meshpilot.model import Instance, Service
 from meshpilot.settings import Settings
-from meshpilot.translate.names import TYPE
+from meshpilot.translate.names import OUTBOUND_ROUTE, TYPE
 from meshpilot.translate.node import NodeInfo
+from meshpilot.translate.routes import RouteRule, ServiceRouting, Subset
 
 
 def _cp(**kw: object) -> ControlPlane:
@@ -90,3 +91,78 @@ def _value(any_bytes: bytes) -> bytes:
     a = any_pb2.Any.FromString(any_bytes)
     assert a.type_url == TYPE.DNS
     return a.value
+
+
+class _Overlays:
+    """A routing source holding overlays by service key; ``set`` reports the change like a policy write."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self.overlays: dict[str, ServiceRouting] = {}
+        self._changed: set[str] = set()
+
+    def set(self, key: str, routing: ServiceRouting | None) -> None:
+        if routing is None:
+            self.overlays.pop(key, None)
+        else:
+            self.overlays[key] = routing
+        self._changed.add(key)
+        self.cp._dirty.other.add("policy/" + key)
+        self.cp._kick.set()
+
+    def affected(self, changed: set[str]) -> set[str]:
+        out, self._changed = self._changed, set()
+        return out
+
+    def routing(self, service_key: str) -> ServiceRouting | None:
+        return self.overlays.get(service_key)
+
+
+def _routed_clusters(cp: ControlPlane) -> set[str]:
+    from envoy.config.route.v3 import route_pb2
+    from google.protobuf import any_pb2
+
+    rc = route_pb2.RouteConfiguration.FromString(any_pb2.Any.FromString(cp.cache.get(TYPE.ROUTE, OUTBOUND_ROUTE).any_bytes).value)
+    return {
+        c
+        for vh in rc.virtual_hosts
+        for r in vh.routes
+        for c in ([r.route.cluster] if r.route.cluster else [w.name for w in r.route.weighted_clusters.clusters])
+    }
+
+
+async def test_new_subsets_go_out_before_the_routes_that_use_them() -> None:
+    cp = _cp(debounce_ms=1, debounce_max_ms=10)
+    cp.subset_warmup_s = 0.2
+    overlays = _Overlays(cp)
+    cp.add_routing_source(overlays)
+    cp.registry.put_service(Service(name="web", ports=[{"name": "http", "port": 80}]))
+    cp.build_all()
+    cp._node_connected(NodeInfo(id="n1", service="client", outbound_port=15001))
+    base, v1 = "outbound|80||web.default.svc.mesh", "outbound|80|v1|web.default.svc.mesh"
+    task = asyncio.create_task(cp._debounce())
+    try:
+        split = ServiceRouting(subsets=(Subset("v1", (("version", "v1"),)),), rules=(RouteRule("web-split", (("v1", 1),)),))
+        overlays.set("web.default", split)
+        await asyncio.sleep(0.05)
+        assert cp.cache.get(TYPE.CLUSTER, v1) is not None and cp.cache.get(TYPE.ENDPOINT, v1) is not None, "expected the subset cluster and its endpoints at once"
+        assert _routed_clusters(cp) == {base}, f"expected the routes in force before while v1 warms up, got {_routed_clusters(cp)}"
+        await asyncio.sleep(0.3)
+        assert _routed_clusters(cp) == {v1}, f"expected the split's own route after the warm-up, got {_routed_clusters(cp)}"
+        # a change of weights between known subsets, and a delete, apply at once
+        overlays.set("web.default", None)
+        await asyncio.sleep(0.05)
+        assert _routed_clusters(cp) == {base} and cp.cache.get(TYPE.CLUSTER, v1) is None
+    finally:
+        task.cancel()
+
+
+def test_without_connected_nodes_an_overlay_applies_whole() -> None:
+    cp = _cp()
+    overlays = _Overlays(cp)
+    cp.add_routing_source(overlays)
+    cp.registry.put_service(Service(name="web", ports=[{"name": "http", "port": 80}]))
+    cp.build_all()
+    overlays.set("web.default", ServiceRouting(subsets=(Subset("v1", (("version", "v1"),)),), rules=(RouteRule("s", (("v1", 1),)),)))
+    cp.flush()
+    assert _routed_clusters(cp) == {"outbound|80|v1|web.default.svc.mesh"}
