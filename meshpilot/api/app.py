@@ -9,9 +9,11 @@ Other parts of the product add routes through ``ControlPlane.api_routes``.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from aiohttp import web
 from google.protobuf import json_format
@@ -30,8 +32,9 @@ log = logging.getLogger("meshpilot.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# (method, path, handler, summary, request model, response model) added by other modules
-api_routes: list[tuple[str, str, Handler, str, type[BaseModel] | None]] = []
+# (method, path, handler, summary, request body: a model, or a model or JSON schema per value of
+# the path's first parameter) added by other modules
+api_routes: list[tuple[str, str, Handler, str, type[BaseModel] | dict[str, Any] | None]] = []
 
 
 class ApiError(Exception):
@@ -48,10 +51,10 @@ class InstanceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str
     address: str
-    ports: dict[str, int]
-    node: str = ""
-    zone: str = ""
-    weight: int = 100
+    ports: dict[str, Annotated[int, Field(ge=1, le=65535)]] = Field(min_length=1)
+    node: str = Field(default="", max_length=253)
+    zone: str = Field(default="", max_length=128)
+    weight: int = Field(default=100, ge=1, le=10_000)
     labels: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, str] = Field(default_factory=dict)
     health: CheckStatus = CheckStatus.passing
@@ -89,8 +92,9 @@ async def json_body(request: web.Request) -> Any:
 
 
 def _validate(model: type[BaseModel], data: Any) -> Any:
+    """``data`` as ``model``, typed as JSON is: ``"80"`` or ``true`` is not an integer."""
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:
         fields = field_errors(exc)
         raise ApiError(400, "; ".join(f"{f['field']}: {f['reason']}" for f in fields), fields) from None
@@ -131,7 +135,8 @@ def build_api(cp: ControlPlane) -> web.Application:
             resp = web.json_response({"error": "; ".join(f"{f['field']}: {f['reason']}" for f in fields), "fields": fields}, status=409)
         except web.HTTPException as exc:
             if exc.status >= 400:
-                resp = web.json_response({"error": exc.reason, "fields": []}, status=exc.status)
+                allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # a 405 names the methods
+                resp = web.json_response({"error": exc.reason, "fields": []}, status=exc.status, headers=allow)
             else:
                 raise
         metrics.API_REQUESTS.labels(request.method, str(resp.status)).inc()
@@ -207,6 +212,11 @@ def build_api(cp: ControlPlane) -> web.Application:
             checks=[{"id": "api", "owner": "api", "status": body.health.value}],
         )
         inst = _validate(Instance, data)
+        unknown = sorted(set(inst.ports) - {p.name for p in svc.ports})
+        if unknown:  # valid on its own, at odds with the service as stored
+            known = ", ".join(p.name for p in svc.ports)
+            raise ApiError(409, f"ports.{unknown[0]}: service {svc.key} has no port named {unknown[0]!r} (has: {known})",
+                           [{"field": f"ports.{u}", "reason": f"the service has no such port (has: {known})"} for u in unknown])
         return web.json_response(_instance_out(reg.register(inst)), status=201)
 
     def _instance(request: web.Request) -> Instance:
@@ -238,7 +248,7 @@ def build_api(cp: ControlPlane) -> web.Application:
         return web.json_response(cp.xds.proxies())
 
     async def openapi(request: web.Request) -> web.Response:
-        return web.json_response(openapi_document())
+        return web.json_response(openapi_document(token=bool(s.token)))
 
     async def metrics_text(request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
@@ -296,75 +306,163 @@ def _message_for(type_url: str) -> Any:
         raise ApiError(400, f"type_url: unknown message type {name!r}", [{"field": "type_url", "reason": "unknown"}]) from None
 
 
-def openapi_document() -> dict[str, Any]:
+_PATH_PARAM = re.compile(r"\{(\w+)\}")
+
+# What the model's validators check, stated in JSON Schema for the document: names in any case,
+# surrounded by any white space the model strips (Unicode White_Space, which is not the regular
+# expressions' \s); tests/unit/test_openapi.py holds these to the validators.
+WS = r"\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+LABEL = rf"^[{WS}]*[A-Za-z0-9]([-A-Za-z0-9]{{0,61}}[A-Za-z0-9])?[{WS}]*$"
+PORT_NAME = rf"^[{WS}]*[A-Za-z0-9]([-A-Za-z0-9]{{0,13}}[A-Za-z0-9])?[{WS}]*$"
+INSTANCE_ID = rf"^[{WS}]*[A-Za-z0-9][A-Za-z0-9_.:@/-]{{0,252}}[{WS}]*$"
+API_PATH = rf"^[{WS}]*/[^{WS}]*[{WS}]*$"
+STRING_MAP: dict[str, Any] = {
+    "type": "object", "maxProperties": 64, "propertyNames": {"pattern": f"[^{WS}]", "maxLength": 128},
+    "additionalProperties": {"type": "string", "maxLength": 512},
+}
+UNIQUE_PORTS = "port names and port numbers are unique"
+
+
+def openapi_document(token: bool = False) -> dict[str, Any]:
+    """The management API as OpenAPI 3.1: every route with its path and query parameters, its
+    bodies and every status it answers (``token``: writes need the bearer token)."""
     schemas: dict[str, Any] = {}
 
-    def ref(model: type[BaseModel]) -> dict[str, str]:
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        for name, sub in schema.pop("$defs", {}).items():
-            schemas[name] = sub
-        schemas[model.__name__] = schema
-        return {"$ref": f"#/components/schemas/{model.__name__}"}
+    def ref(model: type[BaseModel], mode: str = "validation", name: str | None = None) -> dict[str, str]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)  # type: ignore[arg-type]
+        for sub_name, sub in schema.pop("$defs", {}).items():
+            schemas.setdefault(sub_name, sub)
+        name = name or model.__name__
+        schemas[name] = schema
+        return {"$ref": f"#/components/schemas/{name}"}
 
-    err = {"description": "invalid request", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    def json_content(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"application/json": {"schema": schema}}
+
     schemas["Error"] = {
         "type": "object",
+        "required": ["error", "fields"],
         "properties": {
             "error": {"type": "string"},
-            "fields": {"type": "array", "items": {"type": "object", "properties": {"field": {"type": "string"}, "reason": {"type": "string"}}}},
+            "fields": {
+                "type": "array",
+                "items": {"type": "object", "required": ["field", "reason"], "properties": {"field": {"type": "string"}, "reason": {"type": "string"}}},
+            },
         },
     }
+    err = {"$ref": "#/components/schemas/Error"}
+    reasons = {"400": "invalid request (the fields name what)", "401": "a write without the bearer token",
+               "404": "no such resource", "409": "conflicts with what is stored", "413": "body too large"}
+    patterns = {"namespace": LABEL, "name": LABEL}
 
-    def op(summary: str, body: type[BaseModel] | None = None, out: dict[str, Any] | None = None, write: bool = False) -> dict[str, Any]:
-        o: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": out or {}}}}}}
-        if body is not None:
-            o["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(body)}}}
+    def body_schema(body: type[BaseModel] | dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            return ref(body)
+        body = dict(body)  # a JSON schema whose $defs are referred to as components
+        for sub_name, sub in body.pop("$defs", {}).items():
+            schemas.setdefault(sub_name, sub)
+        return body
+
+    def op(method: str, path: str, summary: str, body: type[BaseModel] | dict[str, Any] | None = None,
+           out: dict[str, Any] | None = None, query: tuple[str, ...] = (), codes: tuple[str, ...] | None = None) -> dict[str, Any]:
+        write = method not in ("get", "head")
+        ok: dict[str, Any] = {"description": "OK"}
+        if out is not None:
+            ok["content"] = json_content(out)
+        if codes is None:  # creates answer 201, create-or-replace 200 or 201
+            codes = {"post": ("201",), "put": ("200", "201")}.get(method, ("200",))
+        errors = ["400"] if write or query else []
+        if write and token:
+            errors.append("401")
+        if _PATH_PARAM.search(path):
+            errors.append("404")
         if write:
-            o["responses"].update({"400": err, "401": err, "404": err, "409": err})
+            errors.append("409")
+        if body is not None:
+            errors.append("413")
+        o: dict[str, Any] = {
+            "summary": summary,
+            "responses": {**{c: ok for c in codes}, **{c: {"description": reasons[c], "content": json_content(err)} for c in errors}},
+        }
+        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string", **({"pattern": patterns[n]} if n in patterns else {})}}
+                  for n in _PATH_PARAM.findall(path)]
+        params += [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}} for n in query]
+        if params:
+            o["parameters"] = params
+        if body is not None:
+            o["requestBody"] = {"required": True, "content": json_content(body_schema(body))}
+        if write and token:
             o["security"] = [{"bearer": []}]
         return o
 
-    svc = ref(Service)
-    inst = ref(Instance)
-    ns_name = [
-        {"name": "namespace", "in": "path", "required": True, "schema": {"type": "string"}},
-        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+    # bodies: the models' schemas with what their validators check
+    service_in = ref(Service, name="ServiceIn")
+    schemas["ServiceIn"]["properties"].pop("vip")  # allocated by the control plane
+    schemas["ServiceIn"]["properties"].update(name={"type": "string", "pattern": LABEL}, namespace={"type": "string", "pattern": LABEL, "default": "default"},
+                                              labels=STRING_MAP)
+    schemas["ServiceIn"]["properties"]["ports"]["description"] = UNIQUE_PORTS
+    schemas["ServicePort"]["properties"]["name"] = {"type": "string", "pattern": PORT_NAME}
+    schemas["ApiOperation"]["properties"]["path"]["pattern"] = API_PATH
+    service_put = {**schemas["ServiceIn"], "properties": {**schemas["ServiceIn"]["properties"], "name": {"description": "ignored: the URL names the service"},
+                                                          "namespace": {"description": "ignored: the URL names the namespace"}}, "required": ["ports"]}
+    schemas["ServicePut"] = service_put
+    instance_in = ref(InstanceIn)
+    schemas["InstanceIn"]["properties"].update(
+        id={"type": "string", "pattern": INSTANCE_ID},
+        address={"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]},
+        ports={"type": "object", "minProperties": 1, "propertyNames": {"pattern": PORT_NAME},
+               "additionalProperties": {"type": "integer", "minimum": 1, "maximum": 65535},
+               "description": "a port for each named port of the service (another name is a 409)"},
+        labels=STRING_MAP, metadata=STRING_MAP,
+    )
+    # answers
+    svc = ref(Service, "serialization", "ServiceOut")
+    inst_schema = Instance.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+    for sub_name, sub in inst_schema.pop("$defs", {}).items():
+        schemas.setdefault(sub_name, sub)
+    inst_schema["properties"].update(health={"$ref": "#/components/schemas/CheckStatus"}, routable={"type": "boolean"})
+    inst_schema["required"] = sorted({*inst_schema.get("required", []), "health", "routable"})
+    schemas["InstanceOut"] = inst_schema
+    inst = {"$ref": "#/components/schemas/InstanceOut"}
+    schemas["ServiceOut"]["properties"]["instances"] = {"type": "array", "items": inst}  # only when one service is read
+    one = ("200",)
+    routes = [
+        ("get", "/v1/services", "List services", None, {"type": "array", "items": svc}, ("namespace",), None),
+        ("post", "/v1/services", "Create a service (its virtual IP is allocated)", service_in, svc, (), None),
+        ("get", "/v1/services/{namespace}/{name}", "Get a service and its instances", None, svc, (), None),
+        ("put", "/v1/services/{namespace}/{name}", "Create or replace a service", {"$ref": "#/components/schemas/ServicePut"}, svc, (), None),
+        ("delete", "/v1/services/{namespace}/{name}", "Delete a service and its instances", None, svc, (), None),
+        ("get", "/v1/services/{namespace}/{name}/instances", "List a service's instances", None, {"type": "array", "items": inst}, (), None),
+        ("post", "/v1/services/{namespace}/{name}/instances", "Register an instance", instance_in, inst, (), None),
+        ("get", "/v1/instances", "List all instances", None, {"type": "array", "items": inst}, (), None),
+        ("get", "/v1/instances/{id}", "Get an instance", None, inst, (), None),
+        ("delete", "/v1/instances/{id}", "Deregister an instance (source: only if registered by it)", None, inst, ("source",), None),
+        ("put", "/v1/instances/{id}/health", "Set a health check owned by the API", HealthIn, inst, (), one),
+        ("put", "/v1/instances/{id}/maintenance", "Enter or leave maintenance", MaintenanceIn, inst, (), one),
+        ("get", "/v1/proxies", "Connected Envoys: streams, subscriptions, ACKed versions, last NACK", None,
+         {"type": "array", "items": {"type": "object"}}, (), None),
     ]
-    iid = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
-    paths: dict[str, Any] = {
-        "/v1/services": {
-            "get": op("List services", out={"type": "array", "items": svc}),
-            "post": op("Create a service (its virtual IP is allocated)", Service, svc, True),
-        },
-        "/v1/services/{namespace}/{name}": {
-            "parameters": ns_name,
-            "get": op("Get a service and its instances", out=svc),
-            "put": op("Create or replace a service", Service, svc, True),
-            "delete": op("Delete a service and its instances", out=svc, write=True),
-        },
-        "/v1/services/{namespace}/{name}/instances": {
-            "parameters": ns_name,
-            "get": op("List a service's instances", out={"type": "array", "items": inst}),
-            "post": op("Register an instance", InstanceIn, inst, True),
-        },
-        "/v1/instances": {"get": op("List all instances", out={"type": "array", "items": inst})},
-        "/v1/instances/{id}": {
-            "parameters": iid,
-            "get": op("Get an instance", out=inst),
-            "delete": op("Deregister an instance", out=inst, write=True),
-        },
-        "/v1/instances/{id}/health": {"parameters": iid, "put": op("Set a health check owned by the API", HealthIn, inst, True)},
-        "/v1/instances/{id}/maintenance": {"parameters": iid, "put": op("Enter or leave maintenance", MaintenanceIn, inst, True)},
-        "/v1/proxies": {"get": op("Connected Envoys: streams, subscriptions, ACKed versions, last NACK", out={"type": "array", "items": {"type": "object"}})},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
-    }
+    paths: dict[str, Any] = {}
+    for method, path, summary, body, out, query, codes in routes:
+        paths.setdefault(path, {})[method] = op(method, path, summary, body, out, query, codes)
+    paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}}
+    # a path with a body per value of its first parameter is documented once per value, all its methods
+    per_value = {path: list(model) for _m, path, _h, _s, model in api_routes if isinstance(model, dict)}
     for method, path, _handler, summary, model in api_routes:
-        paths.setdefault(path, {})[method.lower()] = op(summary, model, write=method != "GET")
-    return {
-        "openapi": "3.0.3",
+        m = method.lower()
+        if path not in per_value:
+            paths.setdefault(path, {})[m] = op(m, path, summary, model)  # type: ignore[arg-type]
+            continue
+        for value in per_value[path]:
+            concrete = _PATH_PARAM.sub(value, path, count=1)
+            body = model.get(value) if isinstance(model, dict) else model
+            paths.setdefault(concrete, {})[m] = op(m, concrete, f"{summary} ({value})", body)
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
         "info": {"title": "meshpilot management API", "version": "1"},
         "paths": paths,
-        "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"schemas": schemas},
     }
-
-
+    if token:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return doc

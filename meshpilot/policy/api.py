@@ -9,13 +9,15 @@ control plane translates it within one debounce.
 
 from __future__ import annotations
 
-from typing import Any, Union
+import json
+from typing import Any
 
 from aiohttp import web
-from pydantic import RootModel
+from pydantic import ValidationError
 
 from meshpilot.api import app as api_app
 from meshpilot.api.app import ApiError, json_body
+from meshpilot.model import field_errors
 from meshpilot.policy.kinds import PolicyBase, PolicyInvalid, PolicyKind, get_kind, kinds, parse_key, policy_key
 from meshpilot.registry import Registry
 
@@ -97,7 +99,7 @@ class _Handlers:
     async def create(self, request: web.Request) -> web.Response:
         kind = _kind(request)
         try:
-            policy = kind.validate(await json_body(request))
+            policy = _strict(kind, await json_body(request))
         except PolicyInvalid as exc:
             raise _invalid(exc) from None
         if self.registry.store.get("policies", policy.key) is not None:
@@ -118,7 +120,7 @@ class _Handlers:
             if field in data and str(data[field]).lower() != want:
                 raise ApiError(400, f"{field}: {data[field]!r} does not match the URL ({want!r})", [{"field": field, "reason": "does not match the URL"}])
         try:
-            policy = kind.validate({**data, "name": name, "namespace": ns})
+            policy = _strict(kind, {**data, "name": name, "namespace": ns})
         except PolicyInvalid as exc:
             raise _invalid(exc) from None
         existed = self.registry.store.get("policies", policy.key) is not None
@@ -144,9 +146,9 @@ def install_routes(registry: Registry) -> None:
     routes: list[tuple[str, str, Any, str, Any]] = [
         ("GET", "/v1/policies", h.list_all, "List policies of every kind", None),
         ("GET", "/v1/policies/{kind}", h.list, "List policies of a kind (RoutingPolicy, ...)", None),
-        ("POST", "/v1/policies/{kind}", h.create, "Create a policy", _body_model()),
+        ("POST", "/v1/policies/{kind}", h.create, "Create a policy", _body_schemas(put=False)),
         ("GET", "/v1/policies/{kind}/{namespace}/{name}", h.get, "Get a policy", None),
-        ("PUT", "/v1/policies/{kind}/{namespace}/{name}", h.put, "Create or replace a policy", _body_model()),
+        ("PUT", "/v1/policies/{kind}/{namespace}/{name}", h.put, "Create or replace a policy", _body_schemas(put=True)),
         ("DELETE", "/v1/policies/{kind}/{namespace}/{name}", h.delete, "Delete a policy", None),
     ]
     for method, path, handler, summary, model in routes:
@@ -157,9 +159,39 @@ def install_routes(registry: Registry) -> None:
         api_app.api_routes.append((method, path, marked, summary, model))
 
 
-def _body_model() -> Any:
-    """The request schema shown in /openapi.json: any registered kind's model."""
-    models = tuple(k.model for k in kinds())
-    if len(models) <= 1:
-        return models[0] if models else None
-    return type("PolicyBody", (RootModel[Union[models]],), {"__doc__": "a policy of any kind; the URL names which"})  # noqa: UP007
+def _body_schemas(put: bool) -> dict[str, Any]:
+    """Each kind's body as /openapi.json shows it, under the kind's own path: the model, with the
+    DNS labels its validators check, an optional ``kind``, and (PUT) without the name and
+    namespace, which the URL gives."""
+    out = {}
+    for kind in kinds():
+        schema = kind.model.model_json_schema(ref_template="#/components/schemas/{model}")
+        props = schema["properties"]
+        for field in ("name", "namespace", "service", "port"):
+            if field in props:
+                props[field] = _labelled(props[field])
+        props["kind"] = {"enum": sorted({kind.name, kind.name.lower(), *kind.aliases}), "description": "optional: the URL names the kind"}
+        if put:
+            for field in ("name", "namespace"):
+                props.pop(field)
+            schema["required"] = [f for f in schema.get("required", []) if f not in ("name", "namespace")]
+        out[kind.name] = schema
+    return out
+
+
+def _labelled(prop: dict[str, Any]) -> dict[str, Any]:
+    if prop.get("type") == "string":
+        return {**prop, "pattern": api_app.LABEL}
+    if "anyOf" in prop:
+        return {**prop, "anyOf": [_labelled(p) for p in prop["anyOf"]]}
+    return prop
+
+
+def _strict(kind: PolicyKind, data: Any) -> PolicyBase:
+    """``kind.validate`` of a JSON body, typed as JSON is: ``"5"`` or ``true`` is not a number."""
+    body = {k: v for k, v in data.items() if k != "kind"} if isinstance(data, dict) else data
+    try:
+        kind.model.model_validate_json(json.dumps(body), strict=True)
+    except ValidationError as exc:
+        raise PolicyInvalid(field_errors(exc)) from None
+    return kind.validate(data)

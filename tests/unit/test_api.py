@@ -57,7 +57,7 @@ async def test_bad_service_is_rejected_and_nothing_stored(tmp_path: Path, body: 
 BAD_INSTANCES = [
     ({"id": "i1", "address": "not-an-ip", "ports": {"http": 8080}}, 400, "address"),
     ({"id": "i1", "address": "127.0.0.1", "ports": {"http": 0}}, 400, "ports.http"),
-    ({"id": "i1", "address": "127.0.0.1", "ports": {"grpc": 8080}}, 400, "ports.grpc"),
+    ({"id": "i1", "address": "127.0.0.1", "ports": {"grpc": 8080}}, 409, "ports.grpc"),
     ({"id": "i1", "address": "127.0.0.1", "ports": {"http": 8080}, "extra": 1}, 400, "extra"),
     ({"id": "", "address": "127.0.0.1", "ports": {"http": 8080}}, 400, "id"),
     ({"id": "dup", "address": "127.0.0.1", "ports": {"http": 8080}}, 409, "id"),
@@ -192,7 +192,18 @@ async def test_lifecycle_health_and_metrics(tmp_path: Path) -> None:
         cp.registry.store.close()
 
 
+async def test_a_method_not_allowed_names_the_allowed_ones(tmp_path: Path) -> None:
+    cp, client = await _client(tmp_path)
+    try:
+        r = await client.request("TRACE", "/v1/services")
+        assert r.status == 405 and set(r.headers.get("Allow", "").split(",")) >= {"GET", "POST"}, \
+            f"expected 405 with Allow: GET,POST (RFC 9110), got {r.status} Allow={r.headers.get('Allow')!r}"
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
 def test_openapi_document_names_every_schema() -> None:
     doc = openapi_document()
-    for name in ("Service", "Instance", "InstanceIn", "Error"):
+    for name in ("ServiceIn", "ServiceOut", "InstanceIn", "InstanceOut", "Error"):
         assert name in doc["components"]["schemas"], f"schema {name} missing"

@@ -83,6 +83,8 @@ def test_the_limit_is_exact() -> None:
         boundedjson.loads(_nested(boundedjson.MAX_DEPTH + 1))
     wide = json.dumps([[1, 2]] * 1000).encode()  # many brackets, shallow
     assert boundedjson.loads(wide) == [[1, 2]] * 1000
+    got = boundedjson.loads(b"[5.0, 1e3, 1.5]")
+    assert got == [5, 1000, 1.5] and [type(v) for v in got] == [int, int, float], f"integral numbers decode as integers, got {got!r}"
 
 
 json_values = st.recursive(st.none() | st.integers() | st.text(max_size=5),

@@ -246,6 +246,7 @@ async def test_api_rejections_name_fields_and_store_nothing(api: TestClient) -> 
 
 async def test_openapi_lists_policy_paths(api: TestClient) -> None:
     doc = await (await api.get("/openapi.json")).json()
-    for path in ("/v1/policies/{kind}", "/v1/policies/{kind}/{namespace}/{name}"):
-        assert path in doc["paths"], f"expected {path} in /openapi.json, got {sorted(doc['paths'])}"
-    assert "requestBody" in doc["paths"]["/v1/policies/{kind}"]["post"], "expected a request schema for policy creation"
+    for kind in ("RoutingPolicy", "CircuitBreakerPolicy", "RateLimitPolicy"):  # each kind's body under its own path
+        for path in (f"/v1/policies/{kind}", f"/v1/policies/{kind}/{{namespace}}/{{name}}"):
+            assert path in doc["paths"], f"expected {path} in /openapi.json, got {sorted(doc['paths'])}"
+        assert "requestBody" in doc["paths"][f"/v1/policies/{kind}"]["post"], f"expected a request schema for creating a {kind}"
