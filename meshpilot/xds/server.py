@@ -284,11 +284,13 @@ class XdsServer:
                 # A bounded number of streams build and write at once; the slot is held only for
                 # that (grpc takes the bytes at once), never while the client reads or answers.
                 async with self._writers:
-                    await self._push(handle, context)
+                    wrote = await self._push(handle, context)
                 for seconds in handle.machine.latencies:
                     metrics.XDS_PUSH_SECONDS.observe(max(0.0, seconds))
                 handle.machine.latencies.clear()
-                continue
+                if wrote:
+                    continue
+                # nothing to send after all: wait for the next change or answer, do not spin
             oldest = owed.oldest()
             if oldest is None:
                 await handle.wake.wait()
@@ -304,9 +306,9 @@ class XdsServer:
                 async with asyncio.timeout(left):
                     await handle.wake.wait()
 
-    async def _push(self, handle: StreamHandle, context: grpc.aio.ServicerContext) -> None:
-        """Write what the stream owes. Responses live only in here: an idle stream keeps nothing of
-        its last push alive until the next one."""
+    async def _push(self, handle: StreamHandle, context: grpc.aio.ServicerContext) -> bool:
+        """Write what the stream owes; False if that was nothing. Responses live only in here: an
+        idle stream keeps nothing of its last push alive until the next one."""
         out = handle.machine.responses()
         sizes: dict[str, int] = {}
         for type_url, payload in out:
@@ -317,6 +319,7 @@ class XdsServer:
         for type_url, size in sizes.items():
             # one answer with the latest nonce of a type answers every earlier response of it
             handle.unanswered.sent(type_url, handle.machine.types[type_url].sent_nonce, size, now)
+        return bool(out)
 
 
 def check_request(req: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest) -> None:
