@@ -36,9 +36,7 @@ class Settings(BaseModel):
     hds_interval_s: float = Field(default=1.0, gt=0, le=300)
     hds_critical_after_s: float = Field(default=45.0, gt=0)
     hds_dead_after_s: float = Field(default=5.0, gt=0, description="critical this soon once a sidecar's health and ADS streams both closed")
-    hds_dead_after_s: float = Field(default=5.0, gt=0, description="critical this soon once a sidecar's health and ADS streams both closed")
     hds_remove_after_s: float = Field(default=300.0, gt=0)
-    xds_write_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="an xDS client that leaves a response unanswered this long is disconnected")
     xds_write_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="an xDS client that leaves a response unanswered this long is disconnected")
     log_level: str = "INFO"
 
