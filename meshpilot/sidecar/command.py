@@ -24,6 +24,7 @@ def _split_hostport(value: str, default_port: int) -> tuple[str, int]:
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
+    from meshpilot.commands import _token
     from meshpilot.sidecar.agent import AgentConfig, default_envoy, run_agent
     from meshpilot.sidecar.render import SidecarOptions
     from meshpilot.sidecar.spec import SpecError, load_spec
@@ -52,7 +53,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         advertise_address=args.advertise_address or os.environ.get("MESHPILOT_ADVERTISE_ADDRESS", ""),
     )
     cfg = AgentConfig(
-        spec=spec, options=opts, api_url=api.rstrip("/"), token=args.token or os.environ.get("MESHPILOT_TOKEN"),
+        spec=spec, options=opts, api_url=api.rstrip("/"), token=_token(args),
         workdir=Path(args.workdir), envoy=args.envoy or default_envoy(),
         ready_file=Path(args.ready_file) if args.ready_file else None,
     )
@@ -69,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--spec", required=True, help="spec.yaml: a Kubernetes Service plus a mesh section")
     p.add_argument("--control-plane", default="127.0.0.1:15010", help="HOST:PORT of the xDS/HDS server")
     p.add_argument("--api", help="management API URL (default http://HOST:15014)")
-    p.add_argument("--token", help="bearer token for the management API (or MESHPILOT_TOKEN)")
+    p.add_argument("--token", help="bearer token for the management API (visible in ps: prefer --token-file or MESHPILOT_TOKEN)")
+    p.add_argument("--token-file", help="read the bearer token from this file (or MESHPILOT_TOKEN_FILE)")
     p.add_argument("--node-id", help="node and instance id (default NAME.NAMESPACE-HOST-INBOUNDPORT)")
     p.add_argument("--admin-port", type=int, help="Envoy admin port on loopback (0: pick one)")
     p.add_argument("--inbound-port", type=int)
