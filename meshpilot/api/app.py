@@ -26,7 +26,7 @@ from meshpilot.registry import Conflict, NotFound, RegistryError
 if TYPE_CHECKING:
     from meshpilot.controlplane import ControlPlane
 
-__all__ = ["ApiError", "InstanceIn", "build_api", "json_body", "api_routes"]
+__all__ = ["LABEL", "ApiError", "InstanceIn", "build_api", "json_body", "api_routes", "openapi_document"]
 
 log = logging.getLogger("meshpilot.api")
 
@@ -353,7 +353,7 @@ def openapi_document(token: bool = False) -> dict[str, Any]:
     err = {"$ref": "#/components/schemas/Error"}
     reasons = {"400": "invalid request (the fields name what)", "401": "a write without the bearer token",
                "404": "no such resource", "409": "conflicts with what is stored", "413": "body too large"}
-    patterns = {"namespace": LABEL, "name": LABEL}
+    labelled = ("/v1/services/", "/v1/policies/")  # services and policies are named by DNS labels
 
     def body_schema(body: type[BaseModel] | dict[str, Any]) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -384,7 +384,8 @@ def openapi_document(token: bool = False) -> dict[str, Any]:
             "summary": summary,
             "responses": {**{c: ok for c in codes}, **{c: {"description": reasons[c], "content": json_content(err)} for c in errors}},
         }
-        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string", **({"pattern": patterns[n]} if n in patterns else {})}}
+        params = [{"name": n, "in": "path", "required": True,
+                   "schema": {"type": "string", "pattern": LABEL} if n in ("namespace", "name") and path.startswith(labelled) else {"type": "string"}}
                   for n in _PATH_PARAM.findall(path)]
         params += [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}} for n in query]
         if params:
