@@ -14,7 +14,15 @@ a change to the response that carries it:
 
 Control-plane CPU seconds (for each phase) and peak RSS come from the kernel (psutil,
 /proc/<pid>/status VmHWM). The clients share the machine with the control plane, so the numbers
-include their load. Output: JSON on stdout and a one-line summary on stderr.
+include their load.
+
+``--churn R`` measures something else, with real Envoys (``--envoys``, sotw or delta): R rounds of
+two writes sent back to back, a service update (a new ``connect_timeout_ms``, so its cluster is
+re-created and warms in Envoy) and a new instance of another service, and per round the time from
+the last write until the last Envoy has applied both (its CDS update counted, no cluster warming,
+the other service's membership grown by one; read from each Envoy's admin /stats every 10 ms).
+
+Output: JSON on stdout and a one-line summary on stderr.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -53,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default="delta,sotw", help="comma-separated: delta, sotw")
     p.add_argument("--streams-per-channel", type=int, default=100)
     p.add_argument("--timeout", type=float, default=120.0, help="give up waiting for a phase after this many seconds")
+    p.add_argument("--churn", type=int, default=0, metavar="ROUNDS",
+                   help="instead: ROUNDS of a service update beside another service's new instance, to real Envoys")
+    p.add_argument("--envoys", type=int, default=10, help="real Envoys for --churn (default 10)")
+    p.add_argument("--round-timeout", type=float, default=20.0, help="--churn: give up on a round after this many seconds")
 
 
 @dataclass
@@ -261,6 +274,108 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
         log.close()
 
 
+def _start_control_plane(workdir: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    ready = workdir / "ready.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshpilot.cli", "serve", "--store", "memory:", "--xds-port", "0", "--api-port", "0",
+         "--consul-port", "-1", "--eureka-port", "-1", "--ready-file", str(ready)],
+        stdout=open(workdir / "control-plane.log", "wb"), stderr=subprocess.STDOUT, env={**os.environ, "MESHPILOT_LOG_LEVEL": "WARNING"},
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"control plane did not start: {(workdir / 'control-plane.log').read_text()[-2000:]}")
+        time.sleep(0.05)
+    return proc, json.loads(ready.read_text())
+
+
+_WARMING, _CDS_UPDATES = "cluster_manager.warming_clusters", "cluster_manager.cds.update_success"
+
+
+async def _envoy_stats(s: ClientSession, admin: str, service: str) -> dict[str, int]:
+    """The warming gauge, the CDS update counter and ``service``'s membership, from one /stats call."""
+    members = f"cluster.outbound|80||{service}_default_svc_mesh.membership_total"
+    pattern = "|".join(f"^{re.escape(n)}$" for n in (_WARMING, _CDS_UPDATES, members))
+    async with s.get(f"http://{admin}/stats", params={"filter": pattern}) as r:
+        text = await r.text()
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().isdigit():
+            out["members" if name == members else name] = int(value)
+    return out
+
+
+async def _churn(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
+    from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
+    from meshpilot.wasm import testbed
+
+    workdir = Path(tempfile.mkdtemp(prefix="meshpilot-perf-churn-"))
+    proc, ports = _start_control_plane(workdir)
+    api = f"http://127.0.0.1:{ports['api']}"
+    envoys: list[testbed.Envoy] = []
+    services = max(2, args.services)
+    try:
+        await _seed(api, services, args.endpoints)
+        for i in range(args.envoys):
+            out = testbed.free_port()
+            boot = build_bootstrap(BootstrapOptions(
+                node_id=f"churn-{i}", service="churn", control_plane_port=ports["xds"], api_type="DELTA_GRPC" if delta else "GRPC",
+                admin_port=0, outbound_port=out, inbound_port=0,
+            ))
+            (workdir / f"envoy-{i}").mkdir()
+            envoys.append(await asyncio.to_thread(testbed.Envoy(boot, out, workdir=workdir / f"envoy-{i}").start))
+        members = {f"svc{i}": args.endpoints for i in range(services)}
+        last_envoy: list[float] = []
+        every: list[float] = []
+        late = 0
+        async with ClientSession() as s:
+            for r in range(args.churn):
+                a, b = f"svc{(2 * r) % services}", f"svc{(2 * r + 1) % services}"
+                before = [(await _envoy_stats(s, e.admin, b)).get(_CDS_UPDATES, 0) for e in envoys]
+                update = {"ports": [{"name": "http", "port": 80}], "traffic": {"connect_timeout_ms": 1500 + r}}  # never the default
+                async with s.put(f"{api}/v1/services/default/{a}", json=update) as resp:
+                    assert resp.status == 200, await resp.text()
+                body = {"id": f"churn-{r}", "address": _marker_address(r), "ports": {"http": 8080}}
+                async with s.post(f"{api}/v1/services/default/{b}/instances", json=body) as resp:
+                    assert resp.status == 201, await resp.text()
+                t_last = time.monotonic()
+                members[b] += 1
+
+                async def applied(e: testbed.Envoy, cds_before: int, service: str = b, want: int = members[b]) -> float | None:
+                    while time.monotonic() - t_last < args.round_timeout:
+                        st = await _envoy_stats(s, e.admin, service)
+                        if st.get(_CDS_UPDATES, 0) > cds_before and st.get(_WARMING, 1) == 0 and st.get("members") == want:
+                            return time.monotonic() - t_last
+                        await asyncio.sleep(0.01)
+                    return None
+
+                took = await asyncio.gather(*(applied(e, c) for e, c in zip(envoys, before)))
+                done = [t for t in took if t is not None]
+                late += len(took) - len(done)
+                every.extend(done)
+                last_envoy.append(max(took) if len(done) == len(took) else args.round_timeout)  # type: ignore[type-var]
+        return {
+            "variant": "delta" if delta else "sotw",
+            "envoys": args.envoys,
+            "services": services,
+            "rounds": args.churn,
+            "writes": 2 * args.churn,
+            "last_write_to_last_envoy": _percentiles(last_envoy),
+            "last_write_to_each_envoy": _percentiles(every),
+            "envoy_rounds_timed_out": late,
+        }
+    finally:
+        for e in envoys:
+            e.stop()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 async def _wait_seen(clients: list[_Client], t0: float, timeout: float) -> list[float]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -287,6 +402,7 @@ def _peak_rss(pid: int) -> int:
 
 def main(args: argparse.Namespace) -> int:
     results = []
+    run = _churn if args.churn > 0 else _variant
     for v in [x.strip() for x in args.variants.split(",") if x.strip()]:
         if v not in ("delta", "sotw"):
             print(f"meshpilot perf xds: unknown variant {v!r} (delta, sotw)", file=sys.stderr)
@@ -294,9 +410,19 @@ def main(args: argparse.Namespace) -> int:
         try:
             import uvloop
 
-            results.append(uvloop.run(_variant(args, v == "delta")))
+            results.append(uvloop.run(run(args, v == "delta")))
         except ImportError:  # pragma: no cover
-            results.append(asyncio.run(_variant(args, v == "delta")))
+            results.append(asyncio.run(run(args, v == "delta")))
+    if args.churn > 0:
+        print(json.dumps({"benchmark": "xds_churn", "machine_cpus": os.cpu_count(), "targets": {"p99_seconds": 0.5}, "results": results}, indent=2))
+        for r in results:
+            w = r["last_write_to_last_envoy"]
+            print(
+                f"xds churn [{r['variant']}] {r['envoys']} Envoys, {r['rounds']} rounds ({r['writes']} writes): last write to last Envoy "
+                f"p50 {w['p50']}s p99 {w['p99']}s max {w['max']}s; Envoy-rounds timed out: {r['envoy_rounds_timed_out']}",
+                file=sys.stderr,
+            )
+        return 0
     report = {"benchmark": "xds_push", "machine_cpus": os.cpu_count(), "targets": {"p99_seconds": 1.0, "peak_rss_mb": 500}, "results": results}
     print(json.dumps(report, indent=2))
     for r in results:
