@@ -179,6 +179,8 @@ class Governance:
         self.engine = engine
         self.module = module
         self.domain = cp.settings.domain
+        # resolved once here: a wildcard listen address costs a name lookup, which must not block each publish
+        self.api_host = _reachable(cp.settings.listen_address)
         self.outliers: dict[str, Outlier] = self._outliers()
         self.guarded: frozenset[str] = self._guarded()
         self._governed_nodes: set[str] = set()
@@ -239,7 +241,7 @@ class Governance:
         port = self.cp.ports.get("api")
         if not port:
             return None  # not serving yet: published once the API listens
-        return f"http://{_reachable(self.cp.settings.listen_address)}:{port}{WASM_PATH}"
+        return f"http://{self.api_host}:{port}{WASM_PATH}"
 
     def _clusters(self, svc: Service, port: str | None) -> list[str]:
         routing = self.cp.service_routing(svc.key)
@@ -300,7 +302,7 @@ class Governance:
         uri = self.uri
         if self.module is None or uri is None:
             return
-        self.cp.cache.put(TYPE.CLUSTER, {API_CLUSTER: api_cluster(_reachable(self.cp.settings.listen_address), self.cp.ports["api"])})
+        self.cp.cache.put(TYPE.CLUSTER, {API_CLUSTER: api_cluster(self.api_host, self.cp.ports["api"])})
         self.cp.cache.put(TYPE.EXTENSION_CONFIG, {
             OUTBOUND_FILTER: self._resource(OUTBOUND_FILTER, self.outbound_document(), uri),
             INBOUND_FILTER: self._resource(INBOUND_FILTER, {}, uri),

@@ -313,3 +313,35 @@ def test_sidecar_listeners_carry_ecds_filters_only() -> None:
     assert f.config_discovery.HasField("default_config"), "expected a pass-through default config if the first fetch times out"
     assert f.config_discovery.config_source.initial_fetch_timeout.seconds > 0, "expected a bounded wait for the first config"
     assert ecds_filter(INBOUND_FILTER).name == INBOUND_FILTER
+
+
+@needs_module
+def test_a_wildcard_listen_address_is_resolved_once_not_per_publish(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    lookups: list[str] = []
+
+    def gethostbyname(name: str) -> str:
+        lookups.append(name)
+        return "192.0.2.7"
+
+    monkeypatch.setattr(socket, "gethostbyname", gethostbyname)
+    cp = ControlPlane(Settings(store="memory:", listen_address="0.0.0.0"))
+    install(cp)
+    cp.ports["api"] = 15999
+    cp.build_all()
+    reg = cp.registry
+    reg.put_service(Service(name="api", ports=[{"name": "http", "port": 80}]))
+    reg.put_document("policies", "RateLimitPolicy/default/rl", {"kind": "RateLimitPolicy", "name": "rl", "service": "api", "rate": 50, "burst": 5}, service="api.default")
+    cp.flush()
+    _sidecar(cp, "api-1", "api")
+    _sidecar(cp, "api-2", "api")
+    reg.put_document("policies", "CircuitBreakerPolicy/default/cb", {"kind": "CircuitBreakerPolicy", "name": "cb", "service": "api"}, service="api.default")
+    cp.flush()
+
+    cluster = _unpack(cp.cache.get(TYPE.CLUSTER, "meshpilot-api"), cluster_pb2.Cluster())
+    address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address
+    assert address == "192.0.2.7", f"expected the module's cluster at the host's resolved address, got {address!r}"
+    assert "http://192.0.2.7:15999/" in str(_unpack(cp.cache.get(TYPE.EXTENSION_CONFIG, "meshpilot.governance.inbound", "api-1"),
+                                                     extension_pb2.TypedExtensionConfig())), "expected the module URI at the resolved address"
+    assert len(lookups) == 1, f"expected one host name lookup for the whole run, got {len(lookups)}: {lookups}"
