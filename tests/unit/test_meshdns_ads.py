@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 
 from meshpilot.meshdns import dns_pb2
 from meshpilot.meshdns.ads import TYPE_URL, AdsState, load_state, run_ads, save_state
-from meshpilot.meshdns.table import Service
+from meshpilot.meshdns.table import Port, Service
+from meshpilot.model import Service as MeshService
+from meshpilot.translate.dns import build_dns_service, dns_resource_name
 
 
 def resource(name: str, ns: str = "default", vip: str = "240.240.0.1", version: str = "v1",
@@ -32,6 +34,31 @@ def response(*resources: discovery_pb2.Resource, removed: tuple[str, ...] = (), 
              type_url: str = TYPE_URL) -> discovery_pb2.DeltaDiscoveryResponse:
     return discovery_pb2.DeltaDiscoveryResponse(type_url=type_url, resources=resources,
                                                 removed_resources=list(removed), nonce=nonce)
+
+
+_label = st.from_regex(r"[a-z][a-z0-9-]{0,10}[a-z0-9]", fullmatch=True)
+
+
+@given(
+    name=_label, namespace=_label, domain=st.sampled_from(["mesh", "corp.local"]),
+    vip=st.sampled_from([None, "240.240.0.9"]), vip6=st.sampled_from([None, "fd00::9"]),
+    ports=st.lists(st.tuples(st.integers(1, 65535), st.sampled_from(["http", "http2", "grpc", "tcp"])), min_size=1, max_size=4,
+                   unique_by=lambda p: p[0]),
+)
+@settings(max_examples=60, deadline=None)
+def test_the_control_planes_resource_is_the_table_meshdns_reads(name: str, namespace: str, domain: str, vip: str | None,
+                                                                vip6: str | None, ports: list[tuple[int, str]]) -> None:
+    svc = MeshService(name=name, namespace=namespace, vip=vip,
+                      ports=[{"name": f"p{i}", "port": port, "protocol": proto} for i, (port, proto) in enumerate(ports)])
+    msg = build_dns_service(svc, domain, vip, vip6)
+    body = any_pb2.Any(type_url=TYPE_URL, value=msg.SerializeToString(deterministic=True))
+    st_ = AdsState("n")
+    ack, _ = st_.on_response(response(discovery_pb2.Resource(name=dns_resource_name(svc), version="1", resource=body)))
+    assert not ack.HasField("error_detail"), f"expected meshdns to accept the control plane's resource, got {ack.error_detail}"
+    expected = Service(name, namespace, domain, vip or "", vip6 or "",
+                       tuple(Port(f"p{i}", port, proto) for i, (port, proto) in enumerate(ports)))
+    got = st_.resources[dns_resource_name(svc)][1]
+    assert got == expected, f"expected meshdns to read {expected}, got {got}"
 
 
 def test_initial_request_is_wildcard_with_held_versions() -> None:
