@@ -21,11 +21,11 @@ import asyncio
 import logging
 import resource
 import ssl
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 __all__ = ["HttpLimits", "connection_cap", "raise_fd_limit", "start_front_door"]
 
@@ -98,9 +98,9 @@ async def start_front_door(app: web.Application, host: str, port: int, limits: H
     return runner, bound
 
 
-def _body_deadline(seconds: float) -> Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[web.StreamResponse]]:
+def _body_deadline(seconds: float) -> Middleware:
     @web.middleware
-    async def body_deadline(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.body_exists:
             try:
                 async with asyncio.timeout(seconds):

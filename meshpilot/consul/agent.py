@@ -32,7 +32,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from meshpilot.consul.definitions import CheckDef, ConsulError, ServiceDef, fold, mesh_name, parse_check
 from meshpilot.consul.kv import KeyValue
@@ -44,7 +44,7 @@ __all__ = ["Answer", "CONSUL_NAME", "ConsulAgent", "OWNER", "VERSION"]
 
 log = logging.getLogger("meshpilot.consul")
 
-OWNER = "consul"
+OWNER: Final = "consul"
 VERSION = "1.17.0"  # the Consul version meshpilot's API subset corresponds to
 _PREFIX = "consul:"
 _META = "meta"

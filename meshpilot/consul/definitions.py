@@ -126,7 +126,7 @@ class CheckDef:
     def from_json(cls, d: dict[str, Any]) -> CheckDef:
         return cls(
             id=d["id"], name=d["name"], kind=d["kind"], service_id=d.get("service_id", ""), ttl_s=d.get("ttl_s", 0.0),
-            url=d.get("url", ""), method=d.get("method", "GET"), headers=tuple(tuple(h) for h in d.get("headers", [])),  # type: ignore[misc]
+            url=d.get("url", ""), method=d.get("method", "GET"), headers=tuple(tuple(h) for h in d.get("headers", [])),
             tcp=d.get("tcp", ""), interval_s=d.get("interval_s", 0.0), timeout_s=d.get("timeout_s", 10.0),
             deregister_after_s=d.get("deregister_after_s", 0.0), status=d.get("status", "critical"), notes=d.get("notes", ""),
         )

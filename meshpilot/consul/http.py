@@ -434,6 +434,6 @@ async def _resolved(sdef: ServiceDef) -> ServiceDef:
             infos = await loop.getaddrinfo(sdef.address, None, type=socket.SOCK_STREAM)
     except (OSError, TimeoutError):
         raise ConsulError(400, f"Invalid service address {sdef.address!r}: cannot resolve it to an IP address") from None
-    addrs = [i[4][0] for i in infos]
+    addrs = [str(i[4][0]) for i in infos]  # AF_INET/AF_INET6 addresses are already strings
     v4 = [a for a in addrs if ":" not in a]
     return replace(sdef, address=(v4 or addrs)[0])

@@ -148,23 +148,19 @@ class KeyValue:
 
     def _apply(self, work: dict[str, dict[str, Any]], op: _Op, idx: int, now: float, results: list[dict[str, Any]]) -> str | None:
         key, old = op.key, work.get(op.key)
-        if op.verb in ("get", "check-index", "check-session") and old is None:
-            return f'key "{key}" doesn\'t exist'
-        if op.verb == "get":
-            results.append({"KV": _entry_json(key, old)})  # type: ignore[arg-type]
+        if op.verb in ("get", "check-index", "check-session"):
+            if old is None:
+                return f'key "{key}" doesn\'t exist'
+            if op.verb == "check-index" and old["mi"] != op.index:
+                return f'current modify index {old["mi"]} != {op.index}'
+            if op.verb == "check-session" and old.get("s") != op.session:
+                return f'key "{key}" is not currently locked by session "{op.session}"'
+            results.append({"KV": _entry_json(key, old, value=op.verb == "get")})
         elif op.verb == "get-tree":
             results.extend({"KV": _entry_json(k, work[k])} for k in sorted(work) if k.startswith(key))
         elif op.verb == "check-not-exists":
             if old is not None:
                 return f'key "{key}" exists'
-        elif op.verb == "check-index":
-            if old["mi"] != op.index:  # type: ignore[index]
-                return f'current modify index {old["mi"]} != {op.index}'  # type: ignore[index]
-            results.append({"KV": _entry_json(key, old, value=False)})  # type: ignore[arg-type]
-        elif op.verb == "check-session":
-            if old.get("s") != op.session:  # type: ignore[union-attr]
-                return f'key "{key}" is not currently locked by session "{op.session}"'
-            results.append({"KV": _entry_json(key, old, value=False)})  # type: ignore[arg-type]
         elif op.verb in ("set", "cas"):
             if op.verb == "cas" and (old is not None if op.index == 0 else old is None or old["mi"] != op.index):
                 return f'failed to set key "{key}", index is stale'

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from aiohttp import web
+
 from meshpilot.consul.agent import ConsulAgent
 from meshpilot.consul.checker import run_checks
 from meshpilot.consul.http import build_consul_app
@@ -22,12 +24,12 @@ def install(cp: ControlPlane) -> ConsulAgent | None:
     agent = ConsulAgent(cp.registry)
     token = cp.settings.token
 
-    def factory() -> object:
+    def factory() -> web.Application:
         return build_consul_app(agent, token)
 
     async def consul_checks() -> None:
         await run_checks(agent)
 
-    cp.add_http_app("consul", factory, port)  # type: ignore[arg-type]
+    cp.add_http_app("consul", factory, port)
     cp.add_task(consul_checks)
     return agent

@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from meshpilot.consul.metadata import exported_meta, instance_fields, join_service, primary_port, release_service, tags_of
 from meshpilot.eureka.codec import EurekaError, InstanceInfo, hashcode
@@ -26,7 +26,7 @@ __all__ = ["EurekaFront", "OWNER"]
 
 log = logging.getLogger("meshpilot.eureka")
 
-OWNER = "eureka"
+OWNER: Final = "eureka"
 DELTA_RETENTION_S = 180.0
 _PREFIX = "eureka:"
 _META = "meta"
@@ -109,9 +109,10 @@ class EurekaFront:
 
     def _view(self, inst: Instance, svc: Service | None) -> dict[str, Any]:
         _pname, port, _proto = primary_port(svc, inst)
-        name = svc.name if svc is None or svc.namespace == "default" else f"{svc.name}.{svc.namespace}"
         if svc is None:
             name = inst.service
+        else:
+            name = svc.name if svc.namespace == "default" else f"{svc.name}.{svc.namespace}"
         metadata = exported_meta(svc, inst)
         tags = tags_of(inst)
         if tags:
@@ -182,7 +183,7 @@ class EurekaFront:
         }
 
     def application(self, app: str) -> dict[str, Any]:
-        apps = self.applications(app=app)["application"]
+        apps: list[dict[str, Any]] = self.applications(app=app)["application"]
         if not apps:
             raise EurekaError(404, f"application {app.upper()} is not registered")
         return apps[0]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from aiohttp import web
+
 from meshpilot.eureka.front import EurekaFront
 from meshpilot.eureka.http import build_eureka_app
 
@@ -24,7 +26,7 @@ def install(cp: ControlPlane) -> EurekaFront | None:
     front = EurekaFront(cp.registry)
     token = cp.settings.token
 
-    def factory() -> object:
+    def factory() -> web.Application:
         return build_eureka_app(front, token)
 
     async def eureka_leases() -> None:
@@ -32,6 +34,6 @@ def install(cp: ControlPlane) -> EurekaFront | None:
             front.expire()
             await asyncio.sleep(_EXPIRY_TICK_S)
 
-    cp.add_http_app("eureka", factory, port)  # type: ignore[arg-type]
+    cp.add_http_app("eureka", factory, port)
     cp.add_task(eureka_leases)
     return front

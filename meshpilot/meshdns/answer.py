@@ -86,6 +86,9 @@ def _soa(w: MessageWriter, owner: tuple[bytes, ...], table: NameTable, zone: tup
              struct.pack("!IIIII", table.serial & 0xFFFFFFFF, 3600, 600, 86400, ttl))
 
 
+_Rdata = tuple[bytes | tuple[bytes, ...], ...]  # a record's parts, as MessageWriter.record takes them
+
+
 def _build(data: bytes, q: Query, table: NameTable, tcp: bool) -> bytes | None:
     labels = q.lower_labels()
     found: Lookup | None = table.names.get(labels)
@@ -95,8 +98,8 @@ def _build(data: bytes, q: Query, table: NameTable, tcp: bool) -> bytes | None:
     if q.qclass not in (CLASS_IN, CLASS_ANY):
         return _error(data, RCODE.REFUSED, q.question_end, q)
     ttl = table.ttl
-    answers: list[tuple[int, tuple]] = []
-    additional: list[tuple[int, tuple]] = []
+    answers: list[tuple[int, _Rdata]] = []
+    additional: list[tuple[int, _Rdata]] = []
     rcode = RCODE.NOERROR
     qname = q.labels
     if found is not None:
@@ -188,4 +191,8 @@ def flag_variants(response: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     """
     b2, b3 = response[2] & 0xFE, response[3] & 0xEF
     rest = response[4:]
-    return tuple(bytes((b2 | (i & 1), b3 | (0x10 if i & 2 else 0))) + rest for i in range(4))  # type: ignore[return-value]
+
+    def variant(i: int) -> bytes:
+        return bytes((b2 | (i & 1), b3 | (0x10 if i & 2 else 0))) + rest
+
+    return variant(0), variant(1), variant(2), variant(3)

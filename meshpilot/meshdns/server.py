@@ -24,7 +24,7 @@ import struct
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from meshpilot.meshdns import batch
 from meshpilot.meshdns.ads import AdsState, load_state, run_ads, save_state
@@ -46,19 +46,20 @@ class _Udp(asyncio.DatagramProtocol):
 
     def __init__(self, dns: MeshDns) -> None:
         self.dns = dns
-        self.transport: asyncio.DatagramTransport | None = None
+        self.transport: asyncio.DatagramTransport  # set by connection_made, before any datagram
         self.hits = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.DatagramTransport, transport)  # a datagram endpoint's transport
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         hot = self.dns._udp_hot.get(data[4:])
         if hot is not None and not data[2] & 0xF8 and hot[4] > self.dns.clock():  # a query with opcode QUERY
-            self.transport.sendto(data[:2] + hot[(data[2] & 1) | ((data[3] & 0x10) >> 3)], addr)  # type: ignore[union-attr]
+            # the index is 0-3, a bytes variant (4 is the expiry); a cast() would cost a call per query
+            self.transport.sendto(data[:2] + hot[(data[2] & 1) | ((data[3] & 0x10) >> 3)], addr)  # type: ignore[operator]
             self.hits += 1
             return
-        self.dns._miss(data, lambda out: self.transport.sendto(out, addr), tcp=False)  # type: ignore[union-attr]
+        self.dns._miss(data, lambda out: self.transport.sendto(out, addr), tcp=False)
 
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP errors about clients that went away; nothing to do
@@ -177,7 +178,8 @@ class MeshDns:
                     data = await reader.readexactly(length)
                 hot = self._tcp_hot.get(data[4:])
                 if hot is not None and not data[2] & 0xF8 and hot[4] > self.clock():
-                    reply(data[:2] + hot[(data[2] & 1) | ((data[3] & 0x10) >> 3)])
+                    # as in _Udp: the index is 0-3, a bytes variant
+                    reply(data[:2] + hot[(data[2] & 1) | ((data[3] & 0x10) >> 3)])  # type: ignore[operator]
                     self._count("tcp_hot_hits")
                 else:
                     self._miss(data, reply, tcp=True)

@@ -113,7 +113,7 @@ class Registry:
     def put_service(self, service: Service) -> Service:
         """Create or replace a service. Its virtual IP is kept, or allocated on creation."""
         old = self._services.get(service.key)
-        vip = old.vip if old else self._allocate_vip(service.key)
+        vip = old.vip if old and old.vip else self._allocate_vip(service.key)
         service = service.model_copy(update={"vip": vip})
         if old == service:
             return old

@@ -117,6 +117,29 @@ def test_a_transaction_applies_whole_or_not_at_all() -> None:
     assert errors is None and sorted(kv.entries) == ["a"] and kv.value("a") == b"2", (errors, kv.entries)
 
 
+def test_transaction_reads_and_checks_answer_like_consul() -> None:
+    kv = _kv()
+    sid = kv.create_session(None, "n", _passing)
+    assert kv.acquire("held", b"v", 0, sid)
+    kv.txn([{"KV": {"Verb": "set", "Key": "a", "Value": _b64("1")}}])
+    mi = kv.entries["a"]["mi"]
+    results, errors = kv.txn([{"KV": {"Verb": "get", "Key": "a"}}, {"KV": {"Verb": "check-index", "Key": "a", "Index": mi}},
+                              {"KV": {"Verb": "check-session", "Key": "held", "Session": sid}}])
+    assert errors is None and results is not None, errors
+    got = [(r["KV"]["Key"], r["KV"]["Value"]) for r in results]
+    assert got == [("a", _b64("1")), ("a", None), ("held", None)], f"expected get with its value and checks without, got {got}"
+    assert results[2]["KV"]["Session"] == sid, results[2]
+    failures = {
+        "get": ({"Verb": "get", "Key": "missing"}, 'key "missing" doesn\'t exist'),
+        "check-index": ({"Verb": "check-index", "Key": "a", "Index": mi + 1}, f"current modify index {mi} != {mi + 1}"),
+        "check-session": ({"Verb": "check-session", "Key": "a", "Session": sid}, f'key "a" is not currently locked by session "{sid}"'),
+        "check-session of a missing key": ({"Verb": "check-session", "Key": "gone", "Session": sid}, 'key "gone" doesn\'t exist'),
+    }
+    for what, (op, message) in failures.items():
+        results, errors = kv.txn([{"KV": op}])
+        assert results is None and errors == [{"OpIndex": 0, "What": message}], f"{what}: expected {message!r}, got {errors}"
+
+
 def test_sessions_and_locks_survive_a_restart_and_orphaned_locks_are_freed() -> None:
     reg = Registry(MemoryStore())
     kv = _kv(reg)
