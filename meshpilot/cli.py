@@ -2,7 +2,9 @@
 
 Each area of the product contributes its own subcommands: a module listed in
 ``_COMMAND_MODULES`` defines ``register(subparsers)``, which adds parsers whose
-``func`` attribute takes the parsed arguments and returns an exit code.
+``func`` attribute takes the parsed arguments and returns an exit code. Every listed
+module is part of the product: one that cannot be imported is an error, not a
+subcommand quietly left out.
 """
 
 from __future__ import annotations
@@ -12,34 +14,23 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from types import ModuleType
 
 _COMMAND_MODULES = (
     "meshpilot.commands",
     "meshpilot.meshdns.command",
     "meshpilot.sidecar.command",
+    "meshpilot.sidecar.capture",
+    "meshpilot.kube.command",
     "meshpilot.perf.command",
     "meshpilot.policy.command",
 )
-
-
-def import_optional(name: str) -> ModuleType | None:
-    """The module, or None when that module itself does not exist (errors inside it still raise)."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:
-            return None
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshpilot", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        module = import_optional(name)
-        if module is not None:
-            module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

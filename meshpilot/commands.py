@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -25,12 +24,9 @@ def _setup_logging(level: str) -> None:
 
 
 def _run(coro: Any) -> None:
-    try:
-        import uvloop
+    import uvloop
 
-        uvloop.run(coro)
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(coro)
+    uvloop.run(coro)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,11 +1,13 @@
-"""Wires the optional parts of the product (HDS, Consul and Eureka APIs, policies, meshdns table)
-into a ControlPlane. Each part exposes ``install(cp)`` in its package's ``plugin`` module."""
+"""Wires the parts of the product beyond the registry and xDS (HDS, Consul and Eureka APIs, policies,
+proxyless clients) into a ControlPlane. Each listed module exposes ``install(cp)``; a part a setting
+switches off (a front door's port) decides that in its own ``install``. A listed module that cannot be
+imported is an error: every one ships with the product."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 
-from meshpilot.cli import import_optional
 from meshpilot.controlplane import ControlPlane
 
 __all__ = ["install_plugins"]
@@ -16,15 +18,10 @@ _PLUGINS = (
     "meshpilot.eureka.plugin",
     "meshpilot.policy.plugin",
     "meshpilot.proxyless.plugin",
-    "meshpilot.meshdns.plugin",
 )
 
 
 def install_plugins(cp: ControlPlane) -> None:
     for name in _PLUGINS:
-        module = import_optional(name)
-        install = getattr(module, "install", None)
-        if install is None:
-            continue
-        install(cp)
+        importlib.import_module(name).install(cp)
         logging.getLogger("meshpilot").debug("event=plugin_installed plugin=%s", name)

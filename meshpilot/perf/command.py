@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
-from meshpilot.cli import import_optional
+import importlib
 
 __all__ = ["register"]
 
@@ -21,9 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     perf = sub.add_parser("perf", help="run a benchmark")
     kinds = perf.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     for name, (module_name, help_text) in _BENCHMARKS.items():
-        module = import_optional(module_name)
-        if module is None:
-            continue
+        module = importlib.import_module(module_name)
         p = kinds.add_parser(name, help=help_text)
         module.add_arguments(p)
         p.set_defaults(func=module.main)

@@ -254,12 +254,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        import uvloop
+    import uvloop
 
-        r = uvloop.run(_run(args))
-    except ImportError:  # pragma: no cover
-        r = asyncio.run(_run(args))
+    r = uvloop.run(_run(args))
     print(json.dumps({"benchmark": "xds_abuse", "machine_cpus": os.cpu_count(), "result": r}, indent=2))
     parts = []
     if "dead_readers" in r:

@@ -43,6 +43,7 @@ from typing import Any
 
 import grpc
 import psutil
+import uvloop
 from aiohttp import ClientSession, TCPConnector
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -407,12 +408,7 @@ def main(args: argparse.Namespace) -> int:
         if v not in ("delta", "sotw"):
             print(f"meshpilot perf xds: unknown variant {v!r} (delta, sotw)", file=sys.stderr)
             return 2
-        try:
-            import uvloop
-
-            results.append(uvloop.run(run(args, v == "delta")))
-        except ImportError:  # pragma: no cover
-            results.append(asyncio.run(run(args, v == "delta")))
+        results.append(uvloop.run(run(args, v == "delta")))
     if args.churn > 0:
         print(json.dumps({"benchmark": "xds_churn", "machine_cpus": os.cpu_count(), "targets": {"p99_seconds": 0.5}, "results": results}, indent=2))
         for r in results:

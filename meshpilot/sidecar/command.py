@@ -1,10 +1,9 @@
-"""Sidecar subcommands: ``sidecar`` (the agent), ``capture`` (iptables rules), ``inject`` and
-``webhook`` (Kubernetes manifests and the mutating admission webhook)."""
+"""The ``sidecar`` subcommand: the node agent that runs Envoy (and optionally the app) for one spec.yaml.
+``capture`` (sidecar/capture.py) and ``inject``/``webhook`` (kube/command.py) register themselves."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -57,12 +56,9 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         workdir=Path(args.workdir), envoy=args.envoy or default_envoy(),
         ready_file=Path(args.ready_file) if args.ready_file else None,
     )
-    try:
-        import uvloop
+    import uvloop
 
-        return uvloop.run(run_agent(cfg))
-    except ImportError:  # pragma: no cover
-        return asyncio.run(run_agent(cfg))
+    return uvloop.run(run_agent(cfg))
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -83,14 +79,3 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--ready-file", help="write pids and ports as JSON here once Envoy's admin answers")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_sidecar)
-
-    import importlib
-
-    for name in ("meshpilot.sidecar.capture", "meshpilot.kube.command"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
