@@ -6,8 +6,9 @@ JSON documents in named tables. ``write`` applies a change at once for every rea
 before it answers, so nothing is acknowledged that a crash could lose. ``SqliteStore`` is the
 embedded default (one file, WAL journal, ``synchronous=FULL``): one writer thread commits, and the
 writes that arrive while a commit is on its way to disk go together into the next one (group
-commit), so the event loop never waits for the disk and many writers share each sync. An etcd
-store implements the same interface when several control-plane replicas share state.
+commit), so the event loop never waits for the disk and many writers share each sync.
+``MemoryStore`` keeps nothing across restarts (tests, benchmarks). These two are the only stores:
+the state lives in one control-plane process, and replicas that share it are not supported.
 """
 
 from __future__ import annotations
@@ -254,11 +255,13 @@ class MemoryStore:
 
 
 def open_store(url: str) -> Store:
-    """``sqlite:PATH`` (default scheme), ``memory:``."""
+    """``sqlite:PATH`` (a bare PATH is SQLite too) or ``memory:``; any other ``scheme://`` is refused."""
     if url in ("memory:", ":memory:"):
         return MemoryStore()
     if url.startswith("sqlite:"):
-        url = url[len("sqlite:") :]
+        return SqliteStore(url[len("sqlite:") :])
+    if "://" in url:
+        raise ValueError(f"store: {url.split('://', 1)[0]}:// is not a store this build has; use sqlite:PATH or memory:")
     return SqliteStore(url)
 
 
