@@ -141,7 +141,8 @@ def _window(calls: list[tuple[float, str]], start: float, n: int) -> list[str]:
 
 def test_sidecar_follows_weight_split_and_change(sidecar: Sidecar) -> None:
     sidecar.api("PUT", SPLIT, _policy(90, 10))
-    wait_until(lambda: "outbound|80|v2|web.default.svc.mesh" in sidecar.proxy.admin("/clusters"), 10, what="the v2 subset cluster in Envoy")
+    # new subsets warm up before the routes that use them: wait for the routes
+    wait_until(lambda: "outbound|80|v2|web.default.svc.mesh" in sidecar.proxy.admin("/config_dump?resource=dynamic_route_configs"), 10, what="a route to the v2 subset in Envoy")
     with traffic(sidecar.port, "web") as calls:
         start = time.time()
         before = _window(calls, start, CALLS)
@@ -238,3 +239,34 @@ def test_policy_cli_apply_list_get_delete() -> None:
         assert cli("delete", "RoutingPolicy", "a").returncode == 0, "expected delete to succeed"
         left = json.loads(cli("list").stdout)
         assert [p["name"] for p in left] == ["b"], f"expected only b left, got {left}"
+
+
+@pytest.mark.parametrize("variant", ["sotw", "delta"])
+def test_policy_create_update_delete_under_load_fails_no_request(variant: str) -> None:
+    """Make before break for Envoy: a new subset cluster is active before a route sends traffic to
+    it, and a deleted one leaves only after the routes that named it."""
+    workdir = tmpdir("meshpilot-routing-mbb-")
+    with control_plane(workdir) as cp, backend("v1") as b1, backend("v2") as b2:
+        assert cp.call("POST", "/v1/services", {"name": "web", "ports": [{"name": "http", "port": 80}]})[0] == 201
+        for name, b in (("v1", b1), ("v2", b2)):
+            body = {"id": f"web-{name}", "address": "127.0.0.1", "ports": {"http": b.port}, "labels": {"version": name}}
+            assert cp.call("POST", "/v1/services/default/web/instances", body)[0] == 201
+        port = free_port()
+        with envoy(workdir, sidecar_bootstrap("caller-1", cp.xds_port, sotw=variant == "sotw", outbound_port=port)):
+            wait_until(lambda: through(port, "web")[0] == 200, 20, what="a first 200 through the sidecar")
+            phases: list[tuple[float, str]] = []
+            with traffic(port, "web") as calls:
+                for _ in range(5):
+                    for phase, method, body in (("create", "PUT", _policy(100, 0)), ("update", "PUT", _policy(0, 100)), ("delete", "DELETE", None)):
+                        phases.append((time.time(), phase))
+                        status, data = cp.call(method, SPLIT, body)
+                        assert status < 300, f"{phase}: expected success, got {status} {data}"
+                        start = time.time()
+                        wait_until(lambda: sum(1 for ts, _ in list(calls) if ts >= start + 1.0) > 0, 10, what=f"requests 1 s after {phase}")
+                        if phase == "update":
+                            tail = [o for ts, o in list(calls) if start < ts < start + 1.0][-20:]
+                            assert tail and set(tail) == {"v2"}, f"expected requests 1 s after the 0/100 update to reach v2 only, got {Counter(tail)}"
+            bad = Counter(
+                f"{max(p for p in phases if p[0] <= ts)[1]}: {o}" for ts, o in calls if o not in ("v1", "v2") and ts >= phases[0][0]
+            )
+            assert not bad, f"expected no failed request across 5 policy create/update/delete cycles ({len(calls)} requests), got {dict(bad)}"
