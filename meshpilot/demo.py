@@ -20,12 +20,13 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import ClientSession, ClientTimeout, web
 
 from meshpilot.controlplane import ControlPlane
-from meshpilot.model import Check, Instance, Service
+from meshpilot.model import Check, CheckStatus, Instance, Service, ServicePort
 from meshpilot.plugins import install_plugins
 from meshpilot.settings import Settings
 from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
@@ -41,7 +42,8 @@ def _port(preferred: int) -> int:
                 s.bind(("127.0.0.1", candidate))
             except OSError:
                 continue
-            return s.getsockname()[1]
+            bound: int = s.getsockname()[1]
+            return bound
     raise OSError("no free port")
 
 
@@ -104,8 +106,16 @@ class _Sidecar:
                 await self.proc.wait()
 
 
+@dataclass(frozen=True, slots=True)
+class _Mesh:
+    cp: ControlPlane
+    frontend_in: int
+    frontend_out: int
+    sidecars: list[_Sidecar]
+
+
 @contextlib.asynccontextmanager
-async def _mesh(workdir: Path) -> AsyncIterator[dict[str, object]]:
+async def _mesh(workdir: Path) -> AsyncIterator[_Mesh]:
     settings = Settings(
         store=f"sqlite:{workdir / 'meshpilot.db'}",
         xds_port=_port(15010),
@@ -122,8 +132,8 @@ async def _mesh(workdir: Path) -> AsyncIterator[dict[str, object]]:
         async with asyncio.timeout(15):
             await cp.ready.wait()
         reg = cp.registry
-        reg.put_service(Service(name="frontend", ports=[{"name": "http", "port": 80}], labels={"demo": "true"}))
-        reg.put_service(Service(name="backend", ports=[{"name": "http", "port": 80}], labels={"demo": "true"}))
+        reg.put_service(Service(name="frontend", ports=[ServicePort(name="http", port=80)], labels={"demo": "true"}))
+        reg.put_service(Service(name="backend", ports=[ServicePort(name="http", port=80)], labels={"demo": "true"}))
         fe_out, fe_in = _port(0), _port(0)
         apps = [("frontend", "frontend-1", fe_out, fe_in), ("backend", "backend-1", 0, _port(0)), ("backend", "backend-2", 0, _port(0))]
         for service, node, out_port, in_port in apps:
@@ -143,10 +153,10 @@ async def _mesh(workdir: Path) -> AsyncIterator[dict[str, object]]:
                 Instance(
                     id=node, service=service, node=node, address="127.0.0.1", ports={"http": in_port},
                     source="api", labels={"version": "v1"},
-                    checks=[Check(id="demo", owner="api", status="passing")],
+                    checks=[Check(id="demo", owner="api", status=CheckStatus.passing)],
                 )
             )
-        yield {"cp": cp, "frontend_in": fe_in, "frontend_out": fe_out, "sidecars": sidecars}
+        yield _Mesh(cp, fe_in, fe_out, sidecars)
     finally:
         for car in sidecars:
             await car.stop()
@@ -170,12 +180,11 @@ async def run_demo(requests: int = 20, keep_running: bool = True) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="meshpilot-demo-"))
     try:
         async with _mesh(workdir) as mesh:
-            cp: ControlPlane = mesh["cp"]  # type: ignore[assignment]
-            fe_in = mesh["frontend_in"]
+            cp, fe_in = mesh.cp, mesh.frontend_in
             print("meshpilot demo: control plane up, 3 apps behind 3 Envoy sidecars; sending traffic...", flush=True)
             spread: Counter[str] = Counter()
             failures = 0
-            frontend = mesh["sidecars"][0]  # type: ignore[index]
+            frontend = mesh.sidecars[0]
             async with ClientSession(timeout=ClientTimeout(total=5)) as s:
                 # ready when the frontend's Envoy holds both backends (ADS pushes take milliseconds)
                 clusters_url = f"http://127.0.0.1:{frontend.admin_port}/clusters"
@@ -188,7 +197,7 @@ async def run_demo(requests: int = 20, keep_running: bool = True) -> None:
                             if line.startswith("outbound|80||backend.default.svc.mesh::") and line.endswith("::health_flags::healthy")
                         ]
                         # ... and every sidecar's listeners serve (they start once their filter config is in)
-                        listening = all([await _accepts(car.opts.inbound_port) for car in mesh["sidecars"]])  # type: ignore[attr-defined]
+                        listening = all([await _accepts(car.opts.inbound_port) for car in mesh.sidecars])
                         if len(healthy) == 2 and listening:
                             break
                     except OSError:
@@ -206,17 +215,16 @@ async def run_demo(requests: int = 20, keep_running: bool = True) -> None:
             for app, n in sorted(spread.items()):
                 print(f"  served by {app}: {n}")
             print(f"  failed: {failures}")
-            sidecars = mesh["sidecars"]
             print("\nLook at:")
             print(f"  services        {api}/v1/services")
             print(f"  Envoys          {api}/v1/proxies   (streams, ACKed versions, NACKs)")
             print(f"  metrics         {api}/metrics")
             print(f"  API document    {api}/openapi.json")
-            for car in sidecars:  # type: ignore[attr-defined]
+            for car in mesh.sidecars:
                 print(f"  {car.name:15} Envoy admin http://127.0.0.1:{car.admin_port}/clusters")
             print("\nTry:")
             print(f"  curl http://127.0.0.1:{fe_in}/")
-            print(f"  curl -H 'Host: backend' http://127.0.0.1:{mesh['frontend_out']}/")
+            print(f"  curl -H 'Host: backend' http://127.0.0.1:{mesh.frontend_out}/")
             print(f"  .venv/bin/meshpilot instance deregister --id backend-2 --api {api}   # then curl again")
             if failures:
                 raise SystemExit(f"meshpilot demo: {failures} of {requests} requests failed")

@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshpilot.kube.inject import InjectConfig
 
 __all__ = ["register"]
 
 
-def _config(args: argparse.Namespace) -> object:
+def _config(args: argparse.Namespace) -> InjectConfig:
     from meshpilot.kube.inject import InjectConfig
 
     return InjectConfig(image=args.image, control_plane=args.control_plane, api=args.api, vip_cidr=args.vip_cidr)
@@ -25,7 +29,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
         print(f"meshpilot inject: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
-        out = inject_documents(text, _config(args))  # type: ignore[arg-type]
+        out = inject_documents(text, _config(args))
     except InjectError as exc:
         print(f"meshpilot inject: {args.file}: {exc}", file=sys.stderr)
         return 1
@@ -39,7 +43,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
 def cmd_webhook(args: argparse.Namespace) -> int:
     from meshpilot.kube.webhook import serve
 
-    return serve(args.listen, args.port, args.cert, args.key, _config(args), args.ready_file)  # type: ignore[arg-type]
+    return serve(args.listen, args.port, args.cert, args.key, _config(args), args.ready_file)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -49,7 +53,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vip-cidr", default="240.240.0.0/16")
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("inject", help="add the sidecar and capture init container to Kubernetes manifests")
     p.add_argument("-f", "--file", required=True, help="manifest (YAML, several documents allowed; - for stdin)")
     p.add_argument("-o", "--output", help="write here instead of stdout")

@@ -118,10 +118,11 @@ def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-def pod_patch(pod_meta: dict[str, Any], pod_spec: dict[str, Any], cfg: InjectConfig, *, owner_name: str = "",
+def pod_patch(pod_meta: object, pod_spec: object, cfg: InjectConfig, *, owner_name: str = "",
               namespace: str = "default", prefix: str = "", where: str = "spec") -> list[dict[str, Any]]:
     """JSONPatch operations that inject the sidecar into one pod (template); [] when it is
-    already injected or opted out. ``prefix`` is the JSON pointer of the pod object."""
+    already injected or opted out. ``prefix`` is the JSON pointer of the pod object; ``pod_meta`` and
+    ``pod_spec`` are taken as the manifest has them and checked here."""
     pod_meta = _obj(pod_meta or {}, "metadata")
     pod_spec = _obj(pod_spec, where)
     annotations = pod_meta.get("annotations") or {}
@@ -156,6 +157,7 @@ def validate_object(doc: dict[str, Any]) -> None:
     if model is None:
         raise InjectError("kind", f"cannot inject into {kind!r}; expected one of {', '.join(sorted(_WORKLOADS))}")
     try:
+        # the client's model deserializer is name-mangled private: invisible to the type checker
         ApiClient()._ApiClient__deserialize(doc, model)  # type: ignore[attr-defined]
     except (ValueError, TypeError, AttributeError) as exc:
         raise InjectError("(manifest)", f"not a valid {kind}: {exc}") from None

@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["add_arguments", "free_udp_tcp_port", "main", "register_dns", "run"]
 
@@ -93,7 +93,7 @@ def _wait_answering(port: int, name: str, proc: subprocess.Popen[bytes], timeout
         s.settimeout(0.2)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+                raise RuntimeError(f"{cast(list[str], proc.args)[0]} exited with {proc.returncode}")  # see _process
             s.sendto(_query(name), ("127.0.0.1", port))
             try:
                 data = s.recv(4096)
@@ -268,8 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def ratio(kind: str) -> float | None:
         try:
-            return round(results["meshdns"][kind]["throughput"]["qps"] / results["dnsmasq"][kind]["throughput"]["qps"],
-                         3)
+            qps: float = results["meshdns"][kind]["throughput"]["qps"] / results["dnsmasq"][kind]["throughput"]["qps"]
+            return round(qps, 3)
         except (KeyError, TypeError, ZeroDivisionError):
             return None
 

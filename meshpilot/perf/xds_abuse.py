@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,12 @@ def _sotw_call(ch: grpc.aio.Channel) -> Any:
     return ch.stream_stream(_SOTW, request_serializer=lambda b: b, response_deserializer=lambda b: b)()
 
 
-def _request(node: str, type_url: str, names: list[str] = (), nonce: str = "", version: str = "") -> bytes:  # type: ignore[assignment]
+def _request(node: str, type_url: str, names: Sequence[str] = (), nonce: str = "", version: str = "") -> bytes:
     req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names, response_nonce=nonce, version_info=version)
     if node:
         req.node.id, req.node.cluster = node, "perf"
-    return req.SerializeToString()
+    data: bytes = req.SerializeToString()
+    return data
 
 
 async def _dead_reader(ch: grpc.aio.Channel, idx: int, names: list[str]) -> Any:
@@ -191,7 +193,8 @@ async def _dead_readers(args: argparse.Namespace, api: str, port: int, names: li
 
 async def _huge_requests(args: argparse.Namespace, api: str, port: int) -> dict[str, Any]:
     payload = _huge_payload(args.huge_mb, args.name_bytes)
-    stop, latencies = threading.Event(), []
+    stop = threading.Event()
+    latencies: list[float] = []
     poller = threading.Thread(target=_poll_api, args=(api, stop, latencies))
     poller.start()
     try:

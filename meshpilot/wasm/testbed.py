@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -228,7 +229,7 @@ class Envoy:
     def _ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{self.admin}/ready", timeout=1) as r:
-                return r.status == 200
+                return int(r.status) == 200
         except OSError:
             return False
 
@@ -244,7 +245,7 @@ class Envoy:
 
     def stats(self, contains: str = "") -> dict[str, int]:
         """Counters and gauges whose name contains ``contains``."""
-        url = f"http://{self.admin}/stats?filter={urllib.request.quote(contains)}" if contains else f"http://{self.admin}/stats"
+        url = f"http://{self.admin}/stats?filter={urllib.parse.quote(contains)}" if contains else f"http://{self.admin}/stats"
         with urllib.request.urlopen(url, timeout=5) as r:
             text = r.read().decode()
         out = {}
