@@ -356,7 +356,7 @@ async def _churn(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
                 done = [t for t in took if t is not None]
                 late += len(took) - len(done)
                 every.extend(done)
-                last_envoy.append(max(took) if len(done) == len(took) else args.round_timeout)  # type: ignore[type-var]
+                last_envoy.append(max(done) if len(done) == len(took) else float(args.round_timeout))
         return {
             "variant": "delta" if delta else "sotw",
             "envoys": args.envoys,

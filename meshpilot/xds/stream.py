@@ -190,7 +190,7 @@ class _Stream:
     def responses(self, now: float | None = None) -> list[tuple[str, bytes]]:
         """The responses owed, in ORDER; a type marked pending on the way is answered in the same call."""
         stamp = time.monotonic() if now is None else now
-        out = []
+        out: list[tuple[str, bytes]] = []
         self.full_bytes = 0
         while True:
             queue = self._pending_types()
