@@ -232,7 +232,7 @@ def _api_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", help="read the bearer token from this file (or MESHPILOT_TOKEN_FILE)")
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the control plane")
     p.add_argument("--config", help="settings YAML file")
     p.add_argument("--listen", help="address for every listener (default 127.0.0.1)")

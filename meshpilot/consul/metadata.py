@@ -18,7 +18,7 @@ protocol matches, else the service's default port.
 
 from __future__ import annotations
 
-from meshpilot.model import Instance, Protocol, Service, ServicePort
+from meshpilot.model import PROTOCOLS, Instance, Service, ServicePort
 from meshpilot.registry import NotFound, Registry
 from meshpilot.translate.names import portless_port
 
@@ -33,7 +33,6 @@ __all__ = [
 ]
 
 CREATED_BY = "created-by"
-_PROTOCOLS: dict[str, Protocol] = {"http": "http", "http2": "http2", "grpc": "grpc", "tcp": "tcp"}
 
 
 def join_service(reg: Registry, name: str, port: int, protocol: str, creator: str, labels: dict[str, str] | None = None) -> tuple[Service, str]:
@@ -42,7 +41,7 @@ def join_service(reg: Registry, name: str, port: int, protocol: str, creator: st
     A service created by an instance without a port (``0``) gets port 80 for callers of its name."""
     svc = reg.lookup(name)
     if svc is None:
-        proto = _PROTOCOLS.get(protocol, "http")
+        proto = PROTOCOLS.get(protocol, "http")
         svc = reg.put_service(
             Service(name=name, ports=[ServicePort(name=proto, port=port or 80, protocol=proto)],
                     labels={**(labels or {}), CREATED_BY: creator})

@@ -73,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> MeshDnsConfig:
 
 
 async def _run(config: MeshDnsConfig) -> None:
-    from meshpilot.meshdns.server import serve
+    from meshpilot.meshdns.server import MeshDns, serve
 
     main_task = asyncio.current_task()
     loop = asyncio.get_running_loop()
@@ -81,7 +81,7 @@ async def _run(config: MeshDnsConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, main_task.cancel)
 
-    def ready(dns: Any) -> None:
+    def ready(dns: MeshDns) -> None:
         print(f"meshdns listening {config.host}:{dns.port}", flush=True)
 
     try:
@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("meshdns", help="per-node DNS: mesh names to virtual IPs, the rest forwarded",
                               description=__doc__.splitlines()[0] if __doc__ else None)
     add_arguments(p)

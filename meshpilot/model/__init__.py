@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 __all__ = [
+    "PROTOCOLS",
     "ApiOperation",
     "Check",
     "CheckStatus",
@@ -74,6 +75,7 @@ class CheckStatus(str, Enum):
 _RANK = {CheckStatus.passing: 0, CheckStatus.warning: 1, CheckStatus.critical: 2}
 
 Protocol = Literal["http", "http2", "grpc", "tcp"]
+PROTOCOLS: dict[str, Protocol] = {p: p for p in get_args(Protocol)}  # a name to its Protocol value
 
 
 class ServicePort(_Frozen):

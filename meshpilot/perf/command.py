@@ -16,7 +16,7 @@ _BENCHMARKS = {
 }
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     perf = sub.add_parser("perf", help="run a benchmark")
     kinds = perf.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     for name, (module_name, help_text) in _BENCHMARKS.items():

@@ -152,7 +152,7 @@ def _cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("capture", help="install or remove the iptables rules that send mesh traffic to the sidecar")
     p.add_argument("action", choices=["install", "remove"])
     p.add_argument("--vip-cidr", default="240.240.0.0/16")

@@ -61,7 +61,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     return uvloop.run(run_agent(cfg))
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("sidecar", help="run Envoy (and optionally the app) for one app described by spec.yaml")
     p.add_argument("--spec", required=True, help="spec.yaml: a Kubernetes Service plus a mesh section")
     p.add_argument("--control-plane", default="127.0.0.1:15010", help="HOST:PORT of the xDS/HDS server")

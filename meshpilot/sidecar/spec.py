@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from meshpilot.model import ApiOperation, Service, ServicePort, field_errors
+from meshpilot.model import PROTOCOLS, ApiOperation, Protocol, Service, ServicePort, field_errors
 
 __all__ = ["DnsSpec", "SpecError", "SidecarSpec", "load_spec", "parse_duration"]
 
@@ -101,19 +101,17 @@ class PortSpec(_Model):
         return v
 
     @property
-    def mesh_protocol(self) -> Literal["http", "http2", "grpc", "tcp"]:
+    def mesh_protocol(self) -> Protocol:
         """appProtocol first, then a mesh protocol in ``protocol``, then the port name's prefix
         (``http``, ``http-web``, ``grpc-api``), as Kubernetes meshes do; otherwise plain TCP."""
         for candidate in (self.appProtocol, self.protocol if self.protocol.upper() != "TCP" else None):
             p = (candidate or "").lower()
-            if p in ("http", "http2", "grpc", "tcp"):
-                return p  # type: ignore[return-value]
+            if p in PROTOCOLS:
+                return PROTOCOLS[p]
             if p in ("kubernetes.io/h2c", "h2c"):
                 return "http2"
         prefix = self.name.split("-", 1)[0].lower()
-        if prefix in ("http", "http2", "grpc"):
-            return prefix  # type: ignore[return-value]
-        return "tcp"
+        return PROTOCOLS.get(prefix, "tcp")
 
     @field_validator("protocol")
     @classmethod
@@ -319,9 +317,9 @@ class SidecarSpec(_Model):
                             ("inboundPort", sc.inboundPort)):
             if port and port == other:
                 raise ValueError(f"mesh.dns.listen: port {port} is also mesh.sidecar.{name}")
-        for i, (uh, up) in enumerate(dns.upstream_addresses):
+        for i, (upstream, (uh, up)) in enumerate(zip(dns.upstreams or (), dns.upstream_addresses)):
             if up == port and ipaddress.ip_address(uh.split("%", 1)[0]) == ipaddress.ip_address(host.split("%", 1)[0]):
-                raise ValueError(f"mesh.dns.upstreams.{i}: {dns.upstreams[i]!r} is meshdns's own address "  # type: ignore[index]
+                raise ValueError(f"mesh.dns.upstreams.{i}: {upstream!r} is meshdns's own address "
                                  "(it would forward to itself)")
 
     @property
