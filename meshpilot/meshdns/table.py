@@ -15,9 +15,12 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshpilot.meshdns.wire import split_name
+
+if TYPE_CHECKING:
+    from meshpilot.meshdns.dns_pb2 import DnsService
 
 __all__ = ["Lookup", "NameTable", "Port", "Service", "load_services_file"]
 
@@ -77,7 +80,7 @@ class Service:
         return f"{self.name}.{self.namespace}"
 
     @classmethod
-    def from_proto(cls, msg: Any) -> Service:
+    def from_proto(cls, msg: DnsService) -> Service:
         return cls(
             name=msg.name,
             namespace=msg.namespace or "default",
