@@ -139,10 +139,31 @@ def _window(calls: list[tuple[float, str]], start: float, n: int) -> list[str]:
     return [o for ts, o in list(calls) if ts >= start][:n]
 
 
+def _weights(sidecar: Sidecar) -> dict[str, int]:
+    """The subset weights of Envoy's route to web, as it has them now."""
+    dump = json.loads(sidecar.proxy.admin("/config_dump?resource=dynamic_route_configs"))
+    found: dict[str, int] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for c in node.get("weighted_clusters", {}).get("clusters", []):
+                name = c.get("name", "")
+                if name.endswith("|web.default.svc.mesh") and name.split("|")[2]:
+                    found[name.split("|")[2]] = int(c.get("weight", 0))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(dump)
+    return found
+
+
 def test_sidecar_follows_weight_split_and_change(sidecar: Sidecar) -> None:
     sidecar.api("PUT", SPLIT, _policy(90, 10))
-    # new subsets warm up before the routes that use them: wait for the routes
-    wait_until(lambda: "outbound|80|v2|web.default.svc.mesh" in sidecar.proxy.admin("/config_dump?resource=dynamic_route_configs"), 10, what="a route to the v2 subset in Envoy")
+    # new subsets warm up before the routes that use them: wait for the routes that weigh them
+    wait_until(lambda: _weights(sidecar) == {"v1": 90, "v2": 10}, 10, what="the 90/10 split in Envoy's routes")
     with traffic(sidecar.port, "web") as calls:
         start = time.time()
         before = _window(calls, start, CALLS)
