@@ -40,10 +40,10 @@ from meshpilot.translate.clusters import build_cluster, build_inbound_cluster, s
 from meshpilot.translate.dns import build_dns_service, dns_resource_name
 from meshpilot.translate.endpoints import build_endpoints
 from meshpilot.translate.listeners import INBOUND, INBOUND_ROUTE, OUTBOUND, build_inbound_listener, build_inbound_routes, build_outbound_listener
-from meshpilot.translate.names import OUTBOUND_ROUTE, TYPE, cluster_name, inbound_cluster_name
-from meshpilot.translate.node import NodeInfo
+from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, inbound_cluster_name
 from meshpilot.translate.routes import OutboundRoutes, ServiceRouting, Subset
 from meshpilot.xds.cache import ResourceCache
+from meshpilot.xds.resource import TYPE, NodeInfo
 from meshpilot.xds.server import MAX_REQUEST_BYTES, XdsServer
 
 __all__ = ["ControlPlane"]

@@ -39,7 +39,7 @@ from aiohttp import ClientSession
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshpilot.perf.xds_push import _seed
-from meshpilot.translate.names import TYPE
+from meshpilot.xds.resource import TYPE
 
 __all__ = ["add_arguments", "main"]
 

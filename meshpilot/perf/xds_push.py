@@ -47,7 +47,7 @@ import uvloop
 from aiohttp import ClientSession, TCPConnector
 from envoy.service.discovery.v3 import discovery_pb2
 
-from meshpilot.translate.names import TYPE
+from meshpilot.xds.resource import TYPE
 
 __all__ = ["add_arguments", "main"]
 

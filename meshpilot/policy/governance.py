@@ -38,10 +38,10 @@ from meshpilot.policy.breaker import CircuitBreakerPolicy, breaker_rules, outlie
 from meshpilot.policy.ratelimit import RateLimitPolicy, divide, limit_rules
 from meshpilot.registry import Change
 from meshpilot.translate.clusters import ads_source, subset_cluster_name
-from meshpilot.translate.names import TYPE, cluster_name
-from meshpilot.translate.node import NodeInfo
+from meshpilot.translate.names import cluster_name
 from meshpilot.wasm import modules
 from meshpilot.wasm.config import FilterConfigError, encode
+from meshpilot.xds.resource import TYPE, NodeInfo
 
 if TYPE_CHECKING:
     from aiohttp import web

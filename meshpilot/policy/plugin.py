@@ -21,8 +21,8 @@ import meshpilot.policy
 from meshpilot.controlplane import ControlPlane
 from meshpilot.policy.api import install_routes
 from meshpilot.policy.engine import PolicyEngine
-from meshpilot.translate.node import NodeInfo
 from meshpilot.translate.routes import FAULT_FILTER
+from meshpilot.xds.resource import NodeInfo
 
 __all__ = ["fault_filter", "install", "load_kinds"]
 

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from meshpilot.model import Service, ServicePort
 from meshpilot.translate.names import cluster_name, fqdn, inbound_cluster_name
-from meshpilot.translate.node import NodeInfo
+from meshpilot.xds.resource import NodeInfo
 
 __all__ = ["ads_source", "build_cluster", "build_clusters", "build_inbound_cluster", "duration_ms", "subset_cluster_name"]
 

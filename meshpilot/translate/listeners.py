@@ -40,8 +40,8 @@ from google.protobuf.message import Message
 from meshpilot.model import Service
 from meshpilot.translate.clusters import ads_source
 from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, inbound_cluster_name
-from meshpilot.translate.node import NodeInfo
 from meshpilot.translate.routes import DESTINATION_SERVICE
+from meshpilot.xds.resource import NodeInfo
 
 __all__ = [
     "CALLER_HEADER", "HEALTH_HEADER", "INBOUND", "INBOUND_ROUTE", "OUTBOUND", "access_log", "build_inbound_listener", "build_inbound_routes",

@@ -1,21 +1,14 @@
-"""Names shared by translate/, meshdns and the SDK front doors: type URLs, cluster names, host forms."""
+"""Names shared by translate/ and the front doors: cluster names and the host forms of a service.
+
+Type URLs and the node-metadata keys live on the floor below, in xds/resource.py."""
 
 from __future__ import annotations
 
 from meshpilot.model import Service, ServicePort
 
-__all__ = ["TYPE", "OUTBOUND_ROUTE", "cluster_name", "fqdn", "host_forms", "inbound_cluster_name", "portless_port"]
+__all__ = ["OUTBOUND_ROUTE", "cluster_name", "fqdn", "host_forms", "inbound_cluster_name", "portless_port"]
 
 OUTBOUND_ROUTE = "outbound"
-
-
-class TYPE:
-    CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-    ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-    LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
-    ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-    EXTENSION_CONFIG = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
-    DNS = "type.googleapis.com/meshpilot.dns.v1.DnsService"
 
 
 def fqdn(service: Service, domain: str) -> str:

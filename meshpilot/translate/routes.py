@@ -37,7 +37,7 @@ from google.protobuf import any_pb2
 from meshpilot.model import Service, ServicePort
 from meshpilot.translate.clusters import duration_ms, subset_cluster_name
 from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, host_forms
-from meshpilot.xds.wire import bytes_field
+from meshpilot.xds.resource import bytes_field
 
 __all__ = [
     "DESTINATION_SERVICE",

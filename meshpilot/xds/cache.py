@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from meshpilot.xds.wire import bytes_field, string_field
+from meshpilot.xds.resource import bytes_field, string_field
 
 __all__ = ["Entry", "ResourceCache", "Snapshot", "Watcher"]
 

@@ -32,8 +32,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
 
 from meshpilot import metrics
-from meshpilot.translate.node import NodeInfo, node_info
 from meshpilot.xds.cache import ResourceCache
+from meshpilot.xds.resource import NodeInfo, node_info
 from meshpilot.xds.stream import DeltaStream, SotwStream
 
 __all__ = ["ADS_SERVICE", "MAX_REQUEST_BYTES", "StreamError", "Unanswered", "XdsServer", "check_request", "user_agent"]

@@ -31,17 +31,13 @@ from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from meshpilot.translate.names import TYPE
 from meshpilot.xds.cache import ResourceCache, Snapshot, snapshot_of
-from meshpilot.xds.wire import string_field, strings_field
+from meshpilot.xds.resource import NAMED, NAMERS, PUSH_ORDER, TYPE, string_field, strings_field
 
-__all__ = ["DeltaStream", "Nack", "SotwStream", "ORDER"]
+__all__ = ["DeltaStream", "Nack", "SotwStream"]
 
-ORDER = [TYPE.CLUSTER, TYPE.ENDPOINT, TYPE.LISTENER, TYPE.ROUTE, TYPE.EXTENSION_CONFIG, TYPE.DNS]
 _WILDCARD_BY_DEFAULT = {TYPE.CLUSTER, TYPE.LISTENER}
-_RANK = {t: n for n, t in enumerate(ORDER)}
-_NAMERS = (TYPE.LISTENER, TYPE.ROUTE)  # the types whose resources name clusters
-_NAMED = (TYPE.CLUSTER, TYPE.ENDPOINT)  # the types whose removal waits for them
+_RANK = {t: n for n, t in enumerate(PUSH_ORDER)}
 
 
 @dataclass(slots=True)
@@ -92,10 +88,6 @@ class _TypeState:
                 return None
         return version
 
-    @property
-    def acked(self) -> _AckedView:
-        return _AckedView(self)
-
     def acked_digest(self) -> str:
         """sotw: the ACKed version; delta: a digest of the resource versions the client holds."""
         if self.acked_version or not self.sent:
@@ -108,19 +100,6 @@ class _TypeState:
                 h.update(name.encode() + b"=" + self.sent[name].encode() + b";")
             self._digest = (self.sent_rev, h.hexdigest())
         return self._digest[1]
-
-
-class _AckedView:
-    """``ts.acked.get(name)``: the ACKed version of one resource, computed on demand."""
-
-    __slots__ = ("_ts",)
-
-    def __init__(self, ts: _TypeState) -> None:
-        self._ts = ts
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        v = self._ts.acked_resource(name)
-        return default if v is None else v
 
 
 class _Stream:
@@ -188,7 +167,7 @@ class _Stream:
         return True
 
     def responses(self, now: float | None = None) -> list[tuple[str, bytes]]:
-        """The responses owed, in ORDER; a type marked pending on the way is answered in the same call."""
+        """The responses owed, in PUSH_ORDER; a type marked pending on the way is answered in the same call."""
         stamp = time.monotonic() if now is None else now
         out: list[tuple[str, bytes]] = []
         self.full_bytes = 0
@@ -215,7 +194,7 @@ class _Stream:
 
     def _routes_settled(self) -> bool:
         """No listener or route update is pending or awaiting the client's answer."""
-        for t in _NAMERS:
+        for t in NAMERS:
             ts = self.types.get(t)
             if ts is not None and (ts.pending or not self._answered(ts)):
                 return False
@@ -226,7 +205,7 @@ class _Stream:
         released = False
         if not self._routes_settled():
             return released
-        for t in _NAMED:
+        for t in NAMED:
             ts = self.types.get(t)
             if ts is not None and ts.retiring:
                 ts.dirty |= ts.retiring
@@ -307,7 +286,7 @@ class SotwStream(_Stream):
         if changed:
             ts.forced = True
             self._mark(ts, now)
-        if type_url in _NAMERS:
+        if type_url in NAMERS:
             self._release_retiring(now)
 
     def _respond(self, type_url: str, stamp: float) -> bytes | None:
@@ -397,7 +376,7 @@ class DeltaStream(_Stream):
             elif carried:
                 for n in carried:
                     ts.rejected.pop(n, None)
-            if type_url in _NAMERS:
+            if type_url in NAMERS:
                 self._release_retiring(now)
         touched = False
         if first:
@@ -446,7 +425,7 @@ class DeltaStream(_Stream):
         versions: dict[str, str] = {}
         own, shared = self.cache.scopes(type_url, self.node_id)
         sent, subscribed, wildcard = ts.sent, ts.names, ts.wildcard
-        hold = type_url in _NAMED and not self._routes_settled()
+        hold = type_url in NAMED and not self._routes_settled()
         for name in sorted(candidates):
             entry = own.get(name) or shared.get(name) if own else shared.get(name)
             if entry is not None and (name in subscribed or (wildcard and entry.wildcard)):

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
-from meshpilot.translate.names import TYPE
+from meshpilot.xds.resource import TYPE
 from tests.support import ControlPlaneProc, control_plane, envoy, free_port, http, sidecar_bootstrap, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -8,9 +8,9 @@ from meshpilot.controlplane import ControlPlane
 from meshpilot.meshdns import dns_pb2
 from meshpilot.model import Instance, Service
 from meshpilot.settings import Settings
-from meshpilot.translate.names import OUTBOUND_ROUTE, TYPE
-from meshpilot.translate.node import NodeInfo
+from meshpilot.translate.names import OUTBOUND_ROUTE
 from meshpilot.translate.routes import RouteRule, ServiceRouting, Subset
+from meshpilot.xds.resource import TYPE, NodeInfo
 
 
 def _cp(**kw: object) -> ControlPlane:

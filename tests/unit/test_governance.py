@@ -20,10 +20,9 @@ from meshpilot.policy.kinds import PolicyInvalid, get_kind
 from meshpilot.policy.plugin import install, load_kinds
 from meshpilot.policy.ratelimit import divide, per_second
 from meshpilot.settings import Settings
-from meshpilot.translate.names import TYPE
-from meshpilot.translate.node import NodeInfo
 from meshpilot.wasm import modules
 from meshpilot.wasm.config import encode
+from meshpilot.xds.resource import TYPE, NodeInfo
 
 load_kinds()
 BREAKER = get_kind("CircuitBreakerPolicy")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from meshpilot.model import CheckStatus
 from meshpilot.xds.hds import HdsError, HdsSession, Liveness, build_specifier, health_token, registration
-from meshpilot.translate.node import node_info
+from meshpilot.xds.resource import node_info
 
 
 def _md(**over: Any) -> dict[str, Any]:

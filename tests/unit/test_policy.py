@@ -20,7 +20,7 @@ from meshpilot.policy.routing import ROUTING
 from meshpilot.registry import Registry
 from meshpilot.registry.store import MemoryStore
 from meshpilot.settings import Settings
-from meshpilot.translate.names import TYPE
+from meshpilot.xds.resource import TYPE
 
 SUBSETS = [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]
 

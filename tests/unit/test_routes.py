@@ -18,8 +18,8 @@ from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
 from meshpilot.translate.clusters import build_cluster, subset_cluster_name
 from meshpilot.translate.endpoints import build_endpoints
 from meshpilot.translate.listeners import build_outbound_listener
-from meshpilot.translate.node import NodeInfo
 from meshpilot.translate.routes import FAULT_FILTER, Fault, HeaderMatch, RouteRule, ServiceRouting, Subset, build_outbound_routes
+from meshpilot.xds.resource import NodeInfo
 from tests.support import ENVOY, tmpdir
 
 WEB = Service(name="web", ports=[{"name": "http", "port": 80}, {"name": "grpc", "port": 9000, "protocol": "grpc"}], vip="240.240.0.9")

@@ -14,7 +14,7 @@ from meshpilot.model import Service, ServicePort
 from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
 from meshpilot.translate.clusters import build_clusters, build_inbound_cluster
 from meshpilot.translate.listeners import build_inbound_listener, build_inbound_routes, build_outbound_listener
-from meshpilot.translate.node import NodeInfo
+from meshpilot.xds.resource import NodeInfo
 from meshpilot.translate.routes import build_outbound_routes
 from tests.support import ENVOY
 

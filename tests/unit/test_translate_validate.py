@@ -15,8 +15,8 @@ from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
 from meshpilot.translate.clusters import build_clusters, build_inbound_cluster
 from meshpilot.translate.endpoints import build_endpoints
 from meshpilot.translate.listeners import build_inbound_listener, build_outbound_listener
-from meshpilot.translate.node import NodeInfo
 from meshpilot.translate.routes import build_outbound_routes
+from meshpilot.xds.resource import NodeInfo
 from tests.support import ENVOY
 
 label = st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True)

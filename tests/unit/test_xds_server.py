@@ -9,7 +9,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshpilot.translate.names import TYPE
+from meshpilot.xds.resource import TYPE
 from meshpilot.xds.server import StreamError, Unanswered, check_request, user_agent
 
 

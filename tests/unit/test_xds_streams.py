@@ -12,8 +12,8 @@ from google.protobuf import any_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshpilot.translate.names import TYPE
 from meshpilot.xds.cache import ResourceCache
+from meshpilot.xds.resource import TYPE
 from meshpilot.xds.stream import DeltaStream, SotwStream
 
 C, E, L = TYPE.CLUSTER, TYPE.ENDPOINT, TYPE.LISTENER
