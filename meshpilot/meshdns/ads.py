@@ -28,10 +28,11 @@ from google.rpc import status_pb2
 
 from meshpilot.meshdns.dns_pb2 import DnsService
 from meshpilot.meshdns.table import Service
+from meshpilot.xds.resource import TYPE
 
 __all__ = ["TYPE_URL", "AdsState", "load_state", "run_ads", "save_state"]
 
-TYPE_URL = f"type.googleapis.com/{DnsService.DESCRIPTOR.full_name}"
+TYPE_URL = TYPE.DNS
 log = logging.getLogger("meshpilot.meshdns")
 
 Resources = dict[str, tuple[str, Service]]

@@ -1,8 +1,8 @@
 """spec.yaml + command-line options → the sidecar's Envoy bootstrap and its node identity.
 
-The node metadata written here is what the control plane reads back: translate/node.py for the
-node's listeners, xds/hds.py to register the app (health check, port name, labels, weight,
-advertised address). Pure: values in, a JSON-serialisable bootstrap out.
+The node metadata written here (``META`` in xds/resource.py) is what the control plane reads back:
+the xDS server for the node's listeners, HDS to register the app (health check, port name, labels,
+weight, advertised address). Pure: values in, a JSON-serialisable bootstrap out.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from meshpilot.sidecar.spec import SidecarSpec
 from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
+from meshpilot.xds.resource import META
 
 __all__ = ["SidecarOptions", "bootstrap_options", "default_node_id", "render_bootstrap"]
 
@@ -44,10 +45,10 @@ def bootstrap_options(spec: SidecarSpec, o: SidecarOptions) -> BootstrapOptions:
     hc = spec.mesh.healthCheck
     inbound = o.inbound_port if o.inbound_port is not None else sc.inboundPort
     metadata: dict[str, Any] = {
-        "PORT_NAME": spec.fronted.name,
-        "LABELS": dict(spec.metadata.labels),
-        "WEIGHT": spec.mesh.weight,
-        "HEALTH_CHECK": {
+        META.PORT_NAME: spec.fronted.name,
+        META.LABELS: dict(spec.metadata.labels),
+        META.WEIGHT: spec.mesh.weight,
+        META.HEALTH_CHECK: {
             "kind": hc.kind,
             "path": hc.http.path if hc.http else "/",
             "interval_s": hc.interval,
@@ -57,7 +58,7 @@ def bootstrap_options(spec: SidecarSpec, o: SidecarOptions) -> BootstrapOptions:
         },
     }
     if o.advertise_address or sc.advertiseAddress:
-        metadata["ADVERTISE_ADDRESS"] = o.advertise_address or sc.advertiseAddress
+        metadata[META.ADVERTISE_ADDRESS] = o.advertise_address or sc.advertiseAddress
     return BootstrapOptions(
         node_id=o.node_id or default_node_id(spec, inbound),
         service=spec.metadata.name,

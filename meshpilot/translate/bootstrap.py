@@ -1,8 +1,8 @@
 """Envoy bootstrap for a meshpilot sidecar: node identity, ADS to the control plane, admin on loopback.
 
 Everything else (listeners, clusters, routes, endpoints) arrives over ADS. The node metadata keys
-are read back by the control plane (see node.py) to build the node's own listeners. Pure: options
-in, a JSON-serialisable dict out.
+(``META`` in xds/resource.py) are read back by the control plane to build the node's own listeners.
+Pure: options in, a JSON-serialisable dict out.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from meshpilot.xds.resource import META
 
 __all__ = ["BootstrapOptions", "build_bootstrap"]
 
@@ -45,17 +47,17 @@ def _socket(host: str, port: int) -> dict[str, Any]:
 
 def build_bootstrap(o: BootstrapOptions) -> dict[str, Any]:
     metadata: dict[str, Any] = {
-        "NAMESPACE": o.namespace,
-        "OUTBOUND_PORT": o.outbound_port,
-        "INBOUND_PORT": o.inbound_port if o.app_port else 0,
-        "APP_PORT": o.app_port,
-        "APP_ADDRESS": o.app_address,
-        "BIND_ADDRESS": o.bind_address,
-        "CAPTURE": o.capture,
+        META.NAMESPACE: o.namespace,
+        META.OUTBOUND_PORT: o.outbound_port,
+        META.INBOUND_PORT: o.inbound_port if o.app_port else 0,
+        META.APP_PORT: o.app_port,
+        META.APP_ADDRESS: o.app_address,
+        META.BIND_ADDRESS: o.bind_address,
+        META.CAPTURE: o.capture,
         **o.metadata,
     }
     if o.service:
-        metadata["SERVICE"] = o.service
+        metadata[META.SERVICE] = o.service
     node: dict[str, Any] = {"id": o.node_id, "cluster": o.service or o.node_id, "metadata": metadata}
     if o.zone:
         node["locality"] = {"zone": o.zone}
