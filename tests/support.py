@@ -278,6 +278,18 @@ def sidecar_bootstrap(node: str, xds_port: int, *, service: str = "", sotw: bool
     )
 
 
+def assert_envoy_accepts(config: dict[str, Any] | Path, workdir: Path, what: str = "the config") -> None:
+    """Envoy's own verdict on a config (``envoy --mode validate``), without serving it."""
+    if isinstance(config, Path):
+        path = config
+    else:
+        path = workdir / "envoy-validate.json"
+        path.write_text(json.dumps(config))
+    r = subprocess.run([ENVOY, "--mode", "validate", "-c", str(path), "-l", "error", "--use-dynamic-base-id"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"expected Envoy to accept {what}, got exit {r.returncode}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+
+
 def tmpdir(prefix: str = "meshpilot-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 

@@ -12,7 +12,6 @@ this is unavailable (not Linux, IPv6 listeners, no libc).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import socket
 import sys
 import time
@@ -48,7 +47,8 @@ def _libc() -> Any:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # the C library this Python already runs on; find_library("c") would run ldconfig at import
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.recvmmsg.restype = ctypes.c_int
         libc.sendmmsg.restype = ctypes.c_int
         return libc

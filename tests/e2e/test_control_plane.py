@@ -19,7 +19,6 @@ from tests.support import (
     wait_until,
 )
 
-pytestmark = pytest.mark.e2e
 
 CLUSTER = "outbound|80||web.default.svc.mesh"
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"

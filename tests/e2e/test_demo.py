@@ -5,11 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-import pytest
-
 from tests.support import VENV_BIN
-
-pytestmark = pytest.mark.e2e
 
 
 def test_demo_sends_traffic_through_the_mesh() -> None:

@@ -7,12 +7,9 @@ import re
 import time
 from pathlib import Path
 
-import pytest
-
 from meshpilot.perf.registry import strace_attached
 from tests.support import control_plane
 
-pytestmark = pytest.mark.e2e
 
 WRITES = 201  # one service and 200 instances
 # "PID 1733100000.123456 fdatasync(7</path/meshpilot.db-wal>) = 0 <0.000812>", or split into

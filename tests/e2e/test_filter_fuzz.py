@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from meshpilot.wasm import modules
 from meshpilot.wasm import testbed as tb
 
-pytestmark = pytest.mark.e2e
 
 FILTERS = Path(__file__).resolve().parents[2] / "filters"
 RELOAD = "extension_config_discovery.http_filter.meshpilot.config_reload"

@@ -17,8 +17,6 @@ import pytest
 from meshpilot.wasm import config, modules
 from meshpilot.wasm import testbed as tb
 
-pytestmark = pytest.mark.e2e
-
 
 def build_modules() -> None:
     if not Path("/usr/bin/cargo").exists() and not (Path(modules.__file__).parent / "mesh.wasm").exists():

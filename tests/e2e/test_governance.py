@@ -23,7 +23,6 @@ import pytest
 
 from tests.support import control_plane, envoy, free_port, sidecar_bootstrap, tmpdir, wait_until
 
-pytestmark = pytest.mark.e2e
 
 BREAKER = "/v1/policies/CircuitBreakerPolicy/default/"  # + a name per test: breaker state is kept per rule name
 TARGET = "outbound_80__orders_default_svc_mesh"  # the cluster as it appears in stat names

@@ -27,10 +27,7 @@ from meshpilot.wasm import testbed
 from meshpilot.translate.listeners import HEALTH_HEADER
 from tests.support import control_plane, envoy, free_port, sidecar_bootstrap, through, tmpdir, wait_until
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (Debian package wrk)"),
-]
+pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (Debian package wrk)")
 
 POLICY = "/v1/policies/RateLimitPolicy/default/"
 SECONDS = 10

@@ -14,11 +14,8 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.support import control_plane, envoy, free_port, http, sidecar_bootstrap, wait_until
 
-pytestmark = pytest.mark.e2e
 
 NOFILE = 256
 FLOOD = 400  # more half-sent requests than the process has descriptors

@@ -17,11 +17,9 @@ from pathlib import Path
 import dns.message
 import dns.query
 import dns.rcode
-import pytest
 
 from tests.support import control_plane
 
-pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 

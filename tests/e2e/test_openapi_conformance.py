@@ -8,11 +8,8 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.support import ROOT, VENV_BIN, control_plane
 
-pytestmark = pytest.mark.e2e
 
 TOKEN = "schemathesis-t0ken"
 MAX_EXAMPLES = 25  # per operation and phase: about a minute on two cores

@@ -22,7 +22,6 @@ from google.protobuf import struct_pb2
 
 from tests.support import control_plane, envoy, free_port, sidecar_bootstrap, through, tmpdir, wait_until
 
-pytestmark = pytest.mark.e2e
 
 CALLS = 2000
 TOLERANCE = 5.0

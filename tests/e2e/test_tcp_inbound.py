@@ -7,11 +7,7 @@ import socketserver
 import threading
 from pathlib import Path
 
-import pytest
-
 from tests.support import control_plane, envoy, free_port, sidecar_bootstrap, wait_until
-
-pytestmark = pytest.mark.e2e
 
 
 class _Echo(socketserver.BaseRequestHandler):

@@ -7,11 +7,7 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 from tests.support import control_plane, envoy, free_port, http_backend, sidecar_bootstrap, through, wait_until
-
-pytestmark = pytest.mark.e2e
 
 
 def _access_lines(log: Path) -> list[dict]:

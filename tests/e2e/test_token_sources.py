@@ -12,7 +12,6 @@ import pytest
 
 from tests.support import VENV_BIN, control_plane
 
-pytestmark = pytest.mark.e2e
 
 TOKEN = "f1le-t0ken"
 

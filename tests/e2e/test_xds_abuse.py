@@ -19,7 +19,6 @@ from envoy.service.discovery.v3 import discovery_pb2
 from meshpilot.xds.resource import TYPE
 from tests.support import ControlPlaneProc, control_plane, envoy, free_port, http, sidecar_bootstrap, wait_until
 
-pytestmark = pytest.mark.e2e
 
 _SOTW = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 _DELTA = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"

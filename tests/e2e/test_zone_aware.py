@@ -10,7 +10,6 @@ import pytest
 
 from tests.support import control_plane, envoy, free_port, http_backend, sidecar_bootstrap, through, wait_until
 
-pytestmark = pytest.mark.e2e
 
 WEB = "outbound|80||web.default.svc.mesh"
 

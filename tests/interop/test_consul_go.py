@@ -19,7 +19,7 @@ import pytest
 
 from tests.support import ROOT, ControlPlaneProc, control_plane, tmpdir
 
-pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 SOURCES = ROOT / "tests" / "interop" / "consul_go"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshpilot" / "consul-go"

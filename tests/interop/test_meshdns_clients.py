@@ -30,7 +30,6 @@ import pytest
 
 from meshpilot.perf.dns import free_udp_tcp_port
 
-pytestmark = pytest.mark.interop
 
 SERVICES = [
     {"name": "web", "namespace": "default", "vip": "240.240.0.1", "vip6": "",

@@ -26,7 +26,6 @@ import pytest
 
 from tests.support import ROOT, control_plane, tmpdir, wait_until
 
-pytestmark = pytest.mark.interop
 
 HERE = Path(__file__).resolve().parent / "proxyless"
 NODE_DIR = ROOT / "var" / "node-xds"

@@ -1,37 +1,15 @@
-"""The Python encoder of the filter configuration: field-level errors, and agreement with the filter's
-own parser (the native `check-config` binary built from filters/mesh) on generated policies."""
+"""The Python encoder of the filter configuration: field-level errors. Its agreement with the filter's own
+parser (the native `check-config` binary) on these policies: tests/e2e/test_filter_accepts_what_the_encoder_renders.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshpilot.wasm.config import FilterConfigError, encode
-
-FILTERS = Path(__file__).resolve().parents[2] / "filters"
-
-
-@pytest.fixture(scope="module")
-def check_config() -> Path:
-    if not Path("/usr/bin/cargo").exists():
-        pytest.skip("Debian's /usr/bin/cargo is not installed; cannot build the native config checker")
-    env = {**os.environ, "RUSTC": "/usr/bin/rustc"}
-    proc = subprocess.run(["/usr/bin/cargo", "build", "--offline", "--quiet", "--bin", "check-config"],
-                          cwd=FILTERS, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"expected the checker to build, got:\n{proc.stderr[-3000:]}"
-    return FILTERS / "target" / "debug" / "check-config"
-
-
-def run_check(binary: Path, text: str) -> tuple[int, str]:
-    proc = subprocess.run([str(binary)], input=text.encode(), capture_output=True, timeout=30)
-    return proc.returncode, proc.stdout.decode(errors="replace").strip()
-
 
 FULL = {
     "tick_ms": 50,
@@ -49,18 +27,11 @@ FULL = {
 }
 
 
-def test_full_policy_renders_what_the_filter_accepts(check_config: Path) -> None:
+def test_full_policy_renders() -> None:
     text = encode(FULL)
     assert "slow_call_duration = 1500ms" in text, f"expected seconds rendered as ms, got:\n{text}"
     assert "reply_body = open\\n\\tnow \\\\" in text, f"expected an escaped body, got:\n{text}"
-    assert "key = header:x-user" in text
-    rc, out = run_check(check_config, text)
-    assert rc == 0 and out.startswith("ok breakers=1 ratelimits=1 tick_ms=50"), f"expected ok, got {rc}: {out}"
-
-
-def test_empty_policy_is_a_passthrough(check_config: Path) -> None:
-    rc, out = run_check(check_config, encode({}))
-    assert (rc, out) == (0, "ok breakers=0 ratelimits=0 tick_ms=100"), f"got {rc}: {out}"
+    assert "key = header:x-user" in text, f"expected the header key, got:\n{text}"
 
 
 @dataclass
@@ -134,11 +105,16 @@ _policy = st.fixed_dictionaries({}, optional={
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_policy)
-def test_everything_the_encoder_accepts_the_filter_accepts(check_config: Path, policy: dict) -> None:
+def test_any_policy_renders_its_rules_or_names_the_field(policy: dict) -> None:
     try:
         text = encode(policy)
     except FilterConfigError as e:
         assert e.field and e.reason, f"expected a field and a reason, got {e!r}"
         return
-    rc, out = run_check(check_config, text)
-    assert rc == 0, f"expected the filter to accept the encoder's output, got {out!r} for:\n{text}"
+    lines = text.splitlines()
+    sections = [line for line in lines if line.startswith("[")]
+    want = ["[filter]", *(f"[breaker {b['name']}]" for b in policy.get("breakers", [])),
+            *(f"[ratelimit {r['name']}]" for r in policy.get("rate_limits", []))]
+    assert sections == want, f"expected the sections {want}, got {sections} in:\n{text}"
+    odd = [line for line in lines if line and not line.startswith(("#", "[")) and " = " not in line]
+    assert not odd, f"expected every other line to be `key = value`, got {odd} in:\n{text}"

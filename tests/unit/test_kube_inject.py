@@ -1,17 +1,12 @@
 """Kubernetes injection: manifests and AdmissionReview v1 documents in, patched objects that the
-Kubernetes client library's models accept out; bad input gets errors naming the field; the webhook
-answers over HTTPS."""
+Kubernetes client library's models accept out; bad input gets errors naming the field (the CLI and the
+HTTPS webhook as processes: tests/e2e/test_kube_inject_cli_and_webhook.py)."""
 
 from __future__ import annotations
 
 import base64
 import copy
 import json
-import signal
-import ssl
-import subprocess
-import urllib.request
-from pathlib import Path
 from typing import Any
 
 import jsonpatch
@@ -23,7 +18,6 @@ from hypothesis import strategies as st
 from meshpilot.kube.inject import (INIT, SIDECAR, SPEC_ANNOTATION, InjectConfig, InjectError, admission_response,
                                    inject_documents, validate_object)
 from meshpilot.sidecar.spec import load_spec
-from tests.support import VENV_BIN, wait_until
 
 DEPLOYMENT = """
 apiVersion: apps/v1
@@ -164,41 +158,3 @@ def test_junk_admission_reviews_never_crash(obj: Any) -> None:
     if status == 200:
         resp = body["response"]
         assert resp["allowed"] or resp["status"]["message"].startswith("meshpilot injection:"), resp
-
-
-def test_inject_cli_and_https_webhook(tmp_path: Path) -> None:
-    manifest = tmp_path / "deployment.yaml"
-    manifest.write_text(DEPLOYMENT)
-    r = subprocess.run([str(VENV_BIN / "meshpilot"), "inject", "-f", str(manifest)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and SIDECAR in r.stdout, f"inject failed: {r.returncode} {r.stderr}"
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: a, image: b}]}\n")
-    r = subprocess.run([str(VENV_BIN / "meshpilot"), "inject", "-f", str(bad)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "spec.containers.0.ports" in r.stderr, f"expected a named error, got {r.returncode} {r.stderr}"
-
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    ready = tmp_path / "webhook.json"
-    proc = subprocess.Popen([str(VENV_BIN / "meshpilot"), "webhook", "--listen", "127.0.0.1", "--port", "0", "--cert", str(cert),
-                             "--key", str(key), "--ready-file", str(ready)], stdout=open(tmp_path / "webhook.log", "ab"),
-                            stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: ready.exists() or proc.poll() is not None, 20, what="webhook ready")
-        assert proc.poll() is None, (tmp_path / "webhook.log").read_text()
-        port = json.loads(ready.read_text())["port"]
-        ctx = ssl.create_default_context(cafile=str(cert))
-        req = urllib.request.Request(f"https://127.0.0.1:{port}/inject", data=json.dumps(review(POD)).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
-            body = json.loads(resp.read())
-        ops = json.loads(base64.b64decode(body["response"]["patch"]))
-        validate_object(jsonpatch.apply_patch(copy.deepcopy(POD), ops))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

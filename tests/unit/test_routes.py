@@ -1,26 +1,17 @@
 """translate/ with routing overlays: weighted subset routes, matches, overrides and faults, subset
-clusters and assignments, proxyless route shapes; Envoy itself validates what is built."""
+clusters and assignments, proxyless route shapes (Envoy's verdict on them: tests/e2e/test_envoy_validates_translations.py)."""
 
 from __future__ import annotations
-
-import json
-import subprocess
-from pathlib import Path
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
-from google.protobuf import json_format
 
 from meshpilot.model import Check, Instance, Service
 from meshpilot.proxyless.resources import build_api_listener, build_proxyless_routes
-from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
 from meshpilot.translate.clusters import build_cluster, subset_cluster_name
 from meshpilot.translate.endpoints import build_endpoints
-from meshpilot.translate.listeners import build_outbound_listener
 from meshpilot.translate.routes import FAULT_FILTER, Fault, HeaderMatch, RouteRule, ServiceRouting, Subset, build_outbound_routes
-from meshpilot.xds.resource import NodeInfo
-from tests.support import ENVOY, tmpdir
 
 WEB = Service(name="web", ports=[{"name": "http", "port": 80}, {"name": "grpc", "port": 9000, "protocol": "grpc"}], vip="240.240.0.9")
 SUBSETS = (Subset("v1", (("version", "v1"),)), Subset("v2", (("version", "v2"),)))
@@ -136,38 +127,6 @@ def test_cluster_lb_shapes(policy: str) -> None:
     else:
         names = [p.typed_extension_config.name for p in c.load_balancing_policy.policies]
         assert names == [f"envoy.load_balancing_policies.{policy}", "envoy.load_balancing_policies.wrr_locality"], f"expected {policy} then a gRPC fallback, got {names}"
-
-
-def _validate(config: dict[str, object], workdir: Path) -> subprocess.CompletedProcess[str]:
-    path = workdir / "config.json"
-    path.write_text(json.dumps(config))
-    return subprocess.run([ENVOY, "--mode", "validate", "-c", str(path), "--use-dynamic-base-id"], capture_output=True, text=True, timeout=60)
-
-
-@pytest.mark.e2e
-def test_envoy_accepts_the_built_resources() -> None:
-    from meshpilot.policy.plugin import fault_filter
-
-    rule = RouteRule("p/r", (("v1", 3), ("v2", 1)), path_exact="/x", headers=(HeaderMatch("x-a", regex="b.*"), HeaderMatch("x-c", prefix="d")), fault=Fault(abort_percent=50, abort_grpc_status=14))
-    overlay = {WEB.key: routing(rule, SPLIT)}
-    node = NodeInfo(id="n", service="caller", outbound_port=15001)
-    listener = build_outbound_listener(node, [fault_filter()])
-    # serve the routes inline instead of over RDS, so validation covers them
-    manager_any = listener.filter_chains[0].filters[0].typed_config
-    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-
-    manager = hcm.HttpConnectionManager()
-    manager_any.Unpack(manager)
-    manager.ClearField("rds")
-    other = Service(name="other", ports=[{"name": "http", "port": 80}], vip="240.240.0.10")
-    manager.route_config.CopyFrom(build_outbound_routes([WEB, other], "mesh", overlay, {FAULT_FILTER: frozenset({WEB.key})}))
-    manager_any.Pack(manager)
-    clusters = [build_cluster(WEB, p, "mesh", s) for p in WEB.ports for s in ("", "v1", "v2")]
-    boot = build_bootstrap(BootstrapOptions(node_id="n", admin_port=0))
-    boot["static_resources"]["clusters"] += [json_format.MessageToDict(c) for c in clusters]
-    boot["static_resources"]["listeners"] = [json_format.MessageToDict(listener)]
-    proc = _validate(boot, tmpdir("meshpilot-validate-"))
-    assert proc.returncode == 0, f"expected envoy --mode validate to accept the config, got exit {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
 
 
 def test_api_listener_shape() -> None:

@@ -4,19 +4,21 @@ machines, ABI helpers) so the project's single pytest command covers it."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-FILTERS = Path(__file__).resolve().parents[2] / "filters"
+from tests.support import ROOT
+
+FILTERS = ROOT / "filters"
 CARGO = "/usr/bin/cargo"
 RUSTC = "/usr/bin/rustc"
+needs_cargo = pytest.mark.skipif(not (Path(CARGO).exists() and Path(RUSTC).exists()),
+                                 reason="Debian's /usr/bin/cargo and /usr/bin/rustc are not installed; the Rust tests need them")
 
 
-@pytest.mark.skipif(not (Path(CARGO).exists() and Path(RUSTC).exists()),
-                    reason="Debian's /usr/bin/cargo and /usr/bin/rustc are not installed; the Rust tests need them")
+@needs_cargo
 def test_cargo_test_passes() -> None:
     env = {**os.environ, "RUSTC": RUSTC}
     proc = subprocess.run([CARGO, "test", "--offline", "--quiet"], cwd=FILTERS, env=env,
