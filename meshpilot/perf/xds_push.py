@@ -104,7 +104,7 @@ async def _run_client(ch: grpc.aio.Channel, c: _Client, want_clusters: int) -> N
     try:
         while True:
             raw = await call.read()
-            if raw is grpc.aio.EOF:
+            if not isinstance(raw, bytes):  # grpc.aio.EOF; every message is bytes (identity deserializer)
                 return
             if c.marker and c.seen_at is None and c.marker in raw:
                 c.seen_at = time.monotonic()
@@ -142,7 +142,8 @@ async def _run_client(ch: grpc.aio.Channel, c: _Client, want_clusters: int) -> N
 def _cluster_name(cluster_bytes: bytes) -> str:
     from envoy.config.cluster.v3 import cluster_pb2
 
-    return cluster_pb2.Cluster.FromString(cluster_bytes).name
+    name: str = cluster_pb2.Cluster.FromString(cluster_bytes).name
+    return name
 
 
 async def _seed(api: str, services: int, endpoints: int) -> None:
