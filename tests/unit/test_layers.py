@@ -89,3 +89,10 @@ def test_a_planted_import_breaks_the_contracts_that_forbid_it(
     assert set(broken) == contracts, f"expected {importer} -> {imported} to break {sorted(contracts)}, got {sorted(broken)}"
     for details in broken.values():
         assert importer.rsplit(".", 1)[0].removeprefix("meshpilot") in details, f"expected the report to name {importer}, got:\n{details}"
+
+
+def test_a_new_package_must_be_given_a_floor(graph: grimp.ImportGraph) -> None:
+    planted = deepcopy(graph)
+    planted.add_module("meshpilot.annex")
+    broken = _broken_on(planted)
+    assert set(broken) == {"floors"} and "meshpilot.annex" in broken["floors"], f"expected the floors to miss meshpilot.annex, got {broken}"
