@@ -1,0 +1,189 @@
+"""The publisher: the one writer of the resource cache.
+
+Producers are functions of state: given what changed (``Changes``), each returns the resources
+for the keys it owns that the change touches, grouped by (scope, key): a bundle of resources by
+type URL (replacing what the key held of those types), or None when the key is gone. A key is the producer's own unit (a service, a node, a
+policy kind); the scope is the cache's (``""`` shared, a node id for that node's own). The
+publisher remembers which names each producer published under each (scope, key), so a producer
+never keeps its own bookkeeping: what a key no longer holds is removed. All of one publication's
+writes go to the cache together, puts in push order (clusters and endpoints before the listeners
+and routes that name them) and removals after every put; the streams (xds/stream.py) hold a
+removed cluster back until the routes sent with it are answered. Registry and policy changes
+wait behind the debouncer; a node that connects gets its own resources at once, because its
+stream waits for them before its first response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from meshpilot import metrics
+from meshpilot.publish.debounce import Debouncer
+from meshpilot.xds.cache import ResourceCache
+from meshpilot.xds.resource import PUSH_ORDER
+
+__all__ = ["Bundle", "Changes", "Output", "Producer", "Publisher"]
+
+log = logging.getLogger("meshpilot.publish")
+
+Resource = Message | bytes
+
+
+@dataclass(slots=True)
+class Changes:
+    """What changed since the last publication (keys, not values: producers read the state)."""
+
+    services: set[str] = field(default_factory=set)  # service keys defined, redefined or deleted
+    endpoints: set[str] = field(default_factory=set)  # service keys whose instances changed
+    instances: set[str] = field(default_factory=set)  # instance ids registered, changed or gone
+    other: set[str] = field(default_factory=set)  # other document keys (policies)
+    nodes: set[str] = field(default_factory=set)  # node ids connected or gone
+    rerouted: set[str] = field(default_factory=set)  # services whose routing overlay changed
+    everything: bool = False  # the first publication: every key
+
+    def __bool__(self) -> bool:
+        return bool(self.everything or self.services or self.endpoints or self.instances or self.other or self.nodes or self.rerouted)
+
+    def merge(self, other: Changes) -> None:
+        self.services |= other.services
+        self.endpoints |= other.endpoints
+        self.instances |= other.instances
+        self.other |= other.other
+        self.nodes |= other.nodes
+        self.rerouted |= other.rerouted
+        self.everything |= other.everything
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """What one key of a producer holds: resources by type URL and name. Types in ``unlisted``
+    stay out of wildcard subscriptions (a client gets them only by name)."""
+
+    resources: Mapping[str, Mapping[str, Resource]]
+    unlisted: frozenset[str] = frozenset()
+
+
+Output = dict[tuple[str, str], Bundle | None]  # (scope, key) -> bundle, or None: the key is gone
+
+
+class Producer:
+    """Base of a producer: ``produce`` answers for the keys ``changes`` touches."""
+
+    def produce(self, changes: Changes, now: float) -> Output:
+        raise NotImplementedError
+
+    def next_deadline(self) -> float | None:
+        """When the producer has something to publish without a new change (None: never)."""
+        return None
+
+
+class Publisher:
+    def __init__(
+        self,
+        cache: ResourceCache,
+        producers: list[Producer],
+        debouncer: Debouncer,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cache = cache
+        self.producers = producers
+        self.debouncer = debouncer
+        self.clock = clock
+        self._pending = Changes()
+        self._kick = asyncio.Event()
+        # (producer index, scope, key) -> type URL -> names published there
+        self._published: dict[tuple[int, str, str], dict[str, frozenset[str]]] = {}
+
+    # ---- changes in -------------------------------------------------------------------------
+
+    def note(self, changes: Changes) -> None:
+        """Publish these changes once the debouncer says the burst has settled."""
+        self._pending.merge(changes)
+        self.debouncer.add(self.clock())
+        self._kick.set()
+
+    def flush(self) -> None:
+        """Publish every pending change now (and whatever a producer has due)."""
+        pending, self._pending = self._pending, Changes()
+        self.debouncer.take()
+        if pending:
+            metrics.REBUILDS.inc()
+        self.publish(pending)
+
+    def publish(self, changes: Changes) -> None:
+        """Publish these changes now, beside (not instead of) the pending ones."""
+        now = self.clock()
+        self._write([(i, p.produce(changes, now)) for i, p in enumerate(self.producers)])
+
+    def forget_scope(self, scope: str) -> None:
+        """A node left: its own resources go with it."""
+        for k in [k for k in self._published if k[1] == scope]:
+            del self._published[k]
+        self.cache.drop_scope(scope)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (self.debouncer.next_deadline(), *(p.next_deadline() for p in self.producers)) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    async def run(self) -> None:
+        """Publish pending changes as they fall due, until cancelled."""
+        while True:
+            deadline = self.next_deadline()
+            try:
+                async with asyncio.timeout(None if deadline is None else max(0.0, deadline - self.clock())):
+                    await self._kick.wait()
+            except TimeoutError:
+                pass
+            self._kick.clear()
+            self.publish_due()
+
+    def publish_due(self) -> bool:
+        """Publish if the debouncer or a producer says it is time; True if it was."""
+        deadline = self.next_deadline()
+        if deadline is None or self.clock() < deadline:
+            return False
+        self.flush()
+        return True
+
+    # ---- the diff and the writes ------------------------------------------------------------
+
+    def _write(self, outputs: list[tuple[int, Output]]) -> None:
+        puts: dict[tuple[str, str, bool], dict[str, Resource]] = {}
+        removals: dict[tuple[str, str], set[str]] = {}
+        for index, output in outputs:
+            for (scope, key), bundle in output.items():
+                slot = (index, scope, key)
+                old = self._published.get(slot, {})
+                new: dict[str, frozenset[str]] = {}
+                if bundle is not None:
+                    for type_url, resources in bundle.resources.items():
+                        if resources:
+                            puts.setdefault((type_url, scope, type_url not in bundle.unlisted), {}).update(resources)
+                            new[type_url] = frozenset(resources)
+                for type_url, names in old.items():
+                    if bundle is not None and type_url not in bundle.resources:
+                        new[type_url] = names  # a bundle replaces only the types it names
+                        continue
+                    stale = names - new.get(type_url, frozenset())
+                    if stale:
+                        removals.setdefault((type_url, scope), set()).update(stale)
+                if new:
+                    self._published[slot] = new
+                else:
+                    self._published.pop(slot, None)
+        rank = {t: n for n, t in enumerate(PUSH_ORDER)}
+        for type_url, scope, wildcard in sorted(puts, key=lambda k: (rank.get(k[0], len(rank)), k[1], k[2])):
+            resources = puts[type_url, scope, wildcard]
+            self.cache.put(type_url, resources, scope=scope, wildcard=wildcard)
+            moved = removals.get((type_url, scope))
+            if moved:
+                moved.difference_update(resources)  # a name that changed keys in this publication stays
+        for type_url, scope in sorted(removals, key=lambda k: (rank.get(k[0], len(rank)), k[1])):
+            if removals[type_url, scope]:
+                self.cache.remove(type_url, removals[type_url, scope], scope=scope)
