@@ -44,7 +44,7 @@ class CircuitBreakerPolicy(ServicePolicy):
     sliding_window_size: int = Field(default=100, description="calls (count, 1..4096) or seconds (time, 1..600)")
     minimum_calls: int | None = Field(default=None, description="calls in the window before the rates count; default min(10, window size)")
     failure_rate_threshold: float = Field(default=50, description="percent of failed calls that opens the breaker")
-    failure_status_codes: list[int | str] = Field(default_factory=lambda: ["5xx"], description="statuses that count as failures: 503, '5xx', '500-504'")
+    failure_status_codes: list[int | str] = Field(default_factory=lambda: list[int | str](["5xx"]), description="statuses that count as failures: 503, '5xx', '500-504'")
     slow_call_duration: float | str = Field(default=0, description="seconds or '500ms'; 0: no slow-call tracking")
     slow_call_rate_threshold: float = Field(default=100, description="percent of slow calls that opens the breaker")
     wait_duration_in_open: float | str = Field(default=30, description="seconds or '30s' before the first half-open probe")
@@ -148,7 +148,7 @@ BREAKER = register_kind(
         model=CircuitBreakerPolicy,
         translate=_translate,
         summary="circuit breaker per service or API in callers' sidecars (WASM), instance ejection by outlier detection",
-        check=_check,  # type: ignore[arg-type]
+        check=_check,
         exclusive=True,
         aliases=("breaker", "circuitbreaker", "circuitbreakerpolicies", "circuit-breaker"),
     )

@@ -175,7 +175,7 @@ LIMIT = register_kind(
         model=RateLimitPolicy,
         translate=_translate,
         summary="token-bucket limits on calls into a service (per sidecar or cluster-wide), in its sidecars (WASM)",
-        check=_check,  # type: ignore[arg-type]
+        check=_check,
         exclusive=False,
         aliases=("ratelimit", "rate-limit", "ratelimitpolicies", "limit"),
     )

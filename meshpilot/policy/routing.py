@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from meshpilot.model import service_key
-from meshpilot.policy.kinds import PolicyKind, ServicePolicy, TranslateContext, Translation, dns_label, register_kind
+from meshpilot.model import dns_label, service_key
+from meshpilot.policy.kinds import PolicyKind, ServicePolicy, TranslateContext, Translation, register_kind
 from meshpilot.translate.routes import Fault, HeaderMatch, RouteRule, ServiceRouting, Subset
 
 __all__ = ["ROUTING", "RoutingPolicy"]
@@ -240,7 +240,7 @@ ROUTING = register_kind(
         model=RoutingPolicy,
         translate=_translate,
         summary="subsets by instance label, weighted and matched routes, timeout/retry/fault overrides",
-        check=_check,  # type: ignore[arg-type]
+        check=_check,
         exclusive=True,
         aliases=("routing", "routingpolicies", "routing-policy"),
     )
