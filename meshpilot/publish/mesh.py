@@ -169,16 +169,14 @@ class MeshProducer(Producer):
             route = self._routes.build(reg.services(), self.domain, routing, self.policy.optional_route_filters())
             out[("", OUTBOUND_ROUTE)] = Bundle({TYPE.ROUTE: {OUTBOUND_ROUTE: route}})
         peers_changed = not changes.everything and self._note_sidecars(changes.instances)
-        for node in list(self.nodes.values()):
-            if (
-                changes.everything
-                or peers_changed
-                or node.id in changes.nodes
-                or node.service_key in services
-                or node.service_key in rerouted
-                or (node.capture and services)  # capture chains list every VIP
-            ):
-                out[(node.id, "node")] = self.node_bundle(node)
+        if changes.everything or peers_changed or services or rerouted:
+            touched = services | rerouted
+            nodes = [n for n in self.nodes.values() if changes.everything or peers_changed or n.id in changes.nodes
+                     or n.service_key in touched or (n.capture and services)]  # capture chains list every VIP
+        else:  # the common case of a node connecting: that node alone
+            nodes = [n for nid in sorted(changes.nodes) if (n := self.nodes.get(nid)) is not None]
+        for node in nodes:
+            out[(node.id, "node")] = self.node_bundle(node)
         return out
 
     def _service(self, key: str) -> Output:

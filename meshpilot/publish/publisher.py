@@ -71,6 +71,8 @@ class Bundle:
 
 Output = dict[tuple[str, str], Bundle | None]  # (scope, key) -> bundle, or None: the key is gone
 
+_BY_HAND = -1  # the producer index of resources put in through ``inject``
+
 
 class Producer:
     """Base of a producer: ``produce`` answers for the keys ``changes`` touches."""
@@ -120,6 +122,13 @@ class Publisher:
         """Publish these changes now, beside (not instead of) the pending ones."""
         now = self.clock()
         self._write([(i, p.produce(changes, now)) for i, p in enumerate(self.producers)])
+
+    def inject(self, type_url: str, name: str, resource: Resource | None, scope: str = "") -> None:
+        """Put (or with None, take back) one resource by hand, at once: the management API's debug
+        endpoint, which tests use to make Envoy reject a configuration. A producer that publishes
+        the same name in the same scope later replaces it."""
+        bundle = Bundle({type_url: {name: resource}}) if resource is not None else None
+        self._write([(_BY_HAND, {(scope, f"{type_url} {name}"): bundle})])
 
     def forget_scope(self, scope: str) -> None:
         """A node left: its own resources go with it."""

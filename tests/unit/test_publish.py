@@ -203,3 +203,15 @@ def test_a_producer_deadline_publishes_without_a_change() -> None:
     assert pub.next_deadline() == 1000.5 and not pub.publish_due(), "expected the producer's deadline, not yet reached"
     clock.now = 1000.5
     assert pub.publish_due() and len(p.seen) == 1 and not p.seen[0], f"expected a publication with no changes at the deadline, got {p.seen}"
+
+
+def test_a_resource_put_in_by_hand_is_published_at_once_and_taken_back() -> None:
+    p = Script()
+    pub, cache, _ = _publisher(p)
+    p.outputs.append({("", "web"): Bundle({TYPE.CLUSTER: {"web": _msg("1")}})})
+    pub.publish(Changes(everything=True))
+    pub.inject(TYPE.CLUSTER, "broken", _msg("bad"))
+    pub.inject(TYPE.EXTENSION_CONFIG, "filter", _msg("bad"), scope="n1")
+    assert cache.names(TYPE.CLUSTER) == ["broken", "web"] and cache.names(TYPE.EXTENSION_CONFIG, "n1") == ["filter"], "expected both injected at once"
+    pub.inject(TYPE.CLUSTER, "broken", None)
+    assert cache.names(TYPE.CLUSTER) == ["web"], f"expected the injected cluster taken back and the producer's kept, got {cache.names(TYPE.CLUSTER)}"
