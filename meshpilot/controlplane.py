@@ -4,8 +4,10 @@ the xDS gRPC server and the HTTP front doors, all on one asyncio loop.
 Data flows one way (DESIGN.md): a write changes the registry, the registry emits a change, the
 debouncer collects changes for ``debounce_ms`` (never longer than ``debounce_max_ms`` in total),
 then only the resources the changes touch are rebuilt by translate/ and put into the cache, which
-tells the subscribed streams. Other parts of the product plug in through ``add_*`` hooks: extra
-gRPC services (HDS), extra HTTP apps (Consul, Eureka), extra shared resources (policies), extra
+tells the subscribed streams. The control plane assembles its parts and owns their lifetimes: a
+plugin contributes gRPC services (HDS), HTTP apps (Consul, Eureka), management API routes, tasks
+and node watchers as a ``Part`` (parts.py), given to ``include``; producers still plug in through
+``add_*`` hooks: extra shared resources (policies), extra
 per-node HTTP filters (the WASM governance filters) and routing overlays (routing policies: subsets,
 weights and per-route overrides, applied when services' clusters, endpoints and routes are built).
 
@@ -22,6 +24,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +35,14 @@ from aiohttp import web
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 
 from meshpilot import metrics
+from meshpilot.api.app import build_api
+from meshpilot.api.routes import Handler, Route
+from meshpilot.hds.metadata import SOURCE as SIDECAR_SOURCE
+from meshpilot.hds.specifier import health_token
 from meshpilot.model import Service, ServicePort
 from meshpilot.registry import Change, Registry
 from meshpilot.registry.store import Store, open_store
+from meshpilot.parts import HttpApp, Part, Task
 from meshpilot.settings import Settings
 from meshpilot.translate.clusters import build_cluster, build_inbound_cluster, subset_cluster_name
 from meshpilot.translate.dns import build_dns_service, dns_resource_name
@@ -89,7 +97,8 @@ class ControlPlane:
         self._kick = asyncio.Event()
         self._published: dict[str, set[str]] = {}  # service key -> cluster names
         self._grpc_handlers: list[grpc.GenericRpcHandler] = [self.xds.handler()]
-        self._http_apps: list[tuple[str, Callable[[], web.Application], int | None]] = []
+        self._http_apps: list[HttpApp] = []
+        self._api_routes: list[Route] = []
         self._node_filters: list[NodeFilters] = []
         self._shared_builders: list[Callable[[set[str]], None]] = []
         self._routing_sources: list[RoutingSource] = []
@@ -99,26 +108,54 @@ class ControlPlane:
         self._optional_filters: dict[str, Callable[[], frozenset[str]]] = {}
         self._optional_inbound: dict[str, Callable[[NodeInfo], bool]] = {}
         self._node_watchers: list[Callable[[NodeInfo, bool], None]] = []
-        self._tasks: list[Callable[[], Any]] = []
-        # addresses of registered sidecars, kept by the HDS plugin; inbound listeners keep
-        # x-mesh-caller only from these (None: from everyone)
-        self.trusted_peers: frozenset[str] | None = None
-        # a node's health token, set by the HDS plugin: its own health checks carry it and its
-        # inbound routes let them past every optional inbound filter ("": no such route)
-        self.health_token: Callable[[str], str] = lambda node_id: ""
+        self._tasks: list[Task] = []
+        # a node's own health checks (HDS) carry its token; its inbound routes let them past every
+        # optional inbound filter
+        self._health_key = secrets.token_bytes(32)
+        # addresses of sidecars registered over HDS, kept up to date from change events (no
+        # registry scans); inbound listeners keep x-mesh-caller only from these
+        self._sidecars = {i.id: i.address for i in self.registry.iter_instances() if i.source == SIDECAR_SOURCE}
+        self.trusted_peers: frozenset[str] | None = frozenset(self._sidecars.values())
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
         self.ready = asyncio.Event()
         self.registry.subscribe(self._on_change)
+        self.registry.subscribe(self._track_sidecars)
+
+    # ---- assembly -----------------------------------------------------------------------------
+
+    def include(self, part: Part) -> None:
+        """Serve, run and tell what a plugin contributes (before ``start``)."""
+        self._grpc_handlers.extend(part.grpc_handlers)
+        self._http_apps.extend(part.http_apps)
+        self._api_routes.extend(part.routes)
+        self._tasks.extend(part.tasks)
+        self._node_watchers.extend(part.node_watchers)
+
+    def health_token(self, node_id: str) -> str:
+        """The node's health token: its HDS checks carry it, its inbound routes match it."""
+        return health_token(self._health_key, node_id)
+
+    def api_app(self) -> web.Application:
+        """The management API with every route the assembled parts contributed."""
+        return build_api(self.settings, self.registry, self.xds, self._api_routes, self.ports)
+
+    def _track_sidecars(self, change: Change) -> None:
+        if change.kind != "instance":
+            return
+        inst = self.registry.instance(change.key)
+        if inst is not None and inst.source == SIDECAR_SOURCE:
+            if self._sidecars.get(inst.id) == inst.address:
+                return  # the common case: a known sidecar address
+            self._sidecars[inst.id] = inst.address
+        elif self._sidecars.pop(change.key, None) is None:
+            return  # not a sidecar instance: nothing to do
+        peers = frozenset(self._sidecars.values())
+        if peers != self.trusted_peers:
+            self.trusted_peers = peers
+            self.refresh_nodes()
 
     # ---- extension points ---------------------------------------------------------------------
-
-    def add_grpc_handler(self, handler: grpc.GenericRpcHandler) -> None:
-        self._grpc_handlers.append(handler)
-
-    def add_http_app(self, name: str, factory: Callable[[], web.Application], port: int | None) -> None:
-        """Serve another HTTP app on its own port (None: disabled)."""
-        self._http_apps.append((name, factory, port))
 
     def add_node_filters(self, hook: NodeFilters) -> None:
         self._node_filters.append(hook)
@@ -186,10 +223,6 @@ class ControlPlane:
             if found is not None:
                 out[svc.key] = found
         return out
-
-    def add_task(self, factory: Callable[[], Any]) -> None:
-        """A long-running coroutine owned (and restarted on failure) by the control plane."""
-        self._tasks.append(factory)
 
     def refresh_nodes(self) -> None:
         """Rebuild every connected node's own resources (after a per-node filter hook changed)."""
@@ -410,17 +443,15 @@ class ControlPlane:
             raise OSError(f"xds_port: cannot listen on {s.listen_address}:{s.xds_port}")
         await server.start()
         self._grpc = server
-        from meshpilot.api.app import build_api
         from meshpilot.frontdoor import HttpLimits, connection_cap, raise_fd_limit, start_front_door
 
-        apps: list[tuple[str, Callable[[], web.Application], int | None]] = [("api", lambda: build_api(self), s.api_port)]
-        doors = [(name, factory, port) for name, factory, port in [*apps, *self._http_apps] if port is not None]
+        doors = [HttpApp("api", s.api_port, self.api_app), *self._http_apps]
         # a flood on one HTTP port must leave descriptors for xDS and the rest of the process
         limits = HttpLimits(s.http_idle_timeout_s, connection_cap(s.http_max_connections, len(doors), raise_fd_limit()))
-        for name, factory, port in doors:
-            app = factory()
+        for door in doors:
+            app = door.factory()
             app.middlewares.append(_durable_answers(self.registry.store))
-            runner, self.ports[name] = await start_front_door(app, s.listen_address, port, limits)
+            runner, self.ports[door.name] = await start_front_door(app, s.listen_address, door.port, limits)
             self._runners.append(runner)
         self.ready.set()
         log.info("event=control_plane_ready %s", " ".join(f"{k}_port={v}" for k, v in self.ports.items()))
@@ -444,8 +475,8 @@ class ControlPlane:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(_supervise("debounce", self._debounce))
-                for factory in self._tasks:
-                    tg.create_task(_supervise(getattr(factory, "__name__", "task"), factory))
+                for task in self._tasks:
+                    tg.create_task(_supervise(task.name, task.run))
         finally:
             await self.stop()
 
@@ -459,7 +490,7 @@ def _durable_answers(store: Store) -> Any:
     (a write is acknowledged only when durable; a read never shows what a crash could undo)."""
 
     @web.middleware
-    async def durable(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def durable(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         finally:

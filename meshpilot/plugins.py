@@ -1,7 +1,8 @@
-"""Wires the parts of the product beyond the registry and xDS (HDS, Consul and Eureka APIs, policies,
-proxyless clients) into a ControlPlane. Each listed module exposes ``install(cp)``; a part a setting
-switches off (a front door's port) decides that in its own ``install``. A listed module that cannot be
-imported is an error: every one ships with the product."""
+"""The parts of the product beyond the registry and xDS (HDS, Consul and Eureka APIs, policies,
+proxyless clients), assembled into a ControlPlane. Each listed module exposes ``install(core)``,
+which returns the ``Part`` it contributes (parts.py) and sets nothing on the control plane; a part
+a setting switches off (a front door's port) decides that in its own ``install``. A listed module
+that cannot be imported is an error: every one ships with the product."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import importlib
 import logging
 
 from meshpilot.controlplane import ControlPlane
+from meshpilot.parts import Part
 
 __all__ = ["install_plugins"]
 
 _PLUGINS = (
-    "meshpilot.xds.hds",
+    "meshpilot.hds.plugin",
     "meshpilot.consul.plugin",
     "meshpilot.eureka.plugin",
     "meshpilot.policy.plugin",
@@ -23,5 +25,7 @@ _PLUGINS = (
 
 def install_plugins(cp: ControlPlane) -> None:
     for name in _PLUGINS:
-        importlib.import_module(name).install(cp)
+        part = importlib.import_module(name).install(cp)
+        if isinstance(part, Part):  # proxyless resources still come through a shared builder
+            cp.include(part)
         logging.getLogger("meshpilot").debug("event=plugin_installed plugin=%s", name)

@@ -3,7 +3,8 @@
 Every body is validated before anything is stored; a rejected request answers 4xx with
 ``{"error": ..., "fields": [{"field", "reason"}]}`` naming each offending field, and leaves the
 registry as it was. When a token is configured, every write needs ``Authorization: Bearer <token>``.
-Other parts of the product add routes through ``ControlPlane.api_routes``.
+A front door like the Consul and Eureka ones: it is given the registry, the xDS server it reports
+on and the routes other parts of the product contribute (routes.py), and keeps no state of its own.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
 
 from aiohttp import web
 from google.protobuf import json_format
@@ -21,20 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from meshpilot import boundedjson, metrics
 from meshpilot.model import Check, CheckStatus, Instance, Service, field_errors
-from meshpilot.registry import Conflict, NotFound, RegistryError
+from meshpilot.api.routes import Handler, Route
+from meshpilot.registry import Conflict, NotFound, Registry, RegistryError
+from meshpilot.settings import Settings
+from meshpilot.xds.server import XdsServer
 
-if TYPE_CHECKING:
-    from meshpilot.controlplane import ControlPlane
-
-__all__ = ["LABEL", "ApiError", "InstanceIn", "build_api", "json_body", "api_routes", "openapi_document"]
+__all__ = ["LABEL", "ApiError", "InstanceIn", "build_api", "json_body", "openapi_document"]
 
 log = logging.getLogger("meshpilot.api")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# (method, path, handler, summary, request body: a model, or a model or JSON schema per value of
-# the path's first parameter) added by other modules
-api_routes: list[tuple[str, str, Handler, str, type[BaseModel] | dict[str, Any] | None]] = []
 
 
 class ApiError(Exception):
@@ -113,9 +108,14 @@ def _instance_out(i: Instance) -> dict[str, Any]:
     return _out(i, health=i.health.value, routable=i.routable)
 
 
-def build_api(cp: ControlPlane) -> web.Application:
-    s = cp.settings
-    reg = cp.registry
+def build_api(
+    settings: Settings, registry: Registry, xds: XdsServer, routes: Sequence[Route] = (), ports: Mapping[str, int] | None = None
+) -> web.Application:
+    """The API over ``registry`` with its own routes and ``routes``; ``ports``: the control plane's
+    bound ports, as /healthz reports them (filled in as its listeners start)."""
+    s = settings
+    reg = registry
+    cache = xds.cache
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -245,16 +245,16 @@ def build_api(cp: ControlPlane) -> web.Application:
         return web.json_response(_instance_out(reg.set_maintenance(inst.id, body.enabled)))
 
     async def proxies(request: web.Request) -> web.Response:
-        return web.json_response(cp.xds.proxies())
+        return web.json_response(xds.proxies())
 
     async def openapi(request: web.Request) -> web.Response:
-        return web.json_response(openapi_document(token=bool(s.token)))
+        return web.json_response(openapi_document(token=bool(s.token), routes=routes))
 
     async def metrics_text(request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "ports": cp.ports})
+        return web.json_response({"status": "ok", "ports": dict(ports or {})})
 
     async def inject(request: web.Request) -> web.Response:
         body = _validate(InjectIn, await json_body(request))
@@ -263,11 +263,11 @@ def build_api(cp: ControlPlane) -> web.Application:
             json_format.ParseDict(body.resource, msg)
         except json_format.ParseError as exc:
             raise ApiError(400, f"resource: {exc}", [{"field": "resource", "reason": str(exc)}]) from None
-        cp.cache.put(body.type_url, {body.name: msg}, scope=body.scope)
+        cache.put(body.type_url, {body.name: msg}, scope=body.scope)
         return web.json_response({"injected": body.name}, status=201)
 
     async def uninject(request: web.Request) -> web.Response:
-        cp.cache.remove(request.query.get("type_url", ""), [request.query.get("name", "")], request.query.get("scope", ""))
+        cache.remove(request.query.get("type_url", ""), [request.query.get("name", "")], request.query.get("scope", ""))
         return web.json_response({"removed": request.query.get("name", "")})
 
     app = web.Application(middlewares=[errors], client_max_size=4 * 1024 * 1024)
@@ -291,8 +291,8 @@ def build_api(cp: ControlPlane) -> web.Application:
     if s.debug_api:
         r.add_post("/v1/debug/resources", inject)
         r.add_delete("/v1/debug/resources", uninject)
-    for method, path, handler, _summary, _model in api_routes:
-        r.add_route(method, path, handler)
+    for route in routes:
+        r.add_route(route.method, route.path, route.handler)
     return app
 
 
@@ -323,9 +323,10 @@ STRING_MAP: dict[str, Any] = {
 UNIQUE_PORTS = "port names and port numbers are unique"
 
 
-def openapi_document(token: bool = False) -> dict[str, Any]:
+def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[str, Any]:
     """The management API as OpenAPI 3.1: every route with its path and query parameters, its
-    bodies and every status it answers (``token``: writes need the bearer token)."""
+    bodies and every status it answers (``token``: writes need the bearer token); ``routes``: the
+    routes it was given besides its own."""
     schemas: dict[str, Any] = {}
 
     def ref(model: type[BaseModel], mode: str = "validation", name: str | None = None) -> dict[str, str]:
@@ -427,7 +428,7 @@ def openapi_document(token: bool = False) -> dict[str, Any]:
     inst = {"$ref": "#/components/schemas/InstanceOut"}
     schemas["ServiceOut"]["properties"]["instances"] = {"type": "array", "items": inst}  # only when one service is read
     one = ("200",)
-    routes = [
+    own: list[tuple[str, str, str, type[BaseModel] | dict[str, Any] | None, dict[str, Any], tuple[str, ...], tuple[str, ...] | None]] = [
         ("get", "/v1/services", "List services", None, {"type": "array", "items": svc}, ("namespace",), None),
         ("post", "/v1/services", "Create a service (its virtual IP is allocated)", service_in, svc, (), None),
         ("get", "/v1/services/{namespace}/{name}", "Get a service and its instances", None, svc, (), None),
@@ -444,20 +445,20 @@ def openapi_document(token: bool = False) -> dict[str, Any]:
          {"type": "array", "items": {"type": "object"}}, (), None),
     ]
     paths: dict[str, Any] = {}
-    for method, path, summary, body, out, query, codes in routes:
+    for method, path, summary, body, out, query, codes in own:
         paths.setdefault(path, {})[method] = op(method, path, summary, body, out, query, codes)
     paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}}
     # a path with a body per value of its first parameter is documented once per value, all its methods
-    per_value = {path: list(model) for _m, path, _h, _s, model in api_routes if isinstance(model, dict)}
-    for method, path, _handler, summary, model in api_routes:
-        m = method.lower()
-        if path not in per_value:
-            paths.setdefault(path, {})[m] = op(m, path, summary, model)  # type: ignore[arg-type]
+    per_value = {route.path: list(route.body) for route in routes if isinstance(route.body, dict)}
+    for route in routes:
+        m = route.method.lower()
+        if route.path not in per_value:
+            paths.setdefault(route.path, {})[m] = op(m, route.path, route.summary, route.body)
             continue
-        for value in per_value[path]:
-            concrete = _PATH_PARAM.sub(value, path, count=1)
-            body = model.get(value) if isinstance(model, dict) else model
-            paths.setdefault(concrete, {})[m] = op(m, concrete, f"{summary} ({value})", body)
+        for value in per_value[route.path]:
+            concrete = _PATH_PARAM.sub(value, route.path, count=1)
+            per = route.body.get(value) if isinstance(route.body, dict) else route.body
+            paths.setdefault(concrete, {})[m] = op(m, concrete, f"{route.summary} ({value})", per)
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "meshpilot management API", "version": "1"},

@@ -1,30 +1,27 @@
-"""Installs the Eureka-compatible API into the control plane: the HTTP app on ``eureka_port`` and
+"""The Eureka-compatible API as a part of the control plane: the HTTP app on ``eureka_port`` and
 the supervised task that expires leases."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from meshpilot.eureka.front import EurekaFront
 from meshpilot.eureka.http import build_eureka_app
-
-if TYPE_CHECKING:
-    from meshpilot.controlplane import ControlPlane
+from meshpilot.parts import Core, HttpApp, Part, Task
 
 __all__ = ["install"]
 
 _EXPIRY_TICK_S = 0.25
 
 
-def install(cp: ControlPlane) -> EurekaFront | None:
-    port = cp.settings.eureka_port
+def install(core: Core) -> Part:
+    port = core.settings.eureka_port
     if port is None:
-        return None
-    front = EurekaFront(cp.registry)
-    token = cp.settings.token
+        return Part()
+    front = EurekaFront(core.registry)
+    token = core.settings.token
 
     def factory() -> web.Application:
         return build_eureka_app(front, token)
@@ -34,6 +31,4 @@ def install(cp: ControlPlane) -> EurekaFront | None:
             front.expire()
             await asyncio.sleep(_EXPIRY_TICK_S)
 
-    cp.add_http_app("eureka", factory, port)
-    cp.add_task(eureka_leases)
-    return front
+    return Part(http_apps=[HttpApp("eureka", port, factory)], tasks=[Task("eureka_leases", eureka_leases)])

@@ -17,13 +17,12 @@ from pydantic import ValidationError
 
 from meshpilot.api import app as api_app
 from meshpilot.api.app import ApiError, json_body
+from meshpilot.api.routes import Route
 from meshpilot.model import field_errors
 from meshpilot.policy.kinds import PolicyBase, PolicyInvalid, PolicyKind, get_kind, kinds, parse_key, policy_key
 from meshpilot.registry import Registry
 
-__all__ = ["install_routes"]
-
-_MARK = "_meshpilot_policy_route"
+__all__ = ["policy_routes"]
 
 
 def _kind(request: web.Request) -> PolicyKind:
@@ -139,24 +138,17 @@ class _Handlers:
         return web.json_response(doc)
 
 
-def install_routes(registry: Registry) -> None:
-    """Add the policy routes to the management API (replacing those of an earlier install)."""
+def policy_routes(registry: Registry) -> list[Route]:
+    """The policy routes of the management API."""
     h = _Handlers(registry)
-    api_app.api_routes[:] = [r for r in api_app.api_routes if not getattr(r[2], _MARK, False)]
-    routes: list[tuple[str, str, Any, str, Any]] = [
-        ("GET", "/v1/policies", h.list_all, "List policies of every kind", None),
-        ("GET", "/v1/policies/{kind}", h.list, "List policies of a kind (RoutingPolicy, ...)", None),
-        ("POST", "/v1/policies/{kind}", h.create, "Create a policy", _body_schemas(put=False)),
-        ("GET", "/v1/policies/{kind}/{namespace}/{name}", h.get, "Get a policy", None),
-        ("PUT", "/v1/policies/{kind}/{namespace}/{name}", h.put, "Create or replace a policy", _body_schemas(put=True)),
-        ("DELETE", "/v1/policies/{kind}/{namespace}/{name}", h.delete, "Delete a policy", None),
+    return [
+        Route("GET", "/v1/policies", h.list_all, "List policies of every kind"),
+        Route("GET", "/v1/policies/{kind}", h.list, "List policies of a kind (RoutingPolicy, ...)"),
+        Route("POST", "/v1/policies/{kind}", h.create, "Create a policy", _body_schemas(put=False)),
+        Route("GET", "/v1/policies/{kind}/{namespace}/{name}", h.get, "Get a policy"),
+        Route("PUT", "/v1/policies/{kind}/{namespace}/{name}", h.put, "Create or replace a policy", _body_schemas(put=True)),
+        Route("DELETE", "/v1/policies/{kind}/{namespace}/{name}", h.delete, "Delete a policy"),
     ]
-    for method, path, handler, summary, model in routes:
-        async def marked(request: web.Request, _handler: Any = handler) -> web.StreamResponse:
-            return await _handler(request)  # type: ignore[no-any-return]
-
-        setattr(marked, _MARK, True)
-        api_app.api_routes.append((method, path, marked, summary, model))
 
 
 def _body_schemas(put: bool) -> dict[str, Any]:

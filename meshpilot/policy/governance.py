@@ -33,7 +33,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.wasm.v3 import wasm_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
+from meshpilot.api.routes import Route
 from meshpilot.model import Outlier, Service
+from meshpilot.parts import Part, Task
 from meshpilot.policy.breaker import CircuitBreakerPolicy, breaker_rules, outlier_of
 from meshpilot.policy.ratelimit import RateLimitPolicy, divide, limit_rules
 from meshpilot.registry import Change
@@ -385,10 +387,9 @@ def _capped(rules: list[dict[str, Any]], section: str) -> list[dict[str, Any]]:
     return unique[:MAX_RULES]
 
 
-def attach(cp: ControlPlane, engine: PolicyEngine) -> Governance:
-    """Wire governance into a control plane (called by the policy plugin after the engine)."""
-    from meshpilot.api.app import api_routes
-
+def attach(cp: ControlPlane, engine: PolicyEngine) -> Part:
+    """Wire governance into a control plane (called by the policy plugin after the engine); the
+    part holds the module's route and the task that publishes it once the API's port is bound."""
     try:
         module: WasmModule | None = WasmModule.load("mesh")
     except (FileNotFoundError, ValueError) as exc:
@@ -409,10 +410,6 @@ def attach(cp: ControlPlane, engine: PolicyEngine) -> Governance:
         await cp.ready.wait()  # the module's URI names the API's bound port
         gov.publish()
 
-    publish_when_serving.__name__ = "governance_publish"
-    cp.add_task(publish_when_serving)
-    route = ("GET", "/v1/wasm/{name}", gov.serve_module, "The governance WASM module, as sidecars fetch it (ETag and X-Meshpilot-Sha256: its sha256)", None)
-    api_routes[:] = [r for r in api_routes if (r[0], r[1]) != (route[0], route[1])]
-    api_routes.append(route)
+    route = Route("GET", "/v1/wasm/{name}", gov.serve_module, "The governance WASM module, as sidecars fetch it (ETag and X-Meshpilot-Sha256: its sha256)")
     cp.governance = gov  # type: ignore[attr-defined]
-    return gov
+    return Part(routes=[route], tasks=[Task("governance_publish", publish_when_serving)])

@@ -2,7 +2,7 @@
 
 Every module of this package other than the framework's own is a kind module that registers its
 kind on import, so adding a kind is adding a module. The engine becomes the control plane's
-routing source and a shared builder; sidecars' outbound listeners get Envoy's fault filter (idle
+routing source and a shared builder and the policy routes join the management API's route table; sidecars' outbound listeners get Envoy's fault filter (idle
 unless a route carries a fault override), so a policy that adds or removes a fault changes only
 routes, never listeners, and keep-alive connections see it at once.
 """
@@ -19,7 +19,8 @@ from google.protobuf import any_pb2
 
 import meshpilot.policy
 from meshpilot.controlplane import ControlPlane
-from meshpilot.policy.api import install_routes
+from meshpilot.parts import Part
+from meshpilot.policy.api import policy_routes
 from meshpilot.policy.engine import PolicyEngine
 from meshpilot.translate.routes import FAULT_FILTER
 from meshpilot.xds.resource import NodeInfo
@@ -49,16 +50,19 @@ def _outbound_filters(node: NodeInfo, direction: str) -> list[hcm.HttpFilter]:
     return [fault_filter()] if direction == "outbound" else []
 
 
-def install(cp: ControlPlane) -> PolicyEngine:
+def install(cp: ControlPlane) -> Part:
     modules = load_kinds()
     engine = PolicyEngine(cp.registry, cp.settings.domain, cp.cache)
     cp.add_routing_source(engine)
     cp.add_shared_builder(engine.publish)
     cp.add_node_filters(_outbound_filters)
-    install_routes(cp.registry)
+    part = Part(routes=policy_routes(cp.registry))
     # a module may also wire itself into the control plane (after the engine, which it may read)
+    # and contribute routes and tasks of its own
     for module in modules:
         attach = getattr(module, "attach", None)
         if callable(attach):
-            attach(cp, engine)
-    return engine
+            more = attach(cp, engine)
+            part.routes.extend(more.routes)
+            part.tasks.extend(more.tasks)
+    return part

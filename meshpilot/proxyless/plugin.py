@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 
 from meshpilot.controlplane import ControlPlane
 from meshpilot.proxyless.resources import PROTOCOLS, build_api_listener, build_proxyless_routes, listener_names, route_name
-from meshpilot.translate.names import TYPE
+from meshpilot.xds.resource import TYPE
 from meshpilot.translate.routes import short_name_owners
 
 __all__ = ["ProxylessBuilder", "install"]

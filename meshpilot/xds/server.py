@@ -23,7 +23,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,13 +210,51 @@ class XdsServer:
             )
         return out
 
-    async def _sotw(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext) -> None:
+    def ack_status(self, type_url: str, names: Set[str]) -> list[tuple[str, bool]]:
+        """One entry per stream subscribed to any of ``names`` of ``type_url``: its node id and
+        whether it has ACKed the current version of each of those it subscribed to. Delta streams
+        ACK per resource; a sotw stream has ACKed when it answered its last response with an ACK
+        and nothing of these names is waiting to be sent to it (its endpoint responses carry only
+        what changed, so their versions are not the cache's)."""
+        out = []
+        for h in list(self.streams.values()):
+            m = h.machine
+            ts = m.types.get(type_url)
+            if ts is None:
+                continue
+            wanted = set(names) if ts.wildcard else names & ts.names
+            if not wanted:
+                continue
+            if m.kind == "DELTA_GRPC":
+                acked = all(
+                    (e := self.cache.get(type_url, n, m.node_id)) is None or ts.acked_resource(n) == e.version for n in wanted
+                )
+            else:
+                acked = (ts.acked_version == ts.sent_version and not ts.pending and not (ts.dirty & wanted)
+                         and not self._undispatched(type_url, m.node_id, wanted))
+            out.append((h.node.id if h.node else f"stream-{h.id}", acked))
+        return out
+
+    def _undispatched(self, type_url: str, node_id: str, names: Set[str]) -> bool:
+        """Whether a cache change to any of ``names`` has not reached the streams yet."""
+        return any(
+            not changed[0].isdisjoint(names)
+            for changed in (self._changes.get((type_url, "")), self._changes.get((type_url, node_id)))
+            if changed is not None
+        )
+
+    def has_acked(self, node_id: str, type_url: str, names: Set[str]) -> bool:
+        """Whether every stream of ``node_id`` subscribed to any of ``names`` has ACKed their current
+        version (True when none is)."""
+        return all(acked for node, acked in self.ack_status(type_url, names) if node == node_id)
+
+    async def _sotw(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await self._serve(SotwStream(self.cache), requests, context)
 
-    async def _delta(self, requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext) -> None:
+    async def _delta(self, requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await self._serve(DeltaStream(self.cache), requests, context)
 
-    async def _serve(self, machine: SotwStream | DeltaStream, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+    async def _serve(self, machine: SotwStream | DeltaStream, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
         handle = StreamHandle(next(self._ids), machine, asyncio.Event(), context.peer())
         self.streams[handle.id] = handle
         metrics.XDS_STREAMS.labels(machine.kind).inc()
@@ -276,7 +314,7 @@ class XdsServer:
             if handle.machine.pending:
                 handle.wake.set()
 
-    async def _write(self, handle: StreamHandle, context: grpc.aio.ServicerContext) -> None:
+    async def _write(self, handle: StreamHandle, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         owed = handle.unanswered
         while True:
             handle.wake.clear()
@@ -306,7 +344,7 @@ class XdsServer:
                 async with asyncio.timeout(left):
                     await handle.wake.wait()
 
-    async def _push(self, handle: StreamHandle, context: grpc.aio.ServicerContext) -> bool:
+    async def _push(self, handle: StreamHandle, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
         """Write what the stream owes; False if that was nothing. Responses live only in here: an
         idle stream keeps nothing of its last push alive until the next one."""
         out = handle.machine.responses()

@@ -12,6 +12,8 @@ from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshpilot.hds.metadata import registration
+from meshpilot.hds.specifier import build_specifier
 from meshpilot.model import Check, Instance, Outlier, Service, ServicePort, Traffic
 from meshpilot.sidecar.render import SidecarOptions, render_bootstrap
 from meshpilot.sidecar.spec import load_spec
@@ -20,7 +22,6 @@ from meshpilot.translate.clusters import build_cluster, build_clusters, build_in
 from meshpilot.translate.endpoints import build_endpoints
 from meshpilot.translate.listeners import build_inbound_listener, build_inbound_routes, build_outbound_listener
 from meshpilot.translate.routes import FAULT_FILTER, Fault, HeaderMatch, RouteRule, build_outbound_routes
-from meshpilot.xds.hds import build_specifier, registration
 from meshpilot.xds.resource import NodeInfo, node_info
 from tests.support import assert_envoy_accepts
 from tests.unit.test_hds import _md

@@ -7,8 +7,12 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from aiohttp import web
+
 from meshpilot.api.app import build_api, openapi_document
+from meshpilot.api.routes import Route
 from meshpilot.controlplane import ControlPlane
+from meshpilot.parts import Part
 from meshpilot.settings import Settings
 
 WEB = {"name": "web", "ports": [{"name": "http", "port": 80}]}
@@ -16,7 +20,7 @@ WEB = {"name": "web", "ports": [{"name": "http", "port": 80}]}
 
 async def _client(tmp: Path, **settings: object) -> tuple[ControlPlane, TestClient]:
     cp = ControlPlane(Settings(store=f"sqlite:{tmp / 'db.sqlite'}", **settings))
-    client = TestClient(TestServer(build_api(cp)))
+    client = TestClient(TestServer(cp.api_app()))
     await client.start_server()
     return cp, client
 
@@ -207,3 +211,40 @@ def test_openapi_document_names_every_schema() -> None:
     doc = openapi_document()
     for name in ("ServiceIn", "ServiceOut", "InstanceIn", "InstanceOut", "Error"):
         assert name in doc["components"]["schemas"], f"schema {name} missing"
+
+
+async def _hello(request: web.Request) -> web.Response:
+    return web.json_response({"hello": request.match_info["who"]})
+
+
+async def test_the_api_serves_and_documents_the_routes_it_is_given_and_no_others(tmp_path: Path) -> None:
+    """The route table is given to the API: a control plane that includes a part serves its
+    routes; another one, in the same process, does not."""
+    route = Route("GET", "/v1/hello/{who}", _hello, "Say hello")
+    cp = ControlPlane(Settings(store=f"sqlite:{tmp_path / 'a.sqlite'}"))
+    cp.include(Part(routes=[route]))
+    other = ControlPlane(Settings(store=f"sqlite:{tmp_path / 'b.sqlite'}"))
+    with_route, without = TestClient(TestServer(cp.api_app())), TestClient(TestServer(other.api_app()))
+    await with_route.start_server()
+    await without.start_server()
+    try:
+        r = await with_route.get("/v1/hello/you")
+        assert r.status == 200 and await r.json() == {"hello": "you"}, f"expected the given route served, got {r.status}"
+        doc = await (await with_route.get("/openapi.json")).json()
+        assert doc["paths"]["/v1/hello/{who}"]["get"]["summary"] == "Say hello", "expected the given route documented"
+        r = await without.get("/v1/hello/you")
+        assert r.status == 404, f"expected a control plane without the part not to serve its route, got {r.status}"
+        doc = await (await without.get("/openapi.json")).json()
+        assert "/v1/hello/{who}" not in doc["paths"], "expected another control plane's route not documented"
+    finally:
+        await with_route.close()
+        await without.close()
+        cp.registry.store.close()
+        other.registry.store.close()
+
+
+def test_build_api_needs_no_control_plane(tmp_path: Path) -> None:
+    cp = ControlPlane(Settings(store="memory:"))
+    app = build_api(cp.settings, cp.registry, cp.xds, routes=[Route("GET", "/x/{who}", _hello, "x")])
+    got = sorted({r.resource.canonical for r in app.router.routes() if r.resource is not None} & {"/x/{who}", "/v1/services"})
+    assert got == ["/v1/services", "/x/{who}"], f"expected its own routes and the given one, got {got}"

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshpilot import boundedjson
-from meshpilot.api.app import build_api
 from meshpilot.consul.agent import ConsulAgent
 from meshpilot.consul.http import build_consul_app
 from meshpilot.controlplane import ControlPlane
@@ -32,7 +31,7 @@ DEEP_XML = b"<instance>" + b"<a>" * 100_000 + b"</a>" * 100_000 + b"</instance>"
 
 
 def _api(tmp: Path) -> web.Application:
-    return build_api(ControlPlane(Settings(store="memory:")))
+    return ControlPlane(Settings(store="memory:")).api_app()
 
 
 def _consul(tmp: Path) -> web.Application:

@@ -1,5 +1,5 @@
-"""The HDS core without I/O: node metadata → registration and specifier, reports → check status,
-lost streams → critical then removed."""
+"""The HDS core without I/O: node metadata → registration and specifier, a stream's messages →
+registry updates, reports → check status, lost streams → critical then removed."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ from envoy.service.health.v3 import hds_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshpilot.model import CheckStatus
-from meshpilot.xds.hds import HdsError, HdsSession, Liveness, build_specifier, health_token, registration
+from meshpilot.hds.liveness import Liveness
+from meshpilot.hds.metadata import HdsError, registration
+from meshpilot.hds.specifier import build_specifier, health_token
+from meshpilot.hds.stream import HdsSession, HdsStream, Register, Reject, Send, SetCheck
+from meshpilot.hds.synced import synced
+from meshpilot.model import Check, CheckStatus, Instance
 from meshpilot.xds.resource import node_info
 
 
@@ -240,3 +244,105 @@ def test_http_check_carries_the_node_health_token() -> None:
     assert token not in others, "expected another node or another key to give another token"
     tcp = registration(node_info("b-1", "b", _md(HEALTH_CHECK={"kind": "tcp"})))
     assert build_specifier(tcp, 1.0, token).cluster_health_checks[0].health_checks[0].HasField("tcp_health_check")
+
+
+def _hello(node_id: str = "b-1", **md: Any) -> hds_pb2.HealthCheckRequestOrEndpointHealthResponse:
+    msg = hds_pb2.HealthCheckRequestOrEndpointHealthResponse()
+    node = msg.health_check_request.node
+    node.id = node_id
+    node.cluster = "b"
+    node.metadata.update(_md(**md))
+    return msg
+
+
+def _reported(cluster: str, status: int) -> hds_pb2.HealthCheckRequestOrEndpointHealthResponse:
+    msg = hds_pb2.HealthCheckRequestOrEndpointHealthResponse()
+    msg.endpoint_health_response.CopyFrom(_report(cluster, status))
+    return msg
+
+
+def _kinds(effects: list[Any]) -> list[str]:
+    return [type(e).__name__ for e in effects]
+
+
+def test_stream_registers_sends_the_specifier_then_turns_reports_into_checks() -> None:
+    stream = HdsStream(2.0, lambda node_id: f"token-of-{node_id}")
+    stored: dict[str, Instance] = {}
+    effects = stream.receive(_hello(), 100.0, stored.get)
+    assert _kinds(effects) == ["Register", "Send"], f"expected the node registered then its specifier sent, got {_kinds(effects)}"
+    reg, send = effects
+    assert isinstance(reg, Register) and isinstance(send, Send)
+    assert reg.instance.id == "b-1" and [c.status for c in reg.instance.checks] == [CheckStatus.critical], reg.instance
+    assert send.specifier == build_specifier(reg.registration, 2.0, "token-of-b-1"), "expected the node's own specifier and token"
+    stored["b-1"] = reg.instance
+    cluster = reg.registration.cluster
+    got = stream.receive(_reported(cluster, health_check_pb2.HEALTHY), 101.0, stored.get)
+    assert got == [SetCheck("b-1", Check(id="hds", owner="hds", status=CheckStatus.passing, output="health check passing"))], got
+    assert stream.receive(_reported(cluster, health_check_pb2.HEALTHY), 102.0, stored.get) == [], "the same status again is no news"
+    assert stream.receive(_hello(), 102.5, stored.get) == [], "a later request changes nothing"
+    del stored["b-1"]  # graceful offline deregistered it
+    assert stream.receive(_reported(cluster, health_check_pb2.UNHEALTHY), 103.0, stored.get) == [], \
+        "expected reports of a deregistered instance to write nothing"
+
+
+def test_a_reconnecting_sidecar_keeps_its_check_and_warms_up() -> None:
+    first = HdsStream(1.0, lambda node_id: "")
+    reg = first.receive(_hello(), 0.0, {}.get)[0]
+    assert isinstance(reg, Register)
+    passing = reg.instance.model_copy(update={"checks": [Check(id="hds", owner="hds", status=CheckStatus.passing)], "ever_passed": True})
+    again = HdsStream(1.0, lambda node_id: "")
+    effects = again.receive(_hello(), 50.0, {"b-1": passing}.get)
+    assert isinstance(effects[0], Register) and effects[0].instance.checks == [], \
+        f"expected a reconnect to keep the stored hds check (no checks in the write), got {effects[0]}"
+    assert again.session is not None and again.session.resumed, "expected a passing instance's reconnect to be a resume"
+
+
+@pytest.mark.parametrize("first,reason", [
+    (hds_pb2.HealthCheckRequestOrEndpointHealthResponse(), "carrying node.id"),
+    (_hello(SERVICE=""), "node.metadata.SERVICE"),
+    (_hello(HEALTH_CHECK={"kind": "udp"}), "node.metadata.HEALTH_CHECK.kind"),
+])
+def test_a_bad_first_message_is_rejected_and_ends_the_stream(first: Any, reason: str) -> None:
+    stream = HdsStream(1.0, lambda node_id: "")
+    effects = stream.receive(first, 0.0, {}.get)
+    assert len(effects) == 1 and isinstance(effects[0], Reject) and reason in effects[0].reason, \
+        f"expected one rejection naming {reason!r}, got {effects}"
+    assert stream.receive(_hello(), 1.0, {}.get) == [], "expected nothing more from a rejected stream"
+
+
+_MESSAGES = st.one_of(
+    st.builds(_hello, st.sampled_from(["b-1", "b-2", ""])),
+    st.builds(_reported, st.sampled_from(["hds|b-1", "hds|b-2"]), st.sampled_from([0, 1, 2, 3, 4, 5])),
+    st.just(hds_pb2.HealthCheckRequestOrEndpointHealthResponse()),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 3), _MESSAGES), max_size=25), st.booleans())
+def test_any_message_order_keeps_the_stream_machine_consistent(events: list[tuple[float, Any]], deregister: bool) -> None:
+    """Whatever arrives: the first message registers (then sends) or rejects; checks are set only
+    for the registered instance, only while it is stored, and never twice with the same status."""
+    stream = HdsStream(1.0, lambda node_id: "")
+    stored: dict[str, Instance] = {}
+    t, kinds, statuses = 0.0, [], []
+    for n, (dt, msg) in enumerate(events):
+        t += dt
+        for effect in stream.receive(msg, t, stored.get):
+            kinds.append(type(effect).__name__)
+            if isinstance(effect, Register):
+                stored[effect.instance.id] = effect.instance
+            elif isinstance(effect, SetCheck):
+                assert effect.instance_id in stored, f"a check was set on {effect.instance_id}, which is not stored"
+                statuses.append(effect.check.status)
+        if deregister and n == len(events) // 2:
+            stored.clear()
+    if kinds:
+        assert kinds[:2] == ["Register", "Send"] or kinds == ["Reject"], f"expected register+send or one rejection first, got {kinds}"
+        assert kinds.count("Register") <= 1 and kinds.count("Send") <= 1, f"expected one registration per stream, got {kinds}"
+    assert all(a != b for a, b in zip(statuses, statuses[1:])), f"repeated status set: {statuses}"
+
+
+def test_synced_counts_consumers_and_names_the_pending_nodes() -> None:
+    assert synced([]) == {"synced": True, "consumers": 0, "pending": []}, "no consumer: nothing to wait for"
+    got = synced([("a", True), ("b", False), ("b", False), ("c", True)])
+    assert got == {"synced": False, "consumers": 4, "pending": ["b"]}, f"expected b pending among 4 streams, got {got}"

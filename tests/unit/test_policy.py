@@ -191,11 +191,9 @@ def test_control_plane_publishes_subset_clusters_and_endpoints() -> None:
 
 @pytest.fixture
 async def api() -> AsyncIterator[TestClient]:
-    from meshpilot.api.app import build_api
-
     cp = ControlPlane(Settings(store="memory:"))
-    install(cp)
-    client = TestClient(TestServer(build_api(cp)))
+    cp.include(install(cp))
+    client = TestClient(TestServer(cp.api_app()))
     await client.start_server()
     try:
         yield client

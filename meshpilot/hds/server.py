@@ -1,0 +1,146 @@
+"""The HDS gRPC service: moves messages between a sidecar's Envoy and the stream machine
+(stream.py), carries its effects to the wire and the registry, and sweeps the instances of lost
+streams (liveness.py).
+
+A node whose HDS stream is lost goes critical after ``hds_critical_after_s`` (longer than Envoy's
+30 s HDS reconnect back-off), or after ``hds_dead_after_s`` once the node's ADS stream has been
+closed as long too (a dead sidecar: outlier detection ejects it for 30 s, and it must leave EDS
+before that ends), and is deregistered after ``hds_remove_after_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from envoy.service.health.v3 import hds_pb2
+
+from meshpilot.hds.liveness import Liveness
+from meshpilot.hds.metadata import CHECK_ID, OWNER, SOURCE
+from meshpilot.hds.stream import HdsSession, HdsStream, Register, Reject, Send, SetCheck
+from meshpilot.model import Check, CheckStatus
+from meshpilot.registry import Change, Registry, RegistryError
+
+__all__ = ["HDS_SERVICE", "HdsServer"]
+
+log = logging.getLogger("meshpilot.hds")
+
+HDS_SERVICE = "envoy.service.health.v3.HealthDiscoveryService"
+
+
+class HdsServer:
+    """The gRPC side of HDS over one registry. ``token(node_id)`` is a node's health token."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        report_interval_s: float,
+        critical_after_s: float,
+        remove_after_s: float,
+        dead_after_s: float = 0.0,
+        token: Callable[[str], str] = lambda node_id: "",
+    ) -> None:
+        self.registry = registry
+        self.report_interval_s = report_interval_s
+        self.token = token
+        self.liveness = Liveness(critical_after_s, remove_after_s, dead_after_s)
+        self.sessions: dict[int, HdsSession] = {}
+        self._next = 0
+        now = time.monotonic()
+        # instances registered before a restart must reconnect within the same bounds
+        for inst in registry.instances():
+            if inst.source == SOURCE:
+                self.liveness.lost_at[inst.id] = now
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            HDS_SERVICE,
+            {
+                "StreamHealthCheck": grpc.stream_stream_rpc_method_handler(
+                    self._stream,
+                    request_deserializer=hds_pb2.HealthCheckRequestOrEndpointHealthResponse.FromString,
+                    response_serializer=hds_pb2.HealthCheckSpecifier.SerializeToString,
+                ),
+                "FetchHealthCheck": grpc.unary_unary_rpc_method_handler(
+                    self._fetch,
+                    request_deserializer=hds_pb2.HealthCheckRequestOrEndpointHealthResponse.FromString,
+                    response_serializer=hds_pb2.HealthCheckSpecifier.SerializeToString,
+                ),
+            },
+        )
+
+    async def _fetch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "use StreamHealthCheck")
+
+    async def _stream(
+        self, requests: AsyncIterator[hds_pb2.HealthCheckRequestOrEndpointHealthResponse], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        self._next += 1
+        sid = self._next
+        stream = HdsStream(self.report_interval_s, self.token)
+        iid = ""
+        try:
+            async for msg in requests:
+                for effect in stream.receive(msg, time.monotonic(), self.registry.instance):
+                    if isinstance(effect, Reject):
+                        if effect.node:
+                            log.warning("event=hds_rejected node=%s reason=%s", effect.node, effect.reason)
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, effect.reason)
+                    elif isinstance(effect, Register):
+                        try:
+                            self.registry.register(effect.instance, replace=True)
+                        except RegistryError as exc:
+                            log.warning("event=hds_rejected node=%s reason=%s", effect.instance.id, exc)
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                        assert stream.session is not None
+                        self.sessions[sid] = stream.session
+                        iid = effect.instance.id
+                        self.liveness.opened(iid)
+                        plan = effect.registration.plan
+                        log.info("event=hds_open instance=%s check=%s:%s:%d", iid, plan.kind, plan.address, plan.port)
+                    elif isinstance(effect, Send):
+                        await context.write(effect.specifier)
+                    elif isinstance(effect, SetCheck):
+                        try:
+                            self.registry.set_check(effect.instance_id, effect.check)
+                        except RegistryError as exc:
+                            log.warning("event=hds_update_failed instance=%s reason=%s", iid, exc)
+                            continue
+                        log.info("event=hds_health instance=%s status=%s", iid, effect.check.status.value)
+        finally:
+            self.sessions.pop(sid, None)
+            if iid:
+                self.liveness.closed(iid, time.monotonic())
+                log.info("event=hds_closed instance=%s", iid)
+
+    def on_change(self, change: Change) -> None:
+        if change.kind == "instance" and change.op == "delete":
+            self.liveness.forget(change.key)
+
+    def on_node(self, node_id: str, connected: bool) -> None:
+        """A node's first ADS stream opened, or its last one closed."""
+        self.liveness.ads_changed(node_id, connected, time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        critical, remove = self.liveness.due(now)
+        for iid in critical:
+            inst = self.registry.instance(iid)
+            if inst is not None and inst.source == SOURCE:
+                self.registry.set_check(iid, Check(id=CHECK_ID, owner=OWNER, status=CheckStatus.critical, output="health stream lost"))
+                log.warning("event=hds_lost instance=%s action=critical ads_open=%s", iid, iid in self.liveness.ads)
+        for iid in remove:
+            inst = self.registry.instance(iid)
+            if inst is not None and inst.source == SOURCE:
+                self.registry.deregister(iid, SOURCE)
+                log.warning("event=hds_lost instance=%s action=removed", iid)
+
+    async def run_sweeps(self) -> None:
+        lv = self.liveness
+        period = max(0.05, min(1.0, lv.critical_after_s / 5, (lv.dead_after_s or 1e9) / 10))
+        while True:
+            await asyncio.sleep(period)
+            self.sweep(time.monotonic())

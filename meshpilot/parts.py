@@ -1,0 +1,77 @@
+"""What a part of the product contributes to the control plane it is assembled into.
+
+A plugin (HDS, the Consul and Eureka front doors, policies, proxyless clients) is a module with
+``install(core) -> Part``: it reads what it needs from the assembled core (settings, registry, the
+xDS server, the health-token function) and returns what it adds; it sets nothing on the control
+plane and registers nothing globally. The control plane serves the gRPC handlers and HTTP apps,
+gives the routes to the management API, owns the tasks (supervised: logged and restarted) and
+tells the node watchers when a node's first ADS stream opens and its last one closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+from aiohttp import web
+
+from meshpilot.api.routes import Route
+from meshpilot.registry import Registry
+from meshpilot.settings import Settings
+from meshpilot.xds.resource import NodeInfo
+from meshpilot.xds.server import XdsServer
+
+__all__ = ["Core", "HttpApp", "NodeWatcher", "Part", "Task"]
+
+NodeWatcher = Callable[[NodeInfo, bool], None]  # (node, connected)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A long-running coroutine the control plane owns; ``name`` is what its logs call it."""
+
+    name: str
+    run: Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpApp:
+    """Another HTTP front door, served on its own port."""
+
+    name: str
+    port: int
+    factory: Callable[[], web.Application]
+
+
+@dataclass(slots=True)
+class Part:
+    grpc_handlers: list[grpc.GenericRpcHandler] = field(default_factory=list)
+    http_apps: list[HttpApp] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
+    tasks: list[Task] = field(default_factory=list)
+    node_watchers: list[NodeWatcher] = field(default_factory=list)
+
+
+class Core(Protocol):
+    """What a plugin may read from the control plane it is assembled into."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def xds(self) -> XdsServer: ...
+
+    @property
+    def ready(self) -> asyncio.Event: ...
+
+    def health_token(self, node_id: str) -> str:
+        """The node's health token: its own health checks carry it, its inbound routes match it."""
+
+    def flush(self) -> None:
+        """Apply every pending registry change to the cache now."""
