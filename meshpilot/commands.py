@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
+
+from meshpilot.api.client import add_api_flags, api_client, print_json
 
 __all__ = ["register"]
 
@@ -99,58 +98,6 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Api:
-    def __init__(self, url: str, token: str | None) -> None:
-        self.url = url.rstrip("/")
-        self.token = token
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            try:
-                err = json.loads(exc.read())
-                msg = err.get("error", "")
-            except ValueError:
-                msg = exc.reason
-            raise SystemExit(f"meshpilot: {method} {path}: {exc.code} {msg}") from None
-        except urllib.error.URLError as exc:
-            raise SystemExit(f"meshpilot: cannot reach the management API at {self.url}: {exc.reason}") from None
-
-
-def _api(args: argparse.Namespace) -> _Api:
-    return _Api(args.api, _token(args))
-
-
-def _token(args: argparse.Namespace) -> str | None:
-    """--token, else --token-file, else $MESHPILOT_TOKEN, else the file named by $MESHPILOT_TOKEN_FILE."""
-    from meshpilot.settings import read_token
-
-    env = os.environ
-    try:
-        if args.token:
-            return str(args.token)
-        if args.token_file:
-            return read_token(args.token_file, "--token-file")
-        if env.get("MESHPILOT_TOKEN"):
-            return env["MESHPILOT_TOKEN"]
-        if env.get("MESHPILOT_TOKEN_FILE"):
-            return read_token(env["MESHPILOT_TOKEN_FILE"], "MESHPILOT_TOKEN_FILE")
-    except ValueError as exc:
-        raise SystemExit(f"meshpilot: {exc}") from None
-    return None
-
-
-def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
-
-
 def _parse_ports(specs: list[str]) -> list[dict[str, Any]]:
     ports = []
     for spec in specs:
@@ -165,13 +112,13 @@ def _parse_ports(specs: list[str]) -> list[dict[str, Any]]:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = api_client(args)
     if args.action == "list":
-        _print(api.call("GET", "/v1/services"))
+        print_json(api.call("GET", "/v1/services"))
     elif args.action == "get":
-        _print(api.call("GET", f"/v1/services/{args.namespace}/{args.name}"))
+        print_json(api.call("GET", f"/v1/services/{args.namespace}/{args.name}"))
     elif args.action == "delete":
-        _print(api.call("DELETE", f"/v1/services/{args.namespace}/{args.name}"))
+        print_json(api.call("DELETE", f"/v1/services/{args.namespace}/{args.name}"))
     elif args.action in ("create", "apply"):
         if args.file:
             import yaml
@@ -181,17 +128,17 @@ def cmd_service(args: argparse.Namespace) -> int:
         else:
             body = {"name": args.name, "namespace": args.namespace, "ports": _parse_ports(args.port or ["http:80"])}
         if args.action == "create":
-            _print(api.call("POST", "/v1/services", body))
+            print_json(api.call("POST", "/v1/services", body))
         else:
-            _print(api.call("PUT", f"/v1/services/{body.get('namespace', 'default')}/{body['name']}", body))
+            print_json(api.call("PUT", f"/v1/services/{body.get('namespace', 'default')}/{body['name']}", body))
     return 0
 
 
 def cmd_instance(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = api_client(args)
     if args.action == "list":
         path = f"/v1/services/{args.namespace}/{args.service}/instances" if args.service else "/v1/instances"
-        _print(api.call("GET", path))
+        print_json(api.call("GET", path))
     elif args.action == "register":
         ports = dict(p.split("=", 1) for p in (args.port or []))
         body = {
@@ -202,16 +149,16 @@ def cmd_instance(args: argparse.Namespace) -> int:
             "weight": args.weight,
             "labels": dict(kv.split("=", 1) for kv in (args.label or [])),
         }
-        _print(api.call("POST", f"/v1/services/{args.namespace}/{args.service}/instances", body))
+        print_json(api.call("POST", f"/v1/services/{args.namespace}/{args.service}/instances", body))
     elif args.action == "deregister":
-        _print(api.call("DELETE", f"/v1/instances/{args.id}"))
+        print_json(api.call("DELETE", f"/v1/instances/{args.id}"))
     elif args.action == "health":
-        _print(api.call("PUT", f"/v1/instances/{args.id}/health", {"status": args.status}))
+        print_json(api.call("PUT", f"/v1/instances/{args.id}/health", {"status": args.status}))
     return 0
 
 
 def cmd_proxies(args: argparse.Namespace) -> int:
-    _print(_api(args).call("GET", "/v1/proxies"))
+    print_json(api_client(args).call("GET", "/v1/proxies"))
     return 0
 
 
@@ -224,12 +171,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nmeshpilot demo: stopped")
     return 0
-
-
-def _api_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--api", default=os.environ.get("MESHPILOT_API", "http://127.0.0.1:15014"), help="management API URL")
-    p.add_argument("--token", help="bearer token for writes (visible in ps: prefer --token-file or MESHPILOT_TOKEN)")
-    p.add_argument("--token-file", help="read the bearer token from this file (or MESHPILOT_TOKEN_FILE)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -271,7 +212,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("--port", action="append", help="NAME:PORT[/PROTOCOL], repeatable")
     p.add_argument("-f", "--file", help="service definition (YAML or JSON)")
-    _api_flags(p)
+    add_api_flags(p)
     p.set_defaults(func=cmd_service)
 
     p = sub.add_parser("instance", help="manage instances")
@@ -285,11 +226,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--weight", type=int, default=100)
     p.add_argument("--label", action="append", help="KEY=VALUE, repeatable")
     p.add_argument("--status", choices=["passing", "warning", "critical"])
-    _api_flags(p)
+    add_api_flags(p)
     p.set_defaults(func=cmd_instance)
 
     p = sub.add_parser("proxies", help="list connected Envoys")
-    _api_flags(p)
+    add_api_flags(p)
     p.set_defaults(func=cmd_proxies)
 
     p = sub.add_parser("demo", help="run a small mesh on this machine and send traffic through it")

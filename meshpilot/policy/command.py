@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from meshpilot.commands import _api, _api_flags, _print
+from meshpilot.api.client import add_api_flags, api_client, print_json
 
 __all__ = ["register"]
 
@@ -33,17 +33,17 @@ def _documents(path: str) -> list[dict[str, Any]]:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = api_client(args)
     if args.action == "list":
         path = f"/v1/policies/{args.kind}" if args.kind else "/v1/policies"
         if args.namespace:
             path += f"?namespace={args.namespace}"
-        _print(api.call("GET", path))
+        print_json(api.call("GET", path))
     elif args.action in ("get", "delete"):
         if not args.kind or not args.name:
             raise SystemExit(f"meshpilot: policy {args.action}: KIND and NAME are required")
         method = "GET" if args.action == "get" else "DELETE"
-        _print(api.call(method, f"/v1/policies/{args.kind}/{args.namespace or 'default'}/{args.name}"))
+        print_json(api.call(method, f"/v1/policies/{args.kind}/{args.namespace or 'default'}/{args.name}"))
     elif args.action == "apply":
         if not args.file:
             raise SystemExit("meshpilot: policy apply: -f FILE is required")
@@ -51,7 +51,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
         for doc in _documents(args.file):
             ns = doc.get("namespace") or args.namespace or "default"
             out.append(api.call("PUT", f"/v1/policies/{doc['kind']}/{ns}/{doc['name']}", {**doc, "namespace": ns}))
-        _print(out if len(out) != 1 else out[0])
+        print_json(out if len(out) != 1 else out[0])
     return 0
 
 
@@ -62,5 +62,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("name", nargs="?")
     p.add_argument("-n", "--namespace", help="namespace (default: default; list: all)")
     p.add_argument("-f", "--file", help="apply: policy file (YAML or JSON; - for stdin)")
-    _api_flags(p)
+    add_api_flags(p)
     p.set_defaults(func=cmd_policy)

@@ -23,7 +23,7 @@ def _split_hostport(value: str, default_port: int) -> tuple[str, int]:
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
-    from meshpilot.commands import _token
+    from meshpilot.api.client import api_token
     from meshpilot.sidecar.agent import AgentConfig, default_envoy, run_agent
     from meshpilot.sidecar.render import SidecarOptions
     from meshpilot.sidecar.spec import SpecError, load_spec
@@ -52,7 +52,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         advertise_address=args.advertise_address or os.environ.get("MESHPILOT_ADVERTISE_ADDRESS", ""),
     )
     cfg = AgentConfig(
-        spec=spec, options=opts, api_url=api.rstrip("/"), token=_token(args),
+        spec=spec, options=opts, api_url=api.rstrip("/"), token=api_token(args),
         workdir=Path(args.workdir), envoy=args.envoy or default_envoy(),
         ready_file=Path(args.ready_file) if args.ready_file else None,
     )
