@@ -10,7 +10,6 @@ tells the node watchers when a node's first ADS stream opens and its last one cl
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -66,9 +65,6 @@ class Core(Protocol):
 
     @property
     def xds(self) -> XdsServer: ...
-
-    @property
-    def ready(self) -> asyncio.Event: ...
 
     def health_token(self, node_id: str) -> str:
         """The node's health token: its own health checks carry it, its inbound routes match it."""
