@@ -21,7 +21,7 @@ from envoy.service.health.v3 import hds_pb2
 
 from meshpilot.hds.liveness import Liveness
 from meshpilot.hds.metadata import CHECK_ID, OWNER, SOURCE
-from meshpilot.hds.stream import HdsSession, HdsStream, Register, Reject, Send, SetCheck
+from meshpilot.hds.stream import HdsStream, Register, Reject, Send, SetCheck
 from meshpilot.model import Check, CheckStatus
 from meshpilot.registry import Change, Registry, RegistryError
 
@@ -48,8 +48,6 @@ class HdsServer:
         self.report_interval_s = report_interval_s
         self.token = token
         self.liveness = Liveness(critical_after_s, remove_after_s, dead_after_s)
-        self.sessions: dict[int, HdsSession] = {}
-        self._next = 0
         now = time.monotonic()
         # instances registered before a restart must reconnect within the same bounds
         for inst in registry.instances():
@@ -79,8 +77,6 @@ class HdsServer:
     async def _stream(
         self, requests: AsyncIterator[hds_pb2.HealthCheckRequestOrEndpointHealthResponse], context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        self._next += 1
-        sid = self._next
         stream = HdsStream(self.report_interval_s, self.token)
         iid = ""
         try:
@@ -96,8 +92,6 @@ class HdsServer:
                         except RegistryError as exc:
                             log.warning("event=hds_rejected node=%s reason=%s", effect.instance.id, exc)
                             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                        assert stream.session is not None
-                        self.sessions[sid] = stream.session
                         iid = effect.instance.id
                         self.liveness.opened(iid)
                         plan = effect.registration.plan
@@ -112,7 +106,6 @@ class HdsServer:
                             continue
                         log.info("event=hds_health instance=%s status=%s", iid, effect.check.status.value)
         finally:
-            self.sessions.pop(sid, None)
             if iid:
                 self.liveness.closed(iid, time.monotonic())
                 log.info("event=hds_closed instance=%s", iid)
