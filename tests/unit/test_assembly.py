@@ -84,7 +84,8 @@ async def test_the_control_plane_serves_runs_and_stops_what_its_parts_contribute
                 got_text = (r.status, await r.text())
             assert got_text == (200, "hi"), f"expected the part's HTTP app served, got {got_text}"
         async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['xds']}") as channel:
-            answer = await channel.unary_unary("/test.Echo/Say")(b"ping", timeout=5)
+            say: Any = channel.unary_unary("/test.Echo/Say")
+            answer = await say(b"ping", timeout=5)
         assert answer == b"echo:ping", f"expected the part's gRPC handler on the xDS port, got {answer!r}"
         async with asyncio.timeout(10):
             await restarted.wait()

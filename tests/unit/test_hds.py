@@ -261,6 +261,9 @@ def _reported(cluster: str, status: int) -> hds_pb2.HealthCheckRequestOrEndpoint
     return msg
 
 
+_NOTHING: dict[str, Instance] = {}
+
+
 def _kinds(effects: list[Any]) -> list[str]:
     return [type(e).__name__ for e in effects]
 
@@ -287,7 +290,7 @@ def test_stream_registers_sends_the_specifier_then_turns_reports_into_checks() -
 
 def test_a_reconnecting_sidecar_keeps_its_check_and_warms_up() -> None:
     first = HdsStream(1.0, lambda node_id: "")
-    reg = first.receive(_hello(), 0.0, {}.get)[0]
+    reg = first.receive(_hello(), 0.0, _NOTHING.get)[0]
     assert isinstance(reg, Register)
     passing = reg.instance.model_copy(update={"checks": [Check(id="hds", owner="hds", status=CheckStatus.passing)], "ever_passed": True})
     again = HdsStream(1.0, lambda node_id: "")
@@ -304,10 +307,10 @@ def test_a_reconnecting_sidecar_keeps_its_check_and_warms_up() -> None:
 ])
 def test_a_bad_first_message_is_rejected_and_ends_the_stream(first: Any, reason: str) -> None:
     stream = HdsStream(1.0, lambda node_id: "")
-    effects = stream.receive(first, 0.0, {}.get)
+    effects = stream.receive(first, 0.0, _NOTHING.get)
     assert len(effects) == 1 and isinstance(effects[0], Reject) and reason in effects[0].reason, \
         f"expected one rejection naming {reason!r}, got {effects}"
-    assert stream.receive(_hello(), 1.0, {}.get) == [], "expected nothing more from a rejected stream"
+    assert stream.receive(_hello(), 1.0, _NOTHING.get) == [], "expected nothing more from a rejected stream"
 
 
 _MESSAGES = st.one_of(
