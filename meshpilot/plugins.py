@@ -1,5 +1,5 @@
-"""The parts of the product beyond the registry and xDS (HDS, Consul and Eureka APIs, policies,
-proxyless clients), assembled into a ControlPlane. Each listed module exposes ``install(core)``,
+"""The parts of the product beyond the registry and xDS (HDS, Consul and Eureka APIs, policy routes),
+assembled into a ControlPlane. Each listed module exposes ``install(core)``,
 which returns the ``Part`` it contributes (parts.py) and sets nothing on the control plane; a part
 a setting switches off (a front door's port) decides that in its own ``install``. A listed module
 that cannot be imported is an error: every one ships with the product."""
@@ -19,13 +19,12 @@ _PLUGINS = (
     "meshpilot.consul.plugin",
     "meshpilot.eureka.plugin",
     "meshpilot.policy.plugin",
-    "meshpilot.proxyless.plugin",
 )
 
 
 def install_plugins(cp: ControlPlane) -> None:
     for name in _PLUGINS:
         part = importlib.import_module(name).install(cp)
-        if isinstance(part, Part):  # proxyless resources still come through a shared builder
+        if isinstance(part, Part):  # a producer that only adds itself through the publisher returns none
             cp.include(part)
         logging.getLogger("meshpilot").debug("event=plugin_installed plugin=%s", name)

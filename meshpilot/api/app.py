@@ -13,11 +13,12 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any
 
 from aiohttp import web
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from meshpilot import boundedjson, metrics
@@ -68,6 +69,9 @@ class MaintenanceIn(BaseModel):
     enabled: bool
 
 
+Inject = Callable[[str, str, Message | None, str], None]  # (type URL, name, resource or None: take back, scope)
+
+
 class InjectIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type_url: str
@@ -109,13 +113,18 @@ def _instance_out(i: Instance) -> dict[str, Any]:
 
 
 def build_api(
-    settings: Settings, registry: Registry, xds: XdsServer, routes: Sequence[Route] = (), ports: Mapping[str, int] | None = None
+    settings: Settings,
+    registry: Registry,
+    xds: XdsServer,
+    routes: Sequence[Route] = (),
+    ports: Mapping[str, int] | None = None,
+    put_by_hand: Inject | None = None,
 ) -> web.Application:
     """The API over ``registry`` with its own routes and ``routes``; ``ports``: the control plane's
-    bound ports, as /healthz reports them (filled in as its listeners start)."""
+    bound ports, as /healthz reports them (filled in as its listeners start); ``put_by_hand``: how the
+    debug routes put a resource into the cache by hand (the publisher's; without it, no debug routes)."""
     s = settings
     reg = registry
-    cache = xds.cache
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -263,11 +272,13 @@ def build_api(
             json_format.ParseDict(body.resource, msg)
         except json_format.ParseError as exc:
             raise ApiError(400, f"resource: {exc}", [{"field": "resource", "reason": str(exc)}]) from None
-        cache.put(body.type_url, {body.name: msg}, scope=body.scope)
+        assert put_by_hand is not None
+        put_by_hand(body.type_url, body.name, msg, body.scope)
         return web.json_response({"injected": body.name}, status=201)
 
     async def uninject(request: web.Request) -> web.Response:
-        cache.remove(request.query.get("type_url", ""), [request.query.get("name", "")], request.query.get("scope", ""))
+        assert put_by_hand is not None
+        put_by_hand(request.query.get("type_url", ""), request.query.get("name", ""), None, request.query.get("scope", ""))
         return web.json_response({"removed": request.query.get("name", "")})
 
     app = web.Application(middlewares=[errors], client_max_size=4 * 1024 * 1024)
@@ -288,7 +299,7 @@ def build_api(
     r.add_put("/v1/instances/{id}/health", set_health)
     r.add_put("/v1/instances/{id}/maintenance", set_maintenance)
     r.add_get("/v1/proxies", proxies)
-    if s.debug_api:
+    if s.debug_api and put_by_hand is not None:
         r.add_post("/v1/debug/resources", inject)
         r.add_delete("/v1/debug/resources", uninject)
     for route in routes:

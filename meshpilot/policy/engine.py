@@ -2,10 +2,10 @@
 
 It reads policies from the registry's ``policies`` documents (the one durable copy, written by the
 management API), keeps the valid ones in memory by key, and re-runs a kind's translate hook when a
-policy of that kind changes. It is the control plane's routing source (``affected``/``routing``:
-routing overlays applied when clusters, endpoints and routes are built) and publishes the other
-resources kinds produce into the shared cache scope. A stored document that no longer validates
-is logged and ignored, never half-applied.
+policy of that kind changes. It gives the registry's translation its routing overlays
+(``affected``/``routing``: applied when clusters, endpoints and routes are built) and is a
+producer for the publisher of the other resources kinds produce (shared scope, one key per kind).
+A stored document that no longer validates is logged and ignored, never half-applied.
 """
 
 from __future__ import annotations
@@ -13,28 +13,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from google.protobuf.message import Message
-
 from meshpilot.policy.kinds import PolicyBase, PolicyInvalid, TranslateContext, Translation, get_kind, kinds, parse_key
+from meshpilot.publish.publisher import Bundle, Changes, Output, Producer
 from meshpilot.registry import Registry
 from meshpilot.translate.routes import ServiceRouting
-from meshpilot.xds.cache import ResourceCache
 
 __all__ = ["PolicyEngine"]
 
 log = logging.getLogger("meshpilot.policy")
 
 
-class PolicyEngine:
-    def __init__(self, registry: Registry, domain: str, cache: ResourceCache | None = None) -> None:
+class PolicyEngine(Producer):
+    def __init__(self, registry: Registry, domain: str) -> None:
         self.registry = registry
-        self.cache = cache
         self.ctx = TranslateContext(registry, domain)
         self.policies: dict[str, PolicyBase] = {}
         self._outputs: dict[str, Translation] = {}  # kind name -> its translation
         self._routing: dict[str, ServiceRouting] = {}
-        self._published: dict[str, set[str]] = {}  # type url -> names this engine put in the cache
-        self._unpublished = True
+        self._unpublished: set[str] = set()  # kinds translated since they were last produced
         for key, doc in registry.documents("policies"):
             self._load(key, doc)
         self._translate({k.name for k in kinds()})
@@ -94,35 +90,22 @@ class PolicyEngine:
                 self._outputs[name] = kind.translate(self.of_kind(name), self.ctx)
             except Exception:  # a broken kind must not take the others down; keep its last output
                 log.exception("event=policy_translate_failed kind=%s", name)
-            self._unpublished = True
+            self._unpublished.add(name)
         routing: dict[str, ServiceRouting] = {}
         for name in sorted(self._outputs):
             for svc, r in self._outputs[name].routing.items():
                 routing.setdefault(svc, r)
         self._routing = routing
 
-    def publish(self, changed: set[str]) -> None:
-        """Shared builder: put every kind's shared resources into the cache, drop stale ones.
+    def produce(self, changes: Changes, now: float) -> Output:
+        """Every kind's shared resources, under the kind's name (when its translation ran).
 
         Service changes re-run every kind (a kind may depend on services, e.g. on their instances);
         policy changes were already translated by ``affected``.
         """
-        if any(parse_key(k) is None and k != "*" for k in changed):
+        if changes.services or changes.rerouted:
             self._translate([k.name for k in kinds()])
-        if self.cache is None or not self._unpublished:
-            return
-        self._unpublished = False
-        wanted: dict[str, dict[str, Message | bytes]] = {}
-        for name in sorted(self._outputs):
-            for type_url, resources in self._outputs[name].resources.items():
-                bucket = wanted.setdefault(type_url, {})
-                for rname, msg in resources.items():
-                    bucket.setdefault(rname, msg)
-        for type_url in set(self._published) | set(wanted):
-            names = wanted.get(type_url, {})
-            stale = self._published.get(type_url, set()) - set(names)
-            if names:
-                self.cache.put(type_url, names)
-            if stale:
-                self.cache.remove(type_url, stale)
-            self._published[type_url] = set(names)
+        if changes.everything:
+            self._unpublished |= set(self._outputs)
+        done, self._unpublished = self._unpublished, set()
+        return {("", name): Bundle(self._outputs[name].resources) if name in self._outputs else None for name in sorted(done)}

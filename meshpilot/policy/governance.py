@@ -12,7 +12,9 @@ one is a no-op header-mutation filter. The routes switch the filter off where no
 route change, no drain): outbound, routes to services no breaker guards; inbound, the routes of
 nodes whose service has no rate limit. Only governed calls enter the VM. The
 same policies' ``instance`` sections become outlier detection on the guarded services' clusters
-(through the control plane's service-override hook). docs/governance.md is the user's view.
+(an override the registry's translation applies). ``Governance`` is a producer for the publisher
+(meshpilot/publish/): it returns these resources and never writes the cache itself.
+docs/governance.md is the user's view.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,14 +36,14 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.wasm.v3 import wasm_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
-from meshpilot.api.routes import Route
 from meshpilot.model import Outlier, Service
-from meshpilot.parts import Part, Task
 from meshpilot.policy.breaker import CircuitBreakerPolicy, breaker_rules, outlier_of
 from meshpilot.policy.ratelimit import RateLimitPolicy, divide, limit_rules
-from meshpilot.registry import Change
+from meshpilot.publish.publisher import Bundle, Changes, Output, Producer
+from meshpilot.registry import Registry
 from meshpilot.translate.clusters import ads_source, subset_cluster_name
 from meshpilot.translate.names import cluster_name
+from meshpilot.translate.routes import ServiceRouting
 from meshpilot.wasm import modules
 from meshpilot.wasm.config import FilterConfigError, encode
 from meshpilot.xds.resource import TYPE, NodeInfo
@@ -48,7 +51,6 @@ from meshpilot.xds.resource import TYPE, NodeInfo
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from meshpilot.controlplane import ControlPlane
     from meshpilot.policy.engine import PolicyEngine
 
 __all__ = [
@@ -58,7 +60,6 @@ __all__ = [
     "WASM_PATH",
     "Governance",
     "WasmModule",
-    "attach",
     "ecds_filter",
     "passthrough_config",
     "wasm_config",
@@ -172,22 +173,38 @@ def _reachable(listen_address: str) -> str:
         return "127.0.0.1"
 
 
-class Governance:
+class Governance(Producer):
     """Turns the breaker and limit policies in force into ECDS resources, per-node shares and
-    outlier overrides, and keeps them current as policies, services and sidecars change."""
+    outlier overrides: a producer (the filters' configurations and the cluster that serves the
+    module) and the part of the mesh's policy that overrides services and switches filters."""
 
-    def __init__(self, cp: ControlPlane, engine: PolicyEngine, module: WasmModule | None) -> None:
-        self.cp = cp
+    def __init__(
+        self,
+        registry: Registry,
+        engine: PolicyEngine,
+        module: WasmModule | None,
+        domain: str,
+        listen_address: str,
+        nodes: Mapping[str, NodeInfo],
+        ports: Mapping[str, int],
+        routing: Callable[[str], ServiceRouting | None],
+    ) -> None:
+        self.registry = registry
         self.engine = engine
         self.module = module
-        self.domain = cp.settings.domain
+        self.domain = domain
+        self.nodes = nodes
+        self.ports = ports
+        self.routing = routing  # the overlays services are built with (staged ones included)
         # resolved once here: a wildcard listen address costs a name lookup, which must not block each publish
-        self.api_host = _reachable(cp.settings.listen_address)
+        self.api_host = _reachable(listen_address)
         self.outliers: dict[str, Outlier] = self._outliers()
         self.guarded: frozenset[str] = self._guarded()
-        self._governed_nodes: set[str] = set()
+        self.limited: frozenset[str] = self._limited()
+        self._published_uri: str | None = None
+        self._node_services: dict[str, str] = {}  # node id -> service key, as last divided
 
-    # ---- instance level: outlier detection (a routing source and a service override) ---------
+    # ---- instance level: outlier detection (a service override) -----------------------------
 
     def _outliers(self) -> dict[str, Outlier]:
         out: dict[str, Outlier] = {}
@@ -199,29 +216,34 @@ class Governance:
         return out
 
     def _guarded(self) -> frozenset[str]:
-        return frozenset(p.service_key for p in self.engine.of_kind("CircuitBreakerPolicy"))
+        return frozenset(p.service_key for p in self.engine.of_kind("CircuitBreakerPolicy") if isinstance(p, CircuitBreakerPolicy))
+
+    def _limited(self) -> frozenset[str]:
+        return frozenset(p.service_key for p in self.engine.of_kind("RateLimitPolicy") if isinstance(p, RateLimitPolicy))
 
     def limits_node(self, node: NodeInfo) -> bool:
         """Whether a rate limit applies to the node's service: the only nodes whose inbound routes
         run the filter. Asked from the policies, not from the published configs, so a node
         (re)connecting to a limited service gets its routes on from the first push."""
-        return any(p.service_key == node.service_key for p in self.engine.of_kind("RateLimitPolicy"))
+        return node.service_key in self.limited
 
     def guarded_services(self) -> frozenset[str]:
         """Services a breaker guards: the only ones whose outbound routes run the filter."""
         return self.guarded
 
     def affected(self, changed: set[str]) -> set[str]:
-        """Services whose outlier override changed (their clusters are rebuilt) or that a breaker
-        started or stopped guarding (their routes switch the filter on or off)."""
-        if not any(k.startswith("CircuitBreakerPolicy/") for k in changed):
-            return set()
-        old, self.outliers = self.outliers, self._outliers()
-        old_guarded, self.guarded = self.guarded, self._guarded()
-        return {k for k in old.keys() | self.outliers.keys() if old.get(k) != self.outliers.get(k)} | (old_guarded ^ self.guarded)
-
-    def routing(self, service_key: str) -> None:
-        return None
+        """Services whose outlier override changed (their clusters are rebuilt), that a breaker
+        started or stopped guarding (their routes switch the filter on or off) or that a limit
+        started or stopped applying to (their nodes' inbound routes switch it)."""
+        out: set[str] = set()
+        if any(k.startswith("CircuitBreakerPolicy/") for k in changed):
+            old, self.outliers = self.outliers, self._outliers()
+            old_guarded, self.guarded = self.guarded, self._guarded()
+            out |= {k for k in old.keys() | self.outliers.keys() if old.get(k) != self.outliers.get(k)} | (old_guarded ^ self.guarded)
+        if any(k.startswith("RateLimitPolicy/") for k in changed):
+            old_limited, self.limited = self.limited, self._limited()
+            out |= old_limited ^ self.limited
+        return out
 
     def override(self, service: Service) -> Service:
         o = self.outliers.get(service.key)
@@ -236,17 +258,25 @@ class Governance:
             return []
         return [ecds_filter(OUTBOUND_FILTER if direction == "outbound" else INBOUND_FILTER)]
 
+    def optional_route_filters(self) -> dict[str, frozenset[str]]:
+        return {OUTBOUND_FILTER: self.guarded} if self.module is not None else {}
+
+    def inbound_filters(self, node: NodeInfo) -> tuple[list[str], list[str]]:
+        if self.module is None:
+            return [], []
+        return ([] if self.limits_node(node) else [INBOUND_FILTER]), [INBOUND_FILTER]
+
     # ---- the filters' configuration ---------------------------------------------------------
 
     @property
     def uri(self) -> str | None:
-        port = self.cp.ports.get("api")
+        port = self.ports.get("api")
         if not port:
             return None  # not serving yet: published once the API listens
         return f"http://{self.api_host}:{port}{WASM_PATH}"
 
     def _clusters(self, svc: Service, port: str | None) -> list[str]:
-        routing = self.cp.service_routing(svc.key)
+        routing = self.routing(svc.key)
         out = []
         for p in svc.ports:
             if p.protocol == "tcp" or (port is not None and p.name != port):
@@ -260,7 +290,7 @@ class Governance:
         rules: list[dict[str, Any]] = []
         for p in self.engine.of_kind("CircuitBreakerPolicy"):
             assert isinstance(p, CircuitBreakerPolicy)
-            svc = self.cp.registry.service(p.service_key)
+            svc = self.registry.service(p.service_key)
             if svc is None:
                 continue
             rules += _valid(breaker_rules(p, svc, self._clusters(svc, p.port)), "breakers", p.key)
@@ -271,10 +301,10 @@ class Governance:
         A sidecar whose instance is registered but not routable gets what it would get if it were."""
         weights: dict[str, int] = {}
         waiting: dict[str, int] = {}
-        for node in self.cp.nodes.values():
+        for node in self.nodes.values():
             if node.proxyless or node.service_key != service_key or not (node.inbound_port and node.app_port):
                 continue
-            inst = self.cp.registry.instance(node.id)
+            inst = self.registry.instance(node.id)
             if inst is None:
                 weights[node.id] = 100
             elif inst.routable:
@@ -287,7 +317,7 @@ class Governance:
         return out
 
     def inbound_document(self, node: NodeInfo, fraction: float) -> dict[str, Any]:
-        svc = self.cp.registry.service(node.service_key)
+        svc = self.registry.service(node.service_key)
         rules: list[dict[str, Any]] = []
         for p in self.engine.of_kind("RateLimitPolicy"):
             assert isinstance(p, RateLimitPolicy)
@@ -299,51 +329,42 @@ class Governance:
         assert self.module is not None
         return wasm_config(name, encode(document), uri, self.module.sha256)
 
-    def publish(self, changed: set[str] | None = None) -> None:
-        """Shared builder: every governance resource, recomputed (the cache pushes only changes)."""
+    def next_deadline(self) -> float | None:
+        """Due at once when the management API's address is new: the filters' URI names it."""
+        return 0.0 if self.module is not None and self.uri is not None and self.uri != self._published_uri else None
+
+    def produce(self, changes: Changes, now: float) -> Output:
+        """The shared filter configurations (whenever services or policies change, or the API's
+        address), and each affected sidecar's inbound filter with its share of the limits (when
+        its service's sidecars or instances change)."""
         uri = self.uri
         if self.module is None or uri is None:
-            return
-        self.cp.cache.put(TYPE.CLUSTER, {API_CLUSTER: api_cluster(self.api_host, self.cp.ports["api"])})
-        self.cp.cache.put(TYPE.EXTENSION_CONFIG, {
-            OUTBOUND_FILTER: self._resource(OUTBOUND_FILTER, self.outbound_document(), uri),
-            INBOUND_FILTER: self._resource(INBOUND_FILTER, {}, uri),
-        })
-        for key in {n.service_key for n in self.cp.nodes.values() if n.service_key}:
-            self.publish_inbound(key)
-
-    def publish_inbound(self, service_key: str) -> None:
-        """The inbound filter of each of the service's sidecars, with its share of the limits."""
-        uri = self.uri
-        if self.module is None or uri is None:
-            return
-        shares = self.shares(service_key)
-        for nid, fraction in shares.items():
-            node = self.cp.nodes.get(nid)
-            if node is None:
-                continue
-            document = self.inbound_document(node, fraction)
-            if any(document.values()):
-                self.cp.cache.put(TYPE.EXTENSION_CONFIG, {INBOUND_FILTER: self._resource(INBOUND_FILTER, document, uri)}, scope=nid)
-                if nid not in self._governed_nodes:
-                    self._governed_nodes.add(nid)
-                    self.cp.refresh_inbound_routes(nid)  # switch the filter on
-            elif nid in self._governed_nodes:
-                self.cp.cache.remove(TYPE.EXTENSION_CONFIG, [INBOUND_FILTER], scope=nid)
-                self._governed_nodes.discard(nid)
-                self.cp.refresh_inbound_routes(nid)  # and off again
-
-    # ---- sidecars and instances come and go -------------------------------------------------
-
-    def on_node(self, node: NodeInfo, connected: bool) -> None:
-        if not connected:
-            self._governed_nodes.discard(node.id)  # its scope is gone with it
-        if node.service_key:
-            self.publish_inbound(node.service_key)
-
-    def on_change(self, change: Change) -> None:
-        if change.kind == "instance" and change.service:
-            self.publish_inbound(change.service)
+            return {}
+        out: Output = {}
+        services: set[str] = set(changes.endpoints)
+        if changes.everything or changes.services or changes.other or changes.rerouted or uri != self._published_uri:
+            self._published_uri = uri
+            out[("", "governance")] = Bundle({
+                TYPE.CLUSTER: {API_CLUSTER: api_cluster(self.api_host, self.ports["api"])},
+                TYPE.EXTENSION_CONFIG: {
+                    OUTBOUND_FILTER: self._resource(OUTBOUND_FILTER, self.outbound_document(), uri),
+                    INBOUND_FILTER: self._resource(INBOUND_FILTER, {}, uri),
+                },
+            })
+            services |= {n.service_key for n in self.nodes.values() if n.service_key}
+        for nid in changes.nodes:
+            node = self.nodes.get(nid)
+            key = node.service_key if node is not None else self._node_services.pop(nid, "")
+            if key:
+                services.add(key)
+        for key in sorted(services):
+            for nid, fraction in self.shares(key).items():
+                node = self.nodes[nid]
+                self._node_services[nid] = key
+                document = self.inbound_document(node, fraction)
+                resource = self._resource(INBOUND_FILTER, document, uri) if any(document.values()) else None
+                out[(nid, "governance")] = Bundle({TYPE.EXTENSION_CONFIG: {INBOUND_FILTER: resource}}) if resource is not None else None
+        return out
 
     # ---- serving the module -----------------------------------------------------------------
 
@@ -385,31 +406,3 @@ def _capped(rules: list[dict[str, Any]], section: str) -> list[dict[str, Any]]:
     if len(unique) > MAX_RULES:
         log.error("event=governance_rules_capped section=%s rules=%d kept=%d", section, len(unique), MAX_RULES)
     return unique[:MAX_RULES]
-
-
-def attach(cp: ControlPlane, engine: PolicyEngine) -> Part:
-    """Wire governance into a control plane (called by the policy plugin after the engine); the
-    part holds the module's route and the task that publishes it once the API's port is bound."""
-    try:
-        module: WasmModule | None = WasmModule.load("mesh")
-    except (FileNotFoundError, ValueError) as exc:
-        log.error("event=governance_disabled reason=%r", str(exc))
-        module = None
-    gov = Governance(cp, engine, module)
-    cp.add_routing_source(gov)
-    cp.add_service_override(gov.override)
-    if module is not None:
-        cp.add_optional_route_filter(OUTBOUND_FILTER, gov.guarded_services)
-        cp.add_optional_inbound_filter(INBOUND_FILTER, gov.limits_node)
-    cp.add_node_filters(gov.node_filters)
-    cp.add_shared_builder(gov.publish)
-    cp.add_node_watcher(gov.on_node)
-    cp.registry.subscribe(gov.on_change)
-
-    async def publish_when_serving() -> None:
-        await cp.ready.wait()  # the module's URI names the API's bound port
-        gov.publish()
-
-    route = Route("GET", "/v1/wasm/{name}", gov.serve_module, "The governance WASM module, as sidecars fetch it (ETag and X-Meshpilot-Sha256: its sha256)")
-    cp.governance = gov  # type: ignore[attr-defined]
-    return Part(routes=[route], tasks=[Task("governance_publish", publish_when_serving)])

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from meshpilot.controlplane import ControlPlane
 from meshpilot.model import Check, Instance, Service
 from meshpilot.policy.kinds import PolicyInvalid, get_kind
-from meshpilot.policy.plugin import install, load_kinds
+from meshpilot.policy.plugin import load_kinds
 from meshpilot.policy.ratelimit import divide, per_second
 from meshpilot.settings import Settings
 from meshpilot.wasm import modules
@@ -169,7 +169,6 @@ def _sidecar(cp: ControlPlane, node_id: str, service: str) -> NodeInfo:
 @needs_module
 def test_control_plane_publishes_filters_shares_and_outliers() -> None:
     cp = ControlPlane(Settings(store="memory:"))
-    install(cp)
     cp.ports["api"] = 15999  # as if serving
     cp.build_all()
     reg = cp.registry
@@ -185,7 +184,7 @@ def test_control_plane_publishes_filters_shares_and_outliers() -> None:
     tec.typed_config.Unpack(wasm)
     remote = wasm.config.vm_config.code.remote
     assert remote.http_uri.uri == "http://127.0.0.1:15999/v1/wasm/mesh.wasm" and remote.http_uri.cluster == "meshpilot-api", f"expected the module from the API, got {remote}"
-    assert remote.sha256 == cp.governance.module.sha256, "expected the config to pin the served bytes' sha256"  # type: ignore[attr-defined]
+    assert remote.sha256 == cp.policies.governance.module.sha256, "expected the config to pin the served bytes' sha256"
     assert "match.cluster = outbound|80||api.default.svc.mesh" in _filter_text(cp, "meshpilot.governance.outbound"), "expected the breaker on api's cluster"
     assert cp.cache.get(TYPE.CLUSTER, "meshpilot-api") is not None, "expected the cluster that serves the module"
 
@@ -197,6 +196,7 @@ def test_control_plane_publishes_filters_shares_and_outliers() -> None:
     _sidecar(cp, "api-2", "api")
     reg.register(Instance(id="api-2", service="api", node="api-2", address="127.0.0.2", ports={"http": 15006}, weight=200, ever_passed=True,
                           checks=[Check(id="hds", owner="hds", status="passing")]))
+    cp.flush()  # a registration is published behind the debounce
     one, two = _filter_text(cp, "meshpilot.governance.inbound", "api-1"), _filter_text(cp, "meshpilot.governance.inbound", "api-2")
     assert "rate = 100/s" in one and "burst = 10" in one, f"expected api-1 (weight 100 of 300) to get 100/s and burst 10, got:\n{one}"
     assert "rate = 200/s" in two and "burst = 20" in two, f"expected api-2 (weight 200 of 300) to get 200/s and burst 20, got:\n{two}"
@@ -246,7 +246,6 @@ def _governed_plane(*services: str) -> ControlPlane:
     """A control plane with governance installed, serving (as far as the filters' URI needs), and
     one HTTP service per name."""
     cp = ControlPlane(Settings(store="memory:"))
-    install(cp)
     cp.ports["api"] = 15999
     cp.build_all()
     for name in services:
@@ -326,7 +325,6 @@ def test_a_wildcard_listen_address_is_resolved_once_not_per_publish(monkeypatch:
 
     monkeypatch.setattr(socket, "gethostbyname", gethostbyname)
     cp = ControlPlane(Settings(store="memory:", listen_address="0.0.0.0"))
-    install(cp)
     cp.ports["api"] = 15999
     cp.build_all()
     reg = cp.registry

@@ -156,7 +156,6 @@ def test_engine_tracks_changes_and_ignores_bad_stored_documents() -> None:
 
 def test_control_plane_publishes_subset_clusters_and_endpoints() -> None:
     cp = ControlPlane(Settings(store="memory:"))
-    install(cp)
     cp.build_all()
     reg = cp.registry
     reg.put_service(Service(name="web", ports=[{"name": "http", "port": 80}]))
