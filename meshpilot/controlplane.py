@@ -32,12 +32,12 @@ from meshpilot.api.app import build_api
 from meshpilot.api.routes import Handler, Route
 from meshpilot.hds.metadata import SOURCE as SIDECAR_SOURCE
 from meshpilot.hds.specifier import health_token
-from meshpilot.registry import Change, Registry
-from meshpilot.registry.store import Store, open_store
 from meshpilot.parts import HttpApp, Part, Task
 from meshpilot.policy.mesh import Policies
 from meshpilot.proxyless.producer import ProxylessProducer
 from meshpilot.publish import Changes, Debouncer, MeshProducer, Publisher
+from meshpilot.registry import Change, Registry
+from meshpilot.registry.store import Store, open_store
 from meshpilot.settings import Settings
 from meshpilot.xds.cache import ResourceCache
 from meshpilot.xds.resource import NodeInfo
@@ -101,15 +101,6 @@ class ControlPlane:
     def api_app(self) -> web.Application:
         """The management API with every route the assembled parts contributed."""
         return build_api(self.settings, self.registry, self.xds, self._api_routes, self.ports, self.publisher.inject)
-
-    def add_node_watcher(self, hook: Callable[[NodeInfo, bool], None]) -> None:
-        """``hook(node, connected)`` after a node's first stream opens and after its last one closes."""
-        self._node_watchers.append(hook)
-
-    def add_task(self, name: str, run: Callable[[], Any]) -> None:
-        """A long-running coroutine owned (and restarted on failure) by the control plane; for
-        producers until they are parts of their own."""
-        self._tasks.append(Task(name, run))
 
     # ---- change handling ----------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
-"""The parts of the product beyond the registry and xDS (HDS, Consul and Eureka APIs, policy routes),
-assembled into a ControlPlane. Each listed module exposes ``install(core)``,
-which returns the ``Part`` it contributes (parts.py) and sets nothing on the control plane; a part
-a setting switches off (a front door's port) decides that in its own ``install``. A listed module
-that cannot be imported is an error: every one ships with the product."""
+"""The front doors beyond xDS (HDS, the Consul and Eureka APIs, the policy routes), assembled into a
+ControlPlane. Each listed module exposes ``install(core)``, which returns the ``Part`` it
+contributes (parts.py) and sets nothing on the control plane; a part a setting switches off (a
+front door's port) decides that in its own ``install``. A listed module that cannot be imported is
+an error: every one ships with the product."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import importlib
 import logging
 
 from meshpilot.controlplane import ControlPlane
-from meshpilot.parts import Part
 
 __all__ = ["install_plugins"]
 
@@ -24,7 +23,5 @@ _PLUGINS = (
 
 def install_plugins(cp: ControlPlane) -> None:
     for name in _PLUGINS:
-        part = importlib.import_module(name).install(cp)
-        if isinstance(part, Part):  # a producer that only adds itself through the publisher returns none
-            cp.include(part)
+        cp.include(importlib.import_module(name).install(cp))
         logging.getLogger("meshpilot").debug("event=plugin_installed plugin=%s", name)
