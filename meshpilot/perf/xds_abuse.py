@@ -23,14 +23,11 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -38,7 +35,7 @@ import psutil
 from aiohttp import ClientSession
 from envoy.service.discovery.v3 import discovery_pb2
 
-from meshpilot.perf.xds_push import _seed
+from meshpilot.perf.served import control_plane, seed
 from meshpilot.xds.resource import TYPE
 
 __all__ = ["add_arguments", "main"]
@@ -221,39 +218,15 @@ async def _huge_requests(args: argparse.Namespace, api: str, port: int) -> dict[
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="meshpilot-perf-"))
-    ready = workdir / "ready.json"
-    log_path = workdir / "control-plane.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshpilot.cli", "serve", "--store", "memory:", "--xds-port", "0", "--api-port", "0",
-         "--consul-port", "-1", "--eureka-port", "-1", "--ready-file", str(ready)],
-        stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "MESHPILOT_LOG_LEVEL": "WARNING", "MESHPILOT_XDS_WRITE_TIMEOUT_S": str(args.write_timeout)},
-    )
-    try:
-        async with asyncio.timeout(30):
-            while not ready.exists():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"control plane exited: {log_path.read_text()[-2000:]}")
-                await asyncio.sleep(0.05)
-        ports = json.loads(ready.read_text())
-        api = f"http://127.0.0.1:{ports['api']}"
-        await _seed(api, args.services, 1)
+    with control_plane(env={"MESHPILOT_XDS_WRITE_TIMEOUT_S": str(args.write_timeout)}) as cp:
+        await seed(cp.api, args.services, 1)
         names = [f"outbound|80||svc{i}.default.svc.mesh" for i in range(args.services)]
         out: dict[str, Any] = {"services": args.services}
         if args.dead:
-            out["dead_readers"] = await _dead_readers(args, api, ports["xds"], names, psutil.Process(proc.pid))
+            out["dead_readers"] = await _dead_readers(args, cp.api, cp.ports["xds"], names, psutil.Process(cp.proc.pid))
         if args.huge:
-            out["huge_requests"] = await _huge_requests(args, api, ports["xds"])
+            out["huge_requests"] = await _huge_requests(args, cp.api, cp.ports["xds"])
         return out
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -32,10 +32,7 @@ import asyncio
 import json
 import os
 import re
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +41,10 @@ from typing import Any
 import grpc
 import psutil
 import uvloop
-from aiohttp import ClientSession, TCPConnector
+from aiohttp import ClientSession
 from envoy.service.discovery.v3 import discovery_pb2
 
+from meshpilot.perf.served import Served, control_plane, seed
 from meshpilot.xds.resource import TYPE
 
 __all__ = ["add_arguments", "main"]
@@ -146,22 +144,6 @@ def _cluster_name(cluster_bytes: bytes) -> str:
     return name
 
 
-async def _seed(api: str, services: int, endpoints: int) -> None:
-    async with ClientSession(connector=TCPConnector(limit=8)) as s:
-        sem = asyncio.Semaphore(8)
-
-        async def one(i: int) -> None:
-            async with sem:
-                async with s.post(f"{api}/v1/services", json={"name": f"svc{i}", "ports": [{"name": "http", "port": 80}]}) as r:
-                    if r.status != 201:
-                        raise RuntimeError(f"creating svc{i}: {r.status} {await r.text()}")
-                for e in range(endpoints):
-                    body = {"id": f"svc{i}-{e}", "address": f"10.{(i >> 8) & 255}.{i & 255}.{e + 1}", "ports": {"http": 8080}}
-                    async with s.post(f"{api}/v1/services/default/svc{i}/instances", json=body) as r:
-                        if r.status != 201:
-                            raise RuntimeError(f"registering {body['id']}: {r.status} {await r.text()}")
-
-        await asyncio.gather(*(one(i) for i in range(services)))
 
 
 def _marker_address(n: int) -> str:
@@ -169,127 +151,94 @@ def _marker_address(n: int) -> str:
 
 
 async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="meshpilot-perf-"))
-    ready = workdir / "ready.json"
-    log = open(workdir / "control-plane.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshpilot.cli", "serve", "--store", "memory:", "--xds-port", "0", "--api-port", "0",
-         "--consul-port", "-1", "--eureka-port", "-1", "--ready-file", str(ready)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MESHPILOT_LOG_LEVEL": "WARNING"},
-    )
-    channels: list[grpc.aio.Channel] = []
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        async with asyncio.timeout(30):
-            while not ready.exists():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"control plane exited: {(workdir / 'control-plane.log').read_text()[-2000:]}")
-                await asyncio.sleep(0.05)
-        ports = json.loads(ready.read_text())
-        api = f"http://127.0.0.1:{ports['api']}"
-        ps = psutil.Process(proc.pid)
-        t = time.monotonic()
-        await _seed(api, args.services, args.endpoints)
-        seed_s = time.monotonic() - t
-        rss_seeded = ps.memory_info().rss
-
-        clients = [_Client(i, delta) for i in range(args.clients)]
-        opts = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
-        for i in range(0, args.clients, args.streams_per_channel):
-            channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{ports['xds']}", options=opts))
-        cpu0 = ps.cpu_times()
-        t = time.monotonic()
-        for c in clients:
-            ch = channels[c.idx // args.streams_per_channel]
-            tasks.append(asyncio.create_task(_run_client(ch, c, args.services)))
-        async with asyncio.timeout(args.timeout * 3):
-            await asyncio.gather(*(c.synced.wait() for c in clients))
-        sync_s = time.monotonic() - t
-        sync_cpu = _cpu(ps) - (cpu0.user + cpu0.system)
-        hwm_sync = _peak_rss(proc.pid)
-
-        async with ClientSession() as s:
-            # one endpoint change
-            marker = _marker_address(1)
-            for c in clients:
-                c.marker, c.seen_at = marker.encode(), None
-            cpu1 = _cpu(ps)
-            t0 = time.monotonic()
-            body = {"id": "perf-single", "address": marker, "ports": {"http": 8080}}
-            async with s.post(f"{api}/v1/services/default/svc0/instances", json=body) as r:
-                assert r.status == 201, await r.text()
-            single = await _wait_seen(clients, t0, args.timeout)
-            single_cpu = _cpu(ps) - cpu1
-            hwm_single = _peak_rss(proc.pid)
-
-            # a burst of registrations, one after another
-            last = _marker_address(2 + args.burst - 1)
-            for c in clients:
-                c.marker, c.seen_at = last.encode(), None
-            cpu2 = _cpu(ps)
-            t0 = time.monotonic()
-            for n in range(args.burst):
-                svc = n % args.services
-                body = {"id": f"perf-burst-{n}", "address": _marker_address(2 + n), "ports": {"http": 8080}}
-                async with s.post(f"{api}/v1/services/default/svc{svc}/instances", json=body) as r:
-                    assert r.status == 201, await r.text()
-            t_last = time.monotonic()
-            burst = await _wait_seen(clients, t0, args.timeout)
-            burst_cpu = _cpu(ps) - cpu2
-        errors = sorted({c.error for c in clients if c.error})
-        return {
-            "variant": "delta" if delta else "sotw",
-            "clients": args.clients,
-            "services": args.services,
-            "endpoints_per_service": args.endpoints,
-            "seed_seconds": round(seed_s, 2),
-            "initial_sync_seconds": round(sync_s, 2),
-            "initial_sync_cpu_seconds": round(sync_cpu, 2),
-            "single_change": {**_percentiles(single), "received": len(single), "cpu_seconds": round(single_cpu, 3)},
-            "burst": {
-                "registrations": args.burst,
-                "write_seconds": round(t_last - t0, 3),
-                "from_first_write": {**_percentiles(burst), "received": len(burst)},
-                "from_last_write": _percentiles([max(0.0, b - (t_last - t0)) for b in burst]),
-                "cpu_seconds": round(burst_cpu, 3),
-            },
-            "rss_before_clients_mb": round(rss_seeded / 2**20, 1),
-            "rss_end_mb": round(ps.memory_info().rss / 2**20, 1),
-            "peak_rss_mb": round(_peak_rss(proc.pid) / 2**20, 1),
-            "peak_rss_mb_by_phase": {
-                "initial_sync": round(hwm_sync / 2**20, 1),
-                "single_change": round(hwm_single / 2**20, 1),
-            },
-            "stream_errors": errors,
-        }
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for ch in channels:
-            await ch.close()
-        proc.terminate()
+    with control_plane() as cp:
+        proc, ports, api = cp.proc, cp.ports, cp.api
+        channels: list[grpc.aio.Channel] = []
+        tasks: list[asyncio.Task[None]] = []
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            ps = psutil.Process(proc.pid)
+            t = time.monotonic()
+            await seed(api, args.services, args.endpoints)
+            seed_s = time.monotonic() - t
+            rss_seeded = ps.memory_info().rss
+
+            clients = [_Client(i, delta) for i in range(args.clients)]
+            opts = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+            for i in range(0, args.clients, args.streams_per_channel):
+                channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{ports['xds']}", options=opts))
+            cpu0 = ps.cpu_times()
+            t = time.monotonic()
+            for c in clients:
+                ch = channels[c.idx // args.streams_per_channel]
+                tasks.append(asyncio.create_task(_run_client(ch, c, args.services)))
+            async with asyncio.timeout(args.timeout * 3):
+                await asyncio.gather(*(c.synced.wait() for c in clients))
+            sync_s = time.monotonic() - t
+            sync_cpu = _cpu(ps) - (cpu0.user + cpu0.system)
+            hwm_sync = _peak_rss(proc.pid)
+
+            async with ClientSession() as s:
+                # one endpoint change
+                marker = _marker_address(1)
+                for c in clients:
+                    c.marker, c.seen_at = marker.encode(), None
+                cpu1 = _cpu(ps)
+                t0 = time.monotonic()
+                body = {"id": "perf-single", "address": marker, "ports": {"http": 8080}}
+                async with s.post(f"{api}/v1/services/default/svc0/instances", json=body) as r:
+                    assert r.status == 201, await r.text()
+                single = await _wait_seen(clients, t0, args.timeout)
+                single_cpu = _cpu(ps) - cpu1
+                hwm_single = _peak_rss(proc.pid)
+
+                # a burst of registrations, one after another
+                last = _marker_address(2 + args.burst - 1)
+                for c in clients:
+                    c.marker, c.seen_at = last.encode(), None
+                cpu2 = _cpu(ps)
+                t0 = time.monotonic()
+                for n in range(args.burst):
+                    svc = n % args.services
+                    body = {"id": f"perf-burst-{n}", "address": _marker_address(2 + n), "ports": {"http": 8080}}
+                    async with s.post(f"{api}/v1/services/default/svc{svc}/instances", json=body) as r:
+                        assert r.status == 201, await r.text()
+                t_last = time.monotonic()
+                burst = await _wait_seen(clients, t0, args.timeout)
+                burst_cpu = _cpu(ps) - cpu2
+            errors = sorted({c.error for c in clients if c.error})
+            return {
+                "variant": "delta" if delta else "sotw",
+                "clients": args.clients,
+                "services": args.services,
+                "endpoints_per_service": args.endpoints,
+                "seed_seconds": round(seed_s, 2),
+                "initial_sync_seconds": round(sync_s, 2),
+                "initial_sync_cpu_seconds": round(sync_cpu, 2),
+                "single_change": {**_percentiles(single), "received": len(single), "cpu_seconds": round(single_cpu, 3)},
+                "burst": {
+                    "registrations": args.burst,
+                    "write_seconds": round(t_last - t0, 3),
+                    "from_first_write": {**_percentiles(burst), "received": len(burst)},
+                    "from_last_write": _percentiles([max(0.0, b - (t_last - t0)) for b in burst]),
+                    "cpu_seconds": round(burst_cpu, 3),
+                },
+                "rss_before_clients_mb": round(rss_seeded / 2**20, 1),
+                "rss_end_mb": round(ps.memory_info().rss / 2**20, 1),
+                "peak_rss_mb": round(_peak_rss(proc.pid) / 2**20, 1),
+                "peak_rss_mb_by_phase": {
+                    "initial_sync": round(hwm_sync / 2**20, 1),
+                    "single_change": round(hwm_single / 2**20, 1),
+                },
+                "stream_errors": errors,
+            }
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for ch in channels:
+                await ch.close()
 
 
-def _start_control_plane(workdir: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
-    ready = workdir / "ready.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshpilot.cli", "serve", "--store", "memory:", "--xds-port", "0", "--api-port", "0",
-         "--consul-port", "-1", "--eureka-port", "-1", "--ready-file", str(ready)],
-        stdout=open(workdir / "control-plane.log", "wb"), stderr=subprocess.STDOUT, env={**os.environ, "MESHPILOT_LOG_LEVEL": "WARNING"},
-    )
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"control plane did not start: {(workdir / 'control-plane.log').read_text()[-2000:]}")
-        time.sleep(0.05)
-    return proc, json.loads(ready.read_text())
 
 
 _WARMING, _CDS_UPDATES = "cluster_manager.warming_clusters", "cluster_manager.cds.update_success"
@@ -310,16 +259,19 @@ async def _envoy_stats(s: ClientSession, admin: str, service: str) -> dict[str, 
 
 
 async def _churn(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
+    with control_plane("meshpilot-perf-churn-") as cp:
+        return await _churn_served(args, delta, cp)
+
+
+async def _churn_served(args: argparse.Namespace, delta: bool, cp: Served) -> dict[str, Any]:
     from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
     from meshpilot.wasm import testbed
 
-    workdir = Path(tempfile.mkdtemp(prefix="meshpilot-perf-churn-"))
-    proc, ports = _start_control_plane(workdir)
-    api = f"http://127.0.0.1:{ports['api']}"
+    workdir, ports, api = cp.workdir, cp.ports, cp.api
     envoys: list[testbed.Envoy] = []
     services = max(2, args.services)
     try:
-        await _seed(api, services, args.endpoints)
+        await seed(api, services, args.endpoints)
         for i in range(args.envoys):
             out = testbed.free_port()
             boot = build_bootstrap(BootstrapOptions(
@@ -371,11 +323,6 @@ async def _churn(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
     finally:
         for e in envoys:
             e.stop()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 async def _wait_seen(clients: list[_Client], t0: float, timeout: float) -> list[float]:
