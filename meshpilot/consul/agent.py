@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from meshpilot.consul.definitions import CheckDef, ConsulError, ServiceDef, fold, mesh_name, parse_check
 from meshpilot.consul.kv import KeyValue
-from meshpilot.consul.metadata import exported_meta, instance_fields, join_service, primary_port, release_service, tags_of
+from meshpilot.sdkmeta import exported_meta, instance_fields, join_service, primary_port, release_service, tags_of
 from meshpilot.model import Check, CheckStatus, Instance, Service, ValidationError, field_errors
 from meshpilot.registry import Change, RegistryError, Registry
 

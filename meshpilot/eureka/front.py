@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
 
-from meshpilot.consul.metadata import exported_meta, instance_fields, join_service, primary_port, release_service, tags_of
+from meshpilot.sdkmeta import exported_meta, instance_fields, join_service, primary_port, release_service, tags_of
 from meshpilot.eureka.codec import EurekaError, InstanceInfo, hashcode
 from meshpilot.model import Check, CheckStatus, Instance, Service, ValidationError, field_errors
 from meshpilot.registry import Change, Registry, RegistryError
