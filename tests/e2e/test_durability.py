@@ -14,9 +14,10 @@ from tests.support import control_plane
 WRITES = 201  # one service and 200 instances
 # "PID 1733100000.123456 fdatasync(7</path/meshpilot.db-wal>) = 0 <0.000812>", or split into
 # "... fdatasync(7</path/...> <unfinished ...>" and "PID TS <... fdatasync resumed>) = 0 <0.000812>"
-_SYNC = re.compile(r"^\d+ (?P<ts>\d+\.\d+) (?:(?P<call>f(?:data)?sync)\((?P<fd>\d+<[^>]*>)\) = 0 <(?P<dur>[\d.]+)>"
+# (strace pads a short pid: "8164  1733100000.123456 ...")
+_SYNC = re.compile(r"^\d+ +(?P<ts>\d+\.\d+) (?:(?P<call>f(?:data)?sync)\((?P<fd>\d+<[^>]*>)\) = 0 <(?P<dur>[\d.]+)>"
                    r"|<\.\.\. (?P<resumed>f(?:data)?sync) resumed>\) = 0 <[\d.]+>)")
-_START = re.compile(r"^(?P<pid>\d+) [\d.]+ f(?:data)?sync\((?P<fd>\d+<[^>]*>) <unfinished \.\.\.>")
+_START = re.compile(r"^(?P<pid>\d+) +[\d.]+ f(?:data)?sync\((?P<fd>\d+<[^>]*>) <unfinished \.\.\.>")
 
 
 def _sync_ends(log: str, db: str) -> list[float]:
