@@ -150,6 +150,13 @@ class _Agent:
             argv += ["--admin-address-path", str(self.admin_path)]
         return argv
 
+    def forget_admin_address(self) -> None:
+        """Before each Envoy start: the address file names the last Envoy's admin port until the new
+        one writes its own. Removed here, before the start, and never after it: a new Envoy may write
+        its file before the agent notices that it runs, and removing it then would lose the new port."""
+        if self.bopts.admin_port == 0:
+            self.admin_path.unlink(missing_ok=True)
+
     async def wait_envoy_admin(self, timeout: float = 20.0) -> int:
         """The admin port of the current Envoy once it answers."""
         async with asyncio.timeout(timeout):
@@ -192,8 +199,6 @@ class _Agent:
         while True:
             proc = self.envoy.proc
             if proc is not None and proc.pid != seen and proc.returncode is None:
-                if self.bopts.admin_port == 0 and seen is not None:
-                    self.admin_path.unlink(missing_ok=True)
                 try:
                     self.admin_port = await self.wait_envoy_admin()
                     seen = proc.pid
@@ -294,7 +299,8 @@ class _Agent:
                     env = {**os.environ, **mesh.app.env}
                     self.app = Supervised("app", mesh.app.command, self.cfg.workdir / "app.log", env, mesh.app.workingDir)
                     tg.create_task(self.app.run())
-                self.envoy = Supervised("envoy", self._envoy_argv(config), self.cfg.workdir / "envoy.log")
+                self.envoy = Supervised("envoy", self._envoy_argv(config), self.cfg.workdir / "envoy.log",
+                                        before_start=self.forget_admin_address)
                 tg.create_task(self.envoy.run())
                 watcher = tg.create_task(self._watch_envoy())
                 log.info("event=sidecar_started instance=%s inbound=%d outbound=%d app=%d",

@@ -41,13 +41,17 @@ class Supervised:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         on_start: Callable[[asyncio.subprocess.Process], None] | None = None,
+        before_start: Callable[[], None] | None = None,
     ) -> None:
+        """``before_start`` runs right before each start, restarts included (clear what the last
+        child left behind); ``on_start`` right after."""
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self.env = env
         self.cwd = cwd
         self.on_start = on_start
+        self.before_start = before_start
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self.started = asyncio.Event()
@@ -58,6 +62,8 @@ class Supervised:
         loop = asyncio.get_running_loop()
         delay = 0.0
         while not self._stopping:
+            if self.before_start is not None:
+                self.before_start()
             with open(self.log_path, "ab") as out:
                 self.proc = await asyncio.create_subprocess_exec(
                     *self.argv, stdout=out, stderr=asyncio.subprocess.STDOUT, env=self.env, cwd=self.cwd,
