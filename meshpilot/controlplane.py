@@ -50,8 +50,6 @@ log = logging.getLogger("meshpilot.controlplane")
 class ControlPlane:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
-        if settings.store.startswith("etcd://"):
-            raise ValueError("store: the etcd store is not available in this build; use sqlite:PATH")
         self.registry = Registry(open_store(settings.store), settings.vip_cidr, settings.vip6_cidr)
         self.cache = ResourceCache()
         self.nodes: dict[str, NodeInfo] = {}
