@@ -116,7 +116,15 @@ class Publisher:
         self.debouncer.take()
         if pending:
             metrics.REBUILDS.inc()
-        self.publish(pending)
+        try:
+            self.publish(pending)
+        except BaseException:
+            # a producer failed before anything was written: the batch stays pending, so the run loop's
+            # restart publishes it instead of leaving the cache stale until those keys change again
+            pending.merge(self._pending)
+            self._pending = pending
+            self.debouncer.add(self.clock())
+            raise
 
     def publish(self, changes: Changes) -> None:
         """Publish these changes now, beside (not instead of) the pending ones."""

@@ -191,6 +191,40 @@ def test_changes_wait_for_the_debouncer_and_arrive_merged() -> None:
     assert pub.next_deadline() is None and not pub.publish_due(), "expected nothing left pending"
 
 
+class Failing(Script):
+    """A producer whose first ``fail`` publications raise, as a bug or a bad document would."""
+
+    def __init__(self, fail: int) -> None:
+        super().__init__()
+        self.fail = fail
+
+    def produce(self, changes: Changes, now: float) -> Output:
+        if self.fail:
+            self.fail -= 1
+            self.seen.append(changes)
+            raise RuntimeError("producer failed")
+        return super().produce(changes, now)
+
+
+def test_a_batch_a_producer_failed_on_is_published_with_the_next_one() -> None:
+    p = Failing(fail=1)
+    pub, cache, clock = _publisher(p)
+    pub.note(Changes(services={"a"}))
+    clock.now += 0.1
+    try:
+        pub.publish_due()
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("expected the producer's failure to reach the run loop")
+    pub.note(Changes(services={"b"}))
+    clock.now += 0.1
+    p.outputs.append({("", "a"): Bundle({TYPE.CLUSTER: {"a": _msg("1")}})})
+    assert pub.publish_due(), "expected the failed batch to be due again"
+    assert p.seen[-1].services == {"a", "b"}, f"expected the failed change beside the new one, got {p.seen[-1].services}"
+    assert cache.names(TYPE.CLUSTER) == ["a"], f"expected the failed batch's resources published, got {cache.names(TYPE.CLUSTER)}"
+
+
 def test_a_producer_deadline_publishes_without_a_change() -> None:
     class Later(Script):
         due: float | None = 1000.5
