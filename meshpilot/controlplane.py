@@ -108,8 +108,9 @@ class ControlPlane:
             self.publisher.note(Changes(services={change.key}))
         elif change.kind == "instance":
             self.publisher.note(Changes(endpoints={change.service}, instances={change.key}))
-        else:
+        elif change.kind == "policy":
             self.publisher.note(Changes(other={change.key}))
+        # Consul KV and sessions are no producer's input: a KV write publishes nothing
 
     def flush(self) -> None:
         """Apply every pending change to the cache now."""

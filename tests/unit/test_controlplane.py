@@ -55,6 +55,14 @@ def test_a_burst_of_registrations_becomes_one_publication() -> None:
     assert entry is not None and len(entry.any_bytes) > 300 * 10, "expected all 300 instances in the assignment"
 
 
+def test_consul_kv_writes_publish_nothing() -> None:
+    cp = _cp()
+    cp.flush()
+    cp.registry.put_document("kv", "config/app/limit", {"Value": "NDI="})
+    cp.registry.write_documents("kv", {"config/app/a": {"Value": ""}}, ["config/app/limit"])
+    assert cp.publisher.next_deadline() is None, "expected KV writes to wake no publication (no producer reads KV)"
+
+
 def test_a_steady_stream_of_registrations_is_published_at_the_cap() -> None:
     clock = Clock()
     cp = _cp(clock, debounce_ms=100, debounce_max_ms=150)
