@@ -112,6 +112,10 @@ class ControlPlane:
             self.publisher.note(Changes(other={change.key}))
         # Consul KV and sessions are no producer's input: a KV write publishes nothing
 
+    def publishing(self, service_key: str) -> bool:
+        """Whether a change to the service waits behind the debounce, not yet in the cache."""
+        return self.publisher.pending_for(service_key)
+
     def flush(self) -> None:
         """Apply every pending change to the cache now."""
         self.publisher.flush()

@@ -69,5 +69,5 @@ class Core(Protocol):
     def health_token(self, node_id: str) -> str:
         """The node's health token: its own health checks carry it, its inbound routes match it."""
 
-    def flush(self) -> None:
-        """Apply every pending registry change to the cache now."""
+    def publishing(self, service_key: str) -> bool:
+        """Whether a change to the service waits behind the debounce, not yet in the cache."""

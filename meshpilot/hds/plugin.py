@@ -22,7 +22,7 @@ def install(core: Core) -> Part:
 
     return Part(
         grpc_handlers=[server.handler()],
-        routes=[synced_route(core.registry, core.xds, core.flush, s.domain)],
+        routes=[synced_route(core.registry, core.xds, core.publishing, s.domain)],
         tasks=[Task("hds_sweeps", server.run_sweeps)],
         node_watchers=[on_node],
     )

@@ -25,15 +25,20 @@ def synced(status: list[tuple[str, bool]]) -> dict[str, Any]:
     return {"synced": not pending, "consumers": len(status), "pending": pending}
 
 
-def synced_route(registry: Registry, xds: XdsServer, flush: Callable[[], None], domain: str) -> Route:
+def synced_route(registry: Registry, xds: XdsServer, publishing: Callable[[str], bool], domain: str) -> Route:
+    """``publishing(service_key)``: whether a change to the service still waits to reach the cache; the
+    route then answers "not synced" rather than publishing early, so polling it costs no publication."""
+
     async def service_synced(request: web.Request) -> web.Response:
         key = f"{request.match_info['name']}.{request.match_info['namespace']}".lower()
         svc = registry.service(key)
         if svc is None:
             raise ApiError(404, f"service: no service {key!r}", [{"field": "service", "reason": "not found"}])
-        flush()  # the registry's latest state must be in the cache before it can be ACKed
         names = {cluster_name(svc, p, domain) for p in svc.ports}
-        return web.json_response({"service": key, **synced(xds.ack_status(TYPE.ENDPOINT, names))})
+        answer = synced(xds.ack_status(TYPE.ENDPOINT, names))
+        # while the latest state is not in the cache yet, nobody can have ACKed it
+        waiting = publishing(key)
+        return web.json_response({"service": key, **answer, "synced": answer["synced"] and not waiting, "publishing": waiting})
 
     return Route("GET", "/v1/services/{namespace}/{name}/synced", service_synced,
                  "Whether every Envoy consuming the service's endpoints has ACKed their current version")

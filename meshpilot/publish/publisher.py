@@ -126,6 +126,11 @@ class Publisher:
             self.debouncer.add(self.clock())
             raise
 
+    def pending_for(self, service_key: str) -> bool:
+        """Whether a change to this service's definition or instances waits to be published."""
+        p = self._pending
+        return p.everything or service_key in p.services or service_key in p.endpoints
+
     def publish(self, changes: Changes) -> None:
         """Publish these changes now, beside (not instead of) the pending ones."""
         now = self.clock()

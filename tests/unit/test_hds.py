@@ -16,7 +16,7 @@ from meshpilot.hds.metadata import HdsError, registration
 from meshpilot.hds.specifier import build_specifier, health_token
 from meshpilot.hds.stream import HdsSession, HdsStream, Register, Reject, Send, SetCheck
 from meshpilot.hds.synced import synced
-from meshpilot.model import Check, CheckStatus, Instance
+from meshpilot.model import Check, CheckStatus, Instance, Service, ServicePort
 from meshpilot.xds.resource import node_info
 
 
@@ -349,3 +349,33 @@ def test_synced_counts_consumers_and_names_the_pending_nodes() -> None:
     assert synced([]) == {"synced": True, "consumers": 0, "pending": []}, "no consumer: nothing to wait for"
     got = synced([("a", True), ("b", False), ("b", False), ("c", True)])
     assert got == {"synced": False, "consumers": 4, "pending": ["b"]}, f"expected b pending among 4 streams, got {got}"
+
+
+async def test_synced_answers_not_yet_while_a_change_waits_and_polling_it_publishes_nothing() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from meshpilot.controlplane import ControlPlane
+    from meshpilot.hds.plugin import install
+    from meshpilot.settings import Settings
+
+    cp = ControlPlane(Settings(store="memory:", consul_port=None, eureka_port=None))
+    cp.include(install(cp))
+    cp.registry.put_service(Service(name="web", ports=(ServicePort(name="http", port=80),)))
+    cp.flush()
+    client = TestClient(TestServer(cp.api_app()))
+    await client.start_server()
+    try:
+        r = await client.get("/v1/services/default/web/synced")
+        body = await r.json()
+        assert r.status == 200 and body["synced"] and not body["publishing"], f"expected synced with nothing pending, got {r.status} {body}"
+        cp.registry.put_service(Service(name="web", ports=(ServicePort(name="http", port=81),)))
+        for _ in range(20):  # a sidecar's graceful offline polls this
+            r = await client.get("/v1/services/default/web/synced")
+            body = await r.json()
+            assert not body["synced"] and body["publishing"], f"expected not synced while the change waits, got {body}"
+        assert cp.publishing("web.default"), "expected polling /synced to leave the change to the debounce, not publish it"
+        cp.flush()
+        body = await (await client.get("/v1/services/default/web/synced")).json()
+        assert body["synced"] and not body["publishing"], f"expected synced once published (no consumer), got {body}"
+    finally:
+        await client.close()
