@@ -103,7 +103,7 @@ def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Applic
                     raise ConsulError(403, "ACL not found")
             dc = request.query.get("dc")
             if dc and dc != agent.datacenter:
-                raise ConsulError(500, f"No path to datacenter")
+                raise ConsulError(500, "No path to datacenter")
             if request.query.get("filter"):
                 raise ConsulError(400, "Failed to create boolean expression evaluator: filter expressions are not supported by meshpilot")
             return await handler(request)

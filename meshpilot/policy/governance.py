@@ -227,10 +227,6 @@ class Governance(Producer):
         (re)connecting to a limited service gets its routes on from the first push."""
         return node.service_key in self.limited
 
-    def guarded_services(self) -> frozenset[str]:
-        """Services a breaker guards: the only ones whose outbound routes run the filter."""
-        return self.guarded
-
     def affected(self, changed: set[str]) -> set[str]:
         """Services whose outlier override changed (their clusters are rebuilt), that a breaker
         started or stopped guarding (their routes switch the filter on or off) or that a limit

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from meshpilot.parts import Core, Part
 from meshpilot.policy.api import policy_routes
-from meshpilot.policy.mesh import fault_filter, load_kinds
 
-__all__ = ["fault_filter", "install", "load_kinds"]
+__all__ = ["install"]
 
 
 def install(core: Core) -> Part:

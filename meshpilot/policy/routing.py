@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from meshpilot.model import dns_label, service_key
+from meshpilot.model import dns_label
 from meshpilot.policy.kinds import PolicyKind, ServicePolicy, TranslateContext, Translation, register_kind
 from meshpilot.translate.routes import Fault, HeaderMatch, RouteRule, ServiceRouting, Subset
 

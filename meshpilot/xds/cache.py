@@ -158,11 +158,6 @@ class ResourceCache:
     def names(self, type_url: str, scope: str = "") -> list[str]:
         return sorted(self._data.get(type_url, {}).get(scope, {}))
 
-    def sotw_body(self, type_url: str, node_id: str, names: frozenset[str] | None) -> tuple[str, bytes]:
-        """Version and concatenated resource fields for a state-of-the-world response."""
-        snap = self.sotw_snapshot(type_url, node_id, names)
-        return snap.version, snap.body
-
     def sotw_snapshot(self, type_url: str, node_id: str, names: frozenset[str] | None) -> Snapshot:
         """What a state-of-the-world response of this type holds for a subscription.
 

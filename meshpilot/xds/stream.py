@@ -114,7 +114,6 @@ class _Stream:
         self.nacks = 0
         self.pushes = 0
         self.latencies: list[float] = []  # push latencies since last read by the server
-        self.full_bytes = 0  # bytes of whole-state responses in the last responses() call
 
     def _nonce(self) -> str:
         self.nonce_counter += 1
@@ -170,7 +169,6 @@ class _Stream:
         """The responses owed, in PUSH_ORDER; a type marked pending on the way is answered in the same call."""
         stamp = time.monotonic() if now is None else now
         out: list[tuple[str, bytes]] = []
-        self.full_bytes = 0
         while True:
             queue = self._pending_types()
             if not queue and self._release_retiring(stamp):  # the routes had nothing to send after all
@@ -293,7 +291,6 @@ class SotwStream(_Stream):
         ts = self.types[type_url]
         ts.pending = False
         forced, ts.forced = ts.forced, False
-        whole = type_url in _WILDCARD_BY_DEFAULT or ts.full
         changed: set[str] = set()
         if type_url in _WILDCARD_BY_DEFAULT:
             snap = self.cache.sotw_snapshot(type_url, self.node_id, None if ts.wildcard else ts.names_frozen)
@@ -322,8 +319,6 @@ class SotwStream(_Stream):
         nonce = self._nonce()
         msg = b"".join((string_field(1, version), body, string_field(4, type_url), string_field(5, nonce)))
         ts.sent_nonce, ts.sent_version = nonce, version
-        if whole:
-            self.full_bytes += len(msg)
         self._sent(ts, stamp)
         if type_url == TYPE.CLUSTER and changed:
             self._behind_clusters(changed, ts.pending_since)
@@ -410,7 +405,6 @@ class DeltaStream(_Stream):
     def _respond(self, type_url: str, stamp: float) -> bytes | None:
         ts = self.types[type_url]
         ts.pending = False
-        whole = ts.full
         if ts.full:
             candidates = set(ts.names) | set(ts.sent)
             if ts.wildcard:
@@ -450,8 +444,6 @@ class DeltaStream(_Stream):
         nonce = self._nonce()
         fields.extend((string_field(4, type_url), string_field(5, nonce), strings_field(6, removed)))
         msg = b"".join(fields)
-        if whole:
-            self.full_bytes += len(msg)
         ts.sent_nonce = nonce
         ts.sent_version = nonce
         ts.sent_rev += 1

@@ -114,7 +114,7 @@ def test_generated_registries_validate_in_envoy(tmp_path: Path, reg: tuple[list[
 def test_envoy_accepts_routes_with_splits_matches_and_faults(tmp_path: Path) -> None:
     from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 
-    from meshpilot.policy.plugin import fault_filter
+    from meshpilot.policy.mesh import fault_filter
 
     rule = RouteRule("p/r", (("v1", 3), ("v2", 1)), path_exact="/x", headers=(HeaderMatch("x-a", regex="b.*"), HeaderMatch("x-c", prefix="d")), fault=Fault(abort_percent=50, abort_grpc_status=14))
     overlay = {WEB.key: routing(rule, SPLIT)}

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from meshpilot.controlplane import ControlPlane
 from meshpilot.model import Check, Instance, Service
 from meshpilot.policy.kinds import PolicyInvalid, get_kind
-from meshpilot.policy.plugin import load_kinds
+from meshpilot.policy.mesh import load_kinds
 from meshpilot.policy.ratelimit import divide, per_second
 from meshpilot.settings import Settings
 from meshpilot.wasm import modules

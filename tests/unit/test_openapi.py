@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from meshpilot.api.app import API_PATH, INSTANCE_ID, LABEL, PORT_NAME, openapi_document
 from meshpilot.model import ApiOperation, Instance, Service, ServicePort, ValidationError
 from meshpilot.policy.api import policy_routes
-from meshpilot.policy.plugin import load_kinds
+from meshpilot.policy.mesh import load_kinds
 from meshpilot.registry import Registry
 from meshpilot.registry.store import MemoryStore
 
