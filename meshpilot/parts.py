@@ -5,7 +5,7 @@ A plugin (HDS, the Consul and Eureka front doors, policies, proxyless clients) i
 xDS server, the health-token function) and returns what it adds; it sets nothing on the control
 plane and registers nothing globally. The control plane serves the gRPC handlers and HTTP apps,
 gives the routes to the management API, owns the tasks (supervised: logged and restarted) and
-tells the node watchers when a node's first ADS stream opens and its last one closes.
+tells the node watchers when one of a node's ADS streams opens and when its last one closes.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ class HdsServer:
             self.liveness.forget(change.key)
 
     def on_node(self, node_id: str, connected: bool) -> None:
-        """A node's first ADS stream opened, or its last one closed."""
+        """One of a node's ADS streams opened, or its last one closed."""
         self.liveness.ads_changed(node_id, connected, time.monotonic())
 
     def sweep(self, now: float) -> None:

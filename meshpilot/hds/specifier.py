@@ -3,7 +3,8 @@
 An HTTP check goes through the node's inbound listener and carries ``x-mesh-health-check`` with
 the node's health token (an HMAC of its id under a key the control plane draws at start), which
 the node's inbound routes match to skip the governance filters: a rate limit must never fail the
-check that keeps the instance in EDS, and a caller cannot forge a token it never sees.
+check that keeps the instance in EDS. Only the node's own streams are sent the token, but the xDS/HDS port
+does not authenticate its clients yet: whoever can open a stream there under the node's id gets it too.
 """
 
 from __future__ import annotations

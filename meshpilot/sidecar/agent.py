@@ -5,7 +5,7 @@ starts the node's meshdns in its own event loop (``mesh.dns``, on by default: fe
 plane over delta ADS, its last table kept in the work directory, upstream queries marked with the
 capture rules' exempt SO_MARK), then Envoy (and the app itself when the spec has ``mesh.app``), and
 restarts each with back-off when it dies. Registration and health are not the agent's business:
-Envoy's HDS stream does that (xds/hds.py). On SIGTERM/SIGINT it runs the graceful offline sequence of DESIGN.md:
+Envoy's HDS stream does that (meshpilot/hds/). On SIGTERM/SIGINT it runs the graceful offline sequence of DESIGN.md:
 
 1. deregister the instance through the management API (HDS has no deregister message);
 2. wait, bounded by ``mesh.syncTimeout``, until every Envoy consuming the service has ACKed the

@@ -7,8 +7,8 @@ node with outbound capture (iptables, ``CAPTURE``) it also recovers the original
 ports go through the same routes, TCP ports straight to the service's cluster. The inbound listener
 forwards everything to the node's app on loopback, through the node's own ``inbound`` route
 configuration (RDS, so routes can switch filters on and off without a listener update); its first
-route takes the node's own health checks (HDS, xds/hds.py), recognised by a per-node token in
-``x-mesh-health-check`` that only the node's Envoy and the control plane know, past every governance
+route takes the node's own health checks (HDS, meshpilot/hds/), recognised by a per-node token in
+``x-mesh-health-check`` that is sent to the node's own xDS streams only, past every governance
 filter: a rate limit or breaker must never fail the check that keeps the instance in EDS. It keeps ``x-mesh-caller`` only on connections
 from registered sidecar addresses (``trusted_peers``) and strips it from everyone else. Both write a
 JSON access log line per request naming source and destination service (request counts, status
