@@ -27,7 +27,7 @@ from typing import cast
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-__all__ = ["HttpLimits", "connection_cap", "raise_fd_limit", "start_front_door"]
+__all__ = ["HttpLimits", "bearer_token", "connection_cap", "raise_fd_limit", "start_front_door"]
 
 log = logging.getLogger("meshpilot.frontdoor")
 
@@ -149,3 +149,11 @@ class _Busy(asyncio.Protocol):
         writer = cast(asyncio.WriteTransport, transport)  # uvloop's transports are not asyncio's classes
         writer.write(_BUSY)
         writer.close()
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (the scheme in any case, RFC 7235), else None.
+    Every HTTP front door reads bearer tokens through this one function."""
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from meshpilot import boundedjson, metrics
 from meshpilot.model import Check, CheckStatus, Instance, Service, field_errors
 from meshpilot.api.routes import Handler, Route
+from meshpilot.frontdoor import bearer_token
 from meshpilot.registry import Conflict, NotFound, Registry, RegistryError
 from meshpilot.settings import Settings
 from meshpilot.xds.server import XdsServer
@@ -130,8 +131,8 @@ def build_api(
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             if request.method not in ("GET", "HEAD", "OPTIONS") and s.token:
-                scheme, _, got = request.headers.get("Authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), s.token.encode()):  # RFC 7235: any case
+                got = bearer_token(request)
+                if got is None or not hmac.compare_digest(got.encode(), s.token.encode()):
                     raise ApiError(401, "authorization: a valid bearer token is required for writes")
             resp = await handler(request)
         except ApiError as exc:

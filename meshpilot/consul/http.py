@@ -24,6 +24,7 @@ from aiohttp import web
 from meshpilot import boundedjson
 from meshpilot.consul.agent import VERSION, Answer, ConsulAgent
 from meshpilot.consul.definitions import ConsulError, ServiceDef, parse_catalog_registration, parse_duration, parse_service
+from meshpilot.frontdoor import bearer_token
 
 __all__ = ["build_consul_app", "parse_wait"]
 
@@ -94,9 +95,7 @@ def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Applic
         try:
             if token and not request.path.startswith("/v1/status/"):
                 got = request.headers.get("X-Consul-Token") or request.query.get("token") or ""
-                auth = request.headers.get("Authorization", "")
-                if not got and auth.lower().startswith("bearer "):
-                    got = auth[7:].strip()
+                got = got or bearer_token(request) or ""
                 if not got:
                     raise ConsulError(403, "Permission denied: token with AccessorID '00000000-0000-0000-0000-000000000002' lacks permission")
                 if not hmac.compare_digest(got.encode(), token.encode()):

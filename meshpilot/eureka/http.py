@@ -20,6 +20,7 @@ from aiohttp import web
 from meshpilot import boundedjson
 from meshpilot.eureka.codec import STATUSES, EurekaError, from_xml, parse_instance, to_xml
 from meshpilot.eureka.front import EurekaFront
+from meshpilot.frontdoor import bearer_token
 
 __all__ = ["build_eureka_app"]
 
@@ -34,9 +35,10 @@ def _wants_xml(request: web.Request) -> bool:
 
 
 def _authorized(request: web.Request, token: str) -> bool:
+    bearer = bearer_token(request)
+    if bearer is not None:
+        return hmac.compare_digest(bearer.encode(), token.encode())
     auth = request.headers.get("Authorization", "")
-    if auth.lower().startswith("bearer "):
-        return hmac.compare_digest(auth[7:].strip().encode(), token.encode())
     if auth.lower().startswith("basic "):
         try:
             _user, _, password = base64.b64decode(auth[6:].strip()).decode().partition(":")

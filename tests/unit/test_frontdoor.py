@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import resource
 
+import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
-from meshpilot.frontdoor import HttpLimits, connection_cap, raise_fd_limit, start_front_door
+from meshpilot.frontdoor import HttpLimits, bearer_token, connection_cap, raise_fd_limit, start_front_door
 
 
 def test_ports_share_half_the_descriptors() -> None:
@@ -70,3 +72,12 @@ async def test_a_full_port_answers_503_and_serves_again_when_a_connection_closes
         pass
     else:
         raise AssertionError("the port must be closed by the runner's cleanup")
+
+
+@pytest.mark.parametrize(("header", "want"), [
+    ("Bearer s3cret", "s3cret"), ("bearer s3cret", "s3cret"), ("BEARER  s3cret ", "s3cret"),
+    ("Basic czNjcmV0", None), ("Bearer", None), ("Bearer ", None), ("", None), ("s3cret", None),
+])
+def test_bearer_token_takes_the_scheme_in_any_case(header: str, want: str | None) -> None:
+    got = bearer_token(make_mocked_request("GET", "/", headers={"Authorization": header} if header else {}))
+    assert got == want, f"Authorization: {header!r}: expected {want!r}, got {got!r}"
