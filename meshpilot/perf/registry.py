@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import shutil
 import signal
 import statistics
@@ -32,6 +31,8 @@ from typing import Any
 
 import aiohttp
 
+from meshpilot.frontdoor import raise_fd_limit
+
 __all__ = ["add_arguments", "main", "strace_attached"]
 
 
@@ -45,13 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync-writes", type=int, default=0, help="count disk syncs for this many registrations, one at a time and "
                         "concurrently (needs strace; default 0: skip)")
     parser.add_argument("--output", default="", help="also write the JSON report here")
-
-
-def _raise_fd_limit(want: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = min(max(soft, want), hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _start_control_plane(work: Path, store: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -205,7 +199,7 @@ async def _wait_parked(http: aiohttp.ClientSession, base: str, watchers: int) ->
 
 
 def main(args: argparse.Namespace) -> int:
-    _raise_fd_limit(4 * args.watchers + 256)
+    raise_fd_limit()  # each watcher holds a connection
     work = Path(tempfile.mkdtemp(prefix="meshpilot-perf-registry-"))
     proc = None
     try:
