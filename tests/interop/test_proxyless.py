@@ -96,6 +96,7 @@ class Mesh:
     def __init__(self, cp: Any, workdir: Path) -> None:
         self.cp = cp
         self.workdir = workdir
+        self.split_at = 0.0  # when the last split was made (time.time())
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         status, data = self.cp.call(method, path, body)
@@ -108,6 +109,7 @@ class Mesh:
             "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}],
             "routes": [{"destinations": [{"subset": "v1", "weight": v1}, {"subset": "v2", "weight": v2}]}],
         }
+        self.split_at = time.time()
         self.call("PUT", "/v1/policies/RoutingPolicy/default/echo-split", policy)
 
     def bootstrap(self, node: str) -> Path:
@@ -200,8 +202,11 @@ def _follow_weight_change(mesh: Mesh, log: CallLog, name: str) -> None:
         text = p.read_text()[-2000:] if p.exists() else ""
         return f"(client exit code {log.proc.poll()}) {text}"
 
-    # the first successful call marks the client as resolved
-    first = wait_until(lambda: next((ts for ts, o in list(log.calls) if not o.startswith("error")), None), 30, what=f"{name}: a first successful call")
+    # the first successful call marks the client as resolved; a client that connects while the split is being
+    # published may see the routes before it for a moment (new subsets go out before the routes that use
+    # them), so the split is measured from FOLLOW_S after it was made, as the change below is
+    resolved = wait_until(lambda: next((ts for ts, o in list(log.calls) if not o.startswith("error")), None), 30, what=f"{name}: a first successful call")
+    first = max(resolved, mesh.split_at + FOLLOW_S)
     wait_until(lambda: log.count_since(first) >= CALLS or log.proc.poll() is not None, 60, what=f"{name}: {CALLS} calls")
     before = log.since(first)[:CALLS]
     assert len(before) == CALLS, f"{name}: expected {CALLS} calls, got {len(before)}; client stderr: {stderr_tail()}"
