@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 
 from meshpilot.frontdoor import raise_fd_limit
+from meshpilot.perf.served import stop
 
 __all__ = ["add_arguments", "main", "strace_attached"]
 
@@ -226,12 +227,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
         shutil.rmtree(work, ignore_errors=True)
 
 

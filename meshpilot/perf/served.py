@@ -22,7 +22,7 @@ from pathlib import Path
 
 from aiohttp import ClientSession, TCPConnector
 
-__all__ = ["Served", "control_plane", "seed"]
+__all__ = ["Served", "control_plane", "seed", "stop"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +56,17 @@ def control_plane(prefix: str = "meshpilot-perf-", env: Mapping[str, str] | None
             time.sleep(0.05)
         yield Served(proc, json.loads(ready.read_text()), workdir)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s; returns once the process is gone."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 async def seed(api: str, services: int, endpoints: int) -> None:
