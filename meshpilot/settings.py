@@ -38,6 +38,14 @@ class Settings(BaseModel):
     hds_dead_after_s: float = Field(default=5.0, gt=0, description="critical this soon once a sidecar's health and ADS streams both closed")
     hds_remove_after_s: float = Field(default=300.0, gt=0)
     xds_write_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="an xDS client that leaves a response unanswered this long is disconnected")
+    identity: bool = Field(default=False, description="workload identities: the mesh CA issues certificates, xDS/HDS/meshdns streams need a client certificate over TLS (the plaintext xDS port is off), sidecars talk mTLS")
+    trust_domain: str = Field(default="mesh.local", pattern=r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$", description="the SPIFFE trust domain: workload ids are spiffe://<trust_domain>/ns/<namespace>/sa/<service>")
+    ca_cert_file: str | None = Field(default=None, description="an operator's CA certificate (root or intermediate, PEM); without it a root is generated on first start and kept in the store")
+    ca_key_file: str | None = Field(default=None, description="the private key of ca_cert_file (PEM)")
+    ca_chain_file: str | None = Field(default=None, description="the certificates above ca_cert_file up to its root (PEM), when it is an intermediate")
+    workload_cert_ttl_s: float = Field(default=86_400.0, ge=60, le=90 * 86_400, description="lifetime of a workload certificate; agents renew at half of it")
+    xds_server_names: list[str] = Field(default_factory=lambda: ["localhost"], description="DNS names in the control plane's serving certificate, besides listen_address")
+    mtls_mode: str = Field(default="PERMISSIVE", pattern="^(DISABLE|PERMISSIVE|STRICT)$", description="the mesh-wide mTLS mode between sidecars when identity is on; MtlsPolicy overrides it per namespace or service")
     log_level: str = "INFO"
 
 

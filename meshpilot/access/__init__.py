@@ -1,0 +1,2 @@
+"""Who may use the HTTP front doors: access tokens with scopes (read, write, admin), kept hashed in
+the store, honoured by the management API and (as Consul ACL tokens) by the Consul-compatible API."""
