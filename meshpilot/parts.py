@@ -5,7 +5,8 @@ A plugin (HDS, the Consul and Eureka front doors, policies, proxyless clients) i
 xDS server, the health-token function) and returns what it adds; it sets nothing on the control
 plane and registers nothing globally. The control plane serves the gRPC handlers and HTTP apps,
 gives the routes to the management API, owns the tasks (supervised: logged and restarted) and
-tells the node watchers when one of a node's ADS streams opens and when its last one closes.
+tells the node watchers when one of a node's ADS streams opens and when its last one closes. With
+identity on, one part (the mesh CA's) gives the TLS credentials the xDS port serves with.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Part:
     routes: list[Route] = field(default_factory=list)
     tasks: list[Task] = field(default_factory=list)
     node_watchers: list[NodeWatcher] = field(default_factory=list)
+    # the TLS credentials of the xDS port (the mesh CA's part gives them when identity is on)
+    server_credentials: Callable[[], grpc.ServerCredentials] | None = None
 
 
 class Core(Protocol):
