@@ -26,7 +26,7 @@ __all__ = ["MemoryStore", "SqliteStore", "Store", "StoreError", "open_store"]
 
 log = logging.getLogger("meshpilot.registry.store")
 
-TABLES = ("services", "instances", "policies", "meta", "kv")
+TABLES = ("services", "instances", "policies", "meta", "kv", "access_tokens")
 
 
 class StoreError(Exception):
