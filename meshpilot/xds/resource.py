@@ -94,6 +94,7 @@ class META:
     APP_ADDRESS = "APP_ADDRESS"
     BIND_ADDRESS = "BIND_ADDRESS"
     CAPTURE = "CAPTURE"
+    IDENTITY = "IDENTITY"  # true: the agent serves SDS (secrets ``default``, ``ROOTCA``) on ``meshpilot-sds``
 
     ADVERTISE_ADDRESS = "ADVERTISE_ADDRESS"
     PORT_NAME = "PORT_NAME"
@@ -120,6 +121,7 @@ class NodeInfo:
     capture: bool = False  # outbound listener recovers original destinations (iptables capture)
     advertise_address: str = ""  # where callers reach the inbound listener ("" = bind_address)
     proxyless: bool = False
+    identity: bool = False  # the node has a workload certificate over SDS: it may get mTLS config
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -166,5 +168,6 @@ def node_info(node_id: str, cluster: str, metadata: dict[str, Any], zone: str = 
         capture=_flag(md.get(META.CAPTURE)),
         advertise_address=s(META.ADVERTISE_ADDRESS),
         proxyless=META.GRPC_HOSTNAME in md or _flag(md.get(META.PROXYLESS)),
+        identity=_flag(md.get(META.IDENTITY)),
         extra=md,
     )
