@@ -1,0 +1,543 @@
+"""The node's workload identity: a key made here, a certificate from the control plane's CA, kept fresh.
+
+The agent (and ``meshpilot identity-files`` for proxyless apps) holds one :class:`WorkloadIdentity`. It
+makes an EC key on the node, sends a CSR to the control plane's ``Identity.Sign`` over TLS on the xDS port
+(the server checked against the operator's trust bundle file), with the join token on first contact and
+with its current certificate afterwards, and renews at half of the certificate's life. The private key
+leaves the process only into the local Envoy's SDS secret and the work directory (0600 files, so a
+restarted agent renews with its certificate instead of needing a join token that was good for one use).
+``WatchBundle`` keeps the trust bundle current; listeners (SDS, meshdns) hear of every new
+:class:`Material`.
+
+When to act is a pure machine, :class:`Lifecycle` (no clock, no I/O: times in, plans out); the wire is a
+:class:`Signer` (:class:`GrpcSigner` in production, a fake in tests), so the whole loop runs in tests on an
+injected clock without a control plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from meshpilot import pki
+from meshpilot.pki import ca_pb2
+
+__all__ = [
+    "ChannelTls",
+    "GrpcSigner",
+    "Lifecycle",
+    "Material",
+    "Phase",
+    "Plan",
+    "SignError",
+    "SignResult",
+    "Signer",
+    "WorkloadIdentity",
+    "server_name_for",
+    "write_private",
+]
+
+log = logging.getLogger("meshpilot.identity")
+
+SIGN = "/meshpilot.identity.v1.Identity/Sign"
+WATCH_BUNDLE = "/meshpilot.identity.v1.Identity/WatchBundle"
+_PLACEHOLDER_SPIFFE = "spiffe://mesh.local/ns/default/sa/unknown"  # a CSR must ask for something
+_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+# ---- what the node holds --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Material:
+    """The current identity: key, chain (leaf first), trust bundle, and what the leaf says."""
+
+    key_pem: bytes = field(repr=False)
+    chain_pem: bytes
+    bundle_pem: bytes
+    spiffe: str
+    trust_domain: str
+    node_id: str
+    not_before: float
+    not_after: float
+
+    @property
+    def renew_at(self) -> float:
+        return renew_at(self.not_before, self.not_after)
+
+
+def renew_at(not_before: float, not_after: float) -> float:
+    """Half-life: late enough not to bother the CA, early enough to survive a long outage."""
+    return not_before + (not_after - not_before) / 2
+
+
+def _leaf(chain_pem: bytes) -> x509.Certificate:
+    certs = x509.load_pem_x509_certificates(chain_pem)
+    if not certs:
+        raise ValueError("no certificate in the chain")
+    return certs[0]
+
+
+def _ts(t: dt.datetime) -> float:
+    return t.replace(tzinfo=dt.timezone.utc).timestamp() if t.tzinfo is None else t.timestamp()
+
+
+def material_of(key_pem: bytes, chain_pem: bytes, bundle_pem: bytes) -> Material:
+    """A :class:`Material` from PEM parts; ValueError when the leaf carries no workload SPIFFE id."""
+    leaf = _leaf(chain_pem)
+    peer = pki.peer_of(chain_pem)
+    if peer is None or not peer.namespace:
+        raise ValueError("the certificate carries no workload SPIFFE id")
+    cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    node_id = str(cns[0].value) if cns else ""
+    return Material(key_pem=key_pem, chain_pem=chain_pem, bundle_pem=bundle_pem, spiffe=peer.spiffe,
+                    trust_domain=peer.trust_domain, node_id=node_id,
+                    not_before=_ts(leaf.not_valid_before_utc), not_after=_ts(leaf.not_valid_after_utc))
+
+
+# ---- when to act: a pure machine ------------------------------------------------------------------------
+
+
+class Phase(Enum):
+    ENROL = "enrol"  # no usable certificate: a join token is needed
+    RENEW = "renew"  # a valid certificate authenticates the request
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    phase: Phase
+    at: float  # clock time at which to try
+
+
+class Lifecycle:
+    """When to enrol or renew. Holds the current certificate's validity and the failures since the last
+    success; knows nothing of keys, sockets or clocks (every method takes ``now``)."""
+
+    def __init__(self, *, base_delay_s: float = 0.5, max_delay_s: float = 30.0,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.base_delay_s = base_delay_s
+        self.max_delay_s = max_delay_s
+        self._rand = rand
+        self.not_before: float | None = None
+        self.not_after: float | None = None
+        self.failures = 0
+        self._retry_at = -math.inf
+
+    def has_certificate(self, now: float) -> bool:
+        return self.not_after is not None and now < self.not_after
+
+    def plan(self, now: float) -> Plan:
+        """What to do next and when. An expired certificate cannot renew itself: enrol again."""
+        if self.not_before is None or self.not_after is None or now >= self.not_after:
+            return Plan(Phase.ENROL, max(now, self._retry_at))
+        return Plan(Phase.RENEW, max(renew_at(self.not_before, self.not_after), self._retry_at))
+
+    def issued(self, not_before: float, not_after: float) -> None:
+        self.not_before, self.not_after = not_before, not_after
+        self.failures = 0
+        self._retry_at = -math.inf
+
+    def failed(self, now: float, *, refused: bool) -> float:
+        """Record a failed attempt; returns the delay before the next one (capped, jittered exponential).
+        ``refused``: the control plane answered no to a renewal (the certificate is revoked, or its node id
+        now belongs to another identity); the certificate is then dropped and only a join token helps."""
+        self.failures += 1
+        if refused:
+            self.not_before = self.not_after = None
+        delay = min(self.max_delay_s, self.base_delay_s * 2.0 ** min(self.failures - 1, 30))
+        delay *= 0.5 + self._rand() / 2
+        self._retry_at = now + delay
+        return delay
+
+
+# ---- the wire -------------------------------------------------------------------------------------------
+
+
+class SignError(Exception):
+    """An attempt that gave no certificate. ``refused``: the control plane said no (as opposed to could not
+    be reached); ``reason`` is one word-ish token for the log line."""
+
+    def __init__(self, reason: str, detail: str = "", *, refused: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.refused = refused
+
+
+@dataclass(frozen=True, slots=True)
+class SignResult:
+    chain_pem: bytes
+    bundle_pem: bytes
+    not_after: float
+
+
+class Signer(Protocol):
+    """The control plane's Identity service as the node sees it."""
+
+    async def sign(self, csr_pem: bytes, node_id: str, token: str, client: Material | None,
+                   trust_pem: bytes) -> SignResult: ...
+
+    def watch_bundle(self, client: Material, trust_pem: bytes) -> AsyncIterator[bytes]: ...
+
+
+def server_name_for(host: str, override: str = "") -> str:
+    """The name the control plane's serving certificate is checked against: ``override`` when given, the
+    host itself when it is a DNS name, else ``localhost`` (the default of settings.xds_server_names; an IP
+    target would otherwise have to equal the control plane's listen address)."""
+    if override:
+        return override
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host
+    return "localhost"
+
+
+def channel_options(server_name: str) -> list[tuple[str, Any]]:
+    return [("grpc.ssl_target_name_override", server_name)] if server_name else []
+
+
+class GrpcSigner:
+    """Sign and WatchBundle over a TLS channel to ``target`` (the control plane's xDS port)."""
+
+    def __init__(self, target: str, server_name: str = "", *, timeout_s: float = 10.0) -> None:
+        self.target = target
+        self.server_name = server_name
+        self.timeout_s = timeout_s
+
+    def _channel(self, client: Material | None, trust_pem: bytes) -> grpc.aio.Channel:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=trust_pem,
+            private_key=client.key_pem if client else None,
+            certificate_chain=client.chain_pem if client else None,
+        )
+        return grpc.aio.secure_channel(self.target, creds, options=channel_options(self.server_name))
+
+    async def sign(self, csr_pem: bytes, node_id: str, token: str, client: Material | None,
+                   trust_pem: bytes) -> SignResult:
+        async with self._channel(client, trust_pem) as channel:
+            call = channel.unary_unary(SIGN, request_serializer=ca_pb2.SignRequest.SerializeToString,
+                                       response_deserializer=ca_pb2.SignResponse.FromString)
+            try:
+                resp = await call(ca_pb2.SignRequest(csr_pem=csr_pem, node_id=node_id, token=token),
+                                  timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                raise SignError(exc.code().name, exc.details() or "", refused=exc.code() in _REFUSALS) from None
+        return SignResult(chain_pem=resp.cert_chain_pem, bundle_pem=resp.trust_bundle_pem, not_after=resp.not_after)
+
+    async def watch_bundle(self, client: Material, trust_pem: bytes) -> AsyncIterator[bytes]:
+        async with self._channel(client, trust_pem) as channel:
+            call = channel.unary_stream(WATCH_BUNDLE, request_serializer=ca_pb2.BundleRequest.SerializeToString,
+                                        response_deserializer=ca_pb2.BundleResponse.FromString)
+            try:
+                async for resp in call(ca_pb2.BundleRequest()):
+                    yield resp.trust_bundle_pem
+            except grpc.aio.AioRpcError as exc:
+                raise SignError(exc.code().name, exc.details() or "", refused=exc.code() in _REFUSALS) from None
+
+
+# ---- files ----------------------------------------------------------------------------------------------
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with ``data``, readable by this user only (0600) from the first byte."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+
+
+Listener = Callable[[Material], None]
+
+
+class WorkloadIdentity:
+    """Enrols, renews and watches the bundle until cancelled (:meth:`run`); :attr:`material` is the current
+    identity (None until the first certificate), :meth:`ready` waits for it, listeners hear every change.
+
+    ``state_dir`` (0700) keeps key.pem, cert.pem and bundle.pem (0600) across restarts. The token file is
+    read at each enrolment, never kept. ``requested_spiffe`` only fills the CSR (the CA decides the id)."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        signer: Signer,
+        trust_bundle_file: Path,
+        join_token_file: Path | None = None,
+        state_dir: Path | None = None,
+        requested_spiffe: str = "",
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+        lifecycle: Lifecycle | None = None,
+        max_sleep_s: float = 60.0,
+    ) -> None:
+        self.node_id = node_id
+        self.signer = signer
+        self.trust_bundle_file = trust_bundle_file
+        self.join_token_file = join_token_file
+        self.state_dir = state_dir
+        self.requested_spiffe = requested_spiffe or _PLACEHOLDER_SPIFFE
+        self.clock = clock
+        self._sleep = sleep
+        self.lifecycle = lifecycle or Lifecycle()
+        self.max_sleep_s = max_sleep_s
+        self.material: Material | None = None
+        self.generation = 0
+        self.last_error: str | None = None
+        self._listeners: list[Listener] = []
+        self._changed = asyncio.Condition()
+        self._load_state()
+
+    # -- listeners ------------------------------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """``listener(material)`` on every new certificate or bundle (and at once when one is held)."""
+        self._listeners.append(listener)
+        if self.material is not None:
+            listener(self.material)
+
+    async def ready(self) -> Material:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.material is not None)
+        assert self.material is not None
+        return self.material
+
+    async def wait_newer(self, generation: int) -> int:
+        """Wait until the material is newer than ``generation``; returns the new generation."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.generation > generation)
+        return self.generation
+
+    async def _set(self, material: Material) -> None:
+        self.material = material
+        self.generation += 1
+        for listener in self._listeners:
+            try:
+                listener(material)
+            except Exception:  # noqa: BLE001 - one listener's bug must not stop renewals
+                log.exception("event=identity_listener_failed")
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- trust --------------------------------------------------------------------------------------------
+
+    def trust_pem(self) -> bytes:
+        """What the control plane's serving certificate is checked against: the operator's file and the
+        bundle the control plane gave over a channel that file had already authenticated."""
+        parts = [self.trust_bundle_file.read_bytes()]
+        if self.material is not None and self.material.bundle_pem:
+            parts.append(self.material.bundle_pem)
+        return pki.bundle_pem(parts)
+
+    def _bundle_for(self, given: bytes) -> bytes:
+        parts = [self.trust_bundle_file.read_bytes()]
+        if given:
+            parts.append(given)
+        return pki.bundle_pem(parts)
+
+    # -- persistence ----------------------------------------------------------------------------------------
+
+    def _load_state(self) -> None:
+        if self.state_dir is None:
+            return
+        key, cert = self.state_dir / "key.pem", self.state_dir / "cert.pem"
+        if not key.exists() or not cert.exists():
+            return
+        try:
+            bundle = self.state_dir / "bundle.pem"
+            m = material_of(key.read_bytes(), cert.read_bytes(), bundle.read_bytes() if bundle.exists() else b"")
+        except (OSError, ValueError) as exc:
+            log.warning("event=stored_identity_ignored reason=unreadable error=%r", exc)
+            return
+        if m.node_id != self.node_id:
+            log.warning("event=stored_identity_ignored reason=other_node stored=%s node=%s", m.node_id, self.node_id)
+            return
+        if self.clock() >= m.not_after:
+            log.info("event=stored_identity_ignored reason=expired spiffe=%s", m.spiffe)
+            return
+        self.material = m
+        self.generation = 1
+        self.lifecycle.issued(m.not_before, m.not_after)
+        log.info("event=identity_loaded spiffe=%s not_after=%s", m.spiffe, _iso(m.not_after))
+
+    def _save_state(self, m: Material) -> None:
+        if self.state_dir is None:
+            return
+        d = private_dir(self.state_dir)
+        write_private(d / "key.pem", m.key_pem)
+        write_private(d / "cert.pem", m.chain_pem)
+        write_private(d / "bundle.pem", m.bundle_pem)
+
+    # -- one attempt --------------------------------------------------------------------------------------
+
+    def _token(self) -> str:
+        if self.join_token_file is None:
+            raise SignError("no_token", "no join token file given and no valid certificate held")
+        try:
+            token = self.join_token_file.read_text().strip()
+        except OSError as exc:
+            raise SignError("no_token", f"{self.join_token_file}: {exc.strerror}") from None
+        if not token:
+            raise SignError("no_token", f"{self.join_token_file} is empty")
+        return token
+
+    async def attempt(self, phase: Phase) -> Material:
+        """Enrol (``Phase.ENROL``, join token) or renew (client certificate) once; raises SignError."""
+        client = self.material if phase is Phase.RENEW else None
+        token = self._token() if phase is Phase.ENROL else ""
+        try:
+            trust = self.trust_pem()
+        except (OSError, ValueError) as exc:
+            raise SignError("no_trust_bundle", f"{self.trust_bundle_file}: {exc}") from None
+        key = pki.new_key()
+        csr = pki.build_csr(key, self.material.spiffe if self.material else self.requested_spiffe, self.node_id)
+        try:
+            result = await self.signer.sign(csr, self.node_id, token, client, trust)
+        except SignError:
+            raise
+        except (OSError, ValueError, grpc.RpcError) as exc:
+            raise SignError("unreachable", repr(exc)) from None
+        try:
+            m = material_of(pki.key_pem(key), result.chain_pem, self._bundle_for(result.bundle_pem))
+        except ValueError as exc:
+            raise SignError("bad_certificate", str(exc), refused=False) from None
+        if _public_der(_leaf(m.chain_pem).public_key()) != _public_der(key.public_key()):
+            raise SignError("bad_certificate", "the certificate is not for the key this node sent")
+        return m
+
+    async def step(self) -> Plan:
+        """Sleep until the plan is due (a slice at a time, so a clock jump is noticed), then act once.
+        Returns the plan that was carried out (or is still pending after a slice)."""
+        plan = self.lifecycle.plan(self.clock())
+        wait = plan.at - self.clock()
+        if wait > 0:
+            await self._sleep(min(wait, self.max_sleep_s))
+            if plan.at - self.clock() > 0:
+                return plan
+        try:
+            m = await self.attempt(plan.phase)
+        except SignError as exc:
+            now = self.clock()
+            had = self.lifecycle.has_certificate(now)
+            delay = self.lifecycle.failed(now, refused=exc.refused and plan.phase is Phase.RENEW)
+            self.last_error = str(exc)
+            event = "enrol_failed" if plan.phase is Phase.ENROL else "renew_failed"
+            log.warning("event=%s reason=%s detail=%s node=%s retry_in_s=%.1f%s", event, exc.reason,
+                        _one_line(exc.detail), self.node_id, delay,
+                        " certificate_dropped=true" if had and not self.lifecycle.has_certificate(now) else "")
+            return plan
+        self.lifecycle.issued(m.not_before, m.not_after)
+        self.last_error = None
+        self._save_state(m)
+        await self._set(m)
+        log.info("event=%s spiffe=%s node=%s not_after=%s renew_at=%s",
+                 "enrolled" if plan.phase is Phase.ENROL else "renewed", m.spiffe, self.node_id,
+                 _iso(m.not_after), _iso(m.renew_at))
+        return plan
+
+    # -- the bundle ---------------------------------------------------------------------------------------
+
+    async def _on_bundle(self, bundle: bytes) -> None:
+        m = self.material
+        if m is None:
+            return
+        merged = self._bundle_for(bundle)
+        if merged == m.bundle_pem:
+            return
+        new = replace(m, bundle_pem=merged)
+        self._save_state(new)
+        await self._set(new)
+        log.info("event=bundle_changed roots=%d", merged.count(b"-----BEGIN CERTIFICATE-----"))
+
+    async def watch_bundle(self) -> None:
+        """Follow WatchBundle with the current certificate, reconnecting with back-off."""
+        delay = self.lifecycle.base_delay_s
+        while True:
+            client = await self.ready()
+            try:
+                async for bundle in self.signer.watch_bundle(client, self.trust_pem()):
+                    delay = self.lifecycle.base_delay_s
+                    await self._on_bundle(bundle)
+                log.info("event=bundle_watch_closed")
+            except SignError as exc:
+                log.info("event=bundle_watch_failed reason=%s detail=%s retry_in_s=%.1f", exc.reason,
+                         _one_line(exc.detail), delay)
+            except (OSError, ValueError, grpc.RpcError) as exc:
+                log.info("event=bundle_watch_failed reason=error detail=%r retry_in_s=%.1f", exc, delay)
+            await self._sleep(delay)
+            delay = min(self.lifecycle.max_delay_s, delay * 2)
+
+    async def run(self) -> None:
+        """Keep the identity fresh until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.watch_bundle())
+            while True:
+                await self.step()
+
+
+def _public_der(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:300] or "-"
+
+
+# ---- for a TLS table stream (meshdns) --------------------------------------------------------------------
+
+
+class ChannelTls:
+    """A client's TLS to the control plane with the node's identity: meshdns's table stream uses it
+    (``meshpilot.meshdns.config.TableTls``) and reconnects when :meth:`wait_newer` returns."""
+
+    def __init__(self, identity: WorkloadIdentity, server_name: str = "") -> None:
+        self.identity = identity
+        self.server_name = server_name
+
+    def channel_credentials(self) -> tuple[int, grpc.ChannelCredentials, Sequence[tuple[str, Any]]]:
+        m = self.identity.material
+        if m is None:
+            raise RuntimeError("no workload certificate yet")
+        creds = grpc.ssl_channel_credentials(root_certificates=self.identity.trust_pem(), private_key=m.key_pem,
+                                             certificate_chain=m.chain_pem)
+        return self.identity.generation, creds, channel_options(self.server_name)
+
+    async def wait_newer(self, generation: int) -> int:
+        return await self.identity.wait_newer(generation)

@@ -1,0 +1,378 @@
+"""The node's workload identity: the renewal schedule as a pure machine, and the enrol/renew/bundle loop on
+an injected clock against a fake signer backed by a real (in-memory) CA. No process, no socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import stat
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshpilot import pki
+from meshpilot.sidecar.identity import (
+    Lifecycle,
+    Material,
+    Phase,
+    SignError,
+    SignResult,
+    WorkloadIdentity,
+    server_name_for,
+)
+
+TD = "mesh.test"
+TTL = 3600.0
+
+
+# ---- the schedule ---------------------------------------------------------------------------------------
+
+
+def test_without_a_certificate_the_plan_is_to_enrol_now() -> None:
+    plan = Lifecycle().plan(1000.0)
+    assert (plan.phase, plan.at) == (Phase.ENROL, 1000.0)
+
+
+def test_a_certificate_is_renewed_at_half_its_life() -> None:
+    lc = Lifecycle()
+    lc.issued(1000.0, 1000.0 + TTL)
+    plan = lc.plan(1001.0)
+    assert (plan.phase, plan.at) == (Phase.RENEW, 1000.0 + TTL / 2)
+
+
+def test_an_expired_certificate_means_enrolling_again() -> None:
+    lc = Lifecycle()
+    lc.issued(0.0, 100.0)
+    assert lc.plan(99.9).phase is Phase.RENEW
+    assert lc.plan(100.0).phase is Phase.ENROL
+
+
+def test_failures_back_off_exponentially_up_to_the_cap() -> None:
+    lc = Lifecycle(base_delay_s=1.0, max_delay_s=8.0, rand=lambda: 1.0)  # no jitter
+    delays = [lc.failed(0.0, refused=False) for _ in range(6)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0], delays
+    assert lc.plan(0.0).at == 8.0
+    lc.issued(10.0, 110.0)
+    assert lc.failures == 0 and lc.plan(11.0).at == 60.0, "a success must clear the back-off"
+
+
+def test_a_failed_renewal_retries_after_the_delay_and_keeps_the_certificate() -> None:
+    lc = Lifecycle(base_delay_s=1.0, rand=lambda: 1.0)
+    lc.issued(0.0, 100.0)
+    lc.failed(50.0, refused=False)
+    plan = lc.plan(50.0)
+    assert (plan.phase, plan.at) == (Phase.RENEW, 51.0)
+
+
+def test_a_refused_renewal_drops_the_certificate() -> None:
+    lc = Lifecycle(base_delay_s=1.0, rand=lambda: 1.0)
+    lc.issued(0.0, 100.0)
+    lc.failed(50.0, refused=True)
+    plan = lc.plan(50.0)
+    assert (plan.phase, plan.at) == (Phase.ENROL, 51.0)
+    assert not lc.has_certificate(50.0)
+
+
+@given(nb=st.floats(0, 1e9), life=st.floats(1, 1e7), now=st.floats(0, 2e9), fails=st.integers(0, 50),
+       jitter=st.floats(0, 1))
+def test_plans_are_never_before_the_half_life_nor_the_back_off(nb: float, life: float, now: float, fails: int,
+                                                              jitter: float) -> None:
+    lc = Lifecycle(base_delay_s=0.5, max_delay_s=30.0, rand=lambda: jitter)
+    lc.issued(nb, nb + life)
+    last = 0.0
+    for _ in range(fails):
+        last = lc.failed(now, refused=False)
+        assert 0.25 <= last <= 30.0
+    plan = lc.plan(now)
+    if now >= nb + life:
+        assert plan.phase is Phase.ENROL
+    else:
+        assert plan.phase is Phase.RENEW and plan.at >= nb + ((nb + life) - nb) / 2
+    if fails:
+        assert plan.at >= now + last
+
+
+def test_the_server_name_is_the_host_or_localhost_for_an_address() -> None:
+    assert server_name_for("cp.example") == "cp.example"
+    assert server_name_for("10.0.0.1") == "localhost"
+    assert server_name_for("[::1]") == "localhost"
+    assert server_name_for("10.0.0.1", "cp.internal") == "cp.internal"
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, s: float) -> None:
+        self.slept.append(s)
+        self.now += s
+        await asyncio.sleep(0)
+
+
+@dataclass
+class FakeSigner:
+    """The control plane's Identity service with a real CA: token → identity, cert → renewal."""
+
+    clock: Clock
+    authority: pki.Authority = field(default_factory=lambda: pki.Authority.generate(TD))
+    tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # secret → (ns, svc), single use
+    calls: list[tuple[str, Material | None]] = field(default_factory=list)
+    fail_with: SignError | None = None
+    bundles: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    watchers: list[Material] = field(default_factory=list)
+    trust_seen: list[bytes] = field(default_factory=list)
+
+    @property
+    def root(self) -> bytes:
+        return self.authority.anchor_pem()
+
+    async def sign(self, csr_pem: bytes, node_id: str, token: str, client: Material | None,
+                   trust_pem: bytes) -> SignResult:
+        self.calls.append((token, client))
+        self.trust_seen.append(trust_pem)
+        if self.fail_with is not None:
+            raise self.fail_with
+        if token:
+            if token not in self.tokens:
+                raise SignError("UNAUTHENTICATED", "unknown or used token", refused=True)
+            ns, svc = self.tokens.pop(token)
+            spiffe = pki.spiffe_id(TD, ns, svc)
+        else:
+            assert client is not None, "a renewal without a token must present the client certificate"
+            if self.clock() >= client.not_after:
+                raise SignError("UNAUTHENTICATED", "certificate expired", refused=True)
+            spiffe = client.spiffe
+        issued = self.authority.sign(csr_pem, spiffe, node_id, TTL, now=self.clock())
+        return SignResult(issued.chain_pem, self.root, issued.not_after)
+
+    async def watch_bundle(self, client: Material, trust_pem: bytes) -> AsyncIterator[bytes]:
+        self.watchers.append(client)
+        yield self.root
+        while True:
+            yield await self.bundles.get()
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    return tmp_path / "bundle.pem", tmp_path / "token"
+
+
+def _identity(signer: FakeSigner, clock: Clock, tmp_path: Path, token_file: Path | None) -> WorkloadIdentity:
+    bundle = tmp_path / "bundle.pem"
+    if not bundle.exists():
+        bundle.write_bytes(signer.root)
+    return WorkloadIdentity(node_id="reviews-1", signer=signer, trust_bundle_file=bundle, join_token_file=token_file,
+                            state_dir=tmp_path / "identity", clock=clock, sleep=clock.sleep,
+                            lifecycle=Lifecycle(rand=lambda: 1.0))
+
+
+async def test_enrols_with_the_token_and_keeps_the_key_in_0600_files(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    signer = FakeSigner(clock)
+    _, secret = pki.new_token()
+    signer.tokens[secret] = ("shop", "reviews")
+    (tmp_path / "token").write_text(secret + "\n")
+    ident = _identity(signer, clock, tmp_path, tmp_path / "token")
+    seen: list[Material] = []
+    ident.add_listener(seen.append)
+    with caplog.at_level(logging.INFO, "meshpilot.identity"):
+        plan = await ident.step()
+    assert plan.phase is Phase.ENROL
+    assert signer.calls[0] == (secret, None), "first contact must carry the token and no client certificate"
+    m = ident.material
+    assert m is not None and seen == [m]
+    assert m.spiffe == f"spiffe://{TD}/ns/shop/sa/reviews" and m.node_id == "reviews-1" and m.trust_domain == TD
+    assert pki.peer_of(m.chain_pem) is not None
+    assert "event=enrolled" in caplog.text and "spiffe://mesh.test/ns/shop/sa/reviews" in caplog.text
+    assert secret not in caplog.text, "the join token must never be logged"
+    d = tmp_path / "identity"
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    for name in ("key.pem", "cert.pem", "bundle.pem"):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o600, name
+    assert (d / "key.pem").read_bytes() == m.key_pem and (d / "cert.pem").read_bytes() == m.chain_pem
+    assert b"PRIVATE KEY" in m.key_pem
+
+
+async def test_renews_at_half_life_with_its_certificate_and_a_new_key(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    signer = FakeSigner(clock)
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    ident = _identity(signer, clock, tmp_path, tmp_path / "token")
+    await ident.step()
+    first = ident.material
+    assert first is not None
+    start = clock()
+    with caplog.at_level(logging.INFO, "meshpilot.identity"):
+        while len(signer.calls) < 2:
+            await ident.step()
+    assert clock() >= first.renew_at and clock() - start < TTL / 2 + 1, "renewal must come at half-life"
+    token, client = signer.calls[1]
+    assert token == "" and client == first, "a renewal authenticates with the current certificate, no token"
+    second = ident.material
+    assert second is not None and second.not_after > first.not_after and second.key_pem != first.key_pem
+    assert second.spiffe == first.spiffe and ident.generation == 2
+    assert "event=renewed" in caplog.text
+    assert (tmp_path / "identity" / "cert.pem").read_bytes() == second.chain_pem
+
+
+async def test_a_restarted_agent_renews_with_its_stored_certificate_without_a_token(tmp_path: Path) -> None:
+    clock = Clock()
+    signer = FakeSigner(clock)
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    await _identity(signer, clock, tmp_path, tmp_path / "token").step()
+    (tmp_path / "token").unlink()  # a single-use token is gone
+    clock.now += TTL * 0.6
+    again = _identity(signer, clock, tmp_path, tmp_path / "token")
+    assert again.material is not None, "the stored key and certificate must be loaded at start"
+    plan = await again.step()
+    assert plan.phase is Phase.RENEW and signer.calls[-1][0] == "" and again.last_error is None
+
+
+async def test_a_stored_certificate_of_another_node_is_not_used(tmp_path: Path) -> None:
+    clock = Clock()
+    signer = FakeSigner(clock)
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    await _identity(signer, clock, tmp_path, tmp_path / "token").step()
+    other = WorkloadIdentity(node_id="ratings-1", signer=signer, trust_bundle_file=tmp_path / "bundle.pem",
+                             state_dir=tmp_path / "identity", clock=clock, sleep=clock.sleep)
+    assert other.material is None and other.lifecycle.plan(clock()).phase is Phase.ENROL
+
+
+async def test_without_a_token_enrolment_fails_with_a_reason_and_backs_off(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    signer = FakeSigner(clock)
+    ident = _identity(signer, clock, tmp_path, tmp_path / "missing-token")
+    with caplog.at_level(logging.INFO, "meshpilot.identity"):
+        await ident.step()
+        await ident.step()
+    assert ident.material is None and signer.calls == []
+    assert "event=enrol_failed reason=no_token" in caplog.text
+    assert clock.slept and clock.slept[0] == pytest.approx(0.5), clock.slept
+
+
+async def test_a_used_token_is_reported_and_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    signer = FakeSigner(clock)
+    (tmp_path / "token").write_text("spent")
+    ident = _identity(signer, clock, tmp_path, tmp_path / "token")
+    with caplog.at_level(logging.INFO, "meshpilot.identity"):
+        await ident.step()
+    assert "event=enrol_failed reason=UNAUTHENTICATED" in caplog.text and ident.material is None
+    signer.tokens["fresh"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("fresh")  # the operator drops a new token in
+    while ident.material is None:
+        await ident.step()
+    assert ident.material.spiffe.endswith("/ns/shop/sa/reviews")
+
+
+async def test_an_unreachable_control_plane_keeps_the_certificate_until_it_expires(tmp_path: Path) -> None:
+    clock = Clock()
+    signer = FakeSigner(clock)
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    ident = _identity(signer, clock, tmp_path, tmp_path / "token")
+    await ident.step()
+    held = ident.material
+    assert held is not None
+    signer.fail_with = SignError("UNAVAILABLE", "connection refused")
+    while clock() < held.not_after:
+        await ident.step()
+        assert ident.material == held, "a failed renewal must not lose the current certificate"
+    assert ident.lifecycle.plan(clock()).phase is Phase.ENROL, "past expiry only a token helps"
+    retries = [c for c in signer.calls[1:] if c[0] == ""]
+    assert len(retries) > 3 and all(c[1] == held for c in retries)
+    assert max(clock.slept) <= 60.0, "sleeps are sliced so a jumping clock is noticed"
+
+
+async def test_a_refused_renewal_falls_back_to_the_token(tmp_path: Path) -> None:
+    clock = Clock()
+    signer = FakeSigner(clock)
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    ident = _identity(signer, clock, tmp_path, tmp_path / "token")
+    await ident.step()
+    signer.fail_with = SignError("UNAUTHENTICATED", "revoked", refused=True)
+    while len(signer.calls) < 2:
+        await ident.step()
+    signer.fail_with = None
+    signer.tokens["t2"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t2")
+    while len(signer.calls) < 3:
+        await ident.step()
+    assert signer.calls[2] == ("t2", None)
+
+
+async def test_a_certificate_for_another_key_is_rejected(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    signer = FakeSigner(clock)
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    other = pki.build_csr(pki.new_key(), pki.spiffe_id(TD, "shop", "reviews"), "reviews-1")
+    real_sign = signer.sign
+
+    async def swapped(csr: bytes, node_id: str, token: str, client: Material | None, trust: bytes) -> SignResult:
+        return await real_sign(other, node_id, token, client, trust)
+
+    signer.sign = swapped  # type: ignore[method-assign,assignment]
+    ident = _identity(signer, clock, tmp_path, tmp_path / "token")
+    with caplog.at_level(logging.INFO, "meshpilot.identity"):
+        await ident.step()
+    assert ident.material is None and "reason=bad_certificate" in caplog.text
+
+
+async def test_the_bundle_watch_tells_listeners_of_a_new_root(tmp_path: Path) -> None:
+    clock = Clock()
+    signer = FakeSigner(clock)
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    ident = _identity(signer, clock, tmp_path, tmp_path / "token")
+    seen: list[Material] = []
+    ident.add_listener(seen.append)
+    await ident.step()
+    watch = asyncio.create_task(ident.watch_bundle())
+    try:
+        await asyncio.sleep(0.01)
+        assert signer.watchers == [ident.material], "the bundle is watched with the current certificate"
+        assert len(seen) == 1, "the same bundle again is no change"
+        new_root = pki.Authority.generate(TD).anchor_pem()
+        await signer.bundles.put(pki.bundle_pem([signer.root, new_root]))
+        gen = await asyncio.wait_for(ident.wait_newer(1), 1.0)
+    finally:
+        watch.cancel()
+    assert gen == 2 and len(seen) == 2
+    assert new_root in seen[-1].bundle_pem and signer.root in seen[-1].bundle_pem
+    assert seen[-1].chain_pem == seen[0].chain_pem
+    assert (tmp_path / "identity" / "bundle.pem").read_bytes() == seen[-1].bundle_pem
+    assert new_root in ident.trust_pem(), "the next channel trusts the new root too"
+
+
+async def test_ready_waits_for_the_first_certificate(tmp_path: Path) -> None:
+    clock = Clock()
+    signer = FakeSigner(clock)
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    ident = _identity(signer, clock, tmp_path, tmp_path / "token")
+    waiter = asyncio.create_task(ident.ready())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await ident.step()
+    m = await asyncio.wait_for(waiter, 1.0)
+    assert m.spiffe.endswith("/sa/reviews")
