@@ -3,6 +3,10 @@
 A routing policy may split a service into subsets of its instances (by label, e.g. version v1/v2);
 each subset of each port is a cluster of its own, ``outbound|<port>|<subset>|<fqdn>``, with the
 same traffic settings and its own EDS (endpoints.py lists only the instances the subset selects).
+
+With identities on (``TlsSettings``, tls.py) a cluster of a service in PERMISSIVE or STRICT mode
+talks mutual TLS to the endpoints of sidecars with an identity (a transport socket match on the
+endpoint metadata endpoints.py writes) and plaintext to the rest (SDK apps without a sidecar).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from google.protobuf.message import Message
 
 from meshpilot.model import Service, ServicePort
 from meshpilot.translate.names import cluster_name, fqdn, inbound_cluster_name
+from meshpilot.translate.tls import DISABLE, TlsSettings, mesh_socket_matches
 from meshpilot.xds.resource import NodeInfo
 
 __all__ = ["ads_source", "build_cluster", "build_clusters", "build_inbound_cluster", "duration_ms", "subset_cluster_name"]
@@ -86,8 +91,11 @@ def subset_cluster_name(service: Service, port: ServicePort, subset: str, domain
     return f"outbound|{port.port}|{subset}|{fqdn(service, domain)}"
 
 
-def build_cluster(service: Service, port: ServicePort, domain: str, subset: str = "") -> cluster_pb2.Cluster:
-    """The EDS cluster of a service port, or of one subset of it when ``subset`` is given."""
+def build_cluster(
+    service: Service, port: ServicePort, domain: str, subset: str = "", tls: TlsSettings | None = None
+) -> cluster_pb2.Cluster:
+    """The EDS cluster of a service port, or of one subset of it when ``subset`` is given; with
+    ``tls`` (identities on, the service not in DISABLE mode) mutual TLS to sidecars with an identity."""
     t = service.traffic
     name = subset_cluster_name(service, port, subset, domain) if subset else cluster_name(service, port, domain)
     c = cluster_pb2.Cluster(
@@ -117,11 +125,13 @@ def build_cluster(service: Service, port: ServicePort, domain: str, subset: str 
     _set_lb(c, t.lb_policy, t.zone_aware)
     if port.protocol in ("http2", "grpc"):
         c.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(_http2_options())
+    if tls is not None and tls.mode(service.key) != DISABLE:
+        c.transport_socket_matches.extend(mesh_socket_matches(tls.service_id(service.namespace, service.name)))
     return c
 
 
-def build_clusters(services: list[Service], domain: str) -> list[cluster_pb2.Cluster]:
-    return [build_cluster(s, p, domain) for s in services for p in s.ports]
+def build_clusters(services: list[Service], domain: str, tls: TlsSettings | None = None) -> list[cluster_pb2.Cluster]:
+    return [build_cluster(s, p, domain, tls=tls) for s in services for p in s.ports]
 
 
 def build_inbound_cluster(node: NodeInfo, protocol: str = "http") -> cluster_pb2.Cluster:

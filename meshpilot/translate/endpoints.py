@@ -4,7 +4,9 @@ Only routable instances are listed (healthy at least once, not critical now): En
 send traffic to hosts marked unhealthy when a cluster is in panic mode. Instances are grouped by
 zone into localities, each weighted by the sum of its endpoints' weights and always carrying the
 locality field (proxyless gRPC clients require both). A subset's assignment (``subset`` with its name and label selector)
-lists only the instances whose labels match the selector, under the subset's cluster name.
+lists only the instances whose labels match the selector, under the subset's cluster name. An
+instance registered by a sidecar with an identity (``metadata["spiffe"]``) is marked for its
+callers' TLS socket match (``envoy.transport_socket_match: {tls: mesh}``, tls.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from google.protobuf import struct_pb2
 from meshpilot.model import Instance, Service, ServicePort
 from meshpilot.translate.clusters import subset_cluster_name
 from meshpilot.translate.names import cluster_name
+from meshpilot.translate.tls import mark_tls_endpoint
 
 __all__ = ["build_endpoints"]
 
@@ -57,6 +60,8 @@ def build_endpoints(
             md = struct_pb2.Struct()
             md.update({"instance": inst.id, **({"version": inst.labels["version"]} if "version" in inst.labels else {})})
             ep.metadata.filter_metadata["meshpilot"].CopyFrom(md)
+            if inst.metadata.get("spiffe"):
+                mark_tls_endpoint(ep.metadata)
     return cla
 
 

@@ -15,12 +15,23 @@ JSON access log line per request naming source and destination service (request 
 and latency per destination are Envoy's cluster stats, tagged with the source service by the
 bootstrap). Extra HTTP filters (the WASM governance
 filters, delivered over ECDS) are passed in by the caller and run before the router.
+
+Mutual TLS (tls.py): on a node with an identity whose service is in PERMISSIVE or STRICT mode, the
+inbound listener inspects the first bytes (``tls_inspector``); a TLS connection takes a chain that
+requires a client certificate from the mesh's trust bundle and overwrites ``x-mesh-caller`` with
+the peer's URI SAN (its SPIFFE id). PERMISSIVE keeps a plaintext chain that strips the header;
+STRICT keeps plaintext only from the node itself (``SAME_IP_OR_LOOPBACK``: the node's own HDS
+health checks), on a route configuration of its own (``inbound-local``) that answers the health
+route and 403 to everything else. Every HTTP inbound chain carries two RBAC filters (deny, then
+allow) without rules of their own: the rules of the AuthorizationPolicies in force arrive as
+per-route config in the node's ``inbound`` routes (RDS), so a rule change never drains a listener.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
@@ -29,9 +40,12 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
+from envoy.config.rbac.v3 import rbac_pb2 as rbac_config
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import any_pb2, struct_pb2
@@ -41,10 +55,12 @@ from meshpilot.model import Service
 from meshpilot.translate.clusters import ads_source
 from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, inbound_cluster_name
 from meshpilot.translate.routes import DESTINATION_SERVICE
+from meshpilot.translate.tls import DISABLE, MODES, STRICT, downstream_tls, tls_socket
 from meshpilot.xds.resource import NodeInfo
 
 __all__ = [
-    "CALLER_HEADER", "HEALTH_HEADER", "INBOUND", "INBOUND_ROUTE", "OUTBOUND", "access_log", "build_inbound_listener", "build_inbound_routes",
+    "AUTHZ_ALLOW", "AUTHZ_DENY", "CALLER_HEADER", "HEALTH_HEADER", "INBOUND", "INBOUND_LOCAL_ROUTE", "INBOUND_ROUTE", "OUTBOUND",
+    "InboundAuthz", "access_log", "build_inbound_listener", "build_inbound_local_routes", "build_inbound_routes",
     "build_outbound_listener", "pack",
 ]
 
@@ -53,6 +69,19 @@ HEALTH_HEADER = "x-mesh-health-check"  # carries the node's health token on its 
 OUTBOUND = "outbound"
 INBOUND = "inbound"
 INBOUND_ROUTE = "inbound"  # the node's own route configuration (RDS, scoped to the node)
+INBOUND_LOCAL_ROUTE = "inbound-local"  # STRICT mode: the node's own plaintext (health checks only)
+AUTHZ_DENY = "mesh.authz-deny"  # the inbound RBAC filters, by name (routes carry their rules)
+AUTHZ_ALLOW = "mesh.authz-allow"
+_STAT = {AUTHZ_DENY: "authz_deny_", AUTHZ_ALLOW: "authz_allow_"}
+
+
+@dataclass(frozen=True, slots=True)
+class InboundAuthz:
+    """The RBAC rules of the AuthorizationPolicies that select a node's service: DENY rules (None:
+    no deny policy) and ALLOW rules (None: no allow policy, everything not denied is allowed)."""
+
+    deny: rbac_config.RBAC | None = None
+    allow: rbac_config.RBAC | None = None
 
 
 def pack(msg: Message) -> any_pb2.Any:
@@ -113,6 +142,29 @@ def _stamp_caller(service: str) -> hcm.HttpFilter:
 
 def _strip_caller() -> hcm.HttpFilter:
     return _header_filter("mesh.caller-strip", mutation_rules_pb2.HeaderMutation(remove=CALLER_HEADER))
+
+
+def _peer_caller() -> hcm.HttpFilter:
+    """On a TLS chain: the caller is the peer certificate's URI SAN, whatever the request said."""
+    return _header_filter("mesh.caller-peer", mutation_rules_pb2.HeaderMutation(
+        append=base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=CALLER_HEADER, value="%DOWNSTREAM_PEER_URI_SAN%"),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    ))
+
+
+def _rbac_filters() -> list[hcm.HttpFilter]:
+    """Deny, then allow; neither has rules of its own (no ``rules``: Envoy enforces nothing), so
+    requests pass until a route's RBACPerRoute brings the rules."""
+    return [
+        hcm.HttpFilter(name=name, typed_config=pack(rbac_pb2.RBAC(rules_stat_prefix=_STAT[name])))
+        for name in (AUTHZ_DENY, AUTHZ_ALLOW)
+    ]
+
+
+def _rbac_per_route(name: str, rules: rbac_config.RBAC) -> any_pb2.Any:
+    return pack(rbac_pb2.RBACPerRoute(rbac=rbac_pb2.RBAC(rules=rules, rules_stat_prefix=_STAT[name])))
 
 
 def _outbound_manager(node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter], destination: str) -> hcm.HttpConnectionManager:
@@ -182,14 +234,20 @@ def build_outbound_listener(
 
 
 def build_inbound_routes(
-    node: NodeInfo, filters_off: Sequence[str] = (), health_token: str = "", health_skips: Sequence[str] = ()
+    node: NodeInfo,
+    filters_off: Sequence[str] = (),
+    health_token: str = "",
+    health_skips: Sequence[str] = (),
+    authz: InboundAuthz | None = None,
 ) -> route_pb2.RouteConfiguration:
     """The inbound listener's routes: everything to the app. They come by RDS (scoped to the node)
     rather than inside the listener so that ``filters_off`` (HTTP filters the node's inbound requests
     skip, the governance filter while no limit applies to its service) can change without a listener
     update, which would drain the app's connections. With a ``health_token``, requests carrying it in
     ``x-mesh-health-check`` (the node's own health checks) take a first route that switches off every
-    filter in ``health_skips`` and drops the header before the app sees it."""
+    filter in ``health_skips`` and drops the header before the app sees it. ``authz``: the RBAC
+    rules of the AuthorizationPolicies in force, on the virtual host for the inbound RBAC filters
+    (the health route skips them: an ALLOW policy must not fail the node's own checks)."""
     route = route_pb2.RouteConfiguration(name=INBOUND_ROUTE)
     vh = route.virtual_hosts.add(name="inbound", domains=["*"])
     action = rc.RouteAction(cluster=inbound_cluster_name(node.app_port))
@@ -202,23 +260,100 @@ def build_inbound_routes(
         h.request_headers_to_remove.append(HEALTH_HEADER)
         for name in health_skips:
             h.typed_per_filter_config[name].CopyFrom(pack(rc.FilterConfig(disabled=True)))
+        if authz is not None and (authz.deny is not None or authz.allow is not None):
+            for name in (AUTHZ_DENY, AUTHZ_ALLOW):
+                h.typed_per_filter_config[name].CopyFrom(pack(rc.FilterConfig(disabled=True)))
     r = vh.routes.add(name="inbound")
     r.match.prefix = "/"
     r.route.CopyFrom(action)
     for name in filters_off:
         vh.typed_per_filter_config[name].CopyFrom(pack(rc.FilterConfig(disabled=True)))
+    if authz is not None:
+        if authz.deny is not None:
+            vh.typed_per_filter_config[AUTHZ_DENY].CopyFrom(_rbac_per_route(AUTHZ_DENY, authz.deny))
+        if authz.allow is not None:
+            vh.typed_per_filter_config[AUTHZ_ALLOW].CopyFrom(_rbac_per_route(AUTHZ_ALLOW, authz.allow))
     return route
 
 
-def _inbound_manager(node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter], strip: bool) -> hcm.HttpConnectionManager:
-    filters = [_strip_caller()] if strip else []
+def build_inbound_local_routes(
+    node: NodeInfo, health_token: str = "", health_skips: Sequence[str] = ()
+) -> route_pb2.RouteConfiguration:
+    """STRICT mode's plaintext routes from the node itself: its health checks (by their token) reach
+    the app past every optional filter; everything else is refused with 403 (plaintext callers are
+    not admitted in STRICT mode, the node's own processes included)."""
+    route = route_pb2.RouteConfiguration(name=INBOUND_LOCAL_ROUTE)
+    vh = route.virtual_hosts.add(name="inbound-local", domains=["*"])
+    if health_token:
+        action = rc.RouteAction(cluster=inbound_cluster_name(node.app_port))
+        action.timeout.SetInParent()
+        h = vh.routes.add(name="health")
+        h.match.prefix = "/"
+        h.match.headers.add(name=HEALTH_HEADER).string_match.exact = health_token
+        h.route.CopyFrom(action)
+        h.request_headers_to_remove.append(HEALTH_HEADER)
+        for name in (*health_skips, AUTHZ_DENY, AUTHZ_ALLOW):
+            h.typed_per_filter_config[name].CopyFrom(pack(rc.FilterConfig(disabled=True)))
+    r = vh.routes.add(name="strict")
+    r.match.prefix = "/"
+    r.direct_response.status = 403
+    r.direct_response.body.inline_string = "meshpilot: this service accepts mutual TLS only (mtls mode STRICT)\n"
+    return route
+
+
+def _inbound_manager(
+    node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter], strip: bool, *, peer: bool = False, route: str = INBOUND_ROUTE
+) -> hcm.HttpConnectionManager:
+    """``strip``: drop the caller header; ``peer``: set it from the peer certificate (TLS chains)."""
+    filters = [_peer_caller()] if peer else [_strip_caller()] if strip else []
     return hcm.HttpConnectionManager(
         stat_prefix="inbound",
         codec_type=hcm.HttpConnectionManager.AUTO,
-        rds=hcm.Rds(config_source=ads_source(), route_config_name=INBOUND_ROUTE),
-        http_filters=[*filters, *extra_filters, _router()],
-        access_log=[access_log("inbound", {"source_service": f"%REQ({CALLER_HEADER})%", "destination_service": node.service_key})],
+        rds=hcm.Rds(config_source=ads_source(), route_config_name=route),
+        http_filters=[*filters, *_rbac_filters(), *extra_filters, _router()],
+        access_log=[access_log("inbound", {
+            "source_service": f"%REQ({CALLER_HEADER})%", "destination_service": node.service_key,
+            "source_principal": "%DOWNSTREAM_PEER_URI_SAN%", "destination_principal": "%DOWNSTREAM_LOCAL_URI_SAN%",
+            "details": "%RESPONSE_CODE_DETAILS%",
+        })],
     )
+
+
+def _tls_chain(chain: listener_components_pb2.FilterChain) -> listener_components_pb2.FilterChain:
+    chain.filter_chain_match.transport_protocol = "tls"
+    chain.transport_socket.CopyFrom(tls_socket(downstream_tls()))
+    return chain
+
+
+def _inbound_tcp(node: NodeInfo, direction_fields: dict[str, str]) -> tcp_proxy_pb2.TcpProxy:
+    return tcp_proxy_pb2.TcpProxy(
+        stat_prefix="inbound_tcp", cluster=inbound_cluster_name(node.app_port),
+        access_log=[access_log("inbound", {"destination_service": node.service_key, **direction_fields})],
+    )
+
+
+def _mtls_listener(listener: listener_pb2.Listener, node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter],
+                   protocol: str, mode: str) -> listener_pb2.Listener:
+    """PERMISSIVE: TLS (caller from the certificate) or plaintext (caller stripped). STRICT: TLS,
+    and plaintext only from the node itself (its health checks)."""
+    listener.listener_filters.append(listener_components_pb2.ListenerFilter(
+        name="envoy.filters.listener.tls_inspector", typed_config=pack(tls_inspector_pb2.TlsInspector())))
+    if protocol == "tcp":
+        tls_manager: Message = _inbound_tcp(node, {"source_service": "-", "source_principal": "%DOWNSTREAM_PEER_URI_SAN%"})
+        plain_manager: Message = _inbound_tcp(node, {"source_service": "-", "source_principal": "-"})
+        local_manager: Message = plain_manager
+    else:
+        tls_manager = _inbound_manager(node, extra_filters, strip=False, peer=True)
+        plain_manager = _inbound_manager(node, extra_filters, strip=True)
+        local_manager = _inbound_manager(node, extra_filters, strip=True, route=INBOUND_LOCAL_ROUTE)
+    listener.filter_chains.append(_tls_chain(_chain(tls_manager, "mtls")))
+    if mode == STRICT:
+        local = _chain(local_manager, "local")
+        local.filter_chain_match.source_type = listener_components_pb2.FilterChainMatch.SAME_IP_OR_LOOPBACK
+        listener.filter_chains.append(local)
+    else:
+        listener.default_filter_chain.CopyFrom(_chain(plain_manager, "plaintext"))
+    return listener
 
 
 def build_inbound_listener(
@@ -226,18 +361,20 @@ def build_inbound_listener(
     extra_filters: Sequence[hcm.HttpFilter] = (),
     trusted_peers: Sequence[str] | None = None,
     protocol: str = "http",
+    mtls: str = DISABLE,
 ) -> listener_pb2.Listener:
     """The listener in front of the app. ``trusted_peers``: addresses of registered sidecars, whose
     ``x-mesh-caller`` is kept; every other peer's is stripped. None keeps it from everyone.
-    A ``tcp`` app gets a plain TCP proxy (no HTTP filters, no caller header)."""
+    A ``tcp`` app gets a plain TCP proxy (no HTTP filters, no caller header). ``mtls``: the
+    service's mode, for a node with an identity (the caller decides; DISABLE is the rule above)."""
+    if mtls not in MODES:
+        raise ValueError(f"mtls mode must be one of {', '.join(MODES)}, got {mtls!r}")
     listener = listener_pb2.Listener(name=INBOUND, address=_address(node.bind_address, node.inbound_port))
     listener.traffic_direction = base_pb2.INBOUND  # drained first on graceful offline
+    if mtls != DISABLE:
+        return _mtls_listener(listener, node, extra_filters, protocol, mtls)
     if protocol == "tcp":
-        proxy = tcp_proxy_pb2.TcpProxy(
-            stat_prefix="inbound_tcp", cluster=inbound_cluster_name(node.app_port),
-            access_log=[access_log("inbound", {"source_service": "-", "destination_service": node.service_key})],
-        )
-        listener.filter_chains.append(_chain(proxy, "tcp"))
+        listener.filter_chains.append(_chain(_inbound_tcp(node, {"source_service": "-"}), "tcp"))
         return listener
     if trusted_peers is None:
         listener.filter_chains.append(_chain(_inbound_manager(node, extra_filters, strip=False)))
