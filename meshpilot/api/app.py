@@ -2,19 +2,21 @@
 
 Every body is validated before anything is stored; a rejected request answers 4xx with
 ``{"error": ..., "fields": [{"field", "reason"}]}`` naming each offending field, and leaves the
-registry as it was. When a token is configured, every write needs ``Authorization: Bearer <token>``.
-A front door like the Consul and Eureka ones: it is given the registry, the xDS server it reports
+registry as it was. When a token is configured (``settings.token``, the operator's bootstrap
+token), every request needs ``Authorization: Bearer <token>`` with a token whose scope suffices:
+read for GET and HEAD, write for the rest, admin for token and identity administration
+(``required_scope``); /healthz, /metrics and the WASM module Envoy fetches stay open. The tokens
+themselves (``/v1/access/tokens``) are kept by ``meshpilot.access``. A front door like the Consul and Eureka ones: it is given the registry, the xDS server it reports
 on and the routes other parts of the product contribute (routes.py), and keeps no state of its own.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from google.protobuf import json_format
@@ -22,14 +24,16 @@ from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from meshpilot import boundedjson, metrics
+from meshpilot.access import BOOTSTRAP_ID, AccessTokens, Scope
+from meshpilot.access.tokens import MAX_DESCRIPTION, MAX_TTL_S
 from meshpilot.model import Check, CheckStatus, Instance, Service, field_errors
-from meshpilot.api.routes import Handler, Route
+from meshpilot.api.routes import Handler, Route, RouteScope
 from meshpilot.frontdoor import bearer_token
 from meshpilot.registry import Conflict, NotFound, Registry, RegistryError
 from meshpilot.settings import Settings
 from meshpilot.xds.server import XdsServer
 
-__all__ = ["LABEL", "ApiError", "InstanceIn", "build_api", "json_body", "openapi_document"]
+__all__ = ["LABEL", "OPEN_PATHS", "ApiError", "InstanceIn", "build_api", "json_body", "openapi_document", "required_scope"]
 
 log = logging.getLogger("meshpilot.api")
 
@@ -68,6 +72,47 @@ class HealthIn(BaseModel):
 class MaintenanceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool
+
+
+class TokenIn(BaseModel):
+    """A new access token: its scope, what it is for, how long it lives (absent: until revoked)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scope: Literal["read", "write", "admin"]
+    description: str = Field(default="", max_length=MAX_DESCRIPTION)
+    ttl_s: int | None = Field(default=None, ge=1, le=MAX_TTL_S)
+
+
+# Open with authorisation on (GET and HEAD): probes ask /healthz; /metrics holds counters and
+# histograms labelled only by xDS type, stream type, method and status, nothing that names a service,
+# node or token, and Prometheus scrapes it; /v1/wasm/{name} is the filter module Envoy fetches over a
+# plain HTTP data source that carries no token (policy/governance.py), a build artefact that is the
+# same in every installation.
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/v1/wasm/{name}"})
+_READS = ("GET", "HEAD", "OPTIONS")
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def required_scope(method: str, path: str, declared: RouteScope | None = None, raw_path: str = "") -> Scope | None:
+    """The scope a request needs when authorisation is on, None for none. ``path``: the route's path
+    template (``/v1/services/{namespace}/{name}``; the request path when no route matches);
+    ``declared``: what the route declares; ``raw_path``: the request's own path. Token and identity
+    administration needs admin whatever is declared; otherwise a declaration wins, then the open
+    paths, then read for GET and HEAD and write for the rest."""
+    read = method.upper() in _READS
+    for p in (path, raw_path):
+        if _under(p, "/v1/access") or _under(p, "/v1/identity/tokens") or (not read and _under(p, "/v1/identity/roots")):
+            return Scope.admin
+    if declared == "open":
+        return None
+    if declared is not None:
+        return Scope.named(declared)
+    if read and path in OPEN_PATHS:
+        return None
+    return Scope.read if read else Scope.write
 
 
 Inject = Callable[[str, str, Message | None, str], None]  # (type URL, name, resource or None: take back, scope)
@@ -126,17 +171,46 @@ def build_api(
     debug routes put a resource into the cache by hand (the publisher's; without it, no debug routes)."""
     s = settings
     reg = registry
+    tokens = AccessTokens(reg.store, s.token)
+    declared: dict[tuple[str, str], RouteScope] = {}
+    for route in routes:
+        if route.scope is not None:
+            for method in ("GET", "HEAD") if route.method.upper() == "GET" else (route.method.upper(),):
+                declared[(method, route.path)] = route.scope
+    if s.debug_api:  # puts any resource into the cache, past every validation
+        declared.update({("POST", "/v1/debug/resources"): "admin", ("DELETE", "/v1/debug/resources"): "admin"})
+
+    def authorise(request: web.Request) -> None:
+        """Raise 401 when the request needs a token and has no valid one, 403 when its scope is too low."""
+        if not tokens.enabled:
+            return
+        resource = request.match_info.route.resource
+        path = resource.canonical if resource is not None else request.path
+        need = required_scope(request.method, path, declared.get((request.method, path)), request.path)
+        if need is None:
+            return
+        what = f"{request.method} {path}"
+        secret = bearer_token(request)
+        if secret is None:
+            enough = need.name if need is Scope.admin else f"{need.name} or higher"
+            raise ApiError(401, f"authorization: {what} needs a token with scope {enough} (Authorization: Bearer <token>)",
+                           [{"field": "Authorization", "reason": f"missing; scope {need.name} needed"}])
+        got = tokens.check(secret)
+        if got is None:
+            raise ApiError(401, f"authorization: the token is not valid (unknown, revoked or expired); {what} needs scope {need.name}",
+                           [{"field": "Authorization", "reason": "not a valid token"}])
+        if got < need:
+            raise ApiError(403, f"authorization: this token has scope {got.name}; {what} needs scope {need.name}",
+                           [{"field": "Authorization", "reason": f"scope {got.name} is below {need.name}"}])
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            if request.method not in ("GET", "HEAD", "OPTIONS") and s.token:
-                got = bearer_token(request)
-                if got is None or not hmac.compare_digest(got.encode(), s.token.encode()):
-                    raise ApiError(401, "authorization: a valid bearer token is required for writes")
+            authorise(request)
             resp = await handler(request)
         except ApiError as exc:
-            resp = web.json_response({"error": exc.error, "fields": exc.fields}, status=exc.status)
+            challenge = {"WWW-Authenticate": 'Bearer realm="meshpilot"'} if exc.status == 401 else None
+            resp = web.json_response({"error": exc.error, "fields": exc.fields}, status=exc.status, headers=challenge)
         except RegistryError as exc:
             e = _registry_error(exc)
             resp = web.json_response({"error": e.error, "fields": e.fields}, status=e.status)
@@ -266,6 +340,27 @@ def build_api(
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "ports": dict(ports or {})})
 
+    async def create_token(request: web.Request) -> web.Response:
+        body = _validate(TokenIn, await json_body(request))
+        issued = tokens.create(Scope.named(body.scope), body.description, body.ttl_s)
+        log.info("event=access_token_created id=%s scope=%s", issued.token.id, body.scope)
+        return web.json_response({**issued.token.public(tokens.now()), "secret": issued.secret}, status=201)
+
+    async def list_tokens(request: web.Request) -> web.Response:
+        now = tokens.now()
+        return web.json_response([t.public(now) for t in tokens.list()])
+
+    async def revoke_token(request: web.Request) -> web.Response:
+        token_id = request.match_info["id"]
+        if token_id == BOOTSTRAP_ID:
+            raise ApiError(400, "id: the bootstrap token lives in the settings (token, token_file); change it there",
+                           [{"field": "id", "reason": "the bootstrap token cannot be revoked here"}])
+        token = tokens.revoke(token_id)
+        if token is None:
+            raise ApiError(404, f"id: no access token {token_id!r}", [{"field": "id", "reason": "not found"}])
+        log.info("event=access_token_revoked id=%s scope=%s", token.id, token.scope.name)
+        return web.json_response(token.public(tokens.now()))
+
     async def inject(request: web.Request) -> web.Response:
         body = _validate(InjectIn, await json_body(request))
         msg = _message_for(body.type_url)
@@ -300,6 +395,9 @@ def build_api(
     r.add_put("/v1/instances/{id}/health", set_health)
     r.add_put("/v1/instances/{id}/maintenance", set_maintenance)
     r.add_get("/v1/proxies", proxies)
+    r.add_post("/v1/access/tokens", create_token)
+    r.add_get("/v1/access/tokens", list_tokens)
+    r.add_delete("/v1/access/tokens/{id}", revoke_token)
     if s.debug_api and put_by_hand is not None:
         r.add_post("/v1/debug/resources", inject)
         r.add_delete("/v1/debug/resources", uninject)
@@ -337,7 +435,8 @@ UNIQUE_PORTS = "port names and port numbers are unique"
 
 def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[str, Any]:
     """The management API as OpenAPI 3.1: every route with its path and query parameters, its
-    bodies and every status it answers (``token``: writes need the bearer token); ``routes``: the
+    bodies, every status it answers and the token scope it needs (``x-meshpilot-scope``; ``token``:
+    authorisation is on, so every operation but the open ones needs a bearer token); ``routes``: the
     routes it was given besides its own."""
     schemas: dict[str, Any] = {}
 
@@ -364,7 +463,8 @@ def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[
         },
     }
     err = {"$ref": "#/components/schemas/Error"}
-    reasons = {"400": "invalid request (the fields name what)", "401": "a write without the bearer token",
+    reasons = {"400": "invalid request (the fields name what)", "401": "no valid bearer token (missing, unknown, revoked or expired)",
+               "403": "the token's scope is below what the operation needs",
                "404": "no such resource", "409": "conflicts with what is stored", "413": "body too large"}
     labelled = ("/v1/services/", "/v1/policies/")  # services and policies are named by DNS labels
 
@@ -377,16 +477,20 @@ def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[
         return body
 
     def op(method: str, path: str, summary: str, body: type[BaseModel] | dict[str, Any] | None = None,
-           out: dict[str, Any] | None = None, query: tuple[str, ...] = (), codes: tuple[str, ...] | None = None) -> dict[str, Any]:
+           out: dict[str, Any] | None = None, query: tuple[str, ...] = (), codes: tuple[str, ...] | None = None,
+           declared: RouteScope | None = None) -> dict[str, Any]:
         write = method not in ("get", "head")
+        need = required_scope(method, path, declared)
         ok: dict[str, Any] = {"description": "OK"}
         if out is not None:
             ok["content"] = json_content(out)
         if codes is None:  # creates answer 201, create-or-replace 200 or 201
             codes = {"post": ("201",), "put": ("200", "201")}.get(method, ("200",))
         errors = ["400"] if write or query else []
-        if write and token:
+        if token and need is not None:
             errors.append("401")
+            if need > Scope.read:
+                errors.append("403")
         if _PATH_PARAM.search(path):
             errors.append("404")
         if write:
@@ -395,6 +499,7 @@ def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[
             errors.append("413")
         o: dict[str, Any] = {
             "summary": summary,
+            "x-meshpilot-scope": "open" if need is None else need.name,
             "responses": {**{c: ok for c in codes}, **{c: {"description": reasons[c], "content": json_content(err)} for c in errors}},
         }
         params = [{"name": n, "in": "path", "required": True,
@@ -405,7 +510,7 @@ def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[
             o["parameters"] = params
         if body is not None:
             o["requestBody"] = {"required": True, "content": json_content(body_schema(body))}
-        if write and token:
+        if token and need is not None:
             o["security"] = [{"bearer": []}]
         return o
 
@@ -440,6 +545,17 @@ def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[
     inst = {"$ref": "#/components/schemas/InstanceOut"}
     schemas["ServiceOut"]["properties"]["instances"] = {"type": "array", "items": inst}  # only when one service is read
     one = ("200",)
+    schemas["AccessToken"] = {
+        "type": "object", "required": ["id", "scope", "description", "created", "expires", "expired"],
+        "properties": {"id": {"type": "string"}, "scope": {"enum": ["read", "write", "admin"]}, "description": {"type": "string"},
+                       "created": {"type": "number", "description": "unix time"},
+                       "expires": {"type": ["number", "null"], "description": "unix time; null: until revoked"}, "expired": {"type": "boolean"}},
+    }
+    schemas["AccessTokenCreated"] = {
+        "allOf": [{"$ref": "#/components/schemas/AccessToken"},
+                  {"type": "object", "required": ["secret"], "properties": {"secret": {"type": "string", "description": "shown this once"}}}],
+    }
+    access_token = {"$ref": "#/components/schemas/AccessToken"}
     own: list[tuple[str, str, str, type[BaseModel] | dict[str, Any] | None, dict[str, Any], tuple[str, ...], tuple[str, ...] | None]] = [
         ("get", "/v1/services", "List services", None, {"type": "array", "items": svc}, ("namespace",), None),
         ("post", "/v1/services", "Create a service (its virtual IP is allocated)", service_in, svc, (), None),
@@ -455,22 +571,27 @@ def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[
         ("put", "/v1/instances/{id}/maintenance", "Enter or leave maintenance", MaintenanceIn, inst, (), one),
         ("get", "/v1/proxies", "Connected Envoys: streams, subscriptions, ACKed versions, last NACK", None,
          {"type": "array", "items": {"type": "object"}}, (), None),
+        ("post", "/v1/access/tokens", "Create an access token (its secret is shown this once)", TokenIn,
+         {"$ref": "#/components/schemas/AccessTokenCreated"}, (), None),
+        ("get", "/v1/access/tokens", "List access tokens (never their secrets)", None, {"type": "array", "items": access_token}, (), None),
+        ("delete", "/v1/access/tokens/{id}", "Revoke an access token: refused from the next request on", None, access_token, (), None),
     ]
     paths: dict[str, Any] = {}
     for method, path, summary, body, out, query, codes in own:
         paths.setdefault(path, {})[method] = op(method, path, summary, body, out, query, codes)
-    paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}}
+    paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "x-meshpilot-scope": "open",
+                                 "responses": {"200": {"description": "text exposition format"}}}}
     # a path with a body per value of its first parameter is documented once per value, all its methods
     per_value = {route.path: list(route.body) for route in routes if isinstance(route.body, dict)}
     for route in routes:
         m = route.method.lower()
         if route.path not in per_value:
-            paths.setdefault(route.path, {})[m] = op(m, route.path, route.summary, route.body)
+            paths.setdefault(route.path, {})[m] = op(m, route.path, route.summary, route.body, declared=route.scope)
             continue
         for value in per_value[route.path]:
             concrete = _PATH_PARAM.sub(value, route.path, count=1)
             per = route.body.get(value) if isinstance(route.body, dict) else route.body
-            paths.setdefault(concrete, {})[m] = op(m, concrete, f"{route.summary} ({value})", per)
+            paths.setdefault(concrete, {})[m] = op(m, concrete, f"{route.summary} ({value})", per, declared=route.scope)
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "meshpilot management API", "version": "1"},

@@ -112,3 +112,172 @@ def test_check_compares_digests_in_constant_time(monkeypatch: pytest.MonkeyPatch
     assert (tokens_module.digest(issued.secret), stored) in seen, f"expected the stored digest compared, got {seen}"
     for a, b in seen:
         assert len(a) == len(b) == 64 and issued.secret not in (a, b) and "boot" not in (a, b), f"compared more than digests: {a!r} {b!r}"
+
+
+# ---- the management API ---------------------------------------------------------------------
+
+WEB = {"name": "web", "ports": [{"name": "http", "port": 80}]}
+BOOT = "boot-s3cret"
+
+
+def _bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def _api(tmp: Path, routes: tuple[Any, ...] = ()) -> tuple[Any, TestClient]:
+    from meshpilot.api.app import build_api
+    from meshpilot.controlplane import ControlPlane
+    from meshpilot.settings import Settings
+
+    cp = ControlPlane(Settings(store=f"sqlite:{tmp / 'db.sqlite'}", token=BOOT))
+    app = cp.api_app() if not routes else build_api(cp.settings, cp.registry, cp.xds, routes=list(routes))
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return cp, client
+
+
+async def _token(client: TestClient, scope: str, as_: str = BOOT, **extra: Any) -> dict[str, Any]:
+    r = await client.post("/v1/access/tokens", json={"scope": scope, **extra}, headers=_bearer(as_))
+    body = await r.json()
+    assert r.status == 201, f"creating a {scope} token: expected 201, got {r.status} {body}"
+    return dict(body)
+
+
+async def test_a_stranger_gets_401_and_no_data(tmp_path: Path) -> None:
+    cp, client = await _api(tmp_path)
+    try:
+        assert (await client.post("/v1/services", json=WEB, headers=_bearer(BOOT))).status == 201
+        for path in ("/v1/services", "/v1/services/default/web", "/v1/instances", "/v1/proxies", "/v1/policies",
+                     "/openapi.json", "/v1/access/tokens", "/v1/services/default/web/synced", "/no/such/path"):
+            for headers in ({}, _bearer("wrong"), _bearer("mpa.0011223344556677.forged")):
+                r = await client.get(path, headers=headers)
+                text = await r.text()
+                assert r.status == 401, f"GET {path} with {headers}: expected 401, got {r.status}: {text[:200]}"
+                assert "240.240." not in text and '"web"' not in text, f"GET {path}: a refused read shows data: {text[:200]}"
+                assert r.headers.get("WWW-Authenticate", "").startswith("Bearer"), f"GET {path}: expected a Bearer challenge"
+                need = "scope admin" if path.startswith("/v1/access/") else "scope read"
+                assert need in (await r.json())["error"], f"GET {path}: expected the message to name {need}, got {text}"
+        for path in ("/healthz", "/metrics"):
+            r = await client.get(path)
+            assert r.status == 200, f"GET {path} stays open for probes and scrapers, got {r.status}"
+        r = await client.get("/v1/wasm/mesh.wasm")  # Envoy fetches it without a token
+        assert r.status in (200, 404) and r.status != 401, f"the filter module must stay open to Envoy, got {r.status}"
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+async def test_read_token_cannot_write_and_write_token_cannot_administer(tmp_path: Path) -> None:
+    cp, client = await _api(tmp_path)
+    try:
+        reader = (await _token(client, "read", description="dashboards"))["secret"]
+        writer = (await _token(client, "write"))["secret"]
+        r = await client.get("/v1/services", headers=_bearer(reader))
+        assert r.status == 200, f"a read token reads, got {r.status}"
+        r = await client.post("/v1/services", json=WEB, headers=_bearer(reader))
+        body = await r.json()
+        assert r.status == 403 and "scope read" in body["error"] and "needs scope write" in body["error"], f"expected 403 naming both scopes, got {r.status} {body}"
+        assert cp.registry.services() == [], "a refused write stored something"
+        r = await client.post("/v1/services", json=WEB, headers=_bearer(writer))
+        assert r.status == 201, f"a write token writes, got {r.status} {await r.text()}"
+        r = await client.delete("/v1/services/default/web", headers=_bearer(reader))
+        assert r.status == 403 and cp.registry.service("web.default") is not None
+        for method, path, body in (("POST", "/v1/access/tokens", {"scope": "read"}), ("GET", "/v1/access/tokens", None),
+                                   ("DELETE", "/v1/access/tokens/0011223344556677", None)):
+            r = await client.request(method, path, json=body, headers=_bearer(writer))
+            assert r.status == 403, f"{method} {path} with a write token: expected 403, got {r.status} {await r.text()}"
+            assert "needs scope admin" in (await r.json())["error"]
+        r = await client.post("/v1/access/tokens", json={"scope": "admin"}, headers=_bearer(reader))
+        assert r.status == 403, f"a read token must not mint an admin token, got {r.status}"
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+async def test_admin_creates_lists_and_revokes_and_a_revoked_token_is_refused_at_once(tmp_path: Path) -> None:
+    cp, client = await _api(tmp_path)
+    try:
+        admin = await _token(client, "admin", description="ops")
+        made = await _token(client, "write", as_=admin["secret"], description="ci", ttl_s=600)
+        assert made["scope"] == "write" and made["description"] == "ci" and made["expires"] == pytest.approx(made["created"] + 600)
+        r = await client.get("/v1/access/tokens", headers=_bearer(admin["secret"]))
+        listed = await r.json()
+        assert [t["id"] for t in listed] == [admin["id"], made["id"]], f"expected both tokens listed, got {listed}"
+        text = json.dumps(listed)
+        assert "secret" not in text and "digest" not in text and made["secret"] not in text, f"a listing shows secrets: {text}"
+        assert (await client.get("/v1/services", headers=_bearer(made["secret"]))).status == 200
+        r = await client.delete(f"/v1/access/tokens/{made['id']}", headers=_bearer(admin["secret"]))
+        assert r.status == 200 and (await r.json())["id"] == made["id"], f"revoking: got {r.status} {await r.text()}"
+        r = await client.get("/v1/services", headers=_bearer(made["secret"]))
+        assert r.status == 401, f"a revoked token must be refused at once, got {r.status}"
+        r = await client.delete(f"/v1/access/tokens/{made['id']}", headers=_bearer(admin["secret"]))
+        assert r.status == 404, f"revoking twice: expected 404, got {r.status}"
+        r = await client.delete("/v1/access/tokens/bootstrap", headers=_bearer(BOOT))
+        assert r.status == 400 and (await client.get("/v1/services", headers=_bearer(BOOT))).status == 200
+        for bad, field in (({"scope": "root"}, "scope"), ({"scope": "read", "ttl_s": 0}, "ttl_s"), ({"scope": "read", "ttl_s": "60"}, "ttl_s"),
+                           ({"scope": "read", "colour": 1}, "colour"), ({"scope": "read", "description": "d" * 257}, "description")):
+            r = await client.post("/v1/access/tokens", json=bad, headers=_bearer(BOOT))
+            got = await r.json()
+            assert r.status == 400 and field in [f["field"] for f in got["fields"]], f"{bad}: expected 400 naming {field}, got {r.status} {got}"
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+async def test_a_route_declares_its_scope_and_administration_needs_admin_whatever_it_declares(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from meshpilot.api.routes import Route
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.json_response({"hello": request.path})
+
+    routes = (Route("GET", "/v1/public", hello, "open", scope="open"), Route("GET", "/v1/secret", hello, "admin read", scope="admin"),
+              Route("POST", "/v1/identity/tokens", hello, "join token", scope="write"), Route("GET", "/v1/identity/roots", hello, "bundle"),
+              Route("PUT", "/v1/identity/roots", hello, "replace roots"))
+    cp, client = await _api(tmp_path, routes)
+    try:
+        writer = (await _token(client, "write"))["secret"]
+        reader = (await _token(client, "read"))["secret"]
+        assert (await client.get("/v1/public")).status == 200, "a route declared open needs no token"
+        assert (await client.get("/v1/secret", headers=_bearer(writer))).status == 403
+        assert (await client.get("/v1/secret", headers=_bearer(BOOT))).status == 200
+        assert (await client.post("/v1/identity/tokens", headers=_bearer(writer))).status == 403, "join tokens need admin"
+        assert (await client.post("/v1/identity/tokens", headers=_bearer(BOOT))).status == 200
+        assert (await client.get("/v1/identity/roots", headers=_bearer(reader))).status == 200, "reading the roots needs read"
+        assert (await client.put("/v1/identity/roots", headers=_bearer(writer))).status == 403, "writing the roots needs admin"
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+async def test_without_a_bootstrap_token_every_request_stays_open(tmp_path: Path) -> None:
+    from meshpilot.controlplane import ControlPlane
+    from meshpilot.settings import Settings
+
+    cp = ControlPlane(Settings(store=f"sqlite:{tmp_path / 'db.sqlite'}"))
+    client = TestClient(TestServer(cp.api_app()))
+    await client.start_server()
+    try:
+        assert (await client.post("/v1/services", json=WEB)).status == 201
+        assert (await client.get("/v1/services")).status == 200
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+def test_openapi_document_says_what_each_operation_needs() -> None:
+    from meshpilot.api.app import openapi_document
+
+    doc = openapi_document(token=True)
+    reads = doc["paths"]["/v1/services"]["get"]
+    assert reads["security"] == [{"bearer": []}] and "401" in reads["responses"] and reads["x-meshpilot-scope"] == "read"
+    writes = doc["paths"]["/v1/services"]["post"]
+    assert writes["x-meshpilot-scope"] == "write" and {"401", "403"} <= set(writes["responses"])
+    admin = doc["paths"]["/v1/access/tokens"]["post"]
+    assert admin["x-meshpilot-scope"] == "admin" and "403" in admin["responses"]
+    metrics_op = doc["paths"]["/metrics"]["get"]
+    assert "security" not in metrics_op and metrics_op["x-meshpilot-scope"] == "open"
+    assert doc["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    off = openapi_document(token=False)
+    assert "security" not in off["paths"]["/v1/services"]["get"] and "401" not in off["paths"]["/v1/services"]["post"]["responses"]

@@ -101,7 +101,7 @@ async def test_unknown_service_and_instance_are_404(tmp_path: Path) -> None:
         cp.registry.store.close()
 
 
-async def test_token_protects_writes_only(tmp_path: Path) -> None:
+async def test_token_protects_writes_and_reads(tmp_path: Path) -> None:
     cp, client = await _client(tmp_path, token="s3cret")
     try:
         r = await client.post("/v1/services", json=WEB)
@@ -111,7 +111,9 @@ async def test_token_protects_writes_only(tmp_path: Path) -> None:
         assert cp.registry.services() == []
         r = await client.post("/v1/services", json=WEB, headers={"Authorization": "Bearer s3cret"})
         assert r.status == 201
-        assert (await client.get("/v1/services")).status == 200
+        r = await client.get("/v1/services")
+        assert r.status == 401 and "web" not in await r.text(), f"a read without a token: expected 401 and no data, got {r.status}"
+        assert (await client.get("/v1/services", headers={"Authorization": "Bearer s3cret"})).status == 200
     finally:
         await client.close()
         cp.registry.store.close()
