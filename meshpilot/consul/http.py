@@ -2,19 +2,24 @@
 
 Handlers only move data between HTTP and ``ConsulAgent``: they read the caller's address (its
 synthetic node), parse parameters, and answer the way Consul does (JSON with ``X-Consul-Index``
-on reads, plain-text errors with Consul's status codes). When a token is configured it is required
-on every endpoint but ``/v1/status``, from ``X-Consul-Token``, ``?token=`` or a bearer header.
+on reads, plain-text errors with Consul's status codes). When authorisation is on (the operator's
+bootstrap token is set) every endpoint but ``/v1/status`` needs an access token (meshpilot.access)
+from ``X-Consul-Token``, ``?token=`` or a bearer header, the way Consul's ACLs ask for one: reads
+need scope read; registrations, check updates, KV writes, transactions and sessions need write;
+``/v1/acl/*`` needs admin, but ``/v1/acl/token/self`` answers any valid token about itself. A
+missing, unknown or too weak token is a 403 in Consul's words, which Consul clients understand.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import hashlib
 import ipaddress
 import json
 import logging
 import random
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -22,6 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from meshpilot import boundedjson
+from meshpilot.access import AccessToken, AccessTokens, Scope
 from meshpilot.consul.agent import VERSION, Answer, ConsulAgent
 from meshpilot.consul.definitions import ConsulError, ServiceDef, parse_catalog_registration, parse_duration, parse_service
 from meshpilot.frontdoor import bearer_token
@@ -77,7 +83,52 @@ def _text(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message if message.endswith("\n") else message + "\n", content_type="text/plain")
 
 
-def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Application:
+ANONYMOUS_ACCESSOR = "00000000-0000-0000-0000-000000000002"  # Consul's anonymous token
+_TOKEN_SELF = "/v1/acl/token/self"
+_READS = ("GET", "HEAD")
+
+
+def _resource(path: str) -> str:
+    """The Consul ACL resource a path acts on, as its permission errors name it."""
+    for prefix, resource in (("/v1/acl/", "acl"), ("/v1/kv/", "key"), ("/v1/txn", "key"), ("/v1/session/", "session"),
+                             ("/v1/agent/self", "agent"), ("/v1/agent/members", "node"), ("/v1/catalog/node", "node"),
+                             ("/v1/health/node/", "node")):
+        if path.startswith(prefix):
+            return resource
+    return "service"
+
+
+def consul_scope(method: str, path: str) -> Scope | None:
+    """The scope a request on the Consul port needs when authorisation is on (None: open)."""
+    if path.startswith("/v1/status/"):
+        return None
+    if path.startswith("/v1/acl/"):
+        return Scope.read if path == _TOKEN_SELF else Scope.admin
+    return Scope.read if method.upper() in _READS else Scope.write
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _token_json(token: AccessToken, secret: str) -> dict[str, Any]:
+    """A token as Consul's /v1/acl/token/self shows it; its policy names its scope."""
+    scope = token.scope.name
+    policy_id = f"6d657368-7069-6c6f-7400-00000000000{int(token.scope)}"  # "meshpilot" in hex, then the scope
+    body: dict[str, Any] = {
+        "AccessorID": token.id, "SecretID": secret, "Description": token.description,
+        "Policies": [{"ID": policy_id, "Name": f"meshpilot-{scope}"}], "Roles": [], "ServiceIdentities": [], "NodeIdentities": [],
+        "Local": False, "CreateTime": _rfc3339(token.created),
+        "Hash": hashlib.sha256(f"{token.id}/{scope}".encode()).hexdigest()[:44], "CreateIndex": 0, "ModifyIndex": 0,
+    }
+    if token.expires is not None:
+        body["ExpirationTime"] = _rfc3339(token.expires)
+    return body
+
+
+def build_consul_app(agent: ConsulAgent, tokens: AccessTokens | None = None) -> web.Application:
+    """The Consul-compatible app over ``agent``; ``tokens``: the access tokens it honours (None, or
+    tokens without a bootstrap token: authorisation off)."""
     headers_base = {"X-Consul-KnownLeader": "true", "X-Consul-LastContact": "0", "X-Consul-Effective-Consistency": "leader"}
 
     def json_response(data: Any, index: int | None = None, status: int = 200) -> web.Response:
@@ -90,16 +141,30 @@ def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Applic
         h = {**headers_base, "X-Consul-Index": str(ans.index)}
         return web.Response(status=status, body=ans.body, headers=h, content_type="application/json")
 
+    def secret_of(request: web.Request) -> str:
+        return request.headers.get("X-Consul-Token") or request.query.get("token") or bearer_token(request) or ""
+
+    def authorise(request: web.Request) -> None:
+        """Raise Consul's 403 when the request needs a token and has none that suffices."""
+        if tokens is None or not tokens.enabled:
+            return
+        need = consul_scope(request.method, request.path)
+        if need is None:
+            return
+        permission = f"{_resource(request.path)}:{'read' if need is Scope.read else 'write'}"
+        secret = secret_of(request)
+        if not secret:
+            raise ConsulError(403, f"Permission denied: anonymous token lacks permission '{permission}'")
+        token = tokens.lookup(secret)
+        if token is None:
+            raise ConsulError(403, "ACL not found")
+        if token.scope < need:
+            raise ConsulError(403, f"Permission denied: token with AccessorID '{token.id}' lacks permission '{permission}'")
+
     @web.middleware
     async def consul_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            if token and not request.path.startswith("/v1/status/"):
-                got = request.headers.get("X-Consul-Token") or request.query.get("token") or ""
-                got = got or bearer_token(request) or ""
-                if not got:
-                    raise ConsulError(403, "Permission denied: token with AccessorID '00000000-0000-0000-0000-000000000002' lacks permission")
-                if not hmac.compare_digest(got.encode(), token.encode()):
-                    raise ConsulError(403, "ACL not found")
+            authorise(request)
             dc = request.query.get("dc")
             if dc and dc != agent.datacenter:
                 raise ConsulError(500, "No path to datacenter")
@@ -273,6 +338,15 @@ def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Applic
     async def catalog_datacenters(request: web.Request) -> web.Response:
         return json_response([agent.datacenter])
 
+    async def token_self(request: web.Request) -> web.Response:
+        if tokens is None or not tokens.enabled:
+            raise ConsulError(401, "ACL support disabled")
+        secret = secret_of(request)
+        token = tokens.lookup(secret)
+        if token is None:  # authorise let it through, so it was revoked in between
+            raise ConsulError(403, "ACL not found")
+        return json_response(_token_json(token, secret))
+
     async def status_leader(request: web.Request) -> web.Response:
         return json_response("127.0.0.1:8300")
 
@@ -391,6 +465,7 @@ def build_consul_app(agent: ConsulAgent, token: str | None = None) -> web.Applic
     r.add_get("/v1/catalog/nodes", catalog_nodes)
     r.add_get("/v1/catalog/node/{node}", catalog_node)
     r.add_get("/v1/catalog/datacenters", catalog_datacenters)
+    r.add_get(_TOKEN_SELF, token_self)
     r.add_get("/v1/status/leader", status_leader)
     r.add_get("/v1/status/peers", status_peers)
     r.add_get("/v1/kv/{key:.*}", kv_get)

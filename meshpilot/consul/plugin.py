@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from meshpilot.access import AccessTokens
 from meshpilot.consul.agent import ConsulAgent
 from meshpilot.consul.checker import run_checks
 from meshpilot.consul.http import build_consul_app
@@ -18,10 +19,10 @@ def install(core: Core) -> Part:
     if port is None:
         return Part()
     agent = ConsulAgent(core.registry)
-    token = core.settings.token
+    tokens = AccessTokens(core.registry.store, core.settings.token)  # the management API's tokens, from the same store
 
     def factory() -> web.Application:
-        return build_consul_app(agent, token)
+        return build_consul_app(agent, tokens)
 
     async def consul_checks() -> None:
         await run_checks(agent)

@@ -281,3 +281,83 @@ def test_openapi_document_says_what_each_operation_needs() -> None:
     assert doc["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
     off = openapi_document(token=False)
     assert "security" not in off["paths"]["/v1/services"]["get"] and "401" not in off["paths"]["/v1/services"]["post"]["responses"]
+
+
+# ---- the Consul-compatible API ----------------------------------------------------------------
+
+
+async def _consul(tokens_on: bool = True) -> tuple[AccessTokens, TestClient]:
+    from meshpilot.consul.agent import ConsulAgent
+    from meshpilot.consul.http import build_consul_app
+    from meshpilot.registry import Registry
+
+    store = MemoryStore()
+    tokens = AccessTokens(store, BOOT if tokens_on else None)
+    client = TestClient(TestServer(build_consul_app(ConsulAgent(Registry(store)), tokens)))
+    await client.start_server()
+    return tokens, client
+
+
+REGISTER = {"Name": "web", "ID": "web-1", "Port": 8080}
+
+
+async def test_consul_read_token_reads_but_cannot_register() -> None:
+    tokens, client = await _consul()
+    try:
+        reader = tokens.create(Scope.read, "sdk").secret
+        writer = tokens.create(Scope.write).secret
+        r = await client.put("/v1/agent/service/register", json=REGISTER, headers={"X-Consul-Token": reader})
+        text = await r.text()
+        assert r.status == 403 and "Permission denied" in text and "service:write" in text, f"expected Consul's 403, got {r.status} {text!r}"
+        r = await client.get("/v1/catalog/services", headers={"X-Consul-Token": reader})
+        assert r.status == 200 and "web" not in await r.json(), "a refused registration registered"
+        for how in ({"headers": {"X-Consul-Token": writer}}, {"params": {"token": writer}}, {"headers": _bearer(writer)}):
+            r = await client.put("/v1/agent/service/register", json=REGISTER, **how)
+            assert r.status == 200, f"a write token ({how}) registers, got {r.status} {await r.text()}"
+        r = await client.get("/v1/catalog/services", params={"token": reader})
+        assert r.status == 200 and "web" in await r.json(), "a read token reads the catalog"
+        for method, path in (("PUT", "/v1/kv/a"), ("PUT", "/v1/session/create"), ("DELETE", "/v1/kv/a")):
+            r = await client.request(method, path, headers={"X-Consul-Token": reader})
+            assert r.status == 403, f"{method} {path} with a read token: expected 403, got {r.status}"
+        assert (await client.put("/v1/kv/a", data=b"1", headers={"X-Consul-Token": writer})).status == 200
+        assert (await client.get("/v1/kv/a", headers={"X-Consul-Token": reader})).status == 200
+        r = await client.get("/v1/catalog/services")
+        assert r.status == 403 and "anonymous" in await r.text(), f"no token: expected Consul's anonymous 403, got {r.status}"
+        r = await client.get("/v1/catalog/services", headers={"X-Consul-Token": "nope"})
+        assert r.status == 403 and "ACL not found" in await r.text()
+        assert (await client.get("/v1/status/leader")).status == 200, "status stays open"
+    finally:
+        await client.close()
+
+
+async def test_consul_token_self_describes_the_caller_and_acl_needs_admin() -> None:
+    tokens, client = await _consul()
+    try:
+        issued = tokens.create(Scope.read, "billing app", ttl_s=3600)
+        r = await client.get("/v1/acl/token/self", headers={"X-Consul-Token": issued.secret})
+        body = await r.json()
+        assert r.status == 200, f"expected 200, got {r.status} {body}"
+        assert body["AccessorID"] == issued.token.id and body["Description"] == "billing app" and body["SecretID"] == issued.secret
+        assert [p["Name"] for p in body["Policies"]] == ["meshpilot-read"], f"expected the policy to name the scope, got {body['Policies']}"
+        assert "ExpirationTime" in body
+        r = await client.get("/v1/acl/token/self", headers={"X-Consul-Token": BOOT})
+        assert [p["Name"] for p in (await r.json())["Policies"]] == ["meshpilot-admin"]
+        r = await client.get("/v1/acl/token/self")
+        assert r.status == 403, f"token/self without a token: expected 403, got {r.status}"
+        r = await client.get("/v1/acl/tokens", headers={"X-Consul-Token": tokens.create(Scope.write).secret})
+        assert r.status == 403 and "acl:write" in await r.text(), "the rest of /v1/acl needs admin"
+        tokens.revoke(issued.token.id)
+        r = await client.get("/v1/acl/token/self", headers={"X-Consul-Token": issued.secret})
+        assert r.status == 403 and "ACL not found" in await r.text(), "a revoked token is refused at once"
+    finally:
+        await client.close()
+
+
+async def test_consul_without_a_bootstrap_token_is_open_and_has_no_acls() -> None:
+    _tokens, client = await _consul(tokens_on=False)
+    try:
+        assert (await client.put("/v1/agent/service/register", json=REGISTER)).status == 200
+        r = await client.get("/v1/acl/token/self")
+        assert r.status == 401 and "ACL support disabled" in await r.text(), f"expected Consul's answer with ACLs off, got {r.status}"
+    finally:
+        await client.close()
