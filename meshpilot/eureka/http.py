@@ -3,14 +3,16 @@ override, metadata, cancel, full and delta fetch, by app, instance and VIP; JSON
 
 Handlers only convert between HTTP and ``EurekaFront``. The answer is JSON when the client accepts
 JSON (Spring's and Eureka's own clients ask for it), XML otherwise or when it asks for XML. Write
-errors answer Eureka's status codes (400, 404) with a plain-text reason. When a token is configured,
-writes need ``Authorization: Bearer <token>`` (or the token as HTTP Basic password).
+errors answer Eureka's status codes (400, 404) with a plain-text reason. When authorisation is on
+(the operator's bootstrap token is set), every request needs an access token (meshpilot.access) as
+``Authorization: Bearer <token>`` or as the HTTP Basic password (Eureka clients put credentials in
+the service URL, ``http://app:<token>@host:8761/eureka``): scope read for fetches, write for
+registration, renewal, status, metadata and cancel; 401 without a valid token, 403 when it is too weak.
 """
 
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from meshpilot import boundedjson
+from meshpilot.access import AccessTokens, Scope
 from meshpilot.eureka.codec import STATUSES, EurekaError, from_xml, parse_instance, to_xml
 from meshpilot.eureka.front import EurekaFront
 from meshpilot.frontdoor import bearer_token
@@ -34,21 +37,36 @@ def _wants_xml(request: web.Request) -> bool:
     return "xml" in accept
 
 
-def _authorized(request: web.Request, token: str) -> bool:
+def _secret(request: web.Request) -> str | None:
+    """The caller's token: a bearer token, else the password of HTTP Basic credentials."""
     bearer = bearer_token(request)
     if bearer is not None:
-        return hmac.compare_digest(bearer.encode(), token.encode())
+        return bearer
     auth = request.headers.get("Authorization", "")
     if auth.lower().startswith("basic "):
         try:
             _user, _, password = base64.b64decode(auth[6:].strip()).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
-            return False
-        return hmac.compare_digest(password.encode(), token.encode())
-    return False
+            return None
+        return password or None
+    return None
 
 
-def build_eureka_app(front: EurekaFront, token: str | None = None) -> web.Application:
+def _authorise(request: web.Request, tokens: AccessTokens | None) -> None:
+    if tokens is None or not tokens.enabled:
+        return
+    need = Scope.read if request.method in ("GET", "HEAD") else Scope.write
+    secret = _secret(request)
+    got = None if secret is None else tokens.check(secret)
+    if got is None:
+        raise EurekaError(401, f"a valid token with scope {need.name} is required (bearer, or the HTTP Basic password)")
+    if got < need:
+        raise EurekaError(403, f"this token has scope {got.name}; {request.method} needs scope {need.name}")
+
+
+def build_eureka_app(front: EurekaFront, tokens: AccessTokens | None = None) -> web.Application:
+    """The Eureka-compatible app over ``front``; ``tokens``: the access tokens it honours (None, or
+    tokens without a bootstrap token: authorisation off)."""
     def render(request: web.Request, root: str, value: Any, status: int = 200) -> web.Response:
         if _wants_xml(request):
             body = '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>' + to_xml(root, value)
@@ -58,11 +76,12 @@ def build_eureka_app(front: EurekaFront, token: str | None = None) -> web.Applic
     @web.middleware
     async def eureka_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            if token and request.method not in ("GET", "HEAD") and not _authorized(request, token):
-                raise EurekaError(401, "a valid token is required for writes")
+            _authorise(request, tokens)
             return await handler(request)
         except EurekaError as exc:
-            return web.Response(status=exc.status, text=exc.message + "\n", content_type="text/plain")
+            # a client that sends credentials only when challenged (Basic from the service URL) is challenged
+            challenge = {"WWW-Authenticate": 'Basic realm="meshpilot"'} if exc.status == 401 else None
+            return web.Response(status=exc.status, text=exc.message + "\n", content_type="text/plain", headers=challenge)
         except web.HTTPException as exc:
             if exc.status >= 400:
                 return web.Response(status=exc.status, text=(exc.reason or "error") + "\n", content_type="text/plain")

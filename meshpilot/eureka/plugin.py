@@ -7,6 +7,7 @@ import asyncio
 
 from aiohttp import web
 
+from meshpilot.access import AccessTokens
 from meshpilot.eureka.front import EurekaFront
 from meshpilot.eureka.http import build_eureka_app
 from meshpilot.parts import Core, HttpApp, Part, Task
@@ -21,10 +22,10 @@ def install(core: Core) -> Part:
     if port is None:
         return Part()
     front = EurekaFront(core.registry)
-    token = core.settings.token
+    tokens = AccessTokens(core.registry.store, core.settings.token)  # the management API's tokens, from the same store
 
     def factory() -> web.Application:
-        return build_eureka_app(front, token)
+        return build_eureka_app(front, tokens)
 
     async def eureka_leases() -> None:
         while True:

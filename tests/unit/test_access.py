@@ -361,3 +361,39 @@ async def test_consul_without_a_bootstrap_token_is_open_and_has_no_acls() -> Non
         assert r.status == 401 and "ACL support disabled" in await r.text(), f"expected Consul's answer with ACLs off, got {r.status}"
     finally:
         await client.close()
+
+
+# ---- the Eureka-compatible API ----------------------------------------------------------------
+
+
+async def test_eureka_takes_the_same_scopes_as_bearer_or_basic_password() -> None:
+    import base64
+
+    from meshpilot.eureka.front import EurekaFront
+    from meshpilot.eureka.http import build_eureka_app
+    from meshpilot.registry import Registry
+
+    store = MemoryStore()
+    tokens = AccessTokens(store, BOOT)
+    client = TestClient(TestServer(build_eureka_app(EurekaFront(Registry(store)), tokens)))
+    await client.start_server()
+    instance = {"instance": {"instanceId": "i-1", "hostName": "h", "app": "BILLING", "ipAddr": "127.0.0.1", "status": "UP",
+                             "port": {"$": 8080, "@enabled": "true"}, "dataCenterInfo": {"name": "MyOwn"}}}
+
+    def basic(secret: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"app:{secret}".encode()).decode(), "Accept": "application/json"}
+
+    try:
+        reader, writer = tokens.create(Scope.read).secret, tokens.create(Scope.write).secret
+        r = await client.get("/eureka/apps", headers={"Accept": "application/json"})
+        assert r.status == 401 and "Basic" in r.headers.get("WWW-Authenticate", ""), f"a fetch without a token: expected a 401 challenge, got {r.status}"
+        r = await client.post("/eureka/apps/BILLING", json=instance, headers=basic(reader))
+        assert r.status == 403, f"a read token must not register, got {r.status} {await r.text()}"
+        r = await client.post("/eureka/apps/BILLING", json=instance, headers=basic(writer))
+        assert r.status == 204, f"a write token registers (Basic password), got {r.status} {await r.text()}"
+        r = await client.get("/eureka/apps/BILLING", headers={**_bearer(reader), "Accept": "application/json"})
+        assert r.status == 200 and "i-1" in await r.text(), f"a read token fetches, got {r.status}"
+        r = await client.get("/eureka/apps/BILLING", headers=basic("wrong"))
+        assert r.status == 401 and "i-1" not in await r.text()
+    finally:
+        await client.close()
