@@ -66,9 +66,11 @@ class ControlPlane:
         # the publisher and its producers, in the order they publish: the registry's translation
         # first (it takes in policy changes and stages new subsets), then what reads its overlays
         self.policies = Policies(registry=self.registry, domain=settings.domain, listen_address=settings.listen_address,
-                                 nodes=self.nodes, ports=self.ports, routing=lambda key: self.mesh.service_routing(key))
+                                 nodes=self.nodes, ports=self.ports, routing=lambda key: self.mesh.service_routing(key),
+                                 trust_domain=settings.trust_domain)
         self.mesh = MeshProducer(self.registry, settings.domain, self.nodes, self.policies, self.health_token,
-                                 settings.single_vip, SIDECAR_SOURCE)
+                                 settings.single_vip, SIDECAR_SOURCE, identity=settings.identity,
+                                 trust_domain=settings.trust_domain, mtls_mode=settings.mtls_mode)
         proxyless = ProxylessProducer(self.registry, settings.domain, self.mesh.service_routing)
         self.publisher = Publisher(
             self.cache,

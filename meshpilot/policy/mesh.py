@@ -7,7 +7,10 @@ sidecars' listeners carry and where routes switch them off. Sidecars' outbound l
 Envoy's fault filter (idle unless a route carries a fault override), so a policy that adds or
 removes a fault changes only routes, never listeners, and keep-alive connections see it at once.
 Its producers (``producers``) are the engine's kind resources and governance's filter configs;
-``routes`` serves the governance WASM module through the management API.
+``routes`` serves the governance WASM module through the management API. The identity kinds
+(MtlsPolicy, AuthorizationPolicy) reach the translation as each service's mTLS mode
+(``mtls_modes``) and the RBAC rules of each node's inbound routes (``inbound_authz``); a change to
+one of them marks the services it selects (all of its namespace's, for a namespace-wide policy).
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ from google.protobuf import any_pb2
 
 import meshpilot.policy
 from meshpilot.api.routes import Route
-from meshpilot.model import Service
+from meshpilot.model import Service, service_key
+from meshpilot.policy.authz import AUTHZ, AuthorizationPolicy, inbound_authz
 from meshpilot.policy.engine import PolicyEngine
 from meshpilot.policy.governance import Governance, WasmModule
+from meshpilot.policy.kinds import PolicyBase
+from meshpilot.policy.mtls import MTLS, MtlsPolicy, modes
 from meshpilot.publish.publisher import Producer
 from meshpilot.registry import Registry
+from meshpilot.translate.listeners import InboundAuthz
 from meshpilot.translate.routes import FAULT_FILTER, ServiceRouting
 from meshpilot.xds.resource import NodeInfo
 
@@ -72,10 +79,13 @@ class Policies:
         nodes: Mapping[str, NodeInfo],
         ports: Mapping[str, int],
         routing: Callable[[str], ServiceRouting | None],
+        trust_domain: str = "mesh.local",
     ) -> None:
         """``routing``: the overlays services are built with (staged ones included), which the
-        breakers' rules follow."""
+        breakers' rules follow. ``trust_domain``: of the SPIFFE ids authorization rules name."""
         load_kinds()
+        self.registry = registry
+        self.trust_domain = trust_domain
         self.engine = PolicyEngine(registry, domain)
         self.governance = Governance(registry, self.engine, _module(), domain, listen_address, nodes, ports, routing)
 
@@ -89,7 +99,34 @@ class Policies:
         return [Route("GET", "/v1/wasm/{name}", self.governance.serve_module, summary)]
 
     def affected(self, changed: set[str]) -> set[str]:
-        return self.engine.affected(changed) | self.governance.affected(changed)
+        identity = {k for k in changed if k.startswith((AUTHZ.name + "/", MTLS.name + "/"))}
+        before = {k: self.engine.policies.get(k) for k in identity}
+        out = self.engine.affected(changed) | self.governance.affected(changed)
+        for key in identity:
+            after = self.engine.policies.get(key)
+            if after != before[key]:
+                out |= self._selected(before[key]) | self._selected(after)
+        return out
+
+    def _selected(self, policy: PolicyBase | None) -> set[str]:
+        """The services an identity policy selects: its service, or every service of its namespace."""
+        if policy is None:
+            return set()
+        name = getattr(policy, "service", None)
+        if name:
+            return {service_key(name, policy.namespace)}
+        return {s.key for s in self.registry.services() if s.namespace == policy.namespace}
+
+    def mtls_modes(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(service key → mode, namespace → mode) of the MtlsPolicies in force."""
+        return modes(p for p in self.engine.of_kind(MTLS.name) if isinstance(p, MtlsPolicy))
+
+    def inbound_authz(self, node: NodeInfo, ports: frozenset[int]) -> InboundAuthz | None:
+        """The RBAC rules of the node's inbound routes (None: no AuthorizationPolicy selects its service)."""
+        if not node.service:
+            return None
+        policies = [p for p in self.engine.of_kind(AUTHZ.name) if isinstance(p, AuthorizationPolicy)]
+        return inbound_authz(policies, node.namespace, node.service, ports, self.trust_domain)
 
     def routing(self, service_key: str) -> ServiceRouting | None:
         return self.engine.routing(service_key)

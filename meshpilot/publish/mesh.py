@@ -16,6 +16,15 @@ balancing would fail calls in the moment between its new routes and its new bala
 
 Inbound listeners keep ``x-mesh-caller`` only from trusted peers: the addresses of the sidecars
 registered over HDS, read from the registry like everything else.
+
+With workload identities on (``identity``), each destination service has an mTLS mode (its
+MtlsPolicy, its namespace's, else ``mtls_mode``): clusters of services not in DISABLE mode talk TLS
+to sidecars with an identity, and the inbound listener of a node with an identity takes TLS
+(PERMISSIVE: and plaintext; STRICT: plaintext only from the node itself, whose ``inbound-local``
+routes answer its health checks). The clusters are shared by every node, so every Envoy that
+reads them must have the ``meshpilot-sds`` cluster: with identity on, every sidecar is enrolled
+(its xDS stream needs a certificate anyway). Each node's inbound routes carry the RBAC rules of the
+AuthorizationPolicies that select its service.
 """
 
 from __future__ import annotations
@@ -33,10 +42,21 @@ from meshpilot.registry import Registry
 from meshpilot.translate.clusters import build_cluster, build_inbound_cluster, subset_cluster_name
 from meshpilot.translate.dns import build_dns_service, dns_resource_name
 from meshpilot.translate.endpoints import build_endpoints
-from meshpilot.translate.listeners import INBOUND, INBOUND_ROUTE, OUTBOUND, build_inbound_listener, build_inbound_routes, build_outbound_listener
+from meshpilot.translate.listeners import (
+    INBOUND,
+    INBOUND_LOCAL_ROUTE,
+    INBOUND_ROUTE,
+    OUTBOUND,
+    InboundAuthz,
+    build_inbound_listener,
+    build_inbound_local_routes,
+    build_inbound_routes,
+    build_outbound_listener,
+)
 from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, inbound_cluster_name
 from meshpilot.translate.routes import OutboundRoutes, ServiceRouting, Subset
-from meshpilot.xds.resource import TYPE, NodeInfo
+from meshpilot.translate.tls import DISABLE, STRICT, TlsSettings
+from meshpilot.xds.resource import META, TYPE, NodeInfo
 
 __all__ = ["MeshPolicy", "MeshProducer", "NoPolicy"]
 
@@ -64,6 +84,12 @@ class MeshPolicy(Protocol):
     def inbound_filters(self, node: NodeInfo) -> tuple[list[str], list[str]]:
         """(filters the node's inbound routes switch off, every optional inbound filter)."""
 
+    def mtls_modes(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(service key → mTLS mode, namespace → mode) of the mTLS policies in force."""
+
+    def inbound_authz(self, node: NodeInfo, ports: frozenset[int]) -> InboundAuthz | None:
+        """The RBAC rules of the node's inbound routes, for a node serving these service ports."""
+
 
 class NoPolicy:
     """A mesh without policies."""
@@ -86,6 +112,12 @@ class NoPolicy:
     def inbound_filters(self, node: NodeInfo) -> tuple[list[str], list[str]]:
         return [], []
 
+    def mtls_modes(self) -> tuple[dict[str, str], dict[str, str]]:
+        return {}, {}
+
+    def inbound_authz(self, node: NodeInfo, ports: frozenset[int]) -> InboundAuthz | None:
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class _Staged:
@@ -106,9 +138,13 @@ class MeshProducer(Producer):
         health_token: Callable[[str], str] = lambda node_id: "",
         single_vip: str | None = None,
         sidecar_source: str = "mesh",
+        identity: bool = False,
+        trust_domain: str = "mesh.local",
+        mtls_mode: str = "PERMISSIVE",
     ) -> None:
         """``sidecar_source``: the source of the instances sidecars register (their addresses are
-        the trusted peers)."""
+        the trusted peers). ``identity``, ``trust_domain``, ``mtls_mode``: workload identities (the
+        settings of the same names; the mode is the mesh-wide default MtlsPolicies override)."""
         self.registry = registry
         self.domain = domain
         self.nodes = nodes
@@ -116,6 +152,10 @@ class MeshProducer(Producer):
         self.health_token = health_token
         self.single_vip = single_vip
         self.sidecar_source = sidecar_source
+        self.identity = identity
+        self.trust_domain = trust_domain
+        self.mtls_mode = mtls_mode
+        self.tls()  # a bad mode fails here, not at the first publication
         self._routes = OutboundRoutes()
         self._in_full: dict[str, ServiceRouting] = {}  # service key -> overlay published whole
         self._staged: dict[str, _Staged] = {}
@@ -132,6 +172,11 @@ class MeshProducer(Producer):
     @property
     def trusted_peers(self) -> frozenset[str]:
         return self._peers
+
+    def tls(self) -> TlsSettings:
+        """Identities and the mTLS mode of every service, as the builders take them."""
+        by_service, by_namespace = self.policy.mtls_modes() if self.identity else ({}, {})
+        return TlsSettings(self.identity, self.trust_domain, self.mtls_mode, by_service, by_namespace)
 
     def next_deadline(self) -> float | None:
         return min((s.due for s in self._staged.values()), default=None)
@@ -197,8 +242,9 @@ class MeshProducer(Producer):
         resources: dict[str, dict[str, Message | bytes]] = {TYPE.ENDPOINT: assignments}
         if clusters:
             built = self.policy.override(svc)
-            cl: dict[str, Message | bytes] = {cluster_name(svc, p, domain): build_cluster(built, p, domain) for p in svc.ports}
-            cl.update((name, build_cluster(built, p, domain, subset.name)) for p, subset, name in subsets)
+            tls = self.tls()
+            cl: dict[str, Message | bytes] = {cluster_name(svc, p, domain): build_cluster(built, p, domain, tls=tls) for p in svc.ports}
+            cl.update((name, build_cluster(built, p, domain, subset.name, tls)) for p, subset, name in subsets)
             resources[TYPE.CLUSTER] = cl
             vip = self.single_vip or svc.vip
             resources[TYPE.DNS] = {dns_resource_name(svc): build_dns_service(svc, domain, vip, self.registry.vip6(svc))}
@@ -272,8 +318,21 @@ class MeshProducer(Producer):
             svc = self.registry.service(node.service_key) if node.service else None
             protocol = next((p.protocol for p in svc.ports), "http") if svc is not None else "http"
             filters = self.policy.node_filters(node, "inbound") if protocol != "tcp" else []
-            listeners[INBOUND] = build_inbound_listener(node, filters, sorted(self._peers), protocol)
+            mode = self.tls().mode(node.service_key) if node.identity and node.service else DISABLE
+            listeners[INBOUND] = build_inbound_listener(node, filters, sorted(self._peers), protocol, mode)
             clusters[inbound_cluster_name(node.app_port)] = build_inbound_cluster(node, protocol)
             off, optional = self.policy.inbound_filters(node)
-            routes[INBOUND_ROUTE] = build_inbound_routes(node, off, self.health_token(node.id), optional)
+            token = self.health_token(node.id)
+            routes[INBOUND_ROUTE] = build_inbound_routes(node, off, token, optional, self.policy.inbound_authz(node, _served_ports(node, svc)))
+            if mode == STRICT and protocol != "tcp":
+                routes[INBOUND_LOCAL_ROUTE] = build_inbound_local_routes(node, token, optional)
         return Bundle({TYPE.CLUSTER: clusters, TYPE.ROUTE: routes, TYPE.LISTENER: listeners})
+
+
+def _served_ports(node: NodeInfo, svc: Service | None) -> frozenset[int]:
+    """The service ports a node serves: the one its registration names, else all of them."""
+    if svc is None:
+        return frozenset()
+    name = node.extra.get(META.PORT_NAME)
+    named = frozenset(p.port for p in svc.ports if p.name == name)
+    return named or frozenset(p.port for p in svc.ports)

@@ -61,15 +61,17 @@ MODES = (DISABLE, PERMISSIVE, STRICT)
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
     """What the translation needs to know about identities: whether they are on, the trust domain,
-    the mesh-wide mode and each destination service's own (service key → mode)."""
+    the mesh-wide mode, and the modes of services (service key → mode) and namespaces (namespace →
+    mode) that MtlsPolicies set; a service's own mode wins over its namespace's."""
 
     enabled: bool = False
     trust_domain: str = "mesh.local"
     default: str = PERMISSIVE
     modes: Mapping[str, str] = field(default_factory=dict)
+    namespace_modes: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for mode in (self.default, *self.modes.values()):
+        for mode in (self.default, *self.modes.values(), *self.namespace_modes.values()):
             if mode not in MODES:
                 raise ValueError(f"mtls mode must be one of {', '.join(MODES)}, got {mode!r}")
 
@@ -77,7 +79,10 @@ class TlsSettings:
         """The service's mode; DISABLE whenever identities are off."""
         if not self.enabled:
             return DISABLE
-        return self.modes.get(service_key, self.default)
+        mode = self.modes.get(service_key)
+        if mode is None:  # a service key is <name>.<namespace>; names are DNS labels (no dots)
+            mode = self.namespace_modes.get(service_key.partition(".")[2], self.default)
+        return mode
 
     def service_id(self, namespace: str, service: str) -> str:
         """The SPIFFE id a service's workloads carry in their certificates."""
