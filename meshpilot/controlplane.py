@@ -33,6 +33,8 @@ from meshpilot.api.routes import Handler, Route
 from meshpilot.hds.metadata import SOURCE as SIDECAR_SOURCE
 from meshpilot.hds.specifier import health_token
 from meshpilot.parts import HttpApp, Part, Task
+from meshpilot.pki import peer_from_context
+from meshpilot.pki.admission import refusal
 from meshpilot.policy.mesh import Policies
 from meshpilot.proxyless.producer import ProxylessProducer
 from meshpilot.publish import Changes, Debouncer, MeshProducer, Publisher
@@ -41,7 +43,7 @@ from meshpilot.registry.store import Store, open_store
 from meshpilot.settings import Settings
 from meshpilot.xds.cache import ResourceCache
 from meshpilot.xds.resource import NodeInfo
-from meshpilot.xds.server import MAX_REQUEST_BYTES, XdsServer
+from meshpilot.xds.server import MAX_REQUEST_BYTES, StreamError, XdsServer
 
 __all__ = ["ControlPlane"]
 
@@ -53,13 +55,15 @@ class ControlPlane:
         self.registry = Registry(open_store(settings.store), settings.vip_cidr, settings.vip6_cidr)
         self.cache = ResourceCache()
         self.nodes: dict[str, NodeInfo] = {}
-        self.xds = XdsServer(self.cache, self._node_connected, self._node_gone, write_timeout_s=settings.xds_write_timeout_s)
+        self.xds = XdsServer(self.cache, self._node_connected, self._node_gone, write_timeout_s=settings.xds_write_timeout_s,
+                             admit=self._admit if settings.identity else None)
         self.ports: dict[str, int] = {}
         self._grpc_handlers: list[grpc.GenericRpcHandler] = [self.xds.handler()]
         self._http_apps: list[HttpApp] = []
         self._api_routes: list[Route] = []
         self._node_watchers: list[Callable[[NodeInfo, bool], None]] = []
         self._tasks: list[Task] = []
+        self._server_credentials: Callable[[], grpc.ServerCredentials] | None = None
         # a node's own health checks (HDS) carry its token; its inbound routes let them past every
         # optional inbound filter
         self._health_key = secrets.token_bytes(32)
@@ -93,6 +97,10 @@ class ControlPlane:
         self._api_routes.extend(part.routes)
         self._tasks.extend(part.tasks)
         self._node_watchers.extend(part.node_watchers)
+        if part.server_credentials is not None:
+            if self._server_credentials is not None:
+                raise ValueError("two parts give the xDS port's TLS credentials")
+            self._server_credentials = part.server_credentials
 
     def health_token(self, node_id: str) -> str:
         """The node's health token: its HDS checks carry it, its inbound routes match it."""
@@ -128,6 +136,18 @@ class ControlPlane:
 
     # ---- nodes --------------------------------------------------------------------------------
 
+    def _admit(self, context: grpc.aio.ServicerContext[Any, Any], node: NodeInfo) -> str:
+        """With identity on: a stream speaks only for the node (and service) of its client certificate."""
+        peer = peer_from_context(context)
+        no = refusal(peer, self.settings.trust_domain, node.id, node.service, node.namespace)
+        if no is not None:
+            metrics.XDS_REFUSED.labels("unauthenticated" if not no.authenticated else "denied").inc()
+            log.warning("event=stream_refused node=%s peer=%s identity=%s reason=%s", node.id, context.peer(),
+                        peer.spiffe if peer else "-", no.reason)
+            raise StreamError(no.reason, grpc.StatusCode.PERMISSION_DENIED if no.authenticated else grpc.StatusCode.UNAUTHENTICATED)
+        assert peer is not None
+        return peer.spiffe
+
     def _node_connected(self, node: NodeInfo) -> None:
         known = self.nodes.get(node.id)
         if known is not None and _has_listeners(known) and not _has_listeners(node):
@@ -161,7 +181,13 @@ class ControlPlane:
             ]
         )
         server.add_generic_rpc_handlers(self._grpc_handlers)
-        self.ports["xds"] = server.add_insecure_port(f"{s.listen_address}:{s.xds_port}")
+        if s.identity:
+            # no plaintext port: every client proves who it is (enrolment by join token, the rest by certificate)
+            if self._server_credentials is None:
+                raise RuntimeError("identity is on, but no part gives the xDS port's TLS credentials (the mesh CA's plugin)")
+            self.ports["xds"] = server.add_secure_port(f"{s.listen_address}:{s.xds_port}", self._server_credentials())
+        else:
+            self.ports["xds"] = server.add_insecure_port(f"{s.listen_address}:{s.xds_port}")
         if not self.ports["xds"]:
             raise OSError(f"xds_port: cannot listen on {s.listen_address}:{s.xds_port}")
         await server.start()

@@ -14,6 +14,10 @@ XDS_NACKS = Counter("meshpilot_xds_nacks", "xDS responses rejected by a client",
 XDS_STREAMS_ABORTED = Counter(
     "meshpilot_xds_streams_aborted", "xDS streams the server ended with an error status", ["code"], registry=REGISTRY
 )
+XDS_REFUSED = Counter(
+    "meshpilot_xds_streams_refused", "xDS and HDS streams refused for their client's identity (no certificate, or another node's)",
+    ["reason"], registry=REGISTRY
+)
 XDS_PUSH_SECONDS = Histogram(
     "meshpilot_xds_push_seconds",
     "Time from a cache change to the response that carries it",
@@ -23,6 +27,12 @@ XDS_PUSH_SECONDS = Histogram(
 REGISTRY_WRITES = Counter("meshpilot_registry_changes", "Registry change events", ["kind"], registry=REGISTRY)
 REBUILDS = Counter("meshpilot_translate_rebuilds", "Debounced rebuilds of Envoy resources", registry=REGISTRY)
 API_REQUESTS = Counter("meshpilot_api_requests", "Management API requests", ["method", "status"], registry=REGISTRY)
+IDENTITY_ISSUED = Counter(
+    "meshpilot_identity_certificates_issued", "Workload certificates the mesh CA signed", ["kind"], registry=REGISTRY
+)
+IDENTITY_REFUSED = Counter(
+    "meshpilot_identity_sign_refused", "Sign requests the mesh CA refused", ["reason"], registry=REGISTRY
+)
 
 
 def render() -> bytes:

@@ -24,6 +24,7 @@ from meshpilot.hds.metadata import CHECK_ID, OWNER, SOURCE
 from meshpilot.hds.stream import HdsStream, Register, Reject, Send, SetCheck
 from meshpilot.model import Check, CheckStatus
 from meshpilot.registry import Change, Registry, RegistryError
+from meshpilot.xds.resource import NodeInfo
 
 __all__ = ["HDS_SERVICE", "HdsServer"]
 
@@ -33,7 +34,9 @@ HDS_SERVICE = "envoy.service.health.v3.HealthDiscoveryService"
 
 
 class HdsServer:
-    """The gRPC side of HDS over one registry. ``token(node_id)`` is a node's health token."""
+    """The gRPC side of HDS over one registry. ``token(node_id)`` is a node's health token;
+    ``admit(context, node)`` (when clients authenticate) returns the client's SPIFFE id or raises
+    stream.Refused."""
 
     def __init__(
         self,
@@ -43,8 +46,10 @@ class HdsServer:
         remove_after_s: float,
         dead_after_s: float = 0.0,
         token: Callable[[str], str] = lambda node_id: "",
+        admit: Callable[[grpc.aio.ServicerContext[Any, Any], NodeInfo], str] | None = None,
     ) -> None:
         self.registry = registry
+        self.admit = admit
         self.report_interval_s = report_interval_s
         self.token = token
         self.liveness = Liveness(critical_after_s, remove_after_s, dead_after_s)
@@ -77,7 +82,8 @@ class HdsServer:
     async def _stream(
         self, requests: AsyncIterator[hds_pb2.HealthCheckRequestOrEndpointHealthResponse], context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        stream = HdsStream(self.report_interval_s, self.token)
+        admit = self.admit
+        stream = HdsStream(self.report_interval_s, self.token, None if admit is None else lambda node: admit(context, node))
         iid = ""
         try:
             async for msg in requests:
@@ -85,7 +91,7 @@ class HdsServer:
                     if isinstance(effect, Reject):
                         if effect.node:
                             log.warning("event=hds_rejected node=%s reason=%s", effect.node, effect.reason)
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, effect.reason)
+                        await context.abort(grpc.StatusCode[effect.code], effect.reason)
                     elif isinstance(effect, Register):
                         try:
                             self.registry.register(effect.instance, replace=True)

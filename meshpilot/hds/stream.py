@@ -19,9 +19,9 @@ from google.protobuf import json_format
 from meshpilot.hds.metadata import CHECK_ID, OWNER, SOURCE, HdsError, Registration, registration
 from meshpilot.hds.specifier import build_specifier
 from meshpilot.model import Check, CheckStatus, Instance
-from meshpilot.xds.resource import node_info
+from meshpilot.xds.resource import NodeInfo, node_info
 
-__all__ = ["Effect", "HdsSession", "HdsStream", "Register", "Reject", "Send", "SetCheck"]
+__all__ = ["Admit", "Effect", "HdsSession", "HdsStream", "Refused", "Register", "Reject", "Send", "SetCheck"]
 
 _STATUS = {
     health_check_pb2.HEALTHY: CheckStatus.passing,
@@ -53,10 +53,22 @@ class SetCheck:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    """End the stream with INVALID_ARGUMENT; ``node`` is "" when the stream never named one."""
+    """End the stream with ``code`` (a grpc.StatusCode name); ``node`` is "" when the stream never named one."""
 
     node: str
     reason: str
+    code: str = "INVALID_ARGUMENT"
+
+
+class Refused(Exception):
+    """Raised by an ``admit`` function: the client may not speak for the node it names."""
+
+    def __init__(self, reason: str, authenticated: bool) -> None:
+        super().__init__(reason)
+        self.authenticated = authenticated
+
+
+Admit = Callable[[NodeInfo], str]  # the client's SPIFFE id, or Refused
 
 
 Effect = Register | Send | SetCheck | Reject
@@ -111,11 +123,14 @@ class HdsSession:
 
 class HdsStream:
     """Messages of one HDS stream in, effects out. ``token(node_id)`` is the node's health token;
-    ``stored(instance_id)`` (given to ``receive``) reads the registry's current instance."""
+    ``stored(instance_id)`` (given to ``receive``) reads the registry's current instance.
+    ``admit`` (when the control plane authenticates its clients) judges the node the stream names
+    before anything is registered: the node's instance then carries the client's SPIFFE id."""
 
-    def __init__(self, report_interval_s: float, token: Callable[[str], str]) -> None:
+    def __init__(self, report_interval_s: float, token: Callable[[str], str], admit: Admit | None = None) -> None:
         self.report_interval_s = report_interval_s
         self.token = token
+        self.admit = admit
         self.session: HdsSession | None = None
         self.rejected = False
 
@@ -143,13 +158,30 @@ class HdsStream:
             return [Reject("", "the first message must be a HealthCheckRequest carrying node.id")]
         n = msg.health_check_request.node
         md = json_format.MessageToDict(n.metadata) if n.HasField("metadata") else {}
+        node = node_info(n.id, n.cluster, md, n.locality.zone)
+        spiffe = ""
+        if self.admit is not None:
+            try:
+                spiffe = self.admit(node)
+            except Refused as exc:
+                self.rejected = True
+                return [Reject(n.id, str(exc), "PERMISSION_DENIED" if exc.authenticated else "UNAUTHENTICATED")]
+            if node.id != node.id.split("~", 1)[0]:
+                self.rejected = True
+                return [Reject(n.id, "an auxiliary stream of a node (node.id with '~') registers no instance", "PERMISSION_DENIED")]
         try:
-            reg = registration(node_info(n.id, n.cluster, md, n.locality.zone))
+            reg = registration(node)
         except HdsError as exc:
             self.rejected = True
             return [Reject(n.id, str(exc))]
         inst = reg.instance
+        if spiffe:
+            inst = inst.model_copy(update={"metadata": {**inst.metadata, "spiffe": spiffe}})
         before = stored(inst.id)
+        if before is not None and before.source != SOURCE and self.admit is not None:
+            # another front door's instance of the same id is not this node's to take over
+            self.rejected = True
+            return [Reject(n.id, f"instance {inst.id!r} was registered by {before.source}, not by a sidecar", "PERMISSION_DENIED")]
         ours = before is not None and before.source == SOURCE
         if ours:
             # a reconnect (Envoy restarted): keep the current hds check, no churn in EDS

@@ -36,7 +36,7 @@ from meshpilot.xds.cache import ResourceCache
 from meshpilot.xds.resource import NodeInfo, node_info
 from meshpilot.xds.stream import DeltaStream, SotwStream
 
-__all__ = ["ADS_SERVICE", "MAX_REQUEST_BYTES", "StreamError", "Unanswered", "XdsServer", "check_request", "user_agent"]
+__all__ = ["ADS_SERVICE", "Admit", "MAX_REQUEST_BYTES", "StreamError", "Unanswered", "XdsServer", "check_request", "user_agent"]
 
 log = logging.getLogger("meshpilot.xds")
 
@@ -113,12 +113,19 @@ class StreamHandle:
     node: NodeInfo | None = None
     connected_at: float = field(default_factory=time.time)
     user_agent: str = ""
+    identity: str = ""  # the client's certificate identity, when the port authenticates
     unanswered: Unanswered = field(default_factory=Unanswered)
+
+
+Admit = Callable[[grpc.aio.ServicerContext[Any, Any], NodeInfo], str]
 
 
 class XdsServer:
     """ADS streams over one cache. ``on_node`` is called with a node's info before its first
-    response (to build its own resources); ``on_node_gone`` when its last stream closes."""
+    response (to build its own resources); ``on_node_gone`` when its last stream closes.
+    ``admit`` (when the port authenticates its clients) sees each stream's context and node before
+    anything is sent or recorded: it returns the client's identity, or raises StreamError to
+    refuse the stream."""
 
     def __init__(
         self,
@@ -127,8 +134,10 @@ class XdsServer:
         on_node_gone: Callable[[NodeInfo], None] = lambda n: None,
         max_concurrent_writes: int = 64,
         write_timeout_s: float = 30.0,
+        admit: Admit | None = None,
     ) -> None:
         self.cache = cache
+        self.admit = admit
         self.write_timeout_s = write_timeout_s
         self.on_node = on_node
         self.on_node_gone = on_node_gone
@@ -203,6 +212,7 @@ class XdsServer:
                     "cluster": node.cluster if node else "",
                     "service": node.service_key if node else "",
                     "peer": h.peer,
+                    "identity": h.identity,
                     "user_agent": h.user_agent,
                     "connected_at": h.connected_at,
                     **h.machine.summary(),
@@ -262,7 +272,7 @@ class XdsServer:
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(self._write(handle, context))
                 try:
-                    await self._read(handle, requests)
+                    await self._read(handle, requests, context)
                 finally:
                     writer.cancel()
         except* (asyncio.CancelledError, grpc.aio.AioRpcError):
@@ -288,14 +298,17 @@ class XdsServer:
                     self._node_streams[handle.node.id] = left
             log.info("event=stream_closed stream=%s node=%s", handle.id, handle.node.id if handle.node else "")
 
-    async def _read(self, handle: StreamHandle, requests: AsyncIterator[Any]) -> None:
+    async def _read(self, handle: StreamHandle, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
         async for req in requests:
             check_request(req)
             if handle.node is None:
                 if not req.HasField("node") or not req.node.id:
                     raise StreamError("the first request of a stream must carry node.id")
                 md = json_format.MessageToDict(req.node.metadata) if req.node.HasField("metadata") else {}
-                handle.node = node_info(req.node.id, req.node.cluster, md, req.node.locality.zone)
+                node = node_info(req.node.id, req.node.cluster, md, req.node.locality.zone)
+                if self.admit is not None:
+                    handle.identity = self.admit(context, node)  # raises StreamError to refuse
+                handle.node = node
                 handle.user_agent = user_agent(req.node)
                 handle.machine.node_id = req.node.id
                 self._node_streams[req.node.id] = self._node_streams.get(req.node.id, 0) + 1
