@@ -162,6 +162,38 @@ def cmd_proxies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> int:
+    """``--ttl``: seconds, or a number with s, m, h or d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        value = int(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, or a number with s, m, h or d (30d)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
+
+
+def cmd_access_token(args: argparse.Namespace) -> int:
+    api = api_client(args)
+    if args.action == "create":
+        body: dict[str, Any] = {"scope": args.scope, "description": args.description}
+        if args.ttl is not None:
+            body["ttl_s"] = args.ttl
+        made = api.call("POST", "/v1/access/tokens", body)
+        if args.quiet:
+            print(made["secret"])
+        else:
+            print_json(made)
+            print("meshpilot: the secret is shown this once; keep it now", file=sys.stderr)
+    elif args.action == "list":
+        print_json(api.call("GET", "/v1/access/tokens"))
+    elif args.action == "revoke":
+        print_json(api.call("DELETE", f"/v1/access/tokens/{args.id}"))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from meshpilot.demo import run_demo
 
@@ -232,6 +264,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("proxies", help="list connected Envoys")
     add_api_flags(p)
     p.set_defaults(func=cmd_proxies)
+
+    p = sub.add_parser("access", help="access tokens for the management, Consul and Eureka APIs (admin scope)")
+    access = p.add_subparsers(dest="what", metavar="WHAT")
+    p.set_defaults(func=lambda _args, p=p: p.print_help() or 2)
+    p = access.add_parser("token", help="create, list or revoke access tokens")
+    token = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = token.add_parser("create", help="create a token; its secret is printed this once")
+    p.add_argument("--scope", required=True, choices=["read", "write", "admin"])
+    p.add_argument("--description", default="", help="what the token is for")
+    p.add_argument("--ttl", type=_seconds, help="expire after this long (seconds, or 30m, 12h, 90d); default never")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the secret")
+    add_api_flags(p)
+    p.set_defaults(func=cmd_access_token)
+    p = token.add_parser("list", help="list tokens (never their secrets)")
+    add_api_flags(p)
+    p.set_defaults(func=cmd_access_token)
+    p = token.add_parser("revoke", help="revoke a token by its id: refused from the next request on")
+    p.add_argument("id")
+    add_api_flags(p)
+    p.set_defaults(func=cmd_access_token)
 
     p = sub.add_parser("demo", help="run a small mesh on this machine and send traffic through it")
     p.add_argument("--requests", type=int, default=20)

@@ -1,7 +1,7 @@
 """The management API's command-line client: what ``meshpilot service|instance|proxies|policy``
 share to reach a running control plane. The flags that name the API and its token, the client
-that calls it (an error answer or an unreachable API ends the command with a message), and how
-answers are printed. Standard library only, so a subcommand starts fast."""
+that calls it and sends the token with every request, reads included (an error answer or an
+unreachable API ends the command with a message), and how answers are printed. Standard library only, so a subcommand starts fast."""
 
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ class ApiClient:
 def add_api_flags(p: argparse.ArgumentParser) -> None:
     """``--api``, ``--token`` and ``--token-file`` on a subcommand that talks to the API."""
     p.add_argument("--api", default=os.environ.get("MESHPILOT_API", "http://127.0.0.1:15014"), help="management API URL")
-    p.add_argument("--token", help="bearer token for writes (visible in ps: prefer --token-file or MESHPILOT_TOKEN)")
-    p.add_argument("--token-file", help="read the bearer token from this file (or MESHPILOT_TOKEN_FILE)")
+    p.add_argument("--token", help="access token, sent with every request; a control plane with a token configured asks for "
+                                   "one on reads too (visible in ps: prefer --token-file or MESHPILOT_TOKEN)")
+    p.add_argument("--token-file", help="read the access token from this file (or MESHPILOT_TOKEN_FILE)")
 
 
 def api_client(args: argparse.Namespace) -> ApiClient:

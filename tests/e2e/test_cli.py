@@ -22,8 +22,11 @@ def test_cli_manages_services_and_instances(workdir: Path) -> None:
         assert svc["vip"] and [p["protocol"] for p in svc["ports"]] == ["http", "grpc"]
         r = _cli("instance", "register", "--service", "web", "--id", "w1", "--address", "127.0.0.1", "--port", "http=8080", "--label", "version=v2", *api)
         assert r.returncode == 0, r.stderr
-        r = _cli("instance", "list", "--service", "web", "--api", cp.api)
+        r = _cli("instance", "list", "--service", "web", *api)
         assert [i["id"] for i in json.loads(r.stdout)] == ["w1"]
+        # with a token configured, reads need one too
+        r = _cli("instance", "list", "--service", "web", "--api", cp.api)
+        assert r.returncode != 0 and "401" in r.stderr and "w1" not in r.stdout, f"a read without the token: expected a 401, got {r.returncode} {r.stderr!r}"
         # writes without the token fail with the API's message, and change nothing
         r = _cli("instance", "deregister", "--id", "w1", "--api", cp.api)
         assert r.returncode != 0 and "401" in r.stderr, f"expected a 401 error, got {r.returncode} {r.stderr!r}"
