@@ -2,6 +2,10 @@
 
 Everything else (listeners, clusters, routes, endpoints) arrives over ADS. The node metadata keys
 (``META`` in xds/resource.py) are read back by the control plane to build the node's own listeners.
+With ``identity`` on, the agent serves the node's certificate over SDS on a unix socket: a static
+cluster ``meshpilot-sds`` reaches it, and ``meshpilot-xds`` (ADS and HDS) talks TLS with the SDS
+secrets ``default`` (client certificate) and ``ROOTCA`` (trust bundle), accepting only the control
+plane's SPIFFE id. No file path of a certificate or key ever appears here.
 Pure: options in, a JSON-serialisable dict out.
 """
 
@@ -11,9 +15,12 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from meshpilot.pki import control_plane_id
 from meshpilot.xds.resource import META
 
-__all__ = ["BootstrapOptions", "build_bootstrap"]
+__all__ = ["SDS_CLUSTER", "BootstrapOptions", "build_bootstrap", "sds_config"]
+
+SDS_CLUSTER = "meshpilot-sds"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +46,74 @@ class BootstrapOptions:
     domain: str = "mesh"
     hds: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
+    identity: bool = False  # the agent serves SDS on sds_socket; ADS and HDS go over TLS
+    sds_socket: str = ""
+    trust_domain: str = "mesh.local"
+    tls_server_name: str = ""  # SNI towards the control plane ("" sends none)
 
 
 def _socket(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _http2_options() -> dict[str, Any]:
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {
+                "http2_protocol_options": {
+                    "connection_keepalive": {"interval": "10s", "timeout": "5s"},
+                }
+            },
+        }
+    }
+
+
+def sds_config() -> dict[str, Any]:
+    """The ConfigSource of every SDS secret a sidecar uses: the agent, over ``meshpilot-sds``."""
+    return {
+        "resource_api_version": "V3",
+        "api_config_source": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": SDS_CLUSTER}}],
+            "set_node_on_first_message_only": True,
+        },
+    }
+
+
+def _sds_cluster(socket_path: str) -> dict[str, Any]:
+    return {
+        "name": SDS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _http2_options(),
+        "load_assignment": {
+            "cluster_name": SDS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": socket_path}}}}]}],
+        },
+    }
+
+
+def _xds_tls(o: BootstrapOptions) -> dict[str, Any]:
+    tls: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": sds_config()}],
+            "combined_validation_context": {
+                "default_validation_context": {
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"exact": control_plane_id(o.trust_domain)}}
+                    ],
+                },
+                "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": sds_config()},
+            },
+        },
+    }
+    if o.tls_server_name:
+        tls["sni"] = o.tls_server_name
+    return {"name": "envoy.transport_sockets.tls", "typed_config": tls}
 
 
 def build_bootstrap(o: BootstrapOptions) -> dict[str, Any]:
@@ -58,6 +129,9 @@ def build_bootstrap(o: BootstrapOptions) -> dict[str, Any]:
     }
     if o.service:
         metadata[META.SERVICE] = o.service
+    if o.identity and not o.sds_socket:
+        raise ValueError("identity needs the agent's SDS socket (sds_socket)")
+    metadata[META.IDENTITY] = o.identity  # the control plane sends TLS config only to nodes with a certificate
     node: dict[str, Any] = {"id": o.node_id, "cluster": o.service or o.node_id, "metadata": metadata}
     if o.zone:
         node["locality"] = {"zone": o.zone}
@@ -72,29 +146,24 @@ def build_bootstrap(o: BootstrapOptions) -> dict[str, Any]:
             "retry_policy": {"retry_back_off": {"base_interval": "0.1s", "max_interval": f"{o.retry_max_s}s"}},
         }
     }
-    clusters: list[dict[str, Any]] = [
-        {
-            "name": "meshpilot-xds",
-            "type": cp_type,
-            "connect_timeout": "1s",
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {
-                        "http2_protocol_options": {
-                            "connection_keepalive": {"interval": "10s", "timeout": "5s"},
-                        }
-                    },
-                }
-            },
-            "load_assignment": {
-                "cluster_name": "meshpilot-xds",
-                "endpoints": [
-                    {"lb_endpoints": [{"endpoint": {"address": _socket(o.control_plane_host, o.control_plane_port)}}]}
-                ],
-            },
-        }
-    ]
+    xds_cluster: dict[str, Any] = {
+        "name": "meshpilot-xds",
+        "type": cp_type,
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _http2_options(),
+        "load_assignment": {
+            "cluster_name": "meshpilot-xds",
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _socket(o.control_plane_host, o.control_plane_port)}}]}
+            ],
+        },
+    }
+    clusters: list[dict[str, Any]] = [xds_cluster]
+    if o.identity:
+        # static clusters are initialised in order: the SDS cluster must exist before a cluster whose
+        # transport socket asks it for secrets
+        clusters.insert(0, _sds_cluster(o.sds_socket))
+        xds_cluster["transport_socket"] = _xds_tls(o)
     bootstrap: dict[str, Any] = {
         "node": node,
         "admin": {"address": _socket(o.admin_address, o.admin_port)},

@@ -1,0 +1,180 @@
+"""Real Envoy with a workload identity: the bootstrap validates, Envoy takes its certificate from the
+agent's SDS server over the unix socket, reaches a TLS control plane with it (the server sees the
+workload's SPIFFE id), picks up a rotated certificate without a restart, and refuses a control plane
+whose certificate does not carry the control plane's SPIFFE id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Coroutine, TypeVar
+
+import grpc
+import pytest
+
+from meshpilot import pki
+from meshpilot.sidecar.sds import SdsServer, SecretStore
+from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
+from tests.support import assert_envoy_accepts, envoy, wait_until
+
+pytestmark = pytest.mark.e2e
+
+TD = "corp.test"
+T = TypeVar("T")
+
+
+class Loop:
+    """An asyncio loop in a thread: the SDS server and the stand-in control plane run there while the
+    test drives Envoy synchronously."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@dataclass
+class ControlPlane:
+    """A TLS gRPC server that requires a client certificate and records who opened ADS streams."""
+
+    key_pem: bytes
+    chain_pem: bytes
+    roots_pem: bytes
+    peers: list[str] = field(default_factory=list)
+    server: grpc.aio.Server | None = None
+    port: int = 0
+
+    async def start(self) -> None:
+        async def ads(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            peer = pki.peer_from_context(context)
+            self.peers.append(peer.spiffe if peer else "")
+            async for _ in request_iterator:
+                pass
+
+        handler = grpc.method_handlers_generic_handler("envoy.service.discovery.v3.AggregatedDiscoveryService", {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(ads),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(ads),
+        })
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers((handler,))
+        creds = grpc.ssl_server_credentials([(self.key_pem, self.chain_pem)], root_certificates=self.roots_pem,
+                                            require_client_auth=True)
+        self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+        await self.server.start()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0)
+
+
+def _workload(ca: pki.Authority, node: str) -> tuple[bytes, pki.Issued]:
+    key = pki.new_key()
+    spiffe = pki.spiffe_id(TD, "shop", "web")
+    return pki.key_pem(key), ca.sign(pki.build_csr(key, spiffe, node), spiffe, node, 3600)
+
+
+@pytest.fixture
+def loop() -> Iterator[Loop]:
+    lp = Loop()
+    try:
+        yield lp
+    finally:
+        lp.close()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="sds", dir="/tmp"))  # a unix socket path must stay short
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _cert_serials(e: Any) -> set[str]:
+    doc = json.loads(e.admin("/certs"))
+    return {c.get("serial_number", "").lower().lstrip("0")
+            for entry in doc.get("certificates", []) for c in entry.get("cert_chain", [])}
+
+
+def _serial(issued: pki.Issued) -> str:
+    return issued.serial.lower().lstrip("0")
+
+
+def _bootstrap(port: int, sock: Path) -> dict[str, Any]:
+    return build_bootstrap(BootstrapOptions(node_id="web-1", service="web", admin_port=0, control_plane_port=port,
+                                            identity=True, sds_socket=str(sock), trust_domain=TD,
+                                            tls_server_name="localhost", api_type="GRPC", hds=True))
+
+
+def test_the_identity_bootstrap_validates(tmp_path: Path) -> None:
+    assert_envoy_accepts(_bootstrap(15010, tmp_path / "sds.sock"), tmp_path, "the bootstrap with identity on")
+
+
+def test_envoy_takes_its_certificate_over_sds_and_reaches_the_tls_control_plane(
+        tmp_path: Path, loop: Loop, sockdir: Path) -> None:
+    ca = pki.Authority.generate(TD)
+    cp_key = pki.new_key()
+    served = ca.serve(cp_key, pki.control_plane_id(TD), ["localhost"], ["127.0.0.1"], 3600)
+    cp = ControlPlane(pki.key_pem(cp_key), served.chain_pem, ca.anchor_pem())
+    key_pem, first = _workload(ca, "web-1")
+    store = SecretStore()
+    sds = SdsServer(store, sockdir / "sds" / "sds.sock")
+
+    async def up() -> None:
+        store.set(key_pem, first.chain_pem, ca.anchor_pem())
+        await sds.start()
+        await cp.start()
+
+    loop.run(up())
+    try:
+        with envoy(tmp_path, _bootstrap(cp.port, sds.socket_path)) as e:
+            wait_until(lambda: cp.peers, 20, what="an ADS stream from Envoy over TLS")
+            assert cp.peers[0] == pki.spiffe_id(TD, "shop", "web"), f"the control plane saw {cp.peers}"
+            wait_until(lambda: _serial(first) in _cert_serials(e), 10, what="Envoy listing its SDS certificate")
+            key2, second = _workload(ca, "web-1")
+            loop.loop.call_soon_threadsafe(store.set, key2, second.chain_pem, ca.anchor_pem())
+            wait_until(lambda: _serial(second) in _cert_serials(e), 10, what="Envoy picking up the rotated certificate")
+            assert e.proc is not None and e.proc.poll() is None
+    finally:
+        loop.run(cp.stop())
+        loop.run(sds.stop())
+
+
+def test_envoy_refuses_a_control_plane_without_the_control_plane_id(tmp_path: Path, loop: Loop, sockdir: Path) -> None:
+    ca = pki.Authority.generate(TD)
+    impostor_key, impostor = _workload(ca, "impostor")  # a workload certificate of the same CA
+    cp = ControlPlane(impostor_key, impostor.chain_pem, ca.anchor_pem())
+    key_pem, mine = _workload(ca, "web-1")
+    store = SecretStore()
+    sds = SdsServer(store, sockdir / "sds" / "sds.sock")
+
+    async def up() -> None:
+        store.set(key_pem, mine.chain_pem, ca.anchor_pem())
+        await sds.start()
+        await cp.start()
+
+    loop.run(up())
+    try:
+        with envoy(tmp_path, _bootstrap(cp.port, sds.socket_path)) as e:
+            wait_until(lambda: (e.stat("cluster.meshpilot-xds.ssl.fail_verify_san") or 0) > 0, 20,
+                       what="Envoy refusing the impostor's certificate (ssl.fail_verify_san)")
+            assert cp.peers == [], f"no ADS stream may reach an impostor, got {cp.peers}"
+    finally:
+        loop.run(cp.stop())
+        loop.run(sds.stop())
