@@ -112,15 +112,15 @@ def sds_secret(name: str) -> secret_pb2.SdsSecretConfig:
     return secret_pb2.SdsSecretConfig(name=name, sds_config=source)
 
 
-def _common(peer_uri: str | None) -> common_pb2.CommonTlsContext:
+def _common(peer_uri: str | None) -> tls_pb2.CommonTlsContext:
     """Our certificate, and the trust bundle (plus, when given, the exact URI SAN the peer must show)."""
     validation = common_pb2.CertificateValidationContext()
     if peer_uri is not None:
         validation.match_typed_subject_alt_names.append(common_pb2.SubjectAltNameMatcher(
             san_type=common_pb2.SubjectAltNameMatcher.URI, matcher=string_pb2.StringMatcher(exact=peer_uri)))
-    return common_pb2.CommonTlsContext(
+    return tls_pb2.CommonTlsContext(
         tls_certificate_sds_secret_configs=[sds_secret(CERT_SECRET)],
-        combined_validation_context=common_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+        combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
             default_validation_context=validation, validation_context_sds_secret_config=sds_secret(ROOT_SECRET)),
     )
 
