@@ -6,7 +6,9 @@ the ACK or NACK to send back plus whether the table changed. A response with any
 whole with the reason and the last good table stays. :func:`run_ads` moves those messages over a grpc.aio
 stream to the control plane, reconnecting with capped, jittered exponential back-off; the caller's callback
 installs each new table and persists it (:func:`save_state`, an atomic replace) so a restarted meshdns serves
-the last table before the control plane answers, and keeps serving it through an outage.
+the last table before the control plane answers, and keeps serving it through an outage. With ``tls`` (a
+:class:`~meshpilot.meshdns.config.TableTls`, the node's workload certificate) the channel is TLS, and a new
+certificate ends the stream and opens the next one with it at once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
+from meshpilot.meshdns.config import TableTls
 from meshpilot.meshdns.dns_pb2 import DnsService
 from meshpilot.meshdns.table import Service
 from meshpilot.xds.resource import TYPE
@@ -114,36 +117,66 @@ async def run_ads(
     backoff_initial: float = 0.1,
     backoff_max: float = 5.0,
     counters: dict[str, int] | None = None,
+    tls: TableTls | None = None,
 ) -> None:
     """Keep ``state`` in sync with the control plane at ``target`` until cancelled."""
     counters = counters if counters is not None else {}
     delay = backoff_initial
     while True:
+        progress: list[bool] = []  # a response arrived on this stream: the back-off starts over
         try:
-            async with grpc.aio.insecure_channel(target) as channel:
-                stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-                call = stub.DeltaAggregatedResources()
-                await call.write(state.initial_request())
-                counters["ads_streams"] = counters.get("ads_streams", 0) + 1
-                while True:
-                    resp = await call.read()
-                    if resp is grpc.aio.EOF:
-                        log.info("event=ads_stream_closed target=%s", target)
-                        break
-                    delay = backoff_initial
-                    reply, changed = state.on_response(resp)
-                    if state.last_error:
-                        counters["ads_nacks"] = counters.get("ads_nacks", 0) + 1
-                        log.warning("event=ads_nack nonce=%s error=%s", resp.nonce, state.last_error)
-                    elif changed:
-                        counters["ads_updates"] = counters.get("ads_updates", 0) + 1
-                        await on_change()
-                    await call.write(reply)
+            if tls is None:
+                async with grpc.aio.insecure_channel(target) as channel:
+                    await _stream(channel, target, state, on_change, counters, progress)
+            else:
+                generation, creds, options = tls.channel_credentials()
+                async with grpc.aio.secure_channel(target, creds, options=list(options)) as channel:
+                    stream = asyncio.ensure_future(_stream(channel, target, state, on_change, counters, progress))
+                    newer = asyncio.ensure_future(tls.wait_newer(generation))
+                    try:
+                        await asyncio.wait((stream, newer), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for task in (stream, newer):
+                            task.cancel()
+                        await asyncio.gather(stream, newer, return_exceptions=True)
+                    if newer.done() and not newer.cancelled() and newer.exception() is None:
+                        counters["ads_credential_reconnects"] = counters.get("ads_credential_reconnects", 0) + 1
+                        log.info("event=ads_reconnect reason=new_credentials target=%s", target)
+                        delay = backoff_initial
+                        continue
+                    stream.result()
         except grpc.aio.AioRpcError as exc:
+            delay = backoff_initial if progress else delay
             counters["ads_errors"] = counters.get("ads_errors", 0) + 1
             log.info("event=ads_unavailable target=%s code=%s retry_in=%.2fs", target, exc.code().name, delay)
+        else:
+            delay = backoff_initial if progress else delay
         await asyncio.sleep(random.uniform(delay / 2, delay))
         delay = min(delay * 2, backoff_max)
+
+
+async def _stream(channel: grpc.aio.Channel, target: str, state: AdsState, on_change: Callable[[], Awaitable[None]],
+                  counters: dict[str, int], progress: list[bool]) -> None:
+    """One stream until the server ends it; ``progress`` gets an entry at the first response."""
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+    call = stub.DeltaAggregatedResources()
+    await call.write(state.initial_request())
+    counters["ads_streams"] = counters.get("ads_streams", 0) + 1
+    while True:
+        resp = await call.read()
+        if resp is grpc.aio.EOF:
+            log.info("event=ads_stream_closed target=%s", target)
+            return
+        if not progress:
+            progress.append(True)
+        reply, changed = state.on_response(resp)
+        if state.last_error:
+            counters["ads_nacks"] = counters.get("ads_nacks", 0) + 1
+            log.warning("event=ads_nack nonce=%s error=%s", resp.nonce, state.last_error)
+        elif changed:
+            counters["ads_updates"] = counters.get("ads_updates", 0) + 1
+            await on_change()
+        await call.write(reply)
 
 
 def save_state(path: str | Path, resources: Resources) -> None:

@@ -2,18 +2,35 @@
 
 Defaults follow the port table in DESIGN.md (meshdns on 127.0.0.1:15053, the control plane's xDS port on
 15010). Upstream resolvers and search suffixes default to the node's /etc/resolv.conf; an upstream that is
-meshdns's own listening address is always removed, so meshdns can never forward to itself.
+meshdns's own listening address is always removed, so meshdns can never forward to itself. With a
+workload identity, ``tls`` gives the table stream its TLS credentials (the sidecar agent's certificate) and
+says when they change, so the stream reconnects with the renewed certificate.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-__all__ = ["MeshDnsConfig", "parse_hostport", "read_resolv_conf", "without_self"]
+import grpc
+
+__all__ = ["MeshDnsConfig", "TableTls", "parse_hostport", "read_resolv_conf", "without_self"]
+
+
+class TableTls(Protocol):
+    """TLS for the table stream: current credentials with a generation, and a wait for a newer one."""
+
+    def channel_credentials(self) -> tuple[int, grpc.ChannelCredentials, Sequence[tuple[str, Any]]]:
+        """(generation, credentials, channel options such as ``grpc.ssl_target_name_override``)."""
+        ...
+
+    async def wait_newer(self, generation: int) -> int:
+        """Return once the credentials are newer than ``generation``."""
+        ...
 
 
 @dataclass(slots=True, frozen=True)
@@ -34,6 +51,7 @@ class MeshDnsConfig:
     backoff_max: float = 5.0
     udp_batch: bool = True  # recvmmsg/sendmmsg fast path where available
     upstream_mark: int | None = None  # SO_MARK on upstream sockets, exempt from the node's capture rules
+    tls: TableTls | None = field(default=None, compare=False)  # None: a plaintext table stream
 
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:

@@ -249,7 +249,7 @@ class MeshDns:
         if self.config.control_plane and not self.config.static_table:
             self._feed = self._tg.create_task(run_ads(
                 self.config.control_plane, self.ads, self._on_ads_change,
-                backoff_max=self.config.backoff_max, counters=self.counters))
+                backoff_max=self.config.backoff_max, counters=self.counters, tls=self.config.tls))
         log.info("event=meshdns_listening host=%s port=%d upstreams=%s services=%d", self.config.host, self.port,
                  ",".join(f"{h}:{p}" for h, p in self.forwarder.upstreams), len(self.table.services))
         return self

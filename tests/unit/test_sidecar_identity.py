@@ -376,3 +376,61 @@ async def test_ready_waits_for_the_first_certificate(tmp_path: Path) -> None:
     await ident.step()
     m = await asyncio.wait_for(waiter, 1.0)
     assert m.spiffe.endswith("/sa/reviews")
+
+
+# ---- meshdns's table stream over TLS with the node's identity -------------------------------------------
+
+
+async def test_the_table_stream_uses_the_identity_and_reconnects_on_new_credentials(tmp_path: Path) -> None:
+    import grpc
+
+    from meshpilot.meshdns.ads import AdsState, run_ads
+    from meshpilot.sidecar.identity import ChannelTls
+
+    clock = Clock()
+    signer = FakeSigner(clock)
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    ident = _identity(signer, clock, tmp_path, tmp_path / "token")
+    await ident.step()
+    cp_key = pki.new_key()
+    served = signer.authority.serve(cp_key, pki.control_plane_id(TD), ["localhost"], ["127.0.0.1"], TTL)
+    peers: list[str] = []
+
+    async def ads(request_iterator: object, context: grpc.aio.ServicerContext[object, object]) -> None:
+        peer = pki.peer_from_context(context)
+        peers.append(peer.spiffe if peer else "")
+        async for _ in request_iterator:  # type: ignore[attr-defined]
+            pass
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "envoy.service.discovery.v3.AggregatedDiscoveryService",
+        {"DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(ads)})])
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(pki.key_pem(cp_key), served.chain_pem)], root_certificates=signer.root, require_client_auth=True))
+    await server.start()
+    counters: dict[str, int] = {}
+
+    async def on_change() -> None:
+        pass
+
+    feed = asyncio.create_task(run_ads(f"127.0.0.1:{port}", AdsState("reviews-1~meshdns"), on_change,
+                                       backoff_initial=0.05, counters=counters, tls=ChannelTls(ident, "localhost")))
+    watch = asyncio.create_task(ident.watch_bundle())
+    try:
+        async with asyncio.timeout(5):
+            while not peers:
+                await asyncio.sleep(0.01)
+        assert peers == [f"spiffe://{TD}/ns/shop/sa/reviews"], f"the server saw {peers}"
+        await signer.bundles.put(pki.bundle_pem([signer.root, pki.Authority.generate(TD).anchor_pem()]))
+        async with asyncio.timeout(5):
+            while len(peers) < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        feed.cancel()
+        watch.cancel()
+        await asyncio.gather(feed, watch, return_exceptions=True)
+        await server.stop(None)
+    assert counters.get("ads_credential_reconnects") == 1, counters
+    assert peers[1] == peers[0]
