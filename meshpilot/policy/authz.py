@@ -32,6 +32,7 @@ from envoy.type.matcher.v3 import path_pb2, string_pb2
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from meshpilot.model import dns_label
+from meshpilot.pki import spiffe_id
 from meshpilot.policy.kinds import PolicyBase, PolicyKind, TranslateContext, Translation, register_kind
 from meshpilot.translate.listeners import InboundAuthz
 
@@ -200,7 +201,7 @@ def _peer(peer: Peer, policy_ns: str, trust_domain: str) -> rbac_pb2.Principal:
         ids = []
         for s in peer.services:
             name, _, ns = s.partition(".")
-            ids.append(_authenticated(string_pb2.StringMatcher(exact=f"spiffe://{trust_domain}/ns/{ns or policy_ns}/sa/{name}")))
+            ids.append(_authenticated(string_pb2.StringMatcher(exact=spiffe_id(trust_domain, ns or policy_ns, name))))
         parts.append(_any_principal(ids))
     if peer.namespaces:
         parts.append(_any_principal(

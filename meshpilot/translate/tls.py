@@ -25,6 +25,8 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.message import Message
 
+from meshpilot.pki import spiffe_id
+
 __all__ = [
     "CERT_SECRET",
     "DISABLE",
@@ -86,11 +88,7 @@ class TlsSettings:
 
     def service_id(self, namespace: str, service: str) -> str:
         """The SPIFFE id a service's workloads carry in their certificates."""
-        return _spiffe_id(self.trust_domain, namespace, service)
-
-
-def _spiffe_id(trust_domain: str, namespace: str, service: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service}"
+        return spiffe_id(self.trust_domain, namespace, service)
 
 
 def _pack(msg: Message) -> any_pb2.Any:
