@@ -18,6 +18,7 @@ _PLUGINS = (
     "meshpilot.consul.plugin",
     "meshpilot.eureka.plugin",
     "meshpilot.policy.plugin",
+    "meshpilot.identity.plugin",
 )
 
 

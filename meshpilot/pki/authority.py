@@ -65,14 +65,15 @@ def _common_name(value: str) -> x509.NameAttribute[str]:
 
 
 def build_csr(key: ec.EllipticCurvePrivateKey, spiffe: str, node_id: str) -> bytes:
-    """A PEM CSR for ``key`` asking for URI SAN ``spiffe`` and CN ``node_id`` (the CA decides anyway)."""
+    """A PEM CSR for ``key`` asking for URI SAN ``spiffe`` and CN ``node_id`` (the CA decides anyway;
+    an empty one is left out)."""
     csr = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([_common_name(node_id)]))
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]), critical=False)
-        .sign(key, hashes.SHA256())
+        .subject_name(x509.Name([_common_name(node_id)] if node_id else []))
     )
-    return csr.public_bytes(_PEM)
+    if spiffe:
+        csr = csr.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]), critical=False)
+    return csr.sign(key, hashes.SHA256()).public_bytes(_PEM)
 
 
 def bundle_pem(roots: Iterable[bytes]) -> bytes:

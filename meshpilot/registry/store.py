@@ -26,7 +26,7 @@ __all__ = ["MemoryStore", "SqliteStore", "Store", "StoreError", "open_store"]
 
 log = logging.getLogger("meshpilot.registry.store")
 
-TABLES = ("services", "instances", "policies", "meta", "kv", "access_tokens")
+TABLES = ("services", "instances", "policies", "meta", "kv", "access_tokens", "ca_roots", "join_tokens", "enrolments")
 
 
 class StoreError(Exception):

@@ -1,0 +1,335 @@
+"""The mesh CA as the control plane runs it: which roots are trusted, which one signs, and the
+control plane's own serving certificate.
+
+Roots live in the store's ``ca_roots`` table (certificate, key and chain, PEM), so a restart signs
+with the same root and every issued certificate stays valid. On first start, without an operator
+CA, a root is generated and kept there. With ``ca_cert_file``/``ca_key_file`` (and ``ca_chain_file``
+for an intermediate) the operator's CA signs; its key stays in its file and is read at each start.
+Several roots can be trusted at once and exactly one signs, which is how a root is rotated: add a
+new root (trusted, not signing), activate it (it signs from now on; the old one stays trusted), and
+remove the old one once every certificate it signed has expired or been renewed (the signing root
+can not be removed, nor one that signed a node's current certificate that is still valid).
+
+The xDS port serves with ``server_credentials``: a certificate for the control plane's SPIFFE id,
+renewed at half its lifetime, and the trust bundle for client certificates, both read again on new
+connections through grpc's dynamic credentials, so neither a renewal nor a rotation needs a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meshpilot import pki
+from meshpilot.registry.store import Store
+from meshpilot.settings import Settings
+
+__all__ = ["ENROLMENTS", "ROOTS", "MeshCa", "RootRefused", "UnknownRoot"]
+
+log = logging.getLogger("meshpilot.identity")
+
+ROOTS = "ca_roots"
+ENROLMENTS = "enrolments"
+_FILE = "file"  # the source of the operator's CA (never written to the store)
+
+
+class UnknownRoot(LookupError):
+    """No trusted root has this serial."""
+
+
+class RootRefused(ValueError):
+    """The root can not be changed that way (the reason is the message)."""
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _read(path: str, setting: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{setting}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+class MeshCa:
+    """The trusted roots and the signing authority, kept in ``store``; see the module docstring."""
+
+    def __init__(self, store: Store, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self._lock = threading.Lock()  # grpc's credential fetcher runs on its own threads
+        self._watchers: list[Callable[[bytes], None]] = []
+        self._operator: pki.Authority | None = self._load_operator()
+        self._roots: dict[str, pki.Authority] = {}  # serial of the anchor -> authority, stored ones
+        self._signing = ""  # anchor serial of the signing authority
+        self._load()
+        self._serving: tuple[bytes, bytes, float, float] | None = None  # (key, chain, issued, not_after)
+
+    # ---- loading ------------------------------------------------------------------------
+
+    def _load_operator(self) -> pki.Authority | None:
+        s = self.settings
+        if not s.ca_cert_file and not s.ca_key_file:
+            if s.ca_chain_file:
+                raise ValueError("ca_chain_file: given without ca_cert_file and ca_key_file")
+            return None
+        if not s.ca_cert_file or not s.ca_key_file:
+            missing = "ca_key_file" if s.ca_cert_file else "ca_cert_file"
+            raise ValueError(f"{missing}: ca_cert_file and ca_key_file go together")
+        cert = _read(s.ca_cert_file, "ca_cert_file")
+        key = _read(s.ca_key_file, "ca_key_file")
+        chain = _read(s.ca_chain_file, "ca_chain_file") if s.ca_chain_file else b""
+        try:
+            authority = pki.Authority.from_pem(cert, key, chain)
+        except ValueError as exc:
+            text = str(exc)
+            setting = "ca_key_file" if "key" in text and "chain" not in text else (
+                "ca_chain_file" if "chain" in text else "ca_cert_file")
+            raise ValueError(f"{setting}: {text}") from None
+        if authority.not_after <= self.clock():
+            raise ValueError(f"ca_cert_file: {s.ca_cert_file} has expired")
+        return authority
+
+    def _load(self) -> None:
+        signing = ""
+        for serial, doc in self.store.items(ROOTS):
+            try:
+                authority = pki.Authority.from_pem(doc["cert"].encode(), doc["key"].encode(), doc.get("chain", "").encode())
+            except (KeyError, AttributeError, ValueError) as exc:
+                raise ValueError(f"store table {ROOTS}: root {serial} cannot be read: {exc}") from None
+            self._roots[serial] = authority
+            if doc.get("signing"):
+                signing = serial
+        if self._operator is not None:
+            self._signing = _anchor_serial(self._operator)
+            return
+        if not self._roots:
+            authority = pki.Authority.generate(self.settings.trust_domain, now=self.clock())
+            serial = _anchor_serial(authority)
+            self._roots[serial] = authority
+            self._write_root(serial, authority, signing=True)
+            log.info("event=ca_root_generated serial=%s trust_domain=%s", serial, self.settings.trust_domain)
+            signing = serial
+        if not signing:  # a store from an interrupted rotation: the newest root signs
+            signing = max(self._roots, key=lambda k: self._roots[k].cert.not_valid_before_utc)
+            self._write_root(signing, self._roots[signing], signing=True)
+        self._signing = signing
+
+    def _write_root(self, serial: str, authority: pki.Authority, signing: bool) -> None:
+        cert, key, chain = authority.to_pem()
+        doc = {"cert": cert.decode(), "key": key.decode(), "chain": chain.decode(), "signing": signing,
+               "added_at": self.clock()}
+        old = self.store.get(ROOTS, serial)
+        if isinstance(old, dict) and "added_at" in old:
+            doc["added_at"] = old["added_at"]
+        self.store.write({(ROOTS, serial): doc})
+
+    # ---- reading --------------------------------------------------------------------------
+
+    @property
+    def authority(self) -> pki.Authority:
+        """The authority that signs now."""
+        if self._operator is not None:
+            return self._operator
+        return self._roots[self._signing]
+
+    def _trusted(self) -> list[pki.Authority]:
+        out = [self._operator] if self._operator is not None else []
+        return out + [self._roots[k] for k in sorted(self._roots)]
+
+    def bundle_pem(self) -> bytes:
+        """Every trusted root, PEM, each once: what peers verify against."""
+        return pki.bundle_pem(a.anchor_pem() for a in self._trusted())
+
+    def intermediates(self) -> list[x509.Certificate]:
+        """The certificates between trusted roots and the leaves they sign (an operator's intermediate)."""
+        return [c for a in self._trusted() for c in a.intermediates()]
+
+    def roots(self) -> list[dict[str, Any]]:
+        """The trusted roots: serial, subject, not_before, not_after, signing, fingerprint, source."""
+        out = []
+        for a in self._trusted():
+            anchor = a.anchor
+            serial = _anchor_serial(a)
+            out.append({
+                "serial": serial,
+                "subject": anchor.subject.rfc4514_string(),
+                "not_before": anchor.not_valid_before_utc.timestamp(),
+                "not_after": anchor.not_valid_after_utc.timestamp(),
+                "signing": a is self.authority,
+                "fingerprint": _fingerprint(anchor),
+                "source": _FILE if a is self._operator else "store",
+            })
+        return out
+
+    def watch(self, callback: Callable[[bytes], None]) -> Callable[[], None]:
+        """Call ``callback(bundle_pem)`` on every change of the bundle; returns the unsubscribe."""
+        self._watchers.append(callback)
+
+        def cancel() -> None:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+
+        return cancel
+
+    def _changed(self) -> None:
+        bundle = self.bundle_pem()
+        for cb in list(self._watchers):
+            try:
+                cb(bundle)
+            except Exception:  # one broken watcher must not stop the others hearing of it
+                log.exception("event=ca_watcher_failed")
+
+    # ---- signing --------------------------------------------------------------------------
+
+    def sign(self, csr_pem: bytes, spiffe: str, node_id: str) -> pki.Issued:
+        """A workload certificate (see pki.Authority.sign), valid ``workload_cert_ttl_s``."""
+        return self.authority.sign(csr_pem, spiffe, node_id, self.settings.workload_cert_ttl_s, now=self.clock())
+
+    @property
+    def signing_serial(self) -> str:
+        """The serial of the root the signing authority chains to."""
+        return _anchor_serial(self.authority)
+
+    async def durable(self) -> None:
+        """Return when every root written so far is on disk."""
+        await self.store.sync()
+
+    # ---- rotation ---------------------------------------------------------------------------
+
+    async def add_root(self) -> dict[str, Any]:
+        """Generate a new root: trusted from now on, not signing until activated."""
+        authority = pki.Authority.generate(self.settings.trust_domain, now=self.clock())
+        serial = _anchor_serial(authority)
+        self._roots[serial] = authority
+        self._write_root(serial, authority, signing=False)
+        await self.store.sync()
+        log.info("event=ca_root_added serial=%s", serial)
+        self._changed()
+        return next(r for r in self.roots() if r["serial"] == serial)
+
+    async def activate_root(self, serial: str) -> dict[str, Any]:
+        """Make a trusted root the one that signs; the previous one stays trusted."""
+        if serial not in self._roots:
+            if self._operator is not None and serial == _anchor_serial(self._operator):
+                return next(r for r in self.roots() if r["serial"] == serial)
+            raise UnknownRoot(serial)
+        if self._operator is not None:
+            raise RootRefused("ca_cert_file: the operator's CA signs while ca_cert_file is set; change the file "
+                              "(or remove the setting) and restart")
+        authority = self._roots[serial]
+        if authority.not_after <= self.clock() + self.settings.workload_cert_ttl_s:
+            raise RootRefused(f"root {serial} expires before a certificate signed now would")
+        previous = self._signing
+        if previous != serial:
+            self._write_root(previous, self._roots[previous], signing=False)
+            self._write_root(serial, authority, signing=True)
+            self._signing = serial
+            await self.store.sync()
+            log.info("event=ca_root_activated serial=%s previous=%s", serial, previous)
+        return next(r for r in self.roots() if r["serial"] == serial)
+
+    def still_valid_under(self, serial: str) -> list[dict[str, Any]]:
+        """Enrolled nodes whose current certificate chains to root ``serial`` and has not expired."""
+        now = self.clock()
+        return [doc for _node, doc in self.store.items(ENROLMENTS)
+                if isinstance(doc, dict) and doc.get("root") == serial and float(doc.get("not_after", 0)) > now]
+
+    async def remove_root(self, serial: str, force: bool = False) -> None:
+        """Stop trusting a root. Refused for the signing root, and (unless ``force``) while a node's
+        current certificate signed under it is still valid."""
+        if self._operator is not None and serial == _anchor_serial(self._operator):
+            raise RootRefused("ca_cert_file: the operator's CA is removed by removing the setting and restarting")
+        if serial not in self._roots:
+            raise UnknownRoot(serial)
+        if serial == self._signing and self._operator is None:
+            raise RootRefused(f"root {serial} signs; activate another root first")
+        live = self.still_valid_under(serial)
+        if live and not force:
+            last = max(float(d["not_after"]) for d in live)
+            raise RootRefused(
+                f"root {serial} signed the current certificate of {len(live)} node(s) "
+                f"(e.g. {live[0].get('node_id', '?')}), valid until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(last))}; "
+                "wait until they have renewed or expired"
+            )
+        del self._roots[serial]
+        self.store.write({}, deletes=((ROOTS, serial),))
+        await self.store.sync()
+        log.info("event=ca_root_removed serial=%s forced=%s", serial, force and bool(live))
+        self._changed()
+
+    # ---- the control plane's own certificate ------------------------------------------------
+
+    def _serving_names(self) -> tuple[list[str], list[str]]:
+        ips: list[str] = []
+        try:
+            ip = ipaddress.ip_address(self.settings.listen_address)
+        except ValueError:
+            pass
+        else:
+            if not ip.is_unspecified:
+                ips.append(str(ip))
+        return list(self.settings.xds_server_names), ips
+
+    def serving_pem(self) -> tuple[bytes, bytes]:
+        """(key PEM, chain PEM) of the control plane's serving certificate, renewed at half-life."""
+        with self._lock:
+            now = self.clock()
+            s = self._serving
+            if s is None or now >= s[2] + (s[3] - s[2]) / 2:
+                key = pki.new_key()
+                dns, ips = self._serving_names()
+                issued = self.authority.serve(key, pki.control_plane_id(self.settings.trust_domain), dns, ips,
+                                              self.settings.workload_cert_ttl_s, now=now)
+                self._serving = s = (pki.key_pem(key), issued.chain_pem, now, issued.not_after)
+                log.info("event=ca_serving_cert_issued serial=%s not_after=%.0f", issued.serial, issued.not_after)
+            return s[0], s[1]
+
+    def server_credentials(self, require_client_cert: bool = True) -> grpc.ServerCredentials:
+        """TLS credentials for a gRPC port. ``require_client_cert``: the client must present a
+        certificate that chains to the bundle (gRPC Python can either require and verify client
+        certificates or not ask for them at all: it has no "ask, but optional")."""
+        served: list[tuple[bytes, bytes, bytes]] = []  # what this port serves now
+        lock = threading.Lock()
+
+        def configuration() -> grpc.ServerCertificateConfiguration | None:
+            key, chain = self.serving_pem()
+            now = (key, chain, self.bundle_pem())
+            with lock:
+                if served and served[-1] == now:
+                    return None
+                served[:] = [now]
+            return grpc.ssl_server_certificate_configuration(
+                [(key, chain)], root_certificates=now[2] if require_client_cert else None
+            )
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # grpc asks on new connections, from its own threads; None keeps what it has
+            try:
+                return configuration()
+            except Exception:  # never raise into grpc's thread: keep serving what it has
+                log.exception("event=ca_serving_config_failed")
+                return None
+
+        initial = configuration()
+        assert initial is not None
+
+        # grpc documents None as "no change"; its type stub leaves None out
+        fetcher = cast(Callable[[], grpc.ServerCertificateConfiguration], fetch)
+        return grpc.dynamic_ssl_server_credentials(initial, fetcher, require_client_authentication=require_client_cert)
+
+
+def _anchor_serial(authority: pki.Authority) -> str:
+    return pki.serial_of(authority.anchor)

@@ -1,0 +1,41 @@
+"""The mesh CA's part of the control plane, when ``identity`` is on: the Identity gRPC service on
+the xDS port (whose TLS credentials it gives, client certificates required), the same service on
+the enrolment port (TLS without client certificates: a node's first Sign with its join token), and
+the /v1/identity management routes. With ``identity`` off it contributes nothing.
+
+The enrolment port is ``xds_port + 2`` (15012 by default), or one the OS picks when ``xds_port`` is
+0; ``GET /v1/identity`` reports the bound one.
+"""
+
+from __future__ import annotations
+
+from meshpilot.identity.ca import MeshCa
+from meshpilot.identity.routes import identity_routes
+from meshpilot.identity.service import EnrolmentServer, IdentityService, identity_handler
+from meshpilot.identity.tokens import JoinTokens
+from meshpilot.parts import Core, Part, Task
+from meshpilot.settings import Settings
+
+__all__ = ["enrolment_port", "install"]
+
+
+def enrolment_port(settings: Settings) -> int:
+    """The port the enrolment listener asks for: ``xds_port + 2``, or 0 (the OS picks) with ``xds_port`` 0."""
+    return settings.xds_port + 2 if settings.xds_port else 0
+
+
+def install(core: Core) -> Part:
+    settings = core.settings
+    if not settings.identity:
+        return Part()
+    store = core.registry.store
+    ca = MeshCa(store, settings)
+    tokens = JoinTokens(store)
+    service = IdentityService(ca, tokens)
+    enrolment = EnrolmentServer(service, settings.listen_address, enrolment_port(settings))
+    return Part(
+        grpc_handlers=[identity_handler(service)],
+        routes=identity_routes(ca, tokens, lambda: enrolment.port),
+        tasks=[Task("identity-enrolment", enrolment.run)],
+        server_credentials=ca.server_credentials,
+    )
