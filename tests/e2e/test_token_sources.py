@@ -37,7 +37,9 @@ def test_token_from_a_file_or_the_environment(workdir: Path) -> None:
         assert r.returncode == 0, f"MESHPILOT_TOKEN: expected the write to pass, got {r.stderr!r}"
         r = _cli("service", "create", "envfile", *api, env={"MESHPILOT_TOKEN_FILE": str(secret)})
         assert r.returncode == 0, f"MESHPILOT_TOKEN_FILE: expected the write to pass, got {r.stderr!r}"
-        names = sorted(s["name"] for s in json.loads(_cli("service", "list", *api).stdout))
+        r = _cli("service", "list", *api)
+        assert r.returncode != 0 and "401" in r.stderr, f"a read without a token: expected a 401, got {r.returncode} {r.stderr!r}"
+        names = sorted(s["name"] for s in json.loads(_cli("service", "list", *api, env={"MESHPILOT_TOKEN": TOKEN}).stdout))
         assert names == ["env", "envfile", "web"], f"expected the three authorised services, got {names}"
         r = _cli("service", "delete", "web", *api, "--token-file", str(workdir / "missing"))
         assert r.returncode != 0 and "--token-file" in r.stderr, f"an unreadable token file must be named, got {r.stderr!r}"
