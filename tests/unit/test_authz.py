@@ -1,0 +1,205 @@
+"""AuthorizationPolicy: validation with field errors, its translation into the inbound RBAC rules
+(deny first, then allow; default allow until an ALLOW policy selects the service), the rules'
+place in the node's inbound routes, and which services a change touches. Pure; tests/e2e has
+real Envoy enforcing them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from envoy.config.rbac.v3 import rbac_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
+from google.protobuf import json_format
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshpilot.model import Service, ServicePort
+from meshpilot.policy.authz import AUTHZ, AuthorizationPolicy, inbound_authz
+from meshpilot.policy.kinds import PolicyInvalid
+from meshpilot.policy.mesh import Policies
+from meshpilot.publish import Changes
+from meshpilot.publish.mesh import MeshProducer
+from meshpilot.registry import Registry
+from meshpilot.registry.store import MemoryStore
+from meshpilot.translate.listeners import AUTHZ_ALLOW, AUTHZ_DENY, InboundAuthz, build_inbound_routes
+from meshpilot.xds.resource import TYPE, NodeInfo
+
+TD = "example.org"
+NODE = NodeInfo(id="web-1", service="web", namespace="shop", inbound_port=15006, app_port=8080)
+
+
+def _policy(**kw: Any) -> AuthorizationPolicy:
+    p = AUTHZ.validate({"name": "p", "namespace": "shop", **kw})
+    assert isinstance(p, AuthorizationPolicy)
+    return p
+
+
+def _js(msg: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+def test_a_policy_round_trips_through_its_stored_form_with_from_spelled_from() -> None:
+    p = _policy(service="web", action="deny", rules=[{"from": [{"services": ["api", "batch.jobs"]}], "to": [{"methods": ["POST"]}]}])
+    doc = AUTHZ.document(p)
+    assert doc["rules"][0]["from"][0]["services"] == ["api", "batch.jobs"] and "from_" not in doc["rules"][0]
+    assert doc["action"] == "DENY"
+    assert AUTHZ.validate(doc) == p
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"action": "MAYBE"}, "action"),
+    ({"rules": [{"from": [{"principals": ["web"]}]}]}, "rules.0.from.0.principals"),
+    ({"rules": [{"from": [{"services": ["Bad Name"]}]}]}, "rules.0.from.0.services"),
+    ({"rules": [{"to": [{"methods": ["get"]}]}]}, "rules.0.to.0.methods"),
+    ({"rules": [{"to": [{"ports": [0]}]}]}, "rules.0.to.0.ports"),
+    ({"rules": [{"to": [{"paths": ["no-slash"]}]}]}, "rules.0.to.0.paths"),
+    ({"rules": [{"when": [{"header": "x a", "values": ["1"]}]}]}, "rules.0.when.0.header"),
+    ({"rules": [{"when": [{"header": "x-a", "values": []}]}]}, "rules.0.when.0.values"),
+    ({"rules": [{"from": [{}]}]}, "rules.0.from.0"),
+    ({"rules": [{"to": [{}]}]}, "rules.0.to.0"),
+    ({"rules": [{"when": [{"header": "x-a", "values": ["1"]}, {"header": "X-A", "values": ["2"]}]}]}, "rules.0.when.1.header"),
+    ({"rules": [{"unknown": 1}]}, "rules.0.unknown"),
+])
+def test_bad_policies_are_refused_naming_the_field(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(PolicyInvalid) as bad:
+        _policy(**body)
+    fields = [f["field"] for f in bad.value.fields]
+    assert field in fields, f"expected a complaint about {field}, got {bad.value.fields}"
+
+
+_junk = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=12), st.sampled_from(["ALLOW", "DENY", "/x", "GET", "spiffe://a/b"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["from", "to", "when", "principals", "services", "namespaces", "ports", "paths", "prefixes", "methods", "header", "values"]), inner, max_size=3)),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.sampled_from(["name", "service", "action", "rules", "namespace"]), _junk, max_size=5))
+def test_junk_is_refused_with_field_errors_or_accepted_and_translatable(doc: dict[str, Any]) -> None:
+    try:
+        p = AUTHZ.validate({"name": "j", **{k: v for k, v in doc.items() if k != "name"}})
+    except PolicyInvalid as exc:
+        assert exc.fields and all(f["field"] and f["reason"] for f in exc.fields), f"got {exc.fields}"
+        return
+    assert isinstance(p, AuthorizationPolicy)
+    built = inbound_authz([p], p.namespace, p.service or "svc", {80}, TD)
+    assert built is not None and (built.deny is not None) == (p.action == "DENY")
+
+
+# ---- translation ------------------------------------------------------------------------------
+
+
+def test_no_policy_means_no_rules_and_policies_select_by_namespace_and_service() -> None:
+    assert inbound_authz([], "shop", "web", {80}, TD) is None
+    other_ns = _policy(service="web").model_copy(update={"namespace": "prod"})
+    assert inbound_authz([other_ns], "shop", "web", {80}, TD) is None
+    assert inbound_authz([_policy(service="api")], "shop", "web", {80}, TD) is None
+    assert inbound_authz([_policy()], "shop", "web", {80}, TD) is not None, "expected a policy without service to select every service of its namespace"
+
+
+def test_an_allow_policy_without_rules_allows_nothing_and_a_deny_without_rules_denies_nothing() -> None:
+    allow = inbound_authz([_policy(action="ALLOW")], "shop", "web", {80}, TD)
+    assert allow is not None and allow.deny is None
+    assert allow.allow is not None and allow.allow.action == rbac_pb2.RBAC.ALLOW and not allow.allow.policies
+    deny = inbound_authz([_policy(action="DENY")], "shop", "web", {80}, TD)
+    assert deny is not None and deny.allow is None
+    assert deny.deny is not None and deny.deny.action == rbac_pb2.RBAC.DENY and not deny.deny.policies
+
+
+def test_callers_are_principals_from_their_certificates() -> None:
+    p = _policy(service="web", rules=[{"from": [{"services": ["api", "batch.jobs"]}, {"namespaces": ["ops"]}, {"principals": ["*"]}]}])
+    built = inbound_authz([p], "shop", "web", {80}, TD)
+    assert built is not None and built.allow is not None
+    rule = _js(built.allow.policies["shop/p/0"])
+    assert rule["permissions"] == [{"any": True}]
+    ors = rule["principals"][0]["or_ids"]["ids"]
+    services = [i["authenticated"]["principal_name"]["exact"] for i in ors[0]["or_ids"]["ids"]]
+    # 'api' is in the policy's namespace; 'batch.jobs' is service batch of namespace jobs
+    assert services == [f"spiffe://{TD}/ns/shop/sa/api", f"spiffe://{TD}/ns/jobs/sa/batch"], f"got {services}"
+    assert ors[1]["authenticated"]["principal_name"]["prefix"] == f"spiffe://{TD}/ns/ops/sa/"
+    assert ors[2]["authenticated"]["principal_name"]["prefix"] == "spiffe://"
+
+
+def test_fields_of_an_entry_all_match_and_values_of_a_field_any() -> None:
+    p = _policy(rules=[{
+        "from": [{"services": ["api"], "namespaces": ["shop"]}],
+        "to": [{"paths": ["/a"], "prefixes": ["/b/"], "methods": ["GET", "HEAD"]}],
+        "when": [{"header": "x-tenant", "values": ["t1", "t2"]}],
+    }])
+    built = inbound_authz([p], "shop", "web", {80}, TD)
+    assert built is not None and built.allow is not None
+    rule = _js(built.allow.policies["shop/p/0"])
+    peer = rule["principals"][0]["and_ids"]["ids"]
+    assert len(peer) == 2, f"expected services AND namespaces, got {peer}"
+    perm = rule["permissions"][0]["and_rules"]["rules"]
+    to = perm[0]["and_rules"]["rules"]
+    assert [p["url_path"]["path"] for p in to[0]["or_rules"]["rules"]] == [{"exact": "/a"}, {"prefix": "/b/"}]
+    assert [m["header"]["string_match"]["exact"] for m in to[1]["or_rules"]["rules"]] == ["GET", "HEAD"]
+    assert [h["header"]["string_match"]["exact"] for h in perm[1]["or_rules"]["rules"]] == ["t1", "t2"]
+
+
+def test_a_rule_for_ports_the_node_does_not_serve_is_dropped() -> None:
+    p = _policy(rules=[{"to": [{"ports": [9090]}]}, {"to": [{"ports": [80, 9090], "methods": ["GET"]}]}])
+    built = inbound_authz([p], "shop", "web", {80}, TD)
+    assert built is not None and built.allow is not None
+    assert list(built.allow.policies) == ["shop/p/1"], f"expected the 9090-only rule dropped, got {list(built.allow.policies)}"
+
+
+def test_deny_and_allow_policies_go_to_their_own_rule_sets() -> None:
+    ps = [_policy(action="DENY", rules=[{}]).model_copy(update={"name": "d"}), _policy(rules=[{}]).model_copy(update={"name": "a"})]
+    built = inbound_authz(ps, "shop", "web", {80}, TD)
+    assert built is not None and built.deny is not None and built.allow is not None
+    assert list(built.deny.policies) == ["shop/d/0"] and list(built.allow.policies) == ["shop/a/0"]
+
+
+# ---- the node's inbound routes -----------------------------------------------------------------
+
+
+def _per_route(cfg: route_pb2.RouteConfiguration, name: str) -> rbac_filter.RBACPerRoute | None:
+    any_cfg = cfg.virtual_hosts[0].typed_per_filter_config.get(name)
+    if any_cfg is None:
+        return None
+    out = rbac_filter.RBACPerRoute()
+    assert any_cfg.Unpack(out), f"expected RBACPerRoute for {name}, got {any_cfg.type_url}"
+    return out
+
+
+def test_rules_ride_on_the_inbound_virtual_host_and_the_health_route_skips_them() -> None:
+    authz = InboundAuthz(deny=rbac_pb2.RBAC(action=rbac_pb2.RBAC.DENY), allow=rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW))
+    cfg = build_inbound_routes(NODE, (), "tok", (), authz)
+    deny, allow = _per_route(cfg, AUTHZ_DENY), _per_route(cfg, AUTHZ_ALLOW)
+    assert deny is not None and deny.rbac.rules.action == rbac_pb2.RBAC.DENY and deny.rbac.rules_stat_prefix == "authz_deny_"
+    assert allow is not None and allow.rbac.rules.action == rbac_pb2.RBAC.ALLOW and allow.rbac.HasField("rules")
+    health = cfg.virtual_hosts[0].routes[0]
+    assert health.name == "health" and {AUTHZ_DENY, AUTHZ_ALLOW} <= set(health.typed_per_filter_config)
+    plain = build_inbound_routes(NODE, (), "tok", ())
+    assert _per_route(plain, AUTHZ_DENY) is None and _per_route(plain, AUTHZ_ALLOW) is None
+
+
+def test_a_namespace_wide_policy_change_reaches_every_node_of_the_namespace_by_routes_only() -> None:
+    reg = Registry(MemoryStore())
+    for name, ns in (("web", "shop"), ("api", "shop"), ("ext", "other")):
+        reg.put_service(Service(name=name, namespace=ns, ports=[ServicePort(name="http", port=80)]))
+    nodes = {NODE.id: NODE, "ext-1": NodeInfo(id="ext-1", service="ext", namespace="other", inbound_port=15006, app_port=8080)}
+    policies = Policies(reg, "mesh", "127.0.0.1", nodes, {}, lambda key: None, trust_domain=TD)
+    mesh = MeshProducer(reg, "mesh", nodes, policies, lambda n: "tok", identity=True, trust_domain=TD)
+    before = mesh.produce(Changes(everything=True), 0.0)
+    bundle = before[(NODE.id, "node")]
+    assert bundle is not None
+    listener_before = bundle.resources[TYPE.LISTENER]["inbound"]
+    reg.put_document("policies", "AuthorizationPolicy/shop/only-api", {
+        "kind": "AuthorizationPolicy", "name": "only-api", "namespace": "shop", "rules": [{"from": [{"services": ["api"]}]}]})
+    out = mesh.produce(Changes(other={"AuthorizationPolicy/shop/only-api"}), 1.0)
+    assert (NODE.id, "node") in out and ("ext-1", "node") not in out, f"expected only the namespace's nodes rebuilt, got {sorted(out)}"
+    node_out = out[(NODE.id, "node")]
+    assert node_out is not None
+    assert node_out.resources[TYPE.LISTENER]["inbound"] == listener_before, "expected the listener unchanged (no drain): rules travel by RDS"
+    routes = node_out.resources[TYPE.ROUTE]["inbound"]
+    assert isinstance(routes, route_pb2.RouteConfiguration)
+    allow = _per_route(routes, AUTHZ_ALLOW)
+    assert allow is not None and list(allow.rbac.rules.policies) == ["shop/only-api/0"]
