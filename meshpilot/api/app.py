@@ -6,7 +6,9 @@ registry as it was. When a token is configured (``settings.token``, the operator
 token), every request needs ``Authorization: Bearer <token>`` with a token whose scope suffices:
 read for GET and HEAD, write for the rest, admin for token and identity administration
 (``required_scope``); /healthz, /metrics and the WASM module Envoy fetches stay open. The tokens
-themselves (``/v1/access/tokens``) are kept by ``meshpilot.access``. A front door like the Consul and Eureka ones: it is given the registry, the xDS server it reports
+themselves (``/v1/access/tokens``) are kept in the store by ``meshpilot.access``.
+
+A front door like the Consul and Eureka ones: it is given the registry, the xDS server it reports
 on and the routes other parts of the product contribute (routes.py), and keeps no state of its own.
 """
 
