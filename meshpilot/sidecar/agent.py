@@ -5,7 +5,14 @@ starts the node's meshdns in its own event loop (``mesh.dns``, on by default: fe
 plane over delta ADS, its last table kept in the work directory, upstream queries marked with the
 capture rules' exempt SO_MARK), then Envoy (and the app itself when the spec has ``mesh.app``), and
 restarts each with back-off when it dies. Registration and health are not the agent's business:
-Envoy's HDS stream does that (meshpilot/hds/). On SIGTERM/SIGINT it runs the graceful offline sequence of DESIGN.md:
+Envoy's HDS stream does that (meshpilot/hds/).
+
+With a workload identity (``--trust-bundle`` or ``mesh.identity``), the agent first enrols with the control
+plane's CA (sidecar/identity.py; bounded by ``identity_wait_s``: without a certificate Envoy cannot reach
+the control plane), then serves the certificate to Envoy over SDS on a unix socket in the work directory
+(sidecar/sds.py), then starts meshdns with its table stream over TLS under the same identity, then Envoy.
+Renewals and new trust bundles reach Envoy and meshdns as they happen. The management-API calls below keep
+using the bearer token. On SIGTERM/SIGINT it runs the graceful offline sequence of DESIGN.md:
 
 1. deregister the instance through the management API (HDS has no deregister message);
 2. wait, bounded by ``mesh.syncTimeout``, until every Envoy consuming the service has ACKed the
@@ -33,9 +40,12 @@ from urllib.parse import quote
 
 import aiohttp
 
-from meshpilot.meshdns.config import MeshDnsConfig
+from meshpilot import pki
+from meshpilot.meshdns.config import MeshDnsConfig, TableTls
 from meshpilot.meshdns.server import MeshDns
-from meshpilot.sidecar.render import SidecarOptions, bootstrap_options
+from meshpilot.sidecar.identity import ChannelTls, GrpcSigner, Material, WorkloadIdentity
+from meshpilot.sidecar.render import IdentitySettings, SidecarOptions, bootstrap_options, identity_settings
+from meshpilot.sidecar.sds import SdsServer, SecretStore
 from meshpilot.sidecar.spec import SidecarSpec
 from meshpilot.sidecar.supervise import BASE_DELAY_S, MAX_DELAY_S, Supervised
 from meshpilot.translate.bootstrap import build_bootstrap
@@ -60,22 +70,32 @@ class AgentConfig:
     concurrency: int = 1
     ready_file: Path | None = None
     log_level: str = "info"
+    identity_wait_s: float = 60.0  # bound on the first enrolment before the agent gives up
 
 
-def dns_config(spec: SidecarSpec, options: SidecarOptions, node_id: str, workdir: Path) -> MeshDnsConfig:
+# a unix socket's path is at most 107 bytes (sun_path)
+_MAX_SOCKET_PATH = 107
+
+
+def control_plane_target(options: SidecarOptions) -> str:
+    host = options.control_plane_host
+    return f"{f'[{host}]' if ':' in host else host}:{options.control_plane_port}"
+
+
+def dns_config(spec: SidecarSpec, options: SidecarOptions, node_id: str, workdir: Path,
+               tls: TableTls | None = None) -> MeshDnsConfig:
     """The meshdns settings of a sidecar: ``mesh.dns`` from the spec, the agent's control plane, and a node id
     of its own (``<node>~meshdns``: the Envoy's node id carries listener metadata a table stream must not
-    replace)."""
+    replace). ``tls``: the table stream's TLS under the node's workload identity."""
     d = spec.mesh.dns
     host, port = d.listen_address
-    cp_host = f"[{options.control_plane_host}]" if ":" in options.control_plane_host else options.control_plane_host
     # an empty search list must stay empty rather than fall back to resolv.conf's: "" is the "none" suffix
     search = tuple(d.search_suffixes(spec.metadata.namespace)) or ("",)
     return MeshDnsConfig(
-        host=host, port=port, control_plane=f"{cp_host}:{options.control_plane_port}", node_id=f"{node_id}~meshdns",
+        host=host, port=port, control_plane=control_plane_target(options), node_id=f"{node_id}~meshdns",
         state_file=str(workdir / "meshdns.json"), upstreams=tuple(d.upstream_addresses), ttl=d.ttl, domain=d.domain,
         search=search, namespace=spec.metadata.namespace, upstream_timeout=d.upstreamTimeout,
-        upstream_mark=d.upstreamMark,
+        upstream_mark=d.upstreamMark, tls=tls,
     )
 
 
@@ -93,6 +113,57 @@ class _Agent:
         self.app: Supervised | None = None
         self.dns: MeshDns | None = None
         self.dns_settled = asyncio.Event()  # meshdns bound, or its first attempt failed
+        self.id_settings: IdentitySettings | None = identity_settings(cfg.spec, cfg.options)
+        self.identity: WorkloadIdentity | None = None
+        self.secrets = SecretStore()
+        self.sds_socket = cfg.workdir.resolve() / "sds" / "sds.sock"
+        if self.id_settings is not None:
+            if len(str(self.sds_socket).encode()) > _MAX_SOCKET_PATH:
+                raise ValueError(f"the work directory {cfg.workdir.resolve()} is too long a path for the SDS socket "
+                                 f"({self.sds_socket}: at most {_MAX_SOCKET_PATH} bytes)")
+            s = self.id_settings
+            spec = cfg.spec
+            self.identity = WorkloadIdentity(
+                node_id=self.instance_id,
+                signer=GrpcSigner(control_plane_target(cfg.options), s.server_name),
+                trust_bundle_file=Path(s.trust_bundle_file),
+                join_token_file=Path(s.join_token_file) if s.join_token_file else None,
+                state_dir=cfg.workdir / "identity",
+                requested_spiffe=pki.spiffe_id(s.trust_domain or "mesh.local", spec.metadata.namespace,
+                                               spec.metadata.name),
+            )
+            self.identity.add_listener(self._on_identity)
+
+    # ---- identity ----------------------------------------------------------------------------
+
+    def _on_identity(self, m: Material) -> None:
+        self.secrets.set(m.key_pem, m.chain_pem, m.bundle_pem)
+        if self.envoy is not None:
+            self._write_ready()
+
+    async def wait_enrolled(self) -> Material | None:
+        """The first certificate, or None when it did not come within ``identity_wait_s`` or a stop came first."""
+        assert self.identity is not None
+        ready = asyncio.ensure_future(self.identity.ready())
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        try:
+            await asyncio.wait((ready, stop), timeout=self.cfg.identity_wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (ready, stop):
+                t.cancel()
+            await asyncio.gather(ready, stop, return_exceptions=True)
+        if self.identity.material is None:
+            log.error("event=identity_unavailable waited_s=%.1f last_error=%s", self.cfg.identity_wait_s,
+                      self.identity.last_error or "-")
+        return self.identity.material
+
+    def _identity_bootstrap(self, m: Material) -> None:
+        assert self.id_settings is not None
+        td = self.id_settings.trust_domain or m.trust_domain
+        if td != m.trust_domain:
+            log.warning("event=trust_domain_mismatch configured=%s certificate=%s", td, m.trust_domain)
+        self.bopts = bootstrap_options(self.cfg.spec, self.cfg.options, sds_socket=str(self.sds_socket),
+                                       trust_domain=td, tls_server_name=self.id_settings.server_name)
 
     # ---- management API --------------------------------------------------------------------
 
@@ -187,6 +258,7 @@ class _Agent:
             "inbound_port": self.bopts.inbound_port,
             "outbound_port": self.bopts.outbound_port,
             "dns_port": self.dns.port if self.dns is not None else None,
+            "spiffe_id": self.identity.material.spiffe if self.identity and self.identity.material else None,
         }
         tmp = self.cfg.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
@@ -209,7 +281,8 @@ class _Agent:
 
     async def _run_dns(self) -> None:
         """meshdns in this event loop, restarted with back-off when it cannot bind or fails."""
-        config = dns_config(self.cfg.spec, self.cfg.options, self.instance_id, self.cfg.workdir)
+        tls = ChannelTls(self.identity, self.id_settings.server_name) if self.identity and self.id_settings else None
+        config = dns_config(self.cfg.spec, self.cfg.options, self.instance_id, self.cfg.workdir, tls)
         delay = BASE_DELAY_S
         while True:
             try:
@@ -277,40 +350,58 @@ class _Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
-        config = self.cfg.workdir / "envoy.json"
-        config.write_text(json.dumps(build_bootstrap(self.bopts), indent=2))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             try:
                 await self.ensure_service(http)
             except (aiohttp.ClientError, RuntimeError, OSError) as exc:
                 log.error("event=service_check_failed error=%s", exc)
                 return 1
-            mesh = self.cfg.spec.mesh
             async with asyncio.TaskGroup() as tg:
-                dns_task = None
-                if mesh.dns.enabled:  # before the app and Envoy, so the app's first lookups are answered
-                    dns_task = tg.create_task(self._run_dns())
-                    try:
-                        async with asyncio.timeout(5.0):
-                            await self.dns_settled.wait()
-                    except TimeoutError:
-                        log.warning("event=meshdns_slow_start waited_s=5.0")
-                if mesh.app is not None:
-                    env = {**os.environ, **mesh.app.env}
-                    self.app = Supervised("app", mesh.app.command, self.cfg.workdir / "app.log", env, mesh.app.workingDir)
-                    tg.create_task(self.app.run())
-                self.envoy = Supervised("envoy", self._envoy_argv(config), self.cfg.workdir / "envoy.log",
-                                        before_start=self.forget_admin_address)
-                tg.create_task(self.envoy.run())
-                watcher = tg.create_task(self._watch_envoy())
-                log.info("event=sidecar_started instance=%s inbound=%d outbound=%d app=%d",
-                         self.instance_id, self.bopts.inbound_port, self.bopts.outbound_port, self.bopts.app_port)
-                await self.stop_requested.wait()
-                log.info("event=stop_requested instance=%s", self.instance_id)
-                await self.offline(http)
-                watcher.cancel()
-                if dns_task is not None:
-                    dns_task.cancel()
+                if self.identity is None:
+                    return await self._run_node(tg, http)
+                # enrol first: without a certificate Envoy cannot reach the control plane
+                renewals = tg.create_task(self.identity.run())
+                try:
+                    material = await self.wait_enrolled()
+                    if material is None:
+                        return 0 if self.stop_requested.is_set() else 1
+                    self._identity_bootstrap(material)
+                    async with SdsServer(self.secrets, self.sds_socket):
+                        return await self._run_node(tg, http)
+                finally:
+                    renewals.cancel()
+        return 0
+
+    async def _run_node(self, tg: asyncio.TaskGroup, http: aiohttp.ClientSession) -> int:
+        """meshdns, the app and Envoy until a stop is asked, then the graceful offline."""
+        config = self.cfg.workdir / "envoy.json"
+        config.write_text(json.dumps(build_bootstrap(self.bopts), indent=2))
+        mesh = self.cfg.spec.mesh
+        dns_task = None
+        if mesh.dns.enabled:  # before the app and Envoy, so the app's first lookups are answered
+            dns_task = tg.create_task(self._run_dns())
+            try:
+                async with asyncio.timeout(5.0):
+                    await self.dns_settled.wait()
+            except TimeoutError:
+                log.warning("event=meshdns_slow_start waited_s=5.0")
+        if mesh.app is not None:
+            env = {**os.environ, **mesh.app.env}
+            self.app = Supervised("app", mesh.app.command, self.cfg.workdir / "app.log", env, mesh.app.workingDir)
+            tg.create_task(self.app.run())
+        self.envoy = Supervised("envoy", self._envoy_argv(config), self.cfg.workdir / "envoy.log",
+                                before_start=self.forget_admin_address)
+        tg.create_task(self.envoy.run())
+        watcher = tg.create_task(self._watch_envoy())
+        log.info("event=sidecar_started instance=%s inbound=%d outbound=%d app=%d spiffe=%s",
+                 self.instance_id, self.bopts.inbound_port, self.bopts.outbound_port, self.bopts.app_port,
+                 self.identity.material.spiffe if self.identity and self.identity.material else "-")
+        await self.stop_requested.wait()
+        log.info("event=stop_requested instance=%s", self.instance_id)
+        await self.offline(http)
+        watcher.cancel()
+        if dns_task is not None:
+            dns_task.cancel()
         return 0
 
 

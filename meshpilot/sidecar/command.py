@@ -1,4 +1,6 @@
-"""The ``sidecar`` subcommand: the node agent that runs Envoy (and optionally the app) for one spec.yaml.
+"""The ``sidecar`` subcommand: the node agent that runs Envoy (and optionally the app) for one spec.yaml;
+and ``identity-files``: a proxyless app's workload identity kept fresh as files (key.pem, cert.pem,
+bundle.pem) for gRPC's xDS ``certificate_providers`` file_watcher.
 ``capture`` (sidecar/capture.py) and ``inject``/``webhook`` (kube/command.py) register themselves."""
 
 from __future__ import annotations
@@ -50,15 +52,78 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         api_type="GRPC" if args.sotw else "DELTA_GRPC",
         admin_port=args.admin_port, inbound_port=args.inbound_port, outbound_port=args.outbound_port,
         advertise_address=args.advertise_address or os.environ.get("MESHPILOT_ADVERTISE_ADDRESS", ""),
+        join_token_file=args.join_token_file or "", trust_bundle_file=args.trust_bundle or "",
+        trust_domain=args.trust_domain or "", control_plane_name=args.control_plane_name or "",
     )
     cfg = AgentConfig(
         spec=spec, options=opts, api_url=api.rstrip("/"), token=api_token(args),
         workdir=Path(args.workdir), envoy=args.envoy or default_envoy(),
         ready_file=Path(args.ready_file) if args.ready_file else None,
+        identity_wait_s=args.identity_wait,
     )
     import uvloop
 
-    return uvloop.run(run_agent(cfg))
+    try:
+        return uvloop.run(run_agent(cfg))
+    except ValueError as exc:  # identity settings that cannot work, found before anything starts
+        print(f"meshpilot sidecar: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_identity_files(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from meshpilot.sidecar.identity import GrpcSigner, Material, WorkloadIdentity, publish_files, server_name_for
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.trust_bundle:
+        print("meshpilot identity-files: --trust-bundle is required (the control plane's certificate is checked "
+              "against it)", file=sys.stderr)
+        return 2
+    host, port = _split_hostport(args.control_plane, 15010)
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    out = Path(args.out)
+    identity = WorkloadIdentity(
+        node_id=args.node_id, signer=GrpcSigner(target, server_name_for(host, args.control_plane_name or "")),
+        trust_bundle_file=Path(args.trust_bundle),
+        join_token_file=Path(args.join_token_file) if args.join_token_file else None,
+        state_dir=out / ".state",
+    )
+    log = logging.getLogger("meshpilot.identity")
+
+    def publish(m: Material) -> None:
+        publish_files(out, m)
+        log.info("event=files_written dir=%s spiffe=%s", out, m.spiffe)
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        identity.add_listener(publish)
+        try:
+            await identity.run()
+        except asyncio.CancelledError:
+            pass
+
+    import uvloop
+
+    uvloop.run(main())
+    return 0
+
+
+def _identity_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--join-token-file", help="join token for the first enrolment (read when needed, never kept)")
+    p.add_argument("--trust-bundle", metavar="FILE",
+                   help="PEM roots the control plane's certificate is checked against; turns the workload identity on")
+    p.add_argument("--control-plane-name",
+                   help="name the control plane's certificate must hold (default: the host, or localhost for an address)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -78,4 +143,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--workdir", default="var/sidecar", help="bootstrap, logs and admin address go here")
     p.add_argument("--ready-file", help="write pids and ports as JSON here once Envoy's admin answers")
     p.add_argument("--log-level", default="info")
+    _identity_arguments(p)
+    p.add_argument("--trust-domain", help="SPIFFE trust domain (default: the issued certificate's)")
+    p.add_argument("--identity-wait", type=float, default=60.0, metavar="SECONDS",
+                   help="give up when the first certificate has not come within this time (default %(default)s)")
     p.set_defaults(func=cmd_sidecar)
+
+    p = sub.add_parser("identity-files", help="keep a proxyless app's workload certificate fresh as files "
+                                              "(key.pem, cert.pem, bundle.pem) for gRPC's file_watcher")
+    p.add_argument("--out", required=True, help="directory for key.pem, cert.pem and bundle.pem (0700)")
+    p.add_argument("--control-plane", default="127.0.0.1:15010", help="HOST:PORT of the xDS server")
+    p.add_argument("--node-id", required=True, help="the node id the certificate is issued for (its CN)")
+    p.add_argument("--log-level", default="info")
+    _identity_arguments(p)
+    p.set_defaults(func=cmd_identity_files)

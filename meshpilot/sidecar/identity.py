@@ -47,6 +47,7 @@ __all__ = [
     "SignResult",
     "Signer",
     "WorkloadIdentity",
+    "publish_files",
     "server_name_for",
     "write_private",
 ]
@@ -273,6 +274,36 @@ def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+FILES = ("key.pem", "cert.pem", "bundle.pem")
+
+
+def publish_files(out: Path, m: Material) -> Path:
+    """``key.pem``, ``cert.pem`` and ``bundle.pem`` in ``out`` for a proxyless gRPC app's
+    ``certificate_providers`` file_watcher, replaced together: each name is a symlink into ``..data``, and
+    ``..data`` is itself a symlink swapped atomically to a new directory (the layout of Kubernetes secret
+    volumes), so a reader never sees a key with another certificate. Returns the new directory."""
+    private_dir(out)
+    gen = out / f"..{time.time_ns()}"
+    gen.mkdir(mode=0o700)
+    for name, data in zip(FILES, (m.key_pem, m.chain_pem, m.bundle_pem)):
+        write_private(gen / name, data)
+    link = out / "..data_tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(gen.name)
+    os.replace(link, out / "..data")
+    for name in FILES:
+        path = out / name
+        if not path.is_symlink():
+            path.unlink(missing_ok=True)
+            path.symlink_to(f"..data/{name}")
+    for old in out.iterdir():
+        if old.name.startswith("..") and old.name[2:].isdigit() and old != gen:
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+    return gen
 
 
 # ---- the loop -------------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 The node metadata written here (``META`` in xds/resource.py) is what the control plane reads back:
 the xDS server for the node's listeners, HDS to register the app (health check, port name, labels,
-weight, advertised address). Pure: values in, a JSON-serialisable bootstrap out.
+weight, advertised address). :func:`identity_settings` resolves the workload identity's files and
+names from the command line over spec.yaml (a trust bundle from either turns identity on); with identity
+on, the bootstrap reaches the agent's SDS socket and talks TLS to the control plane.
+Pure: values in, a JSON-serialisable bootstrap out.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from meshpilot.sidecar.identity import server_name_for
 from meshpilot.sidecar.spec import SidecarSpec
 from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
 from meshpilot.xds.resource import META
 
-__all__ = ["SidecarOptions", "bootstrap_options", "default_node_id", "render_bootstrap"]
+__all__ = ["IdentitySettings", "SidecarOptions", "bootstrap_options", "default_node_id", "identity_settings",
+           "render_bootstrap"]
 
 _BAD = re.compile(r"[^A-Za-z0-9_.:@/-]+")
 
@@ -32,6 +37,36 @@ class SidecarOptions:
     outbound_port: int | None = None
     retry_max_s: float = 1.0
     advertise_address: str = ""  # overrides mesh.sidecar.advertiseAddress (a pod's IP)
+    # workload identity; each overrides its mesh.identity field, and a trust bundle turns identity on
+    join_token_file: str = ""
+    trust_bundle_file: str = ""
+    trust_domain: str = ""
+    control_plane_name: str = ""  # the name the control plane's certificate is checked for
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySettings:
+    trust_bundle_file: str
+    join_token_file: str  # "" when none is given: the node renews a stored certificate or cannot start
+    trust_domain: str  # "" means: the issued certificate's
+    server_name: str  # checked against the control plane's certificate (and sent as SNI by Envoy)
+
+
+def identity_settings(spec: SidecarSpec, o: SidecarOptions) -> IdentitySettings | None:
+    """The node's identity settings, or None when identity is off; ValueError when it is on without a
+    trust bundle (the control plane's certificate could not be checked)."""
+    i = spec.mesh.identity
+    bundle = o.trust_bundle_file or i.trustBundleFile or ""
+    if not bundle and not i.enabled:
+        return None
+    if not bundle:
+        raise ValueError("mesh.identity.enabled needs a trust bundle: give --trust-bundle or mesh.identity.trustBundleFile")
+    return IdentitySettings(
+        trust_bundle_file=bundle,
+        join_token_file=o.join_token_file or i.joinTokenFile or "",
+        trust_domain=o.trust_domain or i.trustDomain or "",
+        server_name=server_name_for(o.control_plane_host, o.control_plane_name or i.controlPlaneName or ""),
+    )
 
 
 def default_node_id(spec: SidecarSpec, inbound_port: int, host: str | None = None) -> str:
@@ -40,7 +75,9 @@ def default_node_id(spec: SidecarSpec, inbound_port: int, host: str | None = Non
     return _BAD.sub("-", raw).strip("-_.:@/")[:253] or "sidecar"
 
 
-def bootstrap_options(spec: SidecarSpec, o: SidecarOptions) -> BootstrapOptions:
+def bootstrap_options(spec: SidecarSpec, o: SidecarOptions, *, sds_socket: str = "", trust_domain: str = "",
+                      tls_server_name: str = "") -> BootstrapOptions:
+    """Bootstrap options for this spec; with ``sds_socket`` (the agent serves SDS there), identity on."""
     sc = spec.mesh.sidecar
     hc = spec.mesh.healthCheck
     inbound = o.inbound_port if o.inbound_port is not None else sc.inboundPort
@@ -76,6 +113,10 @@ def bootstrap_options(spec: SidecarSpec, o: SidecarOptions) -> BootstrapOptions:
         retry_max_s=o.retry_max_s,
         hds=True,
         metadata=metadata,
+        identity=bool(sds_socket),
+        sds_socket=sds_socket,
+        trust_domain=trust_domain or "mesh.local",
+        tls_server_name=tls_server_name,
     )
 
 

@@ -5,7 +5,8 @@ namespace and labels, ``spec.ports`` with name/port/targetPort/protocol/appProto
 file describes the service in a cluster and on a VM, plus a ``mesh`` section for what a VM needs:
 the app's health check, zone and weight, drain time, an optional pre-stop command, an optional
 ``app`` the agent starts and supervises, the sidecar's own ports, the node's meshdns (``dns``, on by
-default) and an optional API list.
+default), the node's workload identity (``identity``: join token and trust bundle files, off by default)
+and an optional API list.
 
 ``load_spec(text)`` validates and returns a frozen ``SidecarSpec``; every error names the field
 (``spec.ports.0.targetPort: ...``). Pure: no I/O besides parsing the given text.
@@ -22,7 +23,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from meshpilot.model import PROTOCOLS, ApiOperation, Protocol, Service, ServicePort, field_errors
 
-__all__ = ["DnsSpec", "SpecError", "SidecarSpec", "load_spec", "parse_duration"]
+__all__ = ["DnsSpec", "IdentitySpec", "SpecError", "SidecarSpec", "load_spec", "parse_duration"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
@@ -268,6 +269,20 @@ class DnsSpec(_Model):
         return [f"{namespace}.svc.{self.domain}", f"svc.{self.domain}"]
 
 
+class IdentitySpec(_Model):
+    """The node's workload identity (docs/sidecar.md#identity); the agent's --trust-bundle and
+    --join-token-file override the files, and a trust bundle from either turns it on."""
+
+    enabled: bool = False
+    joinTokenFile: str | None = Field(default=None, min_length=1, description="a join token, read at enrolment")
+    trustBundleFile: str | None = Field(default=None, min_length=1,
+                                        description="PEM roots the control plane's certificate is checked against")
+    trustDomain: str | None = Field(default=None, pattern=r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$",
+                                    description="default: the trust domain of the issued certificate")
+    controlPlaneName: str | None = Field(default=None, min_length=1, max_length=253,
+                                         description="the name the control plane's certificate is checked for")
+
+
 class MeshSection(_Model):
     _d = _durations("drainTime", "syncTimeout")
     zone: str = Field(default="", max_length=128)
@@ -279,6 +294,7 @@ class MeshSection(_Model):
     app: AppSpec | None = None
     sidecar: SidecarPorts = SidecarPorts()
     dns: DnsSpec = DnsSpec()
+    identity: IdentitySpec = IdentitySpec()
     apis: list[ApiOperation] = Field(default_factory=list, max_length=1024)
 
 

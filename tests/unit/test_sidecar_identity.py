@@ -434,3 +434,148 @@ async def test_the_table_stream_uses_the_identity_and_reconnects_on_new_credenti
         await server.stop(None)
     assert counters.get("ads_credential_reconnects") == 1, counters
     assert peers[1] == peers[0]
+
+
+# ---- files for a proxyless app ----------------------------------------------------------------------------
+
+
+async def test_identity_files_are_swapped_together(tmp_path: Path) -> None:
+    from meshpilot.sidecar.identity import publish_files
+
+    clock = Clock()
+    signer = FakeSigner(clock)
+    signer.tokens["t"] = ("shop", "grpc-client")
+    (tmp_path / "token").write_text("t")
+    ident = _identity(signer, clock, tmp_path, tmp_path / "token")
+    await ident.step()
+    first = ident.material
+    assert first is not None
+    out = tmp_path / "files"
+    gen1 = publish_files(out, first)
+    assert (out / "key.pem").read_bytes() == first.key_pem and (out / "cert.pem").read_bytes() == first.chain_pem
+    assert (out / "bundle.pem").read_bytes() == first.bundle_pem
+    assert all((out / n).is_symlink() for n in ("key.pem", "cert.pem", "bundle.pem"))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert stat.S_IMODE((gen1 / "key.pem").stat().st_mode) == 0o600
+    clock.now = first.renew_at
+    await ident.step()
+    second = ident.material
+    assert second is not None and second != first
+    gen2 = publish_files(out, second)
+    assert (out / "key.pem").read_bytes() == second.key_pem and (out / "cert.pem").read_bytes() == second.chain_pem
+    assert (out / "..data").resolve() == gen2.resolve() and not gen1.exists(), "the old generation is removed"
+
+
+# ---- the agent's settings and start ---------------------------------------------------------------------
+
+SPEC = """
+metadata: {name: reviews, namespace: shop}
+spec:
+  ports: [{name: http, port: 80, targetPort: 9080}]
+mesh:
+  dns: {enabled: false}
+"""
+
+
+def test_identity_is_off_without_a_trust_bundle_and_on_with_one() -> None:
+    from meshpilot.sidecar.render import SidecarOptions, identity_settings
+    from meshpilot.sidecar.spec import load_spec
+
+    spec = load_spec(SPEC)
+    assert identity_settings(spec, SidecarOptions()) is None
+    s = identity_settings(spec, SidecarOptions(trust_bundle_file="/etc/mesh/bundle.pem", join_token_file="/t"))
+    assert s is not None and (s.trust_bundle_file, s.join_token_file, s.server_name) == ("/etc/mesh/bundle.pem", "/t",
+                                                                                          "localhost")
+    on = load_spec(SPEC + "  identity: {enabled: true, trustBundleFile: /b.pem, joinTokenFile: /tok, trustDomain: corp.test,"
+                          " controlPlaneName: cp.internal}\n")
+    s = identity_settings(on, SidecarOptions())
+    assert s is not None and (s.trust_bundle_file, s.join_token_file, s.trust_domain, s.server_name) == (
+        "/b.pem", "/tok", "corp.test", "cp.internal")
+    s = identity_settings(on, SidecarOptions(trust_bundle_file="/flag.pem", control_plane_name="other"))
+    assert s is not None and (s.trust_bundle_file, s.server_name) == ("/flag.pem", "other"), "flags win over the spec"
+    with pytest.raises(ValueError, match="trust bundle"):
+        identity_settings(load_spec(SPEC + "  identity: {enabled: true}\n"), SidecarOptions())
+
+
+def test_a_bad_trust_domain_in_the_spec_is_named() -> None:
+    from meshpilot.sidecar.spec import SpecError, load_spec
+
+    with pytest.raises(SpecError) as exc:
+        load_spec(SPEC + "  identity: {trustDomain: 'Not A Domain'}\n")
+    assert any(f["field"] == "mesh.identity.trustDomain" for f in exc.value.fields), exc.value.fields
+
+
+def _agent(tmp_path: Path, clock: Clock, wait_s: float = 5.0) -> tuple[object, FakeSigner]:
+    from meshpilot.sidecar.agent import AgentConfig, _Agent
+    from meshpilot.sidecar.render import SidecarOptions
+    from meshpilot.sidecar.spec import load_spec
+
+    signer = FakeSigner(clock)
+    (tmp_path / "bundle.pem").write_bytes(signer.root)
+    agent = _Agent(AgentConfig(
+        spec=load_spec(SPEC), api_url="http://127.0.0.1:9", workdir=tmp_path / "work", ready_file=tmp_path / "ready.json",
+        options=SidecarOptions(node_id="reviews-1", trust_bundle_file=str(tmp_path / "bundle.pem"),
+                               join_token_file=str(tmp_path / "token")), identity_wait_s=wait_s))
+    assert agent.identity is not None
+    agent.identity.signer = signer
+    return agent, signer
+
+
+async def test_the_agent_enrols_then_serves_the_certificate_and_renders_a_tls_bootstrap(tmp_path: Path) -> None:
+    from meshpilot.sidecar.agent import _Agent
+    from meshpilot.sidecar.sds import DEFAULT, ROOTCA
+    from meshpilot.translate.bootstrap import build_bootstrap
+    from meshpilot.xds.resource import META
+
+    clock = Clock()
+    agent, signer = _agent(tmp_path, clock)
+    assert isinstance(agent, _Agent) and agent.identity is not None
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    run = asyncio.create_task(agent.identity.run())
+    try:
+        m = await agent.wait_enrolled()
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+    assert m is not None and m.spiffe == f"spiffe://{TD}/ns/shop/sa/reviews"
+    assert set(agent.secrets.snapshot()) == {DEFAULT, ROOTCA}, "the SDS store holds the certificate at once"
+    agent._identity_bootstrap(m)
+    boot = build_bootstrap(agent.bopts)
+    assert boot["node"]["metadata"][META.IDENTITY] is True
+    assert boot["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
+        "endpoint"]["address"]["pipe"]["path"] == str(agent.sds_socket)
+    san = boot["static_resources"]["clusters"][1]["transport_socket"]["typed_config"]["common_tls_context"][
+        "combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"]
+    assert san[0]["matcher"]["exact"] == pki.control_plane_id(TD), "the trust domain comes from the certificate"
+    agent._write_ready()
+    import json
+
+    assert json.loads((tmp_path / "ready.json").read_text())["spiffe_id"] == m.spiffe
+
+
+async def test_the_agent_gives_up_when_no_certificate_comes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from meshpilot.sidecar.agent import _Agent
+
+    clock = Clock()
+    agent, signer = _agent(tmp_path, clock, wait_s=0.2)
+    assert isinstance(agent, _Agent) and agent.identity is not None
+    agent.identity._sleep = asyncio.sleep  # real waits, so the bound is reached
+    run = asyncio.create_task(agent.identity.run())
+    with caplog.at_level(logging.INFO):
+        try:
+            m = await agent.wait_enrolled()
+        finally:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+    assert m is None and "event=identity_unavailable" in caplog.text and "no_token" in caplog.text
+
+
+def test_a_work_directory_too_long_for_the_socket_is_refused(tmp_path: Path) -> None:
+    from meshpilot.sidecar.agent import AgentConfig, _Agent
+    from meshpilot.sidecar.render import SidecarOptions
+    from meshpilot.sidecar.spec import load_spec
+
+    with pytest.raises(ValueError, match="too long"):
+        _Agent(AgentConfig(spec=load_spec(SPEC), api_url="http://127.0.0.1:9", workdir=tmp_path / ("w" * 120),
+                           options=SidecarOptions(node_id="r", trust_bundle_file="/b.pem")))
