@@ -72,7 +72,7 @@ INBOUND_ROUTE = "inbound"  # the node's own route configuration (RDS, scoped to 
 INBOUND_LOCAL_ROUTE = "inbound-local"  # STRICT mode: the node's own plaintext (health checks only)
 AUTHZ_DENY = "mesh.authz-deny"  # the inbound RBAC filters, by name (routes carry their rules)
 AUTHZ_ALLOW = "mesh.authz-allow"
-_STAT = {AUTHZ_DENY: "authz_deny_", AUTHZ_ALLOW: "authz_allow_"}
+_STAT = {AUTHZ_DENY: "authz_deny", AUTHZ_ALLOW: "authz_allow"}  # stats: http.inbound.rbac.authz_deny.denied, ...
 
 
 @dataclass(frozen=True, slots=True)

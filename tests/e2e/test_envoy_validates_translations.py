@@ -1,10 +1,12 @@
 """What meshpilot builds for Envoy is accepted by real Envoy (``envoy --mode validate``): the resources
 translate/ builds for generated registries, routes with every routing-overlay feature, a sidecar's capture
 and inbound listeners, the bootstrap the sidecar agent renders from spec.yaml and the health check HDS
-sends. The unit tests check the same builders' shapes; these check Envoy's verdict on them."""
+sends, and mutual TLS with authorization (validated, and run once with real handshakes and requests).
+The unit tests check the same builders' shapes; these check Envoy's verdict on them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +182,206 @@ def test_hds_health_check_validates_in_envoy(tmp_path: Path) -> None:
         }]}
     }
     assert_envoy_accepts(cfg, tmp_path, "the health check HDS sends")
+
+
+# ---- mutual TLS and authorization --------------------------------------------------------------
+# The validate case keeps the SDS references as translate/ writes them (the bootstrap of a node with
+# an identity has the static cluster ``meshpilot-sds``); the run serves the same secrets statically
+# (an SdsSecretConfig without sds_config names a bootstrap secret), so real TLS handshakes, the
+# caller header from the peer certificate and the RBAC rules are Envoy's own verdicts.
+
+TD = "example.org"
+SHOP_WEB = Service(name="web", namespace="shop", ports=[ServicePort(name="http", port=80)])
+
+
+def _routes_inline(listener: dict[str, Any], routes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Serve each chain's RDS route configuration inline (validation and the run have no xDS)."""
+    chains = [*listener.get("filter_chains", []), *([listener["default_filter_chain"]] if "default_filter_chain" in listener else [])]
+    for chain in chains:
+        cfg = chain["filters"][0]["typed_config"]
+        if "rds" in cfg:
+            cfg["route_config"] = routes[cfg.pop("rds")["route_config_name"]]
+    return listener
+
+
+def _static_stand_in(cluster: dict[str, Any], cla: dict[str, Any]) -> dict[str, Any]:
+    cluster.pop("eds_cluster_config")
+    cluster["type"] = "STATIC"
+    cluster["load_assignment"] = {**cla, "cluster_name": cluster["name"]}
+    return cluster
+
+
+def _shop_policies() -> list[Any]:
+    from meshpilot.policy.authz import AUTHZ
+
+    return [
+        AUTHZ.validate({"name": "no-evil", "namespace": "shop", "action": "DENY", "rules": [{"from": [{"services": ["evil"]}]}]}),
+        AUTHZ.validate({"name": "callers", "namespace": "shop", "service": "web", "rules": [
+            {"from": [{"services": ["api", "web"]}]}, {"to": [{"paths": ["/public"]}], "when": [{"header": "x-tenant", "values": ["t1"]}]}]}),
+    ]
+
+
+def _mtls_resources(p_in: int, p_strict: int, p_app: int, spiffe: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(listeners, clusters): a PERMISSIVE and a STRICT inbound listener of web.shop with the shop
+    policies' rules, a STRICT TCP one, and callers' TLS clusters for web.shop and other.shop whose
+    one endpoint is the PERMISSIVE listener (a sidecar with an identity)."""
+    from meshpilot.policy.authz import AuthorizationPolicy, inbound_authz
+    from meshpilot.translate.listeners import build_inbound_local_routes
+    from meshpilot.translate.tls import PERMISSIVE, STRICT, TlsSettings
+
+    node = NodeInfo(id="web-1", service="web", namespace="shop", inbound_port=p_in, app_port=p_app, identity=True)
+    authz = inbound_authz([p for p in _shop_policies() if isinstance(p, AuthorizationPolicy)], "shop", "web", {80}, TD)
+    routes = {"inbound": _js(build_inbound_routes(node, (), "t0k3n", (), authz)), "inbound-local": _js(build_inbound_local_routes(node, "t0k3n"))}
+    permissive = _routes_inline(_js(build_inbound_listener(node, (), None, "http", PERMISSIVE)), routes)
+    strict_node = NodeInfo(id="web-1", service="web", namespace="shop", inbound_port=p_strict, app_port=p_app, identity=True)
+    strict = _routes_inline(_js(build_inbound_listener(strict_node, (), None, "http", STRICT)), routes)
+    strict["name"] = "inbound-strict"
+    tls = TlsSettings(True, TD, PERMISSIVE)
+    other = Service(name="other", namespace="shop", ports=[ServicePort(name="http", port=80)])
+    me = Instance(id="web-1", service="web", namespace="shop", address="127.0.0.1", ports={"http": p_in}, ever_passed=True, metadata={"spiffe": spiffe})
+    cla = _js(build_endpoints(SHOP_WEB, SHOP_WEB.ports[0], [me], "mesh"))
+    clusters = [_static_stand_in(_js(build_cluster(s, s.ports[0], "mesh", tls=tls)), cla) for s in (SHOP_WEB, other)]
+    clusters.append(_js(build_inbound_cluster(node)))
+    return [permissive, strict], clusters
+
+
+def test_mtls_listeners_clusters_and_authorization_validate_in_envoy(tmp_path: Path) -> None:
+    from meshpilot.translate.tls import STRICT
+
+    listeners, clusters = _mtls_resources(15006, 15007, 9999, "spiffe://example.org/ns/shop/sa/web")
+    tcp_node = NodeInfo(id="db-1", service="db", namespace="shop", inbound_port=15008, app_port=5432, identity=True)
+    tcp = _js(build_inbound_listener(tcp_node, (), None, "tcp", STRICT))
+    tcp["name"] = "inbound-tcp"
+    sds = {"name": "meshpilot-sds", "type": "STATIC", "connect_timeout": "1s",
+           "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+               "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions", "explicit_http_config": {"http2_protocol_options": {}}}},
+           "load_assignment": {"cluster_name": "meshpilot-sds", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(tmp_path / "sds.sock")}}}}]}]}}
+    boot = build_bootstrap(BootstrapOptions(node_id="web-1", service="web", admin_port=0, app_port=9999))
+    boot["static_resources"]["clusters"] += [sds, *clusters, _js(build_inbound_cluster(tcp_node, "tcp"))]
+    boot["static_resources"]["listeners"] = [*listeners, tcp]
+    assert_envoy_accepts(boot, tmp_path, "mTLS inbound listeners (PERMISSIVE, STRICT, TCP), TLS clusters and RBAC routes")
+
+
+def _issue(ca: Any, service: str, workdir: Path) -> tuple[Path, Path, bytes, bytes]:
+    from meshpilot.pki import build_csr, key_pem, new_key, spiffe_id
+
+    key = new_key()
+    sid = spiffe_id(TD, "shop", service)
+    chain = ca.sign(build_csr(key, sid, f"{service}-1"), sid, f"{service}-1", 3600).chain_pem
+    cert_file, key_file = workdir / f"{service}.pem", workdir / f"{service}.key"
+    cert_file.write_bytes(chain)
+    key_file.write_bytes(key_pem(key))
+    return cert_file, key_file, chain, key_pem(key)
+
+
+def _without_sds(cfg: Any) -> Any:
+    """Every SDS reference as a reference to a static secret of the same name."""
+    if isinstance(cfg, dict):
+        cfg.pop("sds_config", None)
+        for v in cfg.values():
+            _without_sds(v)
+    elif isinstance(cfg, list):
+        for v in cfg:
+            _without_sds(v)
+    return cfg
+
+
+def _hcm(name: str, port: int, stat: str, hosts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"name": name, "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}, "filter_chains": [{"filters": [{
+        "name": "envoy.filters.network.http_connection_manager", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat, "route_config": {"virtual_hosts": hosts},
+            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}
+
+
+def test_envoy_talks_mtls_sets_the_caller_from_the_certificate_and_enforces_authorization(tmp_path: Path) -> None:
+    import base64
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from meshpilot.pki import Authority, spiffe_id
+    from tests.support import envoy, free_port, wait_until
+
+    ca = Authority.generate(TD)
+    root = ca.to_pem()[0]
+    _, _, web_chain, web_key = _issue(ca, "web", tmp_path)
+    p_in, p_strict, p_app, p_out = free_port(), free_port(), free_port(), free_port()
+    listeners, clusters = _mtls_resources(p_in, p_strict, p_app, spiffe_id(TD, "shop", "web"))
+    # the app echoes the caller header it was given
+    app = _hcm("app", p_app, "app", [{"name": "app", "domains": ["*"], "routes": [{
+        "match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "app\n"}},
+        "response_headers_to_add": [{"header": {"key": "x-echo-caller", "value": "%REQ(x-mesh-caller)%"}}]}]}])
+    # a caller's outbound side: host web → the TLS cluster of web.shop, host other → other.shop's
+    out = _hcm("out", p_out, "out", [
+        {"name": h, "domains": [h], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": c["name"]}}]}
+        for h, c in (("web", clusters[0]), ("other", clusters[1]))])
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    boot = {
+        "node": {"id": "web-1", "cluster": "web"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": _without_sds({
+            "secrets": [
+                {"name": "default", "tls_certificate": {"certificate_chain": {"inline_bytes": b64(web_chain)}, "private_key": {"inline_bytes": b64(web_key)}}},
+                {"name": "ROOTCA", "validation_context": {"trusted_ca": {"inline_bytes": b64(root)}}},
+            ],
+            "listeners": [*listeners, app, out],
+            "clusters": clusters,
+        }),
+    }
+
+    def call(as_service: str | None, port: int, path: str = "/", headers: dict[str, str] | None = None) -> tuple[int, str]:
+        """(status, the caller the app saw); ``as_service``: present that service's certificate (None: plaintext)."""
+        conn: http.client.HTTPConnection
+        if as_service is None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        else:
+            cert, key, _, _ = _issue(ca, as_service, tmp_path)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False  # workload certificates carry URI SANs only
+            ctx.load_verify_locations(cadata=root.decode())
+            ctx.load_cert_chain(cert, key)
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
+        try:
+            conn.request("GET", path, headers=headers or {})
+            r = conn.getresponse()
+            r.read()
+            return r.status, r.getheader("x-echo-caller") or ""
+        finally:
+            conn.close()
+
+    def through_caller(host: str) -> tuple[int, str]:
+        req = urllib.request.Request(f"http://127.0.0.1:{p_out}/", headers={"host": host})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, r.headers.get("x-echo-caller") or ""
+        except urllib.error.HTTPError as err:
+            return err.code, ""
+
+    forged = {"x-mesh-caller": "spiffe://example.org/ns/shop/sa/admin"}
+    with envoy(tmp_path, boot) as e:
+        wait_until(lambda: e.stat("listener_manager.total_listeners_active") == 4, 10, what="Envoy's four listeners")
+        api = spiffe_id(TD, "shop", "api")
+        assert call("api", p_in, headers=forged) == (200, api), "expected an allowed caller, its header overwritten by its certificate's id"
+        assert call("evil", p_in)[0] == 403, "expected the DENY policy to refuse service evil"
+        assert call("batch", p_in)[0] == 403, "expected a service no ALLOW rule names refused once an ALLOW policy selects web"
+        assert call(None, p_in, "/x", forged)[0] == 403, "expected a plaintext caller to have no principal"
+        assert call(None, p_in, "/public", {**forged, "x-tenant": "t1"}) == (200, ""), "expected the path rule to admit plaintext, its caller header stripped"
+        assert call(None, p_in, "/public", {"x-tenant": "t2"})[0] == 403, "expected the rule's when condition to hold"
+        assert call(None, p_in, "/x", {"x-mesh-health-check": "t0k3n"})[0] == 200, "expected the node's health checks past the ALLOW policy"
+        assert call(None, p_strict, "/x")[0] == 403, "expected STRICT to refuse plaintext requests that are not the node's health checks"
+        assert call(None, p_strict, "/x", {"x-mesh-health-check": "t0k3n"})[0] == 200, "expected STRICT to let the node's own health checks through"
+        assert call("api", p_strict) == (200, api), "expected STRICT to take mutual TLS"
+        assert through_caller("web") == (200, spiffe_id(TD, "shop", "web")), "expected the caller's cluster to talk mTLS to a sidecar with an identity"
+        assert through_caller("other")[0] == 503, "expected a callee whose certificate is not the service's to be refused"
+        assert e.stat("cluster.outbound|80||other_shop_svc_mesh.ssl.fail_verify_san") == 1
+        assert e.stat("http.inbound.rbac.authz_deny.denied") == 1, e.admin("/stats?filter=rbac")
+        assert (e.stat("http.inbound.rbac.authz_allow.denied") or 0) >= 3, e.admin("/stats?filter=rbac")
+    lines = [json.loads(line) for line in e.log.read_text().splitlines() if line.startswith("{")]
+    denied = [ln for ln in lines if ln.get("details", "").startswith("rbac_access_denied_matched_policy[shop/no-evil/0]")]
+    assert denied and denied[0]["source_principal"] == spiffe_id(TD, "shop", "evil"), f"expected the denial logged with its principal, got {lines[:3]}"
+    assert denied[0]["destination_principal"] == spiffe_id(TD, "shop", "web")

@@ -173,7 +173,7 @@ def test_rules_ride_on_the_inbound_virtual_host_and_the_health_route_skips_them(
     authz = InboundAuthz(deny=rbac_pb2.RBAC(action=rbac_pb2.RBAC.DENY), allow=rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW))
     cfg = build_inbound_routes(NODE, (), "tok", (), authz)
     deny, allow = _per_route(cfg, AUTHZ_DENY), _per_route(cfg, AUTHZ_ALLOW)
-    assert deny is not None and deny.rbac.rules.action == rbac_pb2.RBAC.DENY and deny.rbac.rules_stat_prefix == "authz_deny_"
+    assert deny is not None and deny.rbac.rules.action == rbac_pb2.RBAC.DENY and deny.rbac.rules_stat_prefix == "authz_deny"
     assert allow is not None and allow.rbac.rules.action == rbac_pb2.RBAC.ALLOW and allow.rbac.HasField("rules")
     health = cfg.virtual_hosts[0].routes[0]
     assert health.name == "health" and {AUTHZ_DENY, AUTHZ_ALLOW} <= set(health.typed_per_filter_config)
