@@ -17,7 +17,8 @@ __all__ = ["register"]
 def _config(args: argparse.Namespace) -> InjectConfig:
     from meshpilot.kube.inject import InjectConfig
 
-    return InjectConfig(image=args.image, control_plane=args.control_plane, api=args.api, vip_cidr=args.vip_cidr)
+    return InjectConfig(image=args.image, control_plane=args.control_plane, api=args.api, vip_cidr=args.vip_cidr,
+                        join_token_secret=args.join_token_secret or "", trust_bundle_configmap=args.trust_bundle_configmap)
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
@@ -51,6 +52,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-plane", default="meshpilot.meshpilot-system.svc:15010")
     p.add_argument("--api", default="http://meshpilot.meshpilot-system.svc:15014")
     p.add_argument("--vip-cidr", default="240.240.0.0/16")
+    p.add_argument("--join-token-secret", help="Secret with a join token (key: token): sidecars get a workload identity")
+    p.add_argument("--trust-bundle-configmap", default="meshpilot-trust-bundle",
+                   help="ConfigMap with the trust bundle (key: bundle.pem), used with --join-token-secret")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -5,7 +5,10 @@ A pod template gets: the ``meshpilot-sidecar`` container (the agent, running Env
 the ``meshpilot-capture`` init container (``meshpilot capture install``, exempting uid 1337), and a
 downward-API volume that mounts the pod's ``meshpilot.io/spec`` annotation as spec.yaml. The spec
 is a Kubernetes Service document built from the pod's first container's ports, so the sidecar
-registers the pod through HDS like any VM. ``inject_documents`` patches manifests;
+registers the pod through HDS like any VM. With a join-token Secret named (``join_token_secret``), the
+sidecar also gets its workload identity: the Secret's ``token`` and the trust bundle ConfigMap's
+``bundle.pem`` are mounted read-only and passed as ``--join-token-file`` and ``--trust-bundle``.
+``inject_documents`` patches manifests;
 ``pod_patch`` returns the RFC 6902 JSONPatch the webhook answers with. Every error names the
 offending field (``spec.template.spec.containers``).
 """
@@ -26,6 +29,10 @@ __all__ = ["InjectConfig", "InjectError", "inject_documents", "pod_patch", "vali
 SIDECAR = "meshpilot-sidecar"
 INIT = "meshpilot-capture"
 VOLUME = "meshpilot-spec"
+TOKEN_VOLUME = "meshpilot-join-token"
+BUNDLE_VOLUME = "meshpilot-trust-bundle"
+TOKEN_DIR = "/etc/meshpilot/identity"
+BUNDLE_DIR = "/etc/meshpilot/trust"
 SPEC_ANNOTATION = "meshpilot.io/spec"
 INJECT_ANNOTATION = "meshpilot.io/inject"
 SERVICE_ANNOTATION = "meshpilot.io/service"
@@ -48,6 +55,10 @@ class InjectConfig:
     control_plane: str = "meshpilot.meshpilot-system.svc:15010"
     api: str = "http://meshpilot.meshpilot-system.svc:15014"
     vip_cidr: str = "240.240.0.0/16"
+    # workload identity: the Secret holding a join token under key "token" ("" leaves identity off), and
+    # the ConfigMap holding the trust bundle under key "bundle.pem"
+    join_token_secret: str = ""
+    trust_bundle_configmap: str = "meshpilot-trust-bundle"
 
 
 def _obj(v: Any, field: str) -> dict[str, Any]:
@@ -88,8 +99,8 @@ def _service_spec(pod_meta: dict[str, Any], pod_spec: dict[str, Any], owner_name
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def _containers(cfg: InjectConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    sidecar = {
+def _containers(cfg: InjectConfig) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    sidecar: dict[str, Any] = {
         "name": SIDECAR,
         "image": cfg.image,
         "args": ["sidecar", "--spec", "/etc/meshpilot/spec.yaml", "--control-plane", cfg.control_plane, "--api", cfg.api,
@@ -109,9 +120,19 @@ def _containers(cfg: InjectConfig) -> tuple[dict[str, Any], dict[str, Any], dict
                  "--exempt-uid", str(PROXY_UID)],
         "securityContext": {"runAsUser": 0, "capabilities": {"add": ["NET_ADMIN", "NET_RAW"]}},
     }
-    volume = {"name": VOLUME, "downwardAPI": {"items": [
-        {"path": "spec.yaml", "fieldRef": {"fieldPath": f"metadata.annotations['{SPEC_ANNOTATION}']"}}]}}
-    return sidecar, init, volume
+    volumes: list[dict[str, Any]] = [{"name": VOLUME, "downwardAPI": {"items": [
+        {"path": "spec.yaml", "fieldRef": {"fieldPath": f"metadata.annotations['{SPEC_ANNOTATION}']"}}]}}]
+    if cfg.join_token_secret:
+        sidecar["args"] += ["--join-token-file", f"{TOKEN_DIR}/token", "--trust-bundle", f"{BUNDLE_DIR}/bundle.pem"]
+        sidecar["volumeMounts"] += [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+                                    {"name": BUNDLE_VOLUME, "mountPath": BUNDLE_DIR, "readOnly": True}]
+        volumes += [
+            {"name": TOKEN_VOLUME, "secret": {"secretName": cfg.join_token_secret,
+                                              "items": [{"key": "token", "path": "token"}]}},
+            {"name": BUNDLE_VOLUME, "configMap": {"name": cfg.trust_bundle_configmap,
+                                                 "items": [{"key": "bundle.pem", "path": "bundle.pem"}]}},
+        ]
+    return sidecar, init, volumes
 
 
 def _escape(key: str) -> str:
@@ -134,17 +155,17 @@ def pod_patch(pod_meta: object, pod_spec: object, cfg: InjectConfig, *, owner_na
     if isinstance(containers, list) and any(isinstance(c, dict) and c.get("name") == SIDECAR for c in containers):
         return []
     spec_yaml = _service_spec(pod_meta, pod_spec, owner_name, namespace, where)
-    sidecar, init, volume = _containers(InjectConfig() if cfg is None else cfg)
+    sidecar, init, volumes = _containers(InjectConfig() if cfg is None else cfg)
     ops: list[dict[str, Any]] = []
     if not pod_meta.get("annotations"):
         ops.append({"op": "add", "path": f"{prefix}/metadata/annotations", "value": {}})
     ops.append({"op": "add", "path": f"{prefix}/metadata/annotations/{_escape(SPEC_ANNOTATION)}", "value": spec_yaml})
     ops.append({"op": "add", "path": f"{prefix}/spec/containers/-", "value": sidecar})
-    for key, value in (("initContainers", init), ("volumes", volume)):
+    for key, values in (("initContainers", [init]), ("volumes", volumes)):
         if pod_spec.get(key):
-            ops.append({"op": "add", "path": f"{prefix}/spec/{key}/-", "value": value})
+            ops += [{"op": "add", "path": f"{prefix}/spec/{key}/-", "value": value} for value in values]
         else:
-            ops.append({"op": "add", "path": f"{prefix}/spec/{key}", "value": [value]})
+            ops.append({"op": "add", "path": f"{prefix}/spec/{key}", "value": values})
     return ops
 
 
