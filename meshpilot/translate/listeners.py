@@ -48,7 +48,7 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from google.protobuf import any_pb2, struct_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2
 from google.protobuf.message import Message
 
 from meshpilot.model import Service
@@ -339,6 +339,10 @@ def _mtls_listener(listener: listener_pb2.Listener, node: NodeInfo, extra_filter
     listener.listener_filters.append(listener_components_pb2.ListenerFilter(
         name="envoy.filters.listener.tls_inspector", typed_config=pack(tls_inspector_pb2.TlsInspector())))
     if protocol == "tcp":
+        # a server-first protocol (the app speaks first: SMTP, MySQL) gives the inspector nothing to
+        # read: after a second the connection goes on as plaintext instead of being closed
+        listener.continue_on_listener_filters_timeout = True
+        listener.listener_filters_timeout.CopyFrom(duration_pb2.Duration(seconds=1))
         tls_manager: Message = _inbound_tcp(node, {"source_service": "-", "source_principal": "%DOWNSTREAM_PEER_URI_SAN%"})
         plain_manager: Message = _inbound_tcp(node, {"source_service": "-", "source_principal": "-"})
         local_manager: Message = plain_manager

@@ -181,6 +181,7 @@ def test_a_tcp_app_in_strict_mode_gets_tls_and_a_local_chain() -> None:
     assert [c.name for c in lst.filter_chains] == ["mtls", "local"]
     assert lst.filter_chains[0].filters[0].name == "envoy.filters.network.tcp_proxy"
     assert lst.filter_chains[0].HasField("transport_socket")
+    assert lst.continue_on_listener_filters_timeout and lst.listener_filters_timeout.seconds == 1, "expected server-first plaintext to go on after a second"
 
 
 def test_the_inbound_access_log_names_principals_and_details() -> None:
