@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "meshpilot.kube.command",
     "meshpilot.perf.command",
     "meshpilot.policy.command",
+    "meshpilot.identity.command",
 )
 
 

@@ -599,3 +599,20 @@ def test_plugin_contributes_the_service_routes_task_and_credentials() -> None:
     assert {("POST", "/v1/identity/tokens"), ("GET", "/v1/identity/bundle"),
             ("POST", "/v1/identity/roots/{serial}/activate"), ("DELETE", "/v1/identity/roots/{serial}")} <= paths
     assert len(list(store.items(ROOTS))) == 1
+
+
+async def test_enrolment_routes_remove_a_node_whatever_its_id(tmp_path: Path) -> None:
+    cp, client = await _api(tmp_path)
+    try:
+        store = cp.registry.store
+        node = "vm-1.corp:zone/a@b"
+        store.write({(ENROLMENTS, node): {"node_id": node, "spiffe": pki.spiffe_id(TD, "shop", "cart")}})
+        listed = await (await client.get("/v1/identity/enrolments")).json()
+        assert [e["node_id"] for e in listed] == [node]
+        r = await client.delete("/v1/identity/enrolments/" + node.replace("/", "%2F").replace(":", "%3A").replace("@", "%40"))
+        assert r.status == 200, await r.text()
+        assert store.get(ENROLMENTS, node) is None
+        assert (await client.delete("/v1/identity/enrolments/nope")).status == 404
+    finally:
+        await client.close()
+        cp.registry.store.close()
