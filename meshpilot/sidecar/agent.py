@@ -173,7 +173,7 @@ class _Agent:
     async def ensure_service(self, http: aiohttp.ClientSession) -> None:
         spec = self.cfg.spec
         path = f"{self.cfg.api_url}/v1/services/{spec.metadata.namespace}/{spec.metadata.name}"
-        async with http.get(path) as r:
+        async with http.get(path, headers=self._headers()) as r:
             if r.status == 200:
                 return
             if r.status != 404:
@@ -198,7 +198,7 @@ class _Agent:
         try:
             async with asyncio.timeout(bound_s):
                 while True:
-                    async with http.get(url) as r:
+                    async with http.get(url, headers=self._headers()) as r:
                         last = await r.json() if r.status == 200 else await r.text()
                         if r.status == 200 and last.get("synced"):
                             return True

@@ -27,6 +27,7 @@ import yaml
 from tests.support import VENV_BIN, EnvoyProc, control_plane, free_port, http, through, wait_until
 
 TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 HDS_INTERVAL = 0.3
 CRITICAL_AFTER = 1.5
 REMOVE_AFTER = 3.0
@@ -207,7 +208,7 @@ B_CLUSTER = "outbound|80||b.default.svc.mesh"
 
 
 def instance(cp: Any, iid: str) -> dict[str, Any] | None:
-    status, body = cp.call("GET", f"/v1/instances/{iid}")
+    status, body = cp.call("GET", f"/v1/instances/{iid}", headers=AUTH)
     return body if status == 200 else None
 
 
@@ -283,7 +284,7 @@ def test_rolling_b_three_times_loses_no_request(cp: Any, tmp_path: Path) -> None
         too_early = {x.name: x.too_early for x in apps if x.too_early}
         assert not too_early, f"expected no request served before an instance was healthy, got {too_early}"
         assert {"b1", "b2", "b3"} <= set(servers), f"expected the new instances to serve traffic, got {servers}"
-        gone = [i["id"] for i in cp.call("GET", "/v1/services/default/b/instances")[1]]
+        gone = [i["id"] for i in cp.call("GET", "/v1/services/default/b/instances", headers=AUTH)[1]]
         assert gone == ["b-3"], f"expected only b-3 registered after the rolls, got {gone}"
 
 
@@ -497,7 +498,7 @@ def test_agent_runs_meshdns_fed_by_the_control_plane(cp: Any, tmp_path: Path) ->
             with sidecar(tmp_path, "b", doc, cp, "b-dns-1") as car:
                 port = car.info()["dns_port"]
                 assert isinstance(port, int) and port > 0, f"expected the ready file to carry meshdns's port, got {car.info()}"
-                vip = cp.call("GET", "/v1/services/default/b")[1]["vip"]
+                vip = cp.call("GET", "/v1/services/default/b", headers=AUTH)[1]["vip"]
                 for name in ("b", "b.default", "b.default.svc.mesh", "B.Default.Svc.Mesh"):
                     got = wait_until(lambda n=name: _resolve(port, n) == [vip] and _resolve(port, n), 5,
                                      what=f"{name} -> {vip} from the agent's meshdns")
@@ -511,7 +512,7 @@ def test_agent_runs_meshdns_fed_by_the_control_plane(cp: Any, tmp_path: Path) ->
                 status, body = cp.call("POST", "/v1/services", {"name": "late", "ports": [{"name": "http", "port": 80}]},
                                        {"Authorization": f"Bearer {TOKEN}"})
                 assert status == 201, f"expected 201 creating a service, got {status} {body}"
-                late_vip = cp.call("GET", "/v1/services/default/late")[1]["vip"]
+                late_vip = cp.call("GET", "/v1/services/default/late", headers=AUTH)[1]["vip"]
                 wait_until(lambda: _resolve(port, "late.default.svc.mesh") == [late_vip], 1.0, interval=0.01,
                            what="a new service answered by the agent's meshdns within 1 s")
                 print(f"new service answered by the agent's meshdns after {time.monotonic() - t0:.3f}s")
