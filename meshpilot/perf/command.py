@@ -13,6 +13,7 @@ _BENCHMARKS = {
     "dns": ("meshpilot.perf.dns", "meshdns vs dnsmasq and unbound under dnsperf"),
     "route": ("meshpilot.perf.route", "request cost of the WASM filters through Envoy"),
     "registry": ("meshpilot.perf.registry", "Consul API registrations/s and blocking-query wakeups"),
+    "ca": ("meshpilot.perf.ca", "CSRs signed per second by the mesh CA, in process and over gRPC"),
 }
 
 
