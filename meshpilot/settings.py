@@ -28,7 +28,7 @@ class Settings(BaseModel):
     single_vip: str | None = Field(default=None, description="give every service this one virtual IP (HTTP only)")
     debounce_ms: int = Field(default=100, ge=0, le=10_000)
     debounce_max_ms: int = Field(default=1_000, ge=0, le=60_000)
-    token: str | None = Field(default=None, description="bearer token required for every write")
+    token: str | None = Field(default=None, description="the bootstrap admin token; when set, every request to the HTTP front doors needs a token (docs/api.md: Access)")
     token_file: str | None = Field(default=None, description="read the token from this file instead (not visible in ps)")
     http_idle_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="an HTTP connection holding no complete request is closed this long after it opened or answered; a request body must arrive within it")
     http_max_connections: int = Field(default=4096, ge=1, description="open connections per HTTP port (all HTTP ports together stay within half the open-file limit)")
