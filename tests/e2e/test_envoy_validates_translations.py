@@ -274,6 +274,21 @@ def _issue(ca: Any, service: str, workdir: Path) -> tuple[Path, Path, bytes, byt
     return cert_file, key_file, chain, key_pem(key)
 
 
+def _secrets(ca: Any, workdir: Path) -> list[dict[str, Any]]:
+    """The node's SDS secrets, served statically: web.shop's certificate and the trust bundle."""
+    import base64
+
+    _, _, chain, key = _issue(ca, "web", workdir)
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    return [
+        {"name": "default", "tls_certificate": {"certificate_chain": {"inline_bytes": b64(chain)}, "private_key": {"inline_bytes": b64(key)}}},
+        {"name": "ROOTCA", "validation_context": {"trusted_ca": {"inline_bytes": b64(ca.to_pem()[0])}}},
+    ]
+
+
 def _without_sds(cfg: Any) -> Any:
     """Every SDS reference as a reference to a static secret of the same name."""
     if isinstance(cfg, dict):
@@ -295,7 +310,6 @@ def _hcm(name: str, port: int, stat: str, hosts: list[dict[str, Any]]) -> dict[s
 
 
 def test_envoy_talks_mtls_sets_the_caller_from_the_certificate_and_enforces_authorization(tmp_path: Path) -> None:
-    import base64
     import http.client
     import ssl
     import urllib.error
@@ -306,7 +320,6 @@ def test_envoy_talks_mtls_sets_the_caller_from_the_certificate_and_enforces_auth
 
     ca = Authority.generate(TD)
     root = ca.to_pem()[0]
-    _, _, web_chain, web_key = _issue(ca, "web", tmp_path)
     p_in, p_strict, p_app, p_out = free_port(), free_port(), free_port(), free_port()
     listeners, clusters = _mtls_resources(p_in, p_strict, p_app, spiffe_id(TD, "shop", "web"))
     # the app echoes the caller header it was given
@@ -318,17 +331,11 @@ def test_envoy_talks_mtls_sets_the_caller_from_the_certificate_and_enforces_auth
         {"name": h, "domains": [h], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": c["name"]}}]}
         for h, c in (("web", clusters[0]), ("other", clusters[1]))])
 
-    def b64(data: bytes) -> str:
-        return base64.b64encode(data).decode()
-
     boot = {
         "node": {"id": "web-1", "cluster": "web"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": _without_sds({
-            "secrets": [
-                {"name": "default", "tls_certificate": {"certificate_chain": {"inline_bytes": b64(web_chain)}, "private_key": {"inline_bytes": b64(web_key)}}},
-                {"name": "ROOTCA", "validation_context": {"trusted_ca": {"inline_bytes": b64(root)}}},
-            ],
+            "secrets": _secrets(ca, tmp_path),
             "listeners": [*listeners, app, out],
             "clusters": clusters,
         }),
@@ -385,3 +392,59 @@ def test_envoy_talks_mtls_sets_the_caller_from_the_certificate_and_enforces_auth
     denied = [ln for ln in lines if ln.get("details", "").startswith("rbac_access_denied_matched_policy[shop/no-evil/0]")]
     assert denied and denied[0]["source_principal"] == spiffe_id(TD, "shop", "evil"), f"expected the denial logged with its principal, got {lines[:3]}"
     assert denied[0]["destination_principal"] == spiffe_id(TD, "shop", "web")
+
+
+def test_a_policy_change_reaches_an_open_connection_by_routes_alone(tmp_path: Path) -> None:
+    """The RBAC rules ride in the inbound routes: new rules apply to a keep-alive connection that is
+    already open, without a listener change or a drain (routes served from a watched file here, by
+    RDS from the control plane in the mesh)."""
+    import http.client
+    import os
+    import time
+
+    from meshpilot.pki import Authority
+    from meshpilot.policy.authz import AUTHZ, AuthorizationPolicy, inbound_authz
+    from meshpilot.translate.tls import PERMISSIVE
+    from tests.support import envoy, free_port, wait_until
+
+    p_in, p_app = free_port(), free_port()
+    node = NodeInfo(id="web-1", service="web", namespace="shop", inbound_port=p_in, app_port=p_app, identity=True)
+    routes_file = tmp_path / "inbound-routes.json"
+
+    def publish(authz: Any, version: str) -> None:
+        cfg = {"@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration", **_js(build_inbound_routes(node, (), "t0k3n", (), authz))}
+        tmp = tmp_path / "routes.tmp"
+        tmp.write_text(json.dumps({"version_info": version, "resources": [cfg]}))
+        os.replace(tmp, routes_file)  # Envoy watches the path for a file moved into place
+
+    publish(None, "1")
+    listener = _js(build_inbound_listener(node, (), None, "http", PERMISSIVE))
+    for chain in [*listener["filter_chains"], listener["default_filter_chain"]]:
+        chain["filters"][0]["typed_config"]["rds"]["config_source"] = {"path_config_source": {"path": str(routes_file)}, "resource_api_version": "V3"}
+    app = _hcm("app", p_app, "app", [{"name": "app", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}])
+    boot = {"node": {"id": "web-1", "cluster": "web"}, "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "static_resources": {"secrets": _secrets(Authority.generate(TD), tmp_path), "listeners": [listener, app],
+                                 "clusters": [_js(build_inbound_cluster(node))]}}
+    with envoy(tmp_path, _without_sds(boot)) as e:
+        wait_until(lambda: e.stat("listener_manager.total_listeners_active") == 2, 10, what="Envoy's listeners")
+        conn = http.client.HTTPConnection("127.0.0.1", p_in, timeout=5)
+
+        def status() -> int:
+            conn.request("GET", "/admin/x")
+            r = conn.getresponse()
+            r.read()
+            return r.status
+
+        assert status() == 200, "expected no policy to allow everything"
+        sock = conn.sock
+        deny = AUTHZ.validate({"name": "no-admin", "namespace": "shop", "action": "DENY", "rules": [{"to": [{"prefixes": ["/admin/"]}]}]})
+        assert isinstance(deny, AuthorizationPolicy)
+        publish(inbound_authz([deny], "shop", "web", {80}, TD), "2")
+        start = time.monotonic()
+        wait_until(lambda: status() == 403, 5, what="the DENY rule on the open connection")
+        took = time.monotonic() - start
+        assert conn.sock is sock, "expected the same connection, kept open across the rule change"
+        assert took < 1.0, f"expected the rule within a second, took {took:.2f} s"
+        assert e.stat("listener_manager.listener_modified") == 0 and e.stat("listener_manager.total_filter_chains_draining") == 0, \
+            "expected no listener change and nothing draining"
+        conn.close()
