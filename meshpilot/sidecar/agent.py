@@ -43,7 +43,7 @@ import aiohttp
 from meshpilot import pki
 from meshpilot.meshdns.config import MeshDnsConfig, TableTls
 from meshpilot.meshdns.server import MeshDns
-from meshpilot.sidecar.identity import ChannelTls, GrpcSigner, Material, WorkloadIdentity
+from meshpilot.sidecar.identity import ChannelTls, GrpcSigner, Material, WorkloadIdentity, enrol_target
 from meshpilot.sidecar.render import IdentitySettings, SidecarOptions, bootstrap_options, identity_settings
 from meshpilot.sidecar.sds import SdsServer, SecretStore
 from meshpilot.sidecar.spec import SidecarSpec
@@ -125,7 +125,9 @@ class _Agent:
             spec = cfg.spec
             self.identity = WorkloadIdentity(
                 node_id=self.instance_id,
-                signer=GrpcSigner(control_plane_target(cfg.options), s.server_name),
+                signer=GrpcSigner(control_plane_target(cfg.options), s.server_name,
+                                  enrol_target=enrol_target(cfg.options.control_plane_host,
+                                                            cfg.options.control_plane_port, cfg.options.enrol_port)),
                 trust_bundle_file=Path(s.trust_bundle_file),
                 join_token_file=Path(s.join_token_file) if s.join_token_file else None,
                 state_dir=cfg.workdir / "identity",

@@ -54,6 +54,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         advertise_address=args.advertise_address or os.environ.get("MESHPILOT_ADVERTISE_ADDRESS", ""),
         join_token_file=args.join_token_file or "", trust_bundle_file=args.trust_bundle or "",
         trust_domain=args.trust_domain or "", control_plane_name=args.control_plane_name or "",
+        enrol_port=args.enrol_port,
     )
     cfg = AgentConfig(
         spec=spec, options=opts, api_url=api.rstrip("/"), token=api_token(args),
@@ -74,7 +75,14 @@ def cmd_identity_files(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from meshpilot.sidecar.identity import GrpcSigner, Material, WorkloadIdentity, publish_files, server_name_for
+    from meshpilot.sidecar.identity import (
+        GrpcSigner,
+        Material,
+        WorkloadIdentity,
+        enrol_target,
+        publish_files,
+        server_name_for,
+    )
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper(), logging.INFO),
@@ -89,7 +97,9 @@ def cmd_identity_files(args: argparse.Namespace) -> int:
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     out = Path(args.out)
     identity = WorkloadIdentity(
-        node_id=args.node_id, signer=GrpcSigner(target, server_name_for(host, args.control_plane_name or "")),
+        node_id=args.node_id,
+        signer=GrpcSigner(target, server_name_for(host, args.control_plane_name or ""),
+                          enrol_target=enrol_target(host, port, args.enrol_port)),
         trust_bundle_file=Path(args.trust_bundle),
         join_token_file=Path(args.join_token_file) if args.join_token_file else None,
         state_dir=out / ".state",
@@ -124,6 +134,9 @@ def _identity_arguments(p: argparse.ArgumentParser) -> None:
                    help="PEM roots the control plane's certificate is checked against; turns the workload identity on")
     p.add_argument("--control-plane-name",
                    help="name the control plane's certificate must hold (default: the host, or localhost for an address)")
+    p.add_argument("--enrol-port", type=int, metavar="PORT",
+                   help="the control plane's enrolment port, for the first contact with a join token (default: the "
+                        "xDS port + 2)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "SignResult",
     "Signer",
     "WorkloadIdentity",
+    "enrol_target",
     "publish_files",
     "server_name_for",
     "write_private",
@@ -214,11 +215,21 @@ def channel_options(server_name: str) -> list[tuple[str, Any]]:
     return [("grpc.ssl_target_name_override", server_name)] if server_name else []
 
 
-class GrpcSigner:
-    """Sign and WatchBundle over a TLS channel to ``target`` (the control plane's xDS port)."""
+def enrol_target(host: str, xds_port: int, enrol_port: int | None = None) -> str:
+    """HOST:PORT of the control plane's enrolment listener (default: the xDS port + 2)."""
+    port = enrol_port if enrol_port is not None else xds_port + 2
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def __init__(self, target: str, server_name: str = "", *, timeout_s: float = 10.0) -> None:
+
+class GrpcSigner:
+    """Sign and WatchBundle over TLS. The control plane's xDS port (``target``) requires a client
+    certificate, so first contact (a join token, no certificate yet) goes to its enrolment port
+    (``enrol_target``: TLS that asks for no client certificate); renewals and the bundle watch go to the
+    xDS port with the current certificate."""
+
+    def __init__(self, target: str, server_name: str = "", *, enrol_target: str = "", timeout_s: float = 10.0) -> None:
         self.target = target
+        self.enrol_target = enrol_target or target
         self.server_name = server_name
         self.timeout_s = timeout_s
 
@@ -228,7 +239,8 @@ class GrpcSigner:
             private_key=client.key_pem if client else None,
             certificate_chain=client.chain_pem if client else None,
         )
-        return grpc.aio.secure_channel(self.target, creds, options=channel_options(self.server_name))
+        target = self.target if client is not None else self.enrol_target
+        return grpc.aio.secure_channel(target, creds, options=channel_options(self.server_name))
 
     async def sign(self, csr_pem: bytes, node_id: str, token: str, client: Material | None,
                    trust_pem: bytes) -> SignResult:

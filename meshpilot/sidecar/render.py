@@ -42,6 +42,7 @@ class SidecarOptions:
     trust_bundle_file: str = ""
     trust_domain: str = ""
     control_plane_name: str = ""  # the name the control plane's certificate is checked for
+    enrol_port: int | None = None  # the control plane's enrolment port (None: control_plane_port + 2)
 
 
 @dataclass(frozen=True, slots=True)

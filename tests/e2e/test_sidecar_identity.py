@@ -178,3 +178,98 @@ def test_envoy_refuses_a_control_plane_without_the_control_plane_id(tmp_path: Pa
     finally:
         loop.run(cp.stop())
         loop.run(sds.stop())
+
+
+# ---- the agent against a real control plane with identity on ---------------------------------------------
+
+
+def test_the_agent_enrols_and_its_envoy_and_meshdns_reach_the_control_plane_over_tls(tmp_path: Path) -> None:
+    import os
+    import signal
+    import stat
+    import subprocess
+
+    import yaml
+
+    from tests.support import VENV_BIN, control_plane, tmpdir
+
+    token = "s3cret"
+    auth = {"Authorization": f"Bearer {token}"}
+    config = tmp_path / "cp.yaml"
+    config.write_text(yaml.safe_dump({"identity": True, "trust_domain": TD, "workload_cert_ttl_s": 3600}))
+    work = tmpdir("mpid-")  # short: the SDS socket lives in it
+    with control_plane(tmp_path, extra=["--config", str(config), "--token", token]) as cp:
+        status, made = cp.call("POST", "/v1/identity/tokens", {"namespace": "shop", "service": "web", "single_use": True},
+                               auth)
+        assert status == 201, made
+        status, summary = cp.call("GET", "/v1/identity", None, auth)
+        assert status == 200 and summary["enrolment_port"], summary
+        (work / "token").write_text(made["secret"])
+        (work / "bundle.pem").write_text(summary["bundle_pem"])
+        spec = work / "spec.yaml"
+        spec.write_text(yaml.safe_dump({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 9}]},
+            "mesh": {"sidecar": {"adminPort": 0, "inboundPort": _free(), "outboundPort": _free()},
+                     "dns": {"enabled": True, "listen": "127.0.0.1:0", "upstreams": ["127.0.0.1:9"]}},
+        }))
+        ready = work / "ready.json"
+        log = work / "agent.log"
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "meshpilot"), "sidecar", "--spec", str(spec), "--control-plane", f"127.0.0.1:{cp.xds_port}",
+             "--api", cp.api, "--token", token, "--node-id", "web-1", "--workdir", str(work / "agent"),
+             "--ready-file", str(ready), "--trust-bundle", str(work / "bundle.pem"),
+             "--join-token-file", str(work / "token"), "--enrol-port", str(summary["enrolment_port"])],
+            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: ready.exists() or proc.poll() is not None, 30, what="the agent's ready file")
+            assert proc.poll() is None, f"the agent exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            info = json.loads(ready.read_text())
+            assert info["spiffe_id"] == pki.spiffe_id(TD, "shop", "web"), info
+            text = log.read_text()
+            assert "event=enrolled" in text and made["secret"] not in text, "enrolled, and the token never logged"
+            for name in ("key.pem", "cert.pem"):
+                mode = stat.S_IMODE((work / "agent" / "identity" / name).stat().st_mode)
+                assert mode == 0o600, f"{name}: {oct(mode)}"
+            boot = (work / "agent" / "envoy.json").read_text()
+            assert "key.pem" not in boot and "BEGIN" not in boot, "no key or certificate in the bootstrap"
+
+            def connected() -> set[str]:
+                status, proxies = cp.call("GET", "/v1/proxies", None, auth)
+                return {p.get("node_id") or p.get("id") or p.get("node") for p in proxies} if status == 200 else set()
+
+            wait_until(lambda: {"web-1", "web-1~meshdns"} <= connected(), 20,
+                       what="Envoy's ADS stream and meshdns's table stream over TLS")
+            # a renewal with the stored certificate on the xDS port (client certificate, no token), and the bundle
+            renewed, bundle = asyncio.run(_renew_and_watch(work / "agent" / "identity", work / "bundle.pem",
+                                                           cp.xds_port, summary["enrolment_port"]))
+            assert renewed.spiffe == info["spiffe_id"] and renewed.node_id == "web-1"
+            assert pki.bundle_pem([bundle]) == pki.bundle_pem([summary["bundle_pem"].encode()])
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _free() -> int:
+    from tests.support import free_port
+
+    return free_port()
+
+
+async def _renew_and_watch(state: Path, bundle: Path, xds_port: int, enrol_port: int) -> tuple[Any, bytes]:
+    from meshpilot.sidecar.identity import GrpcSigner, Phase, WorkloadIdentity
+
+    signer = GrpcSigner(f"127.0.0.1:{xds_port}", "localhost", enrol_target=f"127.0.0.1:{enrol_port}")
+    ident = WorkloadIdentity(node_id="web-1", signer=signer, trust_bundle_file=bundle, state_dir=state)
+    held = ident.material
+    assert held is not None, "the agent's stored certificate must load"
+    renewed = await ident.attempt(Phase.RENEW)
+    assert renewed.key_pem != held.key_pem and renewed.not_after >= held.not_after
+    async for first in signer.watch_bundle(held, ident.trust_pem()):
+        return renewed, first
+    raise AssertionError("WatchBundle ended without a bundle")
