@@ -469,8 +469,10 @@ class WorkloadIdentity:
             result = await self.signer.sign(csr, self.node_id, token, client, trust)
         except SignError:
             raise
-        except (OSError, ValueError, grpc.RpcError) as exc:
+        except (OSError, grpc.RpcError) as exc:
             raise SignError("unreachable", repr(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - a signer's bug is one failed attempt, retried like the others
+            raise SignError("error", repr(exc)) from None
         try:
             m = material_of(pki.key_pem(key), result.chain_pem, self._bundle_for(result.bundle_pem))
         except ValueError as exc:

@@ -273,3 +273,56 @@ async def _renew_and_watch(state: Path, bundle: Path, xds_port: int, enrol_port:
     async for first in signer.watch_bundle(held, ident.trust_pem()):
         return renewed, first
     raise AssertionError("WatchBundle ended without a bundle")
+
+
+def test_identity_files_keeps_a_proxyless_apps_certificate_as_files(tmp_path: Path) -> None:
+    import signal
+    import stat
+    import subprocess
+
+    import yaml
+
+    from meshpilot.sidecar.identity import GrpcSigner, material_of
+    from tests.support import VENV_BIN, control_plane
+
+    token = "s3cret"
+    auth = {"Authorization": f"Bearer {token}"}
+    config = tmp_path / "cp.yaml"
+    config.write_text(yaml.safe_dump({"identity": True, "trust_domain": TD}))
+    with control_plane(tmp_path, extra=["--config", str(config), "--token", token]) as cp:
+        status, made = cp.call("POST", "/v1/identity/tokens", {"namespace": "shop", "service": "grpc-client"}, auth)
+        assert status == 201, made
+        status, summary = cp.call("GET", "/v1/identity", None, auth)
+        (tmp_path / "token").write_text(made["secret"])
+        (tmp_path / "bundle.pem").write_text(summary["bundle_pem"])
+        out = tmp_path / "files"
+        log = tmp_path / "identity-files.log"
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "meshpilot"), "identity-files", "--out", str(out), "--control-plane",
+             f"127.0.0.1:{cp.xds_port}", "--enrol-port", str(summary["enrolment_port"]), "--node-id", "grpc-client-1",
+             "--join-token-file", str(tmp_path / "token"), "--trust-bundle", str(tmp_path / "bundle.pem")],
+            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: (out / "cert.pem").exists() or proc.poll() is not None, 30, what="cert.pem")
+            assert proc.poll() is None, f"identity-files exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            m = material_of((out / "key.pem").read_bytes(), (out / "cert.pem").read_bytes(),
+                            (out / "bundle.pem").read_bytes())
+            assert m.spiffe == pki.spiffe_id(TD, "shop", "grpc-client") and m.node_id == "grpc-client-1"
+            assert stat.S_IMODE((out / "key.pem").stat().st_mode) == 0o600
+            # the files are a working client identity: the xDS port (client certificates required) accepts them
+            signer = GrpcSigner(f"127.0.0.1:{cp.xds_port}", "localhost")
+
+            async def first_bundle() -> bytes:
+                async for b in signer.watch_bundle(m, m.bundle_pem):
+                    return b
+                raise AssertionError("WatchBundle ended without a bundle")
+
+            assert b"BEGIN CERTIFICATE" in asyncio.run(first_bundle())
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        assert code == 0, f"identity-files must stop cleanly on SIGTERM, got {code}:\n{log.read_text()[-2000:]}"
