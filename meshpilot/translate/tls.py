@@ -26,6 +26,7 @@ from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.message import Message
 
 from meshpilot.pki import spiffe_id
+from meshpilot.translate.bootstrap import SDS_CLUSTER  # the bootstrap's static cluster to the agent's SDS socket
 
 __all__ = [
     "CERT_SECRET",
@@ -47,7 +48,6 @@ __all__ = [
     "upstream_tls",
 ]
 
-SDS_CLUSTER = "meshpilot-sds"  # the bootstrap's static cluster to the agent's SDS socket
 CERT_SECRET = "default"  # tls_certificate: the workload's chain and key
 ROOT_SECRET = "ROOTCA"  # validation_context: the trust bundle
 TLS_SOCKET = "envoy.transport_sockets.tls"
@@ -105,6 +105,10 @@ def sds_secret(name: str) -> secret_pb2.SdsSecretConfig:
             api_type=config_source_pb2.ApiConfigSource.GRPC,
             transport_api_version=config_source_pb2.V3,
             grpc_services=[grpc_service_pb2.GrpcService(envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=SDS_CLUSTER))],
+            # as the bootstrap's (translate/bootstrap.py sds_config): Envoy shares one subscription
+            # per identical secret config, so the listeners' and clusters' secrets ride the
+            # bootstrap's stream instead of opening their own
+            set_node_on_first_message_only=True,
         ),
     )
     return secret_pb2.SdsSecretConfig(name=name, sds_config=source)

@@ -274,3 +274,15 @@ def test_an_mtls_policy_changes_the_clusters_and_listeners_of_the_services_it_se
     assert ("", "api.shop") not in out, "expected a service policy to touch its service only"
     web = out[("", "web.shop")]
     assert web is not None and not web.resources[TYPE.CLUSTER]["outbound|80||web.shop.svc.mesh"].transport_socket_matches  # type: ignore[union-attr]
+
+
+def test_secrets_are_named_exactly_as_the_bootstrap_names_them() -> None:
+    """Envoy shares one SDS subscription per identical secret config: the clusters' and listeners'
+    references must equal the bootstrap's, or each opens a stream of its own to the agent."""
+    from google.protobuf import json_format
+
+    from meshpilot.translate.bootstrap import sds_config
+    from meshpilot.translate.tls import sds_secret
+
+    ours = json_format.MessageToDict(sds_secret("default").sds_config, preserving_proto_field_name=True)
+    assert ours == sds_config(), f"expected the bootstrap's SDS config {sds_config()}, got {ours}"
