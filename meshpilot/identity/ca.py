@@ -41,6 +41,7 @@ log = logging.getLogger("meshpilot.identity")
 ROOTS = "ca_roots"
 ENROLMENTS = "enrolments"
 _FILE = "file"  # the source of the operator's CA (never written to the store)
+_INTERMEDIATE = "intermediate:"  # key prefix, in the roots' table, of an intermediate that signed here
 
 
 class UnknownRoot(LookupError):
@@ -73,6 +74,10 @@ class MeshCa:
         self._watchers: list[Callable[[bytes], None]] = []
         self._operator: pki.Authority | None = self._load_operator()
         self._roots: dict[str, pki.Authority] = {}  # serial of the anchor -> authority, stored ones
+        self._anchors: dict[str, x509.Certificate] = {}  # serial -> a root trusted without its key here
+        # intermediates that signed here, kept: a TLS client sends its chain, but a call's auth
+        # context holds only the leaf, and renewal verifies the leaf again (see service.py)
+        self._intermediates: dict[str, x509.Certificate] = {}
         self._signing = ""  # anchor serial of the signing authority
         self._load()
         self._serving: tuple[bytes, bytes, float, float] | None = None  # (key, chain, issued, not_after)
@@ -106,6 +111,12 @@ class MeshCa:
         signing = ""
         for serial, doc in self.store.items(ROOTS):
             try:
+                if serial.startswith(_INTERMEDIATE):
+                    self._intermediates[serial] = x509.load_pem_x509_certificate(doc["cert"].encode())
+                    continue
+                if not doc.get("key"):
+                    self._anchors[serial] = x509.load_pem_x509_certificate(doc["cert"].encode())
+                    continue
                 authority = pki.Authority.from_pem(doc["cert"].encode(), doc["key"].encode(), doc.get("chain", "").encode())
             except (KeyError, AttributeError, ValueError) as exc:
                 raise ValueError(f"store table {ROOTS}: root {serial} cannot be read: {exc}") from None
@@ -114,6 +125,11 @@ class MeshCa:
                 signing = serial
         if self._operator is not None:
             self._signing = _anchor_serial(self._operator)
+            for cert in self._operator.intermediates():
+                key = _INTERMEDIATE + pki.serial_of(cert)
+                if key not in self._intermediates:
+                    self._intermediates[key] = cert
+                    self.store.write({(ROOTS, key): {"cert": cert.public_bytes(serialization.Encoding.PEM).decode()}})
             return
         if not self._roots:
             authority = pki.Authority.generate(self.settings.trust_domain, now=self.clock())
@@ -149,30 +165,42 @@ class MeshCa:
         out = [self._operator] if self._operator is not None else []
         return out + [self._roots[k] for k in sorted(self._roots)]
 
+    def _trusted_anchors(self) -> list[tuple[x509.Certificate, str]]:
+        """(root certificate, source) of every trusted root, each serial once, the signing one first."""
+        seen: set[str] = set()
+        out: list[tuple[x509.Certificate, str]] = []
+        listed = [(a.anchor, _FILE if a is self._operator else "store") for a in self._trusted()]
+        for cert, source in [*listed, *((self._anchors[k], "added") for k in sorted(self._anchors))]:
+            serial = pki.serial_of(cert)
+            if serial not in seen:
+                seen.add(serial)
+                out.append((cert, source))
+        return out
+
     def bundle_pem(self) -> bytes:
         """Every trusted root, PEM, each once: what peers verify against."""
-        return pki.bundle_pem(a.anchor_pem() for a in self._trusted())
+        return pki.bundle_pem(c.public_bytes(serialization.Encoding.PEM) for c, _src in self._trusted_anchors())
 
     def intermediates(self) -> list[x509.Certificate]:
         """The certificates between trusted roots and the leaves they sign (an operator's intermediate)."""
-        return [c for a in self._trusted() for c in a.intermediates()]
+        current = [c for a in self._trusted() for c in a.intermediates()]
+        return current + [c for c in self._intermediates.values() if c not in current]
 
     def roots(self) -> list[dict[str, Any]]:
         """The trusted roots: serial, subject, not_before, not_after, signing, fingerprint, source."""
-        out = []
-        for a in self._trusted():
-            anchor = a.anchor
-            serial = _anchor_serial(a)
-            out.append({
-                "serial": serial,
+        signing = self.signing_serial
+        return [
+            {
+                "serial": pki.serial_of(anchor),
                 "subject": anchor.subject.rfc4514_string(),
                 "not_before": anchor.not_valid_before_utc.timestamp(),
                 "not_after": anchor.not_valid_after_utc.timestamp(),
-                "signing": a is self.authority,
+                "signing": pki.serial_of(anchor) == signing,
                 "fingerprint": _fingerprint(anchor),
-                "source": _FILE if a is self._operator else "store",
-            })
-        return out
+                "source": source,
+            }
+            for anchor, source in self._trusted_anchors()
+        ]
 
     def watch(self, callback: Callable[[bytes], None]) -> Callable[[], None]:
         """Call ``callback(bundle_pem)`` on every change of the bundle; returns the unsubscribe."""
@@ -209,22 +237,55 @@ class MeshCa:
 
     # ---- rotation ---------------------------------------------------------------------------
 
-    async def add_root(self) -> dict[str, Any]:
-        """Generate a new root: trusted from now on, not signing until activated."""
-        authority = pki.Authority.generate(self.settings.trust_domain, now=self.clock())
-        serial = _anchor_serial(authority)
-        self._roots[serial] = authority
-        self._write_root(serial, authority, signing=False)
+    async def add_root(self, cert_pem: bytes | None = None) -> dict[str, Any]:
+        """Generate a new root: trusted from now on, not signing until activated. With ``cert_pem``,
+        trust that CA certificate instead (its key stays elsewhere: it can not sign here); that is how
+        nodes come to trust an operator's next root before ``ca_cert_file`` changes to it."""
+        if cert_pem is None:
+            authority = pki.Authority.generate(self.settings.trust_domain, now=self.clock())
+            serial = _anchor_serial(authority)
+            self._roots[serial] = authority
+            self._write_root(serial, authority, signing=False)
+        else:
+            cert = self._trust_only(cert_pem)
+            serial = pki.serial_of(cert)
+            self._anchors[serial] = cert
+            pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+            self.store.write({(ROOTS, serial): {"cert": pem, "key": "", "chain": "", "signing": False,
+                                                "added_at": self.clock()}})
         await self.store.sync()
-        log.info("event=ca_root_added serial=%s", serial)
+        log.info("event=ca_root_added serial=%s with_key=%s", serial, cert_pem is None)
         self._changed()
         return next(r for r in self.roots() if r["serial"] == serial)
+
+    def _trust_only(self, cert_pem: bytes) -> x509.Certificate:
+        try:
+            certs = x509.load_pem_x509_certificates(cert_pem)
+        except ValueError:
+            raise ValueError("cert_pem: not a PEM certificate") from None
+        if len(certs) != 1:
+            raise ValueError(f"cert_pem: one certificate, not {len(certs)}")
+        cert = certs[0]
+        try:
+            ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except (x509.ExtensionNotFound, ValueError):
+            ca = False
+        if not ca:
+            raise ValueError("cert_pem: not a CA certificate (basicConstraints CA:TRUE)")
+        if cert.not_valid_after_utc.timestamp() <= self.clock():
+            raise ValueError("cert_pem: the certificate has expired")
+        # the operator's current root may be added: kept in the store, it stays trusted when the files change
+        if pki.serial_of(cert) in self._roots or pki.serial_of(cert) in self._anchors:
+            raise RootRefused(f"root {pki.serial_of(cert)} is trusted already")
+        return cert
 
     async def activate_root(self, serial: str) -> dict[str, Any]:
         """Make a trusted root the one that signs; the previous one stays trusted."""
         if serial not in self._roots:
             if self._operator is not None and serial == _anchor_serial(self._operator):
                 return next(r for r in self.roots() if r["serial"] == serial)
+            if serial in self._anchors:
+                raise RootRefused(f"root {serial} is trusted without its key here: it can not sign")
             raise UnknownRoot(serial)
         if self._operator is not None:
             raise RootRefused("ca_cert_file: the operator's CA signs while ca_cert_file is set; change the file "
@@ -252,7 +313,7 @@ class MeshCa:
         current certificate signed under it is still valid."""
         if self._operator is not None and serial == _anchor_serial(self._operator):
             raise RootRefused("ca_cert_file: the operator's CA is removed by removing the setting and restarting")
-        if serial not in self._roots:
+        if serial not in self._roots and serial not in self._anchors:
             raise UnknownRoot(serial)
         if serial == self._signing and self._operator is None:
             raise RootRefused(f"root {serial} signs; activate another root first")
@@ -264,7 +325,8 @@ class MeshCa:
                 f"(e.g. {live[0].get('node_id', '?')}), valid until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(last))}; "
                 "wait until they have renewed or expired"
             )
-        del self._roots[serial]
+        self._roots.pop(serial, None)
+        self._anchors.pop(serial, None)
         self.store.write({}, deletes=((ROOTS, serial),))
         await self.store.sync()
         log.info("event=ca_root_removed serial=%s forced=%s", serial, force and bool(live))

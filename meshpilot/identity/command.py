@@ -53,7 +53,14 @@ def cmd_roots(args: argparse.Namespace) -> int:
     if args.action == "list":
         print_json(api.call("GET", "/v1/identity/roots"))
     elif args.action == "add":
-        print_json(api.call("POST", "/v1/identity/roots"))
+        body = None
+        if args.cert:
+            try:
+                with open(args.cert) as f:
+                    body = {"cert_pem": f.read()}
+            except OSError as exc:
+                raise SystemExit(f"meshpilot: identity roots add: {args.cert}: {exc.strerror}") from None
+        print_json(api.call("POST", "/v1/identity/roots", body))
     elif args.action == "activate":
         print_json(api.call("POST", f"/v1/identity/roots/{_quote(args.serial)}/activate"))
     elif args.action == "remove":
@@ -98,9 +105,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_api_flags(b)
     b.set_defaults(func=cmd_bundle)
 
-    r = groups.add_parser("roots", help="trusted roots: list, add, activate SERIAL, remove SERIAL")
+    r = groups.add_parser("roots", help="trusted roots: list, add [--cert FILE], activate SERIAL, remove SERIAL")
     r.add_argument("action", choices=["list", "add", "activate", "remove"])
     r.add_argument("serial", nargs="?", help="activate, remove: the root's serial (hex, from roots list)")
+    r.add_argument("--cert", metavar="FILE",
+                   help="add: trust this CA certificate (PEM; its key stays with you) instead of generating a root")
     r.add_argument("--force", action="store_true",
                    help="remove: even while nodes' current certificates chain to it (they fail until they re-enrol)")
     add_api_flags(r)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -17,7 +17,7 @@ from meshpilot.identity.ca import ENROLMENTS, MeshCa, RootRefused, UnknownRoot
 from meshpilot.identity.tokens import JoinTokens
 from meshpilot.model import dns_label, field_errors
 
-__all__ = ["TokenIn", "identity_routes"]
+__all__ = ["RootIn", "TokenIn", "identity_routes"]
 
 
 class TokenIn(BaseModel):
@@ -41,7 +41,17 @@ class TokenIn(BaseModel):
         return dns_label(v, "service")
 
 
-def _parse(model: type[TokenIn], data: Any) -> TokenIn:
+class RootIn(BaseModel):
+    """A root to trust without its key (an operator's next root); no body: generate a new root."""
+
+    model_config = ConfigDict(extra="forbid")
+    cert_pem: str = Field(max_length=64 * 1024, description="one CA certificate, PEM")
+
+
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+def _parse(model: type[_Body], data: Any) -> _Body:
     try:
         return model.model_validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:
@@ -90,7 +100,16 @@ class _Handlers:
         return web.json_response(self.ca.roots())
 
     async def add_root(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.ca.add_root(), status=201)
+        cert_pem: bytes | None = None
+        if await request.read():
+            body = _parse(RootIn, await json_body(request))
+            cert_pem = body.cert_pem.encode()
+        try:
+            return web.json_response(await self.ca.add_root(cert_pem), status=201)
+        except RootRefused as exc:
+            raise ApiError(409, str(exc), [{"field": "cert_pem", "reason": str(exc)}]) from None
+        except ValueError as exc:
+            raise ApiError(400, str(exc), [{"field": "cert_pem", "reason": str(exc).removeprefix("cert_pem: ")}]) from None
 
     async def activate_root(self, request: web.Request) -> web.Response:
         serial = request.match_info["serial"].lower()
@@ -140,8 +159,9 @@ def identity_routes(ca: MeshCa, tokens: JoinTokens, enrolment_port: Callable[[],
         Route("DELETE", "/v1/identity/tokens/{id}", h.revoke_token, "Revoke a join token", scope="admin"),
         Route("GET", "/v1/identity/bundle", h.bundle, "The trust bundle: every trusted root, PEM (text/plain)"),
         Route("GET", "/v1/identity/roots", h.list_roots, "List trusted roots and which one signs"),
-        Route("POST", "/v1/identity/roots", h.add_root, "Generate a new root: trusted now, signing once activated",
-              scope="admin"),
+        Route("POST", "/v1/identity/roots", h.add_root,
+              "Generate a new root (no body), or trust an operator's CA certificate ({cert_pem}); trusted now, "
+              "signing once activated", scope="admin"),
         Route("POST", "/v1/identity/roots/{serial}/activate", h.activate_root,
               "Make a trusted root the signing one (the previous stays trusted)", scope="admin"),
         Route("DELETE", "/v1/identity/roots/{serial}", h.remove_root,

@@ -199,7 +199,7 @@ async def test_an_operator_intermediate_signs_and_its_root_is_the_bundle(tmp_pat
     root, files = _operator_files(tmp_path)
     store = MemoryStore()
     ca = MeshCa(store, _settings(**files))
-    assert list(store.items(ROOTS)) == [], "the operator's key stays in its file"
+    assert all("key" not in doc for _k, doc in store.items(ROOTS)), "the operator's key stays in its file"
     assert _certs(ca.bundle_pem()) == [root.cert]
     [info] = ca.roots()
     assert info["signing"] and info["source"] == "file" and info["serial"] == pki.serial_of(root.cert)
@@ -348,6 +348,10 @@ class _Ctx:
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         raise Aborted(code, details)
+
+
+def _any(value: object) -> Any:
+    return value
 
 
 def _leaf(chain_pem: bytes) -> bytes:
@@ -613,6 +617,69 @@ async def test_enrolment_routes_remove_a_node_whatever_its_id(tmp_path: Path) ->
         assert r.status == 200, await r.text()
         assert store.get(ENROLMENTS, node) is None
         assert (await client.delete("/v1/identity/enrolments/nope")).status == 404
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+async def test_an_operators_next_root_is_trusted_before_the_files_change(tmp_path: Path) -> None:
+    """Rotating an operator CA: trust the next root (certificate only) and the current one, switch
+    the files, restart; certificates of both verify throughout, and the old root goes at the end."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "next").mkdir()
+    first_root, files = _operator_files(tmp_path / "first")
+    next_root, next_files = _operator_files(tmp_path / "next")
+    store = MemoryStore()
+    ca = MeshCa(store, _settings(**files))
+    csr = pki.build_csr(pki.new_key(), "", "")
+    old_leaf = ca.sign(csr, pki.spiffe_id(TD, "default", "web"), "n1")
+    added = await ca.add_root(next_root.anchor_pem())
+    assert added["source"] == "added" and added["signing"] is False
+    await ca.add_root(_certs(first_root.anchor_pem())[0].public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(RootRefused, match="already"):
+        await ca.add_root(next_root.anchor_pem())
+    ca_no_files = MeshCa(MemoryStore(), _settings())
+    await ca_no_files.add_root(next_root.anchor_pem())
+    with pytest.raises(RootRefused, match="without its key"):
+        await ca_no_files.activate_root(pki.serial_of(next_root.cert))
+    assert {pki.serial_of(c) for c in _certs(ca.bundle_pem())} == {pki.serial_of(first_root.cert),
+                                                                    pki.serial_of(next_root.cert)}
+    # the files change to the next CA; the restart keeps trusting the first root from the store
+    after = MeshCa(store, _settings(**next_files))
+    new_leaf = after.sign(csr, pki.spiffe_id(TD, "default", "web"), "n1")
+    bundle = after.bundle_pem()
+    # the old intermediate travels in the old leaf's chain, as a TLS peer sends it
+    assert pki.verified_peer(old_leaf.chain_pem, bundle, _certs(old_leaf.chain_pem)[1:]) is not None
+    assert _chains_to(new_leaf.chain_pem, next_root.anchor_pem())
+    # a node whose certificate came from the first intermediate renews through the next one
+    svc_before = IdentityService(ca, JoinTokens(store))
+    _r, secret = svc_before.tokens.create("default", "web")
+    enrolled = await svc_before.sign(ca_pb2.SignRequest(csr_pem=csr, node_id="n9", token=secret), _any(_Ctx()))
+    renewed = await IdentityService(after, JoinTokens(store)).sign(
+        ca_pb2.SignRequest(csr_pem=csr), _any(_Ctx(_leaf(enrolled.cert_chain_pem))))
+    assert _chains_to(renewed.cert_chain_pem, next_root.anchor_pem())
+    await after.remove_root(pki.serial_of(first_root.cert), force=True)
+    assert _certs(after.bundle_pem()) == [next_root.cert]
+    for bad, why in [(b"junk", "not a PEM"), (old_leaf.chain_pem, "one certificate"),
+                     (_certs(old_leaf.chain_pem)[0].public_bytes(serialization.Encoding.PEM), "not a CA")]:
+        with pytest.raises(ValueError, match=why):
+            await after.add_root(bad)
+
+
+async def test_root_route_takes_a_certificate(tmp_path: Path) -> None:
+    cp, client = await _api(tmp_path)
+    try:
+        other = pki.Authority.generate("corp")
+        r = await client.post("/v1/identity/roots", json={"cert_pem": other.anchor_pem().decode()})
+        assert r.status == 201, await r.text()
+        assert (await r.json())["source"] == "added"
+        r = await client.post("/v1/identity/roots", json={"cert_pem": other.anchor_pem().decode()})
+        assert r.status == 409
+        r = await client.post("/v1/identity/roots", json={"cert_pem": "junk"})
+        assert r.status == 400 and [f["field"] for f in (await r.json())["fields"]] == ["cert_pem"]
+        r = await client.post("/v1/identity/roots", json={"cert": "x"})
+        assert r.status == 400
+        assert len(_certs(await (await client.get("/v1/identity/bundle")).read())) == 2
     finally:
         await client.close()
         cp.registry.store.close()
