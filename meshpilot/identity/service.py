@@ -30,13 +30,14 @@ from meshpilot.identity.ca import ENROLMENTS, MeshCa
 from meshpilot.identity.tokens import JoinTokens, TokenRefused
 from meshpilot.pki import ca_pb2
 
-__all__ = ["IDENTITY_SERVICE", "MAX_REQUEST_BYTES", "EnrolmentServer", "IdentityService", "identity_handler"]
+__all__ = ["IDENTITY_SERVICE", "MAX_REQUEST_BYTES", "MAX_WATCHERS", "EnrolmentServer", "IdentityService", "identity_handler"]
 
 log = logging.getLogger("meshpilot.identity")
 
 IDENTITY_SERVICE = "meshpilot.identity.v1.Identity"
 MAX_REQUEST_BYTES = 32 * 1024  # a P-256 CSR is under 1 KiB; an RSA-4096 one under 4 KiB
 _MAX_CSR = 16 * 1024
+MAX_WATCHERS = 20_000  # open WatchBundle streams, over both ports (one per node is the norm)
 _MAX_TOKEN = 256
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -61,6 +62,7 @@ class IdentityService:
         self.tokens = tokens
         self.clock = clock
         self.trust_domain = ca.settings.trust_domain
+        self.watchers = 0
 
     # ---- Sign -----------------------------------------------------------------------------
 
@@ -173,12 +175,16 @@ class IdentityService:
     # ---- WatchBundle ------------------------------------------------------------------------
 
     async def watch_bundle(self, request: ca_pb2.BundleRequest, context: Context) -> AsyncIterator[ca_pb2.BundleResponse]:
+        if self.watchers >= MAX_WATCHERS:
+            metrics.IDENTITY_REFUSED.labels("too_many_watchers").inc()
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} bundle watchers")
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
 
         def on_change(_bundle: bytes) -> None:
             loop.call_soon_threadsafe(changed.set)
 
+        self.watchers += 1
         cancel = self.ca.watch(on_change)
         try:
             sent = b""
@@ -191,6 +197,7 @@ class IdentityService:
                 changed.clear()
         finally:
             cancel()
+            self.watchers -= 1
 
 
 def _node_id(node_id: str) -> str:

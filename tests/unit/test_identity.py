@@ -683,3 +683,22 @@ async def test_root_route_takes_a_certificate(tmp_path: Path) -> None:
     finally:
         await client.close()
         cp.registry.store.close()
+
+
+async def test_bundle_watchers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshpilot.identity import service as service_module
+
+    monkeypatch.setattr(service_module, "MAX_WATCHERS", 1)
+    w = World()
+    ctx: Any = _Ctx()
+    first: Any = w.svc.watch_bundle(ca_pb2.BundleRequest(), ctx)
+    await anext(first)
+    second: Any = w.svc.watch_bundle(ca_pb2.BundleRequest(), ctx)
+    with pytest.raises(Aborted) as info:
+        await anext(second)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await first.aclose()
+    assert w.svc.watchers == 0
+    third: Any = w.svc.watch_bundle(ca_pb2.BundleRequest(), ctx)
+    await anext(third)
+    await third.aclose()
