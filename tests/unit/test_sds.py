@@ -1,6 +1,7 @@
 """The agent's SDS server, driven in-process by a grpc.aio client over a unix socket: both secrets arrive,
 a rotation is a new version, NACKs are not answered with the same content, unknown names get nothing.
-The stream machines are also driven directly, without a socket."""
+The stream machines are also driven directly, without a socket, and by hypothesis through any order of
+requests, ACKs, NACKs, stale nonces and rotations."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
@@ -258,3 +261,70 @@ def test_delta_machine_forgets_unsubscribed_names() -> None:
     assert m.on_change(store.snapshot()) is None, "an unsubscribed secret is not pushed"
     r2 = m.on_request(discovery_pb2.DeltaDiscoveryRequest(resource_names_subscribe=[DEFAULT]), store.snapshot())
     assert r2 is not None and [r.name for r in r2.resources] == [DEFAULT]
+
+
+# ---- the machines under any order of events -------------------------------------------------------------
+
+_NAMES = st.lists(st.sampled_from([DEFAULT, ROOTCA, "other"]), max_size=3, unique=True)
+_EVENTS = st.lists(st.one_of(
+    st.tuples(st.just("request"), _NAMES, st.sampled_from(["none", "current", "stale"]), st.booleans()),
+    st.tuples(st.just("rotate"), st.integers(0, 3), st.integers(0, 3), st.just(False)),
+), max_size=25)
+
+
+def _set(store: SecretStore, cert: int, root: int) -> None:
+    store.set(b"key%d" % cert, b"chain%d" % cert, b"root%d" % root)
+
+
+@given(_EVENTS)
+def test_sotw_always_holds_the_current_secrets_of_what_it_subscribes(events: list[Any]) -> None:
+    store = SecretStore()
+    _set(store, 0, 0)
+    m = SotwSecrets()
+    nonces: list[str] = []
+    for kind, a, b, nack in events:
+        if kind == "rotate":
+            _set(store, a, b)
+            resp = m.on_change(store.snapshot())
+        else:
+            nonce = {"none": "", "current": nonces[-1] if nonces else "", "stale": nonces[0] if nonces else ""}[b]
+            req = discovery_pb2.DiscoveryRequest(resource_names=a, response_nonce=nonce)
+            if nack and nonce:
+                req.error_detail.CopyFrom(status_pb2.Status(code=3, message="bad"))
+            resp = m.on_request(req, store.snapshot())
+        secrets = store.snapshot()
+        wanted = {n: secrets[n].version for n in m.names if n in secrets}
+        if resp is not None:
+            nonces.append(resp.nonce)
+            assert {_secret(r).name for r in resp.resources} == set(wanted), "a response holds every subscribed secret"
+        if wanted:
+            assert m.sent == wanted, f"the stream must have sent the current secrets {wanted}, sent {m.sent}"
+        assert "other" not in m.sent
+
+
+@given(_EVENTS)
+def test_delta_sends_each_version_once_and_keeps_the_client_current(events: list[Any]) -> None:
+    store = SecretStore()
+    _set(store, 0, 0)
+    m = DeltaSecrets()
+    client: dict[str, str] = {}
+    for kind, a, b, nack in events:
+        if kind == "rotate":
+            _set(store, a, b)
+            resp = m.on_change(store.snapshot())
+        else:
+            unsubscribe = [n for n in m.names if n not in a]
+            req = discovery_pb2.DeltaDiscoveryRequest(resource_names_subscribe=a, resource_names_unsubscribe=unsubscribe,
+                                                      response_nonce=m.nonce if b == "current" else "")
+            for n in unsubscribe:
+                client.pop(n, None)
+            resp = m.on_request(req, store.snapshot())
+        if resp is not None:
+            for r in resp.resources:
+                assert client.get(r.name) != r.version, f"{r.name} sent again at the version the client holds"
+                client[r.name] = r.version
+        secrets = store.snapshot()
+        for n in m.names:
+            if n in secrets:
+                assert client.get(n) == secrets[n].version, f"{n}: client holds {client.get(n)}, current {secrets[n].version}"
+        assert "other" not in client
