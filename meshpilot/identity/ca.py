@@ -98,11 +98,9 @@ class MeshCa:
         chain = _read(s.ca_chain_file, "ca_chain_file") if s.ca_chain_file else b""
         try:
             authority = pki.Authority.from_pem(cert, key, chain)
-        except ValueError as exc:
-            text = str(exc)
-            setting = "ca_key_file" if "key" in text and "chain" not in text else (
-                "ca_chain_file" if "chain" in text else "ca_cert_file")
-            raise ValueError(f"{setting}: {text}") from None
+        except pki.AuthorityError as exc:
+            setting = {"cert": "ca_cert_file", "key": "ca_key_file", "chain": "ca_chain_file"}[exc.part]
+            raise ValueError(f"{setting}: {exc}") from None
         if authority.not_after <= self.clock():
             raise ValueError(f"ca_cert_file: {s.ca_cert_file} has expired")
         return authority

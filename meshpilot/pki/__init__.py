@@ -4,7 +4,16 @@ plane's CA (meshpilot/identity/) and the node's agent (meshpilot/sidecar/) both 
 
 from __future__ import annotations
 
-from meshpilot.pki.authority import Authority, Issued, build_csr, bundle_pem, key_pem, new_key, serial_of
+from meshpilot.pki.authority import (
+    Authority,
+    AuthorityError,
+    Issued,
+    build_csr,
+    bundle_pem,
+    key_pem,
+    new_key,
+    serial_of,
+)
 from meshpilot.pki.ids import (
     check_node_id,
     control_plane_id,
@@ -19,6 +28,7 @@ from meshpilot.pki.peer import Peer, peer_from_context, peer_of, verified_peer
 
 __all__ = [
     "Authority",
+    "AuthorityError",
     "Issued",
     "Peer",
     "build_csr",

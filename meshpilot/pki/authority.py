@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -26,10 +27,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["Authority", "Issued", "build_csr", "bundle_pem", "key_pem", "new_key", "serial_of"]
+__all__ = ["Authority", "AuthorityError", "Issued", "build_csr", "bundle_pem", "key_pem", "new_key", "serial_of"]
 
 _BACKDATE_S = 60.0  # not_before = now - this, so a peer's clock a little behind still accepts it
 _PEM = serialization.Encoding.PEM
+
+
+class AuthorityError(ValueError):
+    """An operator's CA material that will not do; ``part`` names the file: cert, key or chain."""
+
+    def __init__(self, part: Literal["cert", "key", "chain"], message: str) -> None:
+        super().__init__(message)
+        self.part = part
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,32 +161,40 @@ class Authority:
 
     @classmethod
     def from_pem(cls, cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b"") -> Authority:
-        """An operator's CA. ValueError says what is wrong: not a CA, a key that does not match, a
-        chain whose certificates do not sign each other (``chain_pem`` runs upwards to the root)."""
-        certs = _load_certs(cert_pem, "the CA certificate")
-        if len(certs) != 1:
-            raise ValueError(f"the CA certificate file must hold one certificate, not {len(certs)}")
-        cert = certs[0]
-        _check_ca(cert)
+        """An operator's CA. AuthorityError (a ValueError) says which part is wrong and how: not a
+        CA, a key that does not match, a chain whose certificates do not sign each other
+        (``chain_pem`` runs upwards to the root)."""
+        try:
+            certs = _load_certs(cert_pem, "the CA certificate")
+            if len(certs) != 1:
+                raise ValueError(f"the CA certificate file must hold one certificate, not {len(certs)}")
+            cert = certs[0]
+            _check_ca(cert)
+        except ValueError as exc:
+            raise AuthorityError("cert", str(exc)) from None
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"the CA key is not an unencrypted PEM private key: {exc}") from None
+            raise AuthorityError("key", f"the CA key is not an unencrypted PEM private key: {exc}") from None
         if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
-            raise ValueError("the CA key must be an EC or RSA key")
+            raise AuthorityError("key", "the CA key must be an EC or RSA key")
         if _public_der(key.public_key()) != _public_der(cert.public_key()):
-            raise ValueError("the CA key does not belong to the CA certificate")
-        chain = _load_certs(chain_pem, "the CA chain") if chain_pem.strip() else []
-        for c in chain:
-            _check_ca(c)
+            raise AuthorityError("key", "the CA key does not belong to the CA certificate")
+        try:
+            chain = _load_certs(chain_pem, "the CA chain") if chain_pem.strip() else []
+            for c in chain:
+                _check_ca(c)
+        except ValueError as exc:
+            raise AuthorityError("chain", str(exc)) from None
         below = cert
         for above in chain:
             try:
                 below.verify_directly_issued_by(above)
             except (ValueError, TypeError, InvalidSignature):
-                raise ValueError(
+                raise AuthorityError(
+                    "chain",
                     f"the CA chain does not run upwards: {below.subject.rfc4514_string()} is not signed by "
-                    f"{above.subject.rfc4514_string()}"
+                    f"{above.subject.rfc4514_string()}",
                 ) from None
             below = above
         return cls(cert, key, chain)

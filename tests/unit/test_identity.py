@@ -702,3 +702,11 @@ async def test_bundle_watchers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> N
     third: Any = w.svc.watch_bundle(ca_pb2.BundleRequest(), ctx)
     await anext(third)
     await third.aclose()
+
+
+def test_a_chain_certificate_that_is_no_ca_names_the_chain_setting(tmp_path: Path) -> None:
+    _root, files = _operator_files(tmp_path)
+    leaf = pki.Authority.generate("x").sign(pki.build_csr(pki.new_key(), "", ""), "spiffe://x/ns/a/sa/b", "n", 3600)
+    Path(files["ca_chain_file"]).write_bytes(leaf.chain_pem)
+    with pytest.raises(ValueError, match="^ca_chain_file: .*not a CA"):
+        MeshCa(MemoryStore(), _settings(**files))
