@@ -437,10 +437,13 @@ class WorkloadIdentity:
     def _save_state(self, m: Material) -> None:
         if self.state_dir is None:
             return
-        d = private_dir(self.state_dir)
-        write_private(d / "key.pem", m.key_pem)
-        write_private(d / "cert.pem", m.chain_pem)
-        write_private(d / "bundle.pem", m.bundle_pem)
+        try:
+            d = private_dir(self.state_dir)
+            write_private(d / "key.pem", m.key_pem)
+            write_private(d / "cert.pem", m.chain_pem)
+            write_private(d / "bundle.pem", m.bundle_pem)
+        except OSError as exc:  # the certificate in memory still serves; a restart would need the token
+            log.error("event=identity_save_failed dir=%s error=%r", self.state_dir, exc)
 
     # -- one attempt --------------------------------------------------------------------------------------
 
