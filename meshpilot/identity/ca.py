@@ -80,7 +80,8 @@ class MeshCa:
         self._intermediates: dict[str, x509.Certificate] = {}
         self._signing = ""  # anchor serial of the signing authority
         self._load()
-        self._serving: tuple[bytes, bytes, float, float] | None = None  # (key, chain, issued, not_after)
+        # the serving certificate: (key, chain, issued at, not_after, serial of the root it chains to)
+        self._serving: tuple[bytes, bytes, float, float, str] | None = None
 
     # ---- loading ------------------------------------------------------------------------
 
@@ -344,17 +345,20 @@ class MeshCa:
         return list(self.settings.xds_server_names), ips
 
     def serving_pem(self) -> tuple[bytes, bytes]:
-        """(key PEM, chain PEM) of the control plane's serving certificate, renewed at half-life."""
+        """(key PEM, chain PEM) of the control plane's serving certificate, renewed at half-life and
+        whenever another root signs (so removing the previous root never strands it)."""
         with self._lock:
             now = self.clock()
             s = self._serving
-            if s is None or now >= s[2] + (s[3] - s[2]) / 2:
+            signing = self.signing_serial
+            if s is None or now >= s[2] + (s[3] - s[2]) / 2 or s[4] != signing:
                 key = pki.new_key()
                 dns, ips = self._serving_names()
                 issued = self.authority.serve(key, pki.control_plane_id(self.settings.trust_domain), dns, ips,
                                               self.settings.workload_cert_ttl_s, now=now)
-                self._serving = s = (pki.key_pem(key), issued.chain_pem, now, issued.not_after)
-                log.info("event=ca_serving_cert_issued serial=%s not_after=%.0f", issued.serial, issued.not_after)
+                self._serving = s = (pki.key_pem(key), issued.chain_pem, now, issued.not_after, signing)
+                log.info("event=ca_serving_cert_issued serial=%s not_after=%.0f root=%s",
+                         issued.serial, issued.not_after, signing)
             return s[0], s[1]
 
     def server_credentials(self, require_client_cert: bool = True) -> grpc.ServerCredentials:

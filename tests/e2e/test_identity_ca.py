@@ -150,6 +150,9 @@ def test_enrol_renew_and_rotate_a_root(tmp_path: Path) -> None:
         _cli(cp, "roots", "remove", old_serial)
         roots = json.loads(_cli(cp, "roots", "list"))
         assert [(x["serial"], x["signing"]) for x in roots] == [(new_serial, True)]
+        # the control plane's own certificate moved to the new root too: a client trusting only it connects
+        fourth = asyncio.run(_sign(cp.xds_port, new_pem, csr, client=(pki.key_pem(key), third)))
+        _assert_verifies(tmp_path, fourth.cert_chain_pem, new_pem)
         enrolled = json.loads(_cli(cp, "enrolments", "list"))
         assert [(e["node_id"], e["root"]) for e in enrolled] == [("vm-1", new_serial)]
         bundle_before_restart = _cli(cp, "bundle")

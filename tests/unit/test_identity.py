@@ -710,3 +710,15 @@ def test_a_chain_certificate_that_is_no_ca_names_the_chain_setting(tmp_path: Pat
     Path(files["ca_chain_file"]).write_bytes(leaf.chain_pem)
     with pytest.raises(ValueError, match="^ca_chain_file: .*not a CA"):
         MeshCa(MemoryStore(), _settings(**files))
+
+
+async def test_the_serving_certificate_follows_the_signing_root() -> None:
+    ca = MeshCa(MemoryStore(), _settings())
+    old = ca.signing_serial
+    _key, chain = ca.serving_pem()
+    assert _chains_to(chain, _root_pem(ca, old))
+    new = (await ca.add_root())["serial"]
+    assert ca.serving_pem()[1] == chain, "adding a root changes nothing that signs"
+    await ca.activate_root(new)
+    _key, after = ca.serving_pem()
+    assert _chains_to(after, _root_pem(ca, new)), "expected a serving certificate from the new signing root"
