@@ -77,14 +77,10 @@ class Material:
     not_before: float
     not_after: float
 
-    @property
-    def renew_at(self) -> float:
-        return renew_at(self.not_before, self.not_after)
 
-
-def renew_at(not_before: float, not_after: float) -> float:
+def renew_at(start: float, not_after: float) -> float:
     """Half-life: late enough not to bother the CA, early enough to survive a long outage."""
-    return not_before + (not_after - not_before) / 2
+    return start + (not_after - start) / 2
 
 
 def _leaf(chain_pem: bytes) -> x509.Certificate:
@@ -127,7 +123,11 @@ class Plan:
 
 class Lifecycle:
     """When to enrol or renew. Holds the current certificate's validity and the failures since the last
-    success; knows nothing of keys, sockets or clocks (every method takes ``now``)."""
+    success; knows nothing of keys, sockets or clocks (every method takes ``now``).
+
+    The half-life is counted from when the node got the certificate (or loaded it at a restart), not from
+    its ``not_before``: the CA backdates that by a minute for clock skew, which would otherwise make a
+    short-lived certificate due for renewal the moment it arrives."""
 
     def __init__(self, *, base_delay_s: float = 0.5, max_delay_s: float = 30.0,
                  rand: Callable[[], float] = random.random) -> None:
@@ -136,6 +136,7 @@ class Lifecycle:
         self._rand = rand
         self.not_before: float | None = None
         self.not_after: float | None = None
+        self.start = 0.0  # when the node got the certificate (within its validity)
         self.failures = 0
         self._retry_at = -math.inf
 
@@ -146,10 +147,12 @@ class Lifecycle:
         """What to do next and when. An expired certificate cannot renew itself: enrol again."""
         if self.not_before is None or self.not_after is None or now >= self.not_after:
             return Plan(Phase.ENROL, max(now, self._retry_at))
-        return Plan(Phase.RENEW, max(renew_at(self.not_before, self.not_after), self._retry_at))
+        return Plan(Phase.RENEW, max(renew_at(self.start, self.not_after), self._retry_at))
 
-    def issued(self, not_before: float, not_after: float) -> None:
+    def issued(self, not_before: float, not_after: float, *, now: float) -> None:
+        """A certificate valid from ``not_before`` to ``not_after`` arrived (or was loaded) at ``now``."""
         self.not_before, self.not_after = not_before, not_after
+        self.start = min(max(not_before, now), not_after)
         self.failures = 0
         self._retry_at = -math.inf
 
@@ -420,6 +423,7 @@ class WorkloadIdentity:
         try:
             bundle = self.state_dir / "bundle.pem"
             m = material_of(key.read_bytes(), cert.read_bytes(), bundle.read_bytes() if bundle.exists() else b"")
+            arrived = cert.stat().st_mtime  # written when the certificate came
         except (OSError, ValueError) as exc:
             log.warning("event=stored_identity_ignored reason=unreadable error=%r", exc)
             return
@@ -431,7 +435,7 @@ class WorkloadIdentity:
             return
         self.material = m
         self.generation = 1
-        self.lifecycle.issued(m.not_before, m.not_after)
+        self.lifecycle.issued(m.not_before, m.not_after, now=min(arrived, self.clock()))
         log.info("event=identity_loaded spiffe=%s not_after=%s", m.spiffe, _iso(m.not_after))
 
     def _save_state(self, m: Material) -> None:
@@ -505,13 +509,13 @@ class WorkloadIdentity:
                         _one_line(exc.detail), self.node_id, delay,
                         " certificate_dropped=true" if had and not self.lifecycle.has_certificate(now) else "")
             return plan
-        self.lifecycle.issued(m.not_before, m.not_after)
+        self.lifecycle.issued(m.not_before, m.not_after, now=self.clock())
         self.last_error = None
         self._save_state(m)
         await self._set(m)
         log.info("event=%s spiffe=%s node=%s not_after=%s renew_at=%s",
                  "enrolled" if plan.phase is Phase.ENROL else "renewed", m.spiffe, self.node_id,
-                 _iso(m.not_after), _iso(m.renew_at))
+                 _iso(m.not_after), _iso(self.lifecycle.plan(self.clock()).at))
         return plan
 
     # -- the bundle ---------------------------------------------------------------------------------------

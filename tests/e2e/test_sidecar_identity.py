@@ -10,6 +10,7 @@ import json
 import shutil
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, Coroutine, TypeVar
 
 import grpc
 import pytest
+from cryptography import x509
 
 from meshpilot import pki
 from meshpilot.sidecar.sds import SdsServer, SecretStore
@@ -196,7 +198,7 @@ def test_the_agent_enrols_and_its_envoy_and_meshdns_reach_the_control_plane_over
     token = "s3cret"
     auth = {"Authorization": f"Bearer {token}"}
     config = tmp_path / "cp.yaml"
-    config.write_text(yaml.safe_dump({"identity": True, "trust_domain": TD, "workload_cert_ttl_s": 3600}))
+    config.write_text(yaml.safe_dump({"identity": True, "trust_domain": TD, "workload_cert_ttl_s": 60}))
     work = tmpdir("mpid-")  # short: the SDS socket lives in it
     with control_plane(tmp_path, extra=["--config", str(config), "--token", token]) as cp:
         status, made = cp.call("POST", "/v1/identity/tokens", {"namespace": "shop", "service": "web", "single_use": True},
@@ -240,6 +242,22 @@ def test_the_agent_enrols_and_its_envoy_and_meshdns_reach_the_control_plane_over
 
             wait_until(lambda: {"web-1", "web-1~meshdns"} <= connected(), 20,
                        what="Envoy's ADS stream and meshdns's table stream over TLS")
+            # the agent renews at half-life (30 s of 60): Envoy serves the new certificate, meshdns reconnects with it
+            wait_until(lambda: "event=renewed" in log.read_text(), 45, interval=0.5, what="the agent's renewal")
+            def stored_serial() -> str:
+                return format(x509.load_pem_x509_certificate(
+                    (work / "agent" / "identity" / "cert.pem").read_bytes()).serial_number, "x")
+
+            def envoy_serials() -> set[str]:
+                with urllib.request.urlopen(f"http://127.0.0.1:{json.loads(ready.read_text())['admin_port']}/certs",
+                                            timeout=5) as r:
+                    doc = json.loads(r.read())
+                return {c.get("serial_number", "").lower().lstrip("0")
+                        for e in doc.get("certificates", []) for c in e.get("cert_chain", [])}
+
+            wait_until(lambda: stored_serial().lstrip("0") in envoy_serials(), 10, what="Envoy holding the renewed certificate")
+            assert "event=ads_reconnect reason=new_credentials" in log.read_text(), "meshdns must reconnect when renewed"
+            assert proc.poll() is None
             # a renewal with the stored certificate on the xDS port (client certificate, no token), and the bundle
             renewed, bundle = asyncio.run(_renew_and_watch(work / "agent" / "identity", work / "bundle.pem",
                                                            cp.xds_port, summary["enrolment_port"]))

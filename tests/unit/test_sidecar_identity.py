@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -40,14 +41,22 @@ def test_without_a_certificate_the_plan_is_to_enrol_now() -> None:
 
 def test_a_certificate_is_renewed_at_half_its_life() -> None:
     lc = Lifecycle()
-    lc.issued(1000.0, 1000.0 + TTL)
+    lc.issued(1000.0, 1000.0 + TTL, now=1000.0)
     plan = lc.plan(1001.0)
     assert (plan.phase, plan.at) == (Phase.RENEW, 1000.0 + TTL / 2)
 
 
+def test_half_life_counts_from_arrival_not_from_the_backdated_start() -> None:
+    lc = Lifecycle()
+    lc.issued(940.0, 1060.0, now=1000.0)  # a 60 s certificate, backdated by 60 s
+    assert lc.plan(1000.0).at == 1030.0, "renewing at once would renew in a loop"
+    lc.issued(0.0, 100.0, now=80.0)  # loaded at a restart with 20 s left
+    assert lc.plan(80.0).at == 90.0
+
+
 def test_an_expired_certificate_means_enrolling_again() -> None:
     lc = Lifecycle()
-    lc.issued(0.0, 100.0)
+    lc.issued(0.0, 100.0, now=0.0)
     assert lc.plan(99.9).phase is Phase.RENEW
     assert lc.plan(100.0).phase is Phase.ENROL
 
@@ -57,13 +66,13 @@ def test_failures_back_off_exponentially_up_to_the_cap() -> None:
     delays = [lc.failed(0.0, refused=False) for _ in range(6)]
     assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0], delays
     assert lc.plan(0.0).at == 8.0
-    lc.issued(10.0, 110.0)
+    lc.issued(10.0, 110.0, now=10.0)
     assert lc.failures == 0 and lc.plan(11.0).at == 60.0, "a success must clear the back-off"
 
 
 def test_a_failed_renewal_retries_after_the_delay_and_keeps_the_certificate() -> None:
     lc = Lifecycle(base_delay_s=1.0, rand=lambda: 1.0)
-    lc.issued(0.0, 100.0)
+    lc.issued(0.0, 100.0, now=0.0)
     lc.failed(50.0, refused=False)
     plan = lc.plan(50.0)
     assert (plan.phase, plan.at) == (Phase.RENEW, 51.0)
@@ -71,7 +80,7 @@ def test_a_failed_renewal_retries_after_the_delay_and_keeps_the_certificate() ->
 
 def test_a_refused_renewal_drops_the_certificate() -> None:
     lc = Lifecycle(base_delay_s=1.0, rand=lambda: 1.0)
-    lc.issued(0.0, 100.0)
+    lc.issued(0.0, 100.0, now=0.0)
     lc.failed(50.0, refused=True)
     plan = lc.plan(50.0)
     assert (plan.phase, plan.at) == (Phase.ENROL, 51.0)
@@ -79,11 +88,12 @@ def test_a_refused_renewal_drops_the_certificate() -> None:
 
 
 @given(nb=st.floats(0, 1e9), life=st.floats(1, 1e7), now=st.floats(0, 2e9), fails=st.integers(0, 50),
-       jitter=st.floats(0, 1))
+       jitter=st.floats(0, 1), got=st.floats(0, 2e9))
 def test_plans_are_never_before_the_half_life_nor_the_back_off(nb: float, life: float, now: float, fails: int,
-                                                              jitter: float) -> None:
+                                                              jitter: float, got: float) -> None:
     lc = Lifecycle(base_delay_s=0.5, max_delay_s=30.0, rand=lambda: jitter)
-    lc.issued(nb, nb + life)
+    lc.issued(nb, nb + life, now=got)
+    start = min(max(nb, got), nb + life)
     last = 0.0
     for _ in range(fails):
         last = lc.failed(now, refused=False)
@@ -92,7 +102,7 @@ def test_plans_are_never_before_the_half_life_nor_the_back_off(nb: float, life: 
     if now >= nb + life:
         assert plan.phase is Phase.ENROL
     else:
-        assert plan.phase is Phase.RENEW and plan.at >= nb + ((nb + life) - nb) / 2
+        assert plan.phase is Phase.RENEW and plan.at >= start + ((nb + life) - start) / 2
     if fails:
         assert plan.at >= now + last
 
@@ -220,7 +230,8 @@ async def test_renews_at_half_life_with_its_certificate_and_a_new_key(tmp_path: 
     with caplog.at_level(logging.INFO, "meshpilot.identity"):
         while len(signer.calls) < 2:
             await ident.step()
-    assert clock() >= first.renew_at and clock() - start < TTL / 2 + 1, "renewal must come at half-life"
+    half = start + (first.not_after - start) / 2
+    assert half <= clock() < half + 1, f"renewal must come at half-life, came {clock() - start:.0f} s after enrolment"
     token, client = signer.calls[1]
     assert token == "" and client == first, "a renewal authenticates with the current certificate, no token"
     second = ident.material
@@ -237,9 +248,13 @@ async def test_a_restarted_agent_renews_with_its_stored_certificate_without_a_to
     (tmp_path / "token").write_text("t")
     await _identity(signer, clock, tmp_path, tmp_path / "token").step()
     (tmp_path / "token").unlink()  # a single-use token is gone
+    arrived = clock()
+    os.utime(tmp_path / "identity" / "cert.pem", (arrived, arrived))
     clock.now += TTL * 0.6
     again = _identity(signer, clock, tmp_path, tmp_path / "token")
     assert again.material is not None, "the stored key and certificate must be loaded at start"
+    assert again.lifecycle.plan(clock()).at == pytest.approx(arrived + TTL / 2, abs=1), (
+        "past its half-life since it arrived, a loaded certificate is renewed at once")
     plan = await again.step()
     assert plan.phase is Phase.RENEW and signer.calls[-1][0] == "" and again.last_error is None
 
@@ -457,7 +472,7 @@ async def test_identity_files_are_swapped_together(tmp_path: Path) -> None:
     assert all((out / n).is_symlink() for n in ("key.pem", "cert.pem", "bundle.pem"))
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
     assert stat.S_IMODE((gen1 / "key.pem").stat().st_mode) == 0o600
-    clock.now = first.renew_at
+    clock.now += TTL / 2
     await ident.step()
     second = ident.material
     assert second is not None and second != first
