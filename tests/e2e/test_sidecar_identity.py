@@ -186,7 +186,6 @@ def test_envoy_refuses_a_control_plane_without_the_control_plane_id(tmp_path: Pa
 
 
 def test_the_agent_enrols_and_its_envoy_and_meshdns_reach_the_control_plane_over_tls(tmp_path: Path) -> None:
-    import os
     import signal
     import stat
     import subprocess
