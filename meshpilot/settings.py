@@ -43,7 +43,8 @@ class Settings(BaseModel):
     ca_cert_file: str | None = Field(default=None, description="an operator's CA certificate (root or intermediate, PEM); without it a root is generated on first start and kept in the store")
     ca_key_file: str | None = Field(default=None, description="the private key of ca_cert_file (PEM)")
     ca_chain_file: str | None = Field(default=None, description="the certificates above ca_cert_file up to its root (PEM), when it is an intermediate")
-    workload_cert_ttl_s: float = Field(default=86_400.0, ge=60, le=90 * 86_400, description="lifetime of a workload certificate; agents renew at half of it")
+    workload_cert_ttl_s: float = Field(default=86_400.0, ge=10, le=90 * 86_400, description="lifetime of a workload certificate; agents renew at half of it")
+    enrolment_port: int | None = Field(default=None, ge=0, le=65535, description="with identity on: the port where a node enrols with its join token (TLS, no client certificate); unset: xds_port + 2 (15012), or one the OS picks when xds_port is 0")
     xds_server_names: list[str] = Field(default_factory=lambda: ["localhost"], description="DNS names in the control plane's serving certificate, besides listen_address")
     mtls_mode: str = Field(default="PERMISSIVE", pattern="^(DISABLE|PERMISSIVE|STRICT)$", description="the mesh-wide mTLS mode between sidecars when identity is on; MtlsPolicy overrides it per namespace or service")
     log_level: str = "INFO"

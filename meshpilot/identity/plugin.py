@@ -3,8 +3,8 @@ the xDS port (whose TLS credentials it gives, client certificates required), the
 the enrolment port (TLS without client certificates: a node's first Sign with its join token), and
 the /v1/identity management routes. With ``identity`` off it contributes nothing.
 
-The enrolment port is ``xds_port + 2`` (15012 by default), or one the OS picks when ``xds_port`` is
-0; ``GET /v1/identity`` reports the bound one.
+The enrolment port is the ``enrolment_port`` setting, else ``xds_port + 2`` (15012 by default), or one
+the OS picks when ``xds_port`` is 0; ``GET /v1/identity`` reports the bound one.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ __all__ = ["enrolment_port", "install"]
 
 
 def enrolment_port(settings: Settings) -> int:
-    """The port the enrolment listener asks for: ``xds_port + 2``, or 0 (the OS picks) with ``xds_port`` 0."""
+    """The port the enrolment listener asks for: the ``enrolment_port`` setting, else ``xds_port + 2``,
+    or 0 (the OS picks) with ``xds_port`` 0."""
+    if settings.enrolment_port is not None:
+        return settings.enrolment_port
     return settings.xds_port + 2 if settings.xds_port else 0
 
 

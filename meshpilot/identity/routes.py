@@ -42,10 +42,10 @@ class TokenIn(BaseModel):
 
 
 class RootIn(BaseModel):
-    """A root to trust without its key (an operator's next root); no body: generate a new root."""
+    """A root to trust without its key (an operator's next root); no body, or no cert_pem: generate a new root."""
 
     model_config = ConfigDict(extra="forbid")
-    cert_pem: str = Field(max_length=64 * 1024, description="one CA certificate, PEM")
+    cert_pem: str | None = Field(default=None, max_length=64 * 1024, description="one CA certificate, PEM; omitted: generate a new root")
 
 
 _Body = TypeVar("_Body", bound=BaseModel)
@@ -103,7 +103,7 @@ class _Handlers:
         cert_pem: bytes | None = None
         if await request.read():
             body = _parse(RootIn, await json_body(request))
-            cert_pem = body.cert_pem.encode()
+            cert_pem = body.cert_pem.encode() if body.cert_pem is not None else None
         try:
             return web.json_response(await self.ca.add_root(cert_pem), status=201)
         except RootRefused as exc:

@@ -72,10 +72,10 @@ class Node:
         self.app.close()
 
 
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[dict[str, Any]]:
+@contextlib.contextmanager
+def _mesh(tmp_path: Path, names: tuple[str, ...], **settings: Any) -> Iterator[dict[str, Any]]:
     cfg = tmp_path / "cp.yaml"
-    cfg.write_text(yaml.safe_dump({"identity": True, "token": TOKEN, "debounce_ms": 20, "hds_interval_s": 0.3}))
+    cfg.write_text(yaml.safe_dump({"identity": True, "token": TOKEN, "debounce_ms": 20, "hds_interval_s": 0.3, **settings}))
     with control_plane(tmp_path, extra=["--config", str(cfg)]) as cp:
         status, body = cp.call("GET", "/v1/identity", headers=ADMIN)
         assert status == 200, (status, body)
@@ -86,15 +86,22 @@ def mesh(tmp_path: Path) -> Iterator[dict[str, Any]]:
         bundle_file.write_text(str(bundle))
         nodes: dict[str, Any] = {"cp": cp}
         try:
-            for name in ("a", "b", "c"):
+            for name in names:
                 nodes[name] = Node(tmp_path, cp, name, bundle_file)
-            for name in ("a", "c"):
-                wait_until(lambda n=name: _call(nodes[n], "b")[0] == 200, 30, what=f"{name} → b through the mesh")
+            for name in names:
+                if name != "b":
+                    wait_until(lambda n=name: _call(nodes[n], "b")[0] == 200, 30, what=f"{name} → b through the mesh")
             yield nodes
         finally:
-            for name in ("a", "b", "c"):
+            for name in names:
                 if name in nodes:
                     nodes[name].close()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    with _mesh(tmp_path, ("a", "b", "c")) as nodes:
+        yield nodes
 
 
 def _call(node: Node, host: str, path: str = "/work", headers: dict[str, str] | None = None, conn: httpc.HTTPConnection | None = None) -> tuple[int, Any]:
@@ -182,3 +189,34 @@ def test_authorization_policy_denies_another_service_then_allows_it_on_an_open_c
     assert _call(a, "b")[0] == 200
     stats = http("GET", f"http://127.0.0.1:{json.loads(mesh['b'].ready.read_text())['admin_port']}/stats?filter=rbac", timeout=5)[1]
     assert "denied" in str(stats), f"expected b's Envoy to count denials, got {stats}"
+
+
+def test_workload_and_root_rotation_under_steady_load_fail_no_request(tmp_path: Path) -> None:
+    """Certificates of 20 s (renewed every 10 s) and a root rotated while a calls b without pause."""
+    from tests.e2e.test_sidecar import Loop
+
+    with _mesh(tmp_path, ("a", "b"), workload_cert_ttl_s=20) as nodes:
+        cp, a = nodes["cp"], nodes["a"]
+        old = [r["serial"] for r in cp.call("GET", "/v1/identity/roots", headers=ADMIN)[1]]
+        assert len(old) == 1, old
+        with Loop(a.outbound, period=0.01) as loop:
+            time.sleep(12)  # at least one workload renewal of each node under load
+            status, added = cp.call("POST", "/v1/identity/roots", {}, ADMIN)
+            assert status in (200, 201), (status, added)
+            new = next(r["serial"] for r in cp.call("GET", "/v1/identity/roots", headers=ADMIN)[1] if r["serial"] not in old)
+            status, body = cp.call("POST", f"/v1/identity/roots/{new}/activate", {}, ADMIN)
+            assert status == 200, (status, body)
+            # the old root can go once every node renewed under the new one (refused before that)
+            wait_until(lambda: cp.call("DELETE", f"/v1/identity/roots/{old[0]}", headers=ADMIN)[0] == 200, 30,
+                       what="the old root removable once both nodes renewed under the new one")
+            time.sleep(4)  # traffic and health checks with only the new root trusted
+        roots = cp.call("GET", "/v1/identity/roots", headers=ADMIN)[1]
+        assert [r["serial"] for r in roots] == [new], roots
+        failed = [r for r in loop.results if r[1] != 200]
+        assert len(loop.results) > 500 and not failed, \
+            f"expected no failed request across renewals and a root rotation, got {len(failed)} of {len(loop.results)}: {failed[:5]}"
+        inst = cp.call("GET", "/v1/instances/b-1", headers=ADMIN)[1]
+        assert inst["health"] == "passing", inst
+        for name in ("a", "b"):
+            renewals = nodes[name].log.read_text().count("event=renewed")
+            assert renewals >= 2, f"expected {name} to renew at least twice (before and after the new root signs), got {renewals}"
