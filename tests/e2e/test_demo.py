@@ -1,4 +1,4 @@
-"""`meshpilot demo` runs a real mesh and sends traffic through it without failures."""
+"""`meshpilot demo` runs a real mesh with identities on and sends traffic through it without failures."""
 
 from __future__ import annotations
 
@@ -15,4 +15,6 @@ def test_demo_sends_traffic_through_the_mesh() -> None:
     served = {m.group(1): int(m.group(2)) for m in re.finditer(r"served by (backend-\d): (\d+)", out)}
     assert set(served) == {"backend-1", "backend-2"} and sum(served.values()) == 30, f"expected 30 requests over both backends, got {served}\n{out}"
     assert "failed: 0" in out
+    assert "the backends saw caller spiffe://mesh.local/ns/default/sa/frontend: 30" in out, \
+        f"expected every call to reach the backends over mTLS with the frontend's certificate identity:\n{out}"
     assert "/v1/proxies" in out and "curl" in out
