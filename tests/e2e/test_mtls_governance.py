@@ -41,10 +41,10 @@ def _admin(node: Any, path: str) -> str:
     return str(http("GET", f"http://127.0.0.1:{port}{path}", timeout=5)[1])
 
 
-def _plaintext(node: Any) -> int:
+def _plaintext(node: Any, headers: dict[str, str]) -> int:
     """A plaintext call straight into ``node``'s inbound listener (no certificate, so no caller)."""
     try:
-        return int(http("GET", f"http://127.0.0.1:{node.inbound}/probe", timeout=5)[0])
+        return int(http("GET", f"http://127.0.0.1:{node.inbound}/probe", headers=headers, timeout=5)[0])
     except OSError:
         return 0
 
@@ -81,9 +81,10 @@ def _counter(stats: str, name: str) -> int | None:
 def test_per_caller_limit_keys_buckets_by_certificate_identity(mesh: dict[str, Any]) -> None:
     cp, a, b, c = mesh["cp"], mesh["a"], mesh["b"], mesh["c"]
     _policy(cp, "RateLimitPolicy", {"name": "b-callers", "service": "b", "per": "caller", "rate": "1/h", "burst": BURST})
-    # The limit is live once a plaintext caller (no certificate: the shared ~none bucket) is limited;
-    # probing that way spends none of a's or c's tokens.
-    wait_until(lambda: _plaintext(b) == 429, 10, what="b's inbound limit in force (plaintext callers' ~none bucket exhausted)")
+    # The limit is live once a plaintext caller is limited. It has no certificate, so its claim to be
+    # a is stripped and it spends the shared ~none bucket, none of a's or c's tokens.
+    wait_until(lambda: _plaintext(b, {"x-mesh-caller": A_ID}) == 429, 10,
+               what="b's inbound limit in force (plaintext callers' ~none bucket exhausted)")
 
     first = _statuses(a, BURST + 5)
     assert first == [200] * BURST + [429] * 5, \
@@ -112,7 +113,11 @@ def test_per_caller_limit_keys_buckets_by_certificate_identity(mesh: dict[str, A
         stats = _admin(b, f"/stats?filter={RULE_STAT}")
         return all(_counter(stats, k) == v for k, v in want.items())
 
-    wait_until(counted, 10, what=f"b's per-caller counters keyed by the SPIFFE ids {want}, got:\n{stats}")
+    try:
+        wait_until(counted, 10, what=f"b's per-caller counters keyed by the SPIFFE ids {want}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\ngot:\n{stats}") from None
+    assert (_counter(stats, f"{RULE_STAT}._none.rejected") or 0) >= 1, f"expected the plaintext probe limited under ~none, got:\n{stats}"
 
 
 def _denials(node: Any) -> list[dict[str, Any]]:
@@ -152,9 +157,10 @@ def test_authorization_denial_is_logged_with_both_principals_and_counted(mesh: d
     assert line.get("source_principal") == C_ID, f"expected the caller's SPIFFE id as source_principal, got {line}"
     assert line.get("destination_principal") == B_ID, f"expected b's SPIFFE id as destination_principal, got {line}"
     assert line.get("source_service") == C_ID, f"expected the caller header the callee set from the certificate, got {line}"
-    assert "rbac_access_denied" in str(line.get("details")), f"expected the RBAC denial named in details, got {line}"
+    assert line.get("details") == "rbac_access_denied_matched_policy[none]", \
+        f"expected details to name the RBAC denial (no ALLOW rule matched), got {line}"
 
+    # c's two denials (the first 403 waited for, then /denied) and a's one admission, on the allow filter
     stats = _admin(b, "/stats?filter=http.inbound.rbac")
-    denied = {k: int(v) for k, _, v in (ln.partition(": ") for ln in stats.splitlines()) if "denied" in k and v.strip().isdigit()}
-    assert any(n >= 2 for k, n in denied.items() if "authz_allow" in k), \
-        f"expected b's Envoy to count c's denials on the allow filter (http.inbound.rbac.authz_allow*denied), got {denied}"
+    counts = {k: _counter(stats, f"http.inbound.rbac.authz_allow.{k}") for k in ("denied", "allowed")}
+    assert counts == {"denied": 2, "allowed": 1}, f"expected b's Envoy to count 2 denials and 1 admission, got:\n{stats}"
