@@ -75,7 +75,7 @@ class ControlPlane:
         self.mesh = MeshProducer(self.registry, settings.domain, self.nodes, self.policies, self.health_token,
                                  settings.single_vip, SIDECAR_SOURCE, identity=settings.identity,
                                  trust_domain=settings.trust_domain, mtls_mode=settings.mtls_mode)
-        proxyless = ProxylessProducer(self.registry, settings.domain, self.mesh.service_routing)
+        proxyless = ProxylessProducer(self.registry, settings.domain, self.mesh.service_routing, self.nodes, self.policies, self.mesh.tls)
         self.publisher = Publisher(
             self.cache,
             [self.mesh, *self.policies.producers, proxyless],
