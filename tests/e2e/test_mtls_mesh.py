@@ -32,7 +32,7 @@ C_ID = spiffe_id("mesh.local", "default", "c")
 class Node:
     """An enrolled sidecar (the real agent) in front of a real app."""
 
-    def __init__(self, workdir: Path, cp: Any, name: str, bundle: Path) -> None:
+    def __init__(self, workdir: Path, cp: Any, name: str, bundle: Path, enrol_port: int) -> None:
         self.name = name
         self.app = App(name)
         self.inbound, self.outbound = free_port(), free_port()
@@ -50,7 +50,7 @@ class Node:
             [str(VENV_BIN / "meshpilot"), "sidecar", "--spec", str(spec), "--control-plane", f"127.0.0.1:{cp.xds_port}",
              "--api", cp.api, "--token", TOKEN, "--node-id", f"{name}-1", "--workdir", str(self.dir),
              "--ready-file", str(self.ready), "--join-token-file", str(token), "--trust-bundle", str(bundle),
-             "--enrol-port", str(cp.enrolment_port)],
+             "--enrol-port", str(enrol_port)],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
         )
         wait_until(lambda: self.ready.exists() or self.proc.poll() is not None, 30, what=f"{name} ready file")
@@ -79,7 +79,7 @@ def _mesh(tmp_path: Path, names: tuple[str, ...], **settings: Any) -> Iterator[d
     with control_plane(tmp_path, extra=["--config", str(cfg)]) as cp:
         status, body = cp.call("GET", "/v1/identity", headers=ADMIN)
         assert status == 200, (status, body)
-        cp.enrolment_port = int(body["enrolment_port"])
+        enrol_port = int(body["enrolment_port"])
         status, bundle = cp.call("GET", "/v1/identity/bundle", headers=ADMIN)
         assert status == 200, (status, bundle)
         bundle_file = tmp_path / "bundle.pem"
@@ -87,7 +87,7 @@ def _mesh(tmp_path: Path, names: tuple[str, ...], **settings: Any) -> Iterator[d
         nodes: dict[str, Any] = {"cp": cp}
         try:
             for name in names:
-                nodes[name] = Node(tmp_path, cp, name, bundle_file)
+                nodes[name] = Node(tmp_path, cp, name, bundle_file, enrol_port)
             for name in names:
                 if name != "b":
                     wait_until(lambda n=name: _call(nodes[n], "b")[0] == 200, 30, what=f"{name} → b through the mesh")
