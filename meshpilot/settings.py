@@ -67,6 +67,10 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         if settings.token:
             raise ValueError("token, token_file: set one of them, not both")
         settings = settings.model_copy(update={"token": read_token(settings.token_file, "token_file")})
+    if settings.identity and not settings.token:
+        # the management API makes join tokens and changes roots: open to anyone, the CA would be too
+        raise ValueError("identity: needs token (or token_file): without one, anyone who reaches the management API "
+                         "could make a join token and enrol as any service")
     return settings
 
 

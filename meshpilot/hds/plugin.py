@@ -1,8 +1,11 @@
 """HDS as a part of the control plane: the gRPC service on the xDS port, the liveness sweeps, the
-ADS watch that tells a dead sidecar from a reconnecting one, and the graceful-offline sync route."""
+ADS watch that tells a dead sidecar from a reconnecting one, and the graceful-offline sync route.
+With identity on, a sidecar registers only its own node's instance of its certificate's service, at
+the address it connects from (pki/admission.py and ``admit`` below)."""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import grpc
@@ -19,6 +22,24 @@ from meshpilot.xds.resource import NodeInfo
 __all__ = ["install"]
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in a grpc peer string (``ipv4:10.0.0.5:4321``, ``ipv6:[::1]:4321``); None for others."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    ip = _ip(rest.rsplit(":", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def install(core: Core) -> Part:
     s = core.settings
 
@@ -32,6 +53,13 @@ def install(core: Core) -> Part:
                         peer.spiffe if peer else "-", no.reason)
             raise Refused(no.reason, no.authenticated)
         assert peer is not None
+        where = _peer_ip(context.peer())
+        if node.address and where is not None and _ip(node.address) != where:
+            # the address callers will be sent to (and trust as this service's sidecar) must be the node's own
+            reason = f"node {node.id!r} registers address {node.address}, but connects from {where}"
+            metrics.XDS_REFUSED.labels("denied").inc()
+            log.warning("event=hds_refused node=%s peer=%s identity=%s reason=%s", node.id, context.peer(), peer.spiffe, reason)
+            raise Refused(reason, True)
         return peer.spiffe
 
     server = HdsServer(core.registry, s.hds_interval_s, s.hds_critical_after_s, s.hds_remove_after_s, s.hds_dead_after_s,

@@ -90,10 +90,13 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+_ADMIN_TOKEN = "perf-ca-admin"  # the served control plane's bootstrap token (identity needs one)
+
+
 def _api(base: str, path: str, body: dict[str, Any] | None = None) -> bytes:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method="POST" if body is not None else "GET",
-                                 headers={"content-type": "application/json"} if data else {})
+    headers = {"Authorization": f"Bearer {_ADMIN_TOKEN}", **({"content-type": "application/json"} if data else {})}
+    req = urllib.request.Request(base + path, data=data, method="POST" if body is not None else "GET", headers=headers)
     with urllib.request.urlopen(req, timeout=10) as r:
         out: bytes = r.read()
         return out
@@ -150,7 +153,7 @@ async def _sign_load(port: int, bundle: bytes, token: str, csrs: list[bytes], du
 def grpc_sign_rate(duration: float, concurrency: int) -> dict[str, Any]:
     """Sign over gRPC against a served control plane with identity on (see the module docstring)."""
     csrs = _csrs(_CSRS, pki.spiffe_id(_TRUST_DOMAIN, _NAMESPACE, _SERVICE))
-    env = {"MESHPILOT_IDENTITY": "true", "MESHPILOT_TRUST_DOMAIN": _TRUST_DOMAIN}
+    env = {"MESHPILOT_IDENTITY": "true", "MESHPILOT_TRUST_DOMAIN": _TRUST_DOMAIN, "MESHPILOT_TOKEN": _ADMIN_TOKEN}
     with control_plane(prefix="meshpilot-perf-ca-", env=env) as served:
         summary = json.loads(_api(served.api, "/v1/identity"))
         port = int(summary.get("enrolment_port") or 0)

@@ -175,6 +175,8 @@ def test_a_valid_node_cannot_claim_another_node_or_service(cp: Any) -> None:
                 "ADS as web-1 claiming db": await _ads_outcome(ch, "web-1", "db"),
                 "HDS for db": await _hds_outcome(ch, "web-1", "db"),
                 "HDS as web-2": await _hds_outcome(ch, "web-2", "web", "10.9.9.9"),
+                # its own node, but an address it does not connect from: callers would be sent there
+                "HDS at another address": await _hds_outcome(ch, "web-1", "web", "10.9.9.9"),
             }
 
     got = asyncio.run(attempts())
@@ -182,10 +184,11 @@ def test_a_valid_node_cannot_claim_another_node_or_service(cp: Any) -> None:
     assert code is None and n > 0, f"expected the node's own ADS stream served, got {got['own ADS']}"
     for what in ("ADS as db-1", "ADS as web-1 claiming db"):
         assert got[what] == (grpc.StatusCode.PERMISSION_DENIED, 0), f"{what}: expected PERMISSION_DENIED and nothing, got {got[what]}"
-    for what in ("HDS for db", "HDS as web-2"):
+    for what in ("HDS for db", "HDS as web-2", "HDS at another address"):
         assert got[what] == grpc.StatusCode.PERMISSION_DENIED, f"{what}: expected PERMISSION_DENIED, got {got[what]}"
     assert _instances(cp, "db") == [], "web's certificate registered an instance of db"
     assert all(i["id"] != "web-2" for i in _instances(cp, "web")), "web-1's certificate registered another node"
+    assert all(i["address"] != "10.9.9.9" for i in _instances(cp, "web")), "web-1 registered an address it does not connect from"
 
 
 def test_a_revoked_or_used_join_token_enrols_nothing(cp: Any) -> None:

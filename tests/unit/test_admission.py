@@ -93,3 +93,27 @@ def test_hds_does_not_take_over_an_instance_another_front_door_registered() -> N
     consul = Instance(id="web-1", service="web", namespace="default", address="10.0.0.9", ports={"http": 8080}, source="consul")
     effects = HdsStream(1.0, lambda n: "", _admit_as(WEB)).receive(_hello("web-1", "web"), 0.0, {"web-1": consul}.get)
     assert len(effects) == 1 and isinstance(effects[0], Reject) and "consul" in effects[0].reason, effects
+
+
+def test_identity_needs_a_token_for_the_management_api(tmp_path: Any) -> None:
+    from meshpilot.settings import load_settings
+
+    with pytest.raises(ValueError, match="identity: needs token"):
+        load_settings(identity=True, store="memory:")
+    secret = tmp_path / "token"
+    secret.write_text("s3cret\n")
+    assert load_settings(identity=True, store="memory:", token_file=str(secret)).token == "s3cret"
+    assert load_settings(identity=False, store="memory:").token is None, "a plaintext development mesh may run without one"
+
+
+@pytest.mark.parametrize(
+    ("peer", "ip"),
+    [("ipv4:10.0.0.5:4321", "10.0.0.5"), ("ipv6:[::1]:4321", "::1"), ("ipv6:[::ffff:10.0.0.5]:80", "10.0.0.5"),
+     ("unix:/tmp/sock", None), ("ipv4:junk:1", None), ("", None)],
+)
+def test_the_address_a_sidecar_connects_from(peer: str, ip: str | None) -> None:
+    import ipaddress
+
+    from meshpilot.hds.plugin import _peer_ip
+
+    assert _peer_ip(peer) == (ipaddress.ip_address(ip) if ip else None)
