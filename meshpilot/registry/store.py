@@ -14,8 +14,10 @@ the state lives in one control-plane process, and replicas that share it are not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
@@ -55,6 +57,7 @@ class SqliteStore:
         if self.path == ":memory:":
             raise ValueError("store: an in-memory SQLite database cannot be shared by reader and writer; use MemoryStore")
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        _private_file(self.path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a WAL commit returns only after the log is synced (NORMAL leaves it to checkpoints)
@@ -197,6 +200,16 @@ class SqliteStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+
+def _private_file(path: str) -> None:
+    """The store holds the mesh CA's keys and token digests: owner-only from the first byte. SQLite
+    gives its WAL and shared-memory files the database file's mode."""
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for p in (path, f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(p).st_mode & 0o077:
+                os.chmod(p, 0o600)
 
 
 def _settle(waiters: list[tuple[int, asyncio.Future[None]]], exc: str | None) -> None:

@@ -148,3 +148,24 @@ def test_a_store_url_of_another_scheme_is_refused(url: str, tmp_path: Path, monk
         open_store(url)
     assert url.split("://")[0] in str(exc.value), f"expected the refused scheme named, got {exc.value}"
     assert not list(tmp_path.iterdir()), f"expected nothing created for {url}, found {list(tmp_path.iterdir())}"
+
+
+def test_the_store_files_are_the_owners_alone(tmp_path: Path) -> None:
+    """The store holds the mesh CA's private keys: no other user may read the file or its WAL."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        loose = tmp_path / "old.db"
+        loose.write_text("")
+        loose.chmod(0o644)  # a store made before, with a wider mode
+        for path in (tmp_path / "new.db", loose):
+            store = SqliteStore(path)
+            store.write({("services", "x"): {"v": 1}})
+            store.flush()
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.name.startswith(path.name)}
+            store.close()
+            assert modes and all(m == 0o600 for m in modes.values()), f"expected the store's files 0600, got {modes}"
+    finally:
+        os.umask(old)
