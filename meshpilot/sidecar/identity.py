@@ -1,13 +1,20 @@
 """The node's workload identity: a key made here, a certificate from the control plane's CA, kept fresh.
 
 The agent (and ``meshpilot identity-files`` for proxyless apps) holds one :class:`WorkloadIdentity`. It
-makes an EC key on the node, sends a CSR to the control plane's ``Identity.Sign`` over TLS on the xDS port
-(the server checked against the operator's trust bundle file), with the join token on first contact and
-with its current certificate afterwards, and renews at half of the certificate's life. The private key
+makes an EC key on the node, sends a CSR to the control plane's ``Identity.Sign`` over TLS (first contact:
+the enrolment port with the join token; renewals: the xDS port with its current certificate), and renews at
+half of the certificate's life. The private key
 leaves the process only into the local Envoy's SDS secret and the work directory (0600 files, so a
 restarted agent renews with its certificate instead of needing a join token that was good for one use).
-``WatchBundle`` keeps the trust bundle current; listeners (SDS, meshdns) hear of every new
-:class:`Material`.
+``WatchBundle`` (on the xDS port, with the client certificate) keeps the trust bundle current; listeners
+(SDS, meshdns) hear of every new :class:`Material`.
+
+Trust: the operator's ``--trust-bundle`` file authenticates the control plane only until the first bundle
+arrives over a channel it authenticated (a Sign answer's ``trust_bundle_pem``, or WatchBundle). From then on
+the control plane's bundle alone is what Envoy's ``ROOTCA`` holds, what the next channel checks the control
+plane against, what the state directory keeps (and a restarted node loads, instead of the file) and what a
+proxyless app's ``bundle.pem`` holds: a root removed at the control plane (``meshpilot identity roots remove``)
+leaves every node's trust, even when the file the node was installed with still names it.
 
 When to act is a pure machine, :class:`Lifecycle` (no clock, no I/O: times in, plans out); the wire is a
 :class:`Signer` (:class:`GrpcSigner` in production, a fake in tests), so the whole loop runs in tests on an
@@ -363,6 +370,9 @@ class WorkloadIdentity:
         self.last_error: str | None = None
         self._listeners: list[Listener] = []
         self._changed = asyncio.Condition()
+        # the trust bundle the control plane gave over an authenticated channel (or the saved one): b"" until
+        # then; once set, the operator's file is never read again
+        self.control_plane_bundle = b""
         self._load_state()
 
     # -- listeners ------------------------------------------------------------------------------------------
@@ -399,18 +409,12 @@ class WorkloadIdentity:
     # -- trust --------------------------------------------------------------------------------------------
 
     def trust_pem(self) -> bytes:
-        """What the control plane's serving certificate is checked against: the operator's file and the
-        bundle the control plane gave over a channel that file had already authenticated."""
-        parts = [self.trust_bundle_file.read_bytes()]
-        if self.material is not None and self.material.bundle_pem:
-            parts.append(self.material.bundle_pem)
-        return pki.bundle_pem(parts)
-
-    def _bundle_for(self, given: bytes) -> bytes:
-        parts = [self.trust_bundle_file.read_bytes()]
-        if given:
-            parts.append(given)
-        return pki.bundle_pem(parts)
+        """What the control plane's serving certificate is checked against: the bundle the control plane gave
+        over an authenticated channel once there is one; before that, the operator's file. Raises OSError or
+        ValueError when the file is needed and cannot be read."""
+        if self.control_plane_bundle:
+            return self.control_plane_bundle
+        return pki.bundle_pem([self.trust_bundle_file.read_bytes()])
 
     # -- persistence ----------------------------------------------------------------------------------------
 
@@ -422,7 +426,8 @@ class WorkloadIdentity:
             return
         try:
             bundle = self.state_dir / "bundle.pem"
-            m = material_of(key.read_bytes(), cert.read_bytes(), bundle.read_bytes() if bundle.exists() else b"")
+            saved = _checked_bundle(bundle.read_bytes()) if bundle.exists() else b""
+            m = material_of(key.read_bytes(), cert.read_bytes(), saved)
             arrived = cert.stat().st_mtime  # written when the certificate came
         except (OSError, ValueError) as exc:
             log.warning("event=stored_identity_ignored reason=unreadable error=%r", exc)
@@ -433,6 +438,13 @@ class WorkloadIdentity:
         if self.clock() >= m.not_after:
             log.info("event=stored_identity_ignored reason=expired spiffe=%s", m.spiffe)
             return
+        if not saved:  # no bundle from the control plane was kept: the file authenticates it again
+            try:
+                m = replace(m, bundle_pem=self.trust_pem())
+            except (OSError, ValueError) as exc:
+                log.warning("event=stored_identity_ignored reason=no_trust_bundle error=%r", exc)
+                return
+        self.control_plane_bundle = saved
         self.material = m
         self.generation = 1
         self.lifecycle.issued(m.not_before, m.not_after, now=min(arrived, self.clock()))
@@ -445,7 +457,10 @@ class WorkloadIdentity:
             d = private_dir(self.state_dir)
             write_private(d / "key.pem", m.key_pem)
             write_private(d / "cert.pem", m.chain_pem)
-            write_private(d / "bundle.pem", m.bundle_pem)
+            if self.control_plane_bundle:  # only the control plane's bundle is kept, never the file's
+                write_private(d / "bundle.pem", self.control_plane_bundle)
+            else:
+                (d / "bundle.pem").unlink(missing_ok=True)
         except OSError as exc:  # the certificate in memory still serves; a restart would need the token
             log.error("event=identity_save_failed dir=%s error=%r", self.state_dir, exc)
 
@@ -463,7 +478,9 @@ class WorkloadIdentity:
         return token
 
     async def attempt(self, phase: Phase) -> Material:
-        """Enrol (``Phase.ENROL``, join token) or renew (client certificate) once; raises SignError."""
+        """Enrol (``Phase.ENROL``, join token) or renew (client certificate) once; raises SignError. A bundle
+        in the answer becomes :attr:`control_plane_bundle` (it came over a channel checked against the
+        current trust)."""
         client = self.material if phase is Phase.RENEW else None
         token = self._token() if phase is Phase.ENROL else ""
         try:
@@ -480,12 +497,18 @@ class WorkloadIdentity:
             raise SignError("unreachable", repr(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a signer's bug is one failed attempt, retried like the others
             raise SignError("error", repr(exc)) from None
+        given = _checked_bundle(result.bundle_pem)
+        if result.bundle_pem and not given:
+            log.warning("event=bundle_ignored reason=not_pem_certificates source=sign")
         try:
-            m = material_of(pki.key_pem(key), result.chain_pem, self._bundle_for(result.bundle_pem))
+            # without a bundle in the answer: the one held (the control plane's, or before any, the file's)
+            m = material_of(pki.key_pem(key), result.chain_pem, given or trust)
         except ValueError as exc:
             raise SignError("bad_certificate", str(exc), refused=False) from None
         if _public_der(_leaf(m.chain_pem).public_key()) != _public_der(key.public_key()):
             raise SignError("bad_certificate", "the certificate is not for the key this node sent")
+        if given:
+            self.control_plane_bundle = given
         return m
 
     async def step(self) -> Plan:
@@ -521,16 +544,20 @@ class WorkloadIdentity:
     # -- the bundle ---------------------------------------------------------------------------------------
 
     async def _on_bundle(self, bundle: bytes) -> None:
+        """A bundle from WatchBundle replaces the one held (an empty or unparseable one is ignored: it would
+        leave Envoy and the next channel trusting nothing)."""
+        given = _checked_bundle(bundle)
+        if not given:
+            log.warning("event=bundle_ignored reason=%s source=watch", "not_pem_certificates" if bundle else "empty")
+            return
+        self.control_plane_bundle = given
         m = self.material
-        if m is None:
+        if m is None or given == m.bundle_pem:
             return
-        merged = self._bundle_for(bundle)
-        if merged == m.bundle_pem:
-            return
-        new = replace(m, bundle_pem=merged)
+        new = replace(m, bundle_pem=given)
         self._save_state(new)
         await self._set(new)
-        log.info("event=bundle_changed roots=%d", merged.count(b"-----BEGIN CERTIFICATE-----"))
+        log.info("event=bundle_changed roots=%d", given.count(b"-----BEGIN CERTIFICATE-----"))
 
     async def watch_bundle(self) -> None:
         """Follow WatchBundle with the current certificate, reconnecting with back-off."""
@@ -556,6 +583,16 @@ class WorkloadIdentity:
             tg.create_task(self.watch_bundle())
             while True:
                 await self.step()
+
+
+def _checked_bundle(pem: bytes) -> bytes:
+    """``pem`` as a trust bundle (each certificate once), or b"" when it holds no certificate or is not PEM."""
+    if not pem:
+        return b""
+    try:
+        return pki.bundle_pem([pem])
+    except ValueError:
+        return b""
 
 
 def _public_der(key: Any) -> bytes:

@@ -594,3 +594,77 @@ def test_a_work_directory_too_long_for_the_socket_is_refused(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="too long"):
         _Agent(AgentConfig(spec=load_spec(SPEC), api_url="http://127.0.0.1:9", workdir=tmp_path / ("w" * 120),
                            options=SidecarOptions(node_id="r", trust_bundle_file="/b.pem")))
+
+
+# ---- a removed root leaves the node's trust (the operator's file only authenticates first contact) ------
+
+
+def _roots(pem: bytes) -> set[bytes]:
+    return {c.strip() for c in pki.bundle_pem([pem]).split(b"-----END CERTIFICATE-----") if c.strip()}
+
+
+async def test_a_root_only_in_the_operators_file_is_not_trusted_after_the_control_planes_bundle(
+        tmp_path: Path) -> None:
+    """The node was installed with a bundle file holding A (since removed: `identity roots remove A`) and B;
+    the control plane's bundle, over the channel that file authenticated, holds B only. From then on Envoy's
+    ROOTCA, the channel's trust, the saved state and a proxyless app's files hold B, never A."""
+    from meshpilot.sidecar.identity import publish_files
+    from meshpilot.sidecar.sds import ROOTCA, SecretStore
+
+    clock = Clock()
+    signer = FakeSigner(clock)  # signs with B and answers with the bundle [B]
+    root_a, root_b = pki.Authority.generate(TD).anchor_pem(), signer.root
+    (tmp_path / "bundle.pem").write_bytes(pki.bundle_pem([root_a, root_b]))
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    ident = _identity(signer, clock, tmp_path, tmp_path / "token")
+    assert _roots(ident.trust_pem()) == _roots(root_a + root_b), "first contact is checked against the file"
+    store = SecretStore()
+    ident.add_listener(lambda m: store.set(m.key_pem, m.chain_pem, m.bundle_pem))
+    await ident.step()
+    m = ident.material
+    assert m is not None
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+    rootca = secret_pb2.Secret.FromString(store.snapshot()[ROOTCA].resource.value)
+    assert _roots(rootca.validation_context.trusted_ca.inline_bytes) == _roots(root_b), "Envoy's ROOTCA"
+    assert _roots(m.bundle_pem) == _roots(root_b)
+    assert _roots(ident.trust_pem()) == _roots(root_b), "the next channel to the control plane"
+    assert _roots((tmp_path / "identity" / "bundle.pem").read_bytes()) == _roots(root_b), "the saved state"
+    out = tmp_path / "files"
+    publish_files(out, m)
+    assert _roots((out / "bundle.pem").read_bytes()) == _roots(root_b), "identity-files' bundle.pem"
+
+    # a restarted agent keeps the control plane's bundle, not the file's
+    again = _identity(signer, clock, tmp_path, tmp_path / "token")
+    assert again.material is not None and _roots(again.material.bundle_pem) == _roots(root_b)
+    assert _roots(again.trust_pem()) == _roots(root_b)
+
+
+async def test_a_new_bundle_over_the_watch_replaces_the_old_one_and_junk_is_ignored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    signer = FakeSigner(clock)
+    root_a, root_b, root_c = pki.Authority.generate(TD).anchor_pem(), signer.root, pki.Authority.generate(TD).anchor_pem()
+    (tmp_path / "bundle.pem").write_bytes(pki.bundle_pem([root_a, root_b]))
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    ident = _identity(signer, clock, tmp_path, tmp_path / "token")
+    await ident.step()
+    watch = asyncio.create_task(ident.watch_bundle())
+    try:
+        await signer.bundles.put(pki.bundle_pem([root_b, root_c]))
+        gen = await asyncio.wait_for(ident.wait_newer(1), 1.0)
+        with caplog.at_level(logging.INFO, "meshpilot.identity"):
+            await signer.bundles.put(b"")
+            await signer.bundles.put(b"not a certificate")
+            await signer.bundles.put(pki.bundle_pem([root_c]))
+            await asyncio.wait_for(ident.wait_newer(gen), 1.0)
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+    assert ident.material is not None
+    assert _roots(ident.material.bundle_pem) == _roots(root_c), "junk never replaced the bundle, the next one did"
+    assert _roots(ident.trust_pem()) == _roots(root_c)
+    assert caplog.text.count("event=bundle_ignored") == 2
+    assert _roots((tmp_path / "identity" / "bundle.pem").read_bytes()) == _roots(root_c)
