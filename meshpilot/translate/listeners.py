@@ -306,7 +306,7 @@ def _inbound_manager(
 ) -> hcm.HttpConnectionManager:
     """``strip``: drop the caller header; ``peer``: set it from the peer certificate (TLS chains)."""
     filters = [_peer_caller()] if peer else [_strip_caller()] if strip else []
-    return hcm.HttpConnectionManager(
+    manager = hcm.HttpConnectionManager(
         stat_prefix="inbound",
         codec_type=hcm.HttpConnectionManager.AUTO,
         rds=hcm.Rds(config_source=ads_source(), route_config_name=route),
@@ -317,6 +317,21 @@ def _inbound_manager(
             "details": "%RESPONSE_CODE_DETAILS%",
         })],
     )
+    _normalise_paths(manager)
+    return manager
+
+
+def _normalise_paths(manager: hcm.HttpConnectionManager) -> None:
+    """The path the RBAC rules see is the path the app gets: RFC 3986 normalisation (dot segments
+    out, percent-encoded unreserved characters decoded) and doubled slashes merged before any
+    filter runs. A path with an escaped slash or backslash (``%2F``, ``%5C``) is refused (400):
+    apps disagree on whether it separates segments, so no rule could say what it names; a redirect
+    to the unescaped path instead would reach gRPC and most API clients as an error anyway, and
+    would turn a request the caller's rules chose into one it did not. Case is kept: path rules
+    are case-sensitive, as in Istio (docs/policy.md)."""
+    manager.normalize_path.value = True
+    manager.merge_slashes = True
+    manager.path_with_escaped_slashes_action = hcm.HttpConnectionManager.REJECT_REQUEST
 
 
 def _tls_chain(chain: listener_components_pb2.FilterChain) -> listener_components_pb2.FilterChain:

@@ -203,3 +203,26 @@ def test_a_namespace_wide_policy_change_reaches_every_node_of_the_namespace_by_r
     assert isinstance(routes, route_pb2.RouteConfiguration)
     allow = _per_route(routes, AUTHZ_ALLOW)
     assert allow is not None and list(allow.rbac.rules.policies) == ["shop/only-api/0"]
+
+
+# ---- paths the rules see -----------------------------------------------------------------------
+
+
+def test_every_inbound_http_chain_normalises_paths_before_the_rules() -> None:
+    """The rules and the app must see one path: normalised, slashes merged, escaped slashes refused
+    (tests/e2e/test_authz_paths.py has Envoy refusing //admin, /./admin, /%61dmin, ...)."""
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+
+    from meshpilot.translate.listeners import build_inbound_listener
+    from meshpilot.translate.tls import DISABLE, PERMISSIVE, STRICT
+
+    node = NodeInfo(id="web-1", service="web", namespace="shop", inbound_port=15006, app_port=8080, identity=True)
+    listeners = [build_inbound_listener(node, (), peers, "http", mode)
+                 for mode in (DISABLE, PERMISSIVE, STRICT) for peers in (None, ["10.0.0.9"])]
+    chains = [c for lst in listeners for c in [*lst.filter_chains, *([lst.default_filter_chain] if lst.HasField("default_filter_chain") else [])]]
+    assert len(chains) >= 7
+    for chain in chains:
+        m = hcm.HttpConnectionManager()
+        assert chain.filters[0].typed_config.Unpack(m)
+        assert m.normalize_path.value and m.merge_slashes, f"expected chain {chain.name!r} to normalise paths"
+        assert m.path_with_escaped_slashes_action == hcm.HttpConnectionManager.REJECT_REQUEST, f"chain {chain.name!r}"
