@@ -279,21 +279,38 @@ class GrpcSigner:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically with ``data``, readable by this user only (0600) from the first byte."""
+    """Replace ``path`` atomically with ``data``, readable by this user only (0600) from the first byte: a
+    new file created 0600 (``O_EXCL``: never an existing file or a planted symlink), written whole, synced,
+    then renamed over ``path``. A failed write leaves ``path`` as it was and no temporary behind."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, 0o600)  # the umask can only narrow the creation mode; this is the exact mode
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
+    """``path`` as a directory only this user can enter (0700). Each directory made here, ``path`` and any
+    missing parent, is created 0700 (never created wider and narrowed later); one that exists is set to
+    0700."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
     return path
 

@@ -220,8 +220,9 @@ class SdsServer:
 
     async def start(self) -> None:
         directory = self.socket_path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)  # nobody else reaches the socket, even before its own chmod
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)  # created private: nobody else ever reaches the socket
+        os.chmod(directory, 0o700)  # (one left by an earlier agent, or narrowed by the umask)
         self.socket_path.unlink(missing_ok=True)  # a previous agent's
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((self.handler(),))

@@ -117,6 +117,21 @@ async def test_the_socket_is_for_this_user_only(served: tuple[SecretStore, SdsSe
     assert stat.S_IMODE(server.socket_path.parent.stat().st_mode) == 0o700
 
 
+async def test_the_socket_directory_is_created_private(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directory that guards the socket (the key is served through it) is 0700 from its creation, not
+    created wider and narrowed afterwards: with a umask that hides nothing and chmod disabled it still is."""
+    import os
+
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: None)
+    old = os.umask(0)
+    try:
+        async with SdsServer(SecretStore(), short_dir / "sds" / "sds.sock") as server:
+            mode = stat.S_IMODE(server.socket_path.parent.stat().st_mode)
+    finally:
+        os.umask(old)
+    assert mode == 0o700, oct(mode)
+
+
 async def test_sotw_gives_both_secrets_and_a_rotation_as_a_new_version(
         served: tuple[SecretStore, SdsServer, grpc.aio.Channel]) -> None:
     store, _, channel = served

@@ -668,3 +668,50 @@ async def test_a_new_bundle_over_the_watch_replaces_the_old_one_and_junk_is_igno
     assert _roots(ident.trust_pem()) == _roots(root_c)
     assert caplog.text.count("event=bundle_ignored") == 2
     assert _roots((tmp_path / "identity" / "bundle.pem").read_bytes()) == _roots(root_c)
+
+
+# ---- private files: created private, never narrowed after the fact --------------------------------------
+
+
+async def test_keys_and_their_directories_are_created_private_not_narrowed_afterwards(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a umask that hides nothing and chmod/fchmod disabled, every directory and file the agent's state
+    and identity-files make must still come out 0700 / 0600: the mode is set when each is created, so there
+    is no moment when another user could open one."""
+    from meshpilot.sidecar.identity import publish_files
+
+    clock = Clock()
+    signer = FakeSigner(clock)
+    signer.tokens["t"] = ("shop", "reviews")
+    (tmp_path / "token").write_text("t")
+    out = tmp_path / "run" / "files"  # identity-files' --out, its parent missing too
+    ident = WorkloadIdentity(node_id="reviews-1", signer=signer, trust_bundle_file=tmp_path / "bundle.pem",
+                             join_token_file=tmp_path / "token", state_dir=out / ".state", clock=clock,
+                             sleep=clock.sleep, lifecycle=Lifecycle(rand=lambda: 1.0))
+    (tmp_path / "bundle.pem").write_bytes(signer.root)
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: None)
+    monkeypatch.setattr(os, "fchmod", lambda *a, **k: None)
+    old = os.umask(0)
+    try:
+        await ident.step()
+        assert ident.material is not None
+        publish_files(out, ident.material)
+    finally:
+        os.umask(old)
+    made = [p for p in [tmp_path / "run", *sorted(out.rglob("*"))] if not p.is_symlink()]
+    assert {p.name for p in made if p.is_file()} >= {"key.pem", "cert.pem", "bundle.pem"}
+    for p in made:
+        want = 0o700 if p.is_dir() else 0o600
+        assert stat.S_IMODE(p.stat().st_mode) == want, f"{p.relative_to(tmp_path)}: {oct(p.stat().st_mode)}"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+
+
+def test_write_private_replaces_a_file_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
+    from meshpilot.sidecar.identity import write_private
+
+    target = tmp_path / "key.pem"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o644)
+    write_private(target, b"x" * 200_000)
+    assert target.read_bytes() == b"x" * 200_000 and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key.pem"]
