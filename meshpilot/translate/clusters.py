@@ -4,9 +4,11 @@ A routing policy may split a service into subsets of its instances (by label, e.
 each subset of each port is a cluster of its own, ``outbound|<port>|<subset>|<fqdn>``, with the
 same traffic settings and its own EDS (endpoints.py lists only the instances the subset selects).
 
-With identities on (``TlsSettings``, tls.py) a cluster of a service in PERMISSIVE or STRICT mode
-talks mutual TLS to the endpoints of sidecars with an identity (a transport socket match on the
-endpoint metadata endpoints.py writes) and plaintext to the rest (SDK apps without a sidecar).
+With identities on (``TlsSettings``, tls.py) a cluster of a service in PERMISSIVE mode talks mutual
+TLS to the endpoints of sidecars with an identity (a transport socket match on the endpoint
+metadata endpoints.py writes) and plaintext to the rest (SDK apps without a sidecar). A cluster of
+a STRICT service talks mutual TLS to every endpoint (TLS is its default transport socket, there is
+no plaintext one): an instance registered without a sidecar cannot be called in the clear.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from google.protobuf.message import Message
 
 from meshpilot.model import Service, ServicePort
 from meshpilot.translate.names import cluster_name, fqdn, inbound_cluster_name
-from meshpilot.translate.tls import DISABLE, TlsSettings, mesh_socket_matches
+from meshpilot.translate.tls import DISABLE, STRICT, TlsSettings, mesh_socket_matches, tls_socket, upstream_tls
 from meshpilot.xds.resource import NodeInfo
 
 __all__ = ["ads_source", "build_cluster", "build_clusters", "build_inbound_cluster", "duration_ms", "subset_cluster_name"]
@@ -95,7 +97,8 @@ def build_cluster(
     service: Service, port: ServicePort, domain: str, subset: str = "", tls: TlsSettings | None = None
 ) -> cluster_pb2.Cluster:
     """The EDS cluster of a service port, or of one subset of it when ``subset`` is given; with
-    ``tls`` (identities on, the service not in DISABLE mode) mutual TLS to sidecars with an identity."""
+    ``tls`` (identities on) mutual TLS: in PERMISSIVE mode to sidecars with an identity, in STRICT
+    mode to every endpoint."""
     t = service.traffic
     name = subset_cluster_name(service, port, subset, domain) if subset else cluster_name(service, port, domain)
     c = cluster_pb2.Cluster(
@@ -125,7 +128,12 @@ def build_cluster(
     _set_lb(c, t.lb_policy, t.zone_aware)
     if port.protocol in ("http2", "grpc"):
         c.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(_http2_options())
-    if tls is not None and tls.mode(service.key) != DISABLE:
+    mode = tls.mode(service.key) if tls is not None else DISABLE
+    if tls is not None and mode == STRICT:
+        # every endpoint, marked or not: an instance registered at its own address (API, Consul)
+        # must not get the request in the clear with no server authentication
+        c.transport_socket.CopyFrom(tls_socket(upstream_tls(tls.service_id(service.namespace, service.name))))
+    elif tls is not None and mode != DISABLE:
         c.transport_socket_matches.extend(mesh_socket_matches(tls.service_id(service.namespace, service.name)))
     return c
 

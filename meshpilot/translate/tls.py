@@ -3,9 +3,11 @@
 A sidecar whose node has an identity (``NodeInfo.identity``: its agent serves SDS) holds two secrets
 that never leave the node: ``default`` (its workload certificate chain and key) and ``ROOTCA`` (the
 mesh's trust bundle), served by the agent on the bootstrap's static cluster ``meshpilot-sds``. The
-control plane only names them. Callers' clusters get a transport socket match (``tls: mesh``) that
-talks TLS to the endpoints of sidecars with an identity, checking the callee's URI SAN against the
-service's SPIFFE id; every other endpoint (an SDK app without a sidecar) stays plaintext. Callees'
+control plane only names them. Callers' clusters of a PERMISSIVE service get a transport socket
+match (``tls: mesh``) that talks TLS to the endpoints of sidecars with an identity, checking the
+callee's URI SAN against the service's SPIFFE id; every other endpoint (an SDK app without a
+sidecar) stays plaintext. Clusters of a STRICT service have that TLS socket as their default and
+no plaintext one, whatever the endpoint's metadata says. Callees'
 inbound listeners terminate TLS with a required client certificate; who the caller is becomes the
 peer certificate's URI SAN (listeners.py puts it in ``x-mesh-caller``; RBAC matches it).
 

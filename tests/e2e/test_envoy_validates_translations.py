@@ -246,7 +246,7 @@ def _mtls_resources(p_in: int, p_strict: int, p_app: int, spiffe: str) -> tuple[
 
 
 def test_mtls_listeners_clusters_and_authorization_validate_in_envoy(tmp_path: Path) -> None:
-    from meshpilot.translate.tls import STRICT
+    from meshpilot.translate.tls import STRICT, TlsSettings
 
     listeners, clusters = _mtls_resources(15006, 15007, 9999, "spiffe://example.org/ns/shop/sa/web")
     tcp_node = NodeInfo(id="db-1", service="db", namespace="shop", inbound_port=15008, app_port=5432, identity=True)
@@ -257,7 +257,8 @@ def test_mtls_listeners_clusters_and_authorization_validate_in_envoy(tmp_path: P
                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions", "explicit_http_config": {"http2_protocol_options": {}}}},
            "load_assignment": {"cluster_name": "meshpilot-sds", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(tmp_path / "sds.sock")}}}}]}]}}
     boot = build_bootstrap(BootstrapOptions(node_id="web-1", service="web", admin_port=0, app_port=9999))
-    boot["static_resources"]["clusters"] += [sds, *clusters, _js(build_inbound_cluster(tcp_node, "tcp"))]
+    strict = _js(build_cluster(SHOP_WEB, SHOP_WEB.ports[0], "mesh", "v1", TlsSettings(True, TD, STRICT)))
+    boot["static_resources"]["clusters"] += [sds, *clusters, _static_stand_in(strict, {}), _js(build_inbound_cluster(tcp_node, "tcp"))]
     boot["static_resources"]["listeners"] = [*listeners, tcp]
     assert_envoy_accepts(boot, tmp_path, "mTLS inbound listeners (PERMISSIVE, STRICT, TCP), TLS clusters and RBAC routes")
 
@@ -326,10 +327,23 @@ def test_envoy_talks_mtls_sets_the_caller_from_the_certificate_and_enforces_auth
     app = _hcm("app", p_app, "app", [{"name": "app", "domains": ["*"], "routes": [{
         "match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "app\n"}},
         "response_headers_to_add": [{"header": {"key": "x-echo-caller", "value": "%REQ(x-mesh-caller)%"}}]}]}])
+    # STRICT callers' clusters of web.shop whose one endpoint has no TLS mark (an instance registered
+    # at its own address): the PERMISSIVE listener (a sidecar after all), or the plaintext app
+    from meshpilot.translate.tls import STRICT, TlsSettings
+
+    strict_tls = TlsSettings(True, TD, STRICT)
+    unmarked = []
+    for name, port in (("strict-sidecar", p_in), ("strict-plain", p_app)):
+        inst = Instance(id=name, service="web", namespace="shop", address="127.0.0.1", ports={"http": port}, ever_passed=True)
+        c = _static_stand_in(_js(build_cluster(SHOP_WEB, SHOP_WEB.ports[0], "mesh", tls=strict_tls)),
+                             _js(build_endpoints(SHOP_WEB, SHOP_WEB.ports[0], [inst], "mesh")))
+        c["name"] = c["load_assignment"]["cluster_name"] = c["alt_stat_name"] = name
+        unmarked.append(c)
+    clusters += unmarked
     # a caller's outbound side: host web → the TLS cluster of web.shop, host other → other.shop's
     out = _hcm("out", p_out, "out", [
         {"name": h, "domains": [h], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": c["name"]}}]}
-        for h, c in (("web", clusters[0]), ("other", clusters[1]))])
+        for h, c in (("web", clusters[0]), ("other", clusters[1]), ("strict-sidecar", unmarked[0]), ("strict-plain", unmarked[1]))])
 
     boot = {
         "node": {"id": "web-1", "cluster": "web"},
@@ -386,6 +400,9 @@ def test_envoy_talks_mtls_sets_the_caller_from_the_certificate_and_enforces_auth
         assert through_caller("web") == (200, spiffe_id(TD, "shop", "web")), "expected the caller's cluster to talk mTLS to a sidecar with an identity"
         assert through_caller("other")[0] == 503, "expected a callee whose certificate is not the service's to be refused"
         assert e.stat("cluster.outbound|80||other_shop_svc_mesh.ssl.fail_verify_san") == 1
+        assert through_caller("strict-sidecar") == (200, spiffe_id(TD, "shop", "web")), \
+            "expected a STRICT service's cluster to talk mTLS to an endpoint without the TLS mark"
+        assert through_caller("strict-plain")[0] == 503, "expected a STRICT service's cluster never to send a request in the clear"
         assert e.stat("http.inbound.rbac.authz_deny.denied") == 1, e.admin("/stats?filter=rbac")
         assert (e.stat("http.inbound.rbac.authz_allow.denied") or 0) >= 3, e.admin("/stats?filter=rbac")
     lines = [json.loads(line) for line in e.log.read_text().splitlines() if line.startswith("{")]

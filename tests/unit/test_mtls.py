@@ -113,7 +113,24 @@ def test_a_cluster_stays_plaintext_when_identities_are_off_or_the_service_is_dis
     disabled = TlsSettings(True, "td", PERMISSIVE, {"web.shop": DISABLE})
     assert not build_cluster(WEB, WEB.ports[0], "mesh", tls=disabled).transport_socket_matches
     strict = TlsSettings(True, "td", DISABLE, namespace_modes={"shop": STRICT})
-    assert build_cluster(WEB, WEB.ports[0], "mesh", "v1", strict).transport_socket_matches, "expected subset clusters to get TLS too"
+    assert build_cluster(WEB, WEB.ports[0], "mesh", "v1", strict).HasField("transport_socket"), "expected subset clusters to get TLS too"
+    for off in (None, TlsSettings(), disabled):
+        assert not build_cluster(WEB, WEB.ports[0], "mesh", tls=off).HasField("transport_socket")
+
+
+def test_a_strict_service_cluster_talks_tls_to_every_endpoint_with_no_plaintext_fallback() -> None:
+    """An instance registered at its own address (API, Consul) has no TLS mark: in STRICT mode it
+    must not get requests in the clear with no server authentication."""
+    strict = TlsSettings(True, "example.org", STRICT)
+    for subset in ("", "v1"):
+        c = build_cluster(WEB, WEB.ports[0], "mesh", subset, strict)
+        assert not c.transport_socket_matches, f"expected no per-endpoint choice in STRICT mode, got {c.transport_socket_matches}"
+        ctx = tls_pb2.UpstreamTlsContext()
+        assert c.transport_socket.name == "envoy.transport_sockets.tls" and c.transport_socket.typed_config.Unpack(ctx), \
+            "expected TLS as the cluster's default transport socket"
+        sans = ctx.common_tls_context.combined_validation_context.default_validation_context.match_typed_subject_alt_names
+        assert [s.matcher.exact for s in sans] == ["spiffe://example.org/ns/shop/sa/web"]
+        assert [s.name for s in ctx.common_tls_context.tls_certificate_sds_secret_configs] == ["default"]
 
 
 def test_only_endpoints_of_sidecars_with_an_identity_are_marked_for_tls() -> None:
