@@ -22,7 +22,8 @@ requires a client certificate from the mesh's trust bundle and overwrites ``x-me
 the peer's URI SAN (its SPIFFE id). PERMISSIVE keeps a plaintext chain that strips the header;
 STRICT keeps plaintext only from the node itself (``SAME_IP_OR_LOOPBACK``: the node's own HDS
 health checks), on a route configuration of its own (``inbound-local``) that answers the health
-route and 403 to everything else. Every HTTP inbound chain carries two RBAC filters (deny, then
+route and 403 to everything else; a STRICT TCP listener has no plaintext chain at all (HDS checks
+TCP apps on their own port). Every HTTP inbound chain carries two RBAC filters (deny, then
 allow) without rules of their own: the rules of the AuthorizationPolicies in force arrive as
 per-route config in the node's ``inbound`` routes (RDS), so a rule change never drains a listener.
 """
@@ -350,7 +351,10 @@ def _inbound_tcp(node: NodeInfo, direction_fields: dict[str, str]) -> tcp_proxy_
 def _mtls_listener(listener: listener_pb2.Listener, node: NodeInfo, extra_filters: Sequence[hcm.HttpFilter],
                    protocol: str, mode: str) -> listener_pb2.Listener:
     """PERMISSIVE: TLS (caller from the certificate) or plaintext (caller stripped). STRICT: TLS,
-    and plaintext only from the node itself (its health checks)."""
+    and for HTTP plaintext only from the node itself (its health checks, which go through this
+    listener). A STRICT TCP listener takes TLS only: HDS checks a TCP app by connecting to the
+    app's own port (hds/metadata.py), so no plaintext chain is needed for it, and one would let
+    any process on the node reach the app without an identity."""
     listener.listener_filters.append(listener_components_pb2.ListenerFilter(
         name="envoy.filters.listener.tls_inspector", typed_config=pack(tls_inspector_pb2.TlsInspector())))
     if protocol == "tcp":
@@ -360,13 +364,15 @@ def _mtls_listener(listener: listener_pb2.Listener, node: NodeInfo, extra_filter
         listener.listener_filters_timeout.CopyFrom(duration_pb2.Duration(seconds=1))
         tls_manager: Message = _inbound_tcp(node, {"source_service": "-", "source_principal": "%DOWNSTREAM_PEER_URI_SAN%"})
         plain_manager: Message = _inbound_tcp(node, {"source_service": "-", "source_principal": "-"})
-        local_manager: Message = plain_manager
+        local_manager: Message | None = None  # HDS checks a TCP app on its own port, not through here
     else:
         tls_manager = _inbound_manager(node, extra_filters, strip=False, peer=True)
         plain_manager = _inbound_manager(node, extra_filters, strip=True)
         local_manager = _inbound_manager(node, extra_filters, strip=True, route=INBOUND_LOCAL_ROUTE)
     listener.filter_chains.append(_tls_chain(_chain(tls_manager, "mtls")))
     if mode == STRICT:
+        if local_manager is None:
+            return listener
         local = _chain(local_manager, "local")
         local.filter_chain_match.source_type = listener_components_pb2.FilterChainMatch.SAME_IP_OR_LOOPBACK
         listener.filter_chains.append(local)

@@ -193,9 +193,21 @@ def test_disable_is_todays_listener_with_the_authorization_filters() -> None:
         build_inbound_listener(NODE, (), None, "http", "permissive")
 
 
-def test_a_tcp_app_in_strict_mode_gets_tls_and_a_local_chain() -> None:
+def test_a_tcp_app_in_strict_mode_takes_tls_only() -> None:
+    """No plaintext chain, not even from the node itself: HDS checks a TCP app on the app's own
+    port, so a local chain would only let the node's other processes in without an identity."""
+    from meshpilot.hds.metadata import registration
+    from tests.unit.test_hds import _md
+
     lst = build_inbound_listener(NODE, (), None, "tcp", STRICT)
-    assert [c.name for c in lst.filter_chains] == ["mtls", "local"]
+    assert [c.name for c in lst.filter_chains] == ["mtls"], f"expected the TLS chain alone, got {[c.name for c in lst.filter_chains]}"
+    assert not lst.HasField("default_filter_chain")
+    md = _md()
+    md[META.HEALTH_CHECK] = {"kind": "tcp"}
+    plan = registration(node_info("db-1", "db", md)).plan
+    node = node_info("db-1", "db", md)
+    assert (plan.kind, plan.port) == ("tcp", node.app_port) and plan.port != node.inbound_port, \
+        f"expected HDS to check a TCP app on its own port, not the inbound listener, got {plan}"
     assert lst.filter_chains[0].filters[0].name == "envoy.filters.network.tcp_proxy"
     assert lst.filter_chains[0].HasField("transport_socket")
     assert lst.continue_on_listener_filters_timeout and lst.listener_filters_timeout.seconds == 1, "expected server-first plaintext to go on after a second"
