@@ -715,3 +715,83 @@ def test_write_private_replaces_a_file_whole_and_leaves_no_temporary(tmp_path: P
     write_private(target, b"x" * 200_000)
     assert target.read_bytes() == b"x" * 200_000 and stat.S_IMODE(target.stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["key.pem"]
+
+
+# ---- which port each call goes to (real TLS, in-process servers) ------------------------------------------
+
+
+async def test_the_token_goes_to_the_enrolment_port_and_renewals_and_the_bundle_watch_to_the_xds_port(
+        tmp_path: Path) -> None:
+    """Two TLS servers of one CA: the enrolment port (no client certificate asked) and the xDS port (client
+    certificate required). Only the first Sign, with the token, may reach the enrolment port; the renewal
+    and WatchBundle go to the xDS port under the node's certificate (the enrolment port does not serve
+    WatchBundle)."""
+    import grpc
+
+    from meshpilot.pki import ca_pb2
+    from meshpilot.sidecar.identity import GrpcSigner
+
+    authority = pki.Authority.generate(TD)
+    root = authority.anchor_pem()
+    cp_key = pki.new_key()
+    served = authority.serve(cp_key, pki.control_plane_id(TD), ["localhost"], ["127.0.0.1"], TTL)
+    calls: list[tuple[str, str, str]] = []  # (port, method, caller's SPIFFE id or "")
+
+    def handlers(port_name: str) -> grpc.GenericRpcHandler:
+        async def sign(req: ca_pb2.SignRequest, context: grpc.aio.ServicerContext[object, object]) -> ca_pb2.SignResponse:
+            peer = pki.peer_from_context(context)
+            calls.append((port_name, "Sign", peer.spiffe if peer else ""))
+            spiffe = peer.spiffe if peer else pki.spiffe_id(TD, "shop", "reviews")
+            issued = authority.sign(req.csr_pem, spiffe, req.node_id, TTL)
+            return ca_pb2.SignResponse(cert_chain_pem=issued.chain_pem, trust_bundle_pem=root,
+                                       not_after=issued.not_after)
+
+        async def watch(req: ca_pb2.BundleRequest,
+                        context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[ca_pb2.BundleResponse]:
+            peer = pki.peer_from_context(context)
+            calls.append((port_name, "WatchBundle", peer.spiffe if peer else ""))
+            yield ca_pb2.BundleResponse(trust_bundle_pem=root)
+            await asyncio.Event().wait()
+
+        methods: dict[str, grpc.RpcMethodHandler] = {
+            "Sign": grpc.unary_unary_rpc_method_handler(
+                sign, request_deserializer=ca_pb2.SignRequest.FromString,
+                response_serializer=ca_pb2.SignResponse.SerializeToString)}
+        if port_name == "xds":
+            methods["WatchBundle"] = grpc.unary_stream_rpc_method_handler(
+                watch, request_deserializer=ca_pb2.BundleRequest.FromString,
+                response_serializer=ca_pb2.BundleResponse.SerializeToString)
+        return grpc.method_handlers_generic_handler("meshpilot.identity.v1.Identity", methods)
+
+    servers, ports = [], {}
+    for name, require in (("enrol", False), ("xds", True)):
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([handlers(name)])
+        ports[name] = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+            [(pki.key_pem(cp_key), served.chain_pem)], root_certificates=root if require else None,
+            require_client_auth=require))
+        await server.start()
+        servers.append(server)
+    (tmp_path / "bundle.pem").write_bytes(root)
+    (tmp_path / "token").write_text("t")
+    ident = WorkloadIdentity(
+        node_id="reviews-1", trust_bundle_file=tmp_path / "bundle.pem", join_token_file=tmp_path / "token",
+        signer=GrpcSigner(f"127.0.0.1:{ports['xds']}", "localhost", enrol_target=f"127.0.0.1:{ports['enrol']}"),
+        lifecycle=Lifecycle(rand=lambda: 1.0))
+    watch = None
+    try:
+        await asyncio.wait_for(ident.step(), 10)
+        assert ident.material is not None, ident.last_error
+        watch = asyncio.create_task(ident.watch_bundle())
+        async with asyncio.timeout(10):
+            while not any(m == "WatchBundle" for _, m, _ in calls):
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(ident.attempt(Phase.RENEW), 10)
+    finally:
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        for server in servers:
+            await server.stop(None)
+    me = pki.spiffe_id(TD, "shop", "reviews")
+    assert calls == [("enrol", "Sign", ""), ("xds", "WatchBundle", me), ("xds", "Sign", me)], calls
