@@ -109,6 +109,7 @@ class ProxylessProducer(Producer):
         redefined = changes.services | changes.rerouted
         touched = redefined | changes.endpoints
         every: list[str] | None = None
+        built: dict[str, Bundle | None] = {}  # one build per service, shared by every client node
         for node in proxyless:
             fresh = changes.everything or node.id in changes.nodes
             if node.service and SERVER_ADDRESSES in node.extra and (fresh or node.service_key in redefined):
@@ -117,7 +118,9 @@ class ProxylessProducer(Producer):
                 if fresh and every is None:
                     every = [s.key for s in self.registry.services()]
                 for key in sorted(every if fresh and every is not None else touched):
-                    out[(node.id, tls_key(key))] = self._tls_clusters(key, tls)
+                    if key not in built:
+                        built[key] = self._tls_clusters(key, tls)
+                    out[(node.id, tls_key(key))] = built[key]
         return out
 
     def _server(self, node: NodeInfo, tls: TlsSettings) -> Bundle:
