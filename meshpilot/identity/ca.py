@@ -13,6 +13,9 @@ can not be removed, nor one that signed a node's current certificate that is sti
 The xDS port serves with ``server_credentials``: a certificate for the control plane's SPIFFE id,
 renewed at half its lifetime, and the trust bundle for client certificates, both read again on new
 connections through grpc's dynamic credentials, so neither a renewal nor a rotation needs a restart.
+grpc asks for them from its own threads while the event loop adds and removes roots, so everything
+those threads read is one immutable ``_Trust`` snapshot (and one serving tuple), each replaced by a
+single assignment: a fetch sees the roots before a change or after it, never half of one.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from meshpilot import pki
@@ -56,6 +61,53 @@ def _fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class _Trust:
+    """What the CA trusts and who signs, at one instant. Never changed: a change builds a new one."""
+
+    operator: pki.Authority | None
+    roots: tuple[tuple[str, pki.Authority], ...]  # (anchor serial, authority) of stored roots, by serial
+    anchors: tuple[tuple[str, x509.Certificate], ...]  # (serial, root) trusted without its key here
+    # CA certificates that signed leaves here and are no trusted authority now (a previous operator
+    # intermediate, kept: a call's auth context holds only the leaf, and renewal verifies it again)
+    signed_here: tuple[tuple[str, x509.Certificate], ...]
+    signing: str  # anchor serial of the signing authority
+    bundle: bytes = field(default=b"", compare=False)
+
+    @staticmethod
+    def of(operator: pki.Authority | None, roots: dict[str, pki.Authority], anchors: dict[str, x509.Certificate],
+           signed_here: dict[str, x509.Certificate], signing: str) -> _Trust:
+        draft = _Trust(operator, tuple(sorted(roots.items())), tuple(sorted(anchors.items())),
+                       tuple(sorted(signed_here.items())), signing)
+        bundle = pki.bundle_pem(c.public_bytes(serialization.Encoding.PEM) for c, _src in draft.listed())
+        return _Trust(draft.operator, draft.roots, draft.anchors, draft.signed_here, signing, bundle)
+
+    def root(self, serial: str) -> pki.Authority | None:
+        return next((a for s, a in self.roots if s == serial), None)
+
+    def authority(self) -> pki.Authority:
+        if self.operator is not None:
+            return self.operator
+        found = self.root(self.signing)
+        assert found is not None, "the signing root is a stored root"
+        return found
+
+    def trusted(self) -> list[pki.Authority]:
+        return ([self.operator] if self.operator is not None else []) + [a for _s, a in self.roots]
+
+    def listed(self) -> list[tuple[x509.Certificate, str]]:
+        """(root certificate, source) of every trusted root, each serial once, the operator's first."""
+        seen: set[str] = set()
+        out: list[tuple[x509.Certificate, str]] = []
+        keyed = [(a.anchor, _FILE if a is self.operator else "store") for a in self.trusted()]
+        for cert, source in [*keyed, *((c, "added") for _s, c in self.anchors)]:
+            serial = pki.serial_of(cert)
+            if serial not in seen:
+                seen.add(serial)
+                out.append((cert, source))
+        return out
+
+
 def _read(path: str, setting: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -72,14 +124,8 @@ class MeshCa:
         self.clock = clock
         self._lock = threading.Lock()  # grpc's credential fetcher runs on its own threads
         self._watchers: list[Callable[[bytes], None]] = []
-        self._operator: pki.Authority | None = self._load_operator()
-        self._roots: dict[str, pki.Authority] = {}  # serial of the anchor -> authority, stored ones
-        self._anchors: dict[str, x509.Certificate] = {}  # serial -> a root trusted without its key here
-        # intermediates that signed here, kept: a TLS client sends its chain, but a call's auth
-        # context holds only the leaf, and renewal verifies the leaf again (see service.py)
-        self._intermediates: dict[str, x509.Certificate] = {}
-        self._signing = ""  # anchor serial of the signing authority
-        self._load()
+        # read by grpc's threads: only ever replaced whole, by one assignment (see the module docstring)
+        self._trust: _Trust = self._load(self._load_operator())
         # the serving certificate: (key, chain, issued at, not_after, serial of the root it chains to)
         self._serving: tuple[bytes, bytes, float, float, str] | None = None
 
@@ -106,88 +152,104 @@ class MeshCa:
             raise ValueError(f"ca_cert_file: {s.ca_cert_file} has expired")
         return authority
 
-    def _load(self) -> None:
+    def _load(self, operator: pki.Authority | None) -> _Trust:
         signing = ""
+        roots: dict[str, pki.Authority] = {}
+        anchors: dict[str, x509.Certificate] = {}
+        signed_here: dict[str, x509.Certificate] = {}
         for serial, doc in self.store.items(ROOTS):
             try:
                 if serial.startswith(_INTERMEDIATE):
-                    self._intermediates[serial] = x509.load_pem_x509_certificate(doc["cert"].encode())
+                    signed_here[serial] = x509.load_pem_x509_certificate(doc["cert"].encode())
                     continue
                 if not doc.get("key"):
-                    self._anchors[serial] = x509.load_pem_x509_certificate(doc["cert"].encode())
+                    anchors[serial] = x509.load_pem_x509_certificate(doc["cert"].encode())
                     continue
                 authority = pki.Authority.from_pem(doc["cert"].encode(), doc["key"].encode(), doc.get("chain", "").encode())
             except (KeyError, AttributeError, ValueError) as exc:
                 raise ValueError(f"store table {ROOTS}: root {serial} cannot be read: {exc}") from None
-            self._roots[serial] = authority
+            roots[serial] = authority
             if doc.get("signing"):
                 signing = serial
-        if self._operator is not None:
-            self._signing = _anchor_serial(self._operator)
-            for cert in self._operator.intermediates():
+        if operator is not None:
+            # the operator's signing certificate and the intermediates above it: leaves they signed
+            # renew after the files change to the next CA (the certificate itself too when it is a
+            # root: a root added without its key is trusted, but is no issuer of ours)
+            for cert in [operator.cert, *operator.intermediates()]:
                 key = _INTERMEDIATE + pki.serial_of(cert)
-                if key not in self._intermediates:
-                    self._intermediates[key] = cert
+                if key not in signed_here:
+                    signed_here[key] = cert
                     self.store.write({(ROOTS, key): {"cert": cert.public_bytes(serialization.Encoding.PEM).decode()}})
-            return
-        if not self._roots:
+            return _Trust.of(operator, roots, anchors, signed_here, _anchor_serial(operator))
+        if not roots:
             authority = pki.Authority.generate(self.settings.trust_domain, now=self.clock())
             serial = _anchor_serial(authority)
-            self._roots[serial] = authority
-            self._write_root(serial, authority, signing=True)
+            roots[serial] = authority
+            self.store.write({(ROOTS, serial): self._root_doc(serial, authority, signing=True)})
             log.info("event=ca_root_generated serial=%s trust_domain=%s", serial, self.settings.trust_domain)
             signing = serial
         if not signing:  # a store from an interrupted rotation: the newest root signs
-            signing = max(self._roots, key=lambda k: self._roots[k].cert.not_valid_before_utc)
-            self._write_root(signing, self._roots[signing], signing=True)
-        self._signing = signing
+            signing = max(roots, key=lambda k: roots[k].cert.not_valid_before_utc)
+            self.store.write({(ROOTS, signing): self._root_doc(signing, roots[signing], signing=True)})
+        return _Trust.of(None, roots, anchors, signed_here, signing)
 
-    def _write_root(self, serial: str, authority: pki.Authority, signing: bool) -> None:
+    def _root_doc(self, serial: str, authority: pki.Authority, signing: bool) -> dict[str, Any]:
         cert, key, chain = authority.to_pem()
-        doc = {"cert": cert.decode(), "key": key.decode(), "chain": chain.decode(), "signing": signing,
-               "added_at": self.clock()}
+        doc: dict[str, Any] = {"cert": cert.decode(), "key": key.decode(), "chain": chain.decode(), "signing": signing,
+                               "added_at": self.clock()}
         old = self.store.get(ROOTS, serial)
         if isinstance(old, dict) and "added_at" in old:
             doc["added_at"] = old["added_at"]
-        self.store.write({(ROOTS, serial): doc})
+        return doc
+
+    def _replace(self, roots: dict[str, pki.Authority] | None = None, anchors: dict[str, x509.Certificate] | None = None,
+                 signing: str | None = None) -> None:
+        """A new snapshot from the current one and the parts given, assigned in one statement."""
+        t = self._trust
+        self._trust = _Trust.of(t.operator, dict(t.roots) if roots is None else roots,
+                                dict(t.anchors) if anchors is None else anchors, dict(t.signed_here),
+                                t.signing if signing is None else signing)
 
     # ---- reading --------------------------------------------------------------------------
 
     @property
     def authority(self) -> pki.Authority:
         """The authority that signs now."""
-        if self._operator is not None:
-            return self._operator
-        return self._roots[self._signing]
-
-    def _trusted(self) -> list[pki.Authority]:
-        out = [self._operator] if self._operator is not None else []
-        return out + [self._roots[k] for k in sorted(self._roots)]
-
-    def _trusted_anchors(self) -> list[tuple[x509.Certificate, str]]:
-        """(root certificate, source) of every trusted root, each serial once, the signing one first."""
-        seen: set[str] = set()
-        out: list[tuple[x509.Certificate, str]] = []
-        listed = [(a.anchor, _FILE if a is self._operator else "store") for a in self._trusted()]
-        for cert, source in [*listed, *((self._anchors[k], "added") for k in sorted(self._anchors))]:
-            serial = pki.serial_of(cert)
-            if serial not in seen:
-                seen.add(serial)
-                out.append((cert, source))
-        return out
+        return self._trust.authority()
 
     def bundle_pem(self) -> bytes:
         """Every trusted root, PEM, each once: what peers verify against."""
-        return pki.bundle_pem(c.public_bytes(serialization.Encoding.PEM) for c, _src in self._trusted_anchors())
+        return self._trust.bundle
 
     def intermediates(self) -> list[x509.Certificate]:
         """The certificates between trusted roots and the leaves they sign (an operator's intermediate)."""
-        current = [c for a in self._trusted() for c in a.intermediates()]
-        return current + [c for c in self._intermediates.values() if c not in current]
+        t = self._trust
+        current = [c for a in t.trusted() for c in a.intermediates()]
+        return current + [c for _s, c in t.signed_here if c not in current]
+
+    def issuers(self) -> list[x509.Certificate]:
+        """The mesh's own issuing CAs: every trusted authority's signing certificate (a generated
+        root, the operator's intermediate) and every operator CA that signed here before. A leaf
+        that chains to a trusted root but was issued by another CA (a sibling of the operator's
+        intermediate under the same corporate root) is not the mesh's."""
+        t = self._trust
+        out = [a.cert for a in t.trusted()]
+        return out + [c for _s, c in t.signed_here if c not in out]
+
+    def issued_here(self, leaf: x509.Certificate) -> bool:
+        """Whether one of ``issuers()`` signed ``leaf`` directly (its chain is checked elsewhere)."""
+        for ca in self.issuers():
+            try:
+                leaf.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return True
+        return False
 
     def roots(self) -> list[dict[str, Any]]:
         """The trusted roots: serial, subject, not_before, not_after, signing, fingerprint, source."""
-        signing = self.signing_serial
+        t = self._trust
+        signing = _anchor_serial(t.authority())
         return [
             {
                 "serial": pki.serial_of(anchor),
@@ -198,7 +260,7 @@ class MeshCa:
                 "fingerprint": _fingerprint(anchor),
                 "source": source,
             }
-            for anchor, source in self._trusted_anchors()
+            for anchor, source in t.listed()
         ]
 
     def watch(self, callback: Callable[[bytes], None]) -> Callable[[], None]:
@@ -223,12 +285,12 @@ class MeshCa:
 
     def sign(self, csr_pem: bytes, spiffe: str, node_id: str) -> pki.Issued:
         """A workload certificate (see pki.Authority.sign), valid ``workload_cert_ttl_s``."""
-        return self.authority.sign(csr_pem, spiffe, node_id, self.settings.workload_cert_ttl_s, now=self.clock())
+        return self._trust.authority().sign(csr_pem, spiffe, node_id, self.settings.workload_cert_ttl_s, now=self.clock())
 
     @property
     def signing_serial(self) -> str:
         """The serial of the root the signing authority chains to."""
-        return _anchor_serial(self.authority)
+        return _anchor_serial(self._trust.authority())
 
     async def durable(self) -> None:
         """Return when every root written so far is on disk."""
@@ -243,15 +305,15 @@ class MeshCa:
         if cert_pem is None:
             authority = pki.Authority.generate(self.settings.trust_domain, now=self.clock())
             serial = _anchor_serial(authority)
-            self._roots[serial] = authority
-            self._write_root(serial, authority, signing=False)
+            self.store.write({(ROOTS, serial): self._root_doc(serial, authority, signing=False)})
+            self._replace(roots={**dict(self._trust.roots), serial: authority})
         else:
             cert = self._trust_only(cert_pem)
             serial = pki.serial_of(cert)
-            self._anchors[serial] = cert
             pem = cert.public_bytes(serialization.Encoding.PEM).decode()
             self.store.write({(ROOTS, serial): {"cert": pem, "key": "", "chain": "", "signing": False,
                                                 "added_at": self.clock()}})
+            self._replace(anchors={**dict(self._trust.anchors), serial: cert})
         await self.store.sync()
         log.info("event=ca_root_added serial=%s with_key=%s", serial, cert_pem is None)
         self._changed()
@@ -274,29 +336,33 @@ class MeshCa:
         if cert.not_valid_after_utc.timestamp() <= self.clock():
             raise ValueError("cert_pem: the certificate has expired")
         # the operator's current root may be added: kept in the store, it stays trusted when the files change
-        if pki.serial_of(cert) in self._roots or pki.serial_of(cert) in self._anchors:
+        t = self._trust
+        if t.root(pki.serial_of(cert)) is not None or pki.serial_of(cert) in dict(t.anchors):
             raise RootRefused(f"root {pki.serial_of(cert)} is trusted already")
         return cert
 
     async def activate_root(self, serial: str) -> dict[str, Any]:
         """Make a trusted root the one that signs; the previous one stays trusted."""
-        if serial not in self._roots:
-            if self._operator is not None and serial == _anchor_serial(self._operator):
+        t = self._trust
+        authority = t.root(serial)
+        if authority is None:
+            if t.operator is not None and serial == _anchor_serial(t.operator):
                 return next(r for r in self.roots() if r["serial"] == serial)
-            if serial in self._anchors:
+            if serial in dict(t.anchors):
                 raise RootRefused(f"root {serial} is trusted without its key here: it can not sign")
             raise UnknownRoot(serial)
-        if self._operator is not None:
+        if t.operator is not None:
             raise RootRefused("ca_cert_file: the operator's CA signs while ca_cert_file is set; change the file "
                               "(or remove the setting) and restart")
-        authority = self._roots[serial]
         if authority.not_after <= self.clock() + self.settings.workload_cert_ttl_s:
             raise RootRefused(f"root {serial} expires before a certificate signed now would")
-        previous = self._signing
-        if previous != serial:
-            self._write_root(previous, self._roots[previous], signing=False)
-            self._write_root(serial, authority, signing=True)
-            self._signing = serial
+        previous = t.signing
+        previous_authority = t.root(previous)
+        if previous != serial and previous_authority is not None:
+            # one write: a crash leaves either the old root signing or the new one, never none or both
+            self.store.write({(ROOTS, previous): self._root_doc(previous, previous_authority, signing=False),
+                              (ROOTS, serial): self._root_doc(serial, authority, signing=True)})
+            self._replace(signing=serial)
             await self.store.sync()
             log.info("event=ca_root_activated serial=%s previous=%s", serial, previous)
         return next(r for r in self.roots() if r["serial"] == serial)
@@ -310,11 +376,12 @@ class MeshCa:
     async def remove_root(self, serial: str, force: bool = False) -> None:
         """Stop trusting a root. Refused for the signing root, and (unless ``force``) while a node's
         current certificate signed under it is still valid."""
-        if self._operator is not None and serial == _anchor_serial(self._operator):
+        t = self._trust
+        if t.operator is not None and serial == _anchor_serial(t.operator):
             raise RootRefused("ca_cert_file: the operator's CA is removed by removing the setting and restarting")
-        if serial not in self._roots and serial not in self._anchors:
+        if t.root(serial) is None and serial not in dict(t.anchors):
             raise UnknownRoot(serial)
-        if serial == self._signing and self._operator is None:
+        if serial == t.signing and t.operator is None:
             raise RootRefused(f"root {serial} signs; activate another root first")
         live = self.still_valid_under(serial)
         if live and not force:
@@ -324,9 +391,9 @@ class MeshCa:
                 f"(e.g. {live[0].get('node_id', '?')}), valid until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(last))}; "
                 "wait until they have renewed or expired"
             )
-        self._roots.pop(serial, None)
-        self._anchors.pop(serial, None)
         self.store.write({}, deletes=((ROOTS, serial),))
+        t = self._trust
+        self._replace(roots={s: a for s, a in t.roots if s != serial}, anchors={s: c for s, c in t.anchors if s != serial})
         await self.store.sync()
         log.info("event=ca_root_removed serial=%s forced=%s", serial, force and bool(live))
         self._changed()
@@ -350,11 +417,12 @@ class MeshCa:
         with self._lock:
             now = self.clock()
             s = self._serving
-            signing = self.signing_serial
+            authority = self._trust.authority()  # one snapshot: the root checked is the one that signs
+            signing = _anchor_serial(authority)
             if s is None or now >= s[2] + (s[3] - s[2]) / 2 or s[4] != signing:
                 key = pki.new_key()
                 dns, ips = self._serving_names()
-                issued = self.authority.serve(key, pki.control_plane_id(self.settings.trust_domain), dns, ips,
+                issued = authority.serve(key, pki.control_plane_id(self.settings.trust_domain), dns, ips,
                                               self.settings.workload_cert_ttl_s, now=now)
                 self._serving = s = (pki.key_pem(key), issued.chain_pem, now, issued.not_after, signing)
                 log.info("event=ca_serving_cert_issued serial=%s not_after=%.0f root=%s",

@@ -30,6 +30,8 @@ def cmd_token(args: argparse.Namespace) -> int:
                                    "single_use": bool(args.single_use), "description": args.description or ""}
         if args.ttl is not None:
             body["ttl_s"] = args.ttl
+        if args.max_uses is not None:
+            body["max_uses"] = args.max_uses
         print_json(api.call("POST", "/v1/identity/tokens", body))
     elif args.action == "list":
         print_json(api.call("GET", "/v1/identity/tokens"))
@@ -96,6 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--namespace", help="create: the namespace the token enrols nodes in")
     t.add_argument("--service", help="create: the service the token enrols nodes as")
     t.add_argument("--single-use", action="store_true", help="create: the token enrols one node only")
+    t.add_argument("--max-uses", type=int, default=None, help="create: the token enrols at most this many nodes")
     t.add_argument("--ttl", type=float, metavar="SECONDS", help="create: the token expires after this long")
     t.add_argument("--description", help="create: a note for whoever lists tokens later")
     add_api_flags(t)

@@ -1,7 +1,8 @@
 """The mesh CA's part of the control plane, when ``identity`` is on: the Identity gRPC service on
 the xDS port (whose TLS credentials it gives, client certificates required), the same service on
 the enrolment port (TLS without client certificates: a node's first Sign with its join token), and
-the /v1/identity management routes. With ``identity`` off it contributes nothing.
+the /v1/identity management routes. Removing a node's enrolment there ends its bundle watches and,
+through ``core.disconnect``, its xDS streams. With ``identity`` off it contributes nothing.
 
 The enrolment port is the ``enrolment_port`` setting, else ``xds_port + 2`` (15012 by default), or one
 the OS picks when ``xds_port`` is 0; ``GET /v1/identity`` reports the bound one.
@@ -16,7 +17,9 @@ from meshpilot.identity.tokens import JoinTokens
 from meshpilot.parts import Core, Part, Task
 from meshpilot.settings import Settings
 
-__all__ = ["enrolment_port", "install"]
+__all__ = ["ENROLMENT_REMOVED", "enrolment_port", "install"]
+
+ENROLMENT_REMOVED = "enrolment removed"
 
 
 def enrolment_port(settings: Settings) -> int:
@@ -36,9 +39,15 @@ def install(core: Core) -> Part:
     tokens = JoinTokens(store)
     service = IdentityService(ca, tokens)
     enrolment = EnrolmentServer(service, settings.listen_address, enrolment_port(settings))
+
+    def cut_off(node_id: str) -> None:
+        # called once the removal is on disk: the node's bundle watches and xDS streams end now
+        service.cut_off(node_id, ENROLMENT_REMOVED)
+        core.disconnect(node_id, ENROLMENT_REMOVED)
+
     return Part(
         grpc_handlers=[identity_handler(service)],
-        routes=identity_routes(ca, tokens, lambda: enrolment.port),
+        routes=identity_routes(ca, tokens, lambda: enrolment.port, on_removed=cut_off),
         tasks=[Task("identity-enrolment", enrolment.run)],
         server_credentials=ca.server_credentials,
     )

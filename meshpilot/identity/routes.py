@@ -5,6 +5,7 @@ administration needs an admin token when the API checks tokens."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,10 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from meshpilot.api.app import ApiError, json_body
 from meshpilot.api.routes import Route
 from meshpilot.identity.ca import ENROLMENTS, MeshCa, RootRefused, UnknownRoot
-from meshpilot.identity.tokens import JoinTokens
+from meshpilot.identity.tokens import MAX_USES, JoinTokens
 from meshpilot.model import dns_label, field_errors
 
 __all__ = ["RootIn", "TokenIn", "identity_routes"]
+
+log = logging.getLogger("meshpilot.identity")
 
 
 class TokenIn(BaseModel):
@@ -27,6 +30,7 @@ class TokenIn(BaseModel):
     namespace: str
     service: str
     single_use: bool = False
+    max_uses: int | None = Field(default=None, ge=1, le=MAX_USES, description="how many nodes it may enrol; null: no bound")
     ttl_s: float | None = Field(default=None, gt=0, le=366 * 86_400, description="seconds until it expires; null: never")
     description: str = Field(default="", max_length=256)
 
@@ -60,10 +64,12 @@ def _parse(model: type[_Body], data: Any) -> _Body:
 
 
 class _Handlers:
-    def __init__(self, ca: MeshCa, tokens: JoinTokens, enrolment_port: Callable[[], int]) -> None:
+    def __init__(self, ca: MeshCa, tokens: JoinTokens, enrolment_port: Callable[[], int],
+                 on_removed: Callable[[str], None]) -> None:
         self.ca = ca
         self.tokens = tokens
         self.enrolment_port = enrolment_port  # the bound enrolment port, 0 before it listens
+        self.on_removed = on_removed
 
     async def summary(self, request: web.Request) -> web.Response:
         s = self.ca.settings
@@ -77,7 +83,8 @@ class _Handlers:
 
     async def create_token(self, request: web.Request) -> web.Response:
         body = _parse(TokenIn, await json_body(request))
-        record, secret = self.tokens.create(body.namespace, body.service, body.single_use, body.ttl_s, body.description)
+        record, secret = self.tokens.create(body.namespace, body.service, body.single_use, body.ttl_s, body.description,
+                                            max_uses=body.max_uses)
         await self.ca.store.sync()
         return web.json_response({**record, "secret": secret}, status=201)
 
@@ -141,6 +148,9 @@ class _Handlers:
             raise ApiError(404, f"node: no enrolled node {node!r}", [{"field": "node", "reason": "not found"}])
         self.ca.store.write({}, deletes=((ENROLMENTS, node),))
         await self.ca.store.sync()
+        # durable first: a node cut off now must not find its enrolment again after a crash
+        log.info("event=enrolment_removed node=%r spiffe=%s", node, doc.get("spiffe") if isinstance(doc, dict) else "")
+        self.on_removed(node)
         return web.json_response(doc)
 
 
@@ -148,9 +158,11 @@ def _no_root(serial: str) -> ApiError:
     return ApiError(404, f"serial: no trusted root {serial!r}", [{"field": "serial", "reason": "not found"}])
 
 
-def identity_routes(ca: MeshCa, tokens: JoinTokens, enrolment_port: Callable[[], int] = lambda: 0) -> list[Route]:
-    """The /v1/identity routes. ``enrolment_port()``: the enrolment listener's bound port."""
-    h = _Handlers(ca, tokens, enrolment_port)
+def identity_routes(ca: MeshCa, tokens: JoinTokens, enrolment_port: Callable[[], int] = lambda: 0,
+                    on_removed: Callable[[str], None] = lambda _node: None) -> list[Route]:
+    """The /v1/identity routes. ``enrolment_port()``: the enrolment listener's bound port;
+    ``on_removed(node_id)``: called once a node's enrolment is removed and on disk, to cut it off."""
+    h = _Handlers(ca, tokens, enrolment_port, on_removed)
     return [
         Route("GET", "/v1/identity", h.summary, "The mesh CA: trust domain, enrolment port, signing root, trust bundle"),
         Route("POST", "/v1/identity/tokens", h.create_token, "Create a join token (its secret is shown only in this answer)",
@@ -170,6 +182,7 @@ def identity_routes(ca: MeshCa, tokens: JoinTokens, enrolment_port: Callable[[],
         Route("GET", "/v1/identity/enrolments", h.list_enrolments, "List enrolled nodes and their current certificates",
               scope="admin"),
         Route("DELETE", "/v1/identity/enrolments/{node}", h.remove_enrolment,
-              "Remove a node's enrolment: it can no longer renew, and its node id may enrol as another identity",
+              "Remove a node's enrolment: its streams are closed, it can no longer renew, and its node id may "
+              "enrol again with a join token (as any identity)",
               scope="admin"),
     ]

@@ -3,7 +3,7 @@
 An operator creates a token for (namespace, service) and hands its secret (``mpj.<id>.<random>``,
 shown once) to the node's agent, which sends it with its first CSR. The store's ``join_tokens``
 table keeps the token's record and the SHA-256 of its secret, never the secret. A token may be
-single-use and may expire; a revoked token is kept (marked) so lists show what happened to it.
+single-use, or good for at most ``max_uses`` enrolments, and may expire; a revoked token is kept (marked) so lists show what happened to it.
 Methods write to the store without waiting; the caller awaits ``store.sync()`` before it answers.
 """
 
@@ -18,15 +18,17 @@ from meshpilot import pki
 from meshpilot.model import dns_label
 from meshpilot.registry.store import Store
 
-__all__ = ["TOKENS", "JoinTokens", "TokenRefused"]
+__all__ = ["MAX_USES", "TOKENS", "JoinTokens", "TokenRefused"]
 
 TOKENS = "join_tokens"
+MAX_USES = 1_000_000
 _MAX_DESCRIPTION = 256
 _MAX_TTL_S = 366 * 86_400.0
 
 
 class TokenRefused(Exception):
-    """A secret that does not enrol: ``reason`` is unknown, revoked, expired or used."""
+    """A secret that does not enrol: ``reason`` is unknown, revoked, expired, already used (single
+    use) or used up (``max_uses`` reached)."""
 
     def __init__(self, reason: str, token_id: str = "") -> None:
         super().__init__(f"join token {token_id or '(unparseable)'}: {reason}")
@@ -44,13 +46,18 @@ class JoinTokens:
         self.clock = clock
 
     def create(
-        self, namespace: str, service: str, single_use: bool = False, ttl_s: float | None = None, description: str = ""
+        self, namespace: str, service: str, single_use: bool = False, ttl_s: float | None = None, description: str = "",
+        max_uses: int | None = None,
     ) -> tuple[dict[str, Any], str]:
-        """A new token: (its record, its secret). ValueError names the field that is wrong."""
+        """A new token: (its record, its secret). ``max_uses``: how many enrolments it may make (None:
+        no bound). ValueError names the field that is wrong."""
         namespace = dns_label(namespace, "namespace")
         service = dns_label(service, "service")
         if ttl_s is not None and not (0 < ttl_s <= _MAX_TTL_S):
             raise ValueError(f"ttl_s must be more than 0 and at most {_MAX_TTL_S:.0f} seconds")
+        if max_uses is not None and (isinstance(max_uses, bool) or not isinstance(max_uses, int)
+                                     or not 1 <= max_uses <= MAX_USES):
+            raise ValueError(f"max_uses must be a whole number from 1 to {MAX_USES}")
         if len(description) > _MAX_DESCRIPTION:
             raise ValueError(f"description must be at most {_MAX_DESCRIPTION} characters")
         now = self.clock()
@@ -60,6 +67,7 @@ class JoinTokens:
             "namespace": namespace,
             "service": service,
             "single_use": bool(single_use),
+            "max_uses": max_uses,
             "description": description,
             "created_at": now,
             "expires_at": None if ttl_s is None else now + ttl_s,
@@ -116,4 +124,7 @@ class JoinTokens:
             raise TokenRefused("expired", token_id)
         if doc.get("single_use") and int(doc.get("used", 0)) > 0:
             raise TokenRefused("already used", token_id)
+        max_uses = doc.get("max_uses")
+        if max_uses is not None and int(doc.get("used", 0)) >= int(max_uses):
+            raise TokenRefused("used up", token_id)
         return doc, str(doc["namespace"]), str(doc["service"])

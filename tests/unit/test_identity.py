@@ -370,6 +370,13 @@ class World:
         context: Any = ctx or _Ctx()
         return await self.svc.sign(ca_pb2.SignRequest(**req), context)
 
+    async def enrol(self, node_id: str, token: str) -> tuple[pki.Issued, Any]:
+        """Enrol ``node_id`` with ``token``: (what was issued, a context presenting its certificate)."""
+        resp = await self.sign(csr_pem=pki.build_csr(pki.new_key(), "", ""), node_id=node_id, token=token)
+        leaf = _leaf(resp.cert_chain_pem)
+        issued = pki.Issued(resp.cert_chain_pem, resp.not_after, pki.serial_of(_certs(leaf)[0]))
+        return issued, _Ctx(leaf)
+
     async def refused(self, code: grpc.StatusCode, ctx: Any = None, **req: Any) -> str:
         with pytest.raises(Aborted) as info:
             await self.sign(ctx, **req)
@@ -410,7 +417,8 @@ async def test_a_node_id_keeps_its_identity(caplog: pytest.LogCaptureFixture) ->
     _r, pay = w.tokens.create("shop", "pay")
     csr = pki.build_csr(pki.new_key(), "", "")
     await w.sign(csr_pem=csr, node_id="vm-1", token=cart)
-    await w.sign(csr_pem=csr, node_id="vm-1", token=cart)  # the same identity again: a lost key, re-enrolled
+    w.clock.t += 86_400  # its certificate ran out: the same identity again, a rebuilt machine
+    await w.sign(csr_pem=csr, node_id="vm-1", token=cart)
     before = _refused_count("node_taken")
     with caplog.at_level(logging.WARNING, logger="meshpilot.identity"):
         details = await w.refused(grpc.StatusCode.PERMISSION_DENIED, csr_pem=csr, node_id="vm-1", token=pay)
@@ -499,7 +507,8 @@ async def test_a_removed_root_no_longer_renews() -> None:
 
 async def test_watch_bundle_sends_now_and_on_every_change() -> None:
     w = World()
-    ctx: Any = _Ctx()
+    _r, secret = w.tokens.create("shop", "cart")
+    _issued, ctx = await w.enrol("vm-1", secret)
     stream: Any = w.svc.watch_bundle(ca_pb2.BundleRequest(), ctx)
     first = await asyncio.wait_for(anext(stream), 1)
     assert first.trust_bundle_pem == w.ca.bundle_pem()
@@ -690,7 +699,8 @@ async def test_bundle_watchers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(service_module, "MAX_WATCHERS", 1)
     w = World()
-    ctx: Any = _Ctx()
+    _r, secret = w.tokens.create("shop", "cart")
+    _issued, ctx = await w.enrol("vm-1", secret)
     first: Any = w.svc.watch_bundle(ca_pb2.BundleRequest(), ctx)
     await anext(first)
     second: Any = w.svc.watch_bundle(ca_pb2.BundleRequest(), ctx)
