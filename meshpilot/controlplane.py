@@ -136,7 +136,13 @@ class ControlPlane:
 
     # ---- nodes --------------------------------------------------------------------------------
 
-    def _admit(self, context: grpc.aio.ServicerContext[Any, Any], node: NodeInfo) -> str:
+    def disconnect(self, node_id: str, reason: str) -> None:
+        """End the node's xDS streams now (its enrolment was removed, say); it reconnects only with
+        a certificate the control plane still accepts."""
+        n = self.xds.disconnect(node_id, reason)
+        log.warning("event=node_disconnected node=%s streams=%d reason=%s", node_id, n, reason)
+
+    def _admit(self, context: grpc.aio.ServicerContext[Any, Any], node: NodeInfo) -> tuple[str, float]:
         """With identity on: a stream speaks only for the node (and service) of its client certificate."""
         peer = peer_from_context(context)
         no = refusal(peer, self.settings.trust_domain, node.id, node.service, node.namespace)
@@ -146,7 +152,7 @@ class ControlPlane:
                         peer.spiffe if peer else "-", no.reason)
             raise StreamError(no.reason, grpc.StatusCode.PERMISSION_DENIED if no.authenticated else grpc.StatusCode.UNAUTHENTICATED)
         assert peer is not None
-        return peer.spiffe
+        return peer.spiffe, peer.not_after
 
     def _node_connected(self, node: NodeInfo) -> None:
         known = self.nodes.get(node.id)
@@ -171,15 +177,24 @@ class ControlPlane:
     async def start(self) -> None:
         s = self.settings
         self.build_all()
-        server = grpc.aio.server(
-            options=[
-                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-                ("grpc.http2.max_ping_strikes", 0),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-                ("grpc.so_reuseport", 0),
+        options: list[tuple[str, Any]] = [
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+        if s.identity:
+            # A connection is authenticated by the certificate of its handshake. Agents renew at half
+            # of a certificate's life, so one in use has at least half of it left: a connection that
+            # lives at most a quarter of it ends (GOAWAY, then its streams) before its certificate
+            # does, and the client comes back with the renewed one. A stream whose certificate
+            # expires anyway is ended by the server (XdsServer, HdsServer).
+            options += [
+                ("grpc.max_connection_age_ms", int(s.workload_cert_ttl_s * 1000 / 4)),
+                ("grpc.max_connection_age_grace_ms", 5000),
             ]
-        )
+        server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers(self._grpc_handlers)
         if s.identity:
             # no plaintext port: every client proves who it is (enrolment by join token, the rest by certificate)

@@ -74,3 +74,6 @@ class Core(Protocol):
 
     def publishing(self, service_key: str) -> bool:
         """Whether a change to the service waits behind the debounce, not yet in the cache."""
+
+    def disconnect(self, node_id: str, reason: str) -> None:
+        """End the node's xDS streams now (and its auxiliary nodes', ``<node>~...``)."""

@@ -5,7 +5,8 @@ streams (liveness.py).
 A node whose HDS stream is lost goes critical after ``hds_critical_after_s`` (longer than Envoy's
 30 s HDS reconnect back-off), or after ``hds_dead_after_s`` once the node's ADS stream has been
 closed as long too (a dead sidecar: outlier detection ejects it for 30 s, and it must leave EDS
-before that ends), and is deregistered after ``hds_remove_after_s``.
+before that ends), and is deregistered after ``hds_remove_after_s``. With identity on, a stream
+ends when its client certificate expires; the sidecar reconnects with its renewed one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from meshpilot.hds.liveness import Liveness
 from meshpilot.hds.metadata import CHECK_ID, OWNER, SOURCE
 from meshpilot.hds.stream import HdsStream, Register, Reject, Send, SetCheck
 from meshpilot.model import Check, CheckStatus
+from meshpilot.pki import peer_from_context
 from meshpilot.registry import Change, Registry, RegistryError
 from meshpilot.xds.resource import NodeInfo
 
@@ -85,32 +87,39 @@ class HdsServer:
         admit = self.admit
         stream = HdsStream(self.report_interval_s, self.token, None if admit is None else lambda node: admit(context, node))
         iid = ""
+        expires: float | None = None
+        if admit is not None and (peer := peer_from_context(context)) is not None:
+            # the stream ends with its certificate; the sidecar reconnects with its renewed one
+            expires = asyncio.get_running_loop().time() + (peer.not_after - time.time())
         try:
-            async for msg in requests:
-                for effect in stream.receive(msg, time.monotonic(), self.registry.instance):
-                    if isinstance(effect, Reject):
-                        if effect.node:
-                            log.warning("event=hds_rejected node=%s reason=%s", effect.node, effect.reason)
-                        await context.abort(grpc.StatusCode[effect.code], effect.reason)
-                    elif isinstance(effect, Register):
-                        try:
-                            self.registry.register(effect.instance, replace=True)
-                        except RegistryError as exc:
-                            log.warning("event=hds_rejected node=%s reason=%s", effect.instance.id, exc)
-                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                        iid = effect.instance.id
-                        self.liveness.opened(iid)
-                        plan = effect.registration.plan
-                        log.info("event=hds_open instance=%s check=%s:%s:%d", iid, plan.kind, plan.address, plan.port)
-                    elif isinstance(effect, Send):
-                        await context.write(effect.specifier)
-                    elif isinstance(effect, SetCheck):
-                        try:
-                            self.registry.set_check(effect.instance_id, effect.check)
-                        except RegistryError as exc:
-                            log.warning("event=hds_update_failed instance=%s reason=%s", iid, exc)
-                            continue
-                        log.info("event=hds_health instance=%s status=%s", iid, effect.check.status.value)
+            async with asyncio.timeout_at(expires):
+                async for msg in requests:
+                    for effect in stream.receive(msg, time.monotonic(), self.registry.instance):
+                        if isinstance(effect, Reject):
+                            if effect.node:
+                                log.warning("event=hds_rejected node=%s reason=%s", effect.node, effect.reason)
+                            await context.abort(grpc.StatusCode[effect.code], effect.reason)
+                        elif isinstance(effect, Register):
+                            try:
+                                self.registry.register(effect.instance, replace=True)
+                            except RegistryError as exc:
+                                log.warning("event=hds_rejected node=%s reason=%s", effect.instance.id, exc)
+                                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                            iid = effect.instance.id
+                            self.liveness.opened(iid)
+                            plan = effect.registration.plan
+                            log.info("event=hds_open instance=%s check=%s:%s:%d", iid, plan.kind, plan.address, plan.port)
+                        elif isinstance(effect, Send):
+                            await context.write(effect.specifier)
+                        elif isinstance(effect, SetCheck):
+                            try:
+                                self.registry.set_check(effect.instance_id, effect.check)
+                            except RegistryError as exc:
+                                log.warning("event=hds_update_failed instance=%s reason=%s", iid, exc)
+                                continue
+                            log.info("event=hds_health instance=%s status=%s", iid, effect.check.status.value)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the client certificate expired; reconnect with the renewed one")
         finally:
             if iid:
                 self.liveness.closed(iid, time.monotonic())

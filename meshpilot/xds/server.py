@@ -114,18 +114,21 @@ class StreamHandle:
     connected_at: float = field(default_factory=time.time)
     user_agent: str = ""
     identity: str = ""  # the client's certificate identity, when the port authenticates
+    expires_at: float = float("inf")  # time.monotonic() when the client's certificate expires
+    closing: str = ""  # set by ``disconnect``: why the stream ends now
     unanswered: Unanswered = field(default_factory=Unanswered)
 
 
-Admit = Callable[[grpc.aio.ServicerContext[Any, Any], NodeInfo], str]
+Admit = Callable[[grpc.aio.ServicerContext[Any, Any], NodeInfo], tuple[str, float]]  # (identity, not_after, unix s)
 
 
 class XdsServer:
     """ADS streams over one cache. ``on_node`` is called with a node's info before its first
     response (to build its own resources); ``on_node_gone`` when its last stream closes.
     ``admit`` (when the port authenticates its clients) sees each stream's context and node before
-    anything is sent or recorded: it returns the client's identity, or raises StreamError to
-    refuse the stream."""
+    anything is sent or recorded: it returns the client's identity and when its certificate
+    expires, or raises StreamError to refuse the stream. A stream ends when its client's
+    certificate expires (the client reconnects with its renewed one) or when ``disconnect`` says so."""
 
     def __init__(
         self,
@@ -307,7 +310,9 @@ class XdsServer:
                 md = json_format.MessageToDict(req.node.metadata) if req.node.HasField("metadata") else {}
                 node = node_info(req.node.id, req.node.cluster, md, req.node.locality.zone)
                 if self.admit is not None:
-                    handle.identity = self.admit(context, node)  # raises StreamError to refuse
+                    handle.identity, not_after = self.admit(context, node)  # raises StreamError to refuse
+                    handle.expires_at = time.monotonic() + (not_after - time.time())
+                    handle.wake.set()  # the writer keeps the time
                 handle.node = node
                 handle.user_agent = user_agent(req.node)
                 handle.machine.node_id = req.node.id
@@ -327,9 +332,28 @@ class XdsServer:
             if handle.machine.pending:
                 handle.wake.set()
 
+    def disconnect(self, node_id: str, reason: str) -> int:
+        """End every stream of ``node_id`` and of its auxiliary nodes (``<node>~...``) with
+        PERMISSION_DENIED; how many there were."""
+        n = 0
+        for h in list(self.streams.values()):
+            nid = h.machine.node_id
+            if nid == node_id or nid.startswith(node_id + "~"):
+                h.closing = reason
+                h.wake.set()
+                n += 1
+        return n
+
+    def _check_standing(self, handle: StreamHandle) -> None:
+        if handle.closing:
+            raise StreamError(handle.closing, grpc.StatusCode.PERMISSION_DENIED)
+        if time.monotonic() >= handle.expires_at:
+            raise StreamError("the client certificate expired; reconnect with the renewed one", grpc.StatusCode.UNAUTHENTICATED)
+
     async def _write(self, handle: StreamHandle, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         owed = handle.unanswered
         while True:
+            self._check_standing(handle)
             handle.wake.clear()
             if handle.machine.pending and not owed.full:
                 # A bounded number of streams build and write at once; the slot is held only for
@@ -344,9 +368,14 @@ class XdsServer:
                 # nothing to send after all: wait for the next change or answer, do not spin
             oldest = owed.oldest()
             if oldest is None:
-                await handle.wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(None if handle.expires_at == float("inf") else handle.expires_at - time.monotonic()):
+                        await handle.wake.wait()
                 continue
             left = oldest[2] + self.write_timeout_s - time.monotonic()
+            left_standing = handle.expires_at - time.monotonic()
+            if left_standing <= 0:
+                continue  # checked at the top
             if left <= 0:
                 raise StreamError(
                     f"the {oldest[0].rsplit('.', 1)[-1]} response with nonce {oldest[1]} was not answered within "
@@ -354,7 +383,7 @@ class XdsServer:
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                 )
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
+                async with asyncio.timeout(min(left, left_standing)):
                     await handle.wake.wait()
 
     async def _push(self, handle: StreamHandle, context: grpc.aio.ServicerContext[Any, Any]) -> bool:

@@ -7,6 +7,7 @@ of another service, with a revoked join token. Each attack used to work on the p
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,55 @@ def test_another_service_cannot_take_over_an_enrolled_node_id(cp: Any) -> None:
     except grpc.aio.AioRpcError as exc:
         outcome = exc.code()
     assert outcome == grpc.StatusCode.PERMISSION_DENIED, f"expected db's token refused for web's node id, got {outcome}"
+
+
+def test_a_stream_ends_with_its_certificate_and_an_expired_one_opens_nothing(tmp_path: Path) -> None:
+    cfg = tmp_path / "cp.yaml"
+    cfg.write_text(yaml.safe_dump({"identity": True, "token": TOKEN, "workload_cert_ttl_s": 10}))
+    with control_plane(tmp_path, extra=["--config", str(cfg)]) as cp:
+        status, body = cp.call("POST", "/v1/services", {"name": "web", "ports": [{"name": "http", "port": 80, "protocol": "http"}]}, ADMIN)
+        assert status == 201, (status, body)
+        bundle = _bundle(cp)
+        key, chain = _enrol(cp, bundle, "web-1", "web")  # never renewed
+        peer = peer_of(chain)
+        assert peer is not None
+
+        async def hold() -> tuple[float, Any]:
+            """Hold an ADS stream as long as the server lets it live."""
+            req = discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER)
+            req.node.id = "web-1"
+            async with _channel(cp, bundle, key, chain) as ch:
+                call = ch.stream_stream(ADS, request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+                                        response_deserializer=discovery_pb2.DiscoveryResponse.FromString)
+                queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+                await queue.put(req)
+
+                async def requests() -> Any:
+                    while (r := await queue.get()) is not None:
+                        yield r
+
+                stream = call(requests())
+                try:
+                    async with asyncio.timeout(30):
+                        async for resp in stream:
+                            ack = discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER, version_info=resp.version_info,
+                                                                 response_nonce=resp.nonce)
+                            await queue.put(ack)
+                    return time.time(), "ended"
+                except grpc.aio.AioRpcError as exc:
+                    return time.time(), exc.code()
+                except TimeoutError:
+                    stream.cancel()
+                    return time.time(), "timeout"
+
+        ended_at, how = asyncio.run(hold())
+        assert how != "timeout" and ended_at <= peer.not_after + 6, \
+            f"expected the stream ended by the certificate's end ({peer.not_after:.1f}), got {how} at {ended_at:.1f}"
+        while time.time() <= peer.not_after + 0.5:
+            time.sleep(0.2)
+        async def reconnect() -> tuple[grpc.StatusCode | None, int]:
+            async with _channel(cp, bundle, key, chain) as ch:
+                return await _ads_outcome(ch, "web-1")
+
+        again = asyncio.run(reconnect())
+        assert again == (grpc.StatusCode.UNAVAILABLE, 0), f"expected an expired certificate refused at the handshake, got {again}"
