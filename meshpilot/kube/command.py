@@ -18,7 +18,8 @@ def _config(args: argparse.Namespace) -> InjectConfig:
     from meshpilot.kube.inject import InjectConfig
 
     return InjectConfig(image=args.image, control_plane=args.control_plane, api=args.api, vip_cidr=args.vip_cidr,
-                        join_token_secret=args.join_token_secret or "", trust_bundle_configmap=args.trust_bundle_configmap)
+                        identity=args.identity, join_token_secret=args.join_token_secret or "",
+                        trust_bundle_configmap=args.trust_bundle_configmap)
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
@@ -52,9 +53,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-plane", default="meshpilot.meshpilot-system.svc:15010")
     p.add_argument("--api", default="http://meshpilot.meshpilot-system.svc:15014")
     p.add_argument("--vip-cidr", default="240.240.0.0/16")
-    p.add_argument("--join-token-secret", help="Secret with a join token (key: token): sidecars get a workload identity")
+    p.add_argument("--identity", action="store_true",
+                   help="give every sidecar a workload identity: each pod reads its join token (key: token) from the "
+                        "Secret its meshpilot.io/join-token-secret annotation names, else meshpilot-join-<service>")
+    p.add_argument("--join-token-secret", metavar="NAME",
+                   help="the Secret (key: token) for every pod without the annotation, instead of "
+                        "meshpilot-join-<service> (turns --identity on); a join token enrols one service only, so "
+                        "this fits only where every injected pod is that service")
     p.add_argument("--trust-bundle-configmap", default="meshpilot-trust-bundle",
-                   help="ConfigMap with the trust bundle (key: bundle.pem), used with --join-token-secret")
+                   help="ConfigMap with the trust bundle (key: bundle.pem) for sidecars with an identity")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

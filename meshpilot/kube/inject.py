@@ -5,9 +5,14 @@ A pod template gets: the ``meshpilot-sidecar`` container (the agent, running Env
 the ``meshpilot-capture`` init container (``meshpilot capture install``, exempting uid 1337), and a
 downward-API volume that mounts the pod's ``meshpilot.io/spec`` annotation as spec.yaml. The spec
 is a Kubernetes Service document built from the pod's first container's ports, so the sidecar
-registers the pod through HDS like any VM. With a join-token Secret named (``join_token_secret``), the
-sidecar also gets its workload identity: the Secret's ``token`` and the trust bundle ConfigMap's
-``bundle.pem`` are mounted read-only and passed as ``--join-token-file`` and ``--trust-bundle``.
+registers the pod through HDS like any VM.
+
+Workload identity: a join token lets one service enrol, so each pod gets the Secret of its own service:
+the one its ``meshpilot.io/join-token-secret`` annotation names, else ``join_token_secret`` when the
+operator set one for every pod, else ``meshpilot-join-<service>`` (:func:`join_token_secret`). Identity is
+on for a pod with the annotation, and for every pod when ``identity`` or ``join_token_secret`` is set. The
+Secret's ``token`` and the trust bundle ConfigMap's ``bundle.pem`` are mounted read-only into the sidecar
+only and passed as ``--join-token-file`` and ``--trust-bundle``.
 ``inject_documents`` patches manifests;
 ``pod_patch`` returns the RFC 6902 JSONPatch the webhook answers with. Every error names the
 offending field (``spec.template.spec.containers``).
@@ -24,7 +29,7 @@ import yaml
 
 from meshpilot import boundedjson
 
-__all__ = ["InjectConfig", "InjectError", "inject_documents", "pod_patch", "validate_object"]
+__all__ = ["InjectConfig", "InjectError", "inject_documents", "join_token_secret", "pod_patch", "validate_object"]
 
 SIDECAR = "meshpilot-sidecar"
 INIT = "meshpilot-capture"
@@ -36,10 +41,13 @@ BUNDLE_DIR = "/etc/meshpilot/trust"
 SPEC_ANNOTATION = "meshpilot.io/spec"
 INJECT_ANNOTATION = "meshpilot.io/inject"
 SERVICE_ANNOTATION = "meshpilot.io/service"
+JOIN_TOKEN_ANNOTATION = "meshpilot.io/join-token-secret"
+JOIN_TOKEN_PREFIX = "meshpilot-join-"  # + the service name: the Secret a pod's token is read from by default
 PROXY_UID = 1337
 _WORKLOADS = {"Deployment": "V1Deployment", "StatefulSet": "V1StatefulSet", "DaemonSet": "V1DaemonSet",
               "ReplicaSet": "V1ReplicaSet", "Job": "V1Job", "Pod": "V1Pod"}
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")  # a Secret's name
 
 
 class InjectError(ValueError):
@@ -55,9 +63,13 @@ class InjectConfig:
     control_plane: str = "meshpilot.meshpilot-system.svc:15010"
     api: str = "http://meshpilot.meshpilot-system.svc:15014"
     vip_cidr: str = "240.240.0.0/16"
-    # workload identity: the Secret holding a join token under key "token" ("" leaves identity off), and
-    # the ConfigMap holding the trust bundle under key "bundle.pem"
+    # workload identity for every pod: on with ``identity``, each pod reading its join token (key "token")
+    # from the Secret meshpilot-join-<service>; ``join_token_secret`` (which also turns identity on) replaces
+    # that derived name for every pod, so it fits only where all pods are one service. A pod's
+    # meshpilot.io/join-token-secret annotation wins over both and turns identity on for that pod alone.
+    identity: bool = False
     join_token_secret: str = ""
+    # the ConfigMap holding the trust bundle under key "bundle.pem"
     trust_bundle_configmap: str = "meshpilot-trust-bundle"
 
 
@@ -67,16 +79,38 @@ def _obj(v: Any, field: str) -> dict[str, Any]:
     return v
 
 
-def _service_spec(pod_meta: dict[str, Any], pod_spec: dict[str, Any], owner_name: str, namespace: str, where: str) -> str:
-    containers = pod_spec.get("containers")
-    if not isinstance(containers, list) or not containers:
-        raise InjectError(f"{where}.containers", "a pod needs at least one container")
-    app = _obj(containers[0], f"{where}.containers.0")
+def _service_name(pod_meta: dict[str, Any], owner_name: str) -> str:
     labels = pod_meta.get("labels") or {}
     annotations = pod_meta.get("annotations") or {}
     name = annotations.get(SERVICE_ANNOTATION) or labels.get("app") or owner_name
     if not isinstance(name, str) or not _LABEL.match(name):
         raise InjectError(f"metadata.annotations.{SERVICE_ANNOTATION}", f"service name {name!r} must be a DNS label")
+    return name
+
+
+def join_token_secret(annotations: dict[str, Any], service: str, cfg: InjectConfig) -> str | None:
+    """The Secret a pod of ``service`` reads its join token from, or None when the pod gets no identity:
+    the pod's ``meshpilot.io/join-token-secret`` annotation, else the operator's ``join_token_secret``, else
+    (with ``identity`` on) ``meshpilot-join-<service>``."""
+    named = annotations.get(JOIN_TOKEN_ANNOTATION)
+    if named is not None:
+        if not isinstance(named, str) or len(named) > 253 or not _SUBDOMAIN.match(named):
+            raise InjectError(f"metadata.annotations.{JOIN_TOKEN_ANNOTATION}",
+                              f"{named!r} is not a Secret name (lowercase DNS subdomain, at most 253 characters)")
+        return named
+    if cfg.join_token_secret:
+        return cfg.join_token_secret
+    if cfg.identity:
+        return JOIN_TOKEN_PREFIX + service
+    return None
+
+
+def _service_spec(pod_meta: dict[str, Any], pod_spec: dict[str, Any], name: str, namespace: str, where: str) -> str:
+    containers = pod_spec.get("containers")
+    if not isinstance(containers, list) or not containers:
+        raise InjectError(f"{where}.containers", "a pod needs at least one container")
+    app = _obj(containers[0], f"{where}.containers.0")
+    labels = pod_meta.get("labels") or {}
     ports = []
     for n, p in enumerate(app.get("ports") or []):
         p = _obj(p, f"{where}.containers.0.ports.{n}")
@@ -99,7 +133,7 @@ def _service_spec(pod_meta: dict[str, Any], pod_spec: dict[str, Any], owner_name
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def _containers(cfg: InjectConfig) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+def _containers(cfg: InjectConfig, token_secret: str | None) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     sidecar: dict[str, Any] = {
         "name": SIDECAR,
         "image": cfg.image,
@@ -122,12 +156,12 @@ def _containers(cfg: InjectConfig) -> tuple[dict[str, Any], dict[str, Any], list
     }
     volumes: list[dict[str, Any]] = [{"name": VOLUME, "downwardAPI": {"items": [
         {"path": "spec.yaml", "fieldRef": {"fieldPath": f"metadata.annotations['{SPEC_ANNOTATION}']"}}]}}]
-    if cfg.join_token_secret:
+    if token_secret:
         sidecar["args"] += ["--join-token-file", f"{TOKEN_DIR}/token", "--trust-bundle", f"{BUNDLE_DIR}/bundle.pem"]
         sidecar["volumeMounts"] += [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
                                     {"name": BUNDLE_VOLUME, "mountPath": BUNDLE_DIR, "readOnly": True}]
         volumes += [
-            {"name": TOKEN_VOLUME, "secret": {"secretName": cfg.join_token_secret,
+            {"name": TOKEN_VOLUME, "secret": {"secretName": token_secret,
                                               "items": [{"key": "token", "path": "token"}]}},
             {"name": BUNDLE_VOLUME, "configMap": {"name": cfg.trust_bundle_configmap,
                                                  "items": [{"key": "bundle.pem", "path": "bundle.pem"}]}},
@@ -154,8 +188,10 @@ def pod_patch(pod_meta: object, pod_spec: object, cfg: InjectConfig, *, owner_na
     containers = pod_spec.get("containers")
     if isinstance(containers, list) and any(isinstance(c, dict) and c.get("name") == SIDECAR for c in containers):
         return []
-    spec_yaml = _service_spec(pod_meta, pod_spec, owner_name, namespace, where)
-    sidecar, init, volumes = _containers(InjectConfig() if cfg is None else cfg)
+    cfg = InjectConfig() if cfg is None else cfg
+    service = _service_name(pod_meta, owner_name)
+    spec_yaml = _service_spec(pod_meta, pod_spec, service, namespace, where)
+    sidecar, init, volumes = _containers(cfg, join_token_secret(annotations, service, cfg))
     ops: list[dict[str, Any]] = []
     if not pod_meta.get("annotations"):
         ops.append({"op": "add", "path": f"{prefix}/metadata/annotations", "value": {}})
