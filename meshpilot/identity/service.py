@@ -172,7 +172,7 @@ class IdentityService:
         serial = pki.serial_of(leaf)
         if serial not in (enrolled.get("serial"), enrolled.get("previous_serial")):
             raise _Refused(grpc.StatusCode.PERMISSION_DENIED, "stale_certificate",
-                           f"certificate {serial} is not node {node!r}'s current one ({enrolled.get('serial')}): "
+                           f"certificate {serial} is not the current certificate of node {node!r} ({enrolled.get('serial')}): "
                            "an older copy, or one from before its enrolment was removed, does not renew")
         return peer, serial, enrolled
 

@@ -5,15 +5,17 @@ CAs, the serving certificate, join tokens, the Identity service's enrolment, ren
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
@@ -22,7 +24,7 @@ from meshpilot import metrics, pki
 from meshpilot.controlplane import ControlPlane
 from meshpilot.identity.ca import ENROLMENTS, ROOTS, MeshCa, RootRefused, UnknownRoot
 from meshpilot.identity.plugin import install
-from meshpilot.identity.service import IdentityService
+from meshpilot.identity.service import EnrolmentServer, IdentityService
 from meshpilot.identity.tokens import TOKENS, JoinTokens, TokenRefused
 from meshpilot.parts import Part
 from meshpilot.pki import ca_pb2
@@ -316,6 +318,8 @@ def test_token_refusals() -> None:
     ({"namespace": "default", "service": "-web"}, "service"),
     ({"namespace": "default", "service": "web", "ttl_s": 0}, "ttl_s"),
     ({"namespace": "default", "service": "web", "description": "x" * 300}, "description"),
+    ({"namespace": "default", "service": "web", "max_uses": 0}, "max_uses"),
+    ({"namespace": "default", "service": "web", "max_uses": True}, "max_uses"),
 ])
 def test_token_fields_are_validated(kw: dict[str, Any], what: str) -> None:
     with pytest.raises(ValueError, match=what):
@@ -732,3 +736,241 @@ async def test_the_serving_certificate_follows_the_signing_root() -> None:
     await ca.activate_root(new)
     _key, after = ca.serving_pem()
     assert _chains_to(after, _root_pem(ca, new)), "expected a serving certificate from the new signing root"
+
+
+# ---- the security review's findings --------------------------------------------------------------
+
+
+async def test_a_fleet_token_does_not_take_over_an_enrolled_node_id(caplog: pytest.LogCaptureFixture) -> None:
+    """S5: with one multi-use token per fleet, a second machine must not enrol under a node id that
+    is enrolled and whose certificate is still valid (it would take over that node's identity)."""
+    w = World()
+    _r, fleet = w.tokens.create("shop", "cart")
+    victim, _ctx = await w.enrol("vm-1", fleet)
+    before = _refused_count("node_enrolled")
+    with caplog.at_level(logging.WARNING, logger="meshpilot.identity"):
+        details = await w.refused(grpc.StatusCode.PERMISSION_DENIED, csr_pem=pki.build_csr(pki.new_key(), "", ""),
+                                  node_id="vm-1", token=fleet)
+    assert "vm-1" in details and "/v1/identity/enrolments/" in details, details
+    assert _refused_count("node_enrolled") == before + 1
+    assert any("event=enrol_refused" in r.getMessage() and "reason=node_enrolled" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert _doc(w.store, ENROLMENTS, "vm-1")["serial"] == victim.serial, "the refused enrolment changed the victim's"
+    assert w.tokens.list()[0]["used"] == 1, "a refused enrolment spent a use of the token"
+    # the node lost its state: an operator removes its enrolment, and it enrols again with the token
+    w.store.write({}, deletes=((ENROLMENTS, "vm-1"),))
+    again, _ctx = await w.enrol("vm-1", fleet)
+    assert _doc(w.store, ENROLMENTS, "vm-1")["previous_serial"] == "", "a new enrolment renews from no older certificate"
+    # an enrolment whose certificate has run out can be made again (the node was down too long)
+    w.clock.t = again.not_after
+    await w.enrol("vm-1", fleet)
+
+
+async def test_renewal_takes_the_current_certificate_or_the_one_presented_last() -> None:
+    """S5: a renewal presents the enrolment's current certificate, or the one it presented at the
+    last renewal (that answer may have been lost); an older copy or an earlier lineage is refused."""
+    w = World()
+    _r, fleet = w.tokens.create("shop", "cart")
+    _c0, ctx0 = await w.enrol("vm-1", fleet)
+    csr = pki.build_csr(pki.new_key(), "", "")
+    lost = await w.sign(ctx0, csr_pem=csr)  # the answer never reaches the node
+    c2 = await w.sign(ctx0, csr_pem=csr)  # so it retries with the certificate it has
+    before = _refused_count("stale_certificate")
+    details = await w.refused(grpc.StatusCode.PERMISSION_DENIED, _Ctx(_leaf(lost.cert_chain_pem)), csr_pem=csr)
+    assert "is not the current certificate of node 'vm-1'" in details, details
+    assert _refused_count("stale_certificate") == before + 1
+    c3 = await w.sign(_Ctx(_leaf(c2.cert_chain_pem)), csr_pem=csr)
+    await w.refused(grpc.StatusCode.PERMISSION_DENIED, ctx0, csr_pem=csr)  # an older copy
+    await w.sign(_Ctx(_leaf(c2.cert_chain_pem)), csr_pem=csr)  # c3's answer lost: c2 renews once more
+    # the enrolment removed and made again: the earlier lineage renews no more
+    w.store.write({}, deletes=((ENROLMENTS, "vm-1"),))
+    _fresh, fresh_ctx = await w.enrol("vm-1", fleet)
+    for old in (c2, c3):
+        await w.refused(grpc.StatusCode.PERMISSION_DENIED, _Ctx(_leaf(old.cert_chain_pem)), csr_pem=csr)
+    await w.sign(fresh_ctx, csr_pem=csr)
+
+
+async def test_the_enrolment_port_serves_sign_only() -> None:
+    """S10: strangers on the enrolment port (no client certificate) get no WatchBundle stream, so
+    they cannot use up the watchers' limit; a token's Sign works there."""
+    store = MemoryStore()
+    ca = MeshCa(store, _settings())
+    tokens = JoinTokens(store)
+    server = EnrolmentServer(IdentityService(ca, tokens), "127.0.0.1", 0)
+    task = asyncio.ensure_future(server.run())
+    try:
+        await asyncio.wait_for(server.started.wait(), 10)
+        creds = grpc.ssl_channel_credentials(root_certificates=ca.bundle_pem())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", creds,
+                                           options=[("grpc.ssl_target_name_override", "localhost")]) as ch:
+            watch = ch.unary_stream("/meshpilot.identity.v1.Identity/WatchBundle",
+                                    request_serializer=ca_pb2.BundleRequest.SerializeToString,
+                                    response_deserializer=ca_pb2.BundleResponse.FromString)(ca_pb2.BundleRequest())
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await asyncio.wait_for(watch.read(), 10)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, info.value
+            _r, secret = tokens.create("shop", "cart")
+            sign = ch.unary_unary("/meshpilot.identity.v1.Identity/Sign",
+                                  request_serializer=ca_pb2.SignRequest.SerializeToString,
+                                  response_deserializer=ca_pb2.SignResponse.FromString)
+            resp = await sign(ca_pb2.SignRequest(csr_pem=pki.build_csr(pki.new_key(), "", ""), node_id="vm-1",
+                                                 token=secret), timeout=10)
+            assert pki.peer_of(resp.cert_chain_pem) is not None
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_bundle_watch_needs_an_enrolled_nodes_certificate() -> None:
+    w = World()
+    no_cert: Any = w.svc.watch_bundle(ca_pb2.BundleRequest(), _any(_Ctx()))
+    with pytest.raises(Aborted) as info:
+        await anext(no_cert)
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    _r, secret = w.tokens.create("shop", "cart")
+    _issued, ctx = await w.enrol("vm-1", secret)
+    w.store.write({}, deletes=((ENROLMENTS, "vm-1"),))
+    removed: Any = w.svc.watch_bundle(ca_pb2.BundleRequest(), ctx)
+    with pytest.raises(Aborted) as info:
+        await anext(removed)
+    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED and "not enrolled" in info.value.details
+    assert w.svc.watchers == 0
+
+
+async def test_removing_an_enrolment_cuts_the_node_off_once_it_is_durable() -> None:
+    """S8: DELETE /v1/identity/enrolments/{node} ends the node's bundle watches and asks the control
+    plane to close its xDS streams, after the removal is written."""
+    store = MemoryStore()
+    disconnected: list[tuple[str, str, object]] = []
+
+    def disconnect(node_id: str, reason: str) -> None:
+        disconnected.append((node_id, reason, store.get(ENROLMENTS, node_id)))
+
+    core: Any = SimpleNamespace(settings=_settings(), registry=SimpleNamespace(store=store), disconnect=disconnect)
+    part = install(core)
+    details: Any = SimpleNamespace(method="/meshpilot.identity.v1.Identity/WatchBundle", invocation_metadata=())
+    handler: Any = part.grpc_handlers[0].service(details)
+    svc: IdentityService = handler.unary_stream.__self__  # the plugin's service, as its handler holds it
+    _r, secret = svc.tokens.create("shop", "cart")
+    resp = await svc.sign(ca_pb2.SignRequest(csr_pem=pki.build_csr(pki.new_key(), "", ""), node_id="vm-1",
+                                             token=secret), _any(_Ctx()))
+    ctx: Any = _Ctx(_leaf(resp.cert_chain_pem))
+    watches: list[Any] = [svc.watch_bundle(ca_pb2.BundleRequest(), ctx) for _ in range(2)]
+    for watch in watches:
+        await anext(watch)
+    pending = [asyncio.ensure_future(anext(watch)) for watch in watches]
+    await asyncio.sleep(0.01)
+    [route] = [r for r in part.routes if (r.method, r.path) == ("DELETE", "/v1/identity/enrolments/{node}")]
+    answer = await route.handler(make_mocked_request("DELETE", "/v1/identity/enrolments/vm-1", match_info={"node": "vm-1"}))
+    assert answer.status == 200
+    assert disconnected == [("vm-1", "enrolment removed", None)], \
+        f"expected one disconnect of vm-1 after its enrolment was gone, got {disconnected}"
+    for fut in pending:
+        with pytest.raises(Aborted) as info:
+            await asyncio.wait_for(fut, 1)
+        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED and "enrolment removed" in info.value.details
+    assert svc.watchers == 0
+
+
+async def test_activating_a_root_is_one_store_write() -> None:
+    """A crash between two writes could leave no root (or two) marked signing."""
+    writes: list[dict[tuple[str, str], Any]] = []
+
+    class Recording(MemoryStore):
+        def write(self, puts: Any, deletes: tuple[tuple[str, str], ...] = ()) -> None:
+            writes.append(dict(puts))
+            super().write(puts, deletes)
+
+    ca = MeshCa(Recording(), _settings())
+    old = ca.signing_serial
+    new = (await ca.add_root())["serial"]
+    writes.clear()
+    await ca.activate_root(new)
+    assert [{k: v["signing"] for k, v in w.items()} for w in writes] == [{(ROOTS, old): False, (ROOTS, new): True}], \
+        f"expected one write switching both roots, got writes of {[sorted(w) for w in writes]}"
+
+
+async def test_credential_threads_read_one_immutable_snapshot() -> None:
+    """gRPC reads the bundle and the serving certificate from its own threads while the event loop
+    adds and removes roots: what they read is replaced whole, never changed in place."""
+    ca = MeshCa(MemoryStore(), _settings())
+    before = ca._trust
+    bundle = ca.bundle_pem()
+    new = (await ca.add_root())["serial"]
+    assert ca._trust is not before and before.bundle == bundle and len(before.roots) == 1, \
+        "adding a root changed the snapshot a reader may hold"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        before.signing = new  # type: ignore[misc]
+    assert all(isinstance(getattr(before, f.name), (tuple, bytes, str, type(None)))
+               for f in dataclasses.fields(before) if f.name != "operator")
+    # readers on another thread during rotations see whole bundles and never fail
+    stop = threading.Event()
+    seen: set[int] = set()
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                seen.add(len(_certs(ca.bundle_pem())))
+                ca.serving_pem()
+                ca.roots()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(20):
+            old = ca.signing_serial
+            await ca.activate_root(new)
+            await ca.remove_root(old, force=True)
+            new = (await ca.add_root())["serial"]
+            await asyncio.sleep(0)
+    finally:
+        stop.set()
+        reader.join(10)
+    assert errors == [] and seen <= {1, 2, 3} and seen, f"readers failed: {errors!r}, bundle sizes {seen}"
+
+
+async def test_renewal_refuses_a_leaf_another_ca_under_the_operators_root_issued(tmp_path: Path) -> None:
+    """S11: with an operator intermediate, the trusted anchor is the corporate root; a leaf that
+    root (or another CA under it) issued for an enrolled node's identity must not renew."""
+    corp, files = _operator_files(tmp_path)
+    store = MemoryStore()
+    ca = MeshCa(store, _settings(**files))
+    svc = IdentityService(ca, JoinTokens(store))
+    _r, secret = svc.tokens.create("shop", "cart")
+    csr = pki.build_csr(pki.new_key(), "", "")
+    mine = await svc.sign(ca_pb2.SignRequest(csr_pem=csr, node_id="vm-1", token=secret), _any(_Ctx()))
+    forged = corp.sign(csr, pki.spiffe_id(TD, "shop", "cart"), "vm-1", 3600)
+    before = _refused_count("foreign_issuer")
+    with pytest.raises(Aborted) as info:
+        await svc.sign(ca_pb2.SignRequest(csr_pem=csr), _any(_Ctx(_leaf(forged.chain_pem))))
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED and "not issued by the mesh CA" in info.value.details
+    assert _refused_count("foreign_issuer") == before + 1
+    assert not ca.issued_here(_certs(forged.chain_pem)[0]) and ca.issued_here(_certs(mine.cert_chain_pem)[0])
+    # the mesh's own certificate still renews
+    await svc.sign(ca_pb2.SignRequest(csr_pem=csr), _any(_Ctx(_leaf(mine.cert_chain_pem))))
+
+
+async def test_a_token_enrols_at_most_max_uses_nodes(tmp_path: Path) -> None:
+    w = World()
+    record, secret = w.tokens.create("shop", "cart", max_uses=2)
+    assert record["max_uses"] == 2
+    await w.enrol("vm-1", secret)
+    await w.enrol("vm-2", secret)
+    before = _refused_count("token_used_up")
+    details = await w.refused(grpc.StatusCode.UNAUTHENTICATED, csr_pem=pki.build_csr(pki.new_key(), "", ""),
+                              node_id="vm-3", token=secret)
+    assert "used up" in details and _refused_count("token_used_up") == before + 1
+    cp, client = await _api(tmp_path)
+    try:
+        r = await client.post("/v1/identity/tokens", json={"namespace": "shop", "service": "cart", "max_uses": 5})
+        assert r.status == 201 and (await r.json())["max_uses"] == 5, await r.text()
+        r = await client.post("/v1/identity/tokens", json={"namespace": "shop", "service": "cart", "max_uses": 0})
+        assert r.status == 400 and [f["field"] for f in (await r.json())["fields"]] == ["max_uses"]
+    finally:
+        await client.close()
+        cp.registry.store.close()
