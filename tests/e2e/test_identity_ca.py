@@ -1,7 +1,8 @@
 """The mesh CA in a real control plane, administered with the real CLI, its certificates checked
 by the real ``openssl verify``: a node enrols with a join token on the enrolment port, renews on
 the xDS port with its certificate, a root is rotated (add, activate, renew, remove) while a bundle
-watcher sees each change, the root survives a restart, and an operator's intermediate signs."""
+watcher on the xDS port sees each change (the enrolment port serves no WatchBundle), the root
+survives a restart, and an operator's intermediate signs."""
 
 from __future__ import annotations
 
@@ -117,9 +118,22 @@ def test_enrol_renew_and_rotate_a_root(tmp_path: Path) -> None:
         assert pki.peer_of(renewed.cert_chain_pem) == pki.Peer(peer.spiffe, "mesh.local", "shop", "cart", "vm-1",
                                                                renewed.not_after)
 
-        # rotation, watched on the enrolment port
-        async def rotate() -> tuple[list[int], bytes, str]:
+        # the enrolment port serves Sign only: a stranger holds no bundle watch open there
+        async def watch_on_enrolment_port() -> grpc.StatusCode:
             async with _channel(enrol_port, bundle) as ch:
+                watch = ch.unary_stream(WATCH, request_serializer=ca_pb2.BundleRequest.SerializeToString,
+                                        response_deserializer=ca_pb2.BundleResponse.FromString)(ca_pb2.BundleRequest())
+                try:
+                    await asyncio.wait_for(watch.read(), 10)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                raise AssertionError("expected no WatchBundle on the enrolment port, got a bundle")
+
+        assert asyncio.run(watch_on_enrolment_port()) == grpc.StatusCode.UNIMPLEMENTED
+
+        # rotation, watched on the xDS port with the node's certificate
+        async def rotate() -> tuple[list[int], bytes, str]:
+            async with _channel(cp.xds_port, bundle, *client) as ch:
                 watch = ch.unary_stream(WATCH, request_serializer=ca_pb2.BundleRequest.SerializeToString,
                                         response_deserializer=ca_pb2.BundleResponse.FromString)(ca_pb2.BundleRequest())
                 sizes = [len(x509.load_pem_x509_certificates(_bundle_of(await watch.read())))]
