@@ -343,3 +343,81 @@ def test_identity_files_keeps_a_proxyless_apps_certificate_as_files(tmp_path: Pa
                 proc.kill()
                 raise
         assert code == 0, f"identity-files must stop cleanly on SIGTERM, got {code}:\n{log.read_text()[-2000:]}"
+
+
+def test_a_removed_root_leaves_a_proxyless_apps_trust_though_its_bundle_file_still_names_it(tmp_path: Path) -> None:
+    """identity-files installed with a bundle file holding the first root A. The operator adds B, activates
+    it and removes A (the response to a leaked root): the app's bundle.pem and the saved state then hold B
+    only, while the file still holds A only, and the node goes on renewing under B. A restart uses the saved
+    bundle, not the file (here deleted)."""
+    import signal
+    import subprocess
+
+    import yaml
+
+    from tests.support import VENV_BIN, control_plane
+
+    token = "s3cret"
+    auth = {"Authorization": f"Bearer {token}"}
+    config = tmp_path / "cp.yaml"
+    config.write_text(yaml.safe_dump({"identity": True, "trust_domain": TD, "workload_cert_ttl_s": 10}))
+    with control_plane(tmp_path, extra=["--config", str(config), "--token", token]) as cp:
+        status, made = cp.call("POST", "/v1/identity/tokens", {"namespace": "shop", "service": "grpc-client"}, auth)
+        assert status == 201, made
+        status, summary = cp.call("GET", "/v1/identity", None, auth)
+        root_a = pki.bundle_pem([summary["bundle_pem"].encode()])
+        (tmp_path / "token").write_text(made["secret"])
+        (tmp_path / "bundle.pem").write_bytes(root_a)
+        out = tmp_path / "files"
+        log = tmp_path / "identity-files.log"
+        argv = [str(VENV_BIN / "meshpilot"), "identity-files", "--out", str(out), "--control-plane",
+                f"127.0.0.1:{cp.xds_port}", "--enrol-port", str(summary["enrolment_port"]), "--node-id", "grpc-client-1",
+                "--join-token-file", str(tmp_path / "token"), "--trust-bundle", str(tmp_path / "bundle.pem")]
+
+        def start() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+        def stop(proc: subprocess.Popen[bytes]) -> None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+        proc = start()
+        try:
+            wait_until(lambda: (out / "cert.pem").exists() or proc.poll() is not None, 30, what="cert.pem")
+            assert proc.poll() is None, f"identity-files exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            old = [r["serial"] for r in cp.call("GET", "/v1/identity/roots", headers=auth)[1]]
+            status, added = cp.call("POST", "/v1/identity/roots", {}, auth)
+            assert status in (200, 201), (status, added)
+            new = next(r["serial"] for r in cp.call("GET", "/v1/identity/roots", headers=auth)[1] if r["serial"] not in old)
+            status, body = cp.call("POST", f"/v1/identity/roots/{new}/activate", {}, auth)
+            assert status == 200, (status, body)
+            # refused until the node renewed under B (at half of the 10 s life)
+            wait_until(lambda: cp.call("DELETE", f"/v1/identity/roots/{old[0]}", headers=auth)[0] == 200, 30,
+                       what="root A removable once the node renewed under B")
+            root_b = pki.bundle_pem([cp.call("GET", "/v1/identity", None, auth)[1]["bundle_pem"].encode()])
+            assert root_b and root_b != root_a and root_a not in root_b
+            wait_until(lambda: pki.bundle_pem([(out / "bundle.pem").read_bytes()]) == root_b, 15,
+                       what="the app's bundle.pem holding B only")
+            assert pki.bundle_pem([(out / ".state" / "bundle.pem").read_bytes()]) == root_b, "the saved state"
+            assert (tmp_path / "bundle.pem").read_bytes() == root_a, "the installed file still names only A"
+            renewed = log.read_text().count("event=renewed")
+            wait_until(lambda: log.read_text().count("event=renewed") > renewed, 15,
+                       what="a renewal with only B trusted")
+        finally:
+            stop(proc)
+        # a restart trusts the saved bundle: the file is not needed (nor read) any more
+        (tmp_path / "bundle.pem").unlink()
+        (tmp_path / "token").unlink()
+        before = log.read_text().count("event=renewed")
+        proc = start()
+        try:
+            wait_until(lambda: log.read_text().count("event=renewed") > before or proc.poll() is not None, 20,
+                       what="a renewal after the restart")
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert pki.bundle_pem([(out / "bundle.pem").read_bytes()]) == root_b
+        finally:
+            stop(proc)
