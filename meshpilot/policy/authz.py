@@ -18,6 +18,11 @@ the method; ``when`` matches request headers.
 inbound listener's filters take from its routes (translate/listeners.py ``InboundAuthz``), so a
 change travels by RDS and applies to open connections without a listener drain. Inbound routes
 have one catch-all route per node (no per-API routes), so rules match paths, not API selectors.
+
+A TCP service has no routes: its rules are network RBAC filters on its inbound listener's chains
+(a policy change there changes the listener, which drains its connections). A connection has no
+path, method or header, so a DENY rule ignores those conditions (refusing more) and an ALLOW rule
+that needs one never matches (admitting less): an HTTP-only condition never opens a TCP service.
 """
 
 from __future__ import annotations
@@ -249,11 +254,32 @@ def _rule(rule: Rule, policy_ns: str, trust_domain: str, ports: Collection[int])
     return rbac_pb2.Policy(permissions=[permission], principals=[principal])
 
 
-def _rbac(action: rbac_pb2.RBAC.Action.ValueType, policies: Sequence[AuthorizationPolicy], trust_domain: str, ports: Collection[int]) -> rbac_pb2.RBAC:
+def _tcp_rule(rule: Rule, policy_ns: str, trust_domain: str, ports: Collection[int], deny: bool) -> rbac_pb2.Policy | None:
+    """The rule for a TCP service, where a connection has no path, method or header: a DENY rule
+    ignores those conditions (it then refuses more: every connection its callers and ports match),
+    an ALLOW rule that needs any of them never matches (it then admits less). Either way an
+    HTTP-only condition can never open a TCP service up."""
+    if rule.when and not deny:
+        return None
+    if rule.to:
+        served = [op for op in rule.to if not op.ports or set(op.ports) & set(ports)]
+        if not deny:
+            served = [op for op in served if not (op.paths or op.prefixes or op.methods)]
+        if not served:
+            return None
+    principal = _any_principal(_peer(p, policy_ns, trust_domain) for p in rule.from_) if rule.from_ else rbac_pb2.Principal(any=True)
+    return rbac_pb2.Policy(permissions=[rbac_pb2.Permission(any=True)], principals=[principal])
+
+
+def _rbac(action: rbac_pb2.RBAC.Action.ValueType, policies: Sequence[AuthorizationPolicy], trust_domain: str, ports: Collection[int],
+          tcp: bool = False) -> rbac_pb2.RBAC:
     out = rbac_pb2.RBAC(action=action)
     for p in policies:
         for i, rule in enumerate(p.rules):
-            built = _rule(rule, p.namespace, trust_domain, ports)
+            if tcp:
+                built = _tcp_rule(rule, p.namespace, trust_domain, ports, action == rbac_pb2.RBAC.DENY)
+            else:
+                built = _rule(rule, p.namespace, trust_domain, ports)
             if built is not None:
                 out.policies[f"{p.namespace}/{p.name}/{i}"].CopyFrom(built)
     return out
@@ -263,7 +289,9 @@ def inbound_authz(
     policies: Iterable[AuthorizationPolicy], namespace: str, service: str, ports: Collection[int], trust_domain: str
 ) -> InboundAuthz | None:
     """The RBAC rules for a node of ``service`` that serves ``ports`` (service port numbers), or
-    None when no policy selects the service."""
+    None when no policy selects the service: for HTTP (``deny``, ``allow``: the inbound routes'
+    per-route rules) and for TCP (``tcp_deny``, ``tcp_allow``: the network RBAC filters of a TCP
+    inbound listener, see ``_tcp_rule``)."""
     chosen = sorted((p for p in policies if selects(p, namespace, service)), key=lambda p: p.key)
     if not chosen:
         return None
@@ -272,6 +300,8 @@ def inbound_authz(
     return InboundAuthz(
         deny=_rbac(rbac_pb2.RBAC.DENY, deny, trust_domain, ports) if deny else None,
         allow=_rbac(rbac_pb2.RBAC.ALLOW, allow, trust_domain, ports) if allow else None,
+        tcp_deny=_rbac(rbac_pb2.RBAC.DENY, deny, trust_domain, ports, tcp=True) if deny else None,
+        tcp_allow=_rbac(rbac_pb2.RBAC.ALLOW, allow, trust_domain, ports, tcp=True) if allow else None,
     )
 
 

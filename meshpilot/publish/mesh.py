@@ -24,7 +24,8 @@ to sidecars with an identity, and the inbound listener of a node with an identit
 routes answer its health checks). The clusters are shared by every node, so every Envoy that
 reads them must have the ``meshpilot-sds`` cluster: with identity on, every sidecar is enrolled
 (its xDS stream needs a certificate anyway). Each node's inbound routes carry the RBAC rules of the
-AuthorizationPolicies that select its service.
+AuthorizationPolicies that select its service; a TCP service's inbound listener carries them itself
+(network RBAC filters), so for TCP a policy change is a listener change.
 """
 
 from __future__ import annotations
@@ -319,11 +320,14 @@ class MeshProducer(Producer):
             protocol = next((p.protocol for p in svc.ports), "http") if svc is not None else "http"
             filters = self.policy.node_filters(node, "inbound") if protocol != "tcp" else []
             mode = self.tls().mode(node.service_key) if node.identity and node.service else DISABLE
-            listeners[INBOUND] = build_inbound_listener(node, filters, sorted(self._peers), protocol, mode)
+            authz = self.policy.inbound_authz(node, _served_ports(node, svc))
+            # a TCP listener carries its rules itself (no routes): a policy change drains it
+            listeners[INBOUND] = build_inbound_listener(node, filters, sorted(self._peers), protocol, mode,
+                                                        authz if protocol == "tcp" else None)
             clusters[inbound_cluster_name(node.app_port)] = build_inbound_cluster(node, protocol)
             off, optional = self.policy.inbound_filters(node)
             token = self.health_token(node.id)
-            routes[INBOUND_ROUTE] = build_inbound_routes(node, off, token, optional, self.policy.inbound_authz(node, _served_ports(node, svc)))
+            routes[INBOUND_ROUTE] = build_inbound_routes(node, off, token, optional, authz)
             if mode == STRICT and protocol != "tcp":
                 routes[INBOUND_LOCAL_ROUTE] = build_inbound_local_routes(node, token, optional)
         return Bundle({TYPE.CLUSTER: clusters, TYPE.ROUTE: routes, TYPE.LISTENER: listeners})

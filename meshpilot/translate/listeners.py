@@ -26,6 +26,10 @@ route and 403 to everything else; a STRICT TCP listener has no plaintext chain a
 TCP apps on their own port). Every HTTP inbound chain carries two RBAC filters (deny, then
 allow) without rules of their own: the rules of the AuthorizationPolicies in force arrive as
 per-route config in the node's ``inbound`` routes (RDS), so a rule change never drains a listener.
+A TCP app has no routes to read them from: its chains carry network RBAC filters (deny, then
+allow) with the rules themselves, so there a rule change is a listener change (and a drain).
+Every inbound HTTP connection manager normalises paths before the filters run (see
+``_normalise_paths``), so the rules and the app see the same path.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2
 from google.protobuf.message import Message
@@ -79,10 +84,13 @@ _STAT = {AUTHZ_DENY: "authz_deny", AUTHZ_ALLOW: "authz_allow"}  # stats: http.in
 @dataclass(frozen=True, slots=True)
 class InboundAuthz:
     """The RBAC rules of the AuthorizationPolicies that select a node's service: DENY rules (None:
-    no deny policy) and ALLOW rules (None: no allow policy, everything not denied is allowed)."""
+    no deny policy) and ALLOW rules (None: no allow policy, everything not denied is allowed), for
+    HTTP (per route) and for TCP (network filters on the listener's chains)."""
 
     deny: rbac_config.RBAC | None = None
     allow: rbac_config.RBAC | None = None
+    tcp_deny: rbac_config.RBAC | None = None
+    tcp_allow: rbac_config.RBAC | None = None
 
 
 def pack(msg: Message) -> any_pb2.Any:
@@ -381,26 +389,57 @@ def _mtls_listener(listener: listener_pb2.Listener, node: NodeInfo, extra_filter
     return listener
 
 
+def _network_rbac(authz: InboundAuthz | None) -> list[listener_components_pb2.Filter]:
+    """A TCP listener's authorization: network RBAC filters, deny then allow, with the rules of the
+    policies in force (stats ``inbound_tcp.authz_deny.rbac.denied``, ...). Checked when the
+    connection is set up, before the proxy connects to the app, so a server-first app says
+    nothing to a refused caller."""
+    if authz is None:
+        return []
+    return [
+        listener_components_pb2.Filter(name=name, typed_config=pack(network_rbac_pb2.RBAC(
+            rules=rules, stat_prefix=f"inbound_tcp.{_STAT[name]}.")))
+        for name, rules in ((AUTHZ_DENY, authz.tcp_deny), (AUTHZ_ALLOW, authz.tcp_allow))
+        if rules is not None
+    ]
+
+
+def _guard_tcp(listener: listener_pb2.Listener, authz: InboundAuthz | None) -> listener_pb2.Listener:
+    """Every chain of a TCP inbound listener gets the RBAC filters before its TCP proxy."""
+    guards = _network_rbac(authz)
+    if guards:
+        chains = [*listener.filter_chains, *([listener.default_filter_chain] if listener.HasField("default_filter_chain") else [])]
+        for chain in chains:
+            filters = [*guards, *chain.filters]
+            del chain.filters[:]
+            chain.filters.extend(filters)
+    return listener
+
+
 def build_inbound_listener(
     node: NodeInfo,
     extra_filters: Sequence[hcm.HttpFilter] = (),
     trusted_peers: Sequence[str] | None = None,
     protocol: str = "http",
     mtls: str = DISABLE,
+    authz: InboundAuthz | None = None,
 ) -> listener_pb2.Listener:
     """The listener in front of the app. ``trusted_peers``: addresses of registered sidecars, whose
     ``x-mesh-caller`` is kept; every other peer's is stripped. None keeps it from everyone.
     A ``tcp`` app gets a plain TCP proxy (no HTTP filters, no caller header). ``mtls``: the
-    service's mode, for a node with an identity (the caller decides; DISABLE is the rule above)."""
+    service's mode, for a node with an identity (the caller decides; DISABLE is the rule above).
+    ``authz``: for a ``tcp`` app, the rules of the AuthorizationPolicies in force, as network RBAC
+    filters on every chain (an HTTP app takes its rules from its routes; ``authz`` is ignored)."""
     if mtls not in MODES:
         raise ValueError(f"mtls mode must be one of {', '.join(MODES)}, got {mtls!r}")
     listener = listener_pb2.Listener(name=INBOUND, address=_address(node.bind_address, node.inbound_port))
     listener.traffic_direction = base_pb2.INBOUND  # drained first on graceful offline
     if mtls != DISABLE:
-        return _mtls_listener(listener, node, extra_filters, protocol, mtls)
+        built = _mtls_listener(listener, node, extra_filters, protocol, mtls)
+        return _guard_tcp(built, authz) if protocol == "tcp" else built
     if protocol == "tcp":
         listener.filter_chains.append(_chain(_inbound_tcp(node, {"source_service": "-"}), "tcp"))
-        return listener
+        return _guard_tcp(listener, authz)
     if trusted_peers is None:
         listener.filter_chains.append(_chain(_inbound_manager(node, extra_filters, strip=False)))
         return listener

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from envoy.config.rbac.v3 import rbac_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from google.protobuf import json_format
@@ -226,3 +227,90 @@ def test_every_inbound_http_chain_normalises_paths_before_the_rules() -> None:
         assert chain.filters[0].typed_config.Unpack(m)
         assert m.normalize_path.value and m.merge_slashes, f"expected chain {chain.name!r} to normalise paths"
         assert m.path_with_escaped_slashes_action == hcm.HttpConnectionManager.REJECT_REQUEST, f"chain {chain.name!r}"
+
+
+# ---- TCP services ------------------------------------------------------------------------------
+
+
+def _network_rbac(chain: Any) -> dict[str, rbac_pb2.RBAC]:
+    from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac
+
+    out: dict[str, rbac_pb2.RBAC] = {}
+    for f in chain.filters:
+        cfg = network_rbac.RBAC()
+        if f.typed_config.Unpack(cfg):
+            out[f.name] = cfg.rules
+            assert cfg.stat_prefix == f"inbound_tcp.{'authz_deny' if f.name == AUTHZ_DENY else 'authz_allow'}."
+    return out
+
+
+def test_tcp_rules_never_let_an_http_only_condition_open_the_service() -> None:
+    """A DENY rule's paths, methods and headers are ignored on TCP (it refuses more); an ALLOW rule
+    that needs one never matches (it admits less); ports still select the node."""
+    deny = _policy(name="d", action="DENY", rules=[
+        {"from": [{"services": ["ops"]}], "to": [{"methods": ["POST"]}]},
+        {"to": [{"paths": ["/x"]}], "when": [{"header": "x-a", "values": ["1"]}]},
+        {"to": [{"ports": [9090]}]},
+    ])
+    allow = _policy(name="a", rules=[
+        {"from": [{"services": ["api"]}]},
+        {"from": [{"services": ["batch"]}], "to": [{"paths": ["/x"]}]},
+        {"from": [{"services": ["cron"]}], "when": [{"header": "x-a", "values": ["1"]}]},
+        {"from": [{"services": ["web"]}], "to": [{"prefixes": ["/a"]}, {"ports": [5432]}]},
+    ])
+    built = inbound_authz([deny, allow], "shop", "db", {5432}, TD)
+    assert built is not None and built.tcp_deny is not None and built.tcp_allow is not None
+    assert sorted(built.tcp_deny.policies) == ["shop/d/0", "shop/d/1"], f"expected the 9090-only rule dropped, got {sorted(built.tcp_deny.policies)}"
+    d0, d1 = (_js(built.tcp_deny.policies[k]) for k in ("shop/d/0", "shop/d/1"))
+    assert d0["permissions"] == [{"any": True}] and d0["principals"][0]["authenticated"]["principal_name"]["exact"] == "spiffe://example.org/ns/shop/sa/ops"
+    assert d1 == {"permissions": [{"any": True}], "principals": [{"any": True}]}, f"expected a DENY rule of paths and headers to refuse every connection, got {d1}"
+    assert sorted(built.tcp_allow.policies) == ["shop/a/0", "shop/a/3"], f"expected ALLOW rules needing HTTP dropped, got {sorted(built.tcp_allow.policies)}"
+    assert _js(built.tcp_allow.policies["shop/a/3"])["permissions"] == [{"any": True}]
+    assert built.tcp_deny.action == rbac_pb2.RBAC.DENY and built.tcp_allow.action == rbac_pb2.RBAC.ALLOW
+    only_http = inbound_authz([_policy(rules=[{"to": [{"methods": ["GET"]}]}])], "shop", "db", {5432}, TD)
+    assert only_http is not None and only_http.tcp_allow is not None and not only_http.tcp_allow.policies, \
+        "expected an ALLOW policy whose every rule needs HTTP to allow no TCP connection"
+
+
+def test_every_tcp_chain_carries_the_rules_deny_then_allow_before_the_proxy() -> None:
+    from meshpilot.translate.listeners import build_inbound_listener
+    from meshpilot.translate.tls import DISABLE, PERMISSIVE, STRICT
+
+    node = NodeInfo(id="db-1", service="db", namespace="shop", inbound_port=15006, app_port=5432, identity=True)
+    authz = inbound_authz([_policy(action="DENY", rules=[{}]).model_copy(update={"name": "d"}), _policy(rules=[{"from": [{"services": ["api"]}]}])],
+                          "shop", "db", {5432}, TD)
+    assert authz is not None
+    for mode in (DISABLE, PERMISSIVE, STRICT):
+        lst = build_inbound_listener(node, (), None, "tcp", mode, authz)
+        chains = [*lst.filter_chains, *([lst.default_filter_chain] if lst.HasField("default_filter_chain") else [])]
+        for chain in chains:
+            names = [f.name for f in chain.filters]
+            assert names == [AUTHZ_DENY, AUTHZ_ALLOW, "envoy.filters.network.tcp_proxy"], f"{mode} chain {chain.name!r}: {names}"
+            rules = _network_rbac(chain)
+            assert list(rules[AUTHZ_DENY].policies) == ["shop/d/0"] and list(rules[AUTHZ_ALLOW].policies) == ["shop/p/0"]
+        assert build_inbound_listener(node, (), None, "tcp", mode) == build_inbound_listener(node, (), None, "tcp", mode, None)
+        assert all(len(c.filters) == 1 for c in build_inbound_listener(node, (), None, "tcp", mode).filter_chains)
+    http = build_inbound_listener(node, (), None, "http", PERMISSIVE, authz)
+    assert http == build_inbound_listener(node, (), None, "http", PERMISSIVE), "expected an HTTP listener to take its rules from routes only"
+
+
+def test_a_policy_change_reaches_a_tcp_service_through_its_listener() -> None:
+    reg = Registry(MemoryStore())
+    reg.put_service(Service(name="db", namespace="shop", ports=[ServicePort(name="tcp", port=5432, protocol="tcp")]))
+    node = NodeInfo(id="db-1", service="db", namespace="shop", inbound_port=15006, app_port=5432)
+    nodes = {node.id: node}
+    policies = Policies(reg, "mesh", "127.0.0.1", nodes, {}, lambda key: None, trust_domain=TD)
+    mesh = MeshProducer(reg, "mesh", nodes, policies, lambda n: "tok", identity=True, trust_domain=TD)
+    before = mesh.produce(Changes(everything=True), 0.0)[(node.id, "node")]
+    assert before is not None
+    listener = before.resources[TYPE.LISTENER]["inbound"]
+    assert isinstance(listener, listener_pb2.Listener) and [f.name for f in listener.filter_chains[0].filters] == ["envoy.filters.network.tcp_proxy"]
+    reg.put_document("policies", "AuthorizationPolicy/shop/only-api", {
+        "kind": "AuthorizationPolicy", "name": "only-api", "namespace": "shop", "rules": [{"from": [{"services": ["api"]}]}]})
+    after = mesh.produce(Changes(other={"AuthorizationPolicy/shop/only-api"}), 1.0)[(node.id, "node")]
+    assert after is not None
+    changed = after.resources[TYPE.LISTENER]["inbound"]
+    assert isinstance(changed, listener_pb2.Listener)
+    rules = _network_rbac(changed.filter_chains[0])
+    assert set(rules) == {AUTHZ_ALLOW} and list(rules[AUTHZ_ALLOW].policies) == ["shop/only-api/0"], \
+        f"expected the TCP listener to carry the ALLOW rules, got {rules}"
