@@ -144,6 +144,17 @@ class IdentityService:
         self._record(peer.node_id, peer.spiffe, issued, token_id=str(enrolled.get("token_id", "")), presented=serial)
         return issued, peer.spiffe, peer.node_id, "renew"
 
+    def caller_refusal(self, context: Context) -> tuple[grpc.StatusCode, str] | None:
+        """Why the caller's client certificate may not speak for its node now, as (code, detail): no
+        valid certificate, not one the mesh CA issued, its node's enrolment removed, or not the
+        enrolment's current (or last presented) certificate. None when it may. For the xDS and HDS
+        streams' admission: the TLS handshake alone admits a node whose enrolment was removed."""
+        try:
+            self._enrolled_caller(context)
+        except _Refused as exc:
+            return exc.code, exc.detail
+        return None
+
     def _enrolled_caller(self, context: Context, node_id: str = "") -> tuple[pki.Peer, str, dict[str, Any]]:
         """The caller's verified workload certificate (its Peer and serial) and its node's enrolment,
         when that certificate is one the enrolment stands for; _Refused otherwise."""

@@ -974,3 +974,15 @@ async def test_a_token_enrols_at_most_max_uses_nodes(tmp_path: Path) -> None:
     finally:
         await client.close()
         cp.registry.store.close()
+
+
+async def test_caller_refusal_tells_stream_admission_whether_an_enrolment_stands_for_the_certificate() -> None:
+    w = World()
+    _r, secret = w.tokens.create("shop", "cart")
+    _issued, ctx = await w.enrol("vm-1", secret)
+    assert w.svc.caller_refusal(ctx) is None
+    anonymous = w.svc.caller_refusal(_any(_Ctx()))
+    assert anonymous is not None and anonymous[0] == grpc.StatusCode.UNAUTHENTICATED, anonymous
+    w.store.write({}, deletes=((ENROLMENTS, "vm-1"),))
+    removed = w.svc.caller_refusal(ctx)
+    assert removed is not None and removed[0] == grpc.StatusCode.PERMISSION_DENIED and "not enrolled" in removed[1], removed
