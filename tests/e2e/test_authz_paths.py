@@ -31,7 +31,8 @@ TD = "example.org"
 ADMIN_VARIANTS = [
     "/admin", "/admin/x", "//admin", "///admin/x", "/./admin", "/public/../admin", "/public/./../admin/x",
     "/%61dmin", "/%61%64%6d%69%6e/x", "/public/%2e%2e/admin", "/%2e/admin", "/public%2f..%2fadmin",
-    "/admin%2fx", "/admin%5cx", "/public/..%2fadmin", "/x/../admin?y=1",
+    "/admin%2fx", "/admin%5cx", "/public/..%2fadmin", "/x/../admin?y=1", "/admin;jsessionid=1", "/admin/.", "/ad%6din/",
+    "/admin#x",
 ]
 
 
