@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
@@ -33,6 +34,7 @@ from tests.support import VENV_BIN, control_plane, free_port, tmpdir, wait_until
 TOKEN = "admin-secret"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 TEMPLATE = "grpc/server?xds.resource.listening_address=%s"
+ECHO_ID = "spiffe://mesh.local/ns/default/sa/echo"
 FOLLOW_S = 5.0  # a policy change reaches the server's connections within this
 
 
@@ -114,13 +116,27 @@ class Mesh:
 def mesh() -> Iterator[Mesh]:
     workdir = tmpdir("meshpilot-proxyless-server-")
     cfg = workdir / "cp.yaml"
-    cfg.write_text(yaml.safe_dump({"identity": True, "token": TOKEN, "debounce_ms": 20}))
+    cfg.write_text(yaml.safe_dump({"identity": True, "token": TOKEN, "debounce_ms": 20, "hds_interval_s": 0.3}))
     with contextlib.ExitStack() as stack:
         cp = stack.enter_context(control_plane(workdir, extra=["--config", str(cfg)]))
         _ok(cp, "POST", "/v1/services", {"name": "echo", "ports": [{"name": "grpc", "port": SERVICE_PORT, "protocol": "grpc"}]})
         for name, port in (("a", 50061), ("c", 50062)):
             _ok(cp, "POST", "/v1/services", {"name": name, "ports": [{"name": "grpc", "port": port, "protocol": "grpc"}]})
         yield Mesh(cp, workdir, stack)
+
+
+def _serve_echo(mesh: Mesh, gen: Path) -> None:
+    """The echo instance (registered with its SPIFFE id) and its xDS-enabled grpcio server, serving."""
+    port = free_port()
+    _ok(mesh.cp, "POST", "/v1/services/default/echo/instances",
+        {"id": "echo-xds", "address": "127.0.0.1", "ports": {"grpc": port}, "metadata": {"spiffe": ECHO_ID}})
+    certs = mesh.certificates("echo", "echo-1")
+    boot = mesh.bootstrap("echo-1", "echo", certs, {"GRPC_SERVER_ADDRESSES": [f"127.0.0.1:{port}"]})
+    server = mesh.stack.enter_context(_process(
+        [sys.executable, str(HERE / "xds_server.py"), str(gen), f"127.0.0.1:{port}", "echo-xds"],
+        mesh.workdir / "xds-server.stderr", {"GRPC_XDS_BOOTSTRAP": str(boot)}, stdout=subprocess.PIPE))
+    assert server.stdout is not None
+    assert server.stdout.readline().strip() == "serving", f"expected the xDS server to bind: {_tail(mesh.workdir / 'xds-server.stderr')}"
 
 
 def _outcomes(log: CallLog, since: float) -> list[str]:
@@ -134,18 +150,7 @@ def _tail(path: Path) -> str:
 def test_proxyless_server_enforces_authorization_policy_by_caller_certificate(mesh: Mesh, echo_gen: Path) -> None:  # noqa: F811
     cp, workdir = mesh.cp, mesh.workdir
     mesh.allow("a")
-    port = free_port()
-    echo_id = "spiffe://mesh.local/ns/default/sa/echo"
-    _ok(cp, "POST", "/v1/services/default/echo/instances",
-        {"id": "echo-xds", "address": "127.0.0.1", "ports": {"grpc": port}, "metadata": {"spiffe": echo_id}})
-
-    echo_certs = mesh.certificates("echo", "echo-1")
-    server_boot = mesh.bootstrap("echo-1", "echo", echo_certs, {"GRPC_SERVER_ADDRESSES": [f"127.0.0.1:{port}"]})
-    server = mesh.stack.enter_context(_process(
-        [sys.executable, str(HERE / "xds_server.py"), str(echo_gen), f"127.0.0.1:{port}", "echo-xds"],
-        workdir / "xds-server.stderr", {"GRPC_XDS_BOOTSTRAP": str(server_boot)}, stdout=subprocess.PIPE))
-    assert server.stdout is not None
-    assert server.stdout.readline().strip() == "serving", f"expected the xDS server to bind: {_tail(workdir / 'xds-server.stderr')}"
+    _serve_echo(mesh, echo_gen)
 
     logs: dict[str, CallLog] = {}
     for service in ("a", "c"):
@@ -185,3 +190,41 @@ def test_proxyless_server_enforces_authorization_policy_by_caller_certificate(me
         assert not other, f"expected no call from {service} failed but by PERMISSION_DENIED once the server served, got {other[:5]}\n{stderr(service)}"
     first = min(ts for ts, o in list(logs["c"].calls) if ts >= changed and o == "echo-xds")
     print(f"policy change followed by c's first answered call in {first - changed:.3f}s")
+
+
+def test_sidecars_reach_a_proxyless_server_over_mtls_under_its_authorization_policy(mesh: Mesh, echo_gen: Path) -> None:  # noqa: F811
+    """Enrolled sidecars (the real agent and Envoy) call the same server: their clusters talk mTLS to
+    the echo instance (it has an identity), and the server's RBAC knows them by their certificates."""
+    from tests.e2e.test_mtls_mesh import Node
+
+    mesh.allow("sa")
+    _serve_echo(mesh, echo_gen)
+    if str(echo_gen) not in sys.path:
+        sys.path.insert(0, str(echo_gen))
+    import echo_pb2
+    import echo_pb2_grpc
+
+    def outcome(node: Any) -> str:
+        # gRPC through the sidecar's outbound listener, by the service's mesh name
+        with grpc.insecure_channel(f"127.0.0.1:{node.outbound}", options=[("grpc.default_authority", f"echo:{SERVICE_PORT}")]) as ch:
+            try:
+                return str(echo_pb2_grpc.EchoStub(ch).Call(echo_pb2.EchoRequest(message="hi"), timeout=5).server)
+            except grpc.RpcError as exc:
+                return f"error:{exc.code().name}"
+
+    nodes: dict[str, Any] = {}
+    try:
+        for name in ("sa", "sc"):
+            nodes[name] = Node(mesh.workdir, mesh.cp, name, mesh.bundle, mesh.enrol_port)
+        wait_until(lambda: outcome(nodes["sa"]) == "echo-xds", 30, what="sa's sidecar → the proxyless server answered")
+        # sc's sidecar has its routes once it gets an answer of the server's (UNAVAILABLE until then)
+        wait_until(lambda: outcome(nodes["sc"]) != "error:UNAVAILABLE", 30, what="sc's sidecar → an answer of the proxyless server")
+        got = [outcome(nodes["sa"]) for _ in range(5)] + [outcome(nodes["sc"]) for _ in range(5)]
+        assert got == ["echo-xds"] * 5 + ["error:PERMISSION_DENIED"] * 5, \
+            f"expected sa's calls answered and sc's refused by the server's RBAC, got {got}\n{_tail(mesh.workdir / 'xds-server.stderr')}"
+        mesh.allow("sc")
+        wait_until(lambda: outcome(nodes["sc"]) == "echo-xds", FOLLOW_S, what=f"sc answered within {FOLLOW_S}s of the change")
+        assert outcome(nodes["sa"]) == "error:PERMISSION_DENIED", "expected sa refused once the policy allows only sc"
+    finally:
+        for n in nodes.values():
+            n.close()
