@@ -225,7 +225,8 @@ class MeshCa:
         """The certificates between trusted roots and the leaves they sign (an operator's intermediate)."""
         t = self._trust
         current = [c for a in t.trusted() for c in a.intermediates()]
-        return current + [c for _s, c in t.signed_here if c not in current]
+        # signed_here also keeps an operator CA that was its own root: no intermediate
+        return current + [c for _s, c in t.signed_here if c not in current and c.subject != c.issuer]
 
     def issuers(self) -> list[x509.Certificate]:
         """The mesh's own issuing CAs: every trusted authority's signing certificate (a generated

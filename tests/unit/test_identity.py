@@ -986,3 +986,26 @@ async def test_caller_refusal_tells_stream_admission_whether_an_enrolment_stands
     w.store.write({}, deletes=((ENROLMENTS, "vm-1"),))
     removed = w.svc.caller_refusal(ctx)
     assert removed is not None and removed[0] == grpc.StatusCode.PERMISSION_DENIED and "not enrolled" in removed[1], removed
+
+
+async def test_leaves_of_a_previous_operator_root_renew_after_the_files_change(tmp_path: Path) -> None:
+    """The issuer rule keeps every operator CA that signed here: an operator CA that is its own
+    root (no ca_chain_file) and was then replaced in the files still renews its nodes."""
+    paths: dict[str, dict[str, str]] = {}
+    for name in ("first", "next"):
+        cert, key, _chain = pki.Authority.generate("corp").to_pem()
+        (tmp_path / f"{name}.crt").write_bytes(cert)
+        (tmp_path / f"{name}.key").write_bytes(key)
+        paths[name] = {"ca_cert_file": str(tmp_path / f"{name}.crt"), "ca_key_file": str(tmp_path / f"{name}.key")}
+    store = MemoryStore()
+    ca = MeshCa(store, _settings(**paths["first"]))
+    svc = IdentityService(ca, JoinTokens(store))
+    _r, secret = svc.tokens.create("shop", "cart")
+    csr = pki.build_csr(pki.new_key(), "", "")
+    enrolled = await svc.sign(ca_pb2.SignRequest(csr_pem=csr, node_id="vm-1", token=secret), _any(_Ctx()))
+    await ca.add_root((tmp_path / "next.crt").read_bytes())
+    await ca.add_root((tmp_path / "first.crt").read_bytes())
+    after = MeshCa(store, _settings(**paths["next"]))
+    renewed = await IdentityService(after, JoinTokens(store)).sign(
+        ca_pb2.SignRequest(csr_pem=csr), _any(_Ctx(_leaf(enrolled.cert_chain_pem))))
+    assert _chains_to(renewed.cert_chain_pem, (tmp_path / "next.crt").read_bytes())
