@@ -91,6 +91,9 @@ class IdentityService:
 
     async def sign(self, request: ca_pb2.SignRequest, context: Context) -> ca_pb2.SignResponse:
         node = request.node_id if len(request.node_id) <= 253 else request.node_id[:253] + "..."
+        if not node:  # a renewal names its node in its certificate
+            caller = pki.peer_from_context(context)
+            node = caller.node_id if caller is not None else ""
         try:
             issued, spiffe, node_id, kind = self._sign(request, context)
         except _Refused as exc:

@@ -766,7 +766,7 @@ async def test_a_fleet_token_does_not_take_over_an_enrolled_node_id(caplog: pyte
     await w.enrol("vm-1", fleet)
 
 
-async def test_renewal_takes_the_current_certificate_or_the_one_presented_last() -> None:
+async def test_renewal_takes_the_current_certificate_or_the_one_presented_last(caplog: pytest.LogCaptureFixture) -> None:
     """S5: a renewal presents the enrolment's current certificate, or the one it presented at the
     last renewal (that answer may have been lost); an older copy or an earlier lineage is refused."""
     w = World()
@@ -776,8 +776,11 @@ async def test_renewal_takes_the_current_certificate_or_the_one_presented_last()
     lost = await w.sign(ctx0, csr_pem=csr)  # the answer never reaches the node
     c2 = await w.sign(ctx0, csr_pem=csr)  # so it retries with the certificate it has
     before = _refused_count("stale_certificate")
-    details = await w.refused(grpc.StatusCode.PERMISSION_DENIED, _Ctx(_leaf(lost.cert_chain_pem)), csr_pem=csr)
+    with caplog.at_level(logging.WARNING, logger="meshpilot.identity"):
+        details = await w.refused(grpc.StatusCode.PERMISSION_DENIED, _Ctx(_leaf(lost.cert_chain_pem)), csr_pem=csr)
     assert "is not the current certificate of node 'vm-1'" in details, details
+    assert any("reason=stale_certificate" in r.getMessage() and "node='vm-1'" in r.getMessage() for r in caplog.records), \
+        "expected the refusal logged with the certificate's node"
     assert _refused_count("stale_certificate") == before + 1
     c3 = await w.sign(_Ctx(_leaf(c2.cert_chain_pem)), csr_pem=csr)
     await w.refused(grpc.StatusCode.PERMISSION_DENIED, ctx0, csr_pem=csr)  # an older copy
