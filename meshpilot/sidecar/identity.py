@@ -436,15 +436,24 @@ class WorkloadIdentity:
     # -- persistence ----------------------------------------------------------------------------------------
 
     def _load_state(self) -> None:
+        """Load the saved identity. The saved bundle (the control plane's) is the trust from now on even when
+        the certificate beside it is not used (expired, another node's): falling back to the operator's file
+        would trust again a root removed since, for the very channel the join token is sent over."""
         if self.state_dir is None:
             return
+        bundle = self.state_dir / "bundle.pem"
+        try:
+            saved = _checked_bundle(bundle.read_bytes()) if bundle.exists() else b""
+        except OSError as exc:
+            log.warning("event=stored_bundle_ignored reason=unreadable error=%r", exc)
+            saved = b""
+        self.control_plane_bundle = saved
         key, cert = self.state_dir / "key.pem", self.state_dir / "cert.pem"
         if not key.exists() or not cert.exists():
             return
         try:
-            bundle = self.state_dir / "bundle.pem"
-            saved = _checked_bundle(bundle.read_bytes()) if bundle.exists() else b""
-            m = material_of(key.read_bytes(), cert.read_bytes(), saved)
+            # without a saved bundle, the file authenticates the control plane again
+            m = material_of(key.read_bytes(), cert.read_bytes(), saved or self.trust_pem())
             arrived = cert.stat().st_mtime  # written when the certificate came
         except (OSError, ValueError) as exc:
             log.warning("event=stored_identity_ignored reason=unreadable error=%r", exc)
@@ -455,13 +464,6 @@ class WorkloadIdentity:
         if self.clock() >= m.not_after:
             log.info("event=stored_identity_ignored reason=expired spiffe=%s", m.spiffe)
             return
-        if not saved:  # no bundle from the control plane was kept: the file authenticates it again
-            try:
-                m = replace(m, bundle_pem=self.trust_pem())
-            except (OSError, ValueError) as exc:
-                log.warning("event=stored_identity_ignored reason=no_trust_bundle error=%r", exc)
-                return
-        self.control_plane_bundle = saved
         self.material = m
         self.generation = 1
         self.lifecycle.issued(m.not_before, m.not_after, now=min(arrived, self.clock()))

@@ -640,6 +640,16 @@ async def test_a_root_only_in_the_operators_file_is_not_trusted_after_the_contro
     assert again.material is not None and _roots(again.material.bundle_pem) == _roots(root_b)
     assert _roots(again.trust_pem()) == _roots(root_b)
 
+    # down longer than its certificate's life: the certificate is ignored, the control plane's bundle is not
+    # (first contact again, with the token, must not be authenticated by the file's removed root)
+    clock.now = m.not_after + 1
+    late = _identity(signer, clock, tmp_path, tmp_path / "token")
+    assert late.material is None and _roots(late.trust_pem()) == _roots(root_b)
+    signer.tokens["t"] = ("shop", "reviews")
+    await late.step()
+    assert late.material is not None and signer.calls[-1][0] == "t"
+    assert _roots(signer.trust_seen[-1]) == _roots(root_b), "the enrolment channel checked against B only"
+
 
 async def test_a_new_bundle_over_the_watch_replaces_the_old_one_and_junk_is_ignored(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
