@@ -6,7 +6,9 @@ identity, plaintext from everyone else) or ``DISABLE`` (plaintext, the trusted-p
 caller header). A policy naming a ``service`` wins over one for its namespace (no ``service``),
 which wins over the mesh-wide ``mtls_mode`` setting. The kind only validates; the policies in force
 become a ``TlsSettings`` (translate/tls.py) through ``modes`` (read by policy/mesh.py), which
-shapes callers' clusters and callees' inbound listeners. docs/policy.md has the operator's view.
+shapes callers' clusters (STRICT: TLS to every endpoint, no plaintext fallback; PERMISSIVE: TLS to
+the endpoints of sidecars with an identity) and callees' inbound listeners. docs/policy.md has the
+operator's view.
 """
 
 from __future__ import annotations
