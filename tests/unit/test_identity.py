@@ -624,12 +624,21 @@ async def test_enrolment_routes_remove_a_node_whatever_its_id(tmp_path: Path) ->
         store = cp.registry.store
         node = "vm-1.corp:zone/a@b"
         store.write({(ENROLMENTS, node): {"node_id": node, "spiffe": pki.spiffe_id(TD, "shop", "cart")}})
+        closed: list[tuple[str, str]] = []
+
+        def disconnect(node_id: str, reason: str) -> int:
+            closed.append((node_id, reason))
+            return 1
+
+        cp.xds.disconnect = disconnect  # type: ignore[method-assign]
         listed = await (await client.get("/v1/identity/enrolments")).json()
         assert [e["node_id"] for e in listed] == [node]
         r = await client.delete("/v1/identity/enrolments/" + node.replace("/", "%2F").replace(":", "%3A").replace("@", "%40"))
         assert r.status == 200, await r.text()
         assert store.get(ENROLMENTS, node) is None
+        assert closed == [(node, "enrolment removed")], f"expected the control plane to close the node's streams, got {closed}"
         assert (await client.delete("/v1/identity/enrolments/nope")).status == 404
+        assert len(closed) == 1
     finally:
         await client.close()
         cp.registry.store.close()
