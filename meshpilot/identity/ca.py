@@ -68,8 +68,8 @@ class _Trust:
     operator: pki.Authority | None
     roots: tuple[tuple[str, pki.Authority], ...]  # (anchor serial, authority) of stored roots, by serial
     anchors: tuple[tuple[str, x509.Certificate], ...]  # (serial, root) trusted without its key here
-    # CA certificates that signed leaves here and are no trusted authority now (a previous operator
-    # intermediate, kept: a call's auth context holds only the leaf, and renewal verifies it again)
+    # every operator CA certificate that signed here, the current one too (kept across file changes: a
+    # call's auth context holds only the leaf, and renewal verifies its chain and its issuer again)
     signed_here: tuple[tuple[str, x509.Certificate], ...]
     signing: str  # anchor serial of the signing authority
     bundle: bytes = field(default=b"", compare=False)
