@@ -64,6 +64,7 @@ class ControlPlane:
         self._node_watchers: list[Callable[[NodeInfo, bool], None]] = []
         self._tasks: list[Task] = []
         self._server_credentials: Callable[[], grpc.ServerCredentials] | None = None
+        self._admission: Callable[[grpc.aio.ServicerContext[Any, Any]], tuple[grpc.StatusCode, str] | None] | None = None
         # a node's own health checks (HDS) carry its token; its inbound routes let them past every
         # optional inbound filter
         self._health_key = secrets.token_bytes(32)
@@ -101,6 +102,10 @@ class ControlPlane:
             if self._server_credentials is not None:
                 raise ValueError("two parts give the xDS port's TLS credentials")
             self._server_credentials = part.server_credentials
+        if part.admission is not None:
+            if self._admission is not None:
+                raise ValueError("two parts give the streams' admission check")
+            self._admission = part.admission
 
     def health_token(self, node_id: str) -> str:
         """The node's health token: its HDS checks carry it, its inbound routes match it."""
@@ -142,15 +147,23 @@ class ControlPlane:
         n = self.xds.disconnect(node_id, reason)
         log.warning("event=node_disconnected node=%s streams=%d reason=%s", node_id, n, reason)
 
+    def caller_refusal(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[grpc.StatusCode, str] | None:
+        """Why a stream's client certificate may not speak now (the mesh CA's part judges: its node's
+        enrolment removed, a certificate it no longer stands for), or None."""
+        return self._admission(context) if self._admission is not None else None
+
     def _admit(self, context: grpc.aio.ServicerContext[Any, Any], node: NodeInfo) -> tuple[str, float]:
-        """With identity on: a stream speaks only for the node (and service) of its client certificate."""
+        """With identity on: a stream speaks only for the node (and service) of its client certificate,
+        and only while the certificate's enrolment stands."""
         peer = peer_from_context(context)
         no = refusal(peer, self.settings.trust_domain, node.id, node.service, node.namespace)
-        if no is not None:
-            metrics.XDS_REFUSED.labels("unauthenticated" if not no.authenticated else "denied").inc()
+        code, reason = (grpc.StatusCode.PERMISSION_DENIED if no.authenticated else grpc.StatusCode.UNAUTHENTICATED, no.reason) \
+            if no is not None else (self.caller_refusal(context) or (None, ""))
+        if code is not None:
+            metrics.XDS_REFUSED.labels("denied" if code == grpc.StatusCode.PERMISSION_DENIED else "unauthenticated").inc()
             log.warning("event=stream_refused node=%s peer=%s identity=%s reason=%s", node.id, context.peer(),
-                        peer.spiffe if peer else "-", no.reason)
-            raise StreamError(no.reason, grpc.StatusCode.PERMISSION_DENIED if no.authenticated else grpc.StatusCode.UNAUTHENTICATED)
+                        peer.spiffe if peer else "-", reason)
+            raise StreamError(reason, code)
         assert peer is not None
         return peer.spiffe, peer.not_after
 

@@ -6,14 +6,15 @@ xDS server, the health-token function) and returns what it adds; it sets nothing
 plane and registers nothing globally. The control plane serves the gRPC handlers and HTTP apps,
 gives the routes to the management API, owns the tasks (supervised: logged and restarted) and
 tells the node watchers when one of a node's ADS streams opens and when its last one closes. With
-identity on, one part (the mesh CA's) gives the TLS credentials the xDS port serves with.
+identity on, one part (the mesh CA's) gives the TLS credentials the xDS port serves with and the
+admission check every xDS and HDS stream passes (is the certificate's enrolment still standing).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from aiohttp import web
@@ -55,6 +56,8 @@ class Part:
     node_watchers: list[NodeWatcher] = field(default_factory=list)
     # the TLS credentials of the xDS port (the mesh CA's part gives them when identity is on)
     server_credentials: Callable[[], grpc.ServerCredentials] | None = None
+    # why a stream's client certificate may not speak now (its enrolment removed, ...): (code, detail)
+    admission: Callable[[grpc.aio.ServicerContext[Any, Any]], tuple[grpc.StatusCode, str] | None] | None = None
 
 
 class Core(Protocol):
@@ -77,3 +80,6 @@ class Core(Protocol):
 
     def disconnect(self, node_id: str, reason: str) -> None:
         """End the node's xDS streams now (and its auxiliary nodes', ``<node>~...``)."""
+
+    def caller_refusal(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[grpc.StatusCode, str] | None:
+        """Why a stream's client certificate may not speak now (the mesh CA's judgement), or None."""

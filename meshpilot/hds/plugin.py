@@ -16,7 +16,7 @@ from meshpilot.hds.stream import Refused
 from meshpilot.hds.synced import synced_route
 from meshpilot.parts import Core, Part, Task
 from meshpilot.pki import peer_from_context
-from meshpilot.pki.admission import refusal
+from meshpilot.pki.admission import Refusal, refusal
 from meshpilot.xds.resource import NodeInfo
 
 __all__ = ["install"]
@@ -47,6 +47,8 @@ def install(core: Core) -> Part:
         """With identity on: a sidecar registers and reports only its own node's instance of its own service."""
         peer = peer_from_context(context)
         no = refusal(peer, s.trust_domain, node.id, node.service, node.namespace)
+        if no is None and (standing := core.caller_refusal(context)) is not None:
+            no = Refusal(standing[0] != grpc.StatusCode.UNAUTHENTICATED, standing[1])
         if no is not None:
             metrics.XDS_REFUSED.labels("denied" if no.authenticated else "unauthenticated").inc()
             log.warning("event=hds_refused node=%s peer=%s identity=%s reason=%s", node.id, context.peer(),

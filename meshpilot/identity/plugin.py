@@ -50,4 +50,5 @@ def install(core: Core) -> Part:
         routes=identity_routes(ca, tokens, lambda: enrolment.port, on_removed=cut_off),
         tasks=[Task("identity-enrolment", enrolment.run)],
         server_credentials=ca.server_credentials,
+        admission=service.caller_refusal,
     )

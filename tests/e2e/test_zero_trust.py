@@ -273,3 +273,46 @@ def test_a_stream_ends_with_its_certificate_and_an_expired_one_opens_nothing(tmp
 
         again = asyncio.run(reconnect())
         assert again == (grpc.StatusCode.UNAVAILABLE, 0), f"expected an expired certificate refused at the handshake, got {again}"
+
+
+def test_a_removed_enrolment_ends_the_nodes_streams_and_it_cannot_come_back(cp: Any) -> None:
+    bundle = _bundle(cp)
+    key, chain = _enrol(cp, bundle, "web-1", "web")
+
+    async def held_then_removed() -> Any:
+        req = discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER)
+        req.node.id = "web-1"
+        async with _channel(cp, bundle, key, chain) as ch:
+            call = ch.stream_stream(ADS, request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+                                    response_deserializer=discovery_pb2.DiscoveryResponse.FromString)
+            queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+            await queue.put(req)
+
+            async def requests() -> Any:
+                while (r := await queue.get()) is not None:
+                    yield r
+
+            stream = call(requests())
+            try:
+                async with asyncio.timeout(10):
+                    async for resp in stream:
+                        await queue.put(discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER, version_info=resp.version_info,
+                                                                       response_nonce=resp.nonce))
+                        if resp.version_info:  # served: now the operator removes the node's enrolment
+                            status, body = await asyncio.to_thread(cp.call, "DELETE", "/v1/identity/enrolments/web-1", None, ADMIN)
+                            assert status in (200, 204), (status, body)
+                return "ended"
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            except TimeoutError:
+                return "still served 10 s after the removal"
+
+    assert asyncio.run(held_then_removed()) == grpc.StatusCode.PERMISSION_DENIED
+
+    async def again() -> Any:
+        async with _channel(cp, bundle, key, chain) as ch:
+            return await _ads_outcome(ch, "web-1", "web"), await _hds_outcome(ch, "web-1", "web")
+
+    ads, hds = asyncio.run(again())
+    assert ads == (grpc.StatusCode.PERMISSION_DENIED, 0), f"expected the removed node's valid certificate refused on ADS, got {ads}"
+    assert hds == grpc.StatusCode.PERMISSION_DENIED, f"expected it refused on HDS, got {hds}"
