@@ -12,12 +12,17 @@ Callers are known by their certificates: ``principals`` are SPIFFE ids (``*``: a
 certificate), ``services`` and ``namespaces`` are shorthands for the ids of their workloads. A
 plaintext caller has no principal, so it matches no ``from`` entry that names one. ``to`` matches
 the service port the caller asked for (``ports``), the path (``paths`` exact, ``prefixes``) and
-the method; ``when`` matches request headers.
+the method, or operations of the service's API (``apis``: by name, or by method + path template,
+the selectors of the governance kinds); ``when`` matches request headers.
 
 ``inbound_authz`` turns the policies selecting a node's service into the two RBAC rule sets its
 inbound listener's filters take from its routes (translate/listeners.py ``InboundAuthz``), so a
 change travels by RDS and applies to open connections without a listener drain. Inbound routes
-have one catch-all route per node (no per-API routes), so rules match paths, not API selectors.
+have one catch-all route per node (no per-API routes), so an API selector becomes a permission that
+matches exactly its operation: the method and the path template as an anchored regex on the
+normalised path without its query. A name the service does not declare (or a template that cannot
+be matched) never widens an ALLOW (the selector matches nothing) and never vanishes from a DENY (the
+selector matches any operation, so the entry refuses more, as an HTTP-only condition does on TCP).
 
 A TCP service has no routes: its rules are network RBAC filters on its inbound listener's chains
 (a policy change there changes the listener, which drains its connections). A connection has no
@@ -33,15 +38,16 @@ from typing import Any, Literal
 
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
-from envoy.type.matcher.v3 import path_pb2, string_pb2
+from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from meshpilot.model import dns_label
+from meshpilot.model import ApiOperation, dns_label
 from meshpilot.pki import spiffe_id
+from meshpilot.policy._filterspec import ApiSelector
 from meshpilot.policy.kinds import PolicyBase, PolicyKind, TranslateContext, Translation, register_kind
 from meshpilot.translate.listeners import InboundAuthz
 
-__all__ = ["AUTHZ", "AuthorizationPolicy", "Condition", "Operation", "Peer", "Rule", "inbound_authz", "selects"]
+__all__ = ["AUTHZ", "AuthorizationPolicy", "Condition", "Operation", "Peer", "Rule", "inbound_authz", "path_template_regex", "selects"]
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
 _HEADER = re.compile(r"^:?[a-z0-9!#$%&'*+.^_`|~-]{1,128}$")
@@ -91,6 +97,7 @@ class Operation(_Spec):
     paths: list[str] = Field(default_factory=list, max_length=64, description="exact paths (without the query)")
     prefixes: list[str] = Field(default_factory=list, max_length=64, description="path prefixes")
     methods: list[str] = Field(default_factory=list, max_length=16, description="upper-case HTTP methods")
+    apis: list[ApiSelector] = Field(default_factory=list, max_length=64, description="operations of the target service: by name, or method + path template (/users/{id}, /static/**)")
 
     @field_validator("ports")
     @classmethod
@@ -170,8 +177,18 @@ def _check(policy: AuthorizationPolicy) -> list[dict[str, str]]:
             if not (peer.principals or peer.services or peer.namespaces):
                 problems.append({"field": f"rules.{i}.from.{j}", "reason": "give principals, services or namespaces (omit from to match anyone)"})
         for j, op in enumerate(rule.to):
-            if not (op.ports or op.paths or op.prefixes or op.methods):
-                problems.append({"field": f"rules.{i}.to.{j}", "reason": "give ports, paths, prefixes or methods (omit to to match anything)"})
+            if not (op.ports or op.paths or op.prefixes or op.methods or op.apis):
+                problems.append({"field": f"rules.{i}.to.{j}", "reason": "give ports, paths, prefixes, methods or apis (omit to to match anything)"})
+            if op.apis and (op.paths or op.prefixes or op.methods):
+                problems.append({"field": f"rules.{i}.to.{j}.apis", "reason": "an API names its method and path: give apis, or paths, prefixes and methods, in separate entries"})
+            for k, sel in enumerate(op.apis):
+                field = f"rules.{i}.to.{j}.apis.{k}"
+                if sel.route is not None:
+                    problems.append({"field": f"{field}.route", "reason": "inbound rules have no per-API routes: select by name or method + path"})
+                elif sel.name is not None and policy.service is None:
+                    problems.append({"field": f"{field}.name", "reason": "an API name is one service's: give the policy a service, or select by method + path"})
+                elif sel.path is not None and path_template_regex(sel.path) is None:
+                    problems.append({"field": f"{field}.path", "reason": f"expected a template like /orders/{{id}} or /api/** ('{{name}}' or '*': one segment, '**': the rest, last only), got {sel.path!r}"})
         seen: set[str] = set()
         for j, cond in enumerate(rule.when):
             if cond.header in seen:
@@ -223,11 +240,134 @@ def _header(name: str, value: str) -> rc.HeaderMatcher:
     return rc.HeaderMatcher(name=name, string_match=string_pb2.StringMatcher(exact=value))
 
 
-def _operation(op: Operation, ports: Collection[int]) -> rbac_pb2.Permission | None:
-    """None: the entry cannot match on this node (none of its ports is one the node serves)."""
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _literal(segment: str) -> list[str]:
+    """A literal segment as the inbound manager leaves it in a path (percent-encoded unreserved
+    characters decoded, other characters than ASCII percent-encoded as UTF-8), escaped for RE2:
+    letters, digits and '_' stand for themselves, every other character is escaped."""
+    def decode(m: re.Match[str]) -> str:
+        c = chr(int(m.group(1), 16))
+        return c if c in _UNRESERVED else m.group(0)
+
+    out: list[str] = []
+    for c in _PERCENT.sub(decode, segment):
+        if not c.isascii():
+            for b in c.encode():
+                out += ["\\%", *f"{b:02X}"]
+        elif c.isalnum() or c == "_":
+            out.append(c)
+        else:
+            out.append("\\" + c)
+    return out
+
+
+def path_template_regex(template: str) -> str | None:
+    """The RE2 pattern matching exactly the normalised paths (no query) of an API path template,
+    or None when ``template`` is not one. Templates are the governance filter's: ``{name}`` or
+    ``*`` is one non-empty segment without '/', a last ``**`` is the rest of the path (possibly
+    empty: ``/api/**`` matches ``/api``), anything else a literal segment. The template is
+    normalised as the inbound manager normalises paths (doubled slashes merged, dot segments
+    resolved), so ``/a//b`` and ``/a/./b`` are ``/a/b``."""
+    if not template.startswith("/") or len(template) > 1024 or any(c in template for c in "?#") or any(c.isspace() for c in template):
+        return None
+    raw = template[1:].split("/")
+    segments: list[str] = []
+    for i, seg in enumerate(raw):
+        if seg == "." or (seg == "" and i < len(raw) - 1):
+            continue  # merged slash or dot segment; a last empty segment is a trailing slash
+        if seg == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(seg)
+    if raw and raw[-1] in (".", ".."):
+        segments.append("")  # /a/b/.. is /a/ as a path
+    pieces: list[tuple[str, list[str]]] = []  # (kind, RE2 atoms): "lit" | "one" | "rest"
+    for i, seg in enumerate(segments):
+        if seg == "**":
+            if i != len(segments) - 1:
+                return None
+            pieces.append(("rest", ["(/.*)?"]))
+        elif seg == "*" or (len(seg) > 2 and seg[0] == "{" and seg[-1] == "}" and not any(c in seg[1:-1] for c in "{}*")):
+            pieces += [("lit", ["/"]), ("one", ["[^/]+"])]
+        elif any(c in seg for c in "{}*"):
+            return None
+        else:
+            pieces.append(("lit", ["/", *_literal(seg)]))
+    if not pieces:
+        pieces.append(("lit", ["/"]))
+    if _program_size(pieces) > _MAX_PROGRAM:
+        return None
+    return "^" + "".join("".join(atoms) for _, atoms in pieces) + "$"
+
+
+# Envoy refuses a whole route configuration with a regex whose RE2 program is larger than 100
+# instructions (runtime re2.max_program_size.error_level). Measured in Envoy 1.40: the literal
+# prefix of an anchored pattern costs nothing (RE2 matches it outside the program), then each
+# literal character costs 1, each [^/]+ 3, a last (/.*)? 6, plus 4; keep a margin below the limit.
+_MAX_PROGRAM = 90
+_COST = {"one": 3, "rest": 6}
+
+
+def _program_size(pieces: Sequence[tuple[str, list[str]]]) -> int:
+    size, in_prefix = 4, True
+    for kind, atoms in pieces:
+        in_prefix = in_prefix and kind == "lit"
+        if not in_prefix:
+            size += _COST.get(kind, len(atoms))
+    return size
+
+
+def _api_permission(method: str | None, template: str) -> rbac_pb2.Permission | None:
+    """Exactly one operation: the method (None or '*': any) and the path template; None when the
+    template cannot be matched."""
+    pattern = path_template_regex(template)
+    if pattern is None:
+        return None
+    path = rbac_pb2.Permission(url_path=path_pb2.PathMatcher(path=string_pb2.StringMatcher(
+        safe_regex=regex_pb2.RegexMatcher(regex=pattern))))
+    if method is None or method == "*":
+        return path
+    return rbac_pb2.Permission(and_rules=rbac_pb2.Permission.Set(rules=[rbac_pb2.Permission(header=_header(":method", method)), path]))
+
+
+def _apis(selectors: Sequence[ApiSelector], declared: Sequence[ApiOperation] | None, deny: bool) -> rbac_pb2.Permission | None:
+    """The operations the selectors name, any of them; None when they match nothing. A selector
+    that resolves to no operation (a name the service does not declare, or the service unknown;
+    a template that cannot be matched) matches nothing in an ALLOW rule and anything in a DENY
+    rule: it neither widens what is allowed nor drops what is denied."""
+    perms: list[rbac_pb2.Permission] = []
+    for sel in selectors:
+        if sel.name is not None:
+            op = next((o for o in declared or () if o.name == sel.name), None)
+            perm = _api_permission(op.method, op.path) if op is not None else None
+        elif sel.path is not None:
+            perm = _api_permission(sel.method, sel.path)
+        else:
+            perm = None  # a route selector: refused by the check, no route to match inbound
+        if perm is None:
+            if deny:
+                return rbac_pb2.Permission(any=True)
+            continue
+        perms.append(perm)
+    return _any_permission(perms) if perms else None
+
+
+def _operation(op: Operation, ports: Collection[int], declared: Sequence[ApiOperation] | None = None,
+               deny: bool = False) -> rbac_pb2.Permission | None:
+    """None: the entry cannot match on this node (none of its ports is one the node serves, or
+    none of its APIs resolves in an ALLOW rule)."""
     parts: list[rbac_pb2.Permission] = []
     if op.ports and not set(op.ports) & set(ports):
         return None
+    if op.apis:
+        apis = _apis(op.apis, declared, deny)
+        if apis is None:
+            return None
+        parts.append(apis)
     if op.paths or op.prefixes:
         paths = [string_pb2.StringMatcher(exact=p) for p in op.paths] + [string_pb2.StringMatcher(prefix=p) for p in op.prefixes]
         parts.append(_any_permission(rbac_pb2.Permission(url_path=path_pb2.PathMatcher(path=m)) for m in paths))
@@ -238,11 +378,13 @@ def _operation(op: Operation, ports: Collection[int]) -> rbac_pb2.Permission | N
     return parts[0] if len(parts) == 1 else rbac_pb2.Permission(and_rules=rbac_pb2.Permission.Set(rules=parts))
 
 
-def _rule(rule: Rule, policy_ns: str, trust_domain: str, ports: Collection[int]) -> rbac_pb2.Policy | None:
-    """The rule as an RBAC policy; None when it can match nothing on this node."""
+def _rule(rule: Rule, policy_ns: str, trust_domain: str, ports: Collection[int], declared: Sequence[ApiOperation] | None = None,
+          deny: bool = False) -> rbac_pb2.Policy | None:
+    """The rule as an RBAC policy; None when it can match nothing on this node. ``declared``: the
+    service's API operations (None: the service is not known)."""
     perms: list[rbac_pb2.Permission] = []
     if rule.to:
-        ops = [p for op in rule.to if (p := _operation(op, ports)) is not None]
+        ops = [p for op in rule.to if (p := _operation(op, ports, declared, deny)) is not None]
         if not ops:
             return None
         perms.append(_any_permission(ops))
@@ -264,7 +406,7 @@ def _tcp_rule(rule: Rule, policy_ns: str, trust_domain: str, ports: Collection[i
     if rule.to:
         served = [op for op in rule.to if not op.ports or set(op.ports) & set(ports)]
         if not deny:
-            served = [op for op in served if not (op.paths or op.prefixes or op.methods)]
+            served = [op for op in served if not (op.paths or op.prefixes or op.methods or op.apis)]
         if not served:
             return None
     principal = _any_principal(_peer(p, policy_ns, trust_domain) for p in rule.from_) if rule.from_ else rbac_pb2.Principal(any=True)
@@ -272,34 +414,36 @@ def _tcp_rule(rule: Rule, policy_ns: str, trust_domain: str, ports: Collection[i
 
 
 def _rbac(action: rbac_pb2.RBAC.Action.ValueType, policies: Sequence[AuthorizationPolicy], trust_domain: str, ports: Collection[int],
-          tcp: bool = False) -> rbac_pb2.RBAC:
+          tcp: bool = False, declared: Sequence[ApiOperation] | None = None) -> rbac_pb2.RBAC:
     out = rbac_pb2.RBAC(action=action)
     for p in policies:
         for i, rule in enumerate(p.rules):
             if tcp:
                 built = _tcp_rule(rule, p.namespace, trust_domain, ports, action == rbac_pb2.RBAC.DENY)
             else:
-                built = _rule(rule, p.namespace, trust_domain, ports)
+                built = _rule(rule, p.namespace, trust_domain, ports, declared, action == rbac_pb2.RBAC.DENY)
             if built is not None:
                 out.policies[f"{p.namespace}/{p.name}/{i}"].CopyFrom(built)
     return out
 
 
 def inbound_authz(
-    policies: Iterable[AuthorizationPolicy], namespace: str, service: str, ports: Collection[int], trust_domain: str
+    policies: Iterable[AuthorizationPolicy], namespace: str, service: str, ports: Collection[int], trust_domain: str,
+    apis: Sequence[ApiOperation] | None = None,
 ) -> InboundAuthz | None:
     """The RBAC rules for a node of ``service`` that serves ``ports`` (service port numbers), or
     None when no policy selects the service: for HTTP (``deny``, ``allow``: the inbound routes'
     per-route rules) and for TCP (``tcp_deny``, ``tcp_allow``: the network RBAC filters of a TCP
-    inbound listener, see ``_tcp_rule``)."""
+    inbound listener, see ``_tcp_rule``). ``apis``: the service's API operations, which API
+    selectors by name resolve in (None: the service is not known, so no name resolves)."""
     chosen = sorted((p for p in policies if selects(p, namespace, service)), key=lambda p: p.key)
     if not chosen:
         return None
     deny = [p for p in chosen if p.action == "DENY"]
     allow = [p for p in chosen if p.action == "ALLOW"]
     return InboundAuthz(
-        deny=_rbac(rbac_pb2.RBAC.DENY, deny, trust_domain, ports) if deny else None,
-        allow=_rbac(rbac_pb2.RBAC.ALLOW, allow, trust_domain, ports) if allow else None,
+        deny=_rbac(rbac_pb2.RBAC.DENY, deny, trust_domain, ports, declared=apis) if deny else None,
+        allow=_rbac(rbac_pb2.RBAC.ALLOW, allow, trust_domain, ports, declared=apis) if allow else None,
         tcp_deny=_rbac(rbac_pb2.RBAC.DENY, deny, trust_domain, ports, tcp=True) if deny else None,
         tcp_allow=_rbac(rbac_pb2.RBAC.ALLOW, allow, trust_domain, ports, tcp=True) if allow else None,
     )
@@ -315,7 +459,7 @@ AUTHZ = register_kind(
         name="AuthorizationPolicy",
         model=AuthorizationPolicy,
         translate=_translate,
-        summary="allow or deny calls into a service by caller identity (mTLS), port, path, method and headers",
+        summary="allow or deny calls into a service by caller identity (mTLS), port, path, method, API and headers",
         check=_check,
         exclusive=False,
         aliases=("authz", "authorization", "authorizationpolicies"),
