@@ -8,6 +8,11 @@ segments, percent-encoded letters, encoded slashes and dots) and must be refused
 prefix rule once Envoy has normalised the path, or by Envoy itself (400) for escaped slashes.
 An ALLOW list of exact paths and a prefix must not be passed the same way. Path rules are
 case-sensitive, as in Istio: ``/ADMIN`` is another path (docs/policy.md).
+
+API selectors (``to: [{apis: [...]}]``) become a method and an anchored regex on the normalised
+path without its query: a DENY of ``deleteUser`` (DELETE /users/{id}) refuses exactly that
+operation, query or not (and one of ``getPhotos``, GET /users/{id}/photos, with a query too), and an ALLOW of ``getUser`` lets only GET /users/{id} through. The regexes
+stay within Envoy's RE2 program limit, whose cost the translation estimates exactly.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from typing import Any
 import pytest
 from google.protobuf import json_format
 
-from meshpilot.policy.authz import AUTHZ, AuthorizationPolicy, inbound_authz
+import meshpilot.policy.authz as authz_module
+from meshpilot.model import ApiOperation
+from meshpilot.policy.authz import AUTHZ, AuthorizationPolicy, inbound_authz, path_template_regex
 from meshpilot.translate.clusters import build_inbound_cluster
 from meshpilot.translate.listeners import build_inbound_listener, build_inbound_routes
 from meshpilot.xds.resource import NodeInfo
-from tests.support import EnvoyProc, envoy, free_port, wait_until
+from tests.support import ENVOY, EnvoyProc, envoy, free_port, wait_until
 
 TD = "example.org"
 
@@ -46,10 +53,11 @@ def _policy(body: dict[str, Any]) -> AuthorizationPolicy:
     return p
 
 
-def _inbound(name: str, port: int, app_port: int, policy: AuthorizationPolicy) -> tuple[dict[str, Any], dict[str, Any]]:
+def _inbound(name: str, port: int, app_port: int, policy: AuthorizationPolicy,
+             apis: list[ApiOperation] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(listener, its inbound cluster) of a node of web.shop under ``policy``, routes inline."""
     node = NodeInfo(id=f"web-{name}", service="web", namespace="shop", inbound_port=port, app_port=app_port)
-    routes = _js(build_inbound_routes(node, (), "t0k3n", (), inbound_authz([policy], "shop", "web", {80}, TD)))
+    routes = _js(build_inbound_routes(node, (), "t0k3n", (), inbound_authz([policy], "shop", "web", {80}, TD, apis=apis)))
     listener = _js(build_inbound_listener(node))
     listener["name"] = f"inbound-{name}"
     for chain in listener["filter_chains"]:
@@ -70,11 +78,11 @@ def _app(port: int) -> dict[str, Any]:
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
+def _get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
     """(status, the path the app saw); the path goes on the wire as given."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        conn.putrequest("GET", path, skip_accept_encoding=True)
+        conn.putrequest(method, path, skip_accept_encoding=True)
         conn.endheaders()
         r = conn.getresponse()
         r.read()
@@ -132,3 +140,119 @@ def test_path_rules_are_case_sensitive(mesh: tuple[EnvoyProc, int, int]) -> None
     assert _get(p_deny, "/ADMIN")[0] == 200, "expected path rules to be case-sensitive (docs/policy.md)"
     assert _get(p_allow, "/ADMIN")[0] == 403
     assert _get(p_allow, "/PUBLIC")[0] == 403, "expected an exact ALLOW path to match its own case only"
+
+
+# ---- API selectors ------------------------------------------------------------------------------
+
+USERS = [
+    ApiOperation(method="GET", path="/users/{id}", name="getUser"),
+    ApiOperation(method="DELETE", path="/users/{id}", name="deleteUser"),
+    ApiOperation(method="GET", path="/users/{id}/photos", name="getPhotos"),
+]
+
+
+@pytest.fixture(scope="module")
+def api_mesh(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    tmp = tmp_path_factory.mktemp("authz-apis")
+    p_app, p_deny, p_allow = free_port(), free_port(), free_port()
+    deny = AUTHZ.validate({"namespace": "shop", "name": "no-delete", "service": "web", "action": "DENY",
+                           "rules": [{"to": [{"apis": [{"name": "deleteUser"}]}]}, {"to": [{"apis": [{"name": "getPhotos"}]}]}]})
+    allow = AUTHZ.validate({"namespace": "shop", "name": "read-only", "service": "web",
+                            "rules": [{"to": [{"apis": [{"name": "getUser"}]}]}]})
+    assert isinstance(deny, AuthorizationPolicy) and isinstance(allow, AuthorizationPolicy)
+    deny_listener, cluster = _inbound("api-deny", p_deny, p_app, deny, USERS)
+    allow_listener, _ = _inbound("api-allow", p_allow, p_app, allow, USERS)
+    boot = {
+        "node": {"id": "web-2", "cluster": "web"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"listeners": [deny_listener, allow_listener, _app(p_app)], "clusters": [cluster]},
+    }
+    with envoy(tmp, boot) as e:
+        wait_until(lambda: e.stat("listener_manager.total_listeners_active") == 3, 10, what="Envoy's three listeners")
+        yield e, p_deny, p_allow
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("DELETE", "/users/7", 403),
+    ("DELETE", "/users/7?x=1", 403),
+    ("DELETE", "//users/./7", 403),
+    ("DELETE", "/users/%37", 403),
+    ("DELETE", "/users/7#frag", 0),  # refused: by the rule, or by Envoy (400) for the fragment
+    ("GET", "/users/7", 200),
+    ("DELETE", "/users/7/photos", 200),
+    ("DELETE", "/users", 200),
+    ("DELETE", "/users/", 200),
+    ("POST", "/users/7", 200),
+    # a template that ends in a literal: the query is no part of the path the rule sees
+    ("GET", "/users/7/photos", 403),
+    ("GET", "/users/7/photos?size=1", 403),
+    ("GET", "/users/7/photos/1", 200),
+])
+def test_a_deny_of_one_api_refuses_exactly_that_operation(api_mesh: tuple[EnvoyProc, int, int], method: str, path: str, status: int) -> None:
+    _, p_deny, _ = api_mesh
+    got, seen = _get(p_deny, path, method)
+    assert got == status or (status == 0 and got in (400, 403)), f"expected {method} {path} -> {status} under a DENY of deleteUser (DELETE /users/{{id}}), got {got} (app saw {seen!r})"
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/users/7", 200),
+    ("GET", "/users/7?fields=name", 200),
+    ("GET", "/users/../users/7", 200),
+    ("DELETE", "/users/7", 403),
+    ("HEAD", "/users/7", 403),
+    ("GET", "/users/7/photos", 403),
+    ("GET", "/users", 403),
+    ("GET", "/users/", 403),
+    ("GET", "/admin", 403),
+])
+def test_an_allow_of_one_api_lets_only_that_operation_through(api_mesh: tuple[EnvoyProc, int, int], method: str, path: str, status: int) -> None:
+    _, _, p_allow = api_mesh
+    got, seen = _get(p_allow, path, method)
+    assert got == status, f"expected {method} {path} -> {status} under an ALLOW of getUser (GET /users/{{id}}) only, got {got} (app saw {seen!r})"
+
+
+def _program_size_in_envoy(tmp: Path, regex: str) -> int | None:
+    """Envoy's RE2 program size of ``regex`` when it is over the limit (None: Envoy accepts it)."""
+    import json
+    import re
+    import subprocess
+
+    boot = {"static_resources": {"listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "x", "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+                    {"match": {"safe_regex": {"regex": regex}}, "direct_response": {"status": 200}}]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}]}}
+    path = tmp / "regex.json"
+    path.write_text(json.dumps(boot))
+    r = subprocess.run([ENVOY, "--mode", "validate", "-c", str(path), "-l", "error", "--use-dynamic-base-id"],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"RE2 program size of (\d+)", r.stdout + r.stderr)
+    if m:
+        return int(m.group(1))
+    assert r.returncode == 0, f"expected Envoy to accept {regex!r} or report its program size, got {r.stdout + r.stderr}"
+    return None
+
+
+def test_api_regexes_stay_within_envoys_program_limit_and_the_estimate_is_envoys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The largest template the translation accepts is accepted by Envoy; past the limit, the
+    estimate the translation refuses by is the size Envoy reports."""
+    largest = "/{id}/" + "abcdefghij" * 8 + "kl"
+    regex = path_template_regex(largest)
+    assert regex is not None and path_template_regex(largest + "m") is None
+    assert _program_size_in_envoy(tmp_path, regex) is None, "expected Envoy to accept the largest template's regex"
+    estimates: list[int] = []
+    size = authz_module._program_size
+
+    def recorded(pieces: Any) -> int:
+        estimates.append(size(pieces))
+        return estimates[-1]
+
+    monkeypatch.setattr(authz_module, "_MAX_PROGRAM", 10**6)
+    monkeypatch.setattr(authz_module, "_program_size", recorded)
+    for template in ["/api/v1/{org}/" + "projects-and.members~" * 5, "/{a}/{b}/{c}/{d}/{e}/{f}/{g}/{h}/{i}/{j}/{k}/{l}/{m}/{n}/{o}/{p}/{q}/{r}/{s}/{t}/{u}/{v}/{w}/{x}/{y}/{z}",
+                     "/caf\u00e9/{x}/" + "\u00e9" * 20 + "/**"]:
+        regex = path_template_regex(template)
+        assert regex is not None
+        assert _program_size_in_envoy(tmp_path, regex) == estimates[-1], f"expected Envoy's size of {regex!r} to be the estimate {estimates[-1]}"
