@@ -126,7 +126,9 @@ class Policies:
         if not node.service:
             return None
         policies = [p for p in self.engine.of_kind(AUTHZ.name) if isinstance(p, AuthorizationPolicy)]
-        return inbound_authz(policies, node.namespace, node.service, ports, self.trust_domain)
+        svc = self.registry.service(node.service_key)  # its API list resolves selectors by name
+        return inbound_authz(policies, node.namespace, node.service, ports, self.trust_domain,
+                             apis=svc.apis if svc is not None else None)
 
     def routing(self, service_key: str) -> ServiceRouting | None:
         return self.engine.routing(service_key)

@@ -450,3 +450,27 @@ def test_on_tcp_an_api_never_opens_and_a_deny_by_api_refuses_the_connection() ->
     assert built is not None and built.tcp_allow is not None and built.tcp_deny is not None
     assert not built.tcp_allow.policies, "expected an ALLOW by API to admit no TCP connection"
     assert _js(built.tcp_deny.policies["shop/d/0"])["permissions"] == [{"any": True}]
+
+
+def test_a_named_api_in_a_deny_becomes_that_operation_through_the_registry() -> None:
+    """Policies.inbound_authz resolves API names against the service's registered API list."""
+    reg = Registry(MemoryStore())
+    reg.put_service(Service(name="web", namespace="shop", ports=[ServicePort(name="http", port=80)],
+                            apis=[ApiOperation(method="DELETE", path="/users/{id}", name="deleteUser")]))
+    nodes = {NODE.id: NODE}
+    policies = Policies(reg, "mesh", "127.0.0.1", nodes, {}, lambda key: None, trust_domain=TD)
+    mesh = MeshProducer(reg, "mesh", nodes, policies, lambda n: "tok", identity=True, trust_domain=TD)
+    mesh.produce(Changes(everything=True), 0.0)
+    reg.put_document("policies", "AuthorizationPolicy/shop/no-deletes", {
+        "kind": "AuthorizationPolicy", "name": "no-deletes", "namespace": "shop", "service": "web", "action": "DENY",
+        "rules": [{"to": [{"apis": [{"name": "deleteUser"}]}]}]})
+    out = mesh.produce(Changes(other={"AuthorizationPolicy/shop/no-deletes"}), 1.0)
+    bundle = out[(NODE.id, "node")]
+    assert bundle is not None
+    routes = bundle.resources[TYPE.ROUTE]["inbound"]
+    assert isinstance(routes, route_pb2.RouteConfiguration)
+    deny = _per_route(routes, AUTHZ_DENY)
+    assert deny is not None, "expected a deny rule"
+    text = json_format.MessageToJson(deny.rbac.rules.policies["shop/no-deletes/0"])
+    assert "DELETE" in text and path_template_regex("/users/{id}") in text.replace("\\\\", "\\"), \
+        f"expected the named API resolved to DELETE on its path template, got {text}"
