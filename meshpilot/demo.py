@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -48,6 +49,14 @@ def _port(preferred: int) -> int:
             bound: int = s.getsockname()[1]
             return bound
     raise OSError("no free port")
+
+
+def _private(path: Path, secret: str) -> Path:
+    """A secret in a file only its owner can read, from the first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    return path
 
 
 def _meshpilot() -> str:
@@ -110,9 +119,7 @@ class _Sidecar:
     async def start(self, cp: ControlPlane, api: str, token_file: Path, join_token: str, bundle: Path, enrol_port: int) -> None:
         spec = self.dir / "spec.yaml"
         spec.write_text(yaml.safe_dump(self._spec()))
-        join = self.dir / "join-token"
-        join.write_text(join_token)
-        join.chmod(0o600)
+        join = _private(self.dir / "join-token", join_token)
         self.proc = await asyncio.create_subprocess_exec(
             _meshpilot(), "sidecar", "--spec", str(spec), "--control-plane", f"127.0.0.1:{cp.ports['xds']}",
             "--api", api, "--token-file", str(token_file), "--node-id", self.name, "--workdir", str(self.dir),
@@ -157,9 +164,7 @@ async def _admin_call(s: ClientSession, method: str, url: str, token: str, body:
 @contextlib.asynccontextmanager
 async def _mesh(workdir: Path) -> AsyncIterator[_Mesh]:
     token = secrets.token_urlsafe(24)
-    token_file = workdir / "admin-token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
+    token_file = _private(workdir / "admin-token", token)
     settings = Settings(
         store=f"sqlite:{workdir / 'meshpilot.db'}",
         xds_port=_port(15010),
@@ -186,6 +191,10 @@ async def _mesh(workdir: Path) -> AsyncIterator[_Mesh]:
         async with ClientSession(timeout=ClientTimeout(total=10)) as s:
             bundle = workdir / "trust-bundle.pem"
             bundle.write_text(await _admin_call(s, "GET", f"{api}/v1/identity/bundle", token))
+            # the agents get a token of their own with the scope they need (write), not the admin's
+            agents = await _admin_call(s, "POST", f"{api}/v1/access/tokens", token,
+                                       {"scope": "write", "description": "meshpilot demo: sidecar agents"})
+            agent_token = _private(workdir / "agent-token", agents["secret"])
             enrol_port = int((await _admin_call(s, "GET", f"{api}/v1/identity", token))["enrolment_port"])
             fe_out, fe_in = _port(0), _port(0)
             apps = [("frontend", "frontend-1", fe_out, fe_in), ("backend", "backend-1", 0, _port(0)), ("backend", "backend-2", 0, _port(0))]
@@ -200,7 +209,7 @@ async def _mesh(workdir: Path) -> AsyncIterator[_Mesh]:
                                           "description": f"meshpilot demo: {node}"})
                 car = _Sidecar(workdir, node, service, app_port, in_port, out_port or _port(0))
                 sidecars.append(car)
-                await car.start(cp, api, token_file, join["secret"], bundle, enrol_port)
+                await car.start(cp, api, agent_token, join["secret"], bundle, enrol_port)
         yield _Mesh(cp, fe_in, fe_out, sidecars, token_file)
     finally:
         for car in sidecars:
