@@ -9,8 +9,10 @@ never keeps its own bookkeeping: what a key no longer holds is removed. All of o
 writes go to the cache together, puts in push order (clusters and endpoints before the listeners
 and routes that name them) and removals after every put; the streams (xds/stream.py) hold a
 removed cluster back until the routes sent with it are answered. Registry and policy changes
-wait behind the debouncer; a node that connects gets its own resources at once, because its
-stream waits for them before its first response.
+go through the debouncer (publish/debounce.py): one that finds the control plane idle (nothing
+published for ``quiet_s``) is published at once, the ones that follow it wait until they settle or
+the cap; every publication, debounced or not, counts as activity. A node that connects gets its own
+resources at once, because its stream waits for them before its first response.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ class Publisher:
     # ---- changes in -------------------------------------------------------------------------
 
     def note(self, changes: Changes) -> None:
-        """Publish these changes once the debouncer says the burst has settled."""
+        """Publish these changes when the debouncer says they are due: at once on an idle control
+        plane, else once the burst has settled."""
         self._pending.merge(changes)
         self.debouncer.add(self.clock())
         self._kick.set()
@@ -134,6 +137,7 @@ class Publisher:
     def publish(self, changes: Changes) -> None:
         """Publish these changes now, beside (not instead of) the pending ones."""
         now = self.clock()
+        self.debouncer.published(now)  # noted first: a batch that fails here and stays pending waits for quiet
         self._write([(i, p.produce(changes, now)) for i, p in enumerate(self.producers)])
 
     def inject(self, type_url: str, name: str, resource: Resource | None, scope: str = "") -> None:
