@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,38 @@ async def _hds_outcome(ch: grpc.aio.Channel, node_id: str, service: str, address
     return None
 
 
+async def _hold_ads(cp: Any, bundle: bytes, key: bytes, chain: bytes, node_id: str, timeout: float,
+                    on_response: Callable[[discovery_pb2.DiscoveryResponse], Awaitable[None]] | None = None) -> Any:
+    """Hold an ADS stream as ``node_id``, ACKing every response, as long as the server lets it live
+    (at most ``timeout`` s): how it ended, a status code, "ended" or "timeout"."""
+    req = discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER)
+    req.node.id = node_id
+    async with _channel(cp, bundle, key, chain) as ch:
+        call = ch.stream_stream(ADS, request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+                                response_deserializer=discovery_pb2.DiscoveryResponse.FromString)
+        queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+        await queue.put(req)
+
+        async def requests() -> Any:
+            while (r := await queue.get()) is not None:
+                yield r
+
+        stream = call(requests())
+        try:
+            async with asyncio.timeout(timeout):
+                async for resp in stream:
+                    await queue.put(discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER, version_info=resp.version_info,
+                                                                   response_nonce=resp.nonce))
+                    if on_response is not None:
+                        await on_response(resp)
+            return "ended"
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        except TimeoutError:
+            stream.cancel()
+            return "timeout"
+
+
 def _instances(cp: Any, service: str) -> list[dict[str, Any]]:
     status, body = cp.call("GET", f"/v1/services/default/{service}/instances", headers=ADMIN)
     assert status == 200, (status, body)
@@ -235,32 +267,8 @@ def test_a_stream_ends_with_its_certificate_and_an_expired_one_opens_nothing(tmp
         assert peer is not None
 
         async def hold() -> tuple[float, Any]:
-            """Hold an ADS stream as long as the server lets it live."""
-            req = discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER)
-            req.node.id = "web-1"
-            async with _channel(cp, bundle, key, chain) as ch:
-                call = ch.stream_stream(ADS, request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-                                        response_deserializer=discovery_pb2.DiscoveryResponse.FromString)
-                queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
-                await queue.put(req)
-
-                async def requests() -> Any:
-                    while (r := await queue.get()) is not None:
-                        yield r
-
-                stream = call(requests())
-                try:
-                    async with asyncio.timeout(30):
-                        async for resp in stream:
-                            ack = discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER, version_info=resp.version_info,
-                                                                 response_nonce=resp.nonce)
-                            await queue.put(ack)
-                    return time.time(), "ended"
-                except grpc.aio.AioRpcError as exc:
-                    return time.time(), exc.code()
-                except TimeoutError:
-                    stream.cancel()
-                    return time.time(), "timeout"
+            how = await _hold_ads(cp, bundle, key, chain, "web-1", timeout=30)
+            return time.time(), how
 
         ended_at, how = asyncio.run(hold())
         assert how != "timeout" and ended_at <= peer.not_after + 6, \
@@ -279,33 +287,16 @@ def test_a_removed_enrolment_ends_the_nodes_streams_and_it_cannot_come_back(cp: 
     bundle = _bundle(cp)
     key, chain = _enrol(cp, bundle, "web-1", "web")
 
+    removed: list[float] = []
+
+    async def remove_enrolment(resp: discovery_pb2.DiscoveryResponse) -> None:
+        if resp.version_info and not removed:  # served: now the operator removes the node's enrolment
+            removed.append(time.time())
+            status, body = await asyncio.to_thread(cp.call, "DELETE", "/v1/identity/enrolments/web-1", None, ADMIN)
+            assert status in (200, 204), (status, body)
+
     async def held_then_removed() -> Any:
-        req = discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER)
-        req.node.id = "web-1"
-        async with _channel(cp, bundle, key, chain) as ch:
-            call = ch.stream_stream(ADS, request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-                                    response_deserializer=discovery_pb2.DiscoveryResponse.FromString)
-            queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
-            await queue.put(req)
-
-            async def requests() -> Any:
-                while (r := await queue.get()) is not None:
-                    yield r
-
-            stream = call(requests())
-            try:
-                async with asyncio.timeout(10):
-                    async for resp in stream:
-                        await queue.put(discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER, version_info=resp.version_info,
-                                                                       response_nonce=resp.nonce))
-                        if resp.version_info:  # served: now the operator removes the node's enrolment
-                            status, body = await asyncio.to_thread(cp.call, "DELETE", "/v1/identity/enrolments/web-1", None, ADMIN)
-                            assert status in (200, 204), (status, body)
-                return "ended"
-            except grpc.aio.AioRpcError as exc:
-                return exc.code()
-            except TimeoutError:
-                return "still served 10 s after the removal"
+        return await _hold_ads(cp, bundle, key, chain, "web-1", timeout=10, on_response=remove_enrolment)
 
     assert asyncio.run(held_then_removed()) == grpc.StatusCode.PERMISSION_DENIED
 

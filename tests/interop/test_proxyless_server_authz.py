@@ -156,7 +156,7 @@ def test_proxyless_server_enforces_authorization_policy_by_caller_certificate(me
     for service in ("a", "c"):
         certs = mesh.certificates(service, f"{service}-1")
         boot = mesh.bootstrap(f"{service}-1", service, certs)
-        cmd = [sys.executable, str(HERE / "tls_client.py"), str(echo_gen), f"echo:{SERVICE_PORT}", "120"]
+        cmd = [sys.executable, str(HERE / "client.py"), str(echo_gen), f"echo:{SERVICE_PORT}", "120", "xds-creds"]
         logs[service] = mesh.stack.enter_context(client(cmd, boot, workdir, f"client-{service}"))
 
     def stderr(service: str) -> str:
