@@ -294,3 +294,41 @@ def tmpdir(prefix: str = "meshpilot-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
+
+
+def operator_ca_files(directory: Path) -> tuple[Any, dict[str, str]]:
+    """An operator's CA for the mesh, as files: an offline root (not given to meshpilot) and an
+    intermediate of it. Returns (the root's pki.Authority, the ca_cert_file/ca_key_file/ca_chain_file
+    settings)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    from meshpilot import pki
+
+    directory.mkdir(parents=True, exist_ok=True)
+    root = pki.Authority.generate("corp")
+    key = pki.new_key()
+    now = dt.datetime.now(dt.timezone.utc)
+    root_ski = root.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "corp mesh intermediate")]))
+        .issuer_name(root.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski), critical=False)
+        .sign(root.key, hashes.SHA256())
+    )
+    files = {"ca_cert_file": directory / "ca.pem", "ca_key_file": directory / "ca.key", "ca_chain_file": directory / "chain.pem"}
+    files["ca_cert_file"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files["ca_key_file"].write_bytes(pki.key_pem(key))
+    files["ca_key_file"].chmod(0o600)
+    files["ca_chain_file"].write_bytes(root.anchor_pem())
+    return root, {k: str(v) for k, v in files.items()}

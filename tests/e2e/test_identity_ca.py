@@ -7,7 +7,6 @@ survives a restart, and an operator's intermediate signs."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import subprocess
 from pathlib import Path
@@ -16,12 +15,11 @@ from typing import Any
 import grpc
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from meshpilot import pki
 from meshpilot.pki import ca_pb2
-from tests.support import VENV_BIN, control_plane
+from tests.support import VENV_BIN, control_plane, operator_ca_files
 
 TOKEN = "admin-secret"
 SIGN = "/meshpilot.identity.v1.Identity/Sign"
@@ -178,29 +176,8 @@ def test_enrol_renew_and_rotate_a_root(tmp_path: Path) -> None:
 
 def _operator_ca(tmp: Path) -> tuple[bytes, dict[str, str]]:
     """An operator's offline root and an intermediate for the mesh: (root PEM, settings)."""
-    root = pki.Authority.generate("corp")
-    key = pki.new_key()
-    now = dt.datetime.now(dt.timezone.utc)
-    root_ski = root.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    inter = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "corp mesh intermediate")]))
-        .issuer_name(root.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski), critical=False)
-        .sign(root.key, hashes.SHA256())
-    )
-    (tmp / "inter.crt").write_bytes(inter.public_bytes(serialization.Encoding.PEM))
-    (tmp / "inter.key").write_bytes(pki.key_pem(key))
-    (tmp / "root.crt").write_bytes(root.anchor_pem())
-    (tmp / "inter.key").chmod(0o600)
-    return root.anchor_pem(), {"ca_cert_file": str(tmp / "inter.crt"), "ca_key_file": str(tmp / "inter.key"),
-                               "ca_chain_file": str(tmp / "root.crt")}
+    root, files = operator_ca_files(tmp / "operator")
+    return root.anchor_pem(), files
 
 
 def test_an_operator_intermediate_signs_chains_openssl_accepts(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
 import logging
 import threading
 from pathlib import Path
@@ -17,8 +16,7 @@ import grpc
 import pytest
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from meshpilot import metrics, pki
 from meshpilot.controlplane import ControlPlane
@@ -30,6 +28,7 @@ from meshpilot.parts import Part
 from meshpilot.pki import ca_pb2
 from meshpilot.registry.store import MemoryStore, SqliteStore
 from meshpilot.settings import Settings
+from tests.support import operator_ca_files
 
 TD = "mesh.local"
 T0 = 1_800_000_000.0
@@ -173,28 +172,8 @@ async def test_a_root_whose_nodes_expired_can_go_and_force_overrides() -> None:
 
 def _operator_files(tmp_path: Path) -> tuple[pki.Authority, dict[str, str]]:
     """An operator's root (not given to meshpilot) and an intermediate of it, written as files."""
-    root = pki.Authority.generate("corp")
-    key = pki.new_key()
-    now = dt.datetime.now(dt.timezone.utc)
-    root_ski = root.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "corp mesh intermediate")]))
-        .issuer_name(root.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski), critical=False)
-        .sign(root.key, hashes.SHA256())
-    )
-    files = {"ca_cert_file": tmp_path / "ca.pem", "ca_key_file": tmp_path / "ca.key", "ca_chain_file": tmp_path / "chain.pem"}
-    files["ca_cert_file"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files["ca_key_file"].write_bytes(pki.key_pem(key))
-    files["ca_chain_file"].write_bytes(root.anchor_pem())
-    return root, {k: str(v) for k, v in files.items()}
+    root, files = operator_ca_files(tmp_path)
+    return root, files
 
 
 async def test_an_operator_intermediate_signs_and_its_root_is_the_bundle(tmp_path: Path) -> None:
