@@ -188,6 +188,16 @@ def _identity(signer: FakeSigner, clock: Clock, tmp_path: Path, token_file: Path
                             lifecycle=Lifecycle(rand=lambda: 1.0))
 
 
+def _with_token(tmp_path: Path, service: str = "reviews") -> tuple[Clock, FakeSigner, Path]:
+    """A clock, a fake CA that takes join token "t" for shop/<service>, and that token in a file."""
+    clock = Clock()
+    signer = FakeSigner(clock)
+    signer.tokens["t"] = ("shop", service)
+    token = tmp_path / "token"
+    token.write_text("t")
+    return clock, signer, token
+
+
 async def test_enrols_with_the_token_and_keeps_the_key_in_0600_files(tmp_path: Path,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
@@ -218,10 +228,7 @@ async def test_enrols_with_the_token_and_keeps_the_key_in_0600_files(tmp_path: P
 
 async def test_renews_at_half_life_with_its_certificate_and_a_new_key(tmp_path: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
-    signer = FakeSigner(clock)
-    signer.tokens["t"] = ("shop", "reviews")
-    (tmp_path / "token").write_text("t")
+    clock, signer, _token = _with_token(tmp_path)
     ident = _identity(signer, clock, tmp_path, tmp_path / "token")
     await ident.step()
     first = ident.material
@@ -242,10 +249,7 @@ async def test_renews_at_half_life_with_its_certificate_and_a_new_key(tmp_path: 
 
 
 async def test_a_restarted_agent_renews_with_its_stored_certificate_without_a_token(tmp_path: Path) -> None:
-    clock = Clock()
-    signer = FakeSigner(clock)
-    signer.tokens["t"] = ("shop", "reviews")
-    (tmp_path / "token").write_text("t")
+    clock, signer, _token = _with_token(tmp_path)
     await _identity(signer, clock, tmp_path, tmp_path / "token").step()
     (tmp_path / "token").unlink()  # a single-use token is gone
     arrived = clock()
@@ -260,10 +264,7 @@ async def test_a_restarted_agent_renews_with_its_stored_certificate_without_a_to
 
 
 async def test_a_stored_certificate_of_another_node_is_not_used(tmp_path: Path) -> None:
-    clock = Clock()
-    signer = FakeSigner(clock)
-    signer.tokens["t"] = ("shop", "reviews")
-    (tmp_path / "token").write_text("t")
+    clock, signer, _token = _with_token(tmp_path)
     await _identity(signer, clock, tmp_path, tmp_path / "token").step()
     other = WorkloadIdentity(node_id="ratings-1", signer=signer, trust_bundle_file=tmp_path / "bundle.pem",
                              state_dir=tmp_path / "identity", clock=clock, sleep=clock.sleep)
@@ -299,10 +300,7 @@ async def test_a_used_token_is_reported_and_retried(tmp_path: Path, caplog: pyte
 
 
 async def test_an_unreachable_control_plane_keeps_the_certificate_until_it_expires(tmp_path: Path) -> None:
-    clock = Clock()
-    signer = FakeSigner(clock)
-    signer.tokens["t"] = ("shop", "reviews")
-    (tmp_path / "token").write_text("t")
+    clock, signer, _token = _with_token(tmp_path)
     ident = _identity(signer, clock, tmp_path, tmp_path / "token")
     await ident.step()
     held = ident.material
@@ -318,10 +316,7 @@ async def test_an_unreachable_control_plane_keeps_the_certificate_until_it_expir
 
 
 async def test_a_refused_renewal_falls_back_to_the_token(tmp_path: Path) -> None:
-    clock = Clock()
-    signer = FakeSigner(clock)
-    signer.tokens["t"] = ("shop", "reviews")
-    (tmp_path / "token").write_text("t")
+    clock, signer, _token = _with_token(tmp_path)
     ident = _identity(signer, clock, tmp_path, tmp_path / "token")
     await ident.step()
     signer.fail_with = SignError("UNAUTHENTICATED", "revoked", refused=True)
@@ -336,10 +331,7 @@ async def test_a_refused_renewal_falls_back_to_the_token(tmp_path: Path) -> None
 
 
 async def test_a_certificate_for_another_key_is_rejected(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
-    signer = FakeSigner(clock)
-    signer.tokens["t"] = ("shop", "reviews")
-    (tmp_path / "token").write_text("t")
+    clock, signer, _token = _with_token(tmp_path)
     other = pki.build_csr(pki.new_key(), pki.spiffe_id(TD, "shop", "reviews"), "reviews-1")
     real_sign = signer.sign
 
@@ -354,10 +346,7 @@ async def test_a_certificate_for_another_key_is_rejected(tmp_path: Path, caplog:
 
 
 async def test_the_bundle_watch_tells_listeners_of_a_new_root(tmp_path: Path) -> None:
-    clock = Clock()
-    signer = FakeSigner(clock)
-    signer.tokens["t"] = ("shop", "reviews")
-    (tmp_path / "token").write_text("t")
+    clock, signer, _token = _with_token(tmp_path)
     ident = _identity(signer, clock, tmp_path, tmp_path / "token")
     seen: list[Material] = []
     ident.add_listener(seen.append)
@@ -380,10 +369,7 @@ async def test_the_bundle_watch_tells_listeners_of_a_new_root(tmp_path: Path) ->
 
 
 async def test_ready_waits_for_the_first_certificate(tmp_path: Path) -> None:
-    clock = Clock()
-    signer = FakeSigner(clock)
-    signer.tokens["t"] = ("shop", "reviews")
-    (tmp_path / "token").write_text("t")
+    clock, signer, _token = _with_token(tmp_path)
     ident = _identity(signer, clock, tmp_path, tmp_path / "token")
     waiter = asyncio.create_task(ident.ready())
     await asyncio.sleep(0)
@@ -402,10 +388,7 @@ async def test_the_table_stream_uses_the_identity_and_reconnects_on_new_credenti
     from meshpilot.meshdns.ads import AdsState, run_ads
     from meshpilot.sidecar.identity import ChannelTls
 
-    clock = Clock()
-    signer = FakeSigner(clock)
-    signer.tokens["t"] = ("shop", "reviews")
-    (tmp_path / "token").write_text("t")
+    clock, signer, _token = _with_token(tmp_path)
     ident = _identity(signer, clock, tmp_path, tmp_path / "token")
     await ident.step()
     cp_key = pki.new_key()
@@ -457,10 +440,7 @@ async def test_the_table_stream_uses_the_identity_and_reconnects_on_new_credenti
 async def test_identity_files_are_swapped_together(tmp_path: Path) -> None:
     from meshpilot.sidecar.identity import publish_files
 
-    clock = Clock()
-    signer = FakeSigner(clock)
-    signer.tokens["t"] = ("shop", "grpc-client")
-    (tmp_path / "token").write_text("t")
+    clock, signer, _token = _with_token(tmp_path, "grpc-client")
     ident = _identity(signer, clock, tmp_path, tmp_path / "token")
     await ident.step()
     first = ident.material
@@ -690,10 +670,7 @@ async def test_keys_and_their_directories_are_created_private_not_narrowed_after
     is no moment when another user could open one."""
     from meshpilot.sidecar.identity import publish_files
 
-    clock = Clock()
-    signer = FakeSigner(clock)
-    signer.tokens["t"] = ("shop", "reviews")
-    (tmp_path / "token").write_text("t")
+    clock, signer, _token = _with_token(tmp_path)
     out = tmp_path / "run" / "files"  # identity-files' --out, its parent missing too
     ident = WorkloadIdentity(node_id="reviews-1", signer=signer, trust_bundle_file=tmp_path / "bundle.pem",
                              join_token_file=tmp_path / "token", state_dir=out / ".state", clock=clock,
