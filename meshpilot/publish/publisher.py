@@ -11,8 +11,10 @@ and routes that name them) and removals after every put; the streams (xds/stream
 removed cluster back until the routes sent with it are answered. Registry and policy changes
 go through the debouncer (publish/debounce.py): one that finds the control plane idle (nothing
 published for ``quiet_s``) is published at once, the ones that follow it wait until they settle or
-the cap; every publication, debounced or not, counts as activity. A node that connects gets its own
-resources at once, because its stream waits for them before its first response.
+the cap. A node that connects (or leaves) gets its own resources at once, because its stream waits
+for them before its first response; that publication is the node's, not the mesh's, so it does not
+count as activity (a fleet of sidecars connecting does not hold back registry changes). Every
+other publication does: the debounced ones, a producer's due ones and the full build at start.
 """
 
 from __future__ import annotations
@@ -137,7 +139,9 @@ class Publisher:
     def publish(self, changes: Changes) -> None:
         """Publish these changes now, beside (not instead of) the pending ones."""
         now = self.clock()
-        self.debouncer.published(now)  # noted first: a batch that fails here and stays pending waits for quiet
+        if changes.everything or changes.services or changes.endpoints or changes.instances or changes.other or changes.rerouted or not changes.nodes:
+            # noted first: a batch that fails here and stays pending waits for quiet
+            self.debouncer.published(now)
         self._write([(i, p.produce(changes, now)) for i, p in enumerate(self.producers)])
 
     def inject(self, type_url: str, name: str, resource: Resource | None, scope: str = "") -> None:

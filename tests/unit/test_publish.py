@@ -189,7 +189,8 @@ def test_a_clock_stepping_back_never_brings_a_deadline_forward(quiet: float, cap
     now, latest = 0.0, float("-inf")
     for op, dt in steps:
         now += dt
-        latest = max(latest, now)
+        if op != "take":  # take is told no time
+            latest = max(latest, now)
         before = stepped.next_deadline()
         for d, t in ((stepped, now), (steady, latest)):
             if op == "add":
@@ -325,6 +326,15 @@ def test_a_change_to_an_idle_publisher_goes_at_once_and_the_next_ones_wait_merge
     clock.now += 0.5
     pub.note(Changes(services={"c"}))
     assert pub.publish_due() and p.seen[-1].services == {"c"}, "expected a change after 500 ms of quiet published at once again"
+
+
+def test_a_nodes_own_publication_does_not_hold_back_a_change() -> None:
+    p = Script()
+    pub, _cache, clock = _publisher(p)
+    pub.publish(Changes(nodes={"n1"}))  # a sidecar connected: its listeners go out at once
+    clock.now += 0.03
+    pub.note(Changes(services={"a"}))
+    assert pub.next_deadline() == clock.now and pub.publish_due(), f"expected a change 30 ms after a node connected published at once, got {pub.next_deadline()}"
 
 
 def test_a_direct_publication_counts_as_activity() -> None:
