@@ -9,6 +9,7 @@ __all__ = ["register"]
 
 _BENCHMARKS = {
     "xds": ("meshpilot.perf.xds_push", "xDS push latency to many ADS clients"),
+    "xds-envoys": ("meshpilot.perf.xds_envoys", "single changes and a burst to real Envoys, write to each Envoy's ACK"),
     "xds-abuse": ("meshpilot.perf.xds_abuse", "streams that never read and huge xDS requests beside a real client"),
     "dns": ("meshpilot.perf.dns", "meshdns vs dnsmasq and unbound under dnsperf"),
     "route": ("meshpilot.perf.route", "request cost of the WASM filters through Envoy"),
