@@ -22,8 +22,7 @@ import uvloop
 from aiohttp import ClientSession
 
 from meshpilot.perf.served import control_plane, seed
-from meshpilot.perf.xds_push import _WARMING, _envoy_stats, _marker_address, _percentiles
-from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
+from meshpilot.perf.xds_push import _WARMING, _envoy_stats, _marker_address, _percentiles, start_envoys
 from meshpilot.wasm import testbed
 
 __all__ = ["add_arguments", "main"]
@@ -42,14 +41,7 @@ async def run(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
         envoys: list[testbed.Envoy] = []
         try:
             await seed(api, args.services, args.endpoints)
-            for i in range(args.envoys):
-                out = testbed.free_port()
-                boot = build_bootstrap(BootstrapOptions(
-                    node_id=f"single-{i}", service="single", control_plane_port=ports["xds"], api_type="DELTA_GRPC" if delta else "GRPC",
-                    admin_port=0, outbound_port=out, inbound_port=0,
-                ))
-                (workdir / f"envoy-{i}").mkdir()
-                envoys.append(await asyncio.to_thread(testbed.Envoy(boot, out, workdir=workdir / f"envoy-{i}").start))
+            await start_envoys(envoys, workdir, ports["xds"], args.envoys, delta, "single")
             members = {f"svc{i}": args.endpoints for i in range(args.services)}
             async with ClientSession() as s:
 

@@ -244,6 +244,22 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
 _WARMING, _CDS_UPDATES = "cluster_manager.warming_clusters", "cluster_manager.cds.update_success"
 
 
+async def start_envoys(envoys: list[Any], workdir: Path, xds_port: int, count: int, delta: bool, name: str) -> None:
+    """Start ``count`` real Envoys (``<name>-<i>``, outbound listener only) on the control plane at
+    ``xds_port``, appending each to ``envoys`` as it runs (so the caller stops those that started)."""
+    from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
+    from meshpilot.wasm import testbed
+
+    for i in range(count):
+        out = testbed.free_port()
+        boot = build_bootstrap(BootstrapOptions(
+            node_id=f"{name}-{i}", service=name, control_plane_port=xds_port, api_type="DELTA_GRPC" if delta else "GRPC",
+            admin_port=0, outbound_port=out, inbound_port=0,
+        ))
+        (workdir / f"envoy-{i}").mkdir()
+        envoys.append(await asyncio.to_thread(testbed.Envoy(boot, out, workdir=workdir / f"envoy-{i}").start))
+
+
 async def _envoy_stats(s: ClientSession, admin: str, service: str) -> dict[str, int]:
     """The warming gauge, the CDS update counter and ``service``'s membership, from one /stats call."""
     members = f"cluster.outbound|80||{service}_default_svc_mesh.membership_total"
@@ -264,7 +280,6 @@ async def _churn(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
 
 
 async def _churn_served(args: argparse.Namespace, delta: bool, cp: Served) -> dict[str, Any]:
-    from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
     from meshpilot.wasm import testbed
 
     workdir, ports, api = cp.workdir, cp.ports, cp.api
@@ -272,14 +287,7 @@ async def _churn_served(args: argparse.Namespace, delta: bool, cp: Served) -> di
     services = max(2, args.services)
     try:
         await seed(api, services, args.endpoints)
-        for i in range(args.envoys):
-            out = testbed.free_port()
-            boot = build_bootstrap(BootstrapOptions(
-                node_id=f"churn-{i}", service="churn", control_plane_port=ports["xds"], api_type="DELTA_GRPC" if delta else "GRPC",
-                admin_port=0, outbound_port=out, inbound_port=0,
-            ))
-            (workdir / f"envoy-{i}").mkdir()
-            envoys.append(await asyncio.to_thread(testbed.Envoy(boot, out, workdir=workdir / f"envoy-{i}").start))
+        await start_envoys(envoys, workdir, ports["xds"], args.envoys, delta, "churn")
         members = {f"svc{i}": args.endpoints for i in range(services)}
         last_envoy: list[float] = []
         every: list[float] = []
