@@ -7,8 +7,14 @@ before it answers, so nothing is acknowledged that a crash could lose. ``SqliteS
 embedded default (one file, WAL journal, ``synchronous=FULL``): one writer thread commits, and the
 writes that arrive while a commit is on its way to disk go together into the next one (group
 commit), so the event loop never waits for the disk and many writers share each sync.
-``MemoryStore`` keeps nothing across restarts (tests, benchmarks). These two are the only stores:
-the state lives in one control-plane process, and replicas that share it are not supported.
+``MemoryStore`` keeps nothing across restarts (tests, benchmarks). Both are local: one control-plane
+process owns the state. ``EtcdStore`` (etcd.py) is shared: several control-plane replicas write the
+same state, each keeps a local view that etcd's watch keeps current, and ``watch`` hands a replica
+the changes the others made, in etcd's order, so its registry and caches rebuild from them.
+
+Ephemeral documents (the ``liveness`` table) live as long as the process that wrote them: on etcd
+they are bound to the replica's lease and vanish when the replica stops renewing it (killed, frozen,
+cut off); on a local store they are never on disk.
 """
 
 from __future__ import annotations
@@ -20,15 +26,21 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["MemoryStore", "SqliteStore", "Store", "StoreError", "open_store"]
+__all__ = ["EPHEMERAL", "Deliver", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError", "open_store"]
 
 log = logging.getLogger("meshpilot.registry.store")
 
-TABLES = ("services", "instances", "policies", "meta", "kv", "access_tokens", "ca_roots", "join_tokens", "enrolments")
+TABLES = ("services", "instances", "policies", "meta", "kv", "access_tokens", "ca_roots", "join_tokens", "enrolments",
+          "liveness")
+EPHEMERAL = frozenset({"liveness"})  # tables whose documents live only as long as their writer
+
+# A change another writer made to a shared store: (table, key, document, or None for a delete)
+RemoteChange = tuple[str, str, Any]
+Deliver = Callable[[list[RemoteChange], int], None]  # (changes in store order, the store revision they bring)
 
 
 class StoreError(Exception):
@@ -36,6 +48,11 @@ class StoreError(Exception):
 
 
 class Store(Protocol):
+    # True when other control-plane replicas write the same state (etcd)
+    shared: bool
+    # shared: the store-wide revision the local view has reached (monotonic across replicas); local: 0
+    revision: int
+
     def items(self, table: str) -> Iterator[tuple[str, Any]]: ...
     def get(self, table: str, key: str) -> Any | None: ...
     def write(self, puts: Mapping[tuple[str, str], Any], deletes: tuple[tuple[str, str], ...] = ()) -> None:
@@ -44,6 +61,12 @@ class Store(Protocol):
         """Return when every write made before the call is on disk (raise ``StoreError`` if it cannot be)."""
     def close(self) -> None:
         """Commit what is pending and close."""
+    def watch(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
+        """Call ``deliver`` on ``loop`` with the changes other writers make, in store order, and the
+        revision they bring the local view to (a shared store; a local one never calls it)."""
+    def current(self) -> bool:
+        """Whether the local view follows the store (False once a shared store has been out of reach
+        for longer than its grace: the view may be stale). A local store is always current."""
 
 
 _Row = tuple[str, str, str | None]  # (table, key, JSON or None for a delete)
@@ -51,6 +74,9 @@ _Row = tuple[str, str, str | None]  # (table, key, JSON or None for a delete)
 
 class SqliteStore:
     """SQLite in WAL mode with group commit. ``commits`` counts transactions written to disk."""
+
+    shared = False
+    revision = 0
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -63,7 +89,9 @@ class SqliteStore:
         # FULL: a WAL commit returns only after the log is synced (NORMAL leaves it to checkpoints)
         self._db.execute("PRAGMA synchronous=FULL")
         for t in TABLES:
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS {t} (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+            if t not in EPHEMERAL:
+                self._db.execute(f"CREATE TABLE IF NOT EXISTS {t} (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+        self._ephemeral = _Ephemeral()
         # readers get their own connection: WAL lets them read while the writer syncs
         self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._read_lock = threading.Lock()
@@ -84,6 +112,9 @@ class SqliteStore:
 
     def items(self, table: str) -> Iterator[tuple[str, Any]]:
         _check_table(table)
+        if table in EPHEMERAL:
+            yield from self._ephemeral.items(table)
+            return
         # the pending view first: a write committed after it was taken is in the SELECT below
         with self._cond:
             pending = {k: v for k, (_seq, v) in self._pending[table].items()}
@@ -97,6 +128,8 @@ class SqliteStore:
 
     def get(self, table: str, key: str) -> Any | None:
         _check_table(table)
+        if table in EPHEMERAL:
+            return self._ephemeral.get(table, key)
         with self._cond:
             hit = self._pending[table].get(key)
         if hit is not None:
@@ -112,6 +145,7 @@ class SqliteStore:
         rows += [(t, k, None) for t, k in deletes]
         for t, _k, _v in rows:
             _check_table(t)
+        rows = self._ephemeral.take(rows)
         if not rows:
             return
         with self._cond:
@@ -133,6 +167,12 @@ class SqliteStore:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append((seq, fut))
         await fut
+
+    def watch(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
+        pass  # nobody else writes this file
+
+    def current(self) -> bool:
+        return True
 
     def flush(self) -> None:
         """``sync`` for callers outside an event loop: block until every write so far is on disk."""
@@ -237,6 +277,9 @@ def _settle(waiters: list[tuple[int, asyncio.Future[None]]], exc: str | None) ->
 class MemoryStore:
     """A non-durable store for tests and benchmarks."""
 
+    shared = False
+    revision = 0
+
     def __init__(self) -> None:
         self._tables: dict[str, dict[str, str]] = {t: {} for t in TABLES}
 
@@ -266,15 +309,60 @@ class MemoryStore:
     def close(self) -> None:
         pass
 
+    def watch(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
+        pass
+
+    def current(self) -> bool:
+        return True
+
+
+class _Ephemeral:
+    """A local store's ephemeral tables: in memory, gone with the process, as a lease-bound key on etcd
+    is gone with its replica."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tables: dict[str, dict[str, str]] = {t: {} for t in EPHEMERAL}
+
+    def items(self, table: str) -> Iterator[tuple[str, Any]]:
+        with self._lock:
+            rows = sorted(self._tables[table].items())
+        for k, v in rows:
+            yield k, json.loads(v)
+
+    def get(self, table: str, key: str) -> Any | None:
+        with self._lock:
+            v = self._tables[table].get(key)
+        return None if v is None else json.loads(v)
+
+    def take(self, rows: list[_Row]) -> list[_Row]:
+        """Apply the rows of ephemeral tables; return the others."""
+        rest: list[_Row] = []
+        with self._lock:
+            for t, k, v in rows:
+                if t not in EPHEMERAL:
+                    rest.append((t, k, v))
+                elif v is None:
+                    self._tables[t].pop(k, None)
+                else:
+                    self._tables[t][k] = v
+        return rest
+
 
 def open_store(url: str) -> Store:
-    """``sqlite:PATH`` (a bare PATH is SQLite too) or ``memory:``; any other ``scheme://`` is refused."""
+    """``sqlite:PATH`` (a bare PATH is SQLite too), ``memory:`` or ``etcd://HOST:PORT[,HOST:PORT...]``;
+    any other ``scheme://`` is refused."""
     if url in ("memory:", ":memory:"):
         return MemoryStore()
+    if url.startswith("etcd://"):
+        from meshpilot.registry.etcd import EtcdStore  # the etcd client loads only when it is used
+
+        return EtcdStore.from_url(url)
     if url.startswith("sqlite:"):
         return SqliteStore(url[len("sqlite:") :])
     if "://" in url:
-        raise ValueError(f"store: {url.split('://', 1)[0]}:// is not a store this build has; use sqlite:PATH or memory:")
+        raise ValueError(f"store: {url.split('://', 1)[0]}:// is not a store this build has; use sqlite:PATH, "
+                         "etcd://HOST:PORT[,HOST:PORT...] or memory:")
     return SqliteStore(url)
 
 
