@@ -5,6 +5,12 @@ meshdns read from here through change events. The working set lives in memory an
 to the ``Store`` before it is visible; a front door awaits ``store.sync()`` before it answers (the
 control plane does this for every HTTP request), so a restart loads everything that was acknowledged.
 Writes that fail validation or conflict raise before anything is stored.
+
+On a shared store (etcd) other control-plane replicas write too: the store hands their changes to
+``apply_remote`` in the store's order, which updates the working set and emits the same changes a
+local write would (marked ``remote``), so every replica rebuilds its caches from the same events.
+Changes to tables the registry does not hold in memory (identity, access, Consul sessions, liveness)
+are passed on as ``document`` changes for the parts that keep views of them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from meshpilot.model import Check, CheckStatus, Instance, Service, service_key
-from meshpilot.registry.store import Store
+from meshpilot.registry.store import RemoteChange, Store
 
 __all__ = ["Change", "Conflict", "NotFound", "Registry", "RegistryError"]
 
@@ -41,10 +47,12 @@ class Conflict(RegistryError):
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    kind: Literal["service", "instance", "policy", "kv"]
+    kind: Literal["service", "instance", "policy", "kv", "document"]
     key: str
     service: str  # the service key the change belongs to ("" for none)
     op: Literal["put", "delete"]
+    table: str = ""  # for a "document": the store table it is in
+    remote: bool = False  # made by another replica of a shared store
 
 
 Listener = Callable[[Change], None]
@@ -271,6 +279,70 @@ class Registry:
 
     def documents(self, table: Literal["policies", "kv"]) -> Iterable[tuple[str, Any]]:
         return self.store.items(table)
+
+    # ---- other replicas' writes ---------------------------------------------------------------
+
+    def apply_remote(self, changes: list[RemoteChange], revision: int = 0) -> None:
+        """Take in what another replica wrote (in store order); a change that leaves the working set
+        as it is emits nothing. A stored document that does not validate is logged and skipped, as at load."""
+        for table, key, doc in changes:
+            try:
+                if table == "services":
+                    self._remote_service(key, doc)
+                elif table == "instances":
+                    self._remote_instance(key, doc)
+                elif table in ("policies", "kv"):
+                    self._emit(Change("policy" if table == "policies" else "kv", key, "", "delete" if doc is None else "put",
+                                      remote=True))
+                else:
+                    self._emit(Change("document", key, "", "delete" if doc is None else "put", table=table, remote=True))
+            except Exception:
+                log.exception("event=bad_remote_change table=%s key=%s", table, key)
+
+    def _remote_service(self, key: str, doc: Any) -> None:
+        old = self._services.get(key)
+        if doc is None:
+            if old is None:
+                return
+            ids = sorted(self._by_service.pop(key, ()))
+            for i in ids:
+                self._instances.pop(i, None)
+            del self._services[key]
+            if old.vip and self._vips.get(old.vip) == key:
+                del self._vips[old.vip]
+            for i in ids:
+                self._emit(Change("instance", i, key, "delete", remote=True))
+            self._emit(Change("service", key, key, "delete", remote=True))
+            return
+        svc = Service.model_validate(doc)
+        if svc == old:
+            return
+        if old is not None and old.vip and old.vip != svc.vip and self._vips.get(old.vip) == key:
+            del self._vips[old.vip]
+        self._services[svc.key] = svc
+        if svc.vip:
+            self._vips[svc.vip] = svc.key
+        self._by_service.setdefault(svc.key, set())
+        self._emit(Change("service", svc.key, svc.key, "put", remote=True))
+
+    def _remote_instance(self, key: str, doc: Any) -> None:
+        old = self._instances.get(key)
+        if doc is None:
+            if old is None:
+                return
+            del self._instances[key]
+            self._by_service.get(old.service_key, set()).discard(key)
+            self._emit(Change("instance", key, old.service_key, "delete", remote=True))
+            return
+        inst = Instance.model_validate(doc)
+        if inst == old:
+            return
+        if old is not None and old.service_key != inst.service_key:
+            self._by_service.get(old.service_key, set()).discard(key)
+            self._emit(Change("instance", key, old.service_key, "delete", remote=True))
+        self._instances[inst.id] = inst
+        self._by_service.setdefault(inst.service_key, set()).add(inst.id)
+        self._emit(Change("instance", inst.id, inst.service_key, "put", remote=True))
 
     # ---- loading --------------------------------------------------------------------------
 
