@@ -10,6 +10,14 @@ and node watchers as a ``Part`` (parts.py), given to ``include``. What goes into
 from the publisher (publish/), its one writer, fed by producers the control plane assembles: the
 registry's translation (publish/mesh.py), the policies (policy/mesh.py) and the proxyless clients'
 resources (proxyless/producer.py).
+
+Replicas: on a shared store (etcd) several control planes serve one mesh. Each takes in the others'
+writes from the store's watch (``Registry.apply_remote``), so its caches follow the same events as if
+the writes were its own; resource versions are content hashes, so an Envoy that moves to another
+replica is not sent again what it has. A replica whose store is no longer current (cut off from etcd
+for longer than its grace) stops claiming to be: it hands its xDS streams over (UNAVAILABLE, so clients
+reconnect to another replica), refuses new ones, answers 503 on its HTTP ports (``/healthz`` says why)
+until the store is current again.
 """
 
 from __future__ import annotations
@@ -50,9 +58,9 @@ __all__ = ["ControlPlane"]
 log = logging.getLogger("meshpilot.controlplane")
 
 class ControlPlane:
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic, store: Store | None = None) -> None:
         self.settings = settings
-        self.registry = Registry(open_store(settings.store), settings.vip_cidr, settings.vip6_cidr)
+        self.registry = Registry(store if store is not None else open_store(settings.store), settings.vip_cidr, settings.vip6_cidr)
         self.cache = ResourceCache()
         self.nodes: dict[str, NodeInfo] = {}
         self.xds = XdsServer(self.cache, self._node_connected, self._node_gone, write_timeout_s=settings.xds_write_timeout_s,
@@ -87,6 +95,7 @@ class ControlPlane:
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
         self.ready = asyncio.Event()
+        self.current = True  # whether this replica's view of the store is current (always, on a local store)
         self.registry.subscribe(self._on_change)
 
     # ---- assembly -----------------------------------------------------------------------------
@@ -187,8 +196,31 @@ class ControlPlane:
 
     # ---- serving ------------------------------------------------------------------------------
 
+    # ---- replicas -----------------------------------------------------------------------------
+
+    def check_current(self) -> bool:
+        """Follow the store's currency: hand the streams over when it is lost, serve again once it
+        is back. Whether this replica is current."""
+        now = self.registry.store.current()
+        if now != self.current:
+            self.current = now
+            metrics.STORE_CURRENT.set(1 if now else 0)
+            if now:
+                self.xds.resume()
+                log.warning("event=replica_current store=%s", _store_name(self.settings.store))
+            else:
+                n = self.xds.hand_over("this control-plane replica lost its store; reconnect to another replica")
+                log.error("event=replica_not_current store=%s streams_handed_over=%d", _store_name(self.settings.store), n)
+        return now
+
+    async def _follow_store(self) -> None:
+        while True:
+            self.check_current()
+            await asyncio.sleep(0.5)
+
     async def start(self) -> None:
         s = self.settings
+        self.registry.store.watch(asyncio.get_running_loop(), self.registry.apply_remote)
         self.build_all()
         options: list[tuple[str, Any]] = [
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
@@ -227,6 +259,7 @@ class ControlPlane:
         limits = HttpLimits(s.http_idle_timeout_s, connection_cap(s.http_max_connections, len(doors), raise_fd_limit()))
         for door in doors:
             app = door.factory()
+            app.middlewares.append(_current_only(self))
             app.middlewares.append(_durable_answers(self.registry.store))
             runner, self.ports[door.name] = await start_front_door(app, s.listen_address, door.port, limits)
             self._runners.append(runner)
@@ -252,6 +285,8 @@ class ControlPlane:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(_supervise("publish", self.publisher.run))
+                if self.registry.store.shared:
+                    tg.create_task(_supervise("follow-store", self._follow_store))
                 for task in self._tasks:
                     tg.create_task(_supervise(task.name, task.run))
         finally:
@@ -260,6 +295,29 @@ class ControlPlane:
 
 def _has_listeners(node: NodeInfo) -> bool:
     return bool(node.outbound_port or (node.inbound_port and node.app_port))
+
+
+def _store_name(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "sqlite"
+
+
+# answered while the replica is not current: what lets a probe and a scraper see why
+_ALWAYS_OPEN = frozenset({"/metrics"})
+
+
+def _current_only(cp: ControlPlane) -> Any:
+    """Middleware: while the replica's store is not current, every request is answered 503 (a read
+    could be stale, a write would not be durable) and ``/healthz`` says so; clients try another replica."""
+
+    @web.middleware
+    async def current_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if cp.current or request.path in _ALWAYS_OPEN:
+            return await handler(request)
+        return web.json_response({"status": "not current", "error": "this control-plane replica has lost its store "
+                                  f"({_store_name(cp.settings.store)}); use another replica"}, status=503,
+                                 headers={"Retry-After": "1"})
+
+    return current_only
 
 
 def _durable_answers(store: Store) -> Any:

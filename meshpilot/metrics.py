@@ -24,6 +24,9 @@ XDS_PUSH_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
+STORE_CURRENT = Gauge("meshpilot_store_current", "1 while this replica's view of its store is current, 0 while it is cut off",
+                      registry=REGISTRY)
+STORE_CURRENT.set(1)
 REGISTRY_WRITES = Counter("meshpilot_registry_changes", "Registry change events", ["kind"], registry=REGISTRY)
 REBUILDS = Counter("meshpilot_translate_rebuilds", "Debounced rebuilds of Envoy resources", registry=REGISTRY)
 API_REQUESTS = Counter("meshpilot_api_requests", "Management API requests", ["method", "status"], registry=REGISTRY)

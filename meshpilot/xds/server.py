@@ -115,7 +115,8 @@ class StreamHandle:
     user_agent: str = ""
     identity: str = ""  # the client's certificate identity, when the port authenticates
     expires_at: float = float("inf")  # time.monotonic() when the client's certificate expires
-    closing: str = ""  # set by ``disconnect``: why the stream ends now
+    closing: str = ""  # set by ``disconnect`` or ``hand_over``: why the stream ends now
+    closing_code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED
     unanswered: Unanswered = field(default_factory=Unanswered)
 
 
@@ -150,6 +151,7 @@ class XdsServer:
         self._changes: dict[tuple[str, str], tuple[set[str], float]] = {}
         self._dispatch_scheduled = False
         self._writers = asyncio.Semaphore(max_concurrent_writes)
+        self.unavailable = ""  # why new streams are refused (``hand_over``), "" while serving
         cache.watch(self._on_change)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -305,6 +307,8 @@ class XdsServer:
         async for req in requests:
             check_request(req)
             if handle.node is None:
+                if self.unavailable:
+                    raise StreamError(self.unavailable, grpc.StatusCode.UNAVAILABLE)
                 if not req.HasField("node") or not req.node.id:
                     raise StreamError("the first request of a stream must carry node.id")
                 md = json_format.MessageToDict(req.node.metadata) if req.node.HasField("metadata") else {}
@@ -344,9 +348,23 @@ class XdsServer:
                 n += 1
         return n
 
+    def hand_over(self, reason: str) -> int:
+        """End every stream with UNAVAILABLE (clients reconnect, to another replica) and refuse new
+        ones until ``resume``; how many streams there were."""
+        self.unavailable = reason
+        n = 0
+        for h in list(self.streams.values()):
+            h.closing, h.closing_code = reason, grpc.StatusCode.UNAVAILABLE
+            h.wake.set()
+            n += 1
+        return n
+
+    def resume(self) -> None:
+        self.unavailable = ""
+
     def _check_standing(self, handle: StreamHandle) -> None:
         if handle.closing:
-            raise StreamError(handle.closing, grpc.StatusCode.PERMISSION_DENIED)
+            raise StreamError(handle.closing, handle.closing_code)
         if time.monotonic() >= handle.expires_at:
             raise StreamError("the client certificate expired; reconnect with the renewed one", grpc.StatusCode.UNAUTHENTICATED)
 

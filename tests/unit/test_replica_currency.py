@@ -1,0 +1,103 @@
+"""A replica on a shared store: the other replicas' writes reach its cache through the store's watch,
+and a replica whose store is no longer current hands its streams over and answers 503 until it is
+current again. In process: the control plane on loopback ports, a store whose currency the test sets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from envoy.service.discovery.v3 import discovery_pb2
+
+from meshpilot.controlplane import ControlPlane
+from meshpilot.registry.store import Deliver, MemoryStore
+from meshpilot.settings import Settings
+from meshpilot.xds.resource import TYPE
+
+ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+
+
+class SharedStore(MemoryStore):
+    """A memory store that says it is shared: the test plays etcd's watch and its reachability."""
+
+    shared = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_current = True
+        self.deliver: Deliver | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
+        self.loop, self.deliver = loop, deliver
+
+    def current(self) -> bool:
+        return self.is_current
+
+
+async def _stream(target: str) -> tuple[Any, grpc.aio.Channel]:
+    ch = grpc.aio.insecure_channel(target)
+    call = ch.stream_stream(ADS, request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+                            response_deserializer=discovery_pb2.DiscoveryResponse.FromString)()
+    req = discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER)
+    req.node.id = "sidecar~127.0.0.1~web-1.default~default.svc.cluster.local"
+    req.node.cluster = "web"
+    await call.write(req)
+    return call, ch
+
+
+def test_a_replica_that_lost_its_store_hands_its_streams_over_and_serves_again_once_current() -> None:
+    async def main() -> None:
+        store = SharedStore()
+        cp = ControlPlane(Settings(store="etcd://127.0.0.1:1", xds_port=0, api_port=0, consul_port=None, eureka_port=None),
+                          store=store)
+        await cp.start()
+        target = f"127.0.0.1:{cp.ports['xds']}"
+        health = f"http://127.0.0.1:{cp.ports['api']}/healthz"
+        try:
+            call, ch = await _stream(target)
+            first = await asyncio.wait_for(call.read(), 5)
+            assert first.type_url == TYPE.CLUSTER, f"expected a CDS answer, got {first}"
+            # another replica registers a service: it reaches this replica's cache through the watch
+            assert store.deliver is not None and store.loop is asyncio.get_running_loop()
+            store.deliver([("services", "orders.default", {"name": "orders", "namespace": "default",
+                                                           "ports": [{"name": "http", "port": 80}], "vip": "240.240.0.9"})], 7)
+            assert cp.registry.service("orders.default") is not None, "expected the other replica's service in the registry"
+            cp.flush()
+            names = cp.cache.names(TYPE.CLUSTER)
+            assert any("orders.default" in n for n in names), f"expected a cluster for orders, got {names}"
+
+            store.is_current = False
+            assert cp.check_current() is False
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while True:
+                    await asyncio.wait_for(call.read(), 5)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, f"expected the stream handed over (UNAVAILABLE), got {ended.value}"
+            await ch.close()
+            call, ch = await _stream(target)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await asyncio.wait_for(call.read(), 5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, f"expected a new stream refused, got {refused.value}"
+            await ch.close()
+            async with aiohttp.ClientSession() as http:
+                async with http.get(health) as r:
+                    body = await r.json()
+                    assert r.status == 503 and body["status"] == "not current", f"expected 503 not current, got {r.status} {body}"
+                async with http.get(f"http://127.0.0.1:{cp.ports['api']}/v1/services") as r:
+                    assert r.status == 503, f"expected reads refused while not current, got {r.status}"
+
+                store.is_current = True
+                assert cp.check_current() is True
+                async with http.get(health) as r:
+                    assert r.status == 200, f"expected healthz 200 once current again, got {r.status}"
+            call, ch = await _stream(target)
+            again = await asyncio.wait_for(call.read(), 5)
+            assert again.type_url == TYPE.CLUSTER
+            await ch.close()
+        finally:
+            await cp.stop()
+
+    asyncio.run(main())
