@@ -19,6 +19,12 @@ different answer gets the current global index (bumped by every registry change)
 sleeps on a topic (one service, the catalog, or KV) and recomputes when that topic changes. A
 check whose status is unchanged keeps a new output here and reaches the registry at most every
 5 minutes (Consul's ``check_update_interval``), so heartbeats with a new note wake no watcher.
+
+Replicas: on a shared store (etcd) the global index is the store's revision as this replica's view
+has it, so indexes are one sequence across every replica and a client that moves to another replica
+never sees its index go back: a query whose index is ahead of this replica's view waits until the
+view catches up (or the wait ends). Other replicas' changes wake waiting queries here as local ones
+do, and KV entries and sessions follow them.
 """
 
 from __future__ import annotations
@@ -93,7 +99,8 @@ class ConsulAgent:
         self.reg = registry
         self.datacenter = datacenter
         self.node_name = node_name
-        self.index = max(1, registry.revision)
+        self._shared = registry.store.shared
+        self._seq = max(1, registry.revision)  # bumped by every registry change: the index of a local store
         self.started = time.time()
         self._indexes: dict[str, tuple[int, int]] = {}  # instance id -> (create index, modify index)
         self.checks: dict[str, dict[str, CheckDef]] = {}  # instance id -> check id -> definition
@@ -110,9 +117,17 @@ class ConsulAgent:
         self._answers: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # query -> (digest, index)
         self._memo: dict[str, tuple[int, Answer]] = {}
         self.kv = KeyValue(registry, lambda: self.index)
-        self.index = max(self.index, self.kv.max_index)
+        self._seq = max(self._seq, self.kv.max_index)
         self._load()
         registry.subscribe(self._on_change)
+
+    @property
+    def index(self) -> int:
+        """The global index: a local store's change count, or a shared store's revision (with the
+        indexes this replica gave KV entries and sessions not yet back from the store)."""
+        if self._shared:
+            return max(1, self.reg.store.revision, self.kv.max_index)
+        return self._seq
 
     # ---- loading and events -------------------------------------------------------------------
 
@@ -133,7 +148,9 @@ class ConsulAgent:
             self._indexes.setdefault(inst.id, (self.index, self.index))
 
     def _on_change(self, change: Change) -> None:
-        self.index += 1
+        self._seq += 1
+        if change.remote and change.kind in ("kv", "document"):
+            self._remote_document(change)
         if change.kind == "instance":
             if change.op == "delete":
                 self._indexes.pop(change.key, None)
@@ -151,6 +168,21 @@ class ConsulAgent:
         elif change.kind == "kv":
             self._wake("kv")
 
+    def _remote_document(self, change: Change) -> None:
+        """Another replica changed a KV entry, a session or a registration record: follow it."""
+        if change.kind == "kv":
+            self.kv.follow_entry(change.key, self.reg.store.get("kv", change.key))
+        elif change.table == _META and change.key.startswith("consul/"):
+            doc = self.reg.store.get(_META, change.key)
+            kind, _, rest = change.key.removeprefix("consul/").partition("/")
+            if kind == "sessions":
+                self.kv.follow_session(rest, doc)
+            elif kind == "service":
+                if doc is None:
+                    self.records.pop(rest, None)
+                else:
+                    self.records[rest] = doc
+
     def _wake(self, topic: str) -> None:
         ev = self._topics.pop(topic, None)
         if ev is not None:
@@ -167,7 +199,7 @@ class ConsulAgent:
     def answer(self, key: str, compute: Callable[[], Any]) -> Answer:
         """The current answer to a query and its index (stable while the answer is unchanged)."""
         memo = self._memo.get(key)
-        if memo is not None and memo[0] == self.index:
+        if memo is not None and memo[0] == self._seq:
             return memo[1]
         body = json.dumps(compute(), separators=(",", ":")).encode()
         digest = hashlib.blake2b(body, digest_size=8).digest()
@@ -182,7 +214,7 @@ class ConsulAgent:
                 old, _ = self._answers.popitem(last=False)
                 self._memo.pop(old, None)
         ans = Answer(body, idx, digest.hex())
-        self._memo[key] = (self.index, ans)
+        self._memo[key] = (self._seq, ans)
         if len(self._memo) > _MAX_WATCH_KEYS:
             self._memo.clear()
         return ans
@@ -194,11 +226,17 @@ class ConsulAgent:
         deadline = loop.time() + wait_s
         while True:
             ev = self.topic(topic)
+            if self._shared:
+                # this replica's writes made so far get their revision first: an answer that shows
+                # them carries an index at least theirs
+                await self.reg.store.sync()
             ans = self.answer(key, compute)
             if content_hash:
                 if ans.hash != content_hash:
                     return ans
-            elif index <= 0 or ans.index != index:
+            elif index <= 0 or (ans.index > index if self._shared else ans.index != index):
+                # on a shared store an index ahead of this replica's view (the client came from a
+                # replica further on) is waited out, not answered with an older one
                 return ans
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -207,7 +245,12 @@ class ConsulAgent:
                 async with asyncio.timeout(remaining):
                     await ev.wait()
             except TimeoutError:
-                return self.answer(key, compute)
+                ans = self.answer(key, compute)
+                if self._shared and ans.index < index:
+                    # the view's revision, which has caught up with the client's index unless this
+                    # replica lags by more than the whole wait
+                    ans = Answer(ans.body, self.index, ans.hash)
+                return ans
 
     # ---- registration -------------------------------------------------------------------------
 

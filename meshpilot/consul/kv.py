@@ -134,9 +134,15 @@ class KeyValue:
             return None, [{"OpIndex": error[0], "What": error[1]}]
         return results, None
 
+    def _next_index(self) -> int:
+        """The index of the next change: after the global one and after every index given so far (on
+        a shared store the global one moves only when a write is back from the store)."""
+        self.max_index = max(self._index(), self.max_index) + 1
+        return self.max_index
+
     def _run(self, ops: list[_Op]) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
         work = dict(self.entries)
-        idx = self._index() + 1
+        idx = self._next_index()
         now = time.monotonic()
         results: list[dict[str, Any]] = []
         for n, op in enumerate(ops):
@@ -239,7 +245,7 @@ class KeyValue:
             if status == "critical":
                 raise ConsulError(500, f"Check '{cid}' is in critical state")
         sid = str(uuid.uuid4())
-        idx = self._index() + 1
+        idx = self._next_index()
         session = {
             "ID": sid, "Name": str(d.get("name") or ""), "Node": node, "LockDelay": int(delay_s * 1e9), "Behavior": behavior,
             "TTL": ttl, "NodeChecks": [str(c) for c in node_checks],
@@ -266,7 +272,7 @@ class KeyValue:
         if session is None:
             return
         now = time.monotonic()
-        idx = self._index() + 1
+        idx = self._next_index()
         work = dict(self.entries)
         for k, e in self.entries.items():
             if e.get("s") != sid:
@@ -279,6 +285,26 @@ class KeyValue:
                 self._lock_delay[k] = now + session["LockDelay"] / 1e9
         self._commit(work)
         self.reg.store.write({}, ((_META, _SESSIONS + sid),))
+
+    # ---- other replicas' changes (shared store) --------------------------------------------
+
+    def follow_entry(self, key: str, doc: Any) -> None:
+        """Another replica wrote (or deleted, ``None``) this entry."""
+        if isinstance(doc, dict) and "mi" in doc:
+            self.entries = {**self.entries, key: doc}
+            self.max_index = max(self.max_index, int(doc["mi"]))
+        elif key in self.entries:
+            self.entries = {k: v for k, v in self.entries.items() if k != key}
+
+    def follow_session(self, sid: str, doc: Any) -> None:
+        """Another replica created (or destroyed, ``None``) this session. Its TTL is kept by the replica
+        the client renews it on."""
+        if isinstance(doc, dict) and doc.get("ID") == sid:
+            self.sessions[sid] = doc
+            self.max_index = max(self.max_index, int(doc.get("ModifyIndex", 0)))
+        else:
+            self.sessions.pop(sid, None)
+            self._deadline.pop(sid, None)
 
     def sessions_json(self, node: str | None = None) -> list[dict[str, Any]]:
         return [s for _sid, s in sorted(self.sessions.items()) if node is None or s["Node"] == node]

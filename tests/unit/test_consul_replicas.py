@@ -1,0 +1,109 @@
+"""The Consul views on replicas of a shared store: one index sequence (the store's revision), a
+blocking query on one replica woken by a write on another, KV entries and sessions followed. The
+store's watch is played by handing A's written rows to B (``apply_remote``) and setting revisions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from meshpilot.consul.agent import ConsulAgent
+from meshpilot.consul.definitions import parse_service
+from meshpilot.registry import Registry
+from meshpilot.registry.store import MemoryStore, RemoteChange
+
+
+class SharedStore(MemoryStore):
+    """A memory store that says it is shared; it keeps the rows written to it for the other replica,
+    and each write takes the next revision as a commit to etcd would."""
+
+    shared = True
+
+    def __init__(self, clock: list[int]) -> None:
+        super().__init__()
+        self.clock = clock  # the one revision counter of the "cluster"
+        self.revision = clock[0]
+        self.rows: list[RemoteChange] = []
+
+    def write(self, puts: Any, deletes: tuple[tuple[str, str], ...] = ()) -> None:
+        super().write(puts, deletes)
+        self.clock[0] += 1
+        self.revision = self.clock[0]
+        self.rows += [(t, k, v) for (t, k), v in puts.items()] + [(t, k, None) for t, k in deletes]
+
+    def taken(self) -> list[RemoteChange]:
+        rows, self.rows = self.rows, []
+        return rows
+
+
+def _pair() -> tuple[ConsulAgent, SharedStore, ConsulAgent, SharedStore]:
+    clock = [100]
+    sa, sb = SharedStore(clock), SharedStore(clock)
+    a, b = ConsulAgent(Registry(sa)), ConsulAgent(Registry(sb))
+    return a, sa, b, sb
+
+
+def _hand(src: SharedStore, dst: SharedStore, reg: Registry) -> None:
+    """What the watch does: the other replica's rows, then its view's revision."""
+    rows = src.taken()
+    MemoryStore.write(dst, {(t, k): v for t, k, v in rows if v is not None}, tuple((t, k) for t, k, v in rows if v is None))
+    dst.revision = dst.clock[0]
+    reg.apply_remote(rows, dst.revision)
+
+
+def test_the_index_is_the_stores_revision_and_a_query_on_b_wakes_for_a_write_on_a() -> None:
+    async def main() -> None:
+        a, sa, b, sb = _pair()
+        a.register(parse_service({"Name": "web", "ID": "web-1", "Port": 8080}, "10.0.0.1"), "10.0.0.1")
+        _hand(sa, sb, b.reg)
+        first = b.answer("h/web", lambda: b.health_service("web", False, []))
+        assert first.index == sb.revision, f"expected the index at B's view revision {sb.revision}, got {first.index}"
+        waiter = asyncio.create_task(b.blocking("h/web", "svc:web.default", lambda: b.health_service("web", False, []), first.index, 5))
+        await asyncio.sleep(0.02)
+        assert not waiter.done(), "expected the query on B to block while nothing changed"
+        a.register(parse_service({"Name": "web", "ID": "web-2", "Port": 8081}, "10.0.0.2"), "10.0.0.2")
+        _hand(sa, sb, b.reg)
+        ans = await asyncio.wait_for(waiter, 1)
+        assert ans.index > first.index, f"expected a larger index after A's write, got {ans.index} <= {first.index}"
+        assert len(__import__("json").loads(ans.body)) == 2, "expected both instances in B's answer"
+
+    asyncio.run(main())
+
+
+def test_an_index_ahead_of_this_replicas_view_is_waited_out_never_answered_with_an_older_one() -> None:
+    async def main() -> None:
+        a, sa, b, sb = _pair()
+        a.register(parse_service({"Name": "web", "ID": "web-1", "Port": 8080}, "10.0.0.1"), "10.0.0.1")
+        _hand(sa, sb, b.reg)
+        seen_on_a = a.answer("h/web", lambda: a.health_service("web", False, [])).index
+        # A moves on (a write B has not seen yet); the client saw A's index and now asks B
+        a.register(parse_service({"Name": "db", "ID": "db-1", "Port": 5432}, "10.0.0.3"), "10.0.0.3")
+        ahead = a.index
+        assert ahead > sb.revision >= seen_on_a
+        # B's view catches up in the wait: the answer (unchanged content) carries the caught-up index
+        waiter = asyncio.create_task(b.blocking("h/web", "svc:web.default", lambda: b.health_service("web", False, []), ahead, 0.3))
+        await asyncio.sleep(0.05)
+        assert not waiter.done(), f"expected B to wait while its view ({sb.revision}) is behind the client's index {ahead}"
+        _hand(sa, sb, b.reg)
+        ans = await asyncio.wait_for(waiter, 2)
+        assert ans.index >= ahead, f"expected an index no older than the client's {ahead}, got {ans.index}"
+
+    asyncio.run(main())
+
+
+def test_kv_entries_and_sessions_written_on_a_are_seen_on_b() -> None:
+    a, sa, b, sb = _pair()
+    sid = a.kv.create_session({"Name": "leader", "TTL": "30s"}, "10.0.0.1", lambda n, c: "passing")
+    assert a.kv.acquire("service/leader", b"a", 0, sid)
+    a.kv.put("config/x", b"1", 0, None)
+    _hand(sa, sb, b.reg)
+    assert b.kv.value("config/x") == b"1", f"expected A's KV entry on B, got {b.kv.value('config/x')!r}"
+    held = b.kv.entries_json("service/leader", False)
+    assert held and held[0]["Session"] == sid, f"expected the lock held by A's session on B, got {held}"
+    assert [s["ID"] for s in b.kv.sessions_json()] == [sid]
+    assert b.index >= max(e["ModifyIndex"] for e in b.kv.entries_json("", True)), "expected B's index to cover every entry"
+    a.kv.delete("config/x", False, None)
+    a.kv.destroy(sid)
+    _hand(sa, sb, b.reg)
+    assert b.kv.value("config/x") is None and b.kv.sessions_json() == [], "expected the delete and the destroyed session on B"
+    assert not b.kv.entries_json("service/leader", False)[0].get("Session"), "expected the lock released on B"
