@@ -1,20 +1,36 @@
-"""Registry benchmark through the Consul-compatible API: registrations per second, blocking-query
-wakeup latency and disk syncs per acknowledged write.
+"""Registry benchmark through the Consul-compatible API: registrations and deregistrations per
+second with their latency and cost, blocking-query wakeup latency, and disk syncs per acknowledged
+write.
 
 It starts its own control plane (``meshpilot serve``, SQLite store in a temporary directory unless
-``--store`` says otherwise), then (1) registers N services (one instance each, with a TTL check)
-and deregisters them again with C requests in flight, (2) parks W blocking
-``/v1/health/service/<name>?index=`` queries on one service, changes that service, and measures how
-long each watcher takes to get its answer, and (3) with ``--sync-writes S``, counts the control
-plane's fsync/fdatasync calls (strace attached to it) while S registrations are made one at a time
-and then S with C in flight: at least one sync per acknowledged write one at a time, fewer than one
-when writes share commits. Results are printed as one JSON document.
+``--store`` says otherwise) and then:
+
+1. registers N services (one instance each, with a TTL check) with C requests in flight, then
+   deregisters them. For each phase it reports the rate, the latency percentiles of the requests,
+   the CPU the control plane used per write (``/proc/<pid>/stat``, from the phase's first request
+   until the work the writes started, the debounced publication included, is done), the CPU the
+   load generator used per write, how busy the machine's cores were, and the store's syncs per
+   write: the control plane's fsync/fdatasync calls (it runs under ``strace --seccomp-bpf``, which
+   stops it only at those calls) or, on etcd, the members' WAL fsyncs from their ``/metrics``.
+   The load generator is HashiCorp's Go client (``consul_load/main.go``, built on first use with
+   the Go toolchain from the module cache or the Go module proxy) when ``go`` is installed, else
+   aiohttp in this process: measured here, 0.09 ms of CPU per request for the Go client against
+   0.23-0.27 ms for aiohttp, which matters when the client shares two cores with the control plane.
+2. parks W blocking ``/v1/health/service/<name>?index=`` queries on one service, changes that
+   service, and measures how long each watcher takes to get its answer;
+3. with ``--sync-writes S``, counts the control plane's syncs (strace attached) while S
+   registrations are made one at a time and then S with C in flight: at least one sync per
+   acknowledged write one at a time, fewer than one when writes share commits.
+
+``--profile FILE`` samples the control plane with py-spy during phase 1 and adds the functions
+that took the most samples to the report. Results are printed as one JSON document.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -24,8 +40,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +52,120 @@ import aiohttp
 from meshpilot.frontdoor import raise_fd_limit
 from meshpilot.perf.served import stop
 
-__all__ = ["add_arguments", "main", "strace_attached"]
+__all__ = ["add_arguments", "main", "profile_summary", "strace_attached"]
+
+_GO_SOURCES = Path(__file__).parent / "consul_load"
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_QUIET_WINDOW_S = 0.1
+_QUIET_CPU_S = 0.02  # a 100 ms window in which the control plane used at most this is quiet
+_SETTLE_MAX_S = 3.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--services", type=int, default=1000, help="services to register and deregister (default 1000)")
-    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight while registering (default 64)")
-    parser.add_argument("--watchers", type=int, default=1000, help="blocking queries parked on one service (default 1000)")
+    parser.add_argument("--services", type=int, default=5000, help="services to register and deregister (default 5000)")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight while registering (default 16)")
+    parser.add_argument("--client", choices=("auto", "go", "python"), default="auto",
+                        help="load generator: HashiCorp's Go client or aiohttp (default auto: go when a Go toolchain is installed)")
+    parser.add_argument("--watchers", type=int, default=1000, help="blocking queries parked on one service (default 1000; 0 skips)")
     parser.add_argument("--rounds", type=int, default=5, help="wakeup rounds to measure (default 5)")
-    parser.add_argument("--store", default="", help="control-plane store (default: SQLite in a temporary directory)")
-    parser.add_argument("--consul", default="", help="benchmark an already running Consul API at HOST:PORT instead")
+    parser.add_argument("--store", default="", help="control-plane store URL, e.g. sqlite:PATH or etcd://H:P,H:P,H:P "
+                        "(default: SQLite in a temporary directory)")
+    parser.add_argument("--consul", default="", help="benchmark an already running Consul API at HOST:PORT instead "
+                        "(a Consul agent as a peer, or a control plane started elsewhere; no CPU or sync counts)")
     parser.add_argument("--sync-writes", type=int, default=0, help="count disk syncs for this many registrations, one at a time and "
                         "concurrently (needs strace; default 0: skip)")
+    parser.add_argument("--profile", default="", metavar="FILE", help="sample the control plane with py-spy while it registers "
+                        "and deregisters; write the collapsed stacks to FILE and the top functions into the report")
     parser.add_argument("--output", default="", help="also write the JSON report here")
 
 
-def _start_control_plane(work: Path, store: str) -> tuple[subprocess.Popen[bytes], str]:
+# ---- the control plane and what it costs ---------------------------------------------------------
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of every thread of ``pid`` so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces; fields from state on
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _host_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the machine so far, from /proc/stat."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+    total = sum(parts[:8])
+    return (total - idle) / _CLK_TCK, total / _CLK_TCK
+
+
+@dataclass
+class _ControlPlane:
+    proc: subprocess.Popen[bytes]  # the control plane, or strace running it
+    pid: int  # the control plane's own process
+    target: str
+    store: str
+    syncs_file: Path | None
+
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.pid)
+
+    def syncs(self) -> int | None:
+        """Store syncs so far: the control plane's fsync/fdatasync calls, or etcd's WAL fsyncs."""
+        if self.store.startswith("etcd://"):
+            return etcd_wal_fsyncs(self.store)
+        if self.syncs_file is None:
+            return None
+        return count_syncs(self.syncs_file.read_text())
+
+    def stop(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGTERM)  # strace, if it runs the control plane, exits with it
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            stop(self.proc)
+
+
+def count_syncs(trace: str) -> int:
+    """fsync + fdatasync calls in strace's output (a call interrupted by another thread's line is
+    counted once, at its start)."""
+    return sum(1 for line in trace.splitlines() if ("fsync(" in line or "fdatasync(" in line) and "resumed>" not in line)
+
+
+def etcd_wal_fsyncs(url: str) -> int | None:
+    """WAL fsyncs so far, summed over the etcd members of a store URL (etcd's own /metrics)."""
+    total = 0
+    for member in url.removeprefix("etcd://").split(","):
+        try:
+            with urllib.request.urlopen(f"http://{member}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        total += int(_metric(text, "etcd_disk_wal_fsync_duration_seconds_count") or 0)
+    return total
+
+
+def _metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _start_control_plane(work: Path, store: str) -> _ControlPlane:
     ready = work / "ready.json"
     exe = Path(sys.executable).parent / "meshpilot"
+    url = store or f"sqlite:{work / 'bench.db'}"
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "meshpilot.cli"]),
-           "serve", "--store", store or f"sqlite:{work / 'bench.db'}", "--xds-port", "0", "--api-port", "0",
+           "serve", "--store", url, "--xds-port", "0", "--api-port", "0",
            "--consul-port", "0", "--eureka-port", "-1", "--ready-file", str(ready)]
+    syncs_file = None
+    strace = shutil.which("strace")
+    if strace is not None and not url.startswith(("etcd://", "memory:")):
+        # seccomp-bpf: the control plane stops only at the traced calls, so it runs at full speed
+        syncs_file = work / "syncs.txt"
+        cmd = [strace, "-f", "-qq", "-e", "signal=none", "--seccomp-bpf", "-e", "trace=fsync,fdatasync", "-o", str(syncs_file), "--", *cmd]
     proc = subprocess.Popen(cmd, stdout=open(work / "control-plane.log", "wb"), stderr=subprocess.STDOUT, cwd=work,
                             env={**os.environ, "MESHPILOT_LOG_LEVEL": "WARNING"})
     deadline = time.monotonic() + 30
@@ -63,8 +174,8 @@ def _start_control_plane(work: Path, store: str) -> tuple[subprocess.Popen[bytes
             proc.kill()
             raise RuntimeError(f"control plane did not start:\n{(work / 'control-plane.log').read_text()[-2000:]}")
         time.sleep(0.05)
-    ports = json.loads(ready.read_text())
-    return proc, f"127.0.0.1:{ports['consul']}"
+    info = json.loads(ready.read_text())
+    return _ControlPlane(proc, int(info["pid"]), f"127.0.0.1:{info['consul']}", url, syncs_file)
 
 
 @contextmanager
@@ -96,9 +207,9 @@ async def _sync_counts(base: str, pid: int, work: Path, n: int, concurrency: int
     for label, in_flight in (("one_at_a_time", 1), (f"{concurrency}_in_flight", concurrency)):
         out = work / f"strace-{label}.txt"
         with strace_attached(pid, out, "-c", "-e", "trace=fsync,fdatasync"):
-            reg = await _registrations(base, n, in_flight, prefix=f"sync-{in_flight}-", deregister=False)
+            load = await _python_load(base, "register", n, in_flight, prefix=f"sync-{in_flight}-")
         syncs = _syncs(out.read_text())
-        counts[label] = {"syncs": syncs, "syncs_per_registration": round(syncs / n, 3), "register_per_s_traced": reg["register_per_s"]}
+        counts[label] = {"syncs": syncs, "syncs_per_registration": round(syncs / n, 3), "register_per_s_traced": round(n / load.seconds, 1)}
     return counts
 
 
@@ -114,40 +225,184 @@ def _percentiles(values: list[float]) -> dict[str, float]:
             "max_ms": round(s[-1] * 1000, 2), "mean_ms": round(statistics.fmean(s) * 1000, 2)}
 
 
-async def _registrations(base: str, n: int, concurrency: int, prefix: str = "bench-", deregister: bool = True) -> dict[str, Any]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
-        sem = asyncio.Semaphore(concurrency)
+# ---- load generators -----------------------------------------------------------------------------
 
-        async def call(method: str, path: str, body: Any = None) -> None:
-            async with sem:
+
+@dataclass(frozen=True, slots=True)
+class _Load:
+    seconds: float  # from the first request sent to the last answer
+    latencies: list[float]  # seconds, one per request
+    client_cpu_s: float  # CPU the load generator used meanwhile
+
+
+def _registration(prefix: str, i: int) -> dict[str, Any]:
+    return {"Name": f"{prefix}{i}", "ID": f"{prefix}{i}-1", "Address": "127.0.0.1", "Port": 20000 + i % 40000,
+            "Tags": ["bench"], "Meta": {"version": "1"}, "Check": {"TTL": "60s"}}
+
+
+async def _python_load(base: str, phase: str, n: int, concurrency: int, prefix: str) -> _Load:
+    """aiohttp in this process: C workers, one kept-alive connection each."""
+    latencies = [0.0] * n
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        todo = iter(range(n))
+
+        async def worker() -> None:
+            for i in todo:
+                if phase == "register":
+                    method, path, body = "PUT", "/v1/agent/service/register", _registration(prefix, i)
+                else:
+                    method, path, body = "PUT", f"/v1/agent/service/deregister/{prefix}{i}-1", None
+                start = time.perf_counter()
                 async with http.request(method, base + path, json=body) as resp:
                     if resp.status != 200:
                         raise RuntimeError(f"{method} {path}: expected 200, got {resp.status} {await resp.text()}")
                     await resp.read()
+                latencies[i] = time.perf_counter() - start
 
-        def reg(i: int) -> Any:
-            return call("PUT", "/v1/agent/service/register",
-                        {"Name": f"{prefix}{i}", "ID": f"{prefix}{i}-1", "Address": "127.0.0.1", "Port": 20000 + i % 40000,
-                         "Tags": ["bench"], "Meta": {"version": "1"}, "Check": {"TTL": "60s"}})
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        t1, cpu1 = time.perf_counter(), time.process_time()
+    return _Load(t1 - t0, latencies, cpu1 - cpu0)
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(reg(i) for i in range(n)))
-        t1 = time.perf_counter()
-        async with http.get(base + "/v1/catalog/services") as resp:
-            listed = sum(1 for k in await resp.json() if k.startswith(prefix))
-        if listed != n:
-            raise RuntimeError(f"expected {n} registered services, the catalog lists {listed}")
-        if not deregister:
-            return {"services": n, "concurrency": concurrency, "register_per_s": round(n / (t1 - t0), 1)}
-        t2 = time.perf_counter()
-        await asyncio.gather(*(call("PUT", f"/v1/agent/service/deregister/{prefix}{i}-1") for i in range(n)))
-        t3 = time.perf_counter()
-    return {
-        "services": n, "concurrency": concurrency,
-        "register_per_s": round(n / (t1 - t0), 1), "deregister_per_s": round(n / (t3 - t2), 1),
-        "register_plus_deregister_per_s": round(2 * n / ((t1 - t0) + (t3 - t2)), 1),
-        "register_s": round(t1 - t0, 3), "deregister_s": round(t3 - t2, 3),
-    }
+
+def go_client(cache: Path) -> Path:
+    """The Go load generator, built from ``consul_load/`` unless a build newer than its sources is cached."""
+    go = shutil.which("go") or next((p for p in ("/usr/local/go/bin/go",) if Path(p).exists()), None)
+    if go is None:
+        raise RuntimeError("--client go needs a Go toolchain (go on PATH)")
+    binary = cache / "consulload"
+    newest = max(p.stat().st_mtime for p in _GO_SOURCES.iterdir())
+    if binary.exists() and binary.stat().st_mtime >= newest:
+        return binary
+    cache.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GOFLAGS": "-buildvcs=false -mod=readonly", "GOTOOLCHAIN": "local"}
+    proc = subprocess.run([go, "build", "-o", str(binary), "."], cwd=_GO_SOURCES, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the Go load generator failed:\n{proc.stderr[-3000:]}")
+    return binary
+
+
+async def _go_load(binary: Path, target: str, phase: str, n: int, concurrency: int, prefix: str) -> _Load:
+    proc = await asyncio.create_subprocess_exec(str(binary), "-addr", target, "-phase", phase, "-n", str(n), "-c", str(concurrency),
+                                                "-prefix", prefix, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the Go load generator's {phase} failed: {err.decode()[-2000:]}")
+    got = json.loads(out)
+    return _Load(float(got["seconds"]), [us / 1e6 for us in got["latencies_us"]], float(got["cpu_s"]))
+
+
+# ---- phases --------------------------------------------------------------------------------------
+
+
+async def _settle(cp: _ControlPlane) -> float:
+    """Wait until the control plane is quiet (a 100 ms window with at most 20 ms of CPU), at most 3 s;
+    the seconds waited."""
+    t0 = time.perf_counter()
+    prev = cp.cpu_s()
+    while time.perf_counter() - t0 < _SETTLE_MAX_S:
+        await asyncio.sleep(_QUIET_WINDOW_S)
+        now = cp.cpu_s()
+        if now - prev <= _QUIET_CPU_S:
+            break
+        prev = now
+    return time.perf_counter() - t0
+
+
+async def _phase(cp: _ControlPlane | None, n: int, load: Callable[[], Awaitable[_Load]]) -> dict[str, Any]:
+    cpu0 = cp.cpu_s() if cp else 0.0
+    syncs0 = cp.syncs() if cp else None
+    host0 = _host_cpu()
+    got = await load()
+    host1 = _host_cpu()
+    cpu_during = (cp.cpu_s() - cpu0) if cp else 0.0
+    out: dict[str, Any] = {"per_s": round(n / got.seconds, 1), "seconds": round(got.seconds, 3), **_percentiles(got.latencies),
+                           "client_cpu_ms_per_write": round(got.client_cpu_s * 1000 / n, 3),
+                           "host_busy_cores": round((host1[0] - host0[0]) / got.seconds, 2)}
+    if cp is None:
+        return out
+    tail = await _settle(cp)
+    cpu = cp.cpu_s() - cpu0
+    syncs1 = cp.syncs()
+    out |= {"control_plane_cpu_ms_per_write": round(cpu * 1000 / n, 3), "control_plane_busy_cores": round(cpu_during / got.seconds, 2),
+            "settle_s": round(tail, 2)}
+    if syncs0 is not None and syncs1 is not None:
+        out["store_syncs_per_write"] = round((syncs1 - syncs0) / n, 3)
+    return out
+
+
+async def _listed(base: str, prefix: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(base + "/v1/catalog/services") as resp:
+        return sum(1 for k in await resp.json() if k.startswith(prefix))
+
+
+async def _registrations(cp: _ControlPlane | None, target: str, n: int, concurrency: int,
+                         client: Callable[[str, int, int, str], Awaitable[_Load]]) -> dict[str, Any]:
+    prefix = "bench-"
+    report: dict[str, Any] = {"services": n, "concurrency": concurrency}
+    report["register"] = await _phase(cp, n, lambda: client("register", n, concurrency, prefix))
+    listed = await _listed(f"http://{target}", prefix)
+    if listed != n:
+        raise RuntimeError(f"expected {n} registered services, the catalog lists {listed}")
+    if cp is not None:
+        # what n registered services cost while nothing changes (TTL and health bookkeeping)
+        cpu0, t0 = cp.cpu_s(), time.perf_counter()
+        await asyncio.sleep(1.0)
+        report["idle_busy_cores_registered"] = round((cp.cpu_s() - cpu0) / (time.perf_counter() - t0), 3)
+    report["deregister"] = await _phase(cp, n, lambda: client("deregister", n, concurrency, prefix))
+    listed = await _listed(f"http://{target}", prefix)
+    if listed:
+        raise RuntimeError(f"expected no services left after deregistering, the catalog lists {listed}")
+    return report
+
+
+# ---- profile -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _profiled(pid: int, out: Path) -> Iterator[None]:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--nonblocking",
+                             "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # py-spy attaches before the load starts
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+        _out, err = proc.communicate(timeout=30)
+        if not out.exists():
+            raise RuntimeError(f"py-spy wrote no profile: {err.decode()[-1000:]}")
+
+
+def _frame(frame: str) -> str:
+    """``func (path/to/module.py:123)`` -> ``func module.py:123``."""
+    name, _, where = frame.partition(" (")
+    return f"{name} {where.rstrip(')').rsplit('/', 1)[-1]}".strip()
+
+
+def profile_summary(collapsed: str, top: int = 30) -> dict[str, Any]:
+    """The functions that took the most samples in py-spy's collapsed stacks: inclusive (on the
+    stack) and self (at its top), each as a share of all samples."""
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_frame(f) for f in stack.split(";")]
+        for f in set(frames):
+            inclusive[f] += n
+        own[frames[-1]] += n
+
+    def shares(c: collections.Counter[str]) -> list[list[Any]]:
+        return [[f, round(100 * v / total, 1)] for f, v in c.most_common(top)]
+
+    return {"samples": total, "inclusive_pct": shares(inclusive) if total else [], "self_pct": shares(own) if total else []}
 
 
 async def _wakeups(base: str, watchers: int, rounds: int) -> dict[str, Any]:
@@ -202,36 +457,73 @@ async def _wait_parked(http: aiohttp.ClientSession, base: str, watchers: int) ->
 def main(args: argparse.Namespace) -> int:
     raise_fd_limit()  # each watcher holds a connection
     work = Path(tempfile.mkdtemp(prefix="meshpilot-perf-registry-"))
-    proc = None
+    cp = None
     try:
+        use_go = args.client == "go" or (args.client == "auto" and (shutil.which("go") or Path("/usr/local/go/bin/go").exists()))
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshpilot" / "consul-load"
+        binary = go_client(cache) if use_go else None
         target = args.consul
         if not target:
-            proc, target = _start_control_plane(work, args.store)
+            cp = _start_control_plane(work, args.store)
+            target = cp.target
         base = f"http://{target}"
 
+        async def client(phase: str, n: int, concurrency: int, prefix: str) -> _Load:
+            if binary is not None:
+                return await _go_load(binary, target, phase, n, concurrency, prefix)
+            return await _python_load(base, phase, n, concurrency, prefix)
+
         async def run() -> dict[str, Any]:
-            reg = await _registrations(base, args.services, args.concurrency)
-            wake = await _wakeups(base, args.watchers, args.rounds)
-            report = {"registrations": reg, "blocking_query_wakeup": wake}
+            if args.profile:
+                if cp is None:
+                    raise RuntimeError("--profile samples the control plane this command starts; drop --consul")
+                with _profiled(cp.pid, Path(args.profile)):
+                    reg = await _registrations(cp, target, args.services, args.concurrency, client)
+                reg["profile"] = {"file": args.profile, **profile_summary(Path(args.profile).read_text())}
+            else:
+                reg = await _registrations(cp, target, args.services, args.concurrency, client)
+            report: dict[str, Any] = {"registrations": reg}
+            if args.watchers:
+                report["blocking_query_wakeup"] = await _wakeups(base, args.watchers, args.rounds)
             if args.sync_writes:
-                if proc is None:
+                if cp is None:
                     raise RuntimeError("--sync-writes traces the control plane this command starts; drop --consul")
-                report["disk_syncs"] = await _sync_counts(base, proc.pid, work, args.sync_writes, args.concurrency)
+                report["disk_syncs"] = await _sync_counts(base, cp.pid, work, args.sync_writes, args.concurrency)
             return report
 
-        report = {"target": target, "cpus": os.cpu_count(), **asyncio.run(run())}
+        report = {"target": target, "store": cp.store if cp else "(external)", "cpus": os.cpu_count(),
+                  "client": "go: github.com/hashicorp/consul/api" if binary else "python: aiohttp",
+                  "syncs_counted_by": _sync_source(cp), **asyncio.run(run())}
         text = json.dumps(report, indent=2)
         print(text)
+        print(_summary(report["registrations"]), file=sys.stderr)
         if args.output:
             Path(args.output).write_text(text + "\n")
         return 0
     finally:
-        if proc is not None:
-            stop(proc)
+        if cp is not None:
+            cp.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _sync_source(cp: _ControlPlane | None) -> str:
+    if cp is None:
+        return "none (external target)"
+    if cp.store.startswith("etcd://"):
+        return "etcd /metrics: WAL fsyncs of every member"
+    return "strace: fsync + fdatasync of the control plane" if cp.syncs_file else "none (no strace)"
+
+
+def _summary(reg: dict[str, Any]) -> str:
+    parts = []
+    for phase in ("register", "deregister"):
+        p = reg[phase]
+        cost = f", control plane {p['control_plane_cpu_ms_per_write']} ms CPU/write" if "control_plane_cpu_ms_per_write" in p else ""
+        parts.append(f"{phase} {p['per_s']:,.0f}/s p50 {p['p50_ms']} ms p99 {p['p99_ms']} ms{cost}")
+    return f"registry ({reg['services']} services, {reg['concurrency']} in flight): " + "; ".join(parts)
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="meshpilot perf registry", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="meshpilot perf registry", description=(__doc__ or "").splitlines()[0])
     add_arguments(p)
     sys.exit(main(p.parse_args()))
