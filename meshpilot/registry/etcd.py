@@ -1,0 +1,743 @@
+"""The shared store: several control-plane replicas keep one registry in etcd.
+
+``EtcdStore`` meets the ``Store`` contract of store.py for replicas that share state. Each replica
+keeps a local view of the whole key prefix, loaded with one Range when the store opens and kept
+current by one etcd watch; ``items`` and ``get`` read that view, overlaid with the replica's own
+writes that are not committed yet, so a read never waits for the network. ``watch`` hands the
+registry the changes the other replicas make, in etcd's order, so its caches rebuild from them.
+
+Key layout: ``<prefix><table>/<key>`` (prefix ``/meshpilot/`` unless the URL names another, as in
+``etcd://h:p,h:p/mesh-a/``); each value is the document as compact JSON with sorted keys, the bytes
+SqliteStore keeps.
+
+Writing: ``write`` only queues. One committer thread sends each batch as one etcd Txn; the writes
+that arrive while a Txn is in flight go together into the next one (group commit), up to
+``max_txn_ops`` operations (128, etcd's default ``--max-txn-ops``) and ``max_txn_bytes`` (1 MiB,
+under etcd's 1.5 MiB request limit). A write is atomic: it is never spread over two Txns, except a
+single write larger than one Txn, which is split into ordered Txns and is then atomic per Txn only
+(logged as ``event=store_write_split``). ``await sync()`` returns when every earlier write is
+committed and the watch has brought the local view to that commit's revision (read-your-writes);
+while etcd is out of reach the committer keeps retrying and ``sync`` raises ``StoreError`` after
+``timeout_s``, so a write whose ``sync`` failed may still land later, once etcd is back.
+
+Ordering: the view applies the watch's events in etcd's order and ``revision`` is the revision of
+the last event applied. A key with a local write in flight keeps the local value: the events of
+other replicas for it are applied to the view but not delivered, and when the local Txn is back
+through the watch, a key whose etcd value is no longer the one written (another replica wrote it
+later) is delivered then, so every replica converges on etcd's final state. A broken watch
+resumes from ``revision + 1``; when etcd has compacted that revision the view is reloaded with one
+Range and the difference is delivered as changes. A replica does not get its own writes back.
+
+Leases: the documents of the ephemeral tables (``EPHEMERAL``: liveness) are put with this
+replica's lease (``lease_ttl_s``, kept alive every third of it). When the replica stops renewing
+(killed, frozen, cut off) etcd deletes them and every other replica's watch sees the deletes. A
+replica that finds its lease gone when it comes back grants a new one and puts its ephemeral
+documents again. ``close`` commits what is queued, then revokes the lease, so its ephemeral
+documents vanish at once.
+
+Failure modes: etcd unreachable when the store opens: ``StoreError`` after ``timeout_s``, naming
+the endpoints. A member down: one gRPC channel over every endpoint (round robin over the members
+that answer) moves requests and the watch to the others. Every member down, or no quorum: writes
+stay queued and visible locally, ``sync`` raises after ``timeout_s``, and once the watch or the
+lease has been failing for longer than the grace (``lease_ttl_s``) ``current()`` is False (logged
+as ``event=store_current``) until the watch has reconnected and caught up. etcd 3.4 answers a
+watch progress request with its current revision even while events before it are still on their
+way, so progress answers only tell that the watch is alive; ``revision`` moves with events alone.
+
+Client: etcd's own v3 gRPC stubs as packaged by ``aetcd`` (``aetcd.rpc``), driven over one sync
+``grpc`` channel from this store's threads. aetcd's own client is asyncio-bound to one loop and
+opens one endpoint; the stubs over a multi-address channel give failover between members, a watch
+stream and lease keep-alives this store controls, and Txns that never block the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc  # type: ignore[import-untyped]
+
+from meshpilot.registry.store import EPHEMERAL, TABLES, Deliver, RemoteChange, StoreError
+
+__all__ = ["DEFAULT_PREFIX", "EtcdStore"]
+
+log = logging.getLogger("meshpilot.registry.etcd")
+
+DEFAULT_PREFIX = "/meshpilot/"
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+MAX_TXN_BYTES = 1 << 20  # etcd refuses requests over --max-request-bytes (1.5 MiB by default)
+_OP_OVERHEAD = 16  # bytes a put or delete adds to a Txn beyond its key and value
+# the codes with which etcd or the channel say "not now": the committer tries again
+_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL,
+                        grpc.StatusCode.CANCELLED})
+_LEADER_REQUIRED = (("hasleader", "true"),)  # a member that loses its leader ends the watch instead of going quiet
+
+_Row = tuple[str, str, str | None]  # (table, key, JSON or None for a delete)
+_Waiter = tuple[int, "asyncio.Future[None]"]
+
+
+class _Abandoned(Exception):
+    """The store closed while etcd was out of reach: the queued writes will not be committed."""
+
+
+class EtcdStore:
+    """A store shared by control-plane replicas through etcd; see the module docstring.
+    ``commits`` counts Txns committed."""
+
+    shared = True
+
+    def __init__(self, endpoints: Sequence[tuple[str, int]], *, prefix: str = DEFAULT_PREFIX, lease_ttl_s: float = 10.0,
+                 timeout_s: float = 10.0, max_txn_ops: int = MAX_TXN_OPS, max_txn_bytes: int = MAX_TXN_BYTES) -> None:
+        if not endpoints:
+            raise ValueError("store: etcd needs at least one HOST:PORT endpoint")
+        if not prefix.startswith("/") or not prefix.endswith("/"):
+            raise ValueError(f"store: the etcd key prefix must start and end with '/', not {prefix!r}")
+        self.endpoints = tuple(endpoints)
+        self.prefix = prefix
+        self.lease_ttl_s = lease_ttl_s
+        self.timeout_s = timeout_s
+        self.max_txn_ops = max_txn_ops
+        self.max_txn_bytes = max_txn_bytes
+        self.revision = 0
+        self.commits = 0
+        self._where = ",".join(f"{h}:{p}" for h, p in self.endpoints)
+        self._pfx = prefix.encode()
+        self._pfx_end = self._pfx[:-1] + bytes([self._pfx[-1] + 1])  # '/' + 1: every key under the prefix
+        self._channel = grpc.insecure_channel(_target(self.endpoints), options=[
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.max_receive_message_length", -1),  # the whole prefix comes in one Range
+            ("grpc.max_send_message_length", -1),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ])
+        self._kv = rpc_pb2_grpc.KVStub(self._channel)
+        self._watch_stub = rpc_pb2_grpc.WatchStub(self._channel)
+        self._lease_stub = rpc_pb2_grpc.LeaseStub(self._channel)
+
+        self._cond = threading.Condition()
+        self._view: dict[str, dict[str, str]] = {t: {} for t in TABLES}
+        # writes not yet applied through the watch, newest per key, for reads: table -> key -> (seq, JSON | None)
+        self._pending: dict[str, dict[str, tuple[int, str | None]]] = {t: {} for t in TABLES}
+        self._batch: deque[tuple[int, list[_Row]]] = deque()  # queued for the committer, in write order
+        self._written: deque[tuple[int, list[_Row]]] = deque()  # every write until the watch has applied it
+        self._committed: deque[tuple[int, int, bool]] = deque()  # (last write seq in it, revision, changed etcd)
+        self._issued = 0  # seq of the last write
+        self._applied = 0  # seq of the last write committed and applied through the watch
+        self._progress_rev = 0  # the newest revision a watch progress answer named
+        self._waiters: list[_Waiter] = []
+        self._mine: dict[tuple[str, str], str] = {}  # this replica's ephemeral documents
+        self._deliver: tuple[asyncio.AbstractEventLoop, Deliver] | None = None
+        self._backlog: list[tuple[list[RemoteChange], int]] = []  # changes before ``watch`` was called
+        self._closed = False  # no more writes
+        self._abandon_at = 0.0  # once closed: when the committer stops retrying
+        self._failed = ""
+        self._stopping = threading.Event()
+        # health, for current()
+        self._watch_call: tuple[Any, queue.SimpleQueue[Any]] | None = None
+        self._watch_down_since: float | None = None
+        self._watch_heard = time.monotonic()
+        self._progress_asked: float | None = None
+        self._lease_lock = threading.Lock()
+        self._lease = 0
+        self._lease_ttl = lease_ttl_s
+        self._lease_ok_at = time.monotonic()
+        self._lease_valid = True
+        self._reput_seq = 0
+        self._was_current = True
+
+        try:
+            view, self.revision = self._load()
+            self._view = view
+            self._progress_rev = self.revision
+            self._grant()
+        except grpc.RpcError as exc:
+            self._channel.close()
+            raise StoreError(f"store: etcd at {self._where} unreachable: {exc.code().name} {exc.details()}") from None
+        log.info("event=store_opened backend=etcd endpoints=%s prefix=%s revision=%d documents=%d lease=%x",
+                 self._where, prefix, self.revision, sum(len(v) for v in self._view.values()), self._lease)
+        self._threads = [
+            threading.Thread(target=self._commit_loop, name=f"etcd-commit {self._where}", daemon=True),
+            threading.Thread(target=self._watch_loop, name=f"etcd-watch {self._where}", daemon=True),
+            threading.Thread(target=self._lease_loop, name=f"etcd-lease {self._where}", daemon=True),
+            threading.Thread(target=self._probe_loop, name=f"etcd-probe {self._where}", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @classmethod
+    def from_url(cls, url: str, *, lease_ttl_s: float = 10.0, timeout_s: float = 10.0) -> EtcdStore:
+        """``etcd://HOST:PORT[,HOST:PORT...][/PREFIX/]``."""
+        if not url.startswith("etcd://"):
+            raise ValueError(f"store: {url!r} is not an etcd://HOST:PORT[,HOST:PORT...] URL")
+        hosts, slash, path = url[len("etcd://"):].partition("/")
+        endpoints: list[tuple[str, int]] = []
+        for part in hosts.split(","):
+            host, colon, port = part.strip().rpartition(":")
+            host = host.removeprefix("[").removesuffix("]")
+            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"store: {url!r}: {part!r} is not HOST:PORT (etcd://HOST:PORT[,HOST:PORT...])")
+            endpoints.append((host, int(port)))
+        prefix = DEFAULT_PREFIX
+        if slash and path:
+            prefix = "/" + path.strip("/") + "/"
+        return cls(endpoints, prefix=prefix, lease_ttl_s=lease_ttl_s, timeout_s=timeout_s)
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def items(self, table: str) -> Iterator[tuple[str, Any]]:
+        _check_table(table)
+        with self._cond:
+            rows: dict[str, str | None] = dict(self._view[table])
+            rows.update((k, v) for k, (_seq, v) in self._pending[table].items())
+        for k in sorted(rows):
+            v = rows[k]
+            if v is not None:
+                yield k, json.loads(v)
+
+    def get(self, table: str, key: str) -> Any | None:
+        _check_table(table)
+        with self._cond:
+            hit = self._pending[table].get(key)
+            v = hit[1] if hit is not None else self._view[table].get(key)
+        return None if v is None else json.loads(v)
+
+    # ---- writing --------------------------------------------------------------------------
+
+    def write(self, puts: Mapping[tuple[str, str], Any], deletes: tuple[tuple[str, str], ...] = ()) -> None:
+        ops: dict[tuple[str, str], str | None] = {}
+        for (t, k), v in puts.items():
+            _check_table(t)
+            ops[(t, k)] = json.dumps(v, separators=(",", ":"), sort_keys=True)
+        for t, k in deletes:
+            _check_table(t)
+            ops[(t, k)] = None  # as in SqliteStore: the deletes come after the puts
+        if not ops:
+            return
+        rows: list[_Row] = [(t, k, v) for (t, k), v in ops.items()]
+        for t, k, v in rows:
+            if self._op_size(t, k, v) > self.max_txn_bytes:
+                raise StoreError(f"store: {t}/{k} is {len(v or '')} bytes, over the {self.max_txn_bytes} an etcd Txn takes")
+        with self._cond:
+            if self._closed or self._failed:
+                raise StoreError(self._failed or f"store: etcd at {self._where}: closed")
+            for t, k, v in rows:
+                if t in EPHEMERAL:
+                    if v is None:
+                        self._mine.pop((t, k), None)
+                    else:
+                        self._mine[(t, k)] = v
+            self._enqueue(rows)
+
+    def _enqueue(self, rows: list[_Row]) -> int:
+        """Queue one write (under the lock); return its seq."""
+        self._issued += 1
+        seq = self._issued
+        self._batch.append((seq, rows))
+        self._written.append((seq, rows))
+        for t, k, v in rows:
+            self._pending[t][k] = (seq, v)
+        size = sum(self._op_size(t, k, v) for t, k, v in rows)
+        if len(rows) > self.max_txn_ops or size > self.max_txn_bytes:
+            log.warning("event=store_write_split ops=%d bytes=%d max_txn_ops=%d max_txn_bytes=%d "
+                        "note=atomic_per_txn_only", len(rows), size, self.max_txn_ops, self.max_txn_bytes)
+        self._cond.notify_all()
+        return seq
+
+    async def sync(self) -> None:
+        with self._cond:
+            seq = self._issued
+            if self._applied >= seq:
+                return
+            if self._failed:
+                raise StoreError(self._failed)
+            if self._stopping.is_set():
+                raise StoreError(f"store: etcd at {self._where}: closed before the writes were committed")
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiter: _Waiter = (seq, fut)
+            self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await fut
+        except TimeoutError:
+            raise StoreError(f"store: etcd at {self._where}: writes not committed and watched back within "
+                             f"{self.timeout_s:g}s") from None
+        finally:
+            if not fut.done() or fut.cancelled():
+                with self._cond:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+
+    def watch(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
+        with self._cond:
+            self._deliver = (loop, deliver)
+            backlog, self._backlog = self._backlog, []
+            for changes, rev in backlog:
+                _call_soon(loop, deliver, changes, rev)
+
+    def current(self) -> bool:
+        now = time.monotonic()
+        with self._cond:
+            return self._current(now)[0]
+
+    def _current(self, now: float) -> tuple[bool, str]:
+        grace = self.lease_ttl_s
+        if self._watch_down_since is not None and now - self._watch_down_since > grace:
+            return False, "watch_down"
+        if now - self._lease_ok_at > max(grace, self._lease_ttl):
+            return False, "lease_not_renewed"
+        if not self._lease_valid or self._applied < self._reput_seq:
+            return False, "lease_lost"
+        return True, "caught_up"
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._abandon_at = time.monotonic() + self.timeout_s
+            self._cond.notify_all()
+        self._threads[0].join(self.timeout_s + 5)  # the committer: what is queued first
+        with self._lease_lock:
+            lease, self._lease = self._lease, 0
+        if lease:
+            try:
+                self._lease_stub.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lease), timeout=min(self.timeout_s, 3.0))
+            except grpc.RpcError as exc:
+                log.warning("event=store_lease_revoke_failed lease=%x code=%s note=expires_after_ttl", lease, exc.code().name)
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+            call = self._watch_call
+        if call is not None:
+            call[1].put(None)
+            call[0].cancel()
+        for t in self._threads[1:]:
+            t.join(5)
+        self._channel.close()
+        with self._cond:
+            waiters, self._waiters = self._waiters, []
+        _wake(waiters, f"store: etcd at {self._where}: closed before the writes were committed")
+        log.info("event=store_closed backend=etcd endpoints=%s revision=%d commits=%d", self._where, self.revision, self.commits)
+
+    # ---- the committer thread -------------------------------------------------------------
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._batch and not self._closed:
+                    self._cond.wait()
+                if not self._batch:
+                    return
+                ops, upto = self._take()
+            try:
+                rev, changed = self._commit(ops)
+            except (_Abandoned, grpc.RpcError) as exc:
+                why = (f"store: etcd at {self._where}: closed while etcd was out of reach; writes not committed"
+                       if isinstance(exc, _Abandoned) else
+                       f"store: etcd at {self._where}: commit refused: {exc.code().name} {exc.details()}")
+                log.error("event=store_commit_failed endpoints=%s reason=%s", self._where, why)
+                with self._cond:
+                    self._failed = why
+                    waiters, self._waiters = self._waiters, []
+                    self._cond.notify_all()
+                _wake(waiters, why)
+                return
+            with self._cond:
+                self.commits += 1
+                self._committed.append((upto, rev, changed))
+                self._emit(self._advance())
+            if not changed:
+                self._ask_progress(again=True)  # no event will carry this revision: a progress answer will
+
+    def _take(self) -> tuple[dict[tuple[str, str], str | None], int]:
+        """The next Txn's operations and the seq of the last write it completes (under the lock)."""
+        ops: dict[tuple[str, str], str | None] = {}
+        size = 0
+        upto = self._batch[0][0] - 1
+        while self._batch:
+            seq, rows = self._batch[0]
+            fresh = sum(1 for t, k, _v in rows if (t, k) not in ops)  # etcd refuses a key twice in one Txn
+            rsize = sum(self._op_size(t, k, v) for t, k, v in rows)
+            if ops and (len(ops) + fresh > self.max_txn_ops or size + rsize > self.max_txn_bytes):
+                break
+            if not ops and (len(rows) > self.max_txn_ops or rsize > self.max_txn_bytes):
+                n = 0  # a write too big for one Txn: its first part now, the rest next
+                while n < len(rows) and n < self.max_txn_ops:
+                    osize = self._op_size(*rows[n])
+                    if n and size + osize > self.max_txn_bytes:
+                        break
+                    size += osize
+                    n += 1
+                for t, k, v in rows[:n]:
+                    ops[(t, k)] = v
+                self._batch[0] = (seq, rows[n:])
+                if n == len(rows):
+                    self._batch.popleft()
+                    upto = seq
+                return ops, upto
+            self._batch.popleft()
+            for t, k, v in rows:
+                ops[(t, k)] = v
+            size += rsize
+            upto = seq
+        return ops, upto
+
+    def _commit(self, ops: dict[tuple[str, str], str | None]) -> tuple[int, bool]:
+        """Commit one Txn, retrying while etcd is out of reach; return its revision and whether it
+        changed anything."""
+        backoff = 0.05
+        warned = False
+        while True:
+            lease = self._lease
+            req = rpc_pb2.TxnRequest(success=[
+                rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=self._key(t, k))) if v is None
+                else rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
+                    key=self._key(t, k), value=v.encode(), lease=lease if t in EPHEMERAL else 0))
+                for (t, k), v in ops.items()])
+            try:
+                resp = self._kv.Txn(req, timeout=self.timeout_s, wait_for_ready=True)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.NOT_FOUND and "lease" in (exc.details() or ""):
+                    try:
+                        self._lease_gone(lease)
+                        continue
+                    except grpc.RpcError as grant:
+                        code = grant.code()  # etcd went away in between: try again as for any outage
+                if code not in _TRANSIENT:
+                    raise
+                with self._cond:
+                    if self._closed and time.monotonic() > self._abandon_at:
+                        raise _Abandoned() from None
+                if not warned:
+                    log.warning("event=store_commit_retry endpoints=%s code=%s details=%r", self._where, code.name, exc.details())
+                    warned = True
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            if warned:
+                log.info("event=store_commit_resumed endpoints=%s revision=%d", self._where, resp.header.revision)
+            changed = any(r.HasField("response_put") or r.response_delete_range.deleted for r in resp.responses)
+            return int(resp.header.revision), changed
+
+    # ---- the watch thread -----------------------------------------------------------------
+
+    def _watch_loop(self) -> None:
+        backoff = 0.05
+        while not self._stopping.is_set():
+            with self._cond:
+                start = self.revision + 1
+            requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            requests.put(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
+                key=self._pfx, range_end=self._pfx_end, start_revision=start)))
+            call = self._watch_stub.Watch(_drain(requests), metadata=_LEADER_REQUIRED, wait_for_ready=True)
+            with self._cond:
+                self._watch_call = (call, requests)
+                self._watch_heard = time.monotonic()
+                self._progress_asked = None
+            compacted = False
+            try:
+                for resp in call:
+                    with self._cond:
+                        self._watch_heard = time.monotonic()
+                    if resp.compact_revision:
+                        log.warning("event=store_watch_compacted from_revision=%d compact_revision=%d", start,
+                                    resp.compact_revision)
+                        compacted = True
+                        break
+                    if resp.canceled:
+                        log.warning("event=store_watch_canceled reason=%r", resp.cancel_reason)
+                        break
+                    if resp.created:
+                        self._ask_progress()  # its answer says the watch is caught up
+                    elif resp.events:
+                        self._apply(resp.events)
+                        backoff = 0.05
+                    else:
+                        self._progressed(int(resp.header.revision))
+            except grpc.RpcError as exc:
+                if not self._stopping.is_set():
+                    log.warning("event=store_watch_broken endpoints=%s code=%s details=%r", self._where, exc.code().name,
+                                exc.details())
+            finally:
+                requests.put(None)
+                call.cancel()
+                with self._cond:
+                    self._watch_call = None
+                    if self._watch_down_since is None:
+                        self._watch_down_since = time.monotonic()
+            if compacted:
+                try:
+                    self._reload()
+                    continue
+                except grpc.RpcError as exc:
+                    log.warning("event=store_reload_failed code=%s details=%r", exc.code().name, exc.details())
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _apply(self, events: Any) -> None:
+        with self._cond:
+            changes: list[_Row] = []
+            top = self.revision
+            for ev in events:
+                kv = ev.kv
+                top = max(top, int(kv.mod_revision))
+                tk = self._parse(kv.key)
+                if tk is None:
+                    continue
+                t, k = tk
+                v: str | None
+                if ev.type == kv_pb2.Event.DELETE:
+                    v = None
+                    self._view[t].pop(k, None)
+                else:
+                    v = kv.value.decode()
+                    self._view[t][k] = v
+                if k in self._pending[t]:
+                    continue  # this replica's own write, or older than the one it has in flight
+                if (t, k) in self._mine and v is not None and kv.lease != self._lease:
+                    del self._mine[(t, k)]  # another replica owns that document now
+                changes.append((t, k, v))
+            self.revision = top
+            changes += self._advance()
+            self._emit(changes)
+
+    def _progressed(self, rev: int) -> None:
+        with self._cond:
+            self._progress_asked = None
+            self._progress_rev = max(self._progress_rev, rev)
+            if self._watch_down_since is not None:
+                log.info("event=store_watch_resumed endpoints=%s revision=%d", self._where, self.revision)
+                self._watch_down_since = None
+            self._emit(self._advance())
+
+    def _advance(self) -> list[_Row]:
+        """Settle the writes whose Txn the view has reached (under the lock): drop their overlay,
+        wake their ``sync``, and return the keys whose etcd value is no longer the one written."""
+        while self._committed:
+            upto, rev, changed = self._committed[0]
+            if rev > (self.revision if changed else max(self.revision, self._progress_rev)):
+                break
+            self._committed.popleft()
+            self._applied = max(self._applied, upto)
+        newer: list[_Row] = []
+        while self._written and self._written[0][0] <= self._applied:
+            _seq, rows = self._written.popleft()
+            for t, k, _v in rows:
+                hit = self._pending[t].get(k)
+                if hit is not None and hit[0] <= self._applied:
+                    del self._pending[t][k]
+                    now = self._view[t].get(k)
+                    if now != hit[1]:
+                        newer.append((t, k, now))
+        if self._waiters:
+            done = [w for w in self._waiters if w[0] <= self._applied]
+            if done:
+                self._waiters = [w for w in self._waiters if w[0] > self._applied]
+                _wake(done, None)
+        return newer
+
+    def _emit(self, rows: list[_Row]) -> None:
+        """Hand changes to the watcher's loop, in order (under the lock)."""
+        if not rows:
+            return
+        changes: list[RemoteChange] = [(t, k, None if v is None else json.loads(v)) for t, k, v in rows]
+        if self._deliver is None:
+            self._backlog.append((changes, self.revision))
+            return
+        loop, deliver = self._deliver
+        _call_soon(loop, deliver, changes, self.revision)
+
+    def _reload(self) -> None:
+        view, rev = self._load()
+        with self._cond:
+            changes: list[_Row] = []
+            for t in TABLES:
+                old, new = self._view[t], view[t]
+                for k in sorted(old.keys() | new.keys()):
+                    if old.get(k) != new.get(k) and k not in self._pending[t]:
+                        changes.append((t, k, new.get(k)))
+            self._view = view
+            self.revision = max(self.revision, rev)
+            self._progress_rev = max(self._progress_rev, rev)
+            changes += self._advance()
+            self._emit(changes)
+        log.info("event=store_reloaded endpoints=%s revision=%d changes=%d", self._where, rev, len(changes))
+
+    def _load(self) -> tuple[dict[str, dict[str, str]], int]:
+        resp = self._kv.Range(rpc_pb2.RangeRequest(key=self._pfx, range_end=self._pfx_end), timeout=self.timeout_s,
+                              wait_for_ready=True)
+        view: dict[str, dict[str, str]] = {t: {} for t in TABLES}
+        for kv in resp.kvs:
+            tk = self._parse(kv.key)
+            if tk is not None:
+                view[tk[0]][tk[1]] = kv.value.decode()
+        return view, int(resp.header.revision)
+
+    # ---- the lease thread -----------------------------------------------------------------
+
+    def _grant(self) -> None:
+        resp = self._lease_stub.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=max(1, round(self.lease_ttl_s))),
+                                           timeout=self.timeout_s, wait_for_ready=True)
+        with self._cond:
+            self._lease = int(resp.ID)
+            self._lease_ttl = float(resp.TTL)
+            self._lease_ok_at = time.monotonic()
+
+    def _lease_loop(self) -> None:
+        while not self._stopping.wait(self._lease_ttl / 3 if self._lease_valid else 0.2):
+            with self._lease_lock:
+                lease = self._lease
+            if not lease:
+                return
+            try:
+                ttl = -1
+                for resp in self._lease_stub.LeaseKeepAlive(iter([rpc_pb2.LeaseKeepAliveRequest(ID=lease)]),
+                                                            timeout=max(0.5, self._lease_ttl / 3)):
+                    ttl = int(resp.TTL)
+                    break
+            except grpc.RpcError as exc:
+                if not self._stopping.is_set():
+                    log.debug("event=store_keepalive_failed lease=%x code=%s", lease, exc.code().name)
+                continue
+            if ttl > 0:
+                with self._cond:
+                    self._lease_ok_at = time.monotonic()
+            elif ttl == 0:
+                try:
+                    self._lease_gone(lease)
+                except grpc.RpcError as exc:
+                    log.warning("event=store_lease_grant_failed code=%s", exc.code().name)
+
+    def _lease_gone(self, lease: int) -> None:
+        """``lease`` has expired in etcd: grant a new one and put this replica's ephemeral documents again."""
+        with self._lease_lock:
+            if self._lease != lease or self._stopping.is_set():
+                return  # already replaced (or revoked by close)
+            with self._cond:
+                if self._lease_valid:
+                    log.warning("event=store_lease_lost lease=%x documents=%d", lease, len(self._mine))
+                self._lease_valid = False
+            self._grant()
+            with self._cond:
+                self._lease_valid = True
+                rows: list[_Row] = [(t, k, v) for (t, k), v in sorted(self._mine.items())]
+                if rows and not self._closed:
+                    self._reput_seq = self._enqueue(rows)
+                    # the others deleted them when the lease expired, and so may have this replica's watch
+                    self._emit(list(rows))
+                new = self._lease
+        log.info("event=store_lease_granted lease=%x ttl=%g documents=%d", new, self._lease_ttl, len(rows))
+
+    # ---- the probe thread: the watch answers, current() transitions ----------------------
+
+    def _probe_loop(self) -> None:
+        period = min(1.0, self.lease_ttl_s / 3)
+        silence = max(1.0, min(3.0, self.lease_ttl_s / 2))
+        while not self._stopping.wait(period):
+            now = time.monotonic()
+            with self._cond:
+                call = self._watch_call
+                asked = self._progress_asked
+                stuck = (call is not None and asked is not None and now - asked > silence
+                         and self._watch_heard < asked)
+                current, why = self._current(now)
+                changed, self._was_current = current != self._was_current, current
+            if stuck and call is not None:
+                log.warning("event=store_watch_silent seconds=%.1f note=reconnecting", now - (asked or now))
+                call[0].cancel()
+            elif asked is None:
+                self._ask_progress()
+            if changed:
+                log.log(logging.INFO if current else logging.WARNING,
+                        "event=store_current current=%s reason=%s endpoints=%s revision=%d",
+                        str(current).lower(), why, self._where, self.revision)
+
+    def _ask_progress(self, again: bool = False) -> None:
+        with self._cond:
+            call = self._watch_call
+            if call is None or (self._progress_asked is not None and not again):
+                return
+            if self._progress_asked is None:
+                self._progress_asked = time.monotonic()
+        call[1].put(rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()))
+
+    # ---- keys -----------------------------------------------------------------------------
+
+    def _key(self, table: str, key: str) -> bytes:
+        return f"{self.prefix}{table}/{key}".encode()
+
+    def _op_size(self, table: str, key: str, value: str | None) -> int:
+        return len(self.prefix) + len(table) + 1 + len(key.encode()) + len((value or "").encode()) + _OP_OVERHEAD
+
+    def _parse(self, raw: bytes) -> tuple[str, str] | None:
+        table, slash, key = raw[len(self._pfx):].decode(errors="replace").partition("/")
+        if not slash or table not in self._view:
+            return None  # not a document of this store (another tool's key under the prefix)
+        return table, key
+
+
+def _drain(requests: queue.SimpleQueue[Any]) -> Iterator[Any]:
+    """A request stream fed from a queue; ``None`` ends it."""
+    while (req := requests.get()) is not None:
+        yield req
+
+
+def _target(endpoints: Sequence[tuple[str, int]]) -> str:
+    """One gRPC target over every endpoint: ``ipv4:a:p,b:p`` (names resolved now)."""
+    v4: list[str] = []
+    v6: list[str] = []
+    for host, port in endpoints:
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                raise StoreError(f"store: etcd endpoint {host}:{port}: {exc}") from None
+            addr = ipaddress.ip_address(str(min(infos, key=lambda i: i[0] != socket.AF_INET)[4][0]))
+        (v4 if addr.version == 4 else v6).append(f"{addr}:{port}" if addr.version == 4 else f"[{addr}]:{port}")
+    if v4 and v6:
+        raise StoreError("store: etcd endpoints mix IPv4 and IPv6 addresses; name them all in one family")
+    return ("ipv4:" + ",".join(v4)) if v4 else ("ipv6:" + ",".join(v6))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, deliver: Deliver, changes: list[RemoteChange], rev: int) -> None:
+    try:
+        loop.call_soon_threadsafe(deliver, changes, rev)
+    except RuntimeError:  # that loop is closed: nobody listens any more
+        pass
+
+
+def _wake(waiters: list[_Waiter], exc: str | None) -> None:
+    """Settle ``sync`` waiters, each on its own loop."""
+    def settle(fut: asyncio.Future[None]) -> None:
+        if fut.done():
+            return
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(StoreError(exc))
+
+    for _seq, fut in waiters:
+        try:
+            fut.get_loop().call_soon_threadsafe(settle, fut)
+        except RuntimeError:
+            pass
+
+
+def _check_table(table: str) -> None:
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}")
