@@ -193,6 +193,18 @@ class MeshCa:
             self.store.write({(ROOTS, signing): self._root_doc(signing, roots[signing], signing=True)})
         return _Trust.of(None, roots, anchors, signed_here, signing)
 
+    def follow_store(self) -> None:
+        """Another control-plane replica changed the roots (added, activated, removed one): take them
+        from the store, and tell the bundle's watchers if the bundle changed. Two replicas that each
+        generated a root at their first start end up trusting both and signing with the same one."""
+        with self._lock:
+            before = self.bundle_pem(), self.signing_serial
+            self._trust = self._load(self._trust.operator)
+            after = self.bundle_pem(), self.signing_serial
+        if after != before:
+            log.info("event=ca_roots_followed signing=%s roots=%d", after[1], len(self._trust.roots))
+            self._changed()
+
     def _root_doc(self, serial: str, authority: pki.Authority, signing: bool) -> dict[str, Any]:
         cert, key, chain = authority.to_pem()
         doc: dict[str, Any] = {"cert": cert.decode(), "key": key.decode(), "chain": chain.decode(), "signing": signing,

@@ -10,11 +10,12 @@ the OS picks when ``xds_port`` is 0; ``GET /v1/identity`` reports the bound one.
 
 from __future__ import annotations
 
-from meshpilot.identity.ca import MeshCa
+from meshpilot.identity.ca import ENROLMENTS, ROOTS, MeshCa
 from meshpilot.identity.routes import identity_routes
 from meshpilot.identity.service import EnrolmentServer, IdentityService, identity_handler
 from meshpilot.identity.tokens import JoinTokens
 from meshpilot.parts import Core, Part, Task
+from meshpilot.registry import Change
 from meshpilot.settings import Settings
 
 __all__ = ["ENROLMENT_REMOVED", "enrolment_port", "install"]
@@ -44,6 +45,17 @@ def install(core: Core) -> Part:
         # called once the removal is on disk: the node's bundle watches and xDS streams end now
         service.cut_off(node_id, ENROLMENT_REMOVED)
         core.disconnect(node_id, ENROLMENT_REMOVED)
+
+    def follow(change: Change) -> None:
+        # another replica of a shared store rotated a root or removed an enrolment: the same here
+        if not change.remote or change.kind != "document":
+            return
+        if change.table == ROOTS:
+            ca.follow_store()
+        elif change.table == ENROLMENTS and change.op == "delete":
+            cut_off(change.key)
+
+    core.registry.subscribe(follow)
 
     return Part(
         grpc_handlers=[identity_handler(service)],

@@ -26,6 +26,7 @@ from meshpilot.identity.service import EnrolmentServer, IdentityService
 from meshpilot.identity.tokens import TOKENS, JoinTokens, TokenRefused
 from meshpilot.parts import Part
 from meshpilot.pki import ca_pb2
+from meshpilot.registry import Registry
 from meshpilot.registry.store import MemoryStore, SqliteStore
 from meshpilot.settings import Settings
 from tests.support import operator_ca_files
@@ -587,7 +588,7 @@ def test_plugin_contributes_nothing_when_identity_is_off() -> None:
 
 def test_plugin_contributes_the_service_routes_task_and_credentials() -> None:
     store = MemoryStore()
-    core: Any = SimpleNamespace(settings=_settings(), registry=SimpleNamespace(store=store))
+    core: Any = SimpleNamespace(settings=_settings(), registry=Registry(store))
     part = install(core)
     assert len(part.grpc_handlers) == 1 and part.server_credentials is not None
     assert [t.name for t in part.tasks] == ["identity-enrolment"]
@@ -838,7 +839,7 @@ async def test_removing_an_enrolment_cuts_the_node_off_once_it_is_durable() -> N
     def disconnect(node_id: str, reason: str) -> None:
         disconnected.append((node_id, reason, store.get(ENROLMENTS, node_id)))
 
-    core: Any = SimpleNamespace(settings=_settings(), registry=SimpleNamespace(store=store), disconnect=disconnect)
+    core: Any = SimpleNamespace(settings=_settings(), registry=Registry(store), disconnect=disconnect)
     part = install(core)
     details: Any = SimpleNamespace(method="/meshpilot.identity.v1.Identity/WatchBundle", invocation_metadata=())
     handler: Any = part.grpc_handlers[0].service(details)
