@@ -319,11 +319,24 @@ class Registry:
             return
         if old is not None and old.vip and old.vip != svc.vip and self._vips.get(old.vip) == key:
             del self._vips[old.vip]
+        holder = self._vips.get(svc.vip) if svc.vip else None
         self._services[svc.key] = svc
         if svc.vip:
             self._vips[svc.vip] = svc.key
         self._by_service.setdefault(svc.key, set())
         self._emit(Change("service", svc.key, svc.key, "put", remote=True))
+        if svc.vip and holder is not None and holder != svc.key and holder in self._services:
+            # two replicas created services at once and gave them one address: the greater key
+            # moves (any replica may move it; the store keeps the last move and all follow it)
+            loser = max(holder, svc.key)
+            self._vips[svc.vip] = min(holder, svc.key)
+            log.warning("event=vip_conflict vip=%s services=%s,%s moved=%s", svc.vip, holder, svc.key, loser)
+            moved = self._services[loser].model_copy(update={"vip": self._allocate_vip(loser)})
+            self.store.write({("services", loser): moved.model_dump(mode="json")})
+            self._services[loser] = moved
+            assert moved.vip is not None
+            self._vips[moved.vip] = loser
+            self._emit(Change("service", loser, loser, "put"))
 
     def _remote_instance(self, key: str, doc: Any) -> None:
         old = self._instances.get(key)

@@ -105,3 +105,15 @@ def test_a_stored_document_that_does_not_validate_is_skipped_and_the_rest_applie
     b.apply_remote([("services", "bad.default", {"name": 5}), *good, ("instances", "x", {"id": "x"})])
     assert b.service("bad.default") is None and b.instance("x") is None
     assert b.service("web.default") is not None, "expected the valid service applied after the invalid one"
+
+
+def test_two_services_given_one_address_on_two_replicas_end_with_two_addresses() -> None:
+    a, rows_a, b, _seen = _pair()
+    # the same address for different services: what two replicas allocating at once could give
+    mine = b.put_service(_svc("zeta"))
+    theirs = _svc("alpha").model_copy(update={"vip": mine.vip}).model_dump(mode="json")
+    b.apply_remote([("services", "alpha.default", theirs)])
+    alpha, zeta = b.service("alpha.default"), b.service("zeta.default")
+    assert alpha is not None and zeta is not None
+    assert alpha.vip == mine.vip and zeta.vip != mine.vip, f"expected the greater key (zeta) moved, got alpha={alpha.vip} zeta={zeta.vip}"
+    assert b.store.get("services", "zeta.default")["vip"] == zeta.vip, "expected the move written to the store"
