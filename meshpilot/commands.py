@@ -70,16 +70,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
+    from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap, parse_control_planes
 
-    host, _, port = args.control_plane.rpartition(":")
+    try:
+        control_planes = parse_control_planes(args.control_plane)
+    except ValueError as exc:
+        print(f"meshpilot bootstrap: --control-plane {exc}", file=sys.stderr)
+        return 2
     opts = BootstrapOptions(
         node_id=args.node,
         service=args.service or "",
         namespace=args.namespace,
         zone=args.zone,
-        control_plane_host=host or "127.0.0.1",
-        control_plane_port=int(port),
+        control_planes=control_planes,
         api_type="GRPC" if args.sotw else "DELTA_GRPC",
         admin_port=args.admin_port,
         outbound_port=args.outbound_port,
@@ -228,7 +231,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--service", help="the node's own service")
     p.add_argument("--namespace", default="default")
     p.add_argument("--zone", default="")
-    p.add_argument("--control-plane", default="127.0.0.1:15010", help="HOST:PORT of the xDS server")
+    p.add_argument("--control-plane", default="127.0.0.1:15010", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the xDS server; several replicas comma-separated, Envoy moves its streams to another when "
+                        "one fails (default %(default)s)")
     p.add_argument("--sotw", action="store_true", help="state-of-the-world ADS (GRPC) instead of delta")
     p.add_argument("--hds", action="store_true", help="also open the health discovery stream")
     p.add_argument("--admin-port", type=int, default=15000)

@@ -4,7 +4,11 @@
 (wildcard subscription, node id, the versions it already holds) and turns each ``DeltaDiscoveryResponse`` into
 the ACK or NACK to send back plus whether the table changed. A response with any invalid resource is NACKed as a
 whole with the reason and the last good table stays. :func:`run_ads` moves those messages over a grpc.aio
-stream to the control plane, reconnecting with capped, jittered exponential back-off; the caller's callback
+stream to the control plane, reconnecting with capped, jittered exponential back-off. Given several replicas of
+the control plane (``a:p,b:p``), it holds one stream to one of them (a random one first, so nodes spread) and
+moves to the next whenever the stream fails or the replica ends it (a replica cut off from the shared store hands
+its streams over that way); the versions it holds go along, so the next replica sends only what differs, and
+each move is logged with the replica's address. The caller's callback
 installs each new table and persists it (:func:`save_state`, an atomic replace) so a restarted meshdns serves
 the last table before the control plane answers, and keeps serving it through an outage. With ``tls`` (a
 :class:`~meshpilot.meshdns.config.TableTls`, the node's workload certificate) the channel is TLS, and a new
@@ -19,8 +23,9 @@ import logging
 import os
 import random
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -33,12 +38,30 @@ from meshpilot.meshdns.dns_pb2 import DnsService
 from meshpilot.meshdns.table import Service
 from meshpilot.xds.resource import TYPE
 
-__all__ = ["TYPE_URL", "AdsState", "load_state", "run_ads", "save_state"]
+__all__ = ["TYPE_URL", "AdsState", "load_state", "run_ads", "save_state", "split_targets"]
 
 TYPE_URL = TYPE.DNS
 log = logging.getLogger("meshpilot.meshdns")
 
 Resources = dict[str, tuple[str, Service]]
+
+# a replica that vanished without closing the connection is noticed by HTTP/2 PINGs (the control plane allows one
+# every 5 s without data); one that does not accept a connection is left after CONNECT_TIMEOUT_S
+_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+CONNECT_TIMEOUT_S = 5.0
+
+
+def split_targets(target: str | Sequence[str]) -> list[str]:
+    """The replicas' gRPC targets: ``"a:p,b:p"`` or a list; ValueError when there is none or one is empty."""
+    items = target.split(",") if isinstance(target, str) else list(target)
+    targets = [t.strip() for t in items]
+    if not targets or not all(targets):
+        raise ValueError(f"{target!r}: expected HOST:PORT[,HOST:PORT...]")
+    return targets
 
 
 class AdsState:
@@ -110,7 +133,7 @@ class AdsState:
 
 
 async def run_ads(
-    target: str,
+    target: str | Sequence[str],
     state: AdsState,
     on_change: Callable[[], Awaitable[None]],
     *,
@@ -118,19 +141,31 @@ async def run_ads(
     backoff_max: float = 5.0,
     counters: dict[str, int] | None = None,
     tls: TableTls | None = None,
+    first: int | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
 ) -> None:
-    """Keep ``state`` in sync with the control plane at ``target`` until cancelled."""
+    """Keep ``state`` in sync with the control plane until cancelled. ``target``: one replica's ``HOST:PORT``,
+    several comma-separated, or a list; ``first``: the index of the replica to try first (default: a random
+    one). A stream that fails or ends moves to the next replica at once when it had answered, else after a
+    back-off that doubles each time every replica has failed in a row (jittered, capped at ``backoff_max``)."""
+    targets = split_targets(target)
     counters = counters if counters is not None else {}
+    index = random.randrange(len(targets)) if first is None else first % len(targets)
     delay = backoff_initial
+    failed = 0  # attempts in a row without a response
     while True:
+        target = targets[index]
         progress: list[bool] = []  # a response arrived on this stream: the back-off starts over
+        reconnect_here = False
         try:
             if tls is None:
-                async with grpc.aio.insecure_channel(target) as channel:
+                async with grpc.aio.insecure_channel(target, options=list(_CHANNEL_OPTIONS)) as channel:
+                    await _connect(channel, connect_timeout_s)
                     await _stream(channel, target, state, on_change, counters, progress)
             else:
                 generation, creds, options = tls.channel_credentials()
-                async with grpc.aio.secure_channel(target, creds, options=list(options)) as channel:
+                async with grpc.aio.secure_channel(target, creds, options=[*options, *_CHANNEL_OPTIONS]) as channel:
+                    await _connect(channel, connect_timeout_s)
                     stream = asyncio.ensure_future(_stream(channel, target, state, on_change, counters, progress))
                     newer = asyncio.ensure_future(tls.wait_newer(generation))
                     try:
@@ -142,17 +177,52 @@ async def run_ads(
                     if newer.done() and not newer.cancelled() and newer.exception() is None:
                         counters["ads_credential_reconnects"] = counters.get("ads_credential_reconnects", 0) + 1
                         log.info("event=ads_reconnect reason=new_credentials target=%s", target)
-                        delay = backoff_initial
-                        continue
-                    stream.result()
+                        reconnect_here = True
+                    else:
+                        stream.result()
         except grpc.aio.AioRpcError as exc:
-            delay = backoff_initial if progress else delay
             counters["ads_errors"] = counters.get("ads_errors", 0) + 1
-            log.info("event=ads_unavailable target=%s code=%s retry_in=%.2fs", target, exc.code().name, delay)
+            log.info("event=ads_unavailable target=%s code=%s", target, exc.code().name)
+        except _Unreachable:
+            counters["ads_errors"] = counters.get("ads_errors", 0) + 1
+            log.info("event=ads_unavailable target=%s code=UNREACHABLE", target)
+        except TimeoutError:
+            counters["ads_errors"] = counters.get("ads_errors", 0) + 1
+            log.info("event=ads_unavailable target=%s code=CONNECT_TIMEOUT after_s=%.1f", target, connect_timeout_s)
+        if reconnect_here:
+            delay, failed = backoff_initial, 0
+            continue
+        if progress:
+            delay, failed = backoff_initial, 0
         else:
-            delay = backoff_initial if progress else delay
-        await asyncio.sleep(random.uniform(delay / 2, delay))
-        delay = min(delay * 2, backoff_max)
+            failed += 1
+        pause = 0.0 if progress and len(targets) > 1 else random.uniform(delay / 2, delay)
+        if len(targets) > 1:
+            index = (index + 1) % len(targets)
+            counters["ads_replica_moves"] = counters.get("ads_replica_moves", 0) + 1
+            log.info("event=ads_next_replica target=%s after=%s retry_in=%.2fs", targets[index], target, pause)
+        else:
+            log.info("event=ads_retry target=%s retry_in=%.2fs", target, pause)
+        await asyncio.sleep(pause)
+        if failed and failed % len(targets) == 0:
+            delay = min(delay * 2, backoff_max)
+
+
+class _Unreachable(Exception):
+    """The replica refused or failed the connection."""
+
+
+async def _connect(channel: grpc.aio.Channel, timeout_s: float) -> None:
+    """Wait for the channel's connection: a refused or failed one is left at once (``_Unreachable``) instead
+    of being retried by the channel, and one that never answers (a host that is down drops the SYN) after
+    ``timeout_s`` (TimeoutError) instead of gRPC's 20 s connect deadline."""
+    async with asyncio.timeout(timeout_s):
+        state = channel.get_state(try_to_connect=True)
+        while state is not grpc.ChannelConnectivity.READY:
+            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                raise _Unreachable()
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)
 
 
 async def _stream(channel: grpc.aio.Channel, target: str, state: AdsState, on_change: Callable[[], Awaitable[None]],
@@ -169,6 +239,7 @@ async def _stream(channel: grpc.aio.Channel, target: str, state: AdsState, on_ch
             return
         if not progress:
             progress.append(True)
+            log.info("event=ads_connected target=%s", target)
         reply, changed = state.on_response(resp)
         if state.last_error:
             counters["ads_nacks"] = counters.get("ads_nacks", 0) + 1

@@ -22,8 +22,9 @@ __all__ = ["register", "add_arguments", "config_from_args", "main"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:15053", metavar="HOST:PORT",
                    help="UDP and TCP listening address (port 0 picks one; default %(default)s)")
-    p.add_argument("--control-plane", default="127.0.0.1:15010", metavar="HOST:PORT",
-                   help="xDS server with the name table; 'none' to run without one (default %(default)s)")
+    p.add_argument("--control-plane", default="127.0.0.1:15010", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="xDS server with the name table; several replicas comma-separated (the table stream moves "
+                        "to another when one fails); 'none' to run without one (default %(default)s)")
     p.add_argument("--node-id", default=None, help="node id sent to the control plane (default: HOSTNAME~meshdns)")
     p.add_argument("--state-file", default=None, help="where the last table is kept across restarts")
     p.add_argument("--upstream", action="append", default=[], metavar="HOST[:PORT]",
@@ -57,9 +58,24 @@ def _mark(text: str | None) -> int | None:
     return mark
 
 
+def _control_planes(text: str) -> str:
+    """``--control-plane``: each replica checked as HOST:PORT, the list given back as gRPC targets, comma-separated."""
+    targets = []
+    for item in text.split(","):
+        try:
+            host, port = parse_hostport(item, 15010)
+        except ValueError as exc:
+            raise ValueError(f"--control-plane: {item.strip()!r}: expected HOST:PORT ({exc})") from None
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if target in targets:
+            raise ValueError(f"--control-plane: {item.strip()!r} is listed twice")
+        targets.append(target)
+    return ",".join(targets)
+
+
 def config_from_args(args: argparse.Namespace) -> MeshDnsConfig:
     host, port = parse_hostport(args.listen, 15053)
-    cp = None if args.control_plane.lower() in ("", "none") else args.control_plane
+    cp = None if args.control_plane.lower() in ("", "none") else _control_planes(args.control_plane)
     search = tuple(s for item in args.search for s in item.split(",") if s.strip("."))
     kwargs: dict[str, Any] = {}
     if args.node_id:

@@ -6,6 +6,12 @@ With ``identity`` on, the agent serves the node's certificate over SDS on a unix
 cluster ``meshpilot-sds`` reaches it, and ``meshpilot-xds`` (ADS and HDS) talks TLS with the SDS
 secrets ``default`` (client certificate) and ``ROOTCA`` (trust bundle), accepting only the control
 plane's SPIFFE id. No file path of a certificate or key ever appears here.
+
+Several control-plane replicas (``control_planes``, from ``--control-plane a:p,b:p``) are the endpoints of
+the one cluster ``meshpilot-xds``: Envoy picks a replica per stream (round robin), so when the replica of
+its ADS or HDS stream dies or ends the stream, the stream's retry opens on the next one. A short connect
+timeout leaves a dead replica fast, and TCP and HTTP/2 keepalives notice a replica that vanished without
+closing its connections. Every replica is checked for the same SPIFFE id (they share the mesh CA).
 Pure: options in, a JSON-serialisable dict out.
 """
 
@@ -18,9 +24,12 @@ from typing import Any, Literal
 from meshpilot.pki import control_plane_id
 from meshpilot.xds.resource import META
 
-__all__ = ["SDS_CLUSTER", "BootstrapOptions", "build_bootstrap", "sds_config"]
+__all__ = ["SDS_CLUSTER", "XDS_CLUSTER", "BootstrapOptions", "build_bootstrap", "control_plane_addresses",
+           "format_control_planes", "grpc_target", "parse_control_planes", "sds_config"]
 
 SDS_CLUSTER = "meshpilot-sds"
+XDS_CLUSTER = "meshpilot-xds"
+DEFAULT_XDS_PORT = 15010
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +39,10 @@ class BootstrapOptions:
     namespace: str = "default"
     zone: str = ""
     control_plane_host: str = "127.0.0.1"
-    control_plane_port: int = 15010
+    control_plane_port: int = DEFAULT_XDS_PORT
+    # every replica of the control plane, in the operator's order; when set, the two fields above are unused
+    control_planes: tuple[tuple[str, int], ...] = ()
+    connect_timeout_s: float = 1.0  # to one replica: a dead one is left after this
     api_type: Literal["GRPC", "DELTA_GRPC"] = "DELTA_GRPC"
     admin_address: str = "127.0.0.1"
     admin_port: int = 15000
@@ -52,20 +64,99 @@ class BootstrapOptions:
     tls_server_name: str = ""  # SNI towards the control plane ("" sends none)
 
 
+def parse_control_planes(text: str, default_port: int = DEFAULT_XDS_PORT) -> tuple[tuple[str, int], ...]:
+    """``HOST:PORT[,HOST:PORT...]`` (also ``HOST`` with the default port, ``[v6]:PORT``, and ``:PORT`` for this
+    host's 127.0.0.1) → (host, port) pairs in the given order; ValueError naming the entry that is wrong, or one
+    listed twice."""
+    out: list[tuple[str, int]] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            raise ValueError(f"{text!r}: an empty entry (expected HOST:PORT[,HOST:PORT...])")
+        if item.startswith("["):
+            host, sep, rest = item[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise ValueError(f"{item!r}: expected [IPV6]:PORT")
+            port_text = rest[1:] if rest else ""
+        elif item.count(":") == 1:
+            host, _, port_text = item.partition(":")
+        elif ":" in item:  # a bare IPv6 address
+            host, port_text = item, ""
+        else:
+            host, port_text = item, ""
+        host = host.strip() or "127.0.0.1"
+        try:
+            port = int(port_text) if port_text else default_port
+        except ValueError:
+            raise ValueError(f"{item!r}: the port {port_text!r} is not a number") from None
+        if not 0 < port < 65536:
+            raise ValueError(f"{item!r}: the port {port} is out of range (1-65535)")
+        if (host, port) in out:
+            raise ValueError(f"{item!r} is listed twice")
+        out.append((host, port))
+    return tuple(out)
+
+
+def grpc_target(host: str, port: int) -> str:
+    """A gRPC channel target for one replica (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def format_control_planes(addresses: tuple[tuple[str, int], ...]) -> str:
+    """The list back as the ``--control-plane`` text: ``a:p,b:p``."""
+    return ",".join(grpc_target(h, p) for h, p in addresses)
+
+
+def control_plane_addresses(o: BootstrapOptions) -> tuple[tuple[str, int], ...]:
+    """Every replica the options name: ``control_planes``, else the one host and port."""
+    return o.control_planes or ((o.control_plane_host, o.control_plane_port),)
+
+
 def _socket(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _http2_options() -> dict[str, Any]:
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _http2_options(interval_s: int = 10, timeout_s: int = 5) -> dict[str, Any]:
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {
                 "http2_protocol_options": {
-                    "connection_keepalive": {"interval": "10s", "timeout": "5s"},
+                    "connection_keepalive": {"interval": f"{interval_s}s", "timeout": f"{timeout_s}s"},
                 }
             },
         }
+    }
+
+
+def _xds_cluster(o: BootstrapOptions) -> dict[str, Any]:
+    """``meshpilot-xds``: one endpoint per replica. A dead replica is left after the connect timeout, and one
+    that vanished without a FIN or RST after the HTTP/2 PING timeout (10 s + 3 s; TCP keepalive as a floor
+    under it); Envoy's stream retry then picks the next endpoint."""
+    addresses = control_plane_addresses(o)
+    # STATIC takes only addresses; names (a headless service with one A record per replica too) need DNS
+    cp_type = "STATIC" if all(_is_ip(h) for h, _ in addresses) else "STRICT_DNS"
+    return {
+        "name": XDS_CLUSTER,
+        "type": cp_type,
+        "connect_timeout": f"{o.connect_timeout_s:g}s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": _http2_options(interval_s=10, timeout_s=3),
+        "upstream_connection_options": {
+            "tcp_keepalive": {"keepalive_time": 10, "keepalive_interval": 3, "keepalive_probes": 3},
+        },
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(h, p)}} for h, p in addresses]}],
+        },
     }
 
 
@@ -135,29 +226,13 @@ def build_bootstrap(o: BootstrapOptions) -> dict[str, Any]:
     node: dict[str, Any] = {"id": o.node_id, "cluster": o.service or o.node_id, "metadata": metadata}
     if o.zone:
         node["locality"] = {"zone": o.zone}
-    try:
-        ipaddress.ip_address(o.control_plane_host)
-        cp_type = "STATIC"
-    except ValueError:
-        cp_type = "STRICT_DNS"
     grpc_service = {
         "envoy_grpc": {
-            "cluster_name": "meshpilot-xds",
+            "cluster_name": XDS_CLUSTER,
             "retry_policy": {"retry_back_off": {"base_interval": "0.1s", "max_interval": f"{o.retry_max_s}s"}},
         }
     }
-    xds_cluster: dict[str, Any] = {
-        "name": "meshpilot-xds",
-        "type": cp_type,
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": _http2_options(),
-        "load_assignment": {
-            "cluster_name": "meshpilot-xds",
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": _socket(o.control_plane_host, o.control_plane_port)}}]}
-            ],
-        },
-    }
+    xds_cluster = _xds_cluster(o)
     clusters: list[dict[str, Any]] = [xds_cluster]
     if o.identity:
         # static clusters are initialised in order: the SDS cluster must exist before a cluster whose

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshpilot.meshdns import dns_pb2
-from meshpilot.meshdns.ads import TYPE_URL, AdsState, load_state, run_ads, save_state
+from meshpilot.meshdns.ads import TYPE_URL, AdsState, load_state, run_ads, save_state, split_targets
 from meshpilot.meshdns.table import Port, Service
 from meshpilot.model import Service as MeshService
 from meshpilot.translate.dns import build_dns_service, dns_resource_name
@@ -232,6 +232,100 @@ def test_client_backs_off_while_control_plane_is_down() -> None:
         assert list(state.resources) == ["web.default"], "the held table survives the outage"
 
     asyncio.run(main())
+
+
+async def _serve(fake: _FakeAds) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([fake.handler()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_replica_that_ends_the_stream_hands_the_client_to_the_next_with_the_versions_it_holds() -> None:
+    async def main() -> None:
+        # replica a answers once and ends the stream (cut off from the store), replica b keeps it
+        a = _FakeAds([[response(resource("web", version="v1"), nonce="a")], []])
+        b = _FakeAds([[response(resource("db", "prod", "240.240.0.2", version="v9"), nonce="b")]])
+        (sa, pa), (sb, pb) = await _serve(a), await _serve(b)
+        state = AdsState("node-x")
+        counters: dict[str, int] = {}
+
+        async def on_change() -> None:
+            pass
+
+        task = asyncio.create_task(run_ads(f"127.0.0.1:{pa},127.0.0.1:{pb}", state, on_change, first=0,
+                                           backoff_initial=5.0, counters=counters))
+        try:
+            await _wait_for(lambda: len(b.requests) >= 2, "the stream on replica b with an ACK", timeout=2.0)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await sa.stop(None)
+            await sb.stop(None)
+        assert a.streams == 1, f"expected one stream on replica a before the move, got {a.streams}"
+        first_b = b.requests[0]
+        assert dict(first_b.initial_resource_versions) == {"web.default": "v1"}, (
+            f"the move must carry the versions held from replica a, got {dict(first_b.initial_resource_versions)}")
+        assert sorted(state.resources) == ["db.prod", "web.default"], f"got {sorted(state.resources)}"
+        assert counters.get("ads_replica_moves", 0) >= 1, f"expected a move to be counted, got {counters}"
+
+    asyncio.run(main())
+
+
+def test_a_dead_replica_is_skipped_at_once_and_a_full_round_of_failures_backs_off() -> None:
+    async def main() -> None:
+        live = _FakeAds([[response(resource("web"), nonce="a")]])
+        server, port = await _serve(live)
+        state = AdsState("node-x")
+
+        async def on_change() -> None:
+            pass
+
+        # back-off 5 s: only skipping the dead replica without waiting reaches the live one within 1 s
+        task = asyncio.create_task(run_ads([f"127.0.0.1:{_dead_port()}", f"127.0.0.1:{port}"], state, on_change,
+                                           first=0, backoff_initial=0.2))
+        try:
+            await _wait_for(lambda: len(live.requests) >= 2, "the live replica's stream", timeout=1.0)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop(None)
+        assert list(state.resources) == ["web.default"]
+
+        counters: dict[str, int] = {}
+        dead = [f"127.0.0.1:{_dead_port()}", f"127.0.0.1:{_dead_port()}"]
+        task = asyncio.create_task(run_ads(dead, AdsState("n"), on_change, backoff_initial=0.05, backoff_max=0.2,
+                                           counters=counters))
+        await asyncio.sleep(1.0)  # observe the retry rate over a fixed window
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        errors = counters.get("ads_errors", 0)
+        assert 4 <= errors <= 40, f"expected capped back-off over both replicas (4..40 attempts in 1 s), got {errors}"
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("127.0.0.1:15010", ["127.0.0.1:15010"]),
+    ("a:1, b:2", ["a:1", "b:2"]),
+])
+def test_split_targets(text: str, expected: list[str]) -> None:
+    assert split_targets(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "a:1,,b:2", " , "])
+def test_split_targets_refuses_empty_entries(text: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        split_targets(text)
 
 
 def test_state_file_is_json_with_services(tmp_path: Path) -> None:

@@ -1,0 +1,242 @@
+"""Clients of the control plane fail over between its replicas.
+
+Two ``meshpilot serve`` replicas, each with its own memory store; the services and instances a test needs are
+written to both through the management API (what a shared store would give them). One real Envoy, bootstrapped
+by ``meshpilot bootstrap --control-plane A,B``, carries a steady load while the replica holding its ADS stream is
+SIGKILLed: its ADS (and HDS) streams open on the other replica, a change made there reaches Envoy, and not one
+request fails. Then the killed replica comes back, the survivor is killed, and everything moves back. The same
+for meshdns' table stream (``meshpilot meshdns --control-plane A,B``): a mesh name still resolves after the
+kill, and a service added on the survivor resolves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from tests.support import ROOT, VENV_BIN, ControlPlaneProc, EnvoyProc, free_port, http_backend, through, tmpdir, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def _ok(cp: ControlPlaneProc, method: str, path: str, body: Any = None) -> Any:
+    status, data = cp.call(method, path, body)
+    assert status in (200, 201), f"{method} {path} on :{cp.ports.get('api')}: expected 200/201, got {status} {data}"
+    return data
+
+
+def _service(cps: list[ControlPlaneProc], name: str, backend_port: int | None = None) -> None:
+    """The service (port 80, http) and, with a backend, one instance of it, written to every replica."""
+    for cp in cps:
+        _ok(cp, "POST", "/v1/services", {"name": name, "ports": [{"name": "http", "port": 80, "protocol": "http"}]})
+        if backend_port is not None:
+            _ok(cp, "POST", f"/v1/services/default/{name}/instances",
+                {"id": f"{name}-1", "address": "127.0.0.1", "ports": {"http": backend_port}})
+
+
+def _kill(cp: ControlPlaneProc) -> None:
+    """SIGKILL: no goodbye to any stream."""
+    assert cp.proc is not None
+    cp.proc.send_signal(signal.SIGKILL)
+    cp.proc.wait(10)
+    cp.proc = None
+
+
+def _restart(cp: ControlPlaneProc) -> ControlPlaneProc:
+    """The same replica again on the same ports, with an empty memory store."""
+    again = ControlPlaneProc(cp.workdir, store="memory:", xds_port=cp.ports["xds"], api_port=cp.ports["api"])
+    return again.start()
+
+
+def _ads_nodes(cp: ControlPlaneProc) -> set[str]:
+    return {p["node_id"] for p in _ok(cp, "GET", "/v1/proxies")}
+
+
+def _mesh_instances(cp: ControlPlaneProc, service: str) -> list[str]:
+    """Instances registered over HDS (source mesh) that passed their health check."""
+    status, data = cp.call("GET", f"/v1/services/default/{service}/instances")
+    if status != 200:
+        return []
+    return [i["id"] for i in data if i.get("source") == "mesh" and i.get("health") == "passing"]
+
+
+class _Load:
+    """Requests through Envoy's outbound listener, one after another, until stopped; every answer counted."""
+
+    def __init__(self, port: int, host: str) -> None:
+        self.port, self.host = port, host
+        self.ok = 0
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, body = through(self.port, self.host, timeout=5)
+            except Exception as exc:  # noqa: BLE001 - a failed request is what this counts
+                self.failed.append(repr(exc))
+                continue
+            if status == 200:
+                self.ok += 1
+            else:
+                self.failed.append(f"{status} {str(body)[:200]}")
+
+    def __enter__(self) -> _Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@contextlib.contextmanager
+def _replicas(workdir: Path) -> Iterator[list[ControlPlaneProc]]:
+    cps: list[ControlPlaneProc] = []
+    try:
+        for name in ("a", "b"):
+            (workdir / name).mkdir()
+            cps.append(ControlPlaneProc(workdir / name, store="memory:").start())
+        yield cps
+    finally:
+        for cp in cps:
+            cp.stop()
+
+
+def _held_by(cps: list[ControlPlaneProc], node: str) -> list[int]:
+    """Indexes of the replicas that list ``node``'s ADS stream."""
+    return [i for i, cp in enumerate(cps) if cp.proc is not None and node in _ads_nodes(cp)]
+
+
+def test_envoy_moves_its_ads_and_hds_streams_to_the_surviving_replica_without_a_failed_request() -> None:
+    workdir = tmpdir("meshpilot-failover-")
+    with _replicas(workdir) as cps, http_backend("web") as web, http_backend("api") as api, \
+            http_backend("caller-app") as app:
+        _service(cps, "web", web.port)
+        _service(cps, "caller")
+        outbound, inbound = free_port(), free_port()
+        boot = workdir / "envoy-bootstrap.json"
+        made = subprocess.run(
+            [str(VENV_BIN / "meshpilot"), "bootstrap", "--node", "caller-1", "--service", "caller", "--hds",
+             "--control-plane", ",".join(f"127.0.0.1:{cp.xds_port}" for cp in cps), "--admin-port", "0",
+             "--outbound-port", str(outbound), "--inbound-port", str(inbound), "--app-port", str(app.port),
+             "-o", str(boot)], capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, f"meshpilot bootstrap: expected exit 0, got {made.returncode}: {made.stderr}"
+        proxy = EnvoyProc(workdir, json.loads(boot.read_text()), name="caller")
+        try:
+            proxy.start()
+            wait_until(lambda: through(outbound, "web")[0] == 200, 20, what="a first 200 through Envoy")
+            held = wait_until(lambda: _held_by(cps, "caller-1"), 10, what="a replica holding Envoy's ADS stream")
+            assert len(held) == 1, f"expected Envoy's ADS stream on one replica, got it on {held}"
+            # HDS registers the node's app on the replica its HDS stream is on
+            wait_until(lambda: any(_mesh_instances(cp, "caller") for cp in cps), 20,
+                       what="the node's app registered over HDS on a replica")
+            for round_, (victim, survivor) in enumerate(((held[0], 1 - held[0]), (1 - held[0], held[0]))):
+                if round_ == 1:
+                    # the replica killed in round 0 comes back, given the state the survivor holds
+                    cps[survivor] = back = _restart(cps[survivor])
+                    _service([back], "web", web.port)
+                    _service([back], "caller")
+                    _service([back], "api", api.port)
+                with _Load(outbound, "web") as load:
+                    wait_until(lambda: load.ok >= 20, 10, what="20 requests through Envoy before the kill")
+                    before = load.ok
+                    t_kill = time.monotonic()
+                    _kill(cps[victim])
+                    wait_until(lambda: _held_by(cps, "caller-1") == [survivor], 15,
+                               what=f"Envoy's ADS stream on the surviving replica :{cps[survivor].xds_port}")
+                    moved_s = time.monotonic() - t_kill
+                    hosts = proxy.admin("/clusters")
+                    active = [line for line in hosts.splitlines()
+                              if line.startswith("meshpilot-xds::") and "::cx_active::" in line and not line.endswith("::0")]
+                    assert any(f":{cps[survivor].xds_port}::" in line for line in active), \
+                        f"expected Envoy connected to :{cps[survivor].xds_port}, its meshpilot-xds hosts say {active}"
+                    wait_until(lambda: _mesh_instances(cps[survivor], "caller"), 20,
+                               what="the node's app registered over HDS on the surviving replica")
+                    # a change made only on the survivor reaches Envoy
+                    name = "api" if round_ == 0 else "extra"
+                    backend = api if round_ == 0 else web
+                    _service([cps[survivor]], name, backend.port)
+                    wait_until(lambda: through(outbound, name)[0] == 200, 10,
+                               what=f"{name!r}, made on the survivor only, routed by Envoy")
+                    wait_until(lambda: load.ok >= before + 200, 30, what="200 more requests after the kill")
+                assert not load.failed, (f"round {round_}: expected 0 failed requests during the failover, got "
+                                         f"{len(load.failed)} of {load.ok + len(load.failed)}: {load.failed[:5]}")
+                print(f"round {round_}: killed :{cps[victim].ports['xds']}, ADS on :{cps[survivor].xds_port} after "
+                      f"{moved_s:.2f}s, {load.ok} requests, 0 failed")
+        finally:
+            proxy.stop()
+
+
+def _query(port: int, name: str) -> str | None:
+    try:
+        r = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=1)
+    except dns.exception.Timeout:
+        return None
+    if r.rcode() == dns.rcode.NOERROR and r.answer:
+        return str(r.answer[0][0].to_text())
+    return None
+
+
+def test_meshdns_follows_the_surviving_replica() -> None:
+    workdir = tmpdir("meshpilot-failover-dns-")
+    with _replicas(workdir) as cps:
+        _service(cps, "web")
+        log = open(workdir / "meshdns.log", "wb")
+        dnsproc = subprocess.Popen(
+            [sys.executable, "-m", "meshpilot.cli", "meshdns", "--listen", "127.0.0.1:0", "--control-plane",
+             ",".join(f"127.0.0.1:{cp.xds_port}" for cp in cps), "--node-id", "node-a",
+             "--state-file", str(workdir / "meshdns.json"), "--upstream", "127.0.0.1:9"],
+            stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
+        try:
+            assert dnsproc.stdout is not None
+            line = dnsproc.stdout.readline().decode()
+            assert line.startswith("meshdns listening"), f"expected meshdns to start, got {line!r}"
+            port = int(line.rsplit(":", 1)[1])
+            vip = wait_until(lambda: _query(port, "web.default.svc.mesh"), 10, what="web to resolve")
+            held = wait_until(lambda: _held_by(cps, "node-a"), 10, what="a replica holding meshdns' table stream")
+            assert len(held) == 1, f"expected meshdns' stream on one replica, got it on {held}"
+            victim, survivor = held[0], 1 - held[0]
+            _kill(cps[victim])
+            wait_until(lambda: _held_by(cps, "node-a") == [survivor], 10,
+                       what=f"meshdns' table stream on the surviving replica :{cps[survivor].xds_port}")
+            assert _query(port, "web.default.svc.mesh") == vip, "web must still resolve after the kill"
+            _service([cps[survivor]], "fresh")
+            wait_until(lambda: _query(port, "fresh.default.svc.mesh"), 10,
+                       what="'fresh', made on the survivor only, to resolve")
+            text = Path(log.name).read_text()
+            assert f"127.0.0.1:{cps[survivor].xds_port}" in text, f"expected meshdns to log the replica it uses:\n{text[-2000:]}"
+        finally:
+            if dnsproc.poll() is None:
+                dnsproc.terminate()
+                try:
+                    dnsproc.wait(5)
+                except subprocess.TimeoutExpired:
+                    dnsproc.kill()
+                    dnsproc.wait()
+
+
+def test_envoy_accepts_the_bootstrap_of_several_replicas_with_identity() -> None:
+    from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
+    from tests.support import assert_envoy_accepts
+
+    workdir = tmpdir("meshpilot-failover-validate-")
+    boot = build_bootstrap(BootstrapOptions(
+        node_id="web-1", service="web", hds=True, identity=True, sds_socket=str(workdir / "sds.sock"),
+        control_planes=(("127.0.0.1", 15010), ("127.0.0.2", 15010), ("cp-2.example", 16010))))
+    assert_envoy_accepts(boot, workdir, "a bootstrap with three replicas, TLS to each and HDS")
