@@ -1,17 +1,20 @@
 """HDS as a part of the control plane: the gRPC service on the xDS port, the liveness sweeps, the
-ADS watch that tells a dead sidecar from a reconnecting one, and the graceful-offline sync route.
+ADS watch that tells a dead sidecar from a reconnecting one, the graceful-offline sync route, and
+(on a shared store) the watch of the store's currency that hands this replica's HDS streams over
+while it is cut off (server.py says how replicas share the liveness of sidecars).
 With identity on, a sidecar registers only its own node's instance of its certificate's service, at
 the address it connects from (pki/admission.py and ``admit`` below)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from typing import Any
 
 import grpc
 
 from meshpilot import metrics
-from meshpilot.hds.server import HdsServer, log
+from meshpilot.hds.server import HdsServer, log, replica_id
 from meshpilot.hds.stream import Refused
 from meshpilot.hds.synced import synced_route
 from meshpilot.parts import Core, Part, Task
@@ -64,9 +67,18 @@ def install(core: Core) -> Part:
             raise Refused(reason, True)
         return peer.spiffe
 
+    replica = replica_id()
     server = HdsServer(core.registry, s.hds_interval_s, s.hds_critical_after_s, s.hds_remove_after_s, s.hds_dead_after_s,
-                       token=core.health_token, admit=admit if s.identity else None)
+                       token=core.health_token, admit=admit if s.identity else None, replica=replica)
     core.registry.subscribe(server.on_change)
+    store = core.registry.store
+    if store.shared:
+        log.info("event=hds_replica replica=%s", replica)
+
+    async def follow_store() -> None:
+        while True:
+            server.follow_store(store.current())
+            await asyncio.sleep(1.0)
 
     def on_node(node: NodeInfo, connected: bool) -> None:
         server.on_node(node.id, connected)
@@ -74,6 +86,6 @@ def install(core: Core) -> Part:
     return Part(
         grpc_handlers=[server.handler()],
         routes=[synced_route(core.registry, core.xds, core.publishing, s.domain)],
-        tasks=[Task("hds_sweeps", server.run_sweeps)],
+        tasks=[Task("hds_sweeps", server.run_sweeps), *([Task("hds_follow_store", follow_store)] if store.shared else [])],
         node_watchers=[on_node],
     )
