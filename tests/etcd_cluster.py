@@ -142,3 +142,29 @@ def etcd_cluster(workdir: Path, members: int = 1) -> Iterator[EtcdCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+def etcd_range(url: str, prefix: str) -> dict[str, bytes]:
+    """What etcd itself holds under ``prefix`` (key -> raw value), read past any store."""
+    import grpc
+    from aetcd.rpc import rpc_pb2, rpc_pb2_grpc  # type: ignore[import-untyped]
+
+    target = "ipv4:" + url.removeprefix("etcd://").split("/", 1)[0]
+    with grpc.insecure_channel(target) as channel:
+        pfx = prefix.encode()
+        resp = rpc_pb2_grpc.KVStub(channel).Range(
+            rpc_pb2.RangeRequest(key=pfx, range_end=pfx[:-1] + bytes([pfx[-1] + 1])), timeout=10, wait_for_ready=True)
+        return {kv.key.decode(): kv.value for kv in resp.kvs}
+
+
+def etcd_compact(url: str) -> int:
+    """Compact etcd's history up to its current revision; return that revision."""
+    import grpc
+    from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
+
+    target = "ipv4:" + url.removeprefix("etcd://").split("/", 1)[0]
+    with grpc.insecure_channel(target) as channel:
+        kv = rpc_pb2_grpc.KVStub(channel)
+        rev = int(kv.Range(rpc_pb2.RangeRequest(key=b"\0", count_only=True), timeout=10, wait_for_ready=True).header.revision)
+        kv.Compact(rpc_pb2.CompactionRequest(revision=rev, physical=True), timeout=10, wait_for_ready=True)
+        return rev

@@ -76,6 +76,7 @@ log = logging.getLogger("meshpilot.registry.etcd")
 DEFAULT_PREFIX = "/meshpilot/"
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 MAX_TXN_BYTES = 1 << 20  # etcd refuses requests over --max-request-bytes (1.5 MiB by default)
+_ATTEMPT_S = 3.0  # how long one Txn may take before it is sent again
 _OP_OVERHEAD = 16  # bytes a put or delete adds to a Txn beyond its key and value
 # the codes with which etcd or the channel say "not now": the committer tries again
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN,
@@ -121,6 +122,12 @@ class EtcdStore:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
+            # a member that stops answering (frozen, cut off) without closing its connections is dropped
+            # from the channel after keepalive time + timeout; etcd refuses pings more often than 5 s
+            ("grpc.keepalive_time_ms", 6000),
+            ("grpc.keepalive_timeout_ms", 2000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
         ])
         self._kv = rpc_pb2_grpc.KVStub(self._channel)
         self._watch_stub = rpc_pb2_grpc.WatchStub(self._channel)
@@ -287,9 +294,17 @@ class EtcdStore:
                 _call_soon(loop, deliver, changes, rev)
 
     def current(self) -> bool:
-        now = time.monotonic()
+        return self._observe(time.monotonic())
+
+    def _observe(self, now: float) -> bool:
+        """Whether the view is current; log when that changed since it was last looked at."""
         with self._cond:
-            return self._current(now)[0]
+            current, why = self._current(now)
+            changed, self._was_current = current != self._was_current, current
+        if changed:
+            log.log(logging.INFO if current else logging.WARNING, "event=store_current current=%s reason=%s endpoints=%s "
+                    "revision=%d", str(current).lower(), why, self._where, self.revision)
+        return current
 
     def _current(self, now: float) -> tuple[bool, str]:
         grace = self.lease_ttl_s
@@ -407,7 +422,8 @@ class EtcdStore:
                     key=self._key(t, k), value=v.encode(), lease=lease if t in EPHEMERAL else 0))
                 for (t, k), v in ops.items()])
             try:
-                resp = self._kv.Txn(req, timeout=self.timeout_s, wait_for_ready=True)
+                # a short attempt: a Txn sent to a member that stopped answering is sent again to another
+                resp = self._kv.Txn(req, timeout=min(self.timeout_s, _ATTEMPT_S), wait_for_ready=True)
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.NOT_FOUND and "lease" in (exc.details() or ""):
@@ -653,17 +669,12 @@ class EtcdStore:
                 asked = self._progress_asked
                 stuck = (call is not None and asked is not None and now - asked > silence
                          and self._watch_heard < asked)
-                current, why = self._current(now)
-                changed, self._was_current = current != self._was_current, current
             if stuck and call is not None:
                 log.warning("event=store_watch_silent seconds=%.1f note=reconnecting", now - (asked or now))
                 call[0].cancel()
             elif asked is None:
                 self._ask_progress()
-            if changed:
-                log.log(logging.INFO if current else logging.WARNING,
-                        "event=store_current current=%s reason=%s endpoints=%s revision=%d",
-                        str(current).lower(), why, self._where, self.revision)
+            self._observe(now)
 
     def _ask_progress(self, again: bool = False) -> None:
         with self._cond:
