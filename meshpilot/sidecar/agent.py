@@ -44,7 +44,14 @@ from meshpilot import pki
 from meshpilot.meshdns.config import MeshDnsConfig, TableTls
 from meshpilot.meshdns.server import MeshDns
 from meshpilot.sidecar.identity import ChannelTls, GrpcSigner, Material, WorkloadIdentity, enrol_target
-from meshpilot.sidecar.render import IdentitySettings, SidecarOptions, bootstrap_options, identity_settings
+from meshpilot.sidecar.render import (
+    IdentitySettings,
+    SidecarOptions,
+    bootstrap_options,
+    control_plane_addresses,
+    control_plane_targets,
+    identity_settings,
+)
 from meshpilot.sidecar.sds import SdsServer, SecretStore
 from meshpilot.sidecar.spec import SidecarSpec
 from meshpilot.sidecar.supervise import BASE_DELAY_S, MAX_DELAY_S, Supervised
@@ -65,6 +72,8 @@ class AgentConfig:
     options: SidecarOptions
     api_url: str
     token: str | None = None
+    # every replica's management API (``--api URL,URL``); () means api_url alone
+    api_urls: tuple[str, ...] = ()
     workdir: Path = Path(".")
     envoy: str = field(default_factory=default_envoy)
     concurrency: int = 1
@@ -77,11 +86,6 @@ class AgentConfig:
 _MAX_SOCKET_PATH = 107
 
 
-def control_plane_target(options: SidecarOptions) -> str:
-    host = options.control_plane_host
-    return f"{f'[{host}]' if ':' in host else host}:{options.control_plane_port}"
-
-
 def dns_config(spec: SidecarSpec, options: SidecarOptions, node_id: str, workdir: Path,
                tls: TableTls | None = None) -> MeshDnsConfig:
     """The meshdns settings of a sidecar: ``mesh.dns`` from the spec, the agent's control plane, and a node id
@@ -92,7 +96,7 @@ def dns_config(spec: SidecarSpec, options: SidecarOptions, node_id: str, workdir
     # an empty search list must stay empty rather than fall back to resolv.conf's: "" is the "none" suffix
     search = tuple(d.search_suffixes(spec.metadata.namespace)) or ("",)
     return MeshDnsConfig(
-        host=host, port=port, control_plane=control_plane_target(options), node_id=f"{node_id}~meshdns",
+        host=host, port=port, control_plane=",".join(control_plane_targets(options)), node_id=f"{node_id}~meshdns",
         state_file=str(workdir / "meshdns.json"), upstreams=tuple(d.upstream_addresses), ttl=d.ttl, domain=d.domain,
         search=search, namespace=spec.metadata.namespace, upstream_timeout=d.upstreamTimeout,
         upstream_mark=d.upstreamMark, tls=tls,
@@ -106,6 +110,7 @@ class _Agent:
         self.instance_id = self.bopts.node_id
         self.admin_port = self.bopts.admin_port
         self.stop_requested = asyncio.Event()
+        self._api_index = 0  # the management API replica asked first
         self.timings: dict[str, float] = {}
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.admin_path = cfg.workdir / "envoy.admin"
@@ -125,9 +130,9 @@ class _Agent:
             spec = cfg.spec
             self.identity = WorkloadIdentity(
                 node_id=self.instance_id,
-                signer=GrpcSigner(control_plane_target(cfg.options), s.server_name,
-                                  enrol_target=enrol_target(cfg.options.control_plane_host,
-                                                            cfg.options.control_plane_port, cfg.options.enrol_port)),
+                signer=GrpcSigner(control_plane_targets(cfg.options), s.server_name,
+                                  enrol_target=[enrol_target(h, p, cfg.options.enrol_port)
+                                                for h, p in control_plane_addresses(cfg.options)]),
                 trust_bundle_file=Path(s.trust_bundle_file),
                 join_token_file=Path(s.join_token_file) if s.join_token_file else None,
                 state_dir=cfg.workdir / "identity",
@@ -172,37 +177,70 @@ class _Agent:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.cfg.token}"} if self.cfg.token else {}
 
+    async def _call(self, http: aiohttp.ClientSession, method: str, path: str,
+                    body: Any = None) -> tuple[int, str]:
+        """``method path`` on the management API: (status, body text). With several replicas, one that cannot
+        be reached or answers 502/503/504 (cut off from the shared store) is left for the next; the one that
+        answered is asked first next time."""
+        urls = self.cfg.api_urls or (self.cfg.api_url,)
+        failure: BaseException | None = None
+        for step in range(len(urls)):
+            index = (self._api_index + step) % len(urls)
+            url = urls[index]
+            try:
+                async with http.request(method, f"{url}{path}", json=body, headers=self._headers()) as r:
+                    text = await r.text()
+                    if r.status in (502, 503, 504) and step < len(urls) - 1:
+                        log.info("event=api_replica_failed api=%s status=%d", url, r.status)
+                        continue
+                    status = r.status
+            except (aiohttp.ClientConnectionError, TimeoutError, OSError) as exc:
+                failure = exc
+                if len(urls) > 1:
+                    log.info("event=api_replica_failed api=%s error=%r", url, exc)
+                continue
+            if index != self._api_index:
+                log.info("event=api_replica api=%s", url)
+                self._api_index = index
+            return status, text
+        assert failure is not None
+        raise failure
+
     async def ensure_service(self, http: aiohttp.ClientSession) -> None:
         spec = self.cfg.spec
-        path = f"{self.cfg.api_url}/v1/services/{spec.metadata.namespace}/{spec.metadata.name}"
-        async with http.get(path, headers=self._headers()) as r:
-            if r.status == 200:
-                return
-            if r.status != 404:
-                raise RuntimeError(f"GET {path}: {r.status} {await r.text()}")
+        path = f"/v1/services/{spec.metadata.namespace}/{spec.metadata.name}"
+        status, text = await self._call(http, "GET", path)
+        if status == 200:
+            return
+        if status != 404:
+            raise RuntimeError(f"GET {path}: {status} {text}")
         body = spec.service().model_dump(mode="json", exclude={"vip"})
-        async with http.post(f"{self.cfg.api_url}/v1/services", json=body, headers=self._headers()) as r:
-            if r.status not in (201, 409):  # 409: another sidecar created it first
-                raise RuntimeError(f"creating service {spec.metadata.name}: {r.status} {await r.text()}")
+        status, text = await self._call(http, "POST", "/v1/services", body)
+        if status not in (201, 409):  # 409: another sidecar created it first
+            raise RuntimeError(f"creating service {spec.metadata.name}: {status} {text}")
         log.info("event=service_created service=%s.%s", spec.metadata.name, spec.metadata.namespace)
 
     async def deregister(self, http: aiohttp.ClientSession) -> None:
-        url = f"{self.cfg.api_url}/v1/instances/{quote(self.instance_id, safe='')}?source=mesh"
-        async with http.delete(url, headers=self._headers()) as r:
-            if r.status not in (200, 404):
-                raise RuntimeError(f"deregister: {r.status} {await r.text()}")
-            log.info("event=deregistered instance=%s status=%d", self.instance_id, r.status)
+        status, text = await self._call(http, "DELETE", f"/v1/instances/{quote(self.instance_id, safe='')}?source=mesh")
+        if status not in (200, 404):
+            raise RuntimeError(f"deregister: {status} {text}")
+        log.info("event=deregistered instance=%s status=%d", self.instance_id, status)
 
     async def wait_synced(self, http: aiohttp.ClientSession, bound_s: float) -> bool:
         spec = self.cfg.spec
-        url = f"{self.cfg.api_url}/v1/services/{spec.metadata.namespace}/{spec.metadata.name}/synced"
+        path = f"/v1/services/{spec.metadata.namespace}/{spec.metadata.name}/synced"
         last: Any = None
         try:
             async with asyncio.timeout(bound_s):
                 while True:
-                    async with http.get(url, headers=self._headers()) as r:
-                        last = await r.json() if r.status == 200 else await r.text()
-                        if r.status == 200 and last.get("synced"):
+                    status, text = await self._call(http, "GET", path)
+                    last = text
+                    if status == 200:
+                        try:
+                            last = json.loads(text)
+                        except ValueError:
+                            last = None
+                        if isinstance(last, dict) and last.get("synced"):
                             return True
                     await asyncio.sleep(0.05)
         except TimeoutError:

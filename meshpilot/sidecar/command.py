@@ -1,7 +1,10 @@
 """The ``sidecar`` subcommand: the node agent that runs Envoy (and optionally the app) for one spec.yaml;
 and ``identity-files``: a proxyless app's workload identity kept fresh as files (key.pem, cert.pem,
 bundle.pem) for gRPC's xDS ``certificate_providers`` file_watcher.
-``capture`` (sidecar/capture.py) and ``inject``/``webhook`` (kube/command.py) register themselves."""
+``capture`` (sidecar/capture.py) and ``inject``/``webhook`` (kube/command.py) register themselves.
+``--control-plane`` names one control plane or several replicas (``HOST:PORT,HOST:PORT``); every client the
+agent runs (Envoy's ADS and HDS, meshdns' table stream, the certificate's enrolment, renewals and bundle watch,
+the management-API calls) knows them all and moves to another when one fails."""
 
 from __future__ import annotations
 
@@ -14,14 +17,23 @@ from pathlib import Path
 __all__ = ["register"]
 
 
-def _split_hostport(value: str, default_port: int) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        return value, default_port
+def _control_planes(value: str, command: str) -> tuple[tuple[str, int], ...] | None:
+    """``--control-plane``: the replicas, or None after printing what is wrong."""
+    from meshpilot.translate.bootstrap import parse_control_planes
+
     try:
-        return host.strip("[]") or "127.0.0.1", int(port)
-    except ValueError:
-        raise SystemExit(f"meshpilot: {value!r}: expected HOST:PORT") from None
+        return parse_control_planes(value)
+    except ValueError as exc:
+        print(f"meshpilot {command}: --control-plane {exc}", file=sys.stderr)
+        return None
+
+
+def _api_urls(value: str | None, control_planes: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
+    """``--api`` (comma-separated for several replicas), default each control-plane host's port 15014."""
+    if value:
+        return tuple(u.strip().rstrip("/") for u in value.split(",") if u.strip())
+    hosts = dict.fromkeys(f"[{h}]" if ":" in h else h for h, _ in control_planes)
+    return tuple(f"http://{h}:15014" for h in hosts)
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
@@ -45,10 +57,16 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         for f in exc.fields:
             print(f"  {f['field']}: {f['reason']}", file=sys.stderr)
         return 2
-    host, port = _split_hostport(args.control_plane, 15010)
-    api = args.api or f"http://{host}:15014"
+    control_planes = _control_planes(args.control_plane, "sidecar")
+    if control_planes is None:
+        return 2
+    host, port = control_planes[0]
+    api_urls = _api_urls(args.api, control_planes)
+    if not api_urls:
+        print("meshpilot sidecar: --api names no URL", file=sys.stderr)
+        return 2
     opts = SidecarOptions(
-        control_plane_host=host, control_plane_port=port, node_id=args.node_id or "",
+        control_plane_host=host, control_plane_port=port, control_planes=control_planes, node_id=args.node_id or "",
         api_type="GRPC" if args.sotw else "DELTA_GRPC",
         admin_port=args.admin_port, inbound_port=args.inbound_port, outbound_port=args.outbound_port,
         advertise_address=args.advertise_address or os.environ.get("MESHPILOT_ADVERTISE_ADDRESS", ""),
@@ -57,7 +75,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         enrol_port=args.enrol_port,
     )
     cfg = AgentConfig(
-        spec=spec, options=opts, api_url=api.rstrip("/"), token=api_token(args),
+        spec=spec, options=opts, api_url=api_urls[0], api_urls=api_urls, token=api_token(args),
         workdir=Path(args.workdir), envoy=args.envoy or default_envoy(),
         ready_file=Path(args.ready_file) if args.ready_file else None,
         identity_wait_s=args.identity_wait,
@@ -93,13 +111,17 @@ def cmd_identity_files(args: argparse.Namespace) -> int:
         print("meshpilot identity-files: --trust-bundle is required (the control plane's certificate is checked "
               "against it)", file=sys.stderr)
         return 2
-    host, port = _split_hostport(args.control_plane, 15010)
-    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    from meshpilot.translate.bootstrap import grpc_target
+
+    control_planes = _control_planes(args.control_plane, "identity-files")
+    if control_planes is None:
+        return 2
     out = Path(args.out)
     identity = WorkloadIdentity(
         node_id=args.node_id,
-        signer=GrpcSigner(target, server_name_for(host, args.control_plane_name or ""),
-                          enrol_target=enrol_target(host, port, args.enrol_port)),
+        signer=GrpcSigner([grpc_target(h, p) for h, p in control_planes],
+                          server_name_for(control_planes[0][0], args.control_plane_name or ""),
+                          enrol_target=[enrol_target(h, p, args.enrol_port) for h, p in control_planes]),
         trust_bundle_file=Path(args.trust_bundle),
         join_token_file=Path(args.join_token_file) if args.join_token_file else None,
         state_dir=out / ".state",
@@ -142,8 +164,12 @@ def _identity_arguments(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("sidecar", help="run Envoy (and optionally the app) for one app described by spec.yaml")
     p.add_argument("--spec", required=True, help="spec.yaml: a Kubernetes Service plus a mesh section")
-    p.add_argument("--control-plane", default="127.0.0.1:15010", help="HOST:PORT of the xDS/HDS server")
-    p.add_argument("--api", help="management API URL (default http://HOST:15014)")
+    p.add_argument("--control-plane", default="127.0.0.1:15010", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the xDS/HDS server; several replicas comma-separated: every client of the node moves to "
+                        "another when one fails (default %(default)s)")
+    p.add_argument("--api", metavar="URL[,URL...]",
+                   help="management API URL, several comma-separated (default http://HOST:15014 for each "
+                        "control-plane host)")
     p.add_argument("--token", help="bearer token for the management API (visible in ps: prefer --token-file or MESHPILOT_TOKEN)")
     p.add_argument("--token-file", help="read the bearer token from this file (or MESHPILOT_TOKEN_FILE)")
     p.add_argument("--node-id", help="node and instance id (default NAME.NAMESPACE-HOST-INBOUNDPORT)")
@@ -165,7 +191,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("identity-files", help="keep a proxyless app's workload certificate fresh as files "
                                               "(key.pem, cert.pem, bundle.pem) for gRPC's file_watcher")
     p.add_argument("--out", required=True, help="directory for key.pem, cert.pem and bundle.pem (0700)")
-    p.add_argument("--control-plane", default="127.0.0.1:15010", help="HOST:PORT of the xDS server")
+    p.add_argument("--control-plane", default="127.0.0.1:15010", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the xDS server; several replicas comma-separated (default %(default)s)")
     p.add_argument("--node-id", required=True, help="the node id the certificate is issued for (its CN)")
     p.add_argument("--log-level", default="info")
     _identity_arguments(p)

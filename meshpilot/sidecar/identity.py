@@ -19,6 +19,12 @@ leaves every node's trust, even when the file the node was installed with still 
 When to act is a pure machine, :class:`Lifecycle` (no clock, no I/O: times in, plans out); the wire is a
 :class:`Signer` (:class:`GrpcSigner` in production, a fake in tests), so the whole loop runs in tests on an
 injected clock without a control plane.
+
+Several control-plane replicas (they share the mesh CA): :class:`GrpcSigner` knows every one. A Sign that
+cannot reach a replica (or that a replica cut off from the shared store turns away as unavailable) is sent to
+the next one in the same attempt; when none answers, the attempt fails and the lifecycle's jittered back-off
+applies. The bundle watch moves to the next replica whenever its stream fails or the replica ends it. Each
+log line names the replica it used.
 """
 
 from __future__ import annotations
@@ -195,6 +201,7 @@ class SignResult:
     chain_pem: bytes
     bundle_pem: bytes
     not_after: float
+    control_plane: str = ""  # the replica that signed, for the log
 
 
 class Signer(Protocol):
@@ -231,48 +238,115 @@ def enrol_target(host: str, xds_port: int, enrol_port: int | None = None) -> str
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# a replica that vanished without closing the connection is noticed by HTTP/2 PINGs (the control plane allows one
+# every 5 s without data)
+_KEEPALIVE: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+# what a replica that cannot serve now answers (or what gRPC says of one it cannot reach): try another
+_TRY_ANOTHER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def _target_list(target: str | Sequence[str]) -> list[str]:
+    items = target.split(",") if isinstance(target, str) else list(target)
+    return [t.strip() for t in items if t.strip()]
+
+
 class GrpcSigner:
     """Sign and WatchBundle over TLS. The control plane's xDS port (``target``) requires a client
     certificate, so first contact (a join token, no certificate yet) goes to its enrolment port
     (``enrol_target``: TLS that asks for no client certificate); renewals and the bundle watch go to the
-    xDS port with the current certificate."""
+    xDS port with the current certificate.
 
-    def __init__(self, target: str, server_name: str = "", *, enrol_target: str = "", timeout_s: float = 10.0) -> None:
-        self.target = target
-        self.enrol_target = enrol_target or target
+    ``target`` and ``enrol_target`` may name several replicas (comma-separated or a list, replica i's
+    enrolment port at ``enrol_target[i]``). The first replica tried is a random one (nodes spread over the
+    replicas); a Sign that fails for want of a replica moves on to the next within the same call, a
+    refusal does not (the replica answered). The bundle watch starts where the last Sign succeeded and moves
+    on whenever its stream ends."""
+
+    def __init__(self, target: str | Sequence[str], server_name: str = "", *,
+                 enrol_target: str | Sequence[str] = "", timeout_s: float = 10.0,
+                 first: int | None = None) -> None:
+        self.targets = _target_list(target)
+        if not self.targets:
+            raise ValueError(f"{target!r}: no control plane to send to")
+        self.enrol_targets = _target_list(enrol_target) or self.targets
         self.server_name = server_name
         self.timeout_s = timeout_s
+        self._index = random.randrange(len(self.targets)) if first is None else first % len(self.targets)
 
-    def _channel(self, client: Material | None, trust_pem: bytes) -> grpc.aio.Channel:
+    @property
+    def target(self) -> str:
+        """The replica the next call goes to first."""
+        return self.targets[self._index % len(self.targets)]
+
+    @property
+    def enrol_target(self) -> str:
+        return self.enrol_targets[self._index % len(self.enrol_targets)]
+
+    def _channel(self, client: Material | None, trust_pem: bytes, target: str) -> grpc.aio.Channel:
         creds = grpc.ssl_channel_credentials(
             root_certificates=trust_pem,
             private_key=client.key_pem if client else None,
             certificate_chain=client.chain_pem if client else None,
         )
-        target = self.target if client is not None else self.enrol_target
-        return grpc.aio.secure_channel(target, creds, options=channel_options(self.server_name))
+        return grpc.aio.secure_channel(target, creds, options=[*channel_options(self.server_name), *_KEEPALIVE])
 
     async def sign(self, csr_pem: bytes, node_id: str, token: str, client: Material | None,
                    trust_pem: bytes) -> SignResult:
-        async with self._channel(client, trust_pem) as channel:
-            call = channel.unary_unary(SIGN, request_serializer=ca_pb2.SignRequest.SerializeToString,
-                                       response_deserializer=ca_pb2.SignResponse.FromString)
-            try:
-                resp = await call(ca_pb2.SignRequest(csr_pem=csr_pem, node_id=node_id, token=token),
-                                  timeout=self.timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                raise SignError(exc.code().name, exc.details() or "", refused=exc.code() in _REFUSALS) from None
-        return SignResult(chain_pem=resp.cert_chain_pem, bundle_pem=resp.trust_bundle_pem, not_after=resp.not_after)
+        targets = self.targets if client is not None else self.enrol_targets
+        failures: list[str] = []
+        last: grpc.aio.AioRpcError | None = None
+        for step in range(len(targets)):
+            index = (self._index + step) % len(targets)
+            target = targets[index]
+            async with self._channel(client, trust_pem, target) as channel:
+                call = channel.unary_unary(SIGN, request_serializer=ca_pb2.SignRequest.SerializeToString,
+                                           response_deserializer=ca_pb2.SignResponse.FromString)
+                try:
+                    resp = await call(ca_pb2.SignRequest(csr_pem=csr_pem, node_id=node_id, token=token),
+                                      timeout=self.timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in _TRY_ANOTHER and len(targets) > 1:
+                        last = exc
+                        failures.append(f"{target}={exc.code().name}")
+                        log.info("event=sign_replica_failed control_plane=%s code=%s detail=%s", target,
+                                 exc.code().name, _one_line(exc.details() or ""))
+                        continue
+                    raise SignError(exc.code().name, _with_target(exc.details() or "", target),
+                                    refused=exc.code() in _REFUSALS) from None
+            self._index = index
+            return SignResult(chain_pem=resp.cert_chain_pem, bundle_pem=resp.trust_bundle_pem,
+                              not_after=resp.not_after, control_plane=target)
+        assert last is not None
+        self._index = (self._index + 1) % len(targets)
+        raise SignError(last.code().name, "no replica answered: " + " ".join(failures))
 
     async def watch_bundle(self, client: Material, trust_pem: bytes) -> AsyncIterator[bytes]:
-        async with self._channel(client, trust_pem) as channel:
-            call = channel.unary_stream(WATCH_BUNDLE, request_serializer=ca_pb2.BundleRequest.SerializeToString,
-                                        response_deserializer=ca_pb2.BundleResponse.FromString)
-            try:
-                async for resp in call(ca_pb2.BundleRequest()):
-                    yield resp.trust_bundle_pem
-            except grpc.aio.AioRpcError as exc:
-                raise SignError(exc.code().name, exc.details() or "", refused=exc.code() in _REFUSALS) from None
+        """One WatchBundle stream on the current replica; when it ends or fails, the next call goes to the
+        next replica."""
+        target = self.target
+        try:
+            async with self._channel(client, trust_pem, target) as channel:
+                call = channel.unary_stream(WATCH_BUNDLE, request_serializer=ca_pb2.BundleRequest.SerializeToString,
+                                            response_deserializer=ca_pb2.BundleResponse.FromString)
+                log.info("event=bundle_watch_open control_plane=%s", target)
+                try:
+                    async for resp in call(ca_pb2.BundleRequest()):
+                        yield resp.trust_bundle_pem
+                except grpc.aio.AioRpcError as exc:
+                    raise SignError(exc.code().name, _with_target(exc.details() or "", target),
+                                    refused=exc.code() in _REFUSALS) from None
+        finally:
+            if len(self.targets) > 1 and self.target == target:
+                self._index = (self._index + 1) % len(self.targets)
+
+
+def _with_target(detail: str, target: str) -> str:
+    return f"{detail} (control_plane={target})" if detail else f"control_plane={target}"
 
 
 # ---- files ----------------------------------------------------------------------------------------------
@@ -385,6 +459,7 @@ class WorkloadIdentity:
         self.material: Material | None = None
         self.generation = 0
         self.last_error: str | None = None
+        self.last_control_plane = ""  # the replica of the last successful Sign
         self._listeners: list[Listener] = []
         self._changed = asyncio.Condition()
         # the trust bundle the control plane gave over an authenticated channel (or the saved one): b"" until
@@ -528,6 +603,7 @@ class WorkloadIdentity:
             raise SignError("bad_certificate", "the certificate is not for the key this node sent")
         if given:
             self.control_plane_bundle = given
+        self.last_control_plane = result.control_plane
         return m
 
     async def step(self) -> Plan:
@@ -555,9 +631,9 @@ class WorkloadIdentity:
         self.last_error = None
         self._save_state(m)
         await self._set(m)
-        log.info("event=%s spiffe=%s node=%s not_after=%s renew_at=%s",
+        log.info("event=%s spiffe=%s node=%s not_after=%s renew_at=%s control_plane=%s",
                  "enrolled" if plan.phase is Phase.ENROL else "renewed", m.spiffe, self.node_id,
-                 _iso(m.not_after), _iso(self.lifecycle.plan(self.clock()).at))
+                 _iso(m.not_after), _iso(self.lifecycle.plan(self.clock()).at), self.last_control_plane or "-")
         return plan
 
     # -- the bundle ---------------------------------------------------------------------------------------
@@ -593,7 +669,8 @@ class WorkloadIdentity:
                          _one_line(exc.detail), delay)
             except (OSError, ValueError, grpc.RpcError) as exc:
                 log.info("event=bundle_watch_failed reason=error detail=%r retry_in_s=%.1f", exc, delay)
-            await self._sleep(delay)
+            # jittered, so the nodes of a replica that went away do not all come back to the next one at once
+            await self._sleep(delay * (0.5 + random.random() / 2))
             delay = min(self.lifecycle.max_delay_s, delay * 2)
 
     async def run(self) -> None:

@@ -4,7 +4,9 @@ The node metadata written here (``META`` in xds/resource.py) is what the control
 the xDS server for the node's listeners, HDS to register the app (health check, port name, labels,
 weight, advertised address). :func:`identity_settings` resolves the workload identity's files and
 names from the command line over spec.yaml (a trust bundle from either turns identity on); with identity
-on, the bootstrap reaches the agent's SDS socket and talks TLS to the control plane.
+on, the bootstrap reaches the agent's SDS socket and talks TLS to the control plane. Several control-plane
+replicas (``control_planes``) all go into the bootstrap; the first one names the control plane's certificate
+when no ``--control-plane-name`` does (the replicas share one serving name and SPIFFE id).
 Pure: values in, a JSON-serialisable bootstrap out.
 """
 
@@ -17,11 +19,11 @@ from typing import Any, Literal
 
 from meshpilot.sidecar.identity import server_name_for
 from meshpilot.sidecar.spec import SidecarSpec
-from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
+from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap, grpc_target
 from meshpilot.xds.resource import META
 
-__all__ = ["IdentitySettings", "SidecarOptions", "bootstrap_options", "default_node_id", "identity_settings",
-           "render_bootstrap"]
+__all__ = ["IdentitySettings", "SidecarOptions", "bootstrap_options", "control_plane_addresses",
+           "control_plane_targets", "default_node_id", "identity_settings", "render_bootstrap"]
 
 _BAD = re.compile(r"[^A-Za-z0-9_.:@/-]+")
 
@@ -30,6 +32,8 @@ _BAD = re.compile(r"[^A-Za-z0-9_.:@/-]+")
 class SidecarOptions:
     control_plane_host: str = "127.0.0.1"
     control_plane_port: int = 15010
+    # every replica, in the operator's order (``--control-plane a:p,b:p``); () means the one host and port above
+    control_planes: tuple[tuple[str, int], ...] = ()
     node_id: str = ""
     api_type: Literal["GRPC", "DELTA_GRPC"] = "DELTA_GRPC"
     admin_port: int | None = None  # None: from the spec
@@ -43,6 +47,16 @@ class SidecarOptions:
     trust_domain: str = ""
     control_plane_name: str = ""  # the name the control plane's certificate is checked for
     enrol_port: int | None = None  # the control plane's enrolment port (None: control_plane_port + 2)
+
+
+def control_plane_addresses(o: SidecarOptions) -> tuple[tuple[str, int], ...]:
+    """Every replica of the control plane the options name."""
+    return o.control_planes or ((o.control_plane_host, o.control_plane_port),)
+
+
+def control_plane_targets(o: SidecarOptions) -> list[str]:
+    """Every replica's xDS port as a gRPC target."""
+    return [grpc_target(h, p) for h, p in control_plane_addresses(o)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +80,7 @@ def identity_settings(spec: SidecarSpec, o: SidecarOptions) -> IdentitySettings 
         trust_bundle_file=bundle,
         join_token_file=o.join_token_file or i.joinTokenFile or "",
         trust_domain=o.trust_domain or i.trustDomain or "",
-        server_name=server_name_for(o.control_plane_host, o.control_plane_name or i.controlPlaneName or ""),
+        server_name=server_name_for(control_plane_addresses(o)[0][0], o.control_plane_name or i.controlPlaneName or ""),
     )
 
 
@@ -102,8 +116,7 @@ def bootstrap_options(spec: SidecarSpec, o: SidecarOptions, *, sds_socket: str =
         service=spec.metadata.name,
         namespace=spec.metadata.namespace,
         zone=spec.mesh.zone,
-        control_plane_host=o.control_plane_host,
-        control_plane_port=o.control_plane_port,
+        control_planes=control_plane_addresses(o),
         api_type=o.api_type,
         admin_port=o.admin_port if o.admin_port is not None else sc.adminPort,
         outbound_port=o.outbound_port if o.outbound_port is not None else sc.outboundPort,

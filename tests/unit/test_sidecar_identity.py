@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -782,3 +783,138 @@ async def test_the_token_goes_to_the_enrolment_port_and_renewals_and_the_bundle_
             await server.stop(None)
     me = pki.spiffe_id(TD, "shop", "reviews")
     assert calls == [("enrol", "Sign", ""), ("xds", "WatchBundle", me), ("xds", "Sign", me)], calls
+
+
+# ---- several control-plane replicas (real TLS, in-process servers) ---------------------------------------
+
+
+async def _ca_replica(authority: pki.Authority, cp_key: Any, chain_pem: bytes, name: str,
+                      calls: list[tuple[str, str]]) -> tuple[list[Any], int, int]:
+    """One replica of the control plane's Identity service: its enrolment port and its xDS port."""
+    import grpc
+
+    from meshpilot.pki import ca_pb2
+
+    root = authority.anchor_pem()
+
+    def handlers(port_name: str) -> grpc.GenericRpcHandler:
+        async def sign(req: ca_pb2.SignRequest, context: grpc.aio.ServicerContext[object, object]) -> ca_pb2.SignResponse:
+            calls.append((f"{name}-{port_name}", "Sign"))
+            issued = authority.sign(req.csr_pem, pki.spiffe_id(TD, "shop", "reviews"), req.node_id, TTL)
+            return ca_pb2.SignResponse(cert_chain_pem=issued.chain_pem, trust_bundle_pem=root,
+                                       not_after=issued.not_after)
+
+        async def watch(req: ca_pb2.BundleRequest,
+                        context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[ca_pb2.BundleResponse]:
+            calls.append((f"{name}-{port_name}", "WatchBundle"))
+            yield ca_pb2.BundleResponse(trust_bundle_pem=root)
+            await asyncio.Event().wait()
+
+        return grpc.method_handlers_generic_handler("meshpilot.identity.v1.Identity", {
+            "Sign": grpc.unary_unary_rpc_method_handler(
+                sign, request_deserializer=ca_pb2.SignRequest.FromString,
+                response_serializer=ca_pb2.SignResponse.SerializeToString),
+            "WatchBundle": grpc.unary_stream_rpc_method_handler(
+                watch, request_deserializer=ca_pb2.BundleRequest.FromString,
+                response_serializer=ca_pb2.BundleResponse.SerializeToString)})
+
+    servers, ports = [], []
+    for port_name, require in (("enrol", False), ("xds", True)):
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([handlers(port_name)])
+        ports.append(server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+            [(pki.key_pem(cp_key), chain_pem)], root_certificates=root if require else None,
+            require_client_auth=require)))
+        await server.start()
+        servers.append(server)
+    return servers, ports[0], ports[1]
+
+
+async def test_enrolment_renewal_and_the_bundle_watch_move_to_another_replica(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Three replicas sharing one CA, the first not listening: the enrolment skips it within the same attempt,
+    the bundle watch opens on the replica that signed, and when that replica goes away the watch and the next
+    renewal move to the third. Each log line names the replica."""
+    import socket
+
+    from meshpilot.sidecar.identity import GrpcSigner
+
+    authority = pki.Authority.generate(TD)
+    cp_key = pki.new_key()
+    served = authority.serve(cp_key, pki.control_plane_id(TD), ["localhost"], ["127.0.0.1"], TTL)
+    calls: list[tuple[str, str]] = []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    r1, r1_enrol, r1_xds = await _ca_replica(authority, cp_key, served.chain_pem, "r1", calls)
+    r2, r2_enrol, r2_xds = await _ca_replica(authority, cp_key, served.chain_pem, "r2", calls)
+    (tmp_path / "bundle.pem").write_bytes(authority.anchor_pem())
+    (tmp_path / "token").write_text("t")
+    signer = GrpcSigner([f"127.0.0.1:{dead}", f"127.0.0.1:{r1_xds}", f"127.0.0.1:{r2_xds}"], "localhost",
+                        enrol_target=f"127.0.0.1:{dead},127.0.0.1:{r1_enrol},127.0.0.1:{r2_enrol}", first=0)
+    ident = WorkloadIdentity(node_id="reviews-1", trust_bundle_file=tmp_path / "bundle.pem",
+                             join_token_file=tmp_path / "token", signer=signer, lifecycle=Lifecycle(rand=lambda: 1.0))
+    watch = None
+    caplog.set_level(logging.INFO, logger="meshpilot.identity")
+    try:
+        await asyncio.wait_for(ident.step(), 10)
+        assert ident.material is not None, f"expected the enrolment to skip the dead replica, got {ident.last_error}"
+        watch = asyncio.create_task(ident.watch_bundle())
+        async with asyncio.timeout(10):
+            while ("r1-xds", "WatchBundle") not in calls:
+                await asyncio.sleep(0.01)
+        for server in r1:
+            await server.stop(None)
+        async with asyncio.timeout(10):
+            while ("r2-xds", "WatchBundle") not in calls:
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(ident.attempt(Phase.RENEW), 10)
+    finally:
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        for server in (*r1, *r2):
+            await server.stop(None)
+    assert calls == [("r1-enrol", "Sign"), ("r1-xds", "WatchBundle"), ("r2-xds", "WatchBundle"), ("r2-xds", "Sign")], calls
+    text = caplog.text
+    assert f"event=sign_replica_failed control_plane=127.0.0.1:{dead}" in text, text
+    assert f"event=enrolled" in text and f"control_plane=127.0.0.1:{r1_enrol}" in text, text
+    assert f"event=bundle_watch_open control_plane=127.0.0.1:{r2_xds}" in text, text
+
+
+async def test_a_refusal_is_not_sent_to_another_replica(tmp_path: Path) -> None:
+    """A replica that says no (a bad token) has answered: the next replica is not asked the same."""
+    import grpc
+
+    from meshpilot.sidecar.identity import GrpcSigner
+
+    asked: list[int] = []
+
+    def refusing(i: int) -> grpc.GenericRpcHandler:
+        async def sign(req: Any, context: grpc.aio.ServicerContext[object, object]) -> Any:
+            asked.append(i)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad token")
+
+        return grpc.method_handlers_generic_handler("meshpilot.identity.v1.Identity", {
+            "Sign": grpc.unary_unary_rpc_method_handler(sign, request_deserializer=bytes,
+                                                        response_serializer=bytes)})
+
+    authority = pki.Authority.generate(TD)
+    cp_key = pki.new_key()
+    served = authority.serve(cp_key, pki.control_plane_id(TD), ["localhost"], ["127.0.0.1"], TTL)
+    servers, ports = [], []
+    for i in range(2):
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([refusing(i)])
+        ports.append(server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+            [(pki.key_pem(cp_key), served.chain_pem)])))
+        await server.start()
+        servers.append(server)
+    signer = GrpcSigner([f"127.0.0.1:{p}" for p in ports], "localhost", first=0)
+    try:
+        with pytest.raises(SignError) as refused:
+            await signer.sign(b"csr", "n", "token", None, authority.anchor_pem())
+    finally:
+        for server in servers:
+            await server.stop(None)
+    assert refused.value.refused and asked == [0], f"expected one refusal from replica 0 only, got {asked}"
