@@ -8,6 +8,7 @@ with the status code and plain-text message Consul would answer; nothing here to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -18,6 +19,7 @@ __all__ = [
     "CheckDef",
     "ConsulError",
     "ServiceDef",
+    "canonical_ip",
     "fold",
     "mesh_name",
     "parse_catalog_registration",
@@ -33,6 +35,7 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9]
 _CHECK_ID = re.compile(r"^[^\s/?#%]{1,200}$")
 _MESH_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SERVICE_NAME = re.compile(r"^[^/\x00-\x1f\x7f]{1,256}$")
+_META_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _PROTOCOLS = ("http", "http2", "grpc", "tcp")
 MAX_DURATION_S = 7 * 24 * 3600.0
 
@@ -83,15 +86,26 @@ def fold(data: Any) -> Any:
     if isinstance(data, dict):
         out: dict[str, Any] = {}
         for k, v in data.items():
-            key = str(k).lower().replace("_", "").replace("-", "")
+            key = _folded_key(str(k))
             if key == "taggedaddresses" and isinstance(v, dict):
                 out[key] = {str(tag): fold(addr) for tag, addr in v.items()}
+            elif key in _VERBATIM or not isinstance(v, (dict, list)):
+                out[key] = v
             else:
-                out[key] = v if key in ("meta", "header", "nodemeta") else fold(v)
+                out[key] = fold(v)
         return out
     if isinstance(data, list):
-        return [fold(x) for x in data]
+        return [fold(x) if isinstance(x, (dict, list)) else x for x in data]
     return data
+
+
+_VERBATIM = frozenset({"meta", "header", "nodemeta"})
+
+
+@functools.lru_cache(maxsize=1024)
+def _folded_key(key: str) -> str:
+    # clients send the same few dozen field names in every request
+    return key.lower().replace("_", "").replace("-", "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,11 +193,13 @@ def _go_duration(seconds: float) -> str:
     return f"{int(round(seconds * 1000))}ms"
 
 
-def parse_check(raw: Any, *, service_id: str = "", service_name: str = "", index: int = 0, total: int = 1) -> CheckDef:
-    """A check definition (inside a service registration, or for ``/v1/agent/check/register``)."""
+def parse_check(raw: Any, *, service_id: str = "", service_name: str = "", index: int = 0, total: int = 1,
+                folded: bool = False) -> CheckDef:
+    """A check definition (inside a service registration, or for ``/v1/agent/check/register``);
+    ``folded``: its keys are already folded (it comes from a folded registration)."""
     if not isinstance(raw, dict):
         raise ConsulError(400, "Request decode failed: Check: expected an object")
-    d = fold(raw)
+    d = raw if folded else fold(raw)
     for unsupported, label in (("args", "script"), ("script", "script"), ("grpc", "gRPC"), ("dockercontainerid", "Docker"),
                                ("h2ping", "H2PING"), ("udp", "UDP"), ("osservice", "OSService"), ("aliasservice", "alias"),
                                ("aliasnode", "alias")):
@@ -257,6 +273,16 @@ def parse_check(raw: Any, *, service_id: str = "", service_name: str = "", index
     )
 
 
+@functools.lru_cache(maxsize=8192)
+def canonical_ip(text: str) -> str | None:
+    """``text`` as an IP address in its canonical form, or None when it is not one (remembered: a
+    registration's address is parsed once per request, and the same few thousand come back)."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
 def parse_service(raw: Any, caller: str) -> ServiceDef:
     """A ``/v1/agent/service/register`` body; ``caller`` is the calling address (the default Address)."""
     if not isinstance(raw, dict):
@@ -274,11 +300,11 @@ def parse_service(raw: Any, caller: str) -> ServiceDef:
     if kind:
         raise ConsulError(400, f"Invalid service Kind {kind!r}: meshpilot registers typical services only")
     address = _str(d, "address", "Address").strip() or caller
-    try:
-        address = str(ipaddress.ip_address(address))
-    except ValueError:
-        if not _HOSTNAME.match(address):
-            raise ConsulError(400, f"Invalid service address {address!r}: must be an IP address or a host name") from None
+    ip = canonical_ip(address)
+    if ip is not None:
+        address = ip
+    elif not _HOSTNAME.match(address):
+        raise ConsulError(400, f"Invalid service address {address!r}: must be an IP address or a host name")
     port = d.get("port", 0)
     if isinstance(port, bool) or not isinstance(port, int):
         raise ConsulError(400, f"Request decode failed: Port: expected an integer, got {port!r}")
@@ -300,7 +326,7 @@ def parse_service(raw: Any, caller: str) -> ServiceDef:
     for k, v in meta_raw.items():
         if not isinstance(v, str):
             raise ConsulError(400, f"Request decode failed: Meta[{k!r}]: expected a string")
-        if not re.match(r"^[A-Za-z0-9_.-]{1,128}$", str(k)):
+        if not _META_KEY.match(str(k)):
             raise ConsulError(400, f"Invalid meta key {k!r}: 1-128 letters, digits, '_', '.' and '-'")
         if len(v) > 512:
             raise ConsulError(400, f"Invalid meta value for {k!r}: at most 512 characters")
@@ -329,7 +355,8 @@ def parse_service(raw: Any, caller: str) -> ServiceDef:
     if not isinstance(extra, list):
         raise ConsulError(400, "Request decode failed: Checks: expected a list")
     raw_checks.extend(extra)
-    checks = tuple(parse_check(c, service_id=sid, service_name=name, index=n, total=len(raw_checks)) for n, c in enumerate(raw_checks))
+    checks = tuple(parse_check(c, service_id=sid, service_name=name, index=n, total=len(raw_checks), folded=True)
+                   for n, c in enumerate(raw_checks))
     ids = [c.id for c in checks]
     if len(set(ids)) != len(ids):
         raise ConsulError(400, "Invalid check: CheckIDs must be unique within a service")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import json
 import logging
 import random
@@ -29,7 +28,7 @@ from aiohttp import web
 from meshpilot import boundedjson
 from meshpilot.access import AccessToken, AccessTokens, Scope
 from meshpilot.consul.agent import VERSION, Answer, ConsulAgent
-from meshpilot.consul.definitions import ConsulError, ServiceDef, parse_catalog_registration, parse_duration, parse_service
+from meshpilot.consul.definitions import ConsulError, ServiceDef, canonical_ip, parse_catalog_registration, parse_duration, parse_service
 from meshpilot.frontdoor import bearer_token
 
 __all__ = ["build_consul_app", "parse_wait"]
@@ -72,11 +71,8 @@ def _flag(request: web.Request, name: str) -> bool:
 
 
 def _caller(request: web.Request) -> str:
-    remote = request.remote or "127.0.0.1"
-    try:
-        return str(ipaddress.ip_address(remote.split("%", 1)[0]))
-    except ValueError:
-        return "127.0.0.1"
+    """The caller's synthetic node: its address, canonical, without an IPv6 zone."""
+    return canonical_ip((request.remote or "127.0.0.1").split("%", 1)[0]) or "127.0.0.1"
 
 
 def _text(status: int, message: str) -> web.Response:
@@ -497,11 +493,8 @@ def _uint(value: str | None, what: str) -> int:
 
 async def _resolved(sdef: ServiceDef) -> ServiceDef:
     """The registration with its host-name Address resolved to an IP address."""
-    try:
-        ipaddress.ip_address(sdef.address)
+    if canonical_ip(sdef.address) is not None:
         return sdef
-    except ValueError:
-        pass
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(2.0):
