@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import importlib
 import json
 import os
 import shutil
@@ -42,7 +43,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="wakeup rounds to measure (default 5)")
     parser.add_argument("--store", default="", help="control-plane store URL, e.g. sqlite:PATH or etcd://H:P,H:P,H:P "
                         "(default: SQLite in a temporary directory)")
+    parser.add_argument("--etcd", type=int, default=0, metavar="N", help="start an N-member etcd cluster (/usr/bin/etcd, "
+                        "tests/etcd_cluster.py of this checkout) and use it as the store")
     parser.add_argument("--consul", default="", help="benchmark an already running Consul API at HOST:PORT instead "
                         "(a Consul agent as a peer, or a control plane started elsewhere; no CPU or sync counts)")
     parser.add_argument("--sync-writes", type=int, default=0, help="count disk syncs for this many registrations, one at a time and "
@@ -104,9 +107,13 @@ class _ControlPlane:
     target: str
     store: str
     syncs_file: Path | None
+    store_pids: tuple[int, ...] = ()  # the store's own processes (etcd members this command started)
 
     def cpu_s(self) -> float:
         return process_cpu_s(self.pid)
+
+    def store_cpu_s(self) -> float | None:
+        return sum(process_cpu_s(p) for p in self.store_pids) if self.store_pids else None
 
     def syncs(self) -> int | None:
         """Store syncs so far: the control plane's fsync/fdatasync calls, or etcd's WAL fsyncs."""
@@ -151,6 +158,20 @@ def _metric(text: str, name: str) -> float | None:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+@contextmanager
+def _etcd(work: Path, members: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """An etcd cluster of ``members`` started the way the e2e tests start one: (store URL, pids)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "tests" / "etcd_cluster.py").exists():
+        raise RuntimeError(f"--etcd needs tests/etcd_cluster.py of a meshpilot checkout (not under {root})")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    etcd_cluster = importlib.import_module("tests.etcd_cluster").etcd_cluster
+    (work / "etcd").mkdir()
+    with etcd_cluster(work / "etcd", members) as cluster:
+        yield cluster.url, tuple(m.proc.pid for m in cluster.members if m.proc is not None)
 
 
 def _start_control_plane(work: Path, store: str) -> _ControlPlane:
@@ -311,6 +332,7 @@ async def _settle(cp: _ControlPlane) -> float:
 
 async def _phase(cp: _ControlPlane | None, n: int, load: Callable[[], Awaitable[_Load]]) -> dict[str, Any]:
     cpu0 = cp.cpu_s() if cp else 0.0
+    store0 = cp.store_cpu_s() if cp else None
     syncs0 = cp.syncs() if cp else None
     host0 = _host_cpu()
     got = await load()
@@ -323,9 +345,12 @@ async def _phase(cp: _ControlPlane | None, n: int, load: Callable[[], Awaitable[
         return out
     tail = await _settle(cp)
     cpu = cp.cpu_s() - cpu0
+    store1 = cp.store_cpu_s()
     syncs1 = cp.syncs()
     out |= {"control_plane_cpu_ms_per_write": round(cpu * 1000 / n, 3), "control_plane_busy_cores": round(cpu_during / got.seconds, 2),
             "settle_s": round(tail, 2)}
+    if store0 is not None and store1 is not None:
+        out["store_cpu_ms_per_write"] = round((store1 - store0) * 1000 / n, 3)
     if syncs0 is not None and syncs1 is not None:
         out["store_syncs_per_write"] = round((syncs1 - syncs0) / n, 3)
     return out
@@ -458,13 +483,20 @@ def main(args: argparse.Namespace) -> int:
     raise_fd_limit()  # each watcher holds a connection
     work = Path(tempfile.mkdtemp(prefix="meshpilot-perf-registry-"))
     cp = None
+    stack = ExitStack()
+    etcd_url, etcd_pids = "", tuple[int, ...]()
     try:
         use_go = args.client == "go" or (args.client == "auto" and (shutil.which("go") or Path("/usr/local/go/bin/go").exists()))
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshpilot" / "consul-load"
         binary = go_client(cache) if use_go else None
         target = args.consul
+        if args.etcd and (args.store or args.consul):
+            raise RuntimeError("--etcd starts the store itself: drop --store and --consul")
+        if args.etcd:
+            etcd_url, etcd_pids = stack.enter_context(_etcd(work, args.etcd))
         if not target:
-            cp = _start_control_plane(work, args.store)
+            cp = _start_control_plane(work, etcd_url if args.etcd else args.store)
+            cp.store_pids = etcd_pids if args.etcd else ()
             target = cp.target
         base = f"http://{target}"
 
@@ -491,7 +523,8 @@ def main(args: argparse.Namespace) -> int:
                 report["disk_syncs"] = await _sync_counts(base, cp.pid, work, args.sync_writes, args.concurrency)
             return report
 
-        report = {"target": target, "store": cp.store if cp else "(external)", "cpus": os.cpu_count(),
+        report = {"target": target, "store": (f"{args.etcd}-member etcd: " if args.etcd else "") + (cp.store if cp else "(external)"),
+                  "cpus": os.cpu_count(),
                   "client": "go: github.com/hashicorp/consul/api" if binary else "python: aiohttp",
                   "syncs_counted_by": _sync_source(cp), **asyncio.run(run())}
         text = json.dumps(report, indent=2)
@@ -503,6 +536,7 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if cp is not None:
             cp.stop()
+        stack.close()  # the etcd members, after the control plane that uses them
         shutil.rmtree(work, ignore_errors=True)
 
 
