@@ -1,6 +1,7 @@
 """The ``sidecar`` subcommand: the node agent that runs Envoy (and optionally the app) for one spec.yaml;
 and ``identity-files``: a proxyless app's workload identity kept fresh as files (key.pem, cert.pem,
-bundle.pem) for gRPC's xDS ``certificate_providers`` file_watcher.
+bundle.pem) for gRPC's xDS ``certificate_providers`` file_watcher; and ``proxyless-bootstrap``: the xDS
+bootstrap file of a proxyless gRPC app (meshpilot/proxyless/bootstrap.py).
 ``capture`` (sidecar/capture.py) and ``inject``/``webhook`` (kube/command.py) register themselves.
 ``--control-plane`` names one control plane or several replicas (``HOST:PORT,HOST:PORT``); every client the
 agent runs (Envoy's ADS and HDS, meshdns' table stream, the certificate's enrolment, renewals and bundle watch,
@@ -150,6 +151,31 @@ def cmd_identity_files(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_proxyless_bootstrap(args: argparse.Namespace) -> int:
+    import json
+
+    from meshpilot.proxyless.bootstrap import GrpcBootstrapOptions, build_grpc_bootstrap
+
+    control_planes = _control_planes(args.control_plane, "proxyless-bootstrap")
+    if control_planes is None:
+        return 2
+    addresses = tuple(a.strip() for item in args.server_address or [] for a in item.split(",") if a.strip())
+    try:
+        doc = build_grpc_bootstrap(GrpcBootstrapOptions(
+            node_id=args.node_id, control_planes=control_planes, cluster=args.cluster or "", zone=args.zone,
+            service=args.service or "", namespace=args.namespace, server_addresses=addresses,
+            identity_dir=args.identity_dir or ""))
+    except ValueError as exc:
+        print(f"meshpilot proxyless-bootstrap: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(doc, indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _identity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--join-token-file", help="join token for the first enrolment (read when needed, never kept)")
     p.add_argument("--trust-bundle", metavar="FILE",
@@ -197,3 +223,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--log-level", default="info")
     _identity_arguments(p)
     p.set_defaults(func=cmd_identity_files)
+
+    p = sub.add_parser("proxyless-bootstrap", help="print the xDS bootstrap of a proxyless gRPC app "
+                                                   "(the file GRPC_XDS_BOOTSTRAP names)")
+    p.add_argument("--node-id", required=True, help="node id, unique per client process")
+    p.add_argument("--control-plane", default="127.0.0.1:15010", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the xDS server; several replicas by IP address comma-separated become one gRPC target "
+                        "(ipv4:A,B) that reconnects to another when one fails (default %(default)s)")
+    p.add_argument("--cluster", help="node cluster (default: the service, else the node id)")
+    p.add_argument("--zone", default="")
+    p.add_argument("--service", help="the app's own service (needed with --server-address)")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--server-address", action="append", metavar="IP:PORT",
+                   help="an address the app's xDS-enabled gRPC server listens on, repeatable or comma-separated")
+    p.add_argument("--identity-dir", metavar="DIR",
+                   help="the directory `meshpilot identity-files --out` keeps fresh: TLS to the control plane and "
+                        "the certificate provider 'mesh'")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_proxyless_bootstrap)

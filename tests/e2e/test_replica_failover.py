@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -240,3 +241,97 @@ def test_envoy_accepts_the_bootstrap_of_several_replicas_with_identity() -> None
         node_id="web-1", service="web", hds=True, identity=True, sds_socket=str(workdir / "sds.sock"),
         control_planes=(("127.0.0.1", 15010), ("127.0.0.2", 15010), ("cp-2.example", 16010))))
     assert_envoy_accepts(boot, workdir, "a bootstrap with three replicas, TLS to each and HDS")
+
+
+def _echo_code() -> Path:
+    """echo.proto (the proxyless interop tests' service) compiled with grpcio-tools into a scratch directory."""
+    from grpc_tools import protoc
+
+    src = ROOT / "tests" / "interop" / "proxyless"
+    out = tmpdir("meshpilot-echo-gen-")
+    code = protoc.main(["protoc", f"-I{src}", f"--python_out={out}", f"--grpc_python_out={out}", str(src / "echo.proto")])
+    assert code == 0, f"expected protoc to compile echo.proto (exit 0), got exit {code}"
+    return out
+
+
+@contextlib.contextmanager
+def _echo_server(gen: Path, name: str) -> Iterator[int]:
+    """A real grpcio server on 127.0.0.1 whose replies carry ``name``; yields its port."""
+    from concurrent import futures
+
+    import grpc
+
+    if str(gen) not in sys.path:
+        sys.path.insert(0, str(gen))
+    import echo_pb2
+    import echo_pb2_grpc
+
+    class Servicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
+        def Call(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return echo_pb2.EchoReply(server=name, message=request.message)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    echo_pb2_grpc.add_EchoServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_proxyless_grpc_client_follows_the_surviving_replica() -> None:
+    workdir = tmpdir("meshpilot-failover-grpc-")
+    gen = _echo_code()
+    with _replicas(workdir) as cps, _echo_server(gen, "v1") as v1, _echo_server(gen, "v2") as v2:
+        for cp in cps:
+            _ok(cp, "POST", "/v1/services", {"name": "echo", "ports": [{"name": "grpc", "port": 50051, "protocol": "grpc"}]})
+            _ok(cp, "POST", "/v1/services/default/echo/instances", {"id": "echo-v1", "address": "127.0.0.1", "ports": {"grpc": v1}})
+        boot = workdir / "grpc-bootstrap.json"
+        made = subprocess.run(
+            [str(VENV_BIN / "meshpilot"), "proxyless-bootstrap", "--node-id", "grpc-client-1", "--control-plane",
+             ",".join(f"127.0.0.1:{cp.xds_port}" for cp in cps), "-o", str(boot)], capture_output=True, text=True,
+            timeout=60)
+        assert made.returncode == 0, f"meshpilot proxyless-bootstrap: expected exit 0, got {made.returncode}: {made.stderr}"
+        uri = json.loads(boot.read_text())["xds_servers"][0]["server_uri"]
+        assert uri == "ipv4:" + ",".join(f"127.0.0.1:{cp.xds_port}" for cp in cps), f"got server_uri {uri}"
+        replies: list[str] = []
+        client = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "interop" / "proxyless" / "client.py"), str(gen), "echo:50051", "120"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(workdir / "client.stderr", "wb"),
+            env={**os.environ, "GRPC_XDS_BOOTSTRAP": str(boot)})
+
+        def read() -> None:
+            assert client.stdout is not None
+            for line in client.stdout:
+                replies.append(line.decode().split()[-1])
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            wait_until(lambda: replies.count("v1") >= 20, 30, what="20 replies from v1 through the xDS client")
+            held = wait_until(lambda: _held_by(cps, "grpc-client-1"), 10, what="a replica holding the client's ADS")
+            assert len(held) == 1, f"expected the client's stream on one replica, got it on {held}"
+            victim, survivor = held[0], 1 - held[0]
+            before = len(replies)
+            _kill(cps[victim])
+            wait_until(lambda: _held_by(cps, "grpc-client-1") == [survivor], 20,
+                       what=f"the client's ADS stream on the surviving replica :{cps[survivor].xds_port}")
+            # a change made on the survivor only: v2 replaces v1
+            _ok(cps[survivor], "POST", "/v1/services/default/echo/instances",
+                {"id": "echo-v2", "address": "127.0.0.1", "ports": {"grpc": v2}})
+            _ok(cps[survivor], "DELETE", "/v1/instances/echo-v1")
+            wait_until(lambda: replies[-5:] == ["v2"] * 5, 20, what="the client to call v2, made on the survivor only")
+            after = replies[before:]
+            failed = [r for r in after if r.startswith("error:")]
+            assert not failed, f"expected 0 failed calls during the failover, got {len(failed)} of {len(after)}: {failed[:5]}"
+        finally:
+            if client.poll() is None:
+                assert client.stdin is not None
+                client.stdin.close()
+                try:
+                    client.wait(10)
+                except subprocess.TimeoutExpired:
+                    client.kill()
+                    client.wait()
+            reader.join(5)
