@@ -66,6 +66,7 @@ class _TypeState:
     held: Snapshot | None = None  # sotw, whole types: what the last response sent holds
     retiring: set[str] = field(default_factory=set)  # gone from the cache, removal waits for the routes
     requests: int = 0
+    resumed_version: str = ""  # sotw: the version the first request of the stream says the client holds
     # delta
     sent: dict[str, str] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
@@ -262,6 +263,8 @@ class SotwStream(_Stream):
         first = ts.requests == 0
         ts.requests += 1
         nonce = req.response_nonce
+        if first:
+            ts.resumed_version = req.version_info
         if first or not ts.sent_nonce:
             ts.forced = ts.full = True
             self._mark(ts, now)
@@ -291,12 +294,20 @@ class SotwStream(_Stream):
         ts = self.types[type_url]
         ts.pending = False
         forced, ts.forced = ts.forced, False
+        # a client that held a version from another stream (another replica, whose versions are the
+        # same content hashes) is sent nothing while that version is current
+        resumed, ts.resumed_version = ts.resumed_version, ""
+        resumed = resumed if not ts.sent_nonce else ""
         changed: set[str] = set()
         if type_url in _WILDCARD_BY_DEFAULT:
             snap = self.cache.sotw_snapshot(type_url, self.node_id, None if ts.wildcard else ts.names_frozen)
             if type_url == TYPE.CLUSTER:
                 snap = self._keep_routed(ts, snap)
             version, body = snap.version, snap.body
+            if resumed and version == resumed:
+                ts.sent_version = ts.acked_version = version
+                ts.dirty, ts.held = set(), snap
+                return None
             if not forced and version == ts.sent_version:  # also: a NACKed version is not resent
                 ts.dirty = set()
                 return None
@@ -315,6 +326,9 @@ class SotwStream(_Stream):
             for e in entries:
                 h.update(e.name.encode() + b"=" + e.version.encode() + b";")
             version = h.hexdigest()
+            if resumed and version == resumed:
+                ts.sent_version = ts.acked_version = version
+                return None
             body = b"".join(e.sotw_field for e in entries)
         nonce = self._nonce()
         msg = b"".join((string_field(1, version), body, string_field(4, type_url), string_field(5, nonce)))

@@ -547,3 +547,30 @@ def test_envoy_never_waits_for_endpoints_and_routes_never_name_missing_clusters(
         assert not envoy.warming, f"expected no cluster left warming after {step}, got {sorted(envoy.warming)} ({s.kind})"
         assert sorted(envoy.clusters) == cache.names(C), f"expected the client to hold {cache.names(C)}, got {sorted(envoy.clusters)}"
     assert not envoy.broken, f"make before break violated ({s.kind}): {envoy.broken}"
+
+
+def test_sotw_client_that_holds_the_current_version_from_another_stream_is_sent_nothing_until_a_change() -> None:
+    # what an Envoy sees moving between control-plane replicas: the same content has the same version
+    first_cache, other_cache = ResourceCache(), ResourceCache()
+    for cache in (first_cache, other_cache):
+        cache.put(C, {"a": _cluster("a"), "b": _cluster("b")})
+        cache.put(E, {"a": _cla("a", 2)})
+    s1 = SotwStream(first_cache, "n1")
+    s1.receive(discovery_pb2.DiscoveryRequest(type_url=C))
+    s1.receive(discovery_pb2.DiscoveryRequest(type_url=E, resource_names=["a"]))
+    held = {t: _sotw_decode(raw).version_info for t, raw in s1.responses()}
+    assert set(held) == {C, E}
+
+    s2 = SotwStream(other_cache, "n1")
+    _wire(other_cache, s2)
+    s2.receive(discovery_pb2.DiscoveryRequest(type_url=C, version_info=held[C]))
+    s2.receive(discovery_pb2.DiscoveryRequest(type_url=E, resource_names=["a"], version_info=held[E]))
+    assert s2.responses() == [], "expected nothing sent to a client that already holds the current versions"
+    other_cache.put(C, {"c": _cluster("c")})
+    [(t, raw)] = s2.responses()
+    assert t == C and _names(_sotw_decode(raw)) == ["a", "b", "c"], "expected the change sent whole"
+
+    s3 = SotwStream(other_cache, "n2")
+    s3.receive(discovery_pb2.DiscoveryRequest(type_url=C, version_info="an-older-version"))
+    [(t, raw)] = s3.responses()
+    assert t == C and _names(_sotw_decode(raw)) == ["a", "b", "c"], "expected a client with another version sent everything"
