@@ -277,8 +277,9 @@ def test_replicas_on_etcd_survive_a_killed_replica_a_killed_member_a_frozen_repl
             wait_until(lambda: len(regs.acked) > acked_before + 20, 20, what="registrations going on with one etcd member down")
 
             # 3. freeze a live replica for longer than its lease (10 s)
-            frozen = next(i for i in range(3) if i != victim)
+            frozen = max((i for i in range(3) if i != victim), key=lambda i: len(replicas.streams(i)))
             held = replicas.streams(frozen)
+            assert held, "expected streams on the replica to freeze"
             replicas.signal(frozen, signal.SIGSTOP)
             frozen_at = time.monotonic()
             alive_others = [i for i in range(3) if i not in (victim, frozen)]
