@@ -8,7 +8,10 @@ web-1's HDS stream is read from etcd itself (its liveness document). Then:
 2. the holder is SIGKILLed: web-1's Envoy moves its stream to the survivor, and web-1 stays passing on the
    survivor and in the caller's EDS through the old holder's lease expiry and every HDS clock;
 3. web-1's Envoy is SIGKILLed: the survivor marks web-1 critical (it leaves the caller's EDS) and removes
-   it, on its configured clocks.
+   it, on its configured clocks;
+4. the killed replica comes back, web-1's Envoy too, and then the replica holding its stream and the Envoy
+   die together: once the dead replica's lease expires nobody holds web-1, and the survivor marks it critical
+   and removes it on its clocks.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +81,6 @@ def _bootstrap(workdir: Path, name: str, cps: list[ControlPlaneProc], *args: str
     return doc
 
 
-@contextlib.contextmanager
-def _running(*things: Any) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for t in things:
-            t.stop()
-
-
 def _watch(seconds: float, cp: ControlPlaneProc, caller: EnvoyProc, web_host: str) -> tuple[set[str], set[bool]]:
     """web-1's health on ``cp`` and whether it is in the caller's EDS, sampled for ``seconds``."""
     health, in_eds = set(), set()
@@ -119,7 +112,9 @@ def test_a_sidecar_stays_through_its_replicas_death_and_goes_on_the_survivors_cl
             caller_boot = _bootstrap(workdir, "caller-1", cps, "--service", "caller", "--outbound-port", str(free_port()),
                                      "--inbound-port", str(free_port()), "--app-port", str(free_port()))
             web, caller = EnvoyProc(workdir, web_boot, name="web-1"), EnvoyProc(workdir, caller_boot, name="caller-1")
-            with _running(web, caller):
+            with contextlib.ExitStack() as stack:
+                stack.callback(caller.stop)
+                stack.callback(web.stop)
                 web.start()
                 caller.start()
                 web_host = f"127.0.0.1:{inbound}"
@@ -139,6 +134,7 @@ def test_a_sidecar_stays_through_its_replicas_death_and_goes_on_the_survivors_cl
                 assert health == {"passing"}, f"expected web-1 (held by the other replica) passing on a restarted replica, got {health}"
 
                 # 2. the holder dies
+                ports_h = cps[h].ports
                 t_kill = time.monotonic()
                 _kill(cps[h])
                 survivor = cps[o]
@@ -168,6 +164,34 @@ def test_a_sidecar_stays_through_its_replicas_death_and_goes_on_the_survivors_cl
                     f"expected critical between {DEAD_AFTER}s and {CRITICAL_AFTER + 1}s after the kill, got {t_critical:.2f}s"
                 assert REMOVE_AFTER - 0.2 <= t_removed <= REMOVE_AFTER + 1.5, \
                     f"expected removed ~{REMOVE_AFTER}s after the kill, got {t_removed:.2f}s"
+
+                # 4. a replica and the sidecar it holds die together: nobody holds the node, the survivor's clocks run
+                cps[h] = _replica(workdir / "ab"[h], cluster.url, cfg, ports_h["xds"], ports_h["api"])
+                web = EnvoyProc(workdir, web_boot, name="web-1b")
+                stack.callback(web.stop)
+                web.start()
+                wait_until(lambda: all(_health(cp) == "passing" for cp in cps), 30, what="web-1 back, passing on both replicas")
+                pid = wait_until(lambda: _holder_pid(cluster.url), 10, what="web-1's liveness document in etcd")
+                by_pid = {cp.proc.pid: i for i, cp in enumerate(cps) if cp.proc is not None}
+                h2 = by_pid[pid]
+                survivor = cps[1 - h2]
+                assert web.proc is not None
+                web.proc.send_signal(signal.SIGKILL)
+                _kill(cps[h2])
+                t0 = time.monotonic()
+                web.proc.wait(10)
+                web.proc = None
+                wait_until(lambda: _health(survivor) == "critical", LEASE_TTL + CRITICAL_AFTER + 3, interval=0.05,
+                           what="web-1 critical on the survivor once its holder's lease expired")
+                t_critical = time.monotonic() - t0
+                wait_until(lambda: _health(survivor) == "missing", REMOVE_AFTER + 3, interval=0.05, what="web-1 removed on the survivor")
+                t_removed = time.monotonic() - t0
+                print(f"holder and sidecar killed together: critical after {t_critical:.2f}s, removed after {t_removed:.2f}s "
+                      f"(lease {LEASE_TTL}s + critical-after {CRITICAL_AFTER}s / remove-after {REMOVE_AFTER}s)")
+                assert CRITICAL_AFTER <= t_critical <= LEASE_TTL + CRITICAL_AFTER + 2, \
+                    f"expected critical within the lease's life plus {CRITICAL_AFTER}s after the kills, got {t_critical:.2f}s"
+                assert REMOVE_AFTER - CRITICAL_AFTER - 0.5 <= t_removed - t_critical <= REMOVE_AFTER - CRITICAL_AFTER + 1.5, \
+                    f"expected removal {REMOVE_AFTER - CRITICAL_AFTER}s after critical, got {t_removed - t_critical:.2f}s"
         finally:
             for cp in cps:
                 cp.stop()
