@@ -335,3 +335,74 @@ def test_a_proxyless_grpc_client_follows_the_surviving_replica() -> None:
                     client.kill()
                     client.wait()
             reader.join(5)
+
+
+def test_the_sidecar_agent_moves_every_client_to_the_surviving_replica() -> None:
+    """``meshpilot sidecar --control-plane A,B --api URL_A,URL_B``: Envoy's ADS and HDS, meshdns' table stream and
+    the management-API calls (the deregistration at the stop) all reach the survivor."""
+    import yaml
+
+    workdir = tmpdir("meshpilot-failover-agent-")
+    with _replicas(workdir) as cps, http_backend("web-app") as app, http_backend("other") as other, \
+            http_backend("fresh") as fresh:
+        _service(cps, "web")
+        _service(cps, "other", other.port)
+        inbound, outbound = free_port(), free_port()
+        doc = {
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": app.port}]},
+            "mesh": {"healthCheck": {"http": {"path": "/"}, "interval": "1s", "timeout": "1s", "healthyThreshold": 1},
+                     "drainTime": "0s", "syncTimeout": "2s",
+                     "sidecar": {"adminPort": 0, "inboundPort": inbound, "outboundPort": outbound},
+                     "dns": {"listen": "127.0.0.1:0", "upstreams": ["127.0.0.1:9"]}},
+        }
+        spec = workdir / "spec.yaml"
+        spec.write_text(yaml.safe_dump(doc))
+        ready, log = workdir / "ready.json", workdir / "agent.log"
+        agent = subprocess.Popen(
+            [str(VENV_BIN / "meshpilot"), "sidecar", "--spec", str(spec),
+             "--control-plane", ",".join(f"127.0.0.1:{cp.xds_port}" for cp in cps),
+             "--api", ",".join(cp.api for cp in cps), "--node-id", "web-1", "--workdir", str(workdir / "agent"),
+             "--ready-file", str(ready)], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+        envoy_pid = 0
+        try:
+            wait_until(lambda: ready.exists() or agent.poll() is not None, 30, what="the agent's ready file")
+            assert agent.poll() is None, f"the agent exited with {agent.returncode}:\n{log.read_text()[-3000:]}"
+            info = json.loads(ready.read_text())
+            envoy_pid, dns_port = info["envoy_pid"], info["dns_port"]
+            wait_until(lambda: through(outbound, "other")[0] == 200, 20, what="a first 200 through the agent's Envoy")
+            web_vip = wait_until(lambda: _query(dns_port, "web.default.svc.mesh"), 10, what="web from the agent's meshdns")
+            held = wait_until(lambda: _held_by(cps, "web-1"), 10, what="a replica holding the Envoy's ADS stream")
+            victim, survivor = held[0], 1 - held[0]
+            with _Load(outbound, "other") as load:
+                wait_until(lambda: load.ok >= 20, 10, what="20 requests before the kill")
+                _kill(cps[victim])
+                s = cps[survivor]
+                wait_until(lambda: {"web-1", "web-1~meshdns"} <= _ads_nodes(s), 15,
+                           what=f"the Envoy's ADS and meshdns' table stream on the survivor :{s.xds_port}")
+                wait_until(lambda: "web-1" in _mesh_instances(s, "web"), 20,
+                           what="the app registered over HDS on the survivor")
+                assert _query(dns_port, "web.default.svc.mesh") == web_vip, "web must still resolve after the kill"
+                _service([s], "fresh", fresh.port)
+                wait_until(lambda: _query(dns_port, "fresh.default.svc.mesh"), 10,
+                           what="'fresh', made on the survivor only, from the agent's meshdns")
+                wait_until(lambda: through(outbound, "fresh")[0] == 200, 10,
+                           what="'fresh', made on the survivor only, routed by the agent's Envoy")
+                n = load.ok
+                wait_until(lambda: load.ok >= n + 100, 20, what="100 more requests after the kill")
+            assert not load.failed, (f"expected 0 failed requests, got {len(load.failed)} of "
+                                     f"{load.ok + len(load.failed)}: {load.failed[:5]}")
+            agent.send_signal(signal.SIGTERM)
+            code = agent.wait(30)
+            text = log.read_text()
+            assert code == 0, f"expected a clean stop, got {code}:\n{text[-3000:]}"
+            assert "event=deregistered instance=web-1 status=200" in text, \
+                f"expected the deregistration answered by the survivor:\n{text[-3000:]}"
+            assert "web-1" not in _mesh_instances(s, "web"), "the survivor must have deregistered the app"
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+            if envoy_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(envoy_pid, signal.SIGKILL)
