@@ -36,32 +36,34 @@ documents again. ``close`` commits what is queued, then revokes the lease, so it
 documents vanish at once.
 
 Failure modes: etcd unreachable when the store opens: ``StoreError`` after ``timeout_s``, naming
-the endpoints. A member down: one gRPC channel over every endpoint (round robin over the members
-that answer) moves requests and the watch to the others. Every member down, or no quorum: writes
+the endpoints. A member down, frozen or without a leader: the store talks to one member at a time
+(a random one first, so replicas spread) and moves on to the next when a call to it fails or times
+out (a Txn attempt gets 1.5 s, then twice as long each time) or the watch on it goes quiet (it is
+asked for progress every second). Every member down, or no quorum: writes
 stay queued and visible locally, ``sync`` raises after ``timeout_s``, and once the watch or the
 lease has been failing for longer than the grace (``lease_ttl_s``) ``current()`` is False (logged
 as ``event=store_current``) until the watch has reconnected and caught up. etcd 3.4 answers a
 watch progress request with its current revision even while events before it are still on their
 way, so progress answers only tell that the watch is alive; ``revision`` moves with events alone.
 
-Client: etcd's own v3 gRPC stubs as packaged by ``aetcd`` (``aetcd.rpc``), driven over one sync
-``grpc`` channel from this store's threads. aetcd's own client is asyncio-bound to one loop and
-opens one endpoint; the stubs over a multi-address channel give failover between members, a watch
-stream and lease keep-alives this store controls, and Txns that never block the event loop.
+Client: etcd's own v3 gRPC stubs as packaged by ``aetcd`` (``aetcd.rpc``), over one sync ``grpc``
+channel per member, from this store's threads. aetcd's own client talks to one endpoint and runs
+on one asyncio loop; the stubs give this store the choice of member (so it can leave one that
+stops answering but keeps its connections open, which gRPC's own balancing does not notice), a
+watch stream and lease keep-alives it controls, and Txns that never block the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import queue
-import socket
+import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -76,7 +78,7 @@ log = logging.getLogger("meshpilot.registry.etcd")
 DEFAULT_PREFIX = "/meshpilot/"
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 MAX_TXN_BYTES = 1 << 20  # etcd refuses requests over --max-request-bytes (1.5 MiB by default)
-_ATTEMPT_S = 3.0  # how long one Txn may take before it is sent again
+_ATTEMPT_S = 1.5  # how long a Txn's first attempt may take before it is sent again (each next one: twice that)
 _OP_OVERHEAD = 16  # bytes a put or delete adds to a Txn beyond its key and value
 # the codes with which etcd or the channel say "not now": the committer tries again
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN,
@@ -115,23 +117,8 @@ class EtcdStore:
         self._where = ",".join(f"{h}:{p}" for h, p in self.endpoints)
         self._pfx = prefix.encode()
         self._pfx_end = self._pfx[:-1] + bytes([self._pfx[-1] + 1])  # '/' + 1: every key under the prefix
-        self._channel = grpc.insecure_channel(_target(self.endpoints), options=[
-            ("grpc.lb_policy_name", "round_robin"),
-            ("grpc.max_receive_message_length", -1),  # the whole prefix comes in one Range
-            ("grpc.max_send_message_length", -1),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-            # a member that stops answering (frozen, cut off) without closing its connections is dropped
-            # from the channel after keepalive time + timeout; etcd refuses pings more often than 5 s
-            ("grpc.keepalive_time_ms", 6000),
-            ("grpc.keepalive_timeout_ms", 2000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-        ])
-        self._kv = rpc_pb2_grpc.KVStub(self._channel)
-        self._watch_stub = rpc_pb2_grpc.WatchStub(self._channel)
-        self._lease_stub = rpc_pb2_grpc.LeaseStub(self._channel)
+        self._members = [_Member(h, p) for h, p in self.endpoints]
+        self._at = random.randrange(len(self._members))  # the member in use; replicas spread over the members
 
         self._cond = threading.Condition()
         self._view: dict[str, dict[str, str]] = {t: {} for t in TABLES}
@@ -152,7 +139,7 @@ class EtcdStore:
         self._failed = ""
         self._stopping = threading.Event()
         # health, for current()
-        self._watch_call: tuple[Any, queue.SimpleQueue[Any]] | None = None
+        self._watch_call: tuple[Any, queue.SimpleQueue[Any], int] | None = None  # (call, its requests, member)
         self._watch_down_since: float | None = None
         self._watch_heard = time.monotonic()
         self._progress_asked: float | None = None
@@ -165,12 +152,14 @@ class EtcdStore:
         self._was_current = True
 
         try:
-            view, self.revision = self._load()
+            deadline = time.monotonic() + timeout_s
+            view, self.revision = self._load(deadline)
             self._view = view
             self._progress_rev = self.revision
-            self._grant()
+            self._grant(deadline)
         except grpc.RpcError as exc:
-            self._channel.close()
+            for m in self._members:
+                m.channel.close()
             raise StoreError(f"store: etcd at {self._where} unreachable: {exc.code().name} {exc.details()}") from None
         log.info("event=store_opened backend=etcd endpoints=%s prefix=%s revision=%d documents=%d lease=%x",
                  self._where, prefix, self.revision, sum(len(v) for v in self._view.values()), self._lease)
@@ -328,7 +317,8 @@ class EtcdStore:
             lease, self._lease = self._lease, 0
         if lease:
             try:
-                self._lease_stub.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lease), timeout=min(self.timeout_s, 3.0))
+                self._call(lambda m, t: m.lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lease), timeout=t),
+                           time.monotonic() + min(self.timeout_s, 3.0))
             except grpc.RpcError as exc:
                 log.warning("event=store_lease_revoke_failed lease=%x code=%s note=expires_after_ttl", lease, exc.code().name)
         self._stopping.set()
@@ -340,7 +330,8 @@ class EtcdStore:
             call[0].cancel()
         for t in self._threads[1:]:
             t.join(5)
-        self._channel.close()
+        for m in self._members:
+            m.channel.close()
         with self._cond:
             waiters, self._waiters = self._waiters, []
         _wake(waiters, f"store: etcd at {self._where}: closed before the writes were committed")
@@ -413,6 +404,7 @@ class EtcdStore:
         """Commit one Txn, retrying while etcd is out of reach; return its revision and whether it
         changed anything."""
         backoff = 0.05
+        attempt = _ATTEMPT_S
         warned = False
         while True:
             lease = self._lease
@@ -421,9 +413,10 @@ class EtcdStore:
                 else rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
                     key=self._key(t, k), value=v.encode(), lease=lease if t in EPHEMERAL else 0))
                 for (t, k), v in ops.items()])
+            at, member = self._member()
             try:
-                # a short attempt: a Txn sent to a member that stopped answering is sent again to another
-                resp = self._kv.Txn(req, timeout=min(self.timeout_s, _ATTEMPT_S), wait_for_ready=True)
+                # short attempts: a Txn sent to a member that stopped answering is sent again to the next one
+                resp = member.kv.Txn(req, timeout=min(self.timeout_s, attempt))
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.NOT_FOUND and "lease" in (exc.details() or ""):
@@ -434,6 +427,9 @@ class EtcdStore:
                         code = grant.code()  # etcd went away in between: try again as for any outage
                 if code not in _TRANSIENT:
                     raise
+                self._unreachable(at, code)
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    attempt *= 2  # unless etcd is only slow: then the next attempt gives it the time it needs
                 with self._cond:
                     if self._closed and time.monotonic() > self._abandon_at:
                         raise _Abandoned() from None
@@ -458,12 +454,14 @@ class EtcdStore:
             requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
             requests.put(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
                 key=self._pfx, range_end=self._pfx_end, start_revision=start)))
-            call = self._watch_stub.Watch(_drain(requests), metadata=_LEADER_REQUIRED, wait_for_ready=True)
+            at, member = self._member()
+            call = member.watch.Watch(_drain(requests), metadata=_LEADER_REQUIRED)
             with self._cond:
-                self._watch_call = (call, requests)
+                self._watch_call = (call, requests, at)
                 self._watch_heard = time.monotonic()
                 self._progress_asked = None
             compacted = False
+            lost = True  # the member failed this watch: the next one goes to another
             try:
                 for resp in call:
                     with self._cond:
@@ -471,7 +469,7 @@ class EtcdStore:
                     if resp.compact_revision:
                         log.warning("event=store_watch_compacted from_revision=%d compact_revision=%d", start,
                                     resp.compact_revision)
-                        compacted = True
+                        compacted, lost = True, False
                         break
                     if resp.canceled:
                         log.warning("event=store_watch_canceled reason=%r", resp.cancel_reason)
@@ -494,9 +492,11 @@ class EtcdStore:
                     self._watch_call = None
                     if self._watch_down_since is None:
                         self._watch_down_since = time.monotonic()
+                if lost and not self._stopping.is_set():
+                    self._unreachable(at, None)
             if compacted:
                 try:
-                    self._reload()
+                    self._reload(time.monotonic() + self.timeout_s)
                     continue
                 except grpc.RpcError as exc:
                     log.warning("event=store_reload_failed code=%s details=%r", exc.code().name, exc.details())
@@ -576,8 +576,8 @@ class EtcdStore:
         loop, deliver = self._deliver
         _call_soon(loop, deliver, changes, self.revision)
 
-    def _reload(self) -> None:
-        view, rev = self._load()
+    def _reload(self, deadline: float) -> None:
+        view, rev = self._load(deadline)
         with self._cond:
             changes: list[_Row] = []
             for t in TABLES:
@@ -592,9 +592,9 @@ class EtcdStore:
             self._emit(changes)
         log.info("event=store_reloaded endpoints=%s revision=%d changes=%d", self._where, rev, len(changes))
 
-    def _load(self) -> tuple[dict[str, dict[str, str]], int]:
-        resp = self._kv.Range(rpc_pb2.RangeRequest(key=self._pfx, range_end=self._pfx_end), timeout=self.timeout_s,
-                              wait_for_ready=True)
+    def _load(self, deadline: float) -> tuple[dict[str, dict[str, str]], int]:
+        req = rpc_pb2.RangeRequest(key=self._pfx, range_end=self._pfx_end)
+        resp = self._call(lambda m, t: m.kv.Range(req, timeout=t), deadline)
         view: dict[str, dict[str, str]] = {t: {} for t in TABLES}
         for kv in resp.kvs:
             tk = self._parse(kv.key)
@@ -604,31 +604,37 @@ class EtcdStore:
 
     # ---- the lease thread -----------------------------------------------------------------
 
-    def _grant(self) -> None:
-        resp = self._lease_stub.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=max(1, round(self.lease_ttl_s))),
-                                           timeout=self.timeout_s, wait_for_ready=True)
+    def _grant(self, deadline: float) -> None:
+        req = rpc_pb2.LeaseGrantRequest(TTL=max(1, round(self.lease_ttl_s)))
+        resp = self._call(lambda m, t: m.lease.LeaseGrant(req, timeout=t), deadline)
         with self._cond:
             self._lease = int(resp.ID)
             self._lease_ttl = float(resp.TTL)
             self._lease_ok_at = time.monotonic()
 
     def _lease_loop(self) -> None:
-        while not self._stopping.wait(self._lease_ttl / 3 if self._lease_valid else 0.2):
+        pause = self._lease_ttl / 3
+        while not self._stopping.wait(pause):
+            pause = 0.2  # until a renewal succeeds: a failed one is tried again at once, on the next member
             with self._lease_lock:
                 lease = self._lease
             if not lease:
                 return
+            at, member = self._member()
             try:
                 ttl = -1
-                for resp in self._lease_stub.LeaseKeepAlive(iter([rpc_pb2.LeaseKeepAliveRequest(ID=lease)]),
-                                                            timeout=max(0.5, self._lease_ttl / 3)):
+                for resp in member.lease.LeaseKeepAlive(iter([rpc_pb2.LeaseKeepAliveRequest(ID=lease)]),
+                                                        timeout=max(0.5, self._lease_ttl / 6)):
                     ttl = int(resp.TTL)
                     break
             except grpc.RpcError as exc:
                 if not self._stopping.is_set():
                     log.debug("event=store_keepalive_failed lease=%x code=%s", lease, exc.code().name)
+                    if exc.code() in _TRANSIENT:
+                        self._unreachable(at, exc.code())
                 continue
             if ttl > 0:
+                pause = self._lease_ttl / 3
                 with self._cond:
                     self._lease_ok_at = time.monotonic()
             elif ttl == 0:
@@ -646,7 +652,7 @@ class EtcdStore:
                 if self._lease_valid:
                     log.warning("event=store_lease_lost lease=%x documents=%d", lease, len(self._mine))
                 self._lease_valid = False
-            self._grant()
+            self._grant(time.monotonic() + self.timeout_s)
             with self._cond:
                 self._lease_valid = True
                 rows: list[_Row] = [(t, k, v) for (t, k), v in sorted(self._mine.items())]
@@ -685,6 +691,44 @@ class EtcdStore:
                 self._progress_asked = time.monotonic()
         call[1].put(rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()))
 
+    # ---- members --------------------------------------------------------------------------
+
+    def _member(self) -> tuple[int, _Member]:
+        with self._cond:
+            return self._at, self._members[self._at]
+
+    def _unreachable(self, at: int, code: grpc.StatusCode | None) -> None:
+        """Member ``at`` failed a call: use the next one (unless another call moved on already)."""
+        with self._cond:
+            if self._at != at or len(self._members) == 1:
+                return
+            self._at = (at + 1) % len(self._members)
+            now = self._members[self._at].name
+            watch = self._watch_call
+        if watch is not None and watch[2] == at and code is not None:
+            watch[0].cancel()  # the watch is on that member too: it moves now rather than once it has gone quiet
+        log.info("event=store_member_switch from=%s to=%s code=%s", self._members[at].name, now,
+                 code.name if code is not None else "watch_lost")
+
+    def _call(self, rpc: Callable[[_Member, float], Any], deadline: float) -> Any:
+        """A unary call on the member in use, moving on to the next while they fail, until ``deadline``."""
+        attempt, backoff = _ATTEMPT_S, 0.05
+        while True:
+            at, member = self._member()
+            left = deadline - time.monotonic()
+            try:
+                return rpc(member, max(0.05, min(attempt, left)))
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code not in _TRANSIENT or time.monotonic() + 0.05 >= deadline:
+                    raise
+                self._unreachable(at, code)
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    attempt *= 2
+                else:  # refused at once: every member may be down; do not spin
+                    time.sleep(min(backoff, max(0.0, deadline - time.monotonic() - 0.05)))
+                    backoff = min(backoff * 2, 0.5)
+
     # ---- keys -----------------------------------------------------------------------------
 
     def _key(self, table: str, key: str) -> bytes:
@@ -706,23 +750,28 @@ def _drain(requests: queue.SimpleQueue[Any]) -> Iterator[Any]:
         yield req
 
 
-def _target(endpoints: Sequence[tuple[str, int]]) -> str:
-    """One gRPC target over every endpoint: ``ipv4:a:p,b:p`` (names resolved now)."""
-    v4: list[str] = []
-    v6: list[str] = []
-    for host, port in endpoints:
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
-            try:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError as exc:
-                raise StoreError(f"store: etcd endpoint {host}:{port}: {exc}") from None
-            addr = ipaddress.ip_address(str(min(infos, key=lambda i: i[0] != socket.AF_INET)[4][0]))
-        (v4 if addr.version == 4 else v6).append(f"{addr}:{port}" if addr.version == 4 else f"[{addr}]:{port}")
-    if v4 and v6:
-        raise StoreError("store: etcd endpoints mix IPv4 and IPv6 addresses; name them all in one family")
-    return ("ipv4:" + ",".join(v4)) if v4 else ("ipv6:" + ",".join(v6))
+class _Member:
+    """One etcd member: its own channel, so that this store chooses which member it talks to and can
+    leave one that stops answering without closing its connections (frozen, cut off)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.channel = grpc.insecure_channel(self.name, options=[
+            ("grpc.max_receive_message_length", -1),  # the whole prefix comes in one Range
+            ("grpc.max_send_message_length", -1),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            # a connection that stops answering is closed after keepalive time + timeout; etcd refuses
+            # pings more often than every 5 s
+            ("grpc.keepalive_time_ms", 6000),
+            ("grpc.keepalive_timeout_ms", 2000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ])
+        self.kv = rpc_pb2_grpc.KVStub(self.channel)
+        self.watch = rpc_pb2_grpc.WatchStub(self.channel)
+        self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, deliver: Deliver, changes: list[RemoteChange], rev: int) -> None:

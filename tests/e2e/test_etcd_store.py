@@ -1,7 +1,7 @@
 """EtcdStore against a real etcd cluster: what one replica writes is durable in etcd and reaches the
 others in order; concurrent writers converge on etcd's final value; writes share Txns; ephemeral
 documents follow their writer's lease; current() follows etcd's availability; a member lost or
-restarted, or history compacted under a broken watch, costs no change."""
+restarted or frozen, or history compacted under a broken watch, costs no change."""
 
 from __future__ import annotations
 
@@ -309,7 +309,7 @@ async def test_current_follows_etcd_going_away_and_coming_back(cluster3: EtcdClu
         f"expected both transitions logged; got:\n{log[-2000:]}")
 
 
-async def test_a_member_killed_or_restarted_costs_no_change(cluster3: EtcdCluster, replicas: Callable[..., Replica],
+async def test_a_member_killed_restarted_or_frozen_costs_no_change(cluster3: EtcdCluster, replicas: Callable[..., Replica],
                                                             caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "meshpilot.registry.etcd")
     a, b = replicas(cluster3.url, lease_ttl_s=3), replicas(cluster3.url, lease_ttl_s=3)
@@ -324,6 +324,16 @@ async def test_a_member_killed_or_restarted_costs_no_change(cluster3: EtcdCluste
         a.write({("meta", "restarted"): i})
         await a.store.sync()
         await b.until(lambda i=i: b.model.get(("meta", "restarted")) == i, f"B to see the write after member {i} restarted")  # type: ignore[misc]
+    for i in range(3):  # a member that stops answering but keeps its connections open
+        cluster3.freeze(i)
+        t0 = time.monotonic()
+        for n in range(5):
+            a.write({("meta", "frozen"): [i, n]})
+            await a.store.sync()
+        await b.until(lambda i=i: b.model.get(("meta", "frozen")) == [i, 4], f"B to see the writes while member {i} is frozen")  # type: ignore[misc]
+        took = time.monotonic() - t0
+        cluster3.thaw(i)
+        assert took < 6, f"expected A and B to leave frozen member {i} within a Txn attempt or two; took {took:.1f}s"
     assert b.model == a.model == etcd_state(cluster3.url + "/meshpilot/")
     assert a.store.current() and b.store.current()
     resumed = [r.message for r in caplog.records if "event=store_watch_resumed" in r.message]
