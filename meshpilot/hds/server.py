@@ -305,8 +305,10 @@ class HdsServer:
     # ---- the clocks -------------------------------------------------------------------------------
 
     def sweep(self, now: float) -> None:
-        if not self.current:
-            return  # a stale view acts on nothing; the clocks keep running
+        if not self.current or not self.store.current():
+            # a stale view acts on nothing (asked each time: a replica thawed after a freeze runs its
+            # sweep before follow_store has seen the store go); the clocks keep running
+            return
         critical, remove = self.liveness.due(now)
         for iid in critical:
             if self._taken(iid):
