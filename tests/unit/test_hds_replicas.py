@@ -388,3 +388,31 @@ def test_never_critical_while_any_replica_holds_the_node_nor_before_a_grace_has_
                     f"acted at {now}, {now - (unheld_since or now):.1f}s after the last hold ended: {events}")
             if removed:
                 assert unheld_since is not None and now - unheld_since >= REMOVE, f"removed too early at {now}: {events}"
+
+
+def test_back_from_a_cut_off_a_replica_removes_its_leftover_documents_and_gives_the_unheld_nodes_the_long_grace() -> None:
+    clock = _Clock()
+    a, b = _setup(clock)
+    a.hds.opened("web-1")
+    a.hds.on_node("web-1", True)
+    _sync(a, b)
+    a.store.is_current = False
+    a.hds.follow_store(False)
+    # its stream ended while cut off; the write of the delete did not reach the others (nor, here, its view)
+    a.store.write({(LIVENESS, "web-1"): {"replica": "a"}})
+    a.hds.closed("web-1", 1001.0)
+    a.hds.on_node("web-1", False)
+    a.store.write({(LIVENESS, "web-1"): {"replica": "a"}})
+    a.store.rows.clear()
+    _sweep(a, clock, 1001 + REMOVE)
+    assert _hds_status(a, "web-1") == "passing", "expected no clock acted on while cut off"
+    clock.now = 2000.0
+    a.store.is_current = True
+    a.hds.follow_store(True)
+    assert a.store.get(LIVENESS, "web-1") is None, f"expected A's leftover document removed, got {a.store.get(LIVENESS, 'web-1')}"
+    _sweep(a, clock, 2000 + DEAD)
+    _sweep(a, clock, 2000 + CRITICAL - 1)
+    assert _hds_status(a, "web-1") == "passing", \
+        f"expected the long grace from the return for a node nobody holds (the short one as good as spent), got {_hds_status(a, 'web-1')}"
+    _sweep(a, clock, 2000 + CRITICAL)
+    assert _hds_status(a, "web-1") == "critical", f"expected critical {CRITICAL:.0f}s after the return, got {_hds_status(a, 'web-1')}"
