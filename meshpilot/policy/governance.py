@@ -34,7 +34,7 @@ from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.wasm.v3 import wasm_pb2 as http_wasm_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.extensions.wasm.v3 import wasm_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 
 from meshpilot.model import Outlier, Service
 from meshpilot.policy.breaker import CircuitBreakerPolicy, breaker_rules, outlier_of
@@ -46,7 +46,7 @@ from meshpilot.translate.names import cluster_name
 from meshpilot.translate.routes import ServiceRouting
 from meshpilot.wasm import modules
 from meshpilot.wasm.config import FilterConfigError, encode
-from meshpilot.xds.resource import TYPE, NodeInfo
+from meshpilot.xds.resource import TYPE, NodeInfo, pack
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "API_CLUSTER",
+    "REPLICAS",
     "INBOUND_FILTER",
     "OUTBOUND_FILTER",
     "WASM_PATH",
@@ -70,6 +71,7 @@ log = logging.getLogger("meshpilot.governance")
 OUTBOUND_FILTER = "meshpilot.governance.outbound"
 INBOUND_FILTER = "meshpilot.governance.inbound"
 API_CLUSTER = "meshpilot-api"
+REPLICAS = "replicas"  # store table: each live control-plane replica's addresses (ephemeral)
 WASM_PATH = "/v1/wasm/mesh.wasm"
 VM_ID = "meshpilot"
 INITIAL_FETCH_TIMEOUT_S = 10  # a listener waits at most this long for its filter config and code
@@ -79,10 +81,7 @@ _WASM_TYPE = modules.WASM_TYPE_URL
 _PASSTHROUGH_TYPE = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
 
 
-def _pack(msg: Any) -> any_pb2.Any:
-    out = any_pb2.Any()
-    out.Pack(msg)
-    return out
+_pack = pack
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +142,8 @@ def wasm_config(name: str, configuration: str, uri: str, sha256: str, cluster: s
     return extension_pb2.TypedExtensionConfig(name=name, typed_config=_pack(http_wasm_pb2.Wasm(config=config)))
 
 
-def api_cluster(host: str, port: int) -> cluster_pb2.Cluster:
-    """The cluster Envoys fetch WASM code through: this control plane's management API."""
-    address = address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
+def api_cluster(addresses: list[tuple[str, int]]) -> cluster_pb2.Cluster:
+    """The cluster Envoys fetch WASM code through: the management API of every control-plane replica."""
     return cluster_pb2.Cluster(
         name=API_CLUSTER,
         type=cluster_pb2.Cluster.STATIC,
@@ -153,7 +151,9 @@ def api_cluster(host: str, port: int) -> cluster_pb2.Cluster:
         load_assignment=endpoint_pb2.ClusterLoadAssignment(
             cluster_name=API_CLUSTER,
             endpoints=[endpoint_components_pb2.LocalityLbEndpoints(
-                lb_endpoints=[endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=address))]
+                lb_endpoints=[endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
+                    address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))))
+                    for host, port in addresses]
             )],
         ),
     )
@@ -266,10 +266,20 @@ class Governance(Producer):
 
     @property
     def uri(self) -> str | None:
-        port = self.ports.get("api")
-        if not port:
+        """The module's URI: fetched through ``meshpilot-api`` (whose endpoints say where), so it is
+        the same on every replica."""
+        if not self.ports.get("api"):
             return None  # not serving yet: published once the API listens
-        return f"http://{self.api_host}:{port}{WASM_PATH}"
+        return f"http://{API_CLUSTER}{WASM_PATH}"
+
+    def api_addresses(self) -> list[tuple[str, int]]:
+        """Every live replica's management API (the ``replicas`` table), this one's while it is not there yet."""
+        found: set[tuple[str, int]] = set()
+        for _replica, doc in self.registry.store.items(REPLICAS):
+            api = doc.get("api") if isinstance(doc, dict) else None
+            if isinstance(api, list) and len(api) == 2 and isinstance(api[0], str) and isinstance(api[1], int):
+                found.add((api[0], api[1]))
+        return sorted(found) or [(self.api_host, self.ports["api"])]
 
     def _clusters(self, svc: Service, port: str | None) -> list[str]:
         routing = self.routing(svc.key)
@@ -341,7 +351,7 @@ class Governance(Producer):
         if changes.everything or changes.services or changes.other or changes.rerouted or uri != self._published_uri:
             self._published_uri = uri
             out[("", "governance")] = Bundle({
-                TYPE.CLUSTER: {API_CLUSTER: api_cluster(self.api_host, self.ports["api"])},
+                TYPE.CLUSTER: {API_CLUSTER: api_cluster(self.api_addresses())},
                 TYPE.EXTENSION_CONFIG: {
                     OUTBOUND_FILTER: self._resource(OUTBOUND_FILTER, self.outbound_document(), uri),
                     INBOUND_FILTER: self._resource(INBOUND_FILTER, {}, uri),

@@ -23,7 +23,6 @@ from types import ModuleType
 
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-from google.protobuf import any_pb2
 
 import meshpilot.policy
 from meshpilot.api.routes import Route
@@ -37,7 +36,7 @@ from meshpilot.publish.publisher import Producer
 from meshpilot.registry import Registry
 from meshpilot.translate.listeners import InboundAuthz
 from meshpilot.translate.routes import FAULT_FILTER, ServiceRouting
-from meshpilot.xds.resource import NodeInfo
+from meshpilot.xds.resource import NodeInfo, pack
 
 __all__ = ["Policies", "fault_filter", "load_kinds"]
 
@@ -57,9 +56,7 @@ def load_kinds() -> list[ModuleType]:
 
 def fault_filter() -> hcm.HttpFilter:
     """Envoy's fault filter with no fault of its own: routes switch it on per route."""
-    cfg = any_pb2.Any()
-    cfg.Pack(fault_pb2.HTTPFault())
-    return hcm.HttpFilter(name=FAULT_FILTER, typed_config=cfg)
+    return hcm.HttpFilter(name=FAULT_FILTER, typed_config=pack(fault_pb2.HTTPFault()))
 
 
 def _module() -> WasmModule | None:

@@ -20,23 +20,19 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-from google.protobuf import any_pb2
-from google.protobuf.message import Message
 
 from meshpilot.model import Service, ServicePort
 from meshpilot.translate.clusters import ads_source, subset_cluster_name
 from meshpilot.translate.names import cluster_name, host_forms
 from meshpilot.translate.routes import FAULT_FILTER, ServiceRouting, build_service_routes
+from meshpilot.xds.resource import pack
 
 __all__ = ["PROTOCOLS", "build_api_listener", "build_proxyless_routes", "listener_names", "route_name"]
 
 PROTOCOLS = ("grpc", "http2")  # ports a gRPC client can call
 
 
-def _pack(msg: Message) -> any_pb2.Any:
-    a = any_pb2.Any()
-    a.Pack(msg)
-    return a
+_pack = pack
 
 
 def route_name(service: Service, port: ServicePort) -> str:

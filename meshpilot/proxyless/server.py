@@ -37,7 +37,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from meshpilot.translate.listeners import AUTHZ_ALLOW, AUTHZ_DENY, InboundAuthz, pack
+from meshpilot.translate.listeners import AUTHZ_ALLOW, AUTHZ_DENY, InboundAuthz
+from meshpilot.xds.resource import pack
 from meshpilot.translate.tls import tls_socket
 
 __all__ = [

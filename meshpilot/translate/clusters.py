@@ -28,7 +28,7 @@ from google.protobuf.message import Message
 from meshpilot.model import Service, ServicePort
 from meshpilot.translate.names import cluster_name, fqdn, inbound_cluster_name
 from meshpilot.translate.tls import DISABLE, STRICT, TlsSettings, mesh_socket_matches, tls_socket, upstream_tls
-from meshpilot.xds.resource import NodeInfo
+from meshpilot.xds.resource import NodeInfo, pack
 
 __all__ = ["ads_source", "build_cluster", "build_clusters", "build_inbound_cluster", "duration_ms", "subset_cluster_name"]
 
@@ -51,14 +51,11 @@ def _http2_options() -> any_pb2.Any:
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
         )
     )
-    packed = any_pb2.Any()
-    packed.Pack(opts)
-    return packed
+    return pack(opts)
 
 
 def _typed(name: str, msg: Message) -> cluster_pb2.LoadBalancingPolicy.Policy:
-    packed = any_pb2.Any()
-    packed.Pack(msg)
+    packed = pack(msg)
     return cluster_pb2.LoadBalancingPolicy.Policy(
         typed_extension_config=extension_pb2.TypedExtensionConfig(name=name, typed_config=packed)
     )

@@ -62,12 +62,12 @@ from meshpilot.translate.clusters import ads_source
 from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, inbound_cluster_name
 from meshpilot.translate.routes import DESTINATION_SERVICE
 from meshpilot.translate.tls import DISABLE, MODES, STRICT, downstream_tls, tls_socket
-from meshpilot.xds.resource import NodeInfo
+from meshpilot.xds.resource import NodeInfo, pack
 
 __all__ = [
     "AUTHZ_ALLOW", "AUTHZ_DENY", "CALLER_HEADER", "HEALTH_HEADER", "INBOUND", "INBOUND_LOCAL_ROUTE", "INBOUND_ROUTE", "OUTBOUND",
     "InboundAuthz", "access_log", "build_inbound_listener", "build_inbound_local_routes", "build_inbound_routes",
-    "build_outbound_listener", "pack",
+    "build_outbound_listener",
 ]
 
 CALLER_HEADER = "x-mesh-caller"
@@ -93,10 +93,6 @@ class InboundAuthz:
     tcp_allow: rbac_config.RBAC | None = None
 
 
-def pack(msg: Message) -> any_pb2.Any:
-    a = any_pb2.Any()
-    a.Pack(msg)
-    return a
 
 
 def _router() -> hcm.HttpFilter:

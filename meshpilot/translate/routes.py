@@ -33,11 +33,12 @@ from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 
 from meshpilot.model import Service, ServicePort
 from meshpilot.translate.clusters import duration_ms, subset_cluster_name
 from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, host_forms
-from meshpilot.xds.resource import bytes_field
+from meshpilot.xds.resource import bytes_field, pack
 
 __all__ = [
     "DESTINATION_SERVICE",
@@ -140,9 +141,8 @@ def short_name_owners(services: list[Service]) -> set[str]:
 
 
 def _pack(msg: object) -> any_pb2.Any:
-    a = any_pb2.Any()
-    a.Pack(msg)  # type: ignore[arg-type]
-    return a
+    assert isinstance(msg, Message)
+    return pack(msg)
 
 
 def build_route_action(

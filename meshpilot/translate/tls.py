@@ -24,11 +24,11 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import any_pb2, struct_pb2
-from google.protobuf.message import Message
+from google.protobuf import struct_pb2
 
 from meshpilot.pki import spiffe_id
 from meshpilot.translate.bootstrap import SDS_CLUSTER  # the bootstrap's static cluster to the agent's SDS socket
+from meshpilot.xds.resource import pack
 
 __all__ = [
     "CERT_SECRET",
@@ -93,10 +93,7 @@ class TlsSettings:
         return spiffe_id(self.trust_domain, namespace, service)
 
 
-def _pack(msg: Message) -> any_pb2.Any:
-    a = any_pb2.Any()
-    a.Pack(msg)
-    return a
+_pack = pack
 
 
 def sds_secret(name: str) -> secret_pb2.SdsSecretConfig:

@@ -13,6 +13,8 @@ them (go-control-plane keeps its ``resource`` package on the same floor). It hol
   A DiscoveryResponse is per-stream fields (version, nonce) around resources that are the same for
   every stream; protobuf lets fields come in any order and repeated fields be concatenated, so each
   resource is serialised once and each stream's response is a join of ready-made bytes;
+- ``pack``: a message inside an ``Any``, its bytes the same in every process (map fields sorted), so
+  a resource's version, a hash of its bytes, is the same on every control-plane replica;
 - ``META``, ``NodeInfo``, ``node_info``: the node-metadata contract. A sidecar's bootstrap
   (translate/bootstrap.py, sidecar/render.py) writes these keys; the xDS server reads them back to
   build the node's own listeners, HDS to register the node's app. A node without them (a gateway, a
@@ -25,6 +27,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
 __all__ = [
     "META",
     "NAMED",
@@ -34,6 +39,7 @@ __all__ = [
     "NodeInfo",
     "bytes_field",
     "node_info",
+    "pack",
     "string_field",
     "strings_field",
     "varint",
@@ -171,3 +177,11 @@ def node_info(node_id: str, cluster: str, metadata: dict[str, Any], zone: str = 
         identity=_flag(md.get(META.IDENTITY)),
         extra=md,
     )
+
+
+def pack(msg: Message) -> any_pb2.Any:
+    """``msg`` in an ``Any``, serialised deterministically: a Struct or map field would otherwise come
+    out in an order that differs between processes."""
+    a = any_pb2.Any()
+    a.Pack(msg, deterministic=True)
+    return a

@@ -97,3 +97,20 @@ def test_each_type_url_names_the_message_served() -> None:
     assert list(PUSH_ORDER) == want, f"expected the push order {want}, got {list(PUSH_ORDER)}"
     named = {v for k, v in vars(TYPE).items() if not k.startswith("_")}
     assert named == set(want), f"expected every type URL to have its place in the push order, got {sorted(named ^ set(want))}"
+
+
+def test_a_packed_message_has_its_map_fields_in_key_order_whatever_the_process() -> None:
+    # an Envoy moving between control-plane replicas is sent nothing again only if every replica
+    # gives the same resource the same bytes (its version is their hash); a Struct's map would
+    # otherwise come out in the order of the process's hash table
+    from google.protobuf import struct_pb2
+
+    from meshpilot.xds.resource import pack
+
+    keys = [f"field-{i:02d}" for i in range(24)]
+    s = struct_pb2.Struct()
+    for k in reversed(keys):
+        s.fields[k].string_value = k
+    raw = pack(s).value
+    where = [raw.index(k.encode()) for k in keys]
+    assert where == sorted(where), f"expected the keys in sorted order on the wire, got positions {where}"
