@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,7 @@ from meshpilot.hds.specifier import health_token
 from meshpilot.parts import HttpApp, Part, Task
 from meshpilot.pki import peer_from_context
 from meshpilot.pki.admission import refusal
+from meshpilot.policy.governance import REPLICAS
 from meshpilot.policy.mesh import Policies
 from meshpilot.proxyless.producer import ProxylessProducer
 from meshpilot.publish import Changes, Debouncer, MeshProducer, Publisher
@@ -56,6 +58,8 @@ from meshpilot.xds.server import MAX_REQUEST_BYTES, StreamError, XdsServer
 __all__ = ["ControlPlane"]
 
 log = logging.getLogger("meshpilot.controlplane")
+
+_HEALTH_KEY = "controlplane/health_key"  # meta table: the key of the nodes' health tokens (hex)
 
 class ControlPlane:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic, store: Store | None = None) -> None:
@@ -74,8 +78,9 @@ class ControlPlane:
         self._server_credentials: Callable[[], grpc.ServerCredentials] | None = None
         self._admission: Callable[[grpc.aio.ServicerContext[Any, Any]], tuple[grpc.StatusCode, str] | None] | None = None
         # a node's own health checks (HDS) carry its token; its inbound routes let them past every
-        # optional inbound filter
-        self._health_key = secrets.token_bytes(32)
+        # optional inbound filter. The key is kept in the store: every replica gives a node the same
+        # token (its routes from one replica, its health checks from another), and a restart keeps it
+        self._health_key = self._shared_health_key()
         # the publisher and its producers, in the order they publish: the registry's translation
         # first (it takes in policy changes and stages new subsets), then what reads its overlays
         self.policies = Policies(registry=self.registry, domain=settings.domain, listen_address=settings.listen_address,
@@ -95,8 +100,11 @@ class ControlPlane:
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
         self.ready = asyncio.Event()
+        # this process among the replicas of a shared store (its entry in the ``replicas`` table)
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self.current = True  # whether this replica's view of the store is current (always, on a local store)
         self.registry.subscribe(self._on_change)
+        self.registry.subscribe(self._follow_health_key)
 
     # ---- assembly -----------------------------------------------------------------------------
 
@@ -116,6 +124,23 @@ class ControlPlane:
                 raise ValueError("two parts give the streams' admission check")
             self._admission = part.admission
 
+    def _shared_health_key(self) -> bytes:
+        stored = self.registry.store.get("meta", _HEALTH_KEY)
+        if isinstance(stored, str) and len(stored) == 64:
+            return bytes.fromhex(stored)
+        key = secrets.token_bytes(32)
+        self.registry.store.write({("meta", _HEALTH_KEY): key.hex()})
+        return key
+
+    def _follow_health_key(self, change: Change) -> None:
+        """Another replica wrote the health key (replicas that started together on an empty store each
+        made one; the store keeps the last): use it, and give every node its routes again."""
+        if change.remote and change.kind == "document" and change.table == "meta" and change.key == _HEALTH_KEY:
+            key = self._shared_health_key()
+            if key != self._health_key:
+                self._health_key = key
+                self.publisher.note(Changes(nodes=set(self.nodes)))
+
     def health_token(self, node_id: str) -> str:
         """The node's health token: its HDS checks carry it, its inbound routes match it."""
         return health_token(self._health_key, node_id)
@@ -134,6 +159,9 @@ class ControlPlane:
             self.publisher.note(Changes(endpoints={change.service}, instances={change.key}))
         elif change.kind == "policy":
             self.publisher.note(Changes(other={change.key}))
+        elif change.kind == "document" and change.table == REPLICAS:
+            # a replica came or went: the cluster of every replica's API is published again
+            self.publisher.note(Changes(other={f"{REPLICAS}/{change.key}"}))
         # Consul KV and sessions are no producer's input: a KV write publishes nothing
 
     def publishing(self, service_key: str) -> bool:
@@ -263,8 +291,17 @@ class ControlPlane:
             app.middlewares.append(_durable_answers(self.registry.store))
             runner, self.ports[door.name] = await start_front_door(app, s.listen_address, door.port, limits)
             self._runners.append(runner)
+        self._announce()
         self.ready.set()
         log.info("event=control_plane_ready %s", " ".join(f"{k}_port={v}" for k, v in self.ports.items()))
+
+    def _announce(self) -> None:
+        """Tell the other replicas (and the Envoys, through ``meshpilot-api``) where this one serves; the
+        entry lives as long as this process keeps its lease on a shared store."""
+        host = self.policies.governance.api_host
+        self.registry.store.write({(REPLICAS, self.replica_id): {
+            "api": [host, self.ports["api"]], "xds": [host, self.ports["xds"]], "started_at": time.time()}})
+        self.publisher.note(Changes(other={f"{REPLICAS}/{self.replica_id}"}))
 
     async def stop(self) -> None:
         for runner in reversed(self._runners):

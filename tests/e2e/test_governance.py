@@ -155,7 +155,10 @@ def test_module_is_fetched_from_the_control_plane_with_its_sha256(mesh: Mesh) ->
         code = wait_until(remote, 5, what="a WASM filter with remote code in Envoy's ECDS configs")
         assert code["sha256"] == digest, f"expected the ECDS config to pin sha256 {digest}, got {code['sha256']}"
         uri = code["http_uri"]["uri"]
-        assert uri == f"{mesh.cp.api}/v1/wasm/mesh.wasm", f"expected the module URI on the control plane's API, got {uri}"
+        assert uri == "http://meshpilot-api/v1/wasm/mesh.wasm" and code["http_uri"]["cluster"] == "meshpilot-api", \
+            f"expected the module fetched through the cluster of the control planes' APIs, got {code['http_uri']}"
+        api_hosts = set(mesh.proxy.cluster_hosts("meshpilot-api"))
+        assert api_hosts == {f"127.0.0.1:{mesh.cp.ports['api']}"}, f"expected the control plane's API in meshpilot-api, got {api_hosts}"
         # Envoy fetched the module into its remote-code cache (a module whose bytes did not match
         # the sha256 would not be cached) and the filter runs: its breaker gauge appears
         wait_until(lambda: mesh.stat("wasm.remote_load_cache_entries"), 10, what="the module in Envoy's remote-code cache")

@@ -202,6 +202,11 @@ class Watch:
         self._thread.join(10)
 
 
+def _config_updates(envoy: EnvoyProc) -> tuple[int | None, int | None]:
+    """How many cluster and listener updates the Envoy has applied."""
+    return envoy.stat("cluster_manager.cds.update_success"), envoy.stat("listener_manager.lds.update_success")
+
+
 def _hosts(envoy: EnvoyProc, cluster: str) -> set[str]:
     return set(envoy.cluster_hosts(cluster))
 
@@ -267,8 +272,13 @@ def test_replicas_on_etcd_survive_a_killed_replica_a_killed_member_a_frozen_repl
             victim = max(range(3), key=lambda i: len(replicas.streams(i)))
             moved = replicas.streams(victim)
             assert moved, "expected some streams on the busiest replica"
+            updates = {n: _config_updates(envoys[n]) for n in moved}
             replicas.signal(victim, signal.SIGKILL)
             wait_until(lambda: _everyone_fed(replicas, nodes), 30, what=f"the {len(moved)} nodes of the killed replica reconnected elsewhere")
+            # the same content has the same versions on every replica: a moved Envoy is not sent its
+            # clusters and listeners again
+            again = {n: _config_updates(envoys[n]) for n in moved}
+            assert again == updates, f"expected no cluster or listener update on moving to another replica, got {updates} -> {again}"
             time.sleep(2)
 
             # 2. kill one etcd member: no effect

@@ -183,7 +183,7 @@ def test_control_plane_publishes_filters_shares_and_outliers() -> None:
     wasm = http_wasm_pb2.Wasm()
     tec.typed_config.Unpack(wasm)
     remote = wasm.config.vm_config.code.remote
-    assert remote.http_uri.uri == "http://127.0.0.1:15999/v1/wasm/mesh.wasm" and remote.http_uri.cluster == "meshpilot-api", f"expected the module from the API, got {remote}"
+    assert remote.http_uri.uri == "http://meshpilot-api/v1/wasm/mesh.wasm" and remote.http_uri.cluster == "meshpilot-api", f"expected the module from the API, got {remote}"
     assert remote.sha256 == cp.policies.governance.module.sha256, "expected the config to pin the served bytes' sha256"
     assert "match.cluster = outbound|80||api.default.svc.mesh" in _filter_text(cp, "meshpilot.governance.outbound"), "expected the breaker on api's cluster"
     assert cp.cache.get(TYPE.CLUSTER, "meshpilot-api") is not None, "expected the cluster that serves the module"
@@ -339,6 +339,8 @@ def test_a_wildcard_listen_address_is_resolved_once_not_per_publish(monkeypatch:
     cluster = _unpack(cp.cache.get(TYPE.CLUSTER, "meshpilot-api"), cluster_pb2.Cluster())
     address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address
     assert address == "192.0.2.7", f"expected the module's cluster at the host's resolved address, got {address!r}"
-    assert "http://192.0.2.7:15999/" in str(_unpack(cp.cache.get(TYPE.EXTENSION_CONFIG, "meshpilot.governance.inbound", "api-1"),
-                                                     extension_pb2.TypedExtensionConfig())), "expected the module URI at the resolved address"
+    port = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value
+    assert port == 15999, f"expected the module's cluster at the API port, got {port}"
+    assert "http://meshpilot-api/" in str(_unpack(cp.cache.get(TYPE.EXTENSION_CONFIG, "meshpilot.governance.inbound", "api-1"),
+                                                  extension_pb2.TypedExtensionConfig())), "expected the module URI through meshpilot-api"
     assert len(lookups) == 1, f"expected one host name lookup for the whole run, got {len(lookups)}: {lookups}"

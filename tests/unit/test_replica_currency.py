@@ -101,3 +101,39 @@ def test_a_replica_that_lost_its_store_hands_its_streams_over_and_serves_again_o
             await cp.stop()
 
     asyncio.run(main())
+
+
+def test_the_module_cluster_lists_every_live_replicas_api() -> None:
+    from envoy.config.cluster.v3 import cluster_pb2
+    from google.protobuf import any_pb2
+
+    async def main() -> None:
+        store = SharedStore()
+        cp = ControlPlane(Settings(store="etcd://127.0.0.1:1", xds_port=0, api_port=0, consul_port=None, eureka_port=None),
+                          store=store)
+        await cp.start()
+
+        def apis() -> set[tuple[str, int]]:
+            cp.flush()
+            entry = cp.cache.get(TYPE.CLUSTER, "meshpilot-api")
+            assert entry is not None, "expected the meshpilot-api cluster"
+            c = cluster_pb2.Cluster()
+            any_pb2.Any.FromString(entry.any_bytes).Unpack(c)
+            return {(e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
+                    for le in c.load_assignment.endpoints for e in le.lb_endpoints}
+
+        try:
+            own = ("127.0.0.1", cp.ports["api"])
+            assert apis() == {own}, f"expected this replica's API alone, got {apis()}"
+            assert store.deliver is not None
+            other = {"api": ["127.0.0.2", 15014], "xds": ["127.0.0.2", 15010]}
+            store.write({("replicas", "other-1"): other})  # the view has it, then the watch tells
+            store.deliver([("replicas", "other-1", other)], 3)
+            assert apis() == {own, ("127.0.0.2", 15014)}, f"expected both replicas' APIs, got {apis()}"
+            store.write({}, (("replicas", "other-1"),))  # its lease ran out
+            store.deliver([("replicas", "other-1", None)], 4)
+            assert apis() == {own}, f"expected the gone replica left out, got {apis()}"
+        finally:
+            await cp.stop()
+
+    asyncio.run(main())
