@@ -235,7 +235,10 @@ class HdsServer:
         if not holder:
             return  # removed again already: its delete follows
         if holder == self.replica:
-            return  # this replica's own write
+            if node not in self.liveness.open:
+                # put back by the store with a renewed lease after this replica's hold ended
+                self._write_liveness(node, None)
+            return
         self.liveness.held_elsewhere(node)
 
     def on_change(self, change: Change) -> None:

@@ -415,3 +415,23 @@ def test_back_from_a_cut_off_a_replica_removes_its_leftover_documents_and_gives_
         f"expected the long grace from the return for a node nobody holds (the short one as good as spent), got {_hds_status(a, 'web-1')}"
     _sweep(a, clock, 2000 + CRITICAL)
     assert _hds_status(a, "web-1") == "critical", f"expected critical {CRITICAL:.0f}s after the return, got {_hds_status(a, 'web-1')}"
+
+
+def test_a_document_of_this_replica_put_back_after_its_hold_ended_is_removed() -> None:
+    """A store that renews a lost lease puts the replica's ephemeral documents back and hands them to it:
+    one for a node whose stream has since ended here must go."""
+    clock = _Clock()
+    a, b = _setup(clock)
+    a.hds.opened("web-1")
+    a.hds.opened("web-2")
+    a.hds.closed("web-2", 1001.0)
+    _sync(a, b)
+    back: list[RemoteChange] = [(LIVENESS, "web-1", {"replica": "a"}), (LIVENESS, "web-2", {"replica": "a"})]
+    for r in (a, b):
+        r.store.take_in(back)
+        r.registry.apply_remote(back)
+    _sync(a, b)
+    got = (a.store.get(LIVENESS, "web-1"), a.store.get(LIVENESS, "web-2"))
+    assert got == ({"replica": "a"}, None), f"expected A to keep web-1's document and remove web-2's, got {got}"
+    got = (b.store.get(LIVENESS, "web-1"), b.store.get(LIVENESS, "web-2"))
+    assert got == ({"replica": "a"}, None), f"expected web-1 still held by A and web-2's stale document removed, got {got}"
