@@ -13,13 +13,16 @@ ephemeral document ``liveness/<node id> = {"replica": <its id>}`` when the strea
 when the stream closes (if it still names that replica); on etcd it is bound to the replica's lease,
 so it also goes when the replica dies. Every replica follows the others' documents (``on_change``):
 a node is held while a document names it, and the clocks above run only for nodes nobody holds, on
-every replica that saw the last holder go. When a sidecar moves (its replica died, its stream was
+every replica that saw the last holder go (the short grace only where both of the node's streams
+closed on this replica: its ADS stream may be open on another). When a sidecar moves (its replica died, its stream was
 reset), the replica it moves to overwrites the document, so the old replica's end no longer counts.
 Acting on the clocks is idempotent, and several replicas may act at once: marking critical writes
 the same check (a no-op on a replica that already has it), deregistering skips an instance already
 gone, and each replica looks at the current document right before it acts. A mark that crosses a
 reconnect (written by a replica that had not heard of the new holder yet) is undone by the holder,
-which puts its stream's last reported status back. A replica whose store is not current
+which puts its stream's last reported status back; a removal cannot be undone that way (it looks
+like a graceful offline), so one that crosses a reconnect, in the few milliseconds of the watch at
+the end of ``hds_remove_after_s``, lasts until the sidecar's next reconnect. A replica whose store is not current
 (``follow_store``) ends its streams with UNAVAILABLE, refuses new ones and acts on no clock until
 it is current again; then it deletes the documents that still name it and gives the nodes nobody
 holds the long grace from then (it refused them meanwhile; the replicas that stayed current kept
