@@ -406,3 +406,67 @@ def test_the_sidecar_agent_moves_every_client_to_the_surviving_replica() -> None
             if envoy_pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(envoy_pid, signal.SIGKILL)
+
+
+class _HandingOver:
+    """A replica that takes ADS streams and, when told, ends every one with UNAVAILABLE (what a replica cut off
+    from the shared store does) while its port stays open."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+
+        self.streams = 0
+        self.hand_over = threading.Event()
+
+        def ads(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+            self.streams += 1
+            next(requests, None)
+            while not self.hand_over.wait(0.05):
+                if not context.is_active():
+                    return
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this replica hands its streams over")
+            yield b""  # never reached: a generator, as gRPC's stream handlers are
+
+        handler = grpc.method_handlers_generic_handler("envoy.service.discovery.v3.AggregatedDiscoveryService", {
+            name: grpc.stream_stream_rpc_method_handler(ads, request_deserializer=bytes, response_serializer=bytes)
+            for name in ("StreamAggregatedResources", "DeltaAggregatedResources")})
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+
+
+def test_envoy_leaves_a_replica_that_ends_its_streams_for_another() -> None:
+    workdir = tmpdir("meshpilot-failover-handover-")
+    leaving = _HandingOver()
+    real = ControlPlaneProc(workdir, store="memory:", xds_port=free_port())
+    try:
+        with http_backend("web") as web:
+            outbound = free_port()
+            boot = workdir / "envoy-bootstrap.json"
+            made = subprocess.run(
+                [str(VENV_BIN / "meshpilot"), "bootstrap", "--node", "caller-1", "--admin-port", "0",
+                 "--control-plane", f"127.0.0.1:{leaving.port},127.0.0.1:{real.xds_port_wanted}",
+                 "--outbound-port", str(outbound), "-o", str(boot)], capture_output=True, text=True, timeout=60)
+            assert made.returncode == 0, made.stderr
+            proxy = EnvoyProc(workdir, json.loads(boot.read_text()), name="caller")
+            try:
+                proxy.start()
+                # the other replica is not up yet: Envoy's stream can only be on the one that will hand over
+                wait_until(lambda: leaving.streams >= 1, 10, what="Envoy's ADS stream on the first replica")
+                real.start()
+                _service([real], "web", web.port)
+                leaving.hand_over.set()
+                wait_until(lambda: _held_by([real], "caller-1") == [0], 10,
+                           what="Envoy's ADS stream on the replica that kept serving")
+                wait_until(lambda: through(outbound, "web")[0] == 200, 10, what="web routed with the other's config")
+            finally:
+                proxy.stop()
+    finally:
+        real.stop()
+        leaving.stop()
