@@ -72,6 +72,10 @@ class Core(Protocol):
     @property
     def xds(self) -> XdsServer: ...
 
+    @property
+    def replica_id(self) -> str:
+        """This control plane among the replicas of a shared store (its key in the ``replicas`` table)."""
+
     def health_token(self, node_id: str) -> str:
         """The node's health token: its own health checks carry it, its inbound routes match it."""
 

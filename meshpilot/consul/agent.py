@@ -24,7 +24,13 @@ Replicas: on a shared store (etcd) the global index is the store's revision as t
 has it, so indexes are one sequence across every replica and a client that moves to another replica
 never sees its index go back: a query whose index is ahead of this replica's view waits until the
 view catches up (or the wait ends). Other replicas' changes wake waiting queries here as local ones
-do, and KV entries and sessions follow them.
+do, and KV entries, sessions, registration records and check definitions follow them, so any replica
+answers for any Consul instance. Each instance's checks (probes, TTL expiry, deregistration after
+critical) and each session's TTL are run by one replica, named in the store's ephemeral ``runners``
+table: the replica the client last talked to (it registered, updated a TTL or renewed there). When
+that replica goes away its runner entries expire with its lease and the live replica with the
+smallest id adopts them, with a full TTL from then; so a replica's death neither fails a healthy
+instance whose client moved to another replica nor keeps a dead one.
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ VERSION = "1.17.0"  # the Consul version meshpilot's API subset corresponds to
 _PREFIX = "consul:"
 _META = "meta"
 _MAX_WATCH_KEYS = 20_000
+_SESSION = "session/"
+_RUNNERS = "runners"  # store table (ephemeral): instance id or "session/<id>" -> {"replica": id}
+_REPLICAS = "replicas"  # store table (ephemeral): the live control-plane replicas
 _OUTPUT_SYNC_S = 300.0  # Consul's check_update_interval
 CONSUL_NAME = "consul-name"  # service label: the Consul name when it is not the registry's name
 
@@ -95,8 +104,9 @@ def _key_for(name: str) -> str:
 
 
 class ConsulAgent:
-    def __init__(self, registry: Registry, *, datacenter: str = "dc1", node_name: str = "meshpilot") -> None:
+    def __init__(self, registry: Registry, *, datacenter: str = "dc1", node_name: str = "meshpilot", replica: str = "") -> None:
         self.reg = registry
+        self.replica = replica or f"agent-{uuid.uuid4().hex[:8]}"  # this replica's id (the control plane's)
         self.datacenter = datacenter
         self.node_name = node_name
         self._shared = registry.store.shared
@@ -116,7 +126,8 @@ class ConsulAgent:
         self._topics: dict[str, asyncio.Event] = {}
         self._answers: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # query -> (digest, index)
         self._memo: dict[str, tuple[int, Answer]] = {}
-        self.kv = KeyValue(registry, lambda: self.index)
+        self.kv = KeyValue(registry, lambda: self.index, lambda sid: self.runs(_SESSION + sid),
+                           lambda sid: self.claim(_SESSION + sid), lambda sid: self._release(_SESSION + sid))
         self._seq = max(self._seq, self.kv.max_index)
         self._load()
         registry.subscribe(self._on_change)
@@ -151,8 +162,11 @@ class ConsulAgent:
         self._seq += 1
         if change.remote and change.kind in ("kv", "document"):
             self._remote_document(change)
+        elif change.remote and change.kind == "instance" and change.op == "put" and change.key not in self.checks:
+            self._follow_defs(change.key)
         if change.kind == "instance":
             if change.op == "delete":
+                self._release(change.key)
                 self._indexes.pop(change.key, None)
                 if change.key in self.checks or change.key in self.records:
                     self._unsaved.add(change.key)
@@ -169,7 +183,8 @@ class ConsulAgent:
             self._wake("kv")
 
     def _remote_document(self, change: Change) -> None:
-        """Another replica changed a KV entry, a session or a registration record: follow it."""
+        """Another replica changed a KV entry, a session, a registration record or an instance's check
+        definitions: follow it."""
         if change.kind == "kv":
             self.kv.follow_entry(change.key, self.reg.store.get("kv", change.key))
         elif change.table == _META and change.key.startswith("consul/"):
@@ -182,6 +197,66 @@ class ConsulAgent:
                     self.records.pop(rest, None)
                 else:
                     self.records[rest] = doc
+            elif kind == "checks":
+                self._follow_defs(rest)
+
+    def _follow_defs(self, iid: str) -> None:
+        """Take an instance's check definitions from the store (another replica registered it)."""
+        inst = self.reg.instance(iid)
+        raw = self.reg.store.get(_META, f"consul/checks/{iid}")
+        if inst is None or inst.source != OWNER:
+            return  # the instance follows (definitions are written first); its put calls this again
+        try:
+            defs = {d["id"]: CheckDef.from_json(d) for d in raw or []}
+        except (KeyError, TypeError, ValueError):
+            log.exception("event=bad_stored_checks instance=%s", iid)
+            return
+        if defs != self.checks.get(iid, {}):
+            self._set_defs(inst, defs, time.monotonic())
+
+    # ---- which replica runs what (shared store) ----------------------------------------------
+
+    def runs(self, key: str) -> bool:
+        """Whether this replica runs the checks of instance ``key`` (or the TTL of ``session/<id>``)."""
+        if not self._shared:
+            return True
+        doc = self.reg.store.get(_RUNNERS, key)
+        return isinstance(doc, dict) and doc.get("replica") == self.replica
+
+    def claim(self, key: str) -> None:
+        """Run ``key`` here from now on: its client talks to this replica."""
+        if self._shared and not self.runs(key):
+            self.reg.store.write({(_RUNNERS, key): {"replica": self.replica}})
+
+    def _release(self, key: str) -> None:
+        if self._shared and self.runs(key):
+            self.reg.store.write({}, ((_RUNNERS, key),))
+
+    def adopt_orphans(self, now: float) -> int:
+        """Instances and sessions nobody runs (their replica went away) are taken over by the live
+        replica with the smallest id, each with a full TTL from now; how many this replica took."""
+        if not self._shared:
+            return 0
+        live = sorted(k for k, _doc in self.reg.store.items(_REPLICAS))
+        if not live or live[0] != self.replica:
+            return 0
+        taken = 0
+        for iid, defs in list(self.checks.items()):
+            if self.reg.store.get(_RUNNERS, iid) is None and self.reg.instance(iid) is not None:
+                self.claim(iid)
+                for cid, d in defs.items():
+                    if d.kind == "ttl":
+                        self.ttl_deadline[(iid, cid)] = now + d.ttl_s
+                    if (iid, cid) in self.critical_since:
+                        self.critical_since[(iid, cid)] = now
+                log.info("event=consul_runner_adopted instance=%s", iid)
+                taken += 1
+        for sid in list(self.kv.sessions):
+            if self.reg.store.get(_RUNNERS, _SESSION + sid) is None:
+                self.claim(_SESSION + sid)
+                self.kv.adopt(sid, now)
+                taken += 1
+        return taken
 
     def _wake(self, topic: str) -> None:
         ev = self._topics.pop(topic, None)
@@ -314,6 +389,7 @@ class ConsulAgent:
             raise ConsulError(400, f"Invalid service: {exc}") from None
         self.records[iid] = record
         self._set_defs(inst, defs, time.monotonic())
+        self.claim(iid)
         return inst
 
     def deregister(self, node: str, service_id: str) -> Instance:
@@ -321,6 +397,7 @@ class ConsulAgent:
         inst = self.reg.instance(iid)
         if inst is None or inst.source != OWNER:
             raise ConsulError(404, f'Unknown service ID "{service_id}". Ensure that the service ID is passed, not the service name.')
+        self._release(iid)
         self.reg.deregister(iid, OWNER)
         self._forget(iid)
         self._save(iid, None, None)
@@ -421,6 +498,7 @@ class ConsulAgent:
         iid, d = self._check_target(node, check_id)
         if d.kind != "ttl":
             raise ConsulError(500, f'CheckID "{check_id}" does not have associated TTL')
+        self.claim(iid)
         self.ttl_deadline[(iid, check_id)] = time.monotonic() + d.ttl_s
         self.set_status(iid, check_id, status, output)
 

@@ -2,7 +2,9 @@
 ``DeregisterCriticalServiceAfter``.
 
 Consul agents run the checks of the services registered with them; meshpilot is that agent, so the
-control plane runs them (one supervised task, probes in a task group with bounded concurrency).
+control plane runs them (one supervised task, probes in a task group with bounded concurrency). With
+replicas, each runs only the instances it is the runner of (agent.py), and once a second takes over
+what a replica that went away ran.
 Results go into the registry as checks owned by ``consul``, which is what moves an instance in and
 out of EDS. HTTP: 2xx passing, 429 warning, anything else critical (as Consul does).
 """
@@ -25,6 +27,7 @@ log = logging.getLogger("meshpilot.consul.checks")
 
 _TICK_S = 0.05
 _MAX_PARALLEL = 64
+_ADOPT_EVERY_S = 1.0
 
 
 async def run_checks(agent: ConsulAgent) -> None:
@@ -33,15 +36,21 @@ async def run_checks(agent: ConsulAgent) -> None:
     running: set[tuple[str, str]] = set()
     limit = asyncio.Semaphore(_MAX_PARALLEL)
     timeout = aiohttp.ClientTimeout(total=None)
+    adopt_at = 0.0
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True, limit=_MAX_PARALLEL)) as http, asyncio.TaskGroup() as tg:
         while True:
             now = time.monotonic()
+            if now >= adopt_at:  # replicas: take over what a replica that went away ran
+                agent.adopt_orphans(now)
+                adopt_at = now + _ADOPT_EVERY_S
             agent.flush()
             agent.kv.expire(now, agent.check_status)
             _expire_ttls(agent, now)
             _deregister_critical(agent, now)
             live = set()
             for iid, defs in list(agent.checks.items()):
+                if not agent.runs(iid):
+                    continue
                 for cid, d in defs.items():
                     if d.kind not in ("http", "tcp"):
                         continue
@@ -59,7 +68,7 @@ async def run_checks(agent: ConsulAgent) -> None:
 
 def _expire_ttls(agent: ConsulAgent, now: float) -> None:
     for (iid, cid), deadline in list(agent.ttl_deadline.items()):
-        if deadline > now:
+        if deadline > now or not agent.runs(iid):
             continue
         inst = agent.reg.instance(iid)
         if inst is None:
@@ -79,6 +88,8 @@ def _expire_ttls(agent: ConsulAgent, now: float) -> None:
 
 def _deregister_critical(agent: ConsulAgent, now: float) -> None:
     for (iid, cid), since in list(agent.critical_since.items()):
+        if not agent.runs(iid):
+            continue
         d = agent.checks.get(iid, {}).get(cid)
         if d is None:
             agent.critical_since.pop((iid, cid), None)

@@ -52,9 +52,14 @@ def _b64(value: bytes) -> str | None:
 
 
 class KeyValue:
-    def __init__(self, registry: Registry, index: Callable[[], int]) -> None:
+    def __init__(self, registry: Registry, index: Callable[[], int], runs: Callable[[str], bool] = lambda sid: True,
+                 claim: Callable[[str], None] = lambda sid: None, release: Callable[[str], None] = lambda sid: None) -> None:
         self.reg = registry
         self._index = index
+        # on replicas: whether this one keeps a session's TTL, and taking it over (the client renews here)
+        self._runs = runs
+        self._claim = claim
+        self._release = release
         self.entries: dict[str, dict[str, Any]] = {}
         self.sessions: dict[str, dict[str, Any]] = {}
         self._deadline: dict[str, float] = {}  # session id -> when its TTL runs out
@@ -254,6 +259,7 @@ class KeyValue:
         }
         self.reg.store.write({(_META, _SESSIONS + sid): session})
         self.sessions[sid] = session
+        self._claim(sid)
         if ttl:
             self._deadline[sid] = time.monotonic() + 2 * parse_duration(ttl)
         return sid
@@ -262,6 +268,7 @@ class KeyValue:
         session = self.sessions.get(sid)
         if session is None:
             return None
+        self._claim(sid)
         if session["TTL"]:
             self._deadline[sid] = time.monotonic() + 2 * parse_duration(session["TTL"])
         return session
@@ -271,6 +278,7 @@ class KeyValue:
         self._deadline.pop(sid, None)
         if session is None:
             return
+        self._release(sid)
         now = time.monotonic()
         idx = self._next_index()
         work = dict(self.entries)
@@ -305,16 +313,26 @@ class KeyValue:
         else:
             self.sessions.pop(sid, None)
             self._deadline.pop(sid, None)
+            self._release(sid)
 
     def sessions_json(self, node: str | None = None) -> list[dict[str, Any]]:
         return [s for _sid, s in sorted(self.sessions.items()) if node is None or s["Node"] == node]
 
+    def adopt(self, sid: str, now: float) -> None:
+        """This replica keeps the session's TTL from now on (its runner went away): a full TTL from now."""
+        session = self.sessions.get(sid)
+        if session is not None and session["TTL"]:
+            self._deadline[sid] = now + 2 * parse_duration(session["TTL"])
+
     def expire(self, now: float, check_status: CheckLookup) -> None:
-        """Invalidate sessions whose TTL ran out or whose checks failed (called by the checker)."""
+        """Invalidate sessions whose TTL ran out or whose checks failed (called by the checker); on
+        replicas, only those this replica runs."""
         for sid, deadline in list(self._deadline.items()):
-            if deadline <= now:
+            if deadline <= now and self._runs(sid):
                 self.destroy(sid)
         for sid, s in list(self.sessions.items()):
+            if not self._runs(sid):
+                continue
             ids = [*s["NodeChecks"], *(c["ID"] for c in s["ServiceChecks"] or ())]
             if any(cid != "serfHealth" and check_status(s["Node"], cid) in (None, "critical") for cid in ids):
                 self.destroy(sid)

@@ -18,7 +18,7 @@ def install(core: Core) -> Part:
     port = core.settings.consul_port
     if port is None:
         return Part()
-    agent = ConsulAgent(core.registry)
+    agent = ConsulAgent(core.registry, replica=core.replica_id)
     tokens = AccessTokens(core.registry.store, core.settings.token)  # the management API's tokens, from the same store
 
     def factory() -> web.Application:

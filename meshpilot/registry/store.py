@@ -12,7 +12,7 @@ process owns the state. ``EtcdStore`` (etcd.py) is shared: several control-plane
 same state, each keeps a local view that etcd's watch keeps current, and ``watch`` hands a replica
 the changes the others made, in etcd's order, so its registry and caches rebuild from them.
 
-Ephemeral documents (the ``liveness`` and ``replicas`` tables) live as long as the process that wrote them: on etcd
+Ephemeral documents (the ``liveness``, ``replicas`` and ``runners`` tables) live as long as the process that wrote them: on etcd
 they are bound to the replica's lease and vanish when the replica stops renewing it (killed, frozen,
 cut off); on a local store they are never on disk.
 """
@@ -35,9 +35,10 @@ __all__ = ["EPHEMERAL", "Deliver", "MemoryStore", "RemoteChange", "SqliteStore",
 log = logging.getLogger("meshpilot.registry.store")
 
 TABLES = ("services", "instances", "policies", "meta", "kv", "access_tokens", "ca_roots", "join_tokens", "enrolments",
-          "liveness", "replicas")
-# tables whose documents live only as long as their writer: the nodes a replica holds, the replicas
-EPHEMERAL = frozenset({"liveness", "replicas"})
+          "liveness", "replicas", "runners")
+# tables whose documents live only as long as their writer: the nodes a replica holds, the replicas,
+# which replica runs a Consul instance's checks or a session's TTL
+EPHEMERAL = frozenset({"liveness", "replicas", "runners"})
 
 # A change another writer made to a shared store: (table, key, document, or None for a delete)
 RemoteChange = tuple[str, str, Any]

@@ -107,3 +107,62 @@ def test_kv_entries_and_sessions_written_on_a_are_seen_on_b() -> None:
     _hand(sa, sb, b.reg)
     assert b.kv.value("config/x") is None and b.kv.sessions_json() == [], "expected the delete and the destroyed session on B"
     assert not b.kv.entries_json("service/leader", False)[0].get("Session"), "expected the lock released on B"
+
+
+def _instance_health(agent: ConsulAgent, iid: str) -> str:
+    inst = agent.reg.instance(iid)
+    return "missing" if inst is None else inst.health.value
+
+
+def test_a_ttl_check_is_run_by_the_replica_its_client_talks_to_and_adopted_when_that_one_goes() -> None:
+    import time
+
+    from meshpilot.consul.checker import _expire_ttls
+
+    clock = [100]
+    sa, sb = SharedStore(clock), SharedStore(clock)
+    a = ConsulAgent(Registry(sa), replica="replica-a")
+    b = ConsulAgent(Registry(sb), replica="replica-b")
+    for s in (sa, sb):  # both replicas announced (their control planes do this at start)
+        MemoryStore.write(s, {("replicas", "replica-a"): {}, ("replicas", "replica-b"): {}})
+    a.register(parse_service({"Name": "web", "ID": "web-1", "Port": 8080, "Check": {"TTL": "5s"}}, "10.0.0.1"), "10.0.0.1")
+    a.update_check("10.0.0.1", "service:web-1", "passing", "")
+    iid = a.instance_id("10.0.0.1", "web-1")
+    _hand(sa, sb, b.reg)
+    assert a.runs(iid) and not b.runs(iid), "expected the registering replica to run the checks"
+    assert "service:web-1" in b.checks.get(iid, {}), "expected B to know the check definitions"
+    later = time.monotonic() + 60
+    _expire_ttls(b, later)
+    assert _instance_health(b, iid) == "passing", "expected B to leave a check it does not run alone"
+
+    # the client moves to B (A is gone for it): B runs the check from its first TTL update
+    b.update_check("10.0.0.1", "service:web-1", "passing", "")
+    _hand(sb, sa, a.reg)
+    assert b.runs(iid) and not a.runs(iid), "expected the check to follow its client to B"
+    _expire_ttls(a, later)
+    assert _instance_health(a, iid) == "passing", "expected A to stop expiring a TTL B runs"
+
+    # B goes away: its runner entries vanish with its lease; A, the smallest live id, adopts them
+    MemoryStore.write(sa, {}, (("runners", iid), ("replicas", "replica-b")))
+    now = time.monotonic()
+    assert a.adopt_orphans(now) == 1 and a.runs(iid)
+    _expire_ttls(a, now + 1)
+    assert _instance_health(a, iid) == "passing", "expected a full TTL from the adoption"
+    _expire_ttls(a, now + 6)
+    assert _instance_health(a, iid) == "critical", "expected the TTL to expire on the adopter when no client renews"
+
+
+def test_a_session_ttl_follows_its_renewals_and_only_its_runner_destroys_it() -> None:
+    import time
+
+    a, sa, b, sb = _pair()
+    a.replica, b.replica = "replica-a", "replica-b"
+    sid = a.kv.create_session({"Name": "leader", "TTL": "10s"}, "10.0.0.1", lambda n, c: "passing")
+    _hand(sa, sb, b.reg)
+    assert b.kv.renew(sid) is not None
+    _hand(sb, sa, a.reg)
+    later = time.monotonic() + 25  # past A's own deadline (twice the TTL from the create)
+    a.kv.expire(later, lambda n, c: "passing")
+    assert [s["ID"] for s in a.kv.sessions_json()] == [sid], "expected A to leave a session renewed on B"
+    b.kv.expire(later, lambda n, c: "passing")
+    assert b.kv.sessions_json() == [], "expected B, which keeps its TTL, to end it once not renewed"
