@@ -216,7 +216,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--api-port", type=int)
     p.add_argument("--consul-port", type=int, help="-1 disables the Consul API")
     p.add_argument("--eureka-port", type=int, help="-1 disables the Eureka API")
-    p.add_argument("--store", help="sqlite:PATH or memory:")
+    p.add_argument("--store", help="sqlite:PATH, etcd://HOST:PORT[,HOST:PORT...] (several replicas: docs/ha.md) or memory:")
     p.add_argument("--token", help="the bootstrap (admin) token; when set, every API request needs a token, reads too "
                                    "(visible in ps: prefer --token-file or MESHPILOT_TOKEN)")
     p.add_argument("--token-file", help="read the bearer token from this file (or MESHPILOT_TOKEN_FILE)")

@@ -21,7 +21,7 @@ class Settings(BaseModel):
     api_port: int = Field(default=15014, ge=0, le=65535)
     consul_port: int | None = Field(default=8500, ge=0, le=65535, description="null disables the Consul API")
     eureka_port: int | None = Field(default=8761, ge=0, le=65535, description="null disables the Eureka API")
-    store: str = Field(default="sqlite:var/meshpilot.db", description="sqlite:PATH or memory:")
+    store: str = Field(default="sqlite:var/meshpilot.db", description="sqlite:PATH (one control plane), etcd://HOST:PORT[,HOST:PORT...][/PREFIX/] (replicas sharing one etcd: docs/ha.md) or memory:")
     domain: str = "mesh"
     vip_cidr: str = "240.240.0.0/16"
     vip6_cidr: str | None = None
