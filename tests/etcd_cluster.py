@@ -26,6 +26,11 @@ HEARTBEAT_MS = 50
 ELECTION_MS = 500
 
 
+class PortTaken(Exception):
+    """A port chosen for a member was taken before the member bound it (another process's outgoing
+    connection, often one of the other members')."""
+
+
 class Member:
     def __init__(self, name: str, data: Path, client_port: int, peer_port: int) -> None:
         self.name = name
@@ -52,6 +57,7 @@ class Member:
 
 class EtcdCluster:
     def __init__(self, workdir: Path, members: int) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.members = [Member(f"m{i}", workdir / f"m{i}", free_port(), free_port()) for i in range(members)]
         self.token = f"meshpilot-test-{os.getpid()}-{time.monotonic_ns()}"
@@ -88,6 +94,8 @@ class EtcdCluster:
             m = self.members[i]
             while not m.healthy():
                 if m.proc is not None and m.proc.poll() is not None:
+                    if "address already in use" in self.log(i):
+                        raise PortTaken(m.name)
                     raise AssertionError(f"etcd member {m.name} exited with {m.proc.returncode}; its log:\n"
                                          + self.log(i)[-3000:])
                 if time.monotonic() > deadline:
@@ -134,14 +142,24 @@ class EtcdCluster:
 
 @contextlib.contextmanager
 def etcd_cluster(workdir: Path, members: int = 1) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(workdir, members)
-    try:
-        for i in range(members):
-            cluster.start(i, wait=False)  # together: a member waits for the others to elect a leader
-        cluster.wait_healthy()
-        yield cluster
-    finally:
-        cluster.close()
+    for attempt in range(4):  # the ports are free when chosen; one may be taken before etcd binds it
+        cluster = EtcdCluster(workdir / f"cluster{attempt}", members)
+        try:
+            for i in range(members):
+                cluster.start(i, wait=False)  # together: a member waits for the others to elect a leader
+            cluster.wait_healthy()
+        except PortTaken:
+            cluster.close()
+            continue
+        except BaseException:
+            cluster.close()
+            raise
+        try:
+            yield cluster
+        finally:
+            cluster.close()
+        return
+    raise AssertionError(f"could not start a {members}-member etcd cluster: a chosen port was taken each time")
 
 
 def etcd_range(url: str, prefix: str) -> dict[str, bytes]:

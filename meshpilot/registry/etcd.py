@@ -24,7 +24,8 @@ Ordering: the view applies the watch's events in etcd's order and ``revision`` i
 the last event applied. A key with a local write in flight keeps the local value: the events of
 other replicas for it are applied to the view but not delivered, and when the local Txn is back
 through the watch, a key whose etcd value is no longer the one written (another replica wrote it
-later) is delivered then, so every replica converges on etcd's final state. A broken watch
+later) is delivered then, so every replica converges on etcd's final state. A change that reaches
+the watcher's loop after the replica wrote its key again is dropped there too. A broken watch
 resumes from ``revision + 1``; when etcd has compacted that revision the view is reloaded with one
 Range and the difference is delivered as changes. A replica does not get its own writes back.
 
@@ -133,7 +134,11 @@ class EtcdStore:
         self._waiters: list[_Waiter] = []
         self._mine: dict[tuple[str, str], str] = {}  # this replica's ephemeral documents
         self._deliver: tuple[asyncio.AbstractEventLoop, Deliver] | None = None
-        self._backlog: list[tuple[list[RemoteChange], int]] = []  # changes before ``watch`` was called
+        self._backlog: list[tuple[list[RemoteChange], int, int]] = []  # emitted before ``watch`` was called
+        # while changes are on their way to the watcher's loop: the keys written since, with the seq of
+        # the last write (a change emitted before a local write must not undo it when it lands)
+        self._in_flight = 0
+        self._touched: dict[tuple[str, str], int] = {}
         self._closed = False  # no more writes
         self._abandon_at = 0.0  # once closed: when the committer stops retrying
         self._failed = ""
@@ -228,6 +233,9 @@ class EtcdStore:
         with self._cond:
             if self._closed or self._failed:
                 raise StoreError(self._failed or f"store: etcd at {self._where}: closed")
+            if self._in_flight:
+                for t, k, _v in rows:
+                    self._touched[(t, k)] = self._issued + 1
             for t, k, v in rows:
                 if t in EPHEMERAL:
                     if v is None:
@@ -279,8 +287,8 @@ class EtcdStore:
         with self._cond:
             self._deliver = (loop, deliver)
             backlog, self._backlog = self._backlog, []
-            for changes, rev in backlog:
-                _call_soon(loop, deliver, changes, rev)
+            for changes, rev, issued in backlog:
+                self._send(loop, deliver, changes, rev, issued)
 
     def current(self) -> bool:
         return self._observe(time.monotonic())
@@ -570,11 +578,30 @@ class EtcdStore:
         if not rows:
             return
         changes: list[RemoteChange] = [(t, k, None if v is None else json.loads(v)) for t, k, v in rows]
+        self._in_flight += 1
         if self._deliver is None:
-            self._backlog.append((changes, self.revision))
+            self._backlog.append((changes, self.revision, self._issued))
             return
         loop, deliver = self._deliver
-        _call_soon(loop, deliver, changes, self.revision)
+        self._send(loop, deliver, changes, self.revision, self._issued)
+
+    def _send(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, changes: list[RemoteChange], rev: int,
+              issued: int) -> None:
+        """Deliver on ``loop`` what is still news when it gets there: a change to a key this replica
+        wrote after it was emitted (``issued``: the seq of the last write then) is older than that write."""
+        def land() -> None:
+            with self._cond:
+                self._in_flight -= 1
+                fresh = [c for c in changes if self._touched.get((c[0], c[1]), 0) <= issued]
+                if not self._in_flight:
+                    self._touched.clear()
+            if fresh:
+                deliver(fresh, rev)
+
+        try:
+            loop.call_soon_threadsafe(land)
+        except RuntimeError:  # that loop is closed: nobody listens any more
+            self._in_flight -= 1
 
     def _reload(self, deadline: float) -> None:
         view, rev = self._load(deadline)
@@ -772,13 +799,6 @@ class _Member:
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
         self.watch = rpc_pb2_grpc.WatchStub(self.channel)
         self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, deliver: Deliver, changes: list[RemoteChange], rev: int) -> None:
-    try:
-        loop.call_soon_threadsafe(deliver, changes, rev)
-    except RuntimeError:  # that loop is closed: nobody listens any more
-        pass
 
 
 def _wake(waiters: list[_Waiter], exc: str | None) -> None:

@@ -9,9 +9,11 @@ import asyncio
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -185,6 +187,69 @@ async def test_concurrent_writes_to_one_key_converge_on_etcds_value(shared: Etcd
         await r.until(lambda r=r: r.model == final and dict(r.store.items("services")) == {"web": final[("services", "web")]},  # type: ignore[misc]
                       f"{name} to converge on etcd's {final[('services', 'web')]}")
         assert r.store.get("services", "web") == final[("services", "web")]
+
+
+class _HeldWatch:
+    """A member's Watch stub whose new streams wait until ``release`` is set."""
+
+    def __init__(self, stub: Any, release: threading.Event) -> None:
+        self.stub, self.release = stub, release
+
+    def Watch(self, *args: Any, **kw: Any) -> Any:  # noqa: N802 - the stub's own name
+        self.release.wait(20)
+        return self.stub.Watch(*args, **kw)
+
+
+async def test_a_later_write_by_another_replica_wins_over_a_local_write_seen_in_one_watch_response(
+        shared: EtcdCluster, request: pytest.FixtureRequest, replicas: Callable[..., Replica]) -> None:
+    url = url_of(shared, request)
+    a, b = replicas(url), replicas(url)
+    release = threading.Event()
+    for member in a.store._members:
+        member.watch = _HeldWatch(member.watch, release)
+    try:
+        with a.store._cond:
+            call = a.store._watch_call
+            assert call is not None
+            call[0].cancel()  # A's watch resumes only after both writes below: one catch-up response
+        c0 = a.store.commits
+        a.write({("services", "web"): {"by": "a"}})
+        await a.until(lambda: a.store.commits > c0, "A's write to be committed")
+        b.write({("services", "web"): {"by": "b"}})
+        await b.store.sync()
+        assert a.store.get("services", "web") == {"by": "a"}, "A's own write in flight must stay what A reads"
+    finally:
+        release.set()
+    await a.store.sync()
+    await a.until(lambda: a.model.get(("services", "web")) == {"by": "b"},
+                  "A to be handed B's later value once its own write came back through the watch")
+    assert a.store.get("services", "web") == {"by": "b"} == etcd_state(url)[("services", "web")]
+
+
+async def test_three_replicas_writing_the_same_keys_at_random_converge(shared: EtcdCluster, request: pytest.FixtureRequest,
+                                                                        replicas: Callable[..., Replica]) -> None:
+    url = url_of(shared, request)
+    rs = [replicas(url) for _ in range(3)]
+    rng = random.Random(7)
+    keys = [("services", f"s{n}") for n in range(6)] + [("liveness", f"l{n}") for n in range(3)]
+
+    async def churn(r: Replica, name: str) -> None:
+        for n in range(150):
+            picked = rng.sample(keys, rng.randint(1, 3))
+            puts = {tk: {"by": name, "n": n} for tk in picked if rng.random() < 0.7}
+            r.write(puts, tuple(tk for tk in picked if tk not in puts))
+            if rng.random() < 0.2:
+                await r.store.sync()
+            elif rng.random() < 0.5:
+                await asyncio.sleep(0)
+
+    await asyncio.gather(*(churn(r, name) for r, name in zip(rs, "abc")))
+    await asyncio.gather(*(r.store.sync() for r in rs))
+    final = etcd_state(url)
+    for r, name in zip(rs, "abc"):
+        await r.until(lambda r=r: r.model == final, f"replica {name}'s model to converge on etcd's state")  # type: ignore[misc]
+        view = {(t, k): v for t in ("services", "liveness") for k, v in r.store.items(t)}
+        assert view == final, f"replica {name}'s view {view} is not etcd's {final}"
 
 
 async def test_concurrent_writers_share_txns(shared: EtcdCluster, request: pytest.FixtureRequest,
