@@ -226,6 +226,21 @@ async def test_a_later_write_by_another_replica_wins_over_a_local_write_seen_in_
     assert a.store.get("services", "web") == {"by": "b"} == etcd_state(url)[("services", "web")]
 
 
+async def test_a_change_on_its_way_to_the_loop_does_not_undo_a_later_local_write(
+        shared: EtcdCluster, request: pytest.FixtureRequest, replicas: Callable[..., Replica]) -> None:
+    url = url_of(shared, request)
+    a, b = replicas(url), replicas(url)
+    a.write({("services", "x"): {"by": "a"}})
+    deadline = time.monotonic() + 10
+    while b.store.get("services", "x") is None:  # the loop is held: B's delivery of A's put waits in its queue
+        assert time.monotonic() < deadline, "B's view never got A's write"
+        time.sleep(0.001)
+    b.write({}, deletes=(("services", "x"),))
+    await b.store.sync()
+    assert ("services", "x") not in b.model, "A's put, delivered after B deleted the document, brought it back in B's model"
+    assert b.model == etcd_state(url)
+
+
 async def test_three_replicas_writing_the_same_keys_at_random_converge(shared: EtcdCluster, request: pytest.FixtureRequest,
                                                                         replicas: Callable[..., Replica]) -> None:
     url = url_of(shared, request)
