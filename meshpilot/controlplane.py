@@ -49,7 +49,8 @@ from meshpilot.policy.mesh import Policies
 from meshpilot.proxyless.producer import ProxylessProducer
 from meshpilot.publish import Changes, Debouncer, MeshProducer, Publisher
 from meshpilot.registry import Change, Registry
-from meshpilot.registry.store import Store, open_store
+from meshpilot.registry.open import open_store
+from meshpilot.registry.store import Store
 from meshpilot.settings import Settings
 from meshpilot.xds.cache import ResourceCache
 from meshpilot.xds.resource import NodeInfo

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["EPHEMERAL", "Deliver", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError", "open_store"]
+__all__ = ["EPHEMERAL", "Deliver", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError"]
 
 log = logging.getLogger("meshpilot.registry.store")
 
@@ -349,23 +349,6 @@ class _Ephemeral:
                 else:
                     self._tables[t][k] = v
         return rest
-
-
-def open_store(url: str) -> Store:
-    """``sqlite:PATH`` (a bare PATH is SQLite too), ``memory:`` or ``etcd://HOST:PORT[,HOST:PORT...]``;
-    any other ``scheme://`` is refused."""
-    if url in ("memory:", ":memory:"):
-        return MemoryStore()
-    if url.startswith("etcd://"):
-        from meshpilot.registry.etcd import EtcdStore  # the etcd client loads only when it is used
-
-        return EtcdStore.from_url(url)
-    if url.startswith("sqlite:"):
-        return SqliteStore(url[len("sqlite:") :])
-    if "://" in url:
-        raise ValueError(f"store: {url.split('://', 1)[0]}:// is not a store this build has; use sqlite:PATH, "
-                         "etcd://HOST:PORT[,HOST:PORT...] or memory:")
-    return SqliteStore(url)
 
 
 def _check_table(table: str) -> None:

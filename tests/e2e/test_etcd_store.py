@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from meshpilot.registry.etcd import EtcdStore
-from meshpilot.registry.store import TABLES, RemoteChange, StoreError, open_store
+from meshpilot.registry.open import open_store
+from meshpilot.registry.store import TABLES, RemoteChange, StoreError
 from tests.etcd_cluster import EtcdCluster, etcd_cluster, etcd_compact, etcd_range
 from tests.support import ROOT, free_port, tmpdir
 

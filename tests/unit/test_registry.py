@@ -141,7 +141,7 @@ def test_a_write_that_cannot_be_committed_is_never_acknowledged(tmp_path: Path) 
 
 @pytest.mark.parametrize("url", ["postgres://db/meshpilot", "zookeeper://127.0.0.1:2181"])
 def test_a_store_url_of_another_scheme_is_refused(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from meshpilot.registry.store import open_store
+    from meshpilot.registry.open import open_store
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"sqlite:PATH, etcd://HOST:PORT") as exc:
