@@ -5,8 +5,8 @@ write.
 It starts its own control plane (``meshpilot serve``, SQLite store in a temporary directory unless
 ``--store`` says otherwise) and then:
 
-1. registers N services (one instance each, with a TTL check) with C requests in flight, then
-   deregisters them. For each phase it reports the rate, the latency percentiles of the requests,
+1. makes N registrations (each with a TTL check; of N services, or N/K services with K instances
+   each under ``--per-service K``) with C requests in flight, then deregisters them. For each phase it reports the rate, the latency percentiles of the requests,
    the CPU the control plane used per write (``/proc/<pid>/stat``, from the phase's first request
    until the work the writes started, the debounced publication included, is done), the CPU the
    load generator used per write, how busy the machine's cores were, and the store's syncs per
@@ -63,8 +63,10 @@ _SETTLE_MAX_S = 3.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--services", type=int, default=5000, help="services to register and deregister (default 5000)")
+    parser.add_argument("--services", type=int, default=5000, help="registrations to make and undo (default 5000; each of its own service unless --per-service)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight while registering (default 16)")
+    parser.add_argument("--per-service", type=int, default=1, metavar="K", help="registrations per service: K instances of "
+                        "services/K services (default 1: every registration creates its service)")
     parser.add_argument("--client", choices=("auto", "go", "python"), default="auto",
                         help="load generator: HashiCorp's Go client or aiohttp (default auto: go when a Go toolchain is installed)")
     parser.add_argument("--watchers", type=int, default=1000, help="blocking queries parked on one service (default 1000; 0 skips)")
@@ -256,12 +258,12 @@ class _Load:
     client_cpu_s: float  # CPU the load generator used meanwhile
 
 
-def _registration(prefix: str, i: int) -> dict[str, Any]:
-    return {"Name": f"{prefix}{i}", "ID": f"{prefix}{i}-1", "Address": "127.0.0.1", "Port": 20000 + i % 40000,
+def _registration(prefix: str, i: int, per_service: int = 1) -> dict[str, Any]:
+    return {"Name": f"{prefix}{i // per_service}", "ID": f"{prefix}{i}-1", "Address": "127.0.0.1", "Port": 20000 + i % 40000,
             "Tags": ["bench"], "Meta": {"version": "1"}, "Check": {"TTL": "60s"}}
 
 
-async def _python_load(base: str, phase: str, n: int, concurrency: int, prefix: str) -> _Load:
+async def _python_load(base: str, phase: str, n: int, concurrency: int, prefix: str, per_service: int = 1) -> _Load:
     """aiohttp in this process: C workers, one kept-alive connection each."""
     latencies = [0.0] * n
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
@@ -270,7 +272,7 @@ async def _python_load(base: str, phase: str, n: int, concurrency: int, prefix: 
         async def worker() -> None:
             for i in todo:
                 if phase == "register":
-                    method, path, body = "PUT", "/v1/agent/service/register", _registration(prefix, i)
+                    method, path, body = "PUT", "/v1/agent/service/register", _registration(prefix, i, per_service)
                 else:
                     method, path, body = "PUT", f"/v1/agent/service/deregister/{prefix}{i}-1", None
                 start = time.perf_counter()
@@ -303,9 +305,10 @@ def go_client(cache: Path) -> Path:
     return binary
 
 
-async def _go_load(binary: Path, target: str, phase: str, n: int, concurrency: int, prefix: str) -> _Load:
+async def _go_load(binary: Path, target: str, phase: str, n: int, concurrency: int, prefix: str, per_service: int = 1) -> _Load:
     proc = await asyncio.create_subprocess_exec(str(binary), "-addr", target, "-phase", phase, "-n", str(n), "-c", str(concurrency),
-                                                "-prefix", prefix, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                                "-prefix", prefix, "-per-service", str(per_service),
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"the Go load generator's {phase} failed: {err.decode()[-2000:]}")
@@ -362,13 +365,14 @@ async def _listed(base: str, prefix: str) -> int:
 
 
 async def _registrations(cp: _ControlPlane | None, target: str, n: int, concurrency: int,
-                         client: Callable[[str, int, int, str], Awaitable[_Load]]) -> dict[str, Any]:
+                         client: Callable[[str, int, int, str], Awaitable[_Load]], per_service: int = 1) -> dict[str, Any]:
     prefix = "bench-"
-    report: dict[str, Any] = {"services": n, "concurrency": concurrency}
+    services = -(-n // per_service)
+    report: dict[str, Any] = {"registrations": n, "services": services, "concurrency": concurrency}
     report["register"] = await _phase(cp, n, lambda: client("register", n, concurrency, prefix))
     listed = await _listed(f"http://{target}", prefix)
-    if listed != n:
-        raise RuntimeError(f"expected {n} registered services, the catalog lists {listed}")
+    if listed != services:
+        raise RuntimeError(f"expected {services} registered services, the catalog lists {listed}")
     if cp is not None:
         # what n registered services cost while nothing changes (TTL and health bookkeeping)
         cpu0, t0 = cp.cpu_s(), time.perf_counter()
@@ -502,18 +506,18 @@ def main(args: argparse.Namespace) -> int:
 
         async def client(phase: str, n: int, concurrency: int, prefix: str) -> _Load:
             if binary is not None:
-                return await _go_load(binary, target, phase, n, concurrency, prefix)
-            return await _python_load(base, phase, n, concurrency, prefix)
+                return await _go_load(binary, target, phase, n, concurrency, prefix, args.per_service)
+            return await _python_load(base, phase, n, concurrency, prefix, args.per_service)
 
         async def run() -> dict[str, Any]:
             if args.profile:
                 if cp is None:
                     raise RuntimeError("--profile samples the control plane this command starts; drop --consul")
                 with _profiled(cp.pid, Path(args.profile)):
-                    reg = await _registrations(cp, target, args.services, args.concurrency, client)
+                    reg = await _registrations(cp, target, args.services, args.concurrency, client, args.per_service)
                 reg["profile"] = {"file": args.profile, **profile_summary(Path(args.profile).read_text())}
             else:
-                reg = await _registrations(cp, target, args.services, args.concurrency, client)
+                reg = await _registrations(cp, target, args.services, args.concurrency, client, args.per_service)
             report: dict[str, Any] = {"registrations": reg}
             if args.watchers:
                 report["blocking_query_wakeup"] = await _wakeups(base, args.watchers, args.rounds)
@@ -554,7 +558,8 @@ def _summary(reg: dict[str, Any]) -> str:
         p = reg[phase]
         cost = f", control plane {p['control_plane_cpu_ms_per_write']} ms CPU/write" if "control_plane_cpu_ms_per_write" in p else ""
         parts.append(f"{phase} {p['per_s']:,.0f}/s p50 {p['p50_ms']} ms p99 {p['p99_ms']} ms{cost}")
-    return f"registry ({reg['services']} services, {reg['concurrency']} in flight): " + "; ".join(parts)
+    return (f"registry ({reg['registrations']} registrations of {reg['services']} services, {reg['concurrency']} in flight): "
+            + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 // The load generator of `meshpilot perf registry`: HashiCorp's Go client (github.com/hashicorp/consul/api)
 // registering or deregistering many services with a fixed number of requests in flight.
 //
-// Usage: consulload -addr HOST:PORT -phase register|deregister -n N -c C [-prefix P]
+// Usage: consulload -addr HOST:PORT -phase register|deregister -n N -c C [-prefix P] [-per-service K]
 //
-// Service i is named P<i>, id P<i>-1, with a TTL check, the registration the Python client of the
-// benchmark sends. Each of the C workers holds one kept-alive connection (the client's default pool
+// Registration i is of service P<i/K>, id P<i>-1, with a TTL check, the registration the Python
+// client of the benchmark sends (K = 1: every registration creates its service). Each of the C workers holds one kept-alive connection (the client's default pool
 // keeps only GOMAXPROCS+1 idle connections and would open new ones under load). It prints one JSON
 // object: the phase's wall time, each request's latency in microseconds, and the CPU this process
 // used, so the benchmark can show that the load generator is not what limits the rate. A failed
@@ -49,7 +49,12 @@ func main() {
 	n := flag.Int("n", 1000, "services")
 	c := flag.Int("c", 16, "requests in flight")
 	prefix := flag.String("prefix", "bench-", "service name prefix")
+	perService := flag.Int("per-service", 1, "registrations per service")
 	flag.Parse()
+	if *perService < 1 {
+		fmt.Fprintf(os.Stderr, "-per-service: expected at least 1, got %d\n", *perService)
+		os.Exit(2)
+	}
 	if *phase != "register" && *phase != "deregister" {
 		fmt.Fprintf(os.Stderr, "-phase: expected register or deregister, got %q\n", *phase)
 		os.Exit(2)
@@ -84,21 +89,21 @@ func main() {
 				if i >= *n || failed.Load() != nil {
 					return
 				}
-				name := fmt.Sprintf("%s%d", *prefix, i)
+				id := fmt.Sprintf("%s%d-1", *prefix, i)
 				start := time.Now()
 				var err error
 				if *phase == "register" {
 					err = agent.ServiceRegister(&api.AgentServiceRegistration{
-						ID: name + "-1", Name: name, Address: "127.0.0.1", Port: 20000 + i%40000,
+						ID: id, Name: fmt.Sprintf("%s%d", *prefix, i / *perService), Address: "127.0.0.1", Port: 20000 + i%40000,
 						Tags: []string{"bench"}, Meta: map[string]string{"version": "1"},
 						Check: &api.AgentServiceCheck{TTL: "60s"},
 					})
 				} else {
-					err = agent.ServiceDeregister(name + "-1")
+					err = agent.ServiceDeregister(id)
 				}
 				latencies[i] = time.Since(start).Microseconds()
 				if err != nil {
-					failed.Store(fmt.Errorf("%s %s: %w", *phase, name, err))
+					failed.Store(fmt.Errorf("%s %s: %w", *phase, id, err))
 					return
 				}
 			}
