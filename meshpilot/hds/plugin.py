@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from meshpilot import metrics
-from meshpilot.hds.server import HdsServer, log, replica_id
+from meshpilot.hds.server import HdsServer, log
 from meshpilot.hds.stream import Refused
 from meshpilot.hds.synced import synced_route
 from meshpilot.parts import Core, Part, Task
@@ -67,7 +67,7 @@ def install(core: Core) -> Part:
             raise Refused(reason, True)
         return peer.spiffe
 
-    replica = replica_id()
+    replica = core.replica_id
     server = HdsServer(core.registry, s.hds_interval_s, s.hds_critical_after_s, s.hds_remove_after_s, s.hds_dead_after_s,
                        token=core.health_token, admit=admit if s.identity else None, replica=replica)
     core.registry.subscribe(server.on_change)
