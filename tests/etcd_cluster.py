@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -112,6 +113,12 @@ class EtcdCluster:
 
     def stop(self, i: int) -> None:
         self._signal(i, signal.SIGTERM)
+
+    def wipe(self, i: int) -> None:
+        """Stop member ``i`` and remove its data: started again, it is a new, empty etcd (as one
+        restored from an old snapshot, its revisions start again lower)."""
+        self.stop(i)
+        shutil.rmtree(self.members[i].data, ignore_errors=True)
 
     def freeze(self, i: int) -> None:
         p = self.members[i].proc

@@ -26,10 +26,11 @@ other replicas for it are applied to the view but not delivered, and when the lo
 through the watch, a key whose etcd value is no longer the one written (another replica wrote it
 later) is delivered then, so every replica converges on etcd's final state. A change that reaches
 the watcher's loop after the replica wrote its key again is dropped there too. A broken watch
-resumes from ``revision + 1``; when etcd has compacted that revision the view is reloaded with one
-Range and the difference is delivered as changes. A replica does not get its own writes back.
+resumes from ``revision + 1``; when etcd has compacted that revision, or went back (restored from a
+snapshot), the view is reloaded with one Range and the difference is delivered as changes. A
+replica does not get its own writes back.
 
-Leases: the documents of the ephemeral tables (``EPHEMERAL``: liveness) are put with this
+Leases: the documents of the ephemeral tables (``EPHEMERAL`` in store.py) are put with this
 replica's lease (``lease_ttl_s``, kept alive every third of it). When the replica stops renewing
 (killed, frozen, cut off) etcd deletes them and every other replica's watch sees the deletes. A
 replica that finds its lease gone when it comes back grants a new one and puts its ephemeral
@@ -40,12 +41,13 @@ Failure modes: etcd unreachable when the store opens: ``StoreError`` after ``tim
 the endpoints. A member down, frozen or without a leader: the store talks to one member at a time
 (a random one first, so replicas spread) and moves on to the next when a call to it fails or times
 out (a Txn attempt gets 1.5 s, then twice as long each time) or the watch on it goes quiet (it is
-asked for progress every second). Every member down, or no quorum: writes
-stay queued and visible locally, ``sync`` raises after ``timeout_s``, and once the watch or the
-lease has been failing for longer than the grace (``lease_ttl_s``) ``current()`` is False (logged
-as ``event=store_current``) until the watch has reconnected and caught up. etcd 3.4 answers a
-watch progress request with its current revision even while events before it are still on their
-way, so progress answers only tell that the watch is alive; ``revision`` moves with events alone.
+asked for progress every second). Every member down, or no quorum: writes stay queued and visible
+locally, ``sync`` raises after ``timeout_s``, and once the watch or the lease has been failing for
+longer than the grace (``lease_ttl_s``) ``current()`` is False (logged as ``event=store_current``)
+until the watch has reconnected and caught up. etcd 3.4 answers a watch progress request with its
+current revision even while events before it are still on their way, so progress answers only tell
+that the watch is alive and settle the ``sync`` of a Txn that changed nothing (deletes of absent
+keys: no event carries its revision); ``revision`` moves with events alone.
 
 Client: etcd's own v3 gRPC stubs as packaged by ``aetcd`` (``aetcd.rpc``), over one sync ``grpc``
 channel per member, from this store's threads. aetcd's own client talks to one endpoint and runs
@@ -321,6 +323,8 @@ class EtcdStore:
             self._abandon_at = time.monotonic() + self.timeout_s
             self._cond.notify_all()
         self._threads[0].join(self.timeout_s + 5)  # the committer: what is queued first
+        with self._cond:  # and back through the watch, for the ``sync`` calls waiting on it
+            self._cond.wait_for(lambda: not self._committed, timeout=min(self.timeout_s, 2.0))
         with self._lease_lock:
             lease, self._lease = self._lease, 0
         if lease:
@@ -468,7 +472,7 @@ class EtcdStore:
                 self._watch_call = (call, requests, at)
                 self._watch_heard = time.monotonic()
                 self._progress_asked = None
-            compacted = False
+            reload = ""  # why the view must be loaded again before the watch resumes
             lost = True  # the member failed this watch: the next one goes to another
             try:
                 for resp in call:
@@ -477,12 +481,15 @@ class EtcdStore:
                     if resp.compact_revision:
                         log.warning("event=store_watch_compacted from_revision=%d compact_revision=%d", start,
                                     resp.compact_revision)
-                        compacted, lost = True, False
+                        reload, lost = "compacted", False
                         break
                     if resp.canceled:
                         log.warning("event=store_watch_canceled reason=%r", resp.cancel_reason)
                         break
                     if resp.created:
+                        if resp.header.revision < start - 1:
+                            reload, lost = "revision_went_back", False
+                            break
                         self._ask_progress()  # its answer says the watch is caught up
                     elif resp.events:
                         self._apply(resp.events)
@@ -502,9 +509,9 @@ class EtcdStore:
                         self._watch_down_since = time.monotonic()
                 if lost and not self._stopping.is_set():
                     self._unreachable(at, None)
-            if compacted:
+            if reload:
                 try:
-                    self._reload(time.monotonic() + self.timeout_s)
+                    self._reload(time.monotonic() + self.timeout_s, reload)
                     continue
                 except grpc.RpcError as exc:
                     log.warning("event=store_reload_failed code=%s details=%r", exc.code().name, exc.details())
@@ -556,6 +563,7 @@ class EtcdStore:
                 break
             self._committed.popleft()
             self._applied = max(self._applied, upto)
+            self._cond.notify_all()
         newer: list[_Row] = []
         while self._written and self._written[0][0] <= self._applied:
             _seq, rows = self._written.popleft()
@@ -603,9 +611,16 @@ class EtcdStore:
         except RuntimeError:  # that loop is closed: nobody listens any more
             self._in_flight -= 1
 
-    def _reload(self, deadline: float) -> None:
+    def _reload(self, deadline: float, why: str) -> None:
         view, rev = self._load(deadline)
         with self._cond:
+            if rev < self.revision:
+                # etcd went back (restored from a snapshot): its revisions start again from there, and the
+                # writes committed after it are gone unless written again
+                log.warning("event=store_revision_went_back from=%d to=%d", self.revision, rev)
+                self.revision = self._progress_rev = rev
+                while self._committed:
+                    self._applied = max(self._applied, self._committed.popleft()[0])
             changes: list[_Row] = []
             for t in TABLES:
                 old, new = self._view[t], view[t]
@@ -617,7 +632,7 @@ class EtcdStore:
             self._progress_rev = max(self._progress_rev, rev)
             changes += self._advance()
             self._emit(changes)
-        log.info("event=store_reloaded endpoints=%s revision=%d changes=%d", self._where, rev, len(changes))
+        log.info("event=store_reloaded endpoints=%s reason=%s revision=%d changes=%d", self._where, why, rev, len(changes))
 
     def _load(self, deadline: float) -> tuple[dict[str, dict[str, str]], int]:
         req = rpc_pb2.RangeRequest(key=self._pfx, range_end=self._pfx_end)

@@ -421,6 +421,25 @@ async def test_a_member_killed_restarted_or_frozen_costs_no_change(cluster3: Etc
     assert resumed, "expected at least one watch to break and resume on another member"
 
 
+async def test_a_store_follows_an_etcd_that_went_back(workdir: Path, replicas: Callable[..., Replica]) -> None:
+    with etcd_cluster(workdir, members=1) as cluster:
+        a = replicas(cluster.url, lease_ttl_s=2)
+        for n in range(10):
+            a.write({("services", f"s{n}"): n})
+        a.write({("liveness", "a"): {"replica": "a"}})
+        await a.store.sync()
+        before = a.store.revision
+        cluster.wipe(0)
+        cluster.start(0)
+        await a.until(lambda: a.store.revision < before and not any(t == "services" for t, _k in a.model),
+                      "A to reload the emptied etcd and deliver the deletes")
+        await a.until(lambda: etcd_state(cluster.url + "/meshpilot/") == {("liveness", "a"): {"replica": "a"}},
+                      "A to put its liveness document again on a new lease")
+        a.write({("services", "after"): 1})
+        await a.store.sync()
+        assert a.model == etcd_state(cluster.url + "/meshpilot/")
+
+
 async def test_a_watch_resumed_after_compaction_reloads_and_delivers_the_difference(
         shared: EtcdCluster, request: pytest.FixtureRequest, replicas: Callable[..., Replica]) -> None:
     url = url_of(shared, request)
