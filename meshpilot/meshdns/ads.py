@@ -50,6 +50,7 @@ Resources = dict[str, tuple[str, Service]]
 _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),  # without it an unanswered PING closes nothing (grpcio 1.85)
     ("grpc.keepalive_permit_without_calls", 1),
 )
 CONNECT_TIMEOUT_S = 5.0

@@ -243,6 +243,7 @@ def enrol_target(host: str, xds_port: int, enrol_port: int | None = None) -> str
 _KEEPALIVE: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),  # without it an unanswered PING closes nothing (grpcio 1.85)
     ("grpc.keepalive_permit_without_calls", 1),
 )
 # what a replica that cannot serve now answers (or what gRPC says of one it cannot reach): try another

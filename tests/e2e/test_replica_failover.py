@@ -470,3 +470,50 @@ def test_envoy_leaves_a_replica_that_ends_its_streams_for_another() -> None:
     finally:
         real.stop()
         leaving.stop()
+
+
+def test_a_replica_that_stops_answering_without_closing_its_connections_is_left() -> None:
+    """SIGSTOP: the replica's sockets stay open and the kernel still takes connections, but nothing answers.
+    Envoy's HTTP/2 keepalive (PING every 10 s, 3 s to answer) and meshdns' (10 s + 5 s, then a 5 s bound on
+    connecting) move their streams to the other replica."""
+    workdir = tmpdir("meshpilot-failover-stop-")
+    with _replicas(workdir) as cps, http_backend("web") as web:
+        _service(cps, "web", web.port)
+        targets = ",".join(f"127.0.0.1:{cp.xds_port}" for cp in cps)
+        outbound, boot = free_port(), workdir / "envoy-bootstrap.json"
+        made = subprocess.run([str(VENV_BIN / "meshpilot"), "bootstrap", "--node", "caller-1", "--admin-port", "0",
+                               "--control-plane", targets, "--outbound-port", str(outbound), "-o", str(boot)],
+                              capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        proxy = EnvoyProc(workdir, json.loads(boot.read_text()), name="caller")
+        dnsproc = subprocess.Popen(
+            [sys.executable, "-m", "meshpilot.cli", "meshdns", "--listen", "127.0.0.1:0", "--control-plane", targets,
+             "--node-id", "node-a", "--upstream", "127.0.0.1:9"],
+            stdout=subprocess.PIPE, stderr=open(workdir / "meshdns.log", "wb"), cwd=ROOT)
+        stopped: ControlPlaneProc | None = None
+        try:
+            proxy.start()
+            wait_until(lambda: through(outbound, "web")[0] == 200, 20, what="a first 200 through Envoy")
+            for node in ("caller-1", "node-a"):
+                held = wait_until(lambda n=node: _held_by(cps, n), 10, what=f"a replica holding {node}'s stream")
+                victim, survivor = cps[held[0]], cps[1 - held[0]]
+                assert victim.proc is not None
+                victim.proc.send_signal(signal.SIGSTOP)
+                stopped = victim
+                t0 = time.monotonic()
+                wait_until(lambda n=node, s=survivor: n in _ads_nodes(s), 40,
+                           what=f"{node}'s stream on the replica that still answers :{survivor.xds_port}")
+                print(f"{node}: left the stopped replica after {time.monotonic() - t0:.1f}s")
+                victim.proc.send_signal(signal.SIGCONT)
+                stopped = None
+        finally:
+            if stopped is not None and stopped.proc is not None:
+                stopped.proc.send_signal(signal.SIGCONT)
+            proxy.stop()
+            if dnsproc.poll() is None:
+                dnsproc.terminate()
+                try:
+                    dnsproc.wait(5)
+                except subprocess.TimeoutExpired:
+                    dnsproc.kill()
+                    dnsproc.wait()
