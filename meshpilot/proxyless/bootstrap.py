@@ -62,8 +62,8 @@ def xds_server_uri(control_planes: tuple[tuple[str, int], ...]) -> str:
     if versions == {6}:
         return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in control_planes)
     raise ValueError("gRPC takes one target for its xDS server: list every replica by IPv4 address, or every one "
-                     "by IPv6 address, or give one DNS name that resolves to them all (dns:///NAME:PORT as one "
-                     f"entry); got {', '.join(grpc_target(h, p) for h, p in control_planes)}")
+                     "by IPv6 address, or give one DNS name that resolves to them all (one NAME:PORT: "
+                     f"gRPC resolves it to every address); got {', '.join(grpc_target(h, p) for h, p in control_planes)}")
 
 
 def build_grpc_bootstrap(o: GrpcBootstrapOptions) -> dict[str, Any]:
