@@ -6,7 +6,10 @@ by ``meshpilot bootstrap --control-plane A,B``, carries a steady load while the 
 SIGKILLed: its ADS (and HDS) streams open on the other replica, a change made there reaches Envoy, and not one
 request fails. Then the killed replica comes back, the survivor is killed, and everything moves back. The same
 for meshdns' table stream (``meshpilot meshdns --control-plane A,B``): a mesh name still resolves after the
-kill, and a service added on the survivor resolves.
+kill, and a service added on the survivor resolves; for a proxyless grpcio client (``meshpilot
+proxyless-bootstrap``); for the sidecar agent (Envoy, meshdns, the management API); for a replica that ends its
+streams with its port still open, and one that stops answering without closing anything (SIGSTOP). With
+identity on, two replicas share one etcd (one mesh CA) and the agent moves over TLS.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from tests.support import ROOT, VENV_BIN, ControlPlaneProc, EnvoyProc, free_port
 pytestmark = pytest.mark.e2e
 
 
-def _ok(cp: ControlPlaneProc, method: str, path: str, body: Any = None) -> Any:
-    status, data = cp.call(method, path, body)
+def _ok(cp: ControlPlaneProc, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    status, data = cp.call(method, path, body, headers)
     assert status in (200, 201), f"{method} {path} on :{cp.ports.get('api')}: expected 200/201, got {status} {data}"
     return data
 
@@ -63,8 +66,8 @@ def _restart(cp: ControlPlaneProc) -> ControlPlaneProc:
     return again.start()
 
 
-def _ads_nodes(cp: ControlPlaneProc) -> set[str]:
-    return {p["node_id"] for p in _ok(cp, "GET", "/v1/proxies")}
+def _ads_nodes(cp: ControlPlaneProc, headers: dict[str, str] | None = None) -> set[str]:
+    return {p["node_id"] for p in _ok(cp, "GET", "/v1/proxies", headers=headers)}
 
 
 def _mesh_instances(cp: ControlPlaneProc, service: str) -> list[str]:
@@ -119,9 +122,9 @@ def _replicas(workdir: Path) -> Iterator[list[ControlPlaneProc]]:
             cp.stop()
 
 
-def _held_by(cps: list[ControlPlaneProc], node: str) -> list[int]:
+def _held_by(cps: list[ControlPlaneProc], node: str, headers: dict[str, str] | None = None) -> list[int]:
     """Indexes of the replicas that list ``node``'s ADS stream."""
-    return [i for i, cp in enumerate(cps) if cp.proc is not None and node in _ads_nodes(cp)]
+    return [i for i, cp in enumerate(cps) if cp.proc is not None and node in _ads_nodes(cp, headers)]
 
 
 def test_envoy_moves_its_ads_and_hds_streams_to_the_surviving_replica_without_a_failed_request() -> None:
@@ -517,3 +520,117 @@ def test_a_replica_that_stops_answering_without_closing_its_connections_is_left(
                 except subprocess.TimeoutExpired:
                     dnsproc.kill()
                     dnsproc.wait()
+
+
+def _free_xds_port() -> int:
+    """An xDS port whose enrolment port (xDS + 2, the default) is free as well."""
+    import socket
+
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 2))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no xDS port with a free enrolment port beside it")
+
+
+def test_with_identity_the_agent_moves_to_the_other_replica_over_tls() -> None:
+    """Two replicas on one shared etcd with identity on (one mesh CA): the agent enrols at one replica, its Envoy
+    holds ADS over TLS (each replica checked for the control plane's SPIFFE id); the replica holding the
+    Envoy's stream is SIGKILLed and the Envoy (0 failed requests), meshdns and the bundle watch continue on the
+    other over TLS, under the same certificate."""
+    import yaml
+
+    from tests.etcd_cluster import etcd_cluster
+
+    token = "admin-secret"
+    admin = {"Authorization": f"Bearer {token}"}
+    workdir = tmpdir("meshpilot-failover-identity-")
+    cfg = workdir / "cp.yaml"
+    cfg.write_text(yaml.safe_dump({"identity": True, "token": token, "debounce_ms": 20, "hds_interval_s": 0.3}))
+    with etcd_cluster(workdir / "etcd") as etcd, http_backend("web-app") as app, http_backend("other") as other:
+        cps: list[ControlPlaneProc] = []
+        agent: subprocess.Popen[bytes] | None = None
+        envoy_pid = 0
+        try:
+            for name in ("a", "b"):
+                (workdir / name).mkdir()
+                cps.append(ControlPlaneProc(workdir / name, store=etcd.url, extra=["--config", str(cfg)],
+                                            xds_port=_free_xds_port()).start())
+            a = cps[0]
+
+            def admin_call(cp: ControlPlaneProc, method: str, path: str, body: Any = None) -> Any:
+                status, data = cp.call(method, path, body, admin)
+                assert status in (200, 201), f"{method} {path}: expected 200/201, got {status} {data}"
+                return data
+
+            for cp in cps:  # the replicas share the store: what one wrote the other serves
+                wait_until(lambda c=cp: c.call("GET", "/v1/identity/bundle", headers=admin)[0] == 200, 10,
+                           what="the mesh CA on each replica")
+            admin_call(a, "POST", "/v1/services", {"name": "other", "ports": [{"name": "http", "port": 80}]})
+            admin_call(a, "POST", "/v1/services/default/other/instances",
+                       {"id": "other-1", "address": "127.0.0.1", "ports": {"http": other.port}})
+            bundles = {cp.call("GET", "/v1/identity/bundle", headers=admin)[1] for cp in cps}
+            assert len(bundles) == 1, "expected one mesh CA for both replicas"
+            (workdir / "bundle.pem").write_text(str(bundles.pop()))
+            secret = admin_call(a, "POST", "/v1/identity/tokens", {"namespace": "default", "service": "web"})["secret"]
+            (workdir / "join-token").write_text(secret)
+            inbound, outbound = free_port(), free_port()
+            spec = workdir / "spec.yaml"
+            spec.write_text(yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": app.port}]},
+                "mesh": {"healthCheck": {"http": {"path": "/"}, "interval": "1s", "timeout": "1s", "healthyThreshold": 1},
+                         "drainTime": "0s", "syncTimeout": "2s",
+                         "sidecar": {"adminPort": 0, "inboundPort": inbound, "outboundPort": outbound},
+                         "dns": {"listen": "127.0.0.1:0", "upstreams": ["127.0.0.1:9"]}},
+            }))
+            ready, log = workdir / "ready.json", workdir / "agent.log"
+            agent = subprocess.Popen(
+                [str(VENV_BIN / "meshpilot"), "sidecar", "--spec", str(spec),
+                 "--control-plane", ",".join(f"127.0.0.1:{cp.xds_port}" for cp in cps),
+                 "--api", ",".join(cp.api for cp in cps), "--token", token, "--node-id", "web-1",
+                 "--workdir", str(workdir / "agent"), "--ready-file", str(ready),
+                 "--join-token-file", str(workdir / "join-token"), "--trust-bundle", str(workdir / "bundle.pem")],
+                stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+            wait_until(lambda: ready.exists() or agent.poll() is not None, 40, what="the agent's ready file")
+            assert agent.poll() is None, f"the agent exited with {agent.returncode}:\n{log.read_text()[-3000:]}"
+            info = json.loads(ready.read_text())
+            envoy_pid, dns_port = info["envoy_pid"], info["dns_port"]
+            assert info["spiffe_id"] == "spiffe://mesh.local/ns/default/sa/web", info
+            wait_until(lambda: through(outbound, "other")[0] == 200, 30, what="a first 200 through the agent's Envoy")
+            held = wait_until(lambda: _held_by(cps, "web-1", admin), 10, what="a replica holding the Envoy's ADS stream")
+            victim, survivor = cps[held[0]], cps[1 - held[0]]
+            identities = {p["node_id"]: p["identity"] for p in _ok(victim, "GET", "/v1/proxies", headers=admin)}
+            assert identities.get("web-1") == info["spiffe_id"], f"expected ADS under the workload id, got {identities}"
+            with _Load(outbound, "other") as load:
+                wait_until(lambda: load.ok >= 20, 10, what="20 requests before the kill")
+                _kill(victim)
+                wait_until(lambda: {"web-1", "web-1~meshdns"} <= _ads_nodes(survivor, admin), 20,
+                           what=f"the Envoy's ADS and meshdns' stream over TLS on the survivor :{survivor.xds_port}")
+                n = load.ok
+                wait_until(lambda: load.ok >= n + 100, 20, what="100 more requests after the kill")
+            assert not load.failed, f"expected 0 failed requests, got {len(load.failed)}: {load.failed[:5]}"
+            identities = {p["node_id"]: p["identity"] for p in _ok(survivor, "GET", "/v1/proxies", headers=admin)}
+            assert identities.get("web-1") == info["spiffe_id"], f"expected ADS under the workload id, got {identities}"
+            admin_call(survivor, "POST", "/v1/services", {"name": "fresh", "ports": [{"name": "http", "port": 80}]})
+            wait_until(lambda: _query(dns_port, "fresh.default.svc.mesh"), 10,
+                       what="'fresh' from the agent's meshdns, fed over TLS by the survivor")
+            wait_until(lambda: f"event=bundle_watch_open control_plane=127.0.0.1:{survivor.xds_port}" in log.read_text(),
+                       20, what="the bundle watch on the survivor")
+        finally:
+            if agent is not None and agent.poll() is None:
+                agent.terminate()
+                try:
+                    agent.wait(20)
+                except subprocess.TimeoutExpired:
+                    agent.kill()
+                    agent.wait()
+            if envoy_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(envoy_pid, signal.SIGKILL)
+            for cp in cps:
+                cp.stop()
