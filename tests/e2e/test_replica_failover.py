@@ -70,6 +70,30 @@ def _ads_nodes(cp: ControlPlaneProc, headers: dict[str, str] | None = None) -> s
     return {p["node_id"] for p in _ok(cp, "GET", "/v1/proxies", headers=headers)}
 
 
+def _published(cp: ControlPlaneProc, names: set[str]) -> bool:
+    """Whether the replica's xDS cache holds ``names`` (``<svc>.<ns>``) yet: the first answer of a name-table
+    stream (the mesh's services, published in the same rebuild as their routes)."""
+    import grpc
+    from envoy.service.discovery.v3 import ads_pb2_grpc
+
+    from meshpilot.meshdns.ads import AdsState
+
+    done = threading.Event()
+
+    def requests() -> Iterator[Any]:
+        yield AdsState("probe~meshdns").initial_request()
+        done.wait(10)  # keep the stream open until the answer is read
+
+    with grpc.insecure_channel(f"127.0.0.1:{cp.xds_port}") as channel:
+        responses = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources(requests(), timeout=5)
+        try:
+            first = next(responses)
+        finally:
+            done.set()
+            responses.cancel()
+    return names <= {r.name for r in first.resources}
+
+
 def _mesh_instances(cp: ControlPlaneProc, service: str) -> list[str]:
     """Instances registered over HDS (source mesh) that passed their health check."""
     status, data = cp.call("GET", f"/v1/services/default/{service}/instances")
@@ -93,12 +117,12 @@ class _Load:
             try:
                 status, body = through(self.port, self.host, timeout=5)
             except Exception as exc:  # noqa: BLE001 - a failed request is what this counts
-                self.failed.append(repr(exc))
+                self.failed.append(f"{time.time():.3f} {exc!r}")
                 continue
             if status == 200:
                 self.ok += 1
             else:
-                self.failed.append(f"{status} {str(body)[:200]}")
+                self.failed.append(f"{time.time():.3f} {status} {str(body)[:200]}")
 
     def __enter__(self) -> _Load:
         self._thread.start()
@@ -157,6 +181,9 @@ def test_envoy_moves_its_ads_and_hds_streams_to_the_surviving_replica_without_a_
                     _service([back], "web", web.port)
                     _service([back], "caller")
                     _service([back], "api", api.port)
+                    # the registrations are in its xDS cache before Envoy can land there
+                    wait_until(lambda: _published(back, {"web.default", "caller.default", "api.default"}), 10,
+                               what="the restarted replica's published services")
                 with _Load(outbound, "web") as load:
                     wait_until(lambda: load.ok >= 20, 10, what="20 requests through Envoy before the kill")
                     before = load.ok
