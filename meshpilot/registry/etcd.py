@@ -13,9 +13,14 @@ SqliteStore keeps.
 Writing: ``write`` only queues. One committer thread sends each batch as one etcd Txn; the writes
 that arrive while a Txn is in flight (sent, and until it is back through the watch, or 50 ms) go
 together into the next one (group commit), up to ``max_txn_ops`` operations (128, etcd's default
-``--max-txn-ops``) and ``max_txn_bytes`` (1 MiB, under etcd's 1.5 MiB request limit). A write is
-atomic: it is never spread over two Txns, except a single write larger than one Txn, which is split
-into ordered Txns and is then atomic per Txn only (logged as ``event=store_write_split``). ``await sync()`` returns when every earlier write is
+``--max-txn-ops``; one of them is the writer key's, below) and ``max_txn_bytes`` (1 MiB, under
+etcd's 1.5 MiB request limit). A write is atomic: it is never spread over two Txns, except a single
+write larger than one Txn, which is split into ordered Txns and is then atomic per Txn only (logged
+as ``event=store_write_split``). Each Txn is applied once, in order: it also moves this store's
+writer key (``<prefix-without-slash>.writers/<id>``, outside the watched prefix, on the lease) on
+condition that the key is where the store's last Txn left it, so an attempt that timed out and
+is applied late (by a member frozen with it in its socket) changes nothing, and a retry learns
+from the key that an earlier attempt went through. ``await sync()`` returns when every earlier write is
 committed and the watch has brought the local view to that commit's revision (read-your-writes);
 while etcd is out of reach the committer keeps retrying and ``sync`` raises ``StoreError`` after
 ``timeout_s``, so a write whose ``sync`` failed may still land later, once etcd is back.
@@ -26,8 +31,8 @@ other replicas for it are applied to the view but not delivered, and when the lo
 through the watch, a key whose etcd value is no longer the one written (another replica wrote it
 later) is delivered then, so every replica converges on etcd's final state. A change that reaches
 the watcher's loop after the replica wrote its key again is dropped there too. A broken watch
-resumes from ``revision + 1``; when etcd has compacted that revision, or went back (restored from a
-snapshot), the view is reloaded with one Range and the difference is delivered as changes. A
+resumes from ``revision + 1``; when etcd has compacted that revision, or went back (a new cluster
+id or a lower revision: restored from a snapshot, rebuilt), the view is reloaded with one Range and the difference is delivered as changes. A
 replica does not get its own writes back.
 
 Leases: the documents of the ephemeral tables (``EPHEMERAL`` in store.py) are put with this
@@ -65,6 +70,7 @@ import queue
 import random
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -72,7 +78,7 @@ from typing import Any
 import grpc
 from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc  # type: ignore[import-untyped]
 
-from meshpilot.registry.store import EPHEMERAL, TABLES, Deliver, RemoteChange, StoreError
+from meshpilot.registry.store import EPHEMERAL, TABLES, Deliver, Guard, RemoteChange, StoreError
 
 __all__ = ["DEFAULT_PREFIX", "EtcdStore"]
 
@@ -108,6 +114,8 @@ class EtcdStore:
                  timeout_s: float = 10.0, max_txn_ops: int = MAX_TXN_OPS, max_txn_bytes: int = MAX_TXN_BYTES) -> None:
         if not endpoints:
             raise ValueError("store: etcd needs at least one HOST:PORT endpoint")
+        if max_txn_ops < 2:
+            raise ValueError(f"store: max_txn_ops must leave room for a document and the writer key, not {max_txn_ops}")
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise ValueError(f"store: the etcd key prefix must start and end with '/', not {prefix!r}")
         self.endpoints = tuple(endpoints)
@@ -134,10 +142,14 @@ class EtcdStore:
         self._issued = 0  # seq of the last write
         self._applied = 0  # seq of the last write committed and applied through the watch
         self._progress_rev = 0  # the newest revision a watch progress answer named
+        self._cluster = 0  # etcd's cluster id: a new one (restored, rebuilt) starts its revisions again
+        self._loaded_cluster = 0
         self._waiters: list[_Waiter] = []
         self._mine: dict[tuple[str, str], str] = {}  # this replica's ephemeral documents
         self._deliver: tuple[asyncio.AbstractEventLoop, Deliver] | None = None
-        self._backlog: list[tuple[list[RemoteChange], int, int]] = []  # emitted before ``watch`` was called
+        # emitted before ``watch`` was called: (changes, revision, seq of the last write then); kept
+        # until it is, as the keys written meanwhile (a process that never watches holds them all)
+        self._backlog: list[tuple[list[_Row], int, int]] = []
         # while changes are on their way to the watcher's loop: the keys written since, with the seq of
         # the last write (a change emitted before a local write must not undo it when it lands)
         self._in_flight = 0
@@ -158,13 +170,21 @@ class EtcdStore:
         self._lease_valid = True
         self._reput_seq = 0
         self._was_current = True
+        # the committer's: this store's writer key and the revision of its last Txn (see _commit)
+        self._writer = b""
+        self._writer_next = b""
+        self._writer_rev = 0
+        self._txn_n = 0
 
         try:
             deadline = time.monotonic() + timeout_s
             view, self.revision = self._load(deadline)
+            self._cluster = self._loaded_cluster
             self._view = view
             self._progress_rev = self.revision
             self._grant(deadline)
+            claim = self._claim_request()
+            self._claim(self._call(lambda m, t: m.kv.Txn(claim, timeout=t), deadline))
         except grpc.RpcError as exc:
             for m in self._members:
                 m.channel.close()
@@ -256,7 +276,7 @@ class EtcdStore:
         for t, k, v in rows:
             self._pending[t][k] = (seq, v)
         size = sum(self._op_size(t, k, v) for t, k, v in rows)
-        if len(rows) > self.max_txn_ops or size > self.max_txn_bytes:
+        if len(rows) >= self.max_txn_ops or size > self.max_txn_bytes:
             log.warning("event=store_write_split ops=%d bytes=%d max_txn_ops=%d max_txn_bytes=%d "
                         "note=atomic_per_txn_only", len(rows), size, self.max_txn_ops, self.max_txn_bytes)
         self._cond.notify_all()
@@ -387,16 +407,17 @@ class EtcdStore:
         """The next Txn's operations and the seq of the last write it completes (under the lock)."""
         ops: dict[tuple[str, str], str | None] = {}
         size = 0
+        room = self.max_txn_ops - 1  # one operation is the writer key's (see _commit)
         upto = self._batch[0][0] - 1
         while self._batch:
             seq, rows = self._batch[0]
             fresh = sum(1 for t, k, _v in rows if (t, k) not in ops)  # etcd refuses a key twice in one Txn
             rsize = sum(self._op_size(t, k, v) for t, k, v in rows)
-            if ops and (len(ops) + fresh > self.max_txn_ops or size + rsize > self.max_txn_bytes):
+            if ops and (len(ops) + fresh > room or size + rsize > self.max_txn_bytes):
                 break
-            if not ops and (len(rows) > self.max_txn_ops or rsize > self.max_txn_bytes):
+            if not ops and (len(rows) > room or rsize > self.max_txn_bytes):
                 n = 0  # a write too big for one Txn: its first part now, the rest next
-                while n < len(rows) and n < self.max_txn_ops:
+                while n < len(rows) and n < room:
                     osize = self._op_size(*rows[n])
                     if n and size + osize > self.max_txn_bytes:
                         break
@@ -418,19 +439,36 @@ class EtcdStore:
 
     def _commit(self, ops: dict[tuple[str, str], str | None]) -> tuple[int, bool]:
         """Commit one Txn, retrying while etcd is out of reach; return its revision and whether it
-        changed anything."""
+        changed anything under the prefix.
+
+        An attempt that timed out may still be applied later (a member frozen with it in its socket
+        applies it when it runs again), after the writes that followed it. So each Txn also puts this
+        store's writer key (``<prefix>.writers/<id>``, on the lease: outside the watched prefix) with
+        the Txn's number, if that key is still at the revision of the store's last Txn: a late
+        attempt finds it moved on and changes nothing, and an attempt that finds its own number there
+        knows an earlier one went through."""
         backoff = 0.05
         attempt = _ATTEMPT_S
         warned = False
+        self._txn_n += 1
+        number = str(self._txn_n).encode()
         while True:
             lease = self._lease
-            req = rpc_pb2.TxnRequest(success=[
-                rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=self._key(t, k))) if v is None
-                else rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
-                    key=self._key(t, k), value=v.encode(), lease=lease if t in EPHEMERAL else 0))
-                for (t, k), v in ops.items()])
+            req = rpc_pb2.TxnRequest(
+                compare=[rpc_pb2.Compare(key=self._writer, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL,
+                                         mod_revision=self._writer_rev)],
+                success=[*(
+                    rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=self._key(t, k))) if v is None
+                    else rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
+                        key=self._key(t, k), value=v.encode(), lease=lease if t in EPHEMERAL else 0))
+                    for (t, k), v in ops.items()),
+                    rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=self._writer, value=number, lease=lease))],
+                failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=self._writer))])
             at, member = self._member()
             try:
+                if not self._writer:
+                    self._claim(member.kv.Txn(self._claim_request(), timeout=min(self.timeout_s, attempt)))
+                    continue
                 # short attempts: a Txn sent to a member that stopped answering is sent again to the next one
                 resp = member.kv.Txn(req, timeout=min(self.timeout_s, attempt))
             except grpc.RpcError as exc:
@@ -455,10 +493,42 @@ class EtcdStore:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
+            if resp.succeeded:
+                rev = int(resp.header.revision)
+                changed = any(r.HasField("response_put") or r.response_delete_range.deleted for r in resp.responses[:-1])
+            else:
+                kvs = resp.responses[0].response_range.kvs
+                if not kvs:  # the writer key went with an expired lease: a new one, then this Txn again
+                    self._writer = b""
+                    continue
+                if kvs[0].value != number:
+                    log.error("event=store_writer_key_moved key=%s value=%r expected_revision=%d revision=%d",
+                              self._writer.decode(), kvs[0].value, self._writer_rev, kvs[0].mod_revision)
+                    self._writer_rev = int(kvs[0].mod_revision)
+                    continue
+                # an earlier attempt of this Txn went through; its puts made events at its revision
+                rev = int(kvs[0].mod_revision)
+                changed = any(v is not None for v in ops.values())
+            self._writer_rev = rev
             if warned:
-                log.info("event=store_commit_resumed endpoints=%s revision=%d", self._where, resp.header.revision)
-            changed = any(r.HasField("response_put") or r.response_delete_range.deleted for r in resp.responses)
-            return int(resp.header.revision), changed
+                log.info("event=store_commit_resumed endpoints=%s revision=%d", self._where, rev)
+            return rev, changed
+
+    def _claim_request(self) -> Any:
+        """A Txn creating a new writer key for this store (see ``_commit``), unless it exists already."""
+        self._writer_next = f"{self.prefix[:-1]}.writers/{uuid.uuid4().hex}".encode()
+        key = self._writer_next
+        return rpc_pb2.TxnRequest(
+            compare=[rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0)],
+            success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=b"0", lease=self._lease))],
+            failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=key))])
+
+    def _claim(self, resp: Any) -> None:
+        self._writer = self._writer_next
+        if resp.succeeded:
+            self._writer_rev = int(resp.header.revision)
+        else:  # an earlier attempt created it
+            self._writer_rev = int(resp.responses[0].response_range.kvs[0].mod_revision)
 
     # ---- the watch thread -----------------------------------------------------------------
 
@@ -491,7 +561,7 @@ class EtcdStore:
                         log.warning("event=store_watch_canceled reason=%r", resp.cancel_reason)
                         break
                     if resp.created:
-                        if resp.header.revision < start - 1:
+                        if resp.header.revision < start - 1 or resp.header.cluster_id != self._cluster:
                             reload, lost = "revision_went_back", False
                             break
                         self._ask_progress()  # its answer says the watch is caught up
@@ -589,26 +659,25 @@ class EtcdStore:
         """Hand changes to the watcher's loop, in order (under the lock)."""
         if not rows:
             return
-        changes: list[RemoteChange] = [(t, k, None if v is None else json.loads(v)) for t, k, v in rows]
         self._in_flight += 1
         if self._deliver is None:
-            self._backlog.append((changes, self.revision, self._issued))
+            self._backlog.append((rows, self.revision, self._issued))
             return
         loop, deliver = self._deliver
-        self._send(loop, deliver, changes, self.revision, self._issued)
+        self._send(loop, deliver, rows, self.revision, self._issued)
 
-    def _send(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, changes: list[RemoteChange], rev: int,
-              issued: int) -> None:
+    def _send(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, rows: list[_Row], rev: int, issued: int) -> None:
         """Deliver on ``loop`` what is still news when it gets there: a change to a key this replica
         wrote after it was emitted (``issued``: the seq of the last write then) is older than that write."""
         def land() -> None:
             with self._cond:
                 self._in_flight -= 1
-                fresh = [c for c in changes if self._touched.get((c[0], c[1]), 0) <= issued]
+                fresh = [r for r in rows if self._touched.get((r[0], r[1]), 0) <= issued]
                 if not self._in_flight:
                     self._touched.clear()
-            if fresh:
-                deliver(fresh, rev)
+            if fresh:  # decoded here, on the loop, and not under the lock the readers take
+                changes: list[RemoteChange] = [(t, k, None if v is None else json.loads(v)) for t, k, v in fresh]
+                deliver(changes, rev)
 
         try:
             loop.call_soon_threadsafe(land)
@@ -618,10 +687,12 @@ class EtcdStore:
     def _reload(self, deadline: float, why: str) -> None:
         view, rev = self._load(deadline)
         with self._cond:
-            if rev < self.revision:
-                # etcd went back (restored from a snapshot): its revisions start again from there, and the
-                # writes committed after it are gone unless written again
-                log.warning("event=store_revision_went_back from=%d to=%d", self.revision, rev)
+            if rev < self.revision or self._loaded_cluster != self._cluster:
+                # etcd went back (restored from a snapshot, or a new cluster): its revisions start again
+                # from there, and the writes committed after it are gone unless written again
+                log.warning("event=store_revision_went_back from=%d to=%d cluster=%x", self.revision, rev,
+                            self._loaded_cluster)
+                self._cluster = self._loaded_cluster
                 self.revision = self._progress_rev = rev
                 while self._committed:
                     self._applied = max(self._applied, self._committed.popleft()[0])
@@ -646,6 +717,7 @@ class EtcdStore:
             tk = self._parse(kv.key)
             if tk is not None:
                 view[tk[0]][tk[1]] = kv.value.decode()
+        self._loaded_cluster = int(resp.header.cluster_id)
         return view, int(resp.header.revision)
 
     # ---- the lease thread -----------------------------------------------------------------
@@ -774,6 +846,64 @@ class EtcdStore:
                 else:  # refused at once: every member may be down; do not spin
                     time.sleep(min(backoff, max(0.0, deadline - time.monotonic() - 0.05)))
                     backoff = min(backoff * 2, 0.5)
+
+    # ---- conditional writes ------------------------------------------------------------------
+
+    async def commit_if(self, since: int, guards: Sequence[Guard], puts: Mapping[tuple[str, str], Any],
+                        deletes: tuple[tuple[str, str], ...] = ()) -> bool:
+        """One Txn of its own (its compares decide it alone, so it is never grouped): every guarded key
+        (or key range) not modified after ``since`` (the view's revision the decision was read at),
+        and present where ``exists`` says so;
+        then the writes. It comes after this store's earlier writes (``sync`` first). It returns once
+        the view holds the outcome: the written documents, or, when another replica wrote first, the
+        newer documents of the guarded keys, so the caller decides again from what decided it."""
+        await self.sync()
+        seen = since
+        rows: list[tuple[str, str, str | None]] = [(t, k, json.dumps(v, separators=(",", ":"), sort_keys=True))
+                                                   for (t, k), v in puts.items()]
+        rows += [(t, k, None) for t, k in deletes]
+        for t, _k, _v in rows:
+            _check_table(t)
+        compare: list[Any] = []
+        ranges: list[Any] = []
+        for g in guards:
+            _check_table(g.table)
+            key = self._key(g.table, g.key)
+            end = key[:-1] + bytes([key[-1] + 1]) if g.prefix else b""
+            compare.append(rpc_pb2.Compare(key=key, range_end=end, target=rpc_pb2.Compare.MOD,
+                                           result=rpc_pb2.Compare.LESS, mod_revision=seen + 1))
+            if g.exists:
+                compare.append(rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.VERSION,
+                                               result=rpc_pb2.Compare.GREATER, version=0))
+            ranges.append(rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=key, range_end=end, keys_only=True)))
+        lease = self._lease
+        success = [
+            rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=self._key(t, k))) if v is None
+            else rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=self._key(t, k), value=v.encode(),
+                                                                  lease=lease if t in EPHEMERAL else 0))
+            for t, k, v in rows]
+        req = rpc_pb2.TxnRequest(compare=compare, success=success, failure=ranges)
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            resp = await asyncio.to_thread(self._call, lambda m, t: m.kv.Txn(req, timeout=t), deadline)
+        except grpc.RpcError as exc:
+            raise StoreError(f"store: etcd at {self._where}: conditional write failed: {exc.code().name}") from None
+        if resp.succeeded:
+            if rows:  # the Txn's events carry its revision back through the watch
+                await self._view_at(int(resp.header.revision), deadline)
+            return True
+        newer = [int(kv.mod_revision) for r in resp.responses for kv in r.response_range.kvs]
+        await self._view_at(max(newer, default=0), deadline)
+        if not any(n > seen for n in newer):
+            await asyncio.sleep(0.01)  # a guarded key was deleted: its delete is on its way through the watch
+        return False
+
+    async def _view_at(self, rev: int, deadline: float) -> None:
+        """Wait until the view has applied the watch's events through ``rev``."""
+        while self.revision < rev:
+            if time.monotonic() > deadline:
+                raise StoreError(f"store: etcd at {self._where}: revision {rev} not watched back within {self.timeout_s:g}s")
+            await asyncio.sleep(0.002)
 
     # ---- keys -----------------------------------------------------------------------------
 

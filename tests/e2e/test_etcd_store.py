@@ -426,13 +426,14 @@ async def test_a_store_follows_an_etcd_that_went_back(workdir: Path, replicas: C
         a = replicas(cluster.url, lease_ttl_s=2)
         for n in range(10):
             a.write({("services", f"s{n}"): n})
+            await a.store.sync()
         a.write({("liveness", "a"): {"replica": "a"}})
         await a.store.sync()
         before = a.store.revision
         cluster.wipe(0)
         cluster.start(0)
-        await a.until(lambda: a.store.revision < before and not any(t == "services" for t, _k in a.model),
-                      "A to reload the emptied etcd and deliver the deletes")
+        await a.until(lambda: not any(t == "services" for t, _k in a.model), "A to reload the emptied etcd and deliver the deletes")
+        assert a.store.revision < before, f"expected A's revision to start again below {before}; it is {a.store.revision}"
         await a.until(lambda: etcd_state(cluster.url + "/meshpilot/") == {("liveness", "a"): {"replica": "a"}},
                       "A to put its liveness document again on a new lease")
         a.write({("services", "after"): 1})
