@@ -85,14 +85,18 @@ def fold(data: Any) -> Any:
     """Keys folded to lower case without '_' and '-' (recursively, except inside Meta and Header)."""
     if isinstance(data, dict):
         out: dict[str, Any] = {}
+        known = _FOLDED
         for k, v in data.items():
-            key = _folded_key(str(k))
-            if key == "taggedaddresses" and isinstance(v, dict):
-                out[key] = {str(tag): fold(addr) for tag, addr in v.items()}
-            elif key in _VERBATIM or not isinstance(v, (dict, list)):
-                out[key] = v
+            key = known.get(k) if type(k) is str else None
+            if key is None:
+                key = _folded_key(str(k))
+            if isinstance(v, (dict, list)):
+                if key == "taggedaddresses" and isinstance(v, dict):
+                    out[key] = {str(tag): fold(addr) for tag, addr in v.items()}
+                else:
+                    out[key] = v if key in _VERBATIM else fold(v)
             else:
-                out[key] = fold(v)
+                out[key] = v
         return out
     if isinstance(data, list):
         return [fold(x) if isinstance(x, (dict, list)) else x for x in data]
@@ -100,12 +104,15 @@ def fold(data: Any) -> Any:
 
 
 _VERBATIM = frozenset({"meta", "header", "nodemeta"})
+_FOLDED: dict[str, str] = {}  # field name as sent -> folded: clients send the same few dozen in every request
+_MAX_FOLDED = 4096
 
 
-@functools.lru_cache(maxsize=1024)
 def _folded_key(key: str) -> str:
-    # clients send the same few dozen field names in every request
-    return key.lower().replace("_", "").replace("-", "")
+    folded = key.lower().replace("_", "").replace("-", "")
+    if len(_FOLDED) < _MAX_FOLDED:
+        _FOLDED[key] = folded
+    return folded
 
 
 @dataclass(frozen=True, slots=True)
