@@ -6,16 +6,17 @@ It starts its own control plane (``meshpilot serve``, SQLite store in a temporar
 ``--store`` says otherwise) and then:
 
 1. makes N registrations (each with a TTL check; of N services, or N/K services with K instances
-   each under ``--per-service K``) with C requests in flight, then deregisters them. For each phase it reports the rate, the latency percentiles of the requests,
-   the CPU the control plane used per write (``/proc/<pid>/stat``, from the phase's first request
-   until the work the writes started, the debounced publication included, is done), the CPU the
-   load generator used per write, how busy the machine's cores were, and the store's syncs per
-   write: the control plane's fsync/fdatasync calls (it runs under ``strace --seccomp-bpf``, which
-   stops it only at those calls) or, on etcd, the members' WAL fsyncs from their ``/metrics``.
-   The load generator is HashiCorp's Go client (``consul_load/main.go``, built on first use with
-   the Go toolchain from the module cache or the Go module proxy) when ``go`` is installed, else
-   aiohttp in this process: measured here, 0.09 ms of CPU per request for the Go client against
-   0.23-0.27 ms for aiohttp, which matters when the client shares two cores with the control plane.
+   each under ``--per-service K``) with C requests in flight, then deregisters them. For each
+   phase it reports the rate, the latency percentiles of the requests, the CPU the control plane
+   used per write (``/proc/<pid>/stat``, from the phase's first request until the work the writes
+   started, the debounced publication included, is done), the CPU the load generator used per
+   write, how busy the machine's cores were, and the store's syncs per write: the control plane's
+   fsync/fdatasync calls (it runs under ``strace --seccomp-bpf``, which stops it only at those
+   calls) or, on etcd, the members' WAL fsyncs from their ``/metrics``. The load generator is
+   HashiCorp's Go client (``consul_load/main.go``, built on first use with the Go toolchain from
+   the module cache or the Go module proxy) when ``go`` is installed, else aiohttp in this
+   process: measured here, 0.09-0.12 ms of CPU per request for the Go client against
+   0.23-0.30 ms for aiohttp, which matters when the client shares two cores with the control plane.
 2. parks W blocking ``/v1/health/service/<name>?index=`` queries on one service, changes that
    service, and measures how long each watcher takes to get its answer;
 3. with ``--sync-writes S``, counts the control plane's syncs (strace attached) while S
