@@ -384,11 +384,11 @@ def build_consul_app(agent: ConsulAgent, tokens: AccessTokens | None = None) -> 
             raise ConsulError(413, f"Request body(value) too large, max size: {MAX_KV_VALUE} bytes")
         flags = _uint(request.query.get("flags"), "flags")
         if "acquire" in request.query:
-            return json_response(agent.kv.acquire(key, value, flags, request.query["acquire"]))
+            return json_response(await agent.kv.acquire(key, value, flags, request.query["acquire"]))
         if "release" in request.query:
-            return json_response(agent.kv.release(key, value, flags, request.query["release"]))
+            return json_response(await agent.kv.release(key, value, flags, request.query["release"]))
         cas = _uint(request.query.get("cas"), "cas") if "cas" in request.query else None
-        return json_response(agent.kv.put(key, value, flags, cas))
+        return json_response(await agent.kv.put(key, value, flags, cas))
 
     async def kv_delete(request: web.Request) -> web.Response:
         key = kv_key(request)
@@ -396,12 +396,12 @@ def build_consul_app(agent: ConsulAgent, tokens: AccessTokens | None = None) -> 
         if not key and not recurse:
             raise ConsulError(405, "Missing key name")
         cas = _uint(request.query.get("cas"), "cas") if "cas" in request.query else None
-        return json_response(agent.kv.delete(key, recurse, cas))
+        return json_response(await agent.kv.delete(key, recurse, cas))
 
     # ---- transactions, sessions, catalog writes --------------------------------------------
 
     async def txn(request: web.Request) -> web.Response:
-        results, errors = agent.kv.txn(await body_json(request))
+        results, errors = await agent.kv.txn(await body_json(request))
         status = 200 if errors is None else 409
         return json_response({"Results": results, "Errors": errors}, index=agent.index, status=status)
 

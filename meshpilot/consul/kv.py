@@ -25,10 +25,12 @@ from typing import Any
 
 from meshpilot.consul.definitions import ConsulError, fold, parse_duration
 from meshpilot.registry import Registry
+from meshpilot.registry.store import Guard
 
 __all__ = ["KeyValue", "MAX_TXN_OPS"]
 
 MAX_TXN_OPS = 128
+_ATTEMPTS = 16  # decisions retried when another replica wrote the same keys first
 _META = "meta"
 _SESSIONS = "consul/sessions/"
 _VERBS = ("set", "cas", "lock", "unlock", "get", "get-tree", "check-index", "check-session", "check-not-exists",
@@ -104,26 +106,26 @@ class KeyValue:
 
     # ---- single-key writes ------------------------------------------------------------------
 
-    def put(self, key: str, value: bytes, flags: int, cas: int | None) -> bool:
+    async def put(self, key: str, value: bytes, flags: int, cas: int | None) -> bool:
         op = _Op("set", key, _b64(value), flags) if cas is None else _Op("cas", key, _b64(value), flags, cas)
-        return self._run([op])[1] is None
+        return (await self.run([op]))[1] is None
 
-    def delete(self, key: str, recurse: bool, cas: int | None) -> bool:
+    async def delete(self, key: str, recurse: bool, cas: int | None) -> bool:
         if recurse:
             op = _Op("delete-tree", key)
         elif cas is not None:
             op = _Op("delete-cas", key, index=cas)
         else:
             op = _Op("delete", key)
-        return self._run([op])[1] is None
+        return (await self.run([op]))[1] is None
 
-    def acquire(self, key: str, value: bytes, flags: int, session: str) -> bool:
+    async def acquire(self, key: str, value: bytes, flags: int, session: str) -> bool:
         self._require(session)
-        return self._run([_Op("lock", key, _b64(value), flags, session=session)])[1] is None
+        return (await self.run([_Op("lock", key, _b64(value), flags, session=session)]))[1] is None
 
-    def release(self, key: str, value: bytes, flags: int, session: str) -> bool:
+    async def release(self, key: str, value: bytes, flags: int, session: str) -> bool:
         self._require(session)
-        return self._run([_Op("unlock", key, _b64(value), flags, session=session)])[1] is None
+        return (await self.run([_Op("unlock", key, _b64(value), flags, session=session)]))[1] is None
 
     def _require(self, session: str) -> None:
         if session not in self.sessions:
@@ -131,10 +133,10 @@ class KeyValue:
 
     # ---- transactions -------------------------------------------------------------------
 
-    def txn(self, raw: Any) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+    async def txn(self, raw: Any) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
         """``PUT /v1/txn``: (results, None) when applied, (None, errors) when rolled back."""
         ops = _parse_txn(raw)
-        results, error = self._run(ops)
+        results, error = await self.run(ops)
         if error is not None:
             return None, [{"OpIndex": error[0], "What": error[1]}]
         return results, None
@@ -145,7 +147,55 @@ class KeyValue:
         self.max_index = max(self._index(), self.max_index) + 1
         return self.max_index
 
-    def _run(self, ops: list[_Op]) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
+    async def run(self, ops: list[_Op]) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
+        """Apply ``ops`` all or none: (results, None), or ([], (index of the failed op, why)).
+
+        On a shared store the outcome is decided from this replica's view and committed only if
+        nothing it read changed in etcd meanwhile (``commit_if``); when another replica got there
+        first the view has caught up and the ops are decided again, so a check-and-set or a lock is
+        won by one replica only. A refusal is confirmed the same way before it is given."""
+        if not self.reg.store.shared:
+            return self._run(ops)
+        guards = _guards(ops)
+        for _attempt in range(_ATTEMPTS):
+            # the revision first, then what the decision reads, from the store's view: that is at this
+            # revision or newer, and a newer one makes the guards fail and the decision run again
+            since = self.reg.store.revision
+            self._refresh(ops)
+            work, results, error = self._decide(ops)
+            if error is not None:
+                if await self.reg.store.commit_if(since, guards, {}):
+                    return [], error
+                continue
+            puts, gone = self._changes(work)
+            if not puts and not gone or await self.reg.commit_documents_if(since, "kv", guards, puts, gone):
+                self.entries = work
+                return results, None
+        raise ConsulError(500, f"the keys changed under this transaction {_ATTEMPTS} times in a row; try again")
+
+    def _refresh(self, ops: list[_Op]) -> None:
+        """Take the entries and sessions ``ops`` read from the store's view (the watch delivers other
+        replicas' changes a moment after the view has them)."""
+        store = self.reg.store
+        entries = dict(self.entries)
+        for op in ops:
+            if op.verb in ("get-tree", "delete-tree"):
+                stored = {k: v for k, v in store.items("kv") if k.startswith(op.key) and isinstance(v, dict) and "mi" in v}
+                for k in [k for k in entries if k.startswith(op.key) and k not in stored]:
+                    del entries[k]
+                entries.update((k, v) for k, v in stored.items() if entries.get(k) != v)  # an equal one stays as it is
+            else:
+                doc = store.get("kv", op.key)
+                if isinstance(doc, dict) and "mi" in doc:
+                    if entries.get(op.key) != doc:
+                        entries[op.key] = doc
+                else:
+                    entries.pop(op.key, None)
+            if op.session:
+                self.follow_session(op.session, store.get(_META, _SESSIONS + op.session))
+        self.entries = entries
+
+    def _decide(self, ops: list[_Op]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], tuple[int, str] | None]:
         work = dict(self.entries)
         idx = self._next_index()
         now = time.monotonic()
@@ -153,9 +203,18 @@ class KeyValue:
         for n, op in enumerate(ops):
             error = self._apply(work, op, idx, now, results)
             if error is not None:
-                return [], (n, error)
+                return work, [], (n, error)
+        return work, results, None
+
+    def _run(self, ops: list[_Op]) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
+        work, results, error = self._decide(ops)
+        if error is not None:
+            return [], error
         self._commit(work)
         return results, None
+
+    def _changes(self, work: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        return {k: v for k, v in work.items() if self.entries.get(k) is not v}, [k for k in self.entries if k not in work]
 
     def _apply(self, work: dict[str, dict[str, Any]], op: _Op, idx: int, now: float, results: list[dict[str, Any]]) -> str | None:
         key, old = op.key, work.get(op.key)
@@ -207,8 +266,7 @@ class KeyValue:
         return None
 
     def _commit(self, work: dict[str, dict[str, Any]]) -> None:
-        puts = {k: v for k, v in work.items() if self.entries.get(k) is not v}
-        gone = [k for k in self.entries if k not in work]
+        puts, gone = self._changes(work)
         if not puts and not gone:
             return
         self.reg.write_documents("kv", puts, gone)
@@ -338,6 +396,16 @@ class KeyValue:
                 self.destroy(sid)
         for k in [k for k, until in self._lock_delay.items() if until <= now]:
             del self._lock_delay[k]
+
+
+def _guards(ops: list[_Op]) -> list[Guard]:
+    """What deciding ``ops`` reads: each key (each tree), and for locks the session's existence."""
+    out: list[Guard] = []
+    for op in ops:
+        out.append(Guard("kv", op.key, prefix=op.verb in ("get-tree", "delete-tree")))
+        if op.verb in ("lock", "unlock", "check-session") and op.session:
+            out.append(Guard(_META, _SESSIONS + op.session, exists=op.verb == "lock"))
+    return out
 
 
 def _written(old: dict[str, Any] | None, op: _Op, idx: int) -> dict[str, Any]:

@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from meshpilot.model import Check, CheckStatus, Instance, Service, service_key
-from meshpilot.registry.store import RemoteChange, Store
+from meshpilot.registry.store import Guard, RemoteChange, Store
 
 __all__ = ["Change", "Conflict", "NotFound", "Registry", "RegistryError"]
 
@@ -276,6 +276,20 @@ class Registry:
             self._emit(Change(kind, k, "", "put"))
         for k in gone:
             self._emit(Change(kind, k, "", "delete"))
+
+    async def commit_documents_if(self, since: int, table: Literal["policies", "kv"], guards: Sequence[Guard],
+                                  puts: dict[str, Any], deletes: Iterable[str] = ()) -> bool:
+        """``write_documents`` if the guards hold in the store since revision ``since`` (``Store.commit_if``);
+        whether it wrote."""
+        gone = tuple(deletes)
+        if not await self.store.commit_if(since, guards, {(table, k): v for k, v in puts.items()}, tuple((table, k) for k in gone)):
+            return False
+        kind: Literal["policy", "kv"] = "policy" if table == "policies" else "kv"
+        for k in puts:
+            self._emit(Change(kind, k, "", "put"))
+        for k in gone:
+            self._emit(Change(kind, k, "", "delete"))
+        return True
 
     def documents(self, table: Literal["policies", "kv"]) -> Iterable[tuple[str, Any]]:
         return self.store.items(table)

@@ -26,11 +26,12 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["EPHEMERAL", "Deliver", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError"]
+__all__ = ["EPHEMERAL", "Deliver", "Guard", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError"]
 
 log = logging.getLogger("meshpilot.registry.store")
 
@@ -39,6 +40,17 @@ TABLES = ("services", "instances", "policies", "meta", "kv", "access_tokens", "c
 # tables whose documents live only as long as their writer: the nodes a replica holds, the replicas,
 # which replica runs a Consul instance's checks or a session's TTL
 EPHEMERAL = frozenset({"liveness", "replicas", "runners"})
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """A condition of ``commit_if``: the document (or, with ``prefix``, every document whose key starts
+    with ``key``) unchanged in the store since the local view's revision; with ``exists``, present too."""
+
+    table: str
+    key: str
+    prefix: bool = False
+    exists: bool = False
+
 
 # A change another writer made to a shared store: (table, key, document, or None for a delete)
 RemoteChange = tuple[str, str, Any]
@@ -63,6 +75,14 @@ class Store(Protocol):
         """Return when every write made before the call is on disk (raise ``StoreError`` if it cannot be)."""
     def close(self) -> None:
         """Commit what is pending and close."""
+    async def commit_if(self, since: int, guards: Sequence[Guard], puts: Mapping[tuple[str, str], Any],
+                        deletes: tuple[tuple[str, str], ...] = ()) -> bool:
+        """Write ``puts`` and ``deletes`` atomically if every guard still holds in the store: nothing it
+        names changed after revision ``since``, the view's ``revision`` when the decision was read from
+        it (read it before deciding, and await nothing in between). Say whether it was written.
+        A local store is its own truth: it writes and says True. On a shared store False means
+        another replica wrote first; the local view has then caught up with that write, so the
+        caller decides again from it."""
     def watch(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
         """Call ``deliver`` on ``loop`` with the changes other writers make, in store order, and the
         revision they bring the local view to (a shared store; a local one never calls it)."""
@@ -169,6 +189,11 @@ class SqliteStore:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append((seq, fut))
         await fut
+
+    async def commit_if(self, since: int, guards: Sequence[Guard], puts: Mapping[tuple[str, str], Any],
+                        deletes: tuple[tuple[str, str], ...] = ()) -> bool:
+        self.write(puts, deletes)  # one process writes this file: what it read is what is stored
+        return True
 
     def watch(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
         pass  # nobody else writes this file
@@ -310,6 +335,11 @@ class MemoryStore:
 
     def close(self) -> None:
         pass
+
+    async def commit_if(self, since: int, guards: Sequence[Guard], puts: Mapping[tuple[str, str], Any],
+                        deletes: tuple[tuple[str, str], ...] = ()) -> bool:
+        self.write(puts, deletes)
+        return True
 
     def watch(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
         pass

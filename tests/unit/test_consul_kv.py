@@ -3,9 +3,11 @@ transactions that apply whole or not at all, and junk thrown at the transaction 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +19,13 @@ from meshpilot.registry import Registry
 from meshpilot.registry.store import MemoryStore
 
 LATER = 10_000.0  # far enough past every TTL and lock delay used here
+
+T = TypeVar("T")
+
+
+def _done(step: Coroutine[Any, Any, T]) -> T:
+    """Run one KV write to its end (outside a loop; the control plane awaits it in its handler)."""
+    return asyncio.run(step)
 
 
 def _kv(registry: Registry | None = None) -> KeyValue:
@@ -36,19 +45,19 @@ def test_acquire_release_and_lock_index() -> None:
     kv = _kv()
     a = kv.create_session({"Name": "a"}, "10.0.0.1", _passing)
     b = kv.create_session(None, "10.0.0.2", _passing)
-    assert kv.acquire("lock", b"a", 7, a), "expected a free key to be acquired"
-    assert not kv.acquire("lock", b"b", 7, b), "expected a key held by another session to be refused"
-    assert kv.acquire("lock", b"a2", 7, a), "expected the holder to acquire again"
+    assert _done(kv.acquire("lock", b"a", 7, a)), "expected a free key to be acquired"
+    assert not _done(kv.acquire("lock", b"b", 7, b)), "expected a key held by another session to be refused"
+    assert _done(kv.acquire("lock", b"a2", 7, a)), "expected the holder to acquire again"
     [entry] = kv.entries_json("lock", False)
     assert (entry["Session"], entry["LockIndex"], base64.b64decode(entry["Value"])) == (a, 1, b"a2"), entry
-    assert not kv.release("lock", b"", 0, b), "expected a release by another session to fail"
-    assert kv.release("lock", b"free", 0, a)
+    assert not _done(kv.release("lock", b"", 0, b)), "expected a release by another session to fail"
+    assert _done(kv.release("lock", b"free", 0, a))
     [entry] = kv.entries_json("lock", False)
     assert "Session" not in entry and entry["LockIndex"] == 1 and base64.b64decode(entry["Value"]) == b"free", entry
-    assert kv.acquire("lock", b"b", 0, b), "expected an explicitly released key to be free at once"
+    assert _done(kv.acquire("lock", b"b", 0, b)), "expected an explicitly released key to be free at once"
     assert kv.entries_json("lock", False)[0]["LockIndex"] == 2
     with pytest.raises(ConsulError) as err:
-        kv.acquire("lock", b"", 0, "no-such-session")
+        _done(kv.acquire("lock", b"", 0, "no-such-session"))
     assert err.value.status == 500 and "invalid session" in err.value.message
 
 
@@ -57,15 +66,15 @@ def test_invalidation_releases_or_deletes_and_applies_the_lock_delay() -> None:
     keep = kv.create_session({"LockDelay": "1s"}, "n", _passing)
     drop = kv.create_session({"Behavior": "delete", "LockDelay": 0}, "n", _passing)
     other = kv.create_session({}, "n", _passing)
-    assert kv.acquire("kept", b"v", 0, keep) and kv.acquire("dropped", b"v", 0, drop)
+    assert _done(kv.acquire("kept", b"v", 0, keep)) and _done(kv.acquire("dropped", b"v", 0, drop))
     kv.destroy(keep)
     kv.destroy(drop)
     assert [e.get("Session") for e in kv.entries_json("kept", False)] == [None], "expected the lock released with the session"
     assert kv.entries_json("dropped", False) == [], "expected Behavior delete to delete the key"
-    assert not kv.acquire("kept", b"", 0, other), "expected the lock delay to keep the key from being acquired at once"
-    assert kv.acquire("dropped", b"", 0, other), "expected no delay for a session created with LockDelay 0"
+    assert not _done(kv.acquire("kept", b"", 0, other)), "expected the lock delay to keep the key from being acquired at once"
+    assert _done(kv.acquire("dropped", b"", 0, other)), "expected no delay for a session created with LockDelay 0"
     kv.expire(time.monotonic() + LATER, _passing)
-    assert kv.acquire("kept", b"", 0, other), "expected the key acquirable once the lock delay is over"
+    assert _done(kv.acquire("kept", b"", 0, other)), "expected the key acquirable once the lock delay is over"
 
 
 def test_sessions_expire_after_twice_their_ttl_and_with_their_checks() -> None:
@@ -102,29 +111,29 @@ def test_bad_sessions(body: dict[str, Any], message: str) -> None:
 def test_a_transaction_applies_whole_or_not_at_all() -> None:
     reg = Registry(MemoryStore())
     kv = _kv(reg)
-    results, errors = kv.txn([{"KV": {"Verb": "set", "Key": "a", "Value": _b64("1")}}, {"KV": {"Verb": "set", "Key": "b", "Flags": 3}},
-                              {"KV": {"Verb": "get", "Key": "a"}, "Node": None, "Service": None}])
+    results, errors = _done(kv.txn([{"KV": {"Verb": "set", "Key": "a", "Value": _b64("1")}}, {"KV": {"Verb": "set", "Key": "b", "Flags": 3}},
+                              {"KV": {"Verb": "get", "Key": "a"}, "Node": None, "Service": None}]))
     assert errors is None and results is not None, errors
     assert base64.b64decode(results[2]["KV"]["Value"]) == b"1" and results[0]["KV"]["Value"] is None, results
     before = dict(reg.documents("kv"))
-    results, errors = kv.txn([{"KV": {"Verb": "delete", "Key": "a"}}, {"KV": {"Verb": "set", "Key": "c"}},
-                              {"KV": {"Verb": "check-index", "Key": "b", "Index": 999}}])
+    results, errors = _done(kv.txn([{"KV": {"Verb": "delete", "Key": "a"}}, {"KV": {"Verb": "set", "Key": "c"}},
+                              {"KV": {"Verb": "check-index", "Key": "b", "Index": 999}}]))
     assert results is None and errors is not None and errors[0]["OpIndex"] == 2, errors
     assert dict(reg.documents("kv")) == before, "expected a failed transaction to change nothing in the store"
     assert sorted(kv.entries) == ["a", "b"]
-    results, errors = kv.txn([{"KV": {"Verb": "cas", "Key": "a", "Index": kv.entries["a"]["mi"], "Value": _b64("2")}},
-                              {"KV": {"Verb": "delete-tree", "Key": "b"}}])
+    results, errors = _done(kv.txn([{"KV": {"Verb": "cas", "Key": "a", "Index": kv.entries["a"]["mi"], "Value": _b64("2")}},
+                              {"KV": {"Verb": "delete-tree", "Key": "b"}}]))
     assert errors is None and sorted(kv.entries) == ["a"] and kv.value("a") == b"2", (errors, kv.entries)
 
 
 def test_transaction_reads_and_checks_answer_like_consul() -> None:
     kv = _kv()
     sid = kv.create_session(None, "n", _passing)
-    assert kv.acquire("held", b"v", 0, sid)
-    kv.txn([{"KV": {"Verb": "set", "Key": "a", "Value": _b64("1")}}])
+    assert _done(kv.acquire("held", b"v", 0, sid))
+    _done(kv.txn([{"KV": {"Verb": "set", "Key": "a", "Value": _b64("1")}}]))
     mi = kv.entries["a"]["mi"]
-    results, errors = kv.txn([{"KV": {"Verb": "get", "Key": "a"}}, {"KV": {"Verb": "check-index", "Key": "a", "Index": mi}},
-                              {"KV": {"Verb": "check-session", "Key": "held", "Session": sid}}])
+    results, errors = _done(kv.txn([{"KV": {"Verb": "get", "Key": "a"}}, {"KV": {"Verb": "check-index", "Key": "a", "Index": mi}},
+                              {"KV": {"Verb": "check-session", "Key": "held", "Session": sid}}]))
     assert errors is None and results is not None, errors
     got = [(r["KV"]["Key"], r["KV"]["Value"]) for r in results]
     assert got == [("a", _b64("1")), ("a", None), ("held", None)], f"expected get with its value and checks without, got {got}"
@@ -136,7 +145,7 @@ def test_transaction_reads_and_checks_answer_like_consul() -> None:
         "check-session of a missing key": ({"Verb": "check-session", "Key": "gone", "Session": sid}, 'key "gone" doesn\'t exist'),
     }
     for what, (op, message) in failures.items():
-        results, errors = kv.txn([{"KV": op}])
+        results, errors = _done(kv.txn([{"KV": op}]))
         assert results is None and errors == [{"OpIndex": 0, "What": message}], f"{what}: expected {message!r}, got {errors}"
 
 
@@ -144,7 +153,7 @@ def test_sessions_and_locks_survive_a_restart_and_orphaned_locks_are_freed() -> 
     reg = Registry(MemoryStore())
     kv = _kv(reg)
     sid = kv.create_session({"TTL": "30s"}, "n", _passing)
-    assert kv.acquire("held", b"", 0, sid)
+    assert _done(kv.acquire("held", b"", 0, sid))
     reg.write_documents("kv", {"orphan": {"v": None, "f": 0, "ci": 1, "mi": 1, "s": "gone", "li": 1}})
     again = _kv(reg)
     assert sid in again.sessions and again.entries["held"].get("s") == sid, "expected the session and its lock after a restart"
@@ -158,10 +167,10 @@ def test_sessions_and_locks_survive_a_restart_and_orphaned_locks_are_freed() -> 
 def test_junk_transactions_answer_or_change_nothing(body: object) -> None:
     reg = Registry(MemoryStore())
     kv = _kv(reg)
-    kv.put("x", b"1", 0, None)
+    _done(kv.put("x", b"1", 0, None))
     before = dict(reg.documents("kv"))
     try:
-        results, errors = kv.txn(body)
+        results, errors = _done(kv.txn(body))
     except ConsulError as exc:
         assert exc.status in (400, 413) and exc.message
         assert dict(reg.documents("kv")) == before

@@ -5,12 +5,20 @@ store's watch is played by handing A's written rows to B (``apply_remote``) and 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from meshpilot.consul.agent import ConsulAgent
 from meshpilot.consul.definitions import parse_service
 from meshpilot.registry import Registry
 from meshpilot.registry.store import MemoryStore, RemoteChange
+
+T = TypeVar("T")
+
+
+def _done(step: Coroutine[Any, Any, T]) -> T:
+    """Run one KV write to its end (outside a loop; the control plane awaits it in its handler)."""
+    return asyncio.run(step)
 
 
 class SharedStore(MemoryStore):
@@ -94,15 +102,15 @@ def test_an_index_ahead_of_this_replicas_view_is_waited_out_never_answered_with_
 def test_kv_entries_and_sessions_written_on_a_are_seen_on_b() -> None:
     a, sa, b, sb = _pair()
     sid = a.kv.create_session({"Name": "leader", "TTL": "30s"}, "10.0.0.1", lambda n, c: "passing")
-    assert a.kv.acquire("service/leader", b"a", 0, sid)
-    a.kv.put("config/x", b"1", 0, None)
+    assert _done(a.kv.acquire("service/leader", b"a", 0, sid))
+    _done(a.kv.put("config/x", b"1", 0, None))
     _hand(sa, sb, b.reg)
     assert b.kv.value("config/x") == b"1", f"expected A's KV entry on B, got {b.kv.value('config/x')!r}"
     held = b.kv.entries_json("service/leader", False)
     assert held and held[0]["Session"] == sid, f"expected the lock held by A's session on B, got {held}"
     assert [s["ID"] for s in b.kv.sessions_json()] == [sid]
     assert b.index >= max(e["ModifyIndex"] for e in b.kv.entries_json("", True)), "expected B's index to cover every entry"
-    a.kv.delete("config/x", False, None)
+    _done(a.kv.delete("config/x", False, None))
     a.kv.destroy(sid)
     _hand(sa, sb, b.reg)
     assert b.kv.value("config/x") is None and b.kv.sessions_json() == [], "expected the delete and the destroyed session on B"
@@ -166,3 +174,89 @@ def test_a_session_ttl_follows_its_renewals_and_only_its_runner_destroys_it() ->
     assert [s["ID"] for s in a.kv.sessions_json()] == [sid], "expected A to leave a session renewed on B"
     b.kv.expire(later, lambda n, c: "passing")
     assert b.kv.sessions_json() == [], "expected B, which keeps its TTL, to end it once not renewed"
+
+
+class _Etcd:
+    """The truth two replicas share: each key's document and the revision it was last written at."""
+
+    def __init__(self) -> None:
+        self.rev = 1
+        self.docs: dict[tuple[str, str], tuple[int, Any]] = {}
+
+
+class _Replica(MemoryStore):
+    """A replica's view of ``_Etcd``: reads and plain writes are local until ``catch_up``; ``commit_if``
+    checks the guards against the truth as etcd's Txn compares would."""
+
+    shared = True
+
+    def __init__(self, etcd: _Etcd) -> None:
+        super().__init__()
+        self.etcd = etcd
+        self.revision = etcd.rev
+        self.registry: Registry | None = None
+
+    def write(self, puts: Any, deletes: tuple[tuple[str, str], ...] = ()) -> None:
+        super().write(puts, deletes)
+        self.etcd.rev += 1
+        for tk, v in puts.items():
+            self.etcd.docs[tk] = (self.etcd.rev, v)
+        for tk in deletes:
+            self.etcd.docs.pop(tk, None)
+
+    async def commit_if(self, since: int, guards: Any, puts: Any, deletes: tuple[tuple[str, str], ...] = ()) -> bool:
+        await asyncio.sleep(0)  # what a real store's round trip allows: the view may move meanwhile
+        for g in guards:
+            hits = [(tk, rv) for tk, rv in self.etcd.docs.items()
+                    if tk[0] == g.table and (tk[1].startswith(g.key) if g.prefix else tk[1] == g.key)]
+            if any(rev > since for (_tk, (rev, _v)) in hits) or (g.exists and not hits):
+                self.catch_up()
+                return False
+        if puts or deletes:
+            self.write(puts, deletes)
+            self.catch_up()
+        return True
+
+    def catch_up(self) -> None:
+        """What the watch does: the view takes every newer document and the registry hears of it."""
+        rows: list[RemoteChange] = []
+        for (t, k), (rev, v) in sorted(self.etcd.docs.items(), key=lambda kv: kv[1][0]):
+            if rev > self.revision:
+                MemoryStore.write(self, {(t, k): v})
+                rows.append((t, k, v))
+        self.revision = self.etcd.rev
+        if self.registry is not None and rows:
+            self.registry.apply_remote(rows, self.revision)
+
+
+def test_two_replicas_racing_for_one_lock_or_one_cas_index_let_only_one_win() -> None:
+    async def main() -> None:
+        etcd = _Etcd()
+        sa, sb = _Replica(etcd), _Replica(etcd)
+        a, b = ConsulAgent(Registry(sa), replica="replica-a"), ConsulAgent(Registry(sb), replica="replica-b")
+        sa.registry, sb.registry = a.reg, b.reg
+        sid_a = a.kv.create_session({"Name": "a"}, "10.0.0.1", lambda n, c: "passing")
+        sid_b = b.kv.create_session({"Name": "b"}, "10.0.0.2", lambda n, c: "passing")
+        sa.catch_up()
+        sb.catch_up()
+        # both views say the lock is free; A commits first, B's decision is checked against etcd
+        won_a = await a.kv.acquire("service/leader", b"a", 0, sid_a)
+        won_b = await b.kv.acquire("service/leader", b"b", 0, sid_b)
+        assert (won_a, won_b) == (True, False), f"expected only the first acquire to win, got A={won_a} B={won_b}"
+        held = b.kv.entries_json("service/leader", False)
+        assert held and held[0]["Session"] == sid_a, f"expected B's view to show A's lock after losing, got {held}"
+
+        # check-and-set: both read index i, both try to write with it; one wins
+        assert await a.kv.put("config/x", b"0", 0, None)
+        sb.catch_up()
+        index = b.kv.entries_json("config/x", False)[0]["ModifyIndex"]
+        first = await a.kv.put("config/x", b"from-a", 0, index)
+        second = await b.kv.put("config/x", b"from-b", 0, index)
+        assert (first, second) == (True, False), f"expected one check-and-set to win, got A={first} B={second}"
+        assert b.kv.value("config/x") == b"from-a", f"expected B to see A's value, got {b.kv.value('config/x')!r}"
+
+        # a refusal from a stale view is checked too: B's view is behind a release made on A
+        assert await a.kv.release("service/leader", b"", 0, sid_a)
+        assert await b.kv.acquire("service/leader", b"b", 0, sid_b), "expected B to take the lock A released"
+
+    asyncio.run(main())
