@@ -415,7 +415,13 @@ async def test_a_member_killed_restarted_or_frozen_costs_no_change(cluster3: Etc
         took = time.monotonic() - t0
         cluster3.thaw(i)
         assert took < 6, f"expected A and B to leave frozen member {i} within a Txn attempt or two; took {took:.1f}s"
-    assert b.model == a.model == etcd_state(cluster3.url + "/meshpilot/")
+    cluster3.wait_healthy()  # a Txn attempt that a frozen member held is applied now, or never
+    a.write({("meta", "last"): True})
+    await a.store.sync()
+    final = etcd_state(cluster3.url + "/meshpilot/")
+    assert final[("meta", "frozen")] == [2, 4], f"an old attempt was applied late: etcd holds {final[('meta', 'frozen')]}"
+    await b.until(lambda: b.model == final, "B to converge on etcd's state")
+    assert b.model == a.model == final
     assert a.store.current() and b.store.current()
     resumed = [r.message for r in caplog.records if "event=store_watch_resumed" in r.message]
     assert resumed, "expected at least one watch to break and resume on another member"
