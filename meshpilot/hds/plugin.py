@@ -85,7 +85,7 @@ def install(core: Core) -> Part:
 
     return Part(
         grpc_handlers=[server.handler()],
-        routes=[synced_route(core.registry, core.xds, core.publishing, s.domain)],
+        routes=[synced_route(core.registry, core.xds, core.publishing, s.domain, core.replica_id)],
         tasks=[Task("hds_sweeps", server.run_sweeps), *([Task("hds_follow_store", follow_store)] if store.shared else [])],
         node_watchers=[on_node],
     )

@@ -137,3 +137,65 @@ def test_the_module_cluster_lists_every_live_replicas_api() -> None:
             await cp.stop()
 
     asyncio.run(main())
+
+
+def test_synced_asked_of_one_replica_answers_for_the_envoys_of_every_replica() -> None:
+    from meshpilot.hds.plugin import install
+    from meshpilot.model import Service
+
+    async def main() -> None:
+        store = SharedStore()  # one view for both: each sees the other's entry in the replicas table
+        cps = [ControlPlane(Settings(store="etcd://127.0.0.1:1", xds_port=0, api_port=0, consul_port=None,
+                                     eureka_port=None, debounce_ms=0), store=store) for _ in range(2)]
+        for cp in cps:
+            cp.include(install(cp))
+        svc = Service(name="web", ports=[{"name": "http", "port": 80}])
+        for cp in cps:
+            cp.registry.put_service(svc)
+        for cp in cps:
+            await cp.start()
+            cp.flush()  # the publisher's loop is not running here: publish what start noted
+        a, b = cps
+        eds = "outbound|80||web.default.svc.mesh"
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{b.ports['xds']}")
+        try:
+            # an Envoy on replica B subscribes to web's endpoints and has not ACKed them yet
+            call = ch.stream_stream(ADS, request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+                                    response_deserializer=discovery_pb2.DiscoveryResponse.FromString)()
+            req = discovery_pb2.DiscoveryRequest(type_url=TYPE.ENDPOINT, resource_names=[eds])
+            req.node.id = "caller-1"
+            await call.write(req)
+            resp = await asyncio.wait_for(call.read(), 5)
+            async with aiohttp.ClientSession() as http:
+                url = f"http://127.0.0.1:{a.ports['api']}/v1/services/default/web/synced"
+                async with http.get(url) as r:
+                    body = await r.json()
+                assert body["synced"] is False and body["pending"] == ["caller-1"] and body["consumers"] == 1, \
+                    f"expected replica A to report B's unACKed Envoy, got {body}"
+                async with http.get(url + "?local=1") as r:
+                    body = await r.json()
+                assert body["synced"] is True and body["consumers"] == 0, f"expected A alone to have no consumer, got {body}"
+                await call.write(discovery_pb2.DiscoveryRequest(type_url=TYPE.ENDPOINT, resource_names=[eds],
+                                                                version_info=resp.version_info, response_nonce=resp.nonce))
+
+                async def synced_everywhere() -> dict[str, Any]:
+                    for _ in range(100):
+                        async with http.get(url) as r:
+                            body = await r.json()
+                        if body["synced"]:
+                            return dict(body)
+                        await asyncio.sleep(0.02)
+                    return dict(body)
+
+                body = await synced_everywhere()
+                assert body["synced"] is True and body["consumers"] == 1, f"expected synced once B's Envoy ACKed, got {body}"
+                await b.stop()  # a replica that is gone adds nothing
+                async with http.get(url) as r:
+                    body = await r.json()
+                assert body["synced"] is True and body["consumers"] == 0, f"expected the stopped replica left out, got {body}"
+        finally:
+            await ch.close()
+            for cp in cps:
+                await cp.stop()
+
+    asyncio.run(main())
