@@ -141,7 +141,7 @@ def test_the_module_cluster_lists_every_live_replicas_api() -> None:
 
 def test_synced_asked_of_one_replica_answers_for_the_envoys_of_every_replica() -> None:
     from meshpilot.hds.plugin import install
-    from meshpilot.model import Service
+    from meshpilot.model import Service, ServicePort
 
     async def main() -> None:
         store = SharedStore()  # one view for both: each sees the other's entry in the replicas table
@@ -149,7 +149,7 @@ def test_synced_asked_of_one_replica_answers_for_the_envoys_of_every_replica() -
                                      eureka_port=None, debounce_ms=0), store=store) for _ in range(2)]
         for cp in cps:
             cp.include(install(cp))
-        svc = Service(name="web", ports=[{"name": "http", "port": 80}])
+        svc = Service(name="web", ports=(ServicePort(name="http", port=80),))
         for cp in cps:
             cp.registry.put_service(svc)
         for cp in cps:
@@ -165,7 +165,7 @@ def test_synced_asked_of_one_replica_answers_for_the_envoys_of_every_replica() -
             req = discovery_pb2.DiscoveryRequest(type_url=TYPE.ENDPOINT, resource_names=[eds])
             req.node.id = "caller-1"
             await call.write(req)
-            resp = await asyncio.wait_for(call.read(), 5)
+            resp: discovery_pb2.DiscoveryResponse = await asyncio.wait_for(call.read(), 5)
             async with aiohttp.ClientSession() as http:
                 url = f"http://127.0.0.1:{a.ports['api']}/v1/services/default/web/synced"
                 async with http.get(url) as r:
