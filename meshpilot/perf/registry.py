@@ -226,13 +226,22 @@ def _syncs(summary: str) -> int:
     return sum(int(line.split()[3]) for line in summary.splitlines() if line.split()[-1:] in (["fsync"], ["fdatasync"]))
 
 
-async def _sync_counts(base: str, pid: int, work: Path, n: int, concurrency: int) -> dict[str, Any]:
+async def _sync_counts(base: str, cp: _ControlPlane, work: Path, n: int, concurrency: int) -> dict[str, Any]:
+    """Syncs while ``n`` registrations are made one at a time, then ``concurrency`` at a time: counted
+    by the strace the control plane runs under, else by one attached for the purpose (a process has
+    one tracer: a second strace could not attach to one that runs under strace already)."""
     counts: dict[str, Any] = {"registrations": n}
     for label, in_flight in (("one_at_a_time", 1), (f"{concurrency}_in_flight", concurrency)):
-        out = work / f"strace-{label}.txt"
-        with strace_attached(pid, out, "-c", "-e", "trace=fsync,fdatasync"):
-            load = await _python_load(base, "register", n, in_flight, prefix=f"sync-{in_flight}-")
-        syncs = _syncs(out.read_text())
+        prefix = f"sync-{in_flight}-"
+        before = cp.syncs() if cp.syncs_file is not None else None
+        if before is not None:
+            load = await _python_load(base, "register", n, in_flight, prefix=prefix)
+            syncs = (cp.syncs() or 0) - before
+        else:
+            out = work / f"strace-{label}.txt"
+            with strace_attached(cp.pid, out, "-c", "-e", "trace=fsync,fdatasync"):
+                load = await _python_load(base, "register", n, in_flight, prefix=prefix)
+            syncs = _syncs(out.read_text())
         counts[label] = {"syncs": syncs, "syncs_per_registration": round(syncs / n, 3), "register_per_s_traced": round(n / load.seconds, 1)}
     return counts
 
@@ -525,7 +534,7 @@ def main(args: argparse.Namespace) -> int:
             if args.sync_writes:
                 if cp is None:
                     raise RuntimeError("--sync-writes traces the control plane this command starts; drop --consul")
-                report["disk_syncs"] = await _sync_counts(base, cp.pid, work, args.sync_writes, args.concurrency)
+                report["disk_syncs"] = await _sync_counts(base, cp, work, args.sync_writes, args.concurrency)
             return report
 
         report = {"target": target, "store": (f"{args.etcd}-member etcd: " if args.etcd else "") + (cp.store if cp else "(external)"),
