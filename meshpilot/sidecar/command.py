@@ -29,6 +29,15 @@ def _control_planes(value: str, command: str) -> tuple[tuple[str, int], ...] | N
         return None
 
 
+def _sidecar_control_planes(flag: str | None, spec_replicas: tuple[tuple[str, int], ...]
+                            ) -> tuple[tuple[str, int], ...] | None:
+    """The agent's replicas: ``--control-plane`` when given, else spec.yaml's ``mesh.controlPlanes``, else
+    127.0.0.1:15010; None after printing what is wrong with the flag."""
+    if flag is None and spec_replicas:
+        return spec_replicas
+    return _control_planes(flag or "127.0.0.1:15010", "sidecar")
+
+
 def _api_urls(value: str | None, control_planes: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
     """``--api`` (comma-separated for several replicas), default each control-plane host's port 15014."""
     if value:
@@ -58,7 +67,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         for f in exc.fields:
             print(f"  {f['field']}: {f['reason']}", file=sys.stderr)
         return 2
-    control_planes = _control_planes(args.control_plane, "sidecar")
+    control_planes = _sidecar_control_planes(args.control_plane, spec.mesh.control_plane_addresses)
     if control_planes is None:
         return 2
     host, port = control_planes[0]
@@ -190,9 +199,9 @@ def _identity_arguments(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("sidecar", help="run Envoy (and optionally the app) for one app described by spec.yaml")
     p.add_argument("--spec", required=True, help="spec.yaml: a Kubernetes Service plus a mesh section")
-    p.add_argument("--control-plane", default="127.0.0.1:15010", metavar="HOST:PORT[,HOST:PORT...]",
+    p.add_argument("--control-plane", metavar="HOST:PORT[,HOST:PORT...]",
                    help="the xDS/HDS server; several replicas comma-separated: every client of the node moves to "
-                        "another when one fails (default %(default)s)")
+                        "another when one fails (default: the spec's mesh.controlPlanes, else 127.0.0.1:15010)")
     p.add_argument("--api", metavar="URL[,URL...]",
                    help="management API URL, several comma-separated (default http://HOST:15014 for each "
                         "control-plane host)")

@@ -5,8 +5,9 @@ namespace and labels, ``spec.ports`` with name/port/targetPort/protocol/appProto
 file describes the service in a cluster and on a VM, plus a ``mesh`` section for what a VM needs:
 the app's health check, zone and weight, drain time, an optional pre-stop command, an optional
 ``app`` the agent starts and supervises, the sidecar's own ports, the node's meshdns (``dns``, on by
-default), the node's workload identity (``identity``: join token and trust bundle files, off by default)
-and an optional API list.
+default), the node's workload identity (``identity``: join token and trust bundle files, off by default),
+the control plane's replicas (``controlPlanes``: the list ``--control-plane`` gives, which overrides it) and an
+optional API list.
 
 ``load_spec(text)`` validates and returns a frozen ``SidecarSpec``; every error names the field
 (``spec.ports.0.targetPort: ...``). Pure: no I/O besides parsing the given text.
@@ -283,8 +284,29 @@ class IdentitySpec(_Model):
                                          description="the name the control plane's certificate is checked for")
 
 
+def _control_plane(text: str) -> str:
+    """One replica, ``HOST:PORT`` (``HOST`` alone: port 15010; ``[IPV6]:PORT``) → ``host:port`` as gRPC names it."""
+    from meshpilot.translate.bootstrap import grpc_target, parse_control_planes
+
+    if "," in text:
+        raise ValueError(f"one HOST:PORT per entry, got {text!r}")
+    try:
+        ((host, port),) = parse_control_planes(text)
+    except ValueError as exc:
+        raise ValueError(f"must be HOST:PORT: {exc}") from None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if len(host) > 253 or not _DNS_NAME.match(host):
+            raise ValueError(f"must be HOST:PORT, the host an IP address or a DNS name, got {text!r}") from None
+    return grpc_target(host, port)
+
+
 class MeshSection(_Model):
     _d = _durations("drainTime", "syncTimeout")
+    controlPlanes: list[Annotated[str, AfterValidator(_control_plane)]] | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="the control plane's replicas, HOST:PORT each (or one string a:p,b:p); --control-plane overrides")
     zone: str = Field(default="", max_length=128)
     weight: int = Field(default=100, ge=1, le=10_000)
     healthCheck: HealthCheck = HealthCheck()
@@ -296,6 +318,27 @@ class MeshSection(_Model):
     dns: DnsSpec = DnsSpec()
     identity: IdentitySpec = IdentitySpec()
     apis: list[ApiOperation] = Field(default_factory=list, max_length=1024)
+
+    @field_validator("controlPlanes", mode="before")
+    @classmethod
+    def _one_string(cls, v: Any) -> Any:
+        # the flag's form, "a:15010,b:15010" (or a single "a:15010"), as well as a YAML list
+        return [item.strip() for item in v.split(",")] if isinstance(v, str) else v
+
+    @field_validator("controlPlanes")
+    @classmethod
+    def _distinct(cls, v: list[str] | None) -> list[str] | None:
+        for i, target in enumerate(v or ()):
+            if target in (v or [])[:i]:
+                raise ValueError(f"entry {i} ({target}) is listed twice")
+        return v
+
+    @property
+    def control_plane_addresses(self) -> tuple[tuple[str, int], ...]:
+        """The replicas as (host, port), in the spec's order; () when the spec names none."""
+        from meshpilot.translate.bootstrap import parse_control_planes
+
+        return parse_control_planes(",".join(self.controlPlanes)) if self.controlPlanes else ()
 
 
 class SidecarSpec(_Model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -90,9 +91,18 @@ def test_rendered_bootstrap_carries_what_hds_reads() -> None:
         ({"mesh": {"dns": {"upstreamMark": 0}}}, "mesh.dns.upstreamMark"),
         ({"mesh": {"dns": {"enabled": "sometimes"}}}, "mesh.dns.enabled"),
         ({"mesh": {"dns": {"port": 53}}}, "mesh.dns.port"),
+        ({"mesh": {"controlPlanes": ["10.0.0.1:15010", "10.0.0.2:port"]}}, "mesh.controlPlanes.1"),
+        ({"mesh": {"controlPlanes": ["10.0.0.1:15010", "10.0.0.2:0"]}}, "mesh.controlPlanes.1"),
+        ({"mesh": {"controlPlanes": ["cp one:15010"]}}, "mesh.controlPlanes.0"),
+        ({"mesh": {"controlPlanes": ["a:15010,b:15010"]}}, "mesh.controlPlanes.0"),
+        ({"mesh": {"controlPlanes": ["a:15010", ""]}}, "mesh.controlPlanes.1"),
+        ({"mesh": {"controlPlanes": "a:15010,,b:15010"}}, "mesh.controlPlanes.1"),
+        ({"mesh": {"controlPlanes": ["a", "a:15010"]}}, "mesh.controlPlanes"),
+        ({"mesh": {"controlPlanes": []}}, "mesh.controlPlanes"),
+        ({"mesh": {"controlPlanes": 15010}}, "mesh.controlPlanes"),
     ],
 )
-def test_bad_spec_names_the_field(patch: dict, field: str) -> None:
+def test_bad_spec_names_the_field(patch: dict[str, Any], field: str) -> None:
     doc = {"metadata": {"name": "ok"}, "spec": {"ports": [{"name": "http", "port": 80}]}}
     doc.update(patch)
     with pytest.raises(SpecError) as err:
@@ -113,7 +123,7 @@ def test_not_a_mapping(text: str) -> None:
     st.none() | st.booleans() | st.integers() | st.text(max_size=10),
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
         ["metadata", "spec", "mesh", "name", "ports", "port", "targetPort", "healthCheck", "interval", "app",
-         "command", "sidecar", "labels", "kind", "protocol"]), c, max_size=4),
+         "command", "sidecar", "labels", "kind", "protocol", "controlPlanes"]), c, max_size=4),
     max_leaves=15))
 def test_junk_specs_give_a_spec_or_named_errors(doc: object) -> None:
     try:
@@ -160,9 +170,51 @@ def test_meshdns_settings_from_the_spec() -> None:
     doc["mesh"]["dns"] = {"listen": "[::1]:5300", "upstreams": ["10.0.0.2", "[fd00::53]:5353"], "search": [],
                           "domain": "corp.mesh", "ttl": 5, "upstreamTimeout": "800ms", "upstreamMark": "0x10"}
     d = dns_config(load_spec(yaml.safe_dump(doc)), SidecarOptions(control_plane_host="::1"), "n", Path("w"))
-    got = (d.host, d.port, d.control_plane, d.upstreams, d.search, d.domain, d.ttl, d.upstream_timeout, d.upstream_mark)
-    want = ("::1", 5300, "[::1]:15010", (("10.0.0.2", 53), ("fd00::53", 5353)), ("",), "corp.mesh", 5, 0.8, 0x10)
-    assert got == want, f"expected {want}, got {got}"
+    custom = (d.host, d.port, d.control_plane, d.upstreams, d.search, d.domain, d.ttl, d.upstream_timeout,
+            d.upstream_mark)
+    want_custom = ("::1", 5300, "[::1]:15010", (("10.0.0.2", 53), ("fd00::53", 5353)), ("",), "corp.mesh", 5, 0.8, 0x10)
+    assert custom == want_custom, f"expected {want_custom}, got {custom}"
     off = load_spec("metadata: {name: a}\nspec: {ports: [{name: http, port: 80}]}\nmesh: {dns: {enabled: false, "
                     "listen: 127.0.0.1:15006, upstreamMark: null}}\n").mesh.dns
     assert (off.enabled, off.upstreamMark) == (False, None), f"expected DNS off and no mark, got {off}"
+
+
+def test_control_planes_from_the_spec() -> None:
+    doc = yaml.safe_load(GOOD)
+    doc["mesh"]["controlPlanes"] = ["10.0.0.1:15010", "cp-b.example:15020", "[fd00::3]:15010", "10.0.0.4"]
+    got = load_spec(yaml.safe_dump(doc)).mesh.control_plane_addresses
+    want = (("10.0.0.1", 15010), ("cp-b.example", 15020), ("fd00::3", 15010), ("10.0.0.4", 15010))
+    assert got == want, f"expected every replica in order {want}, got {got}"
+
+    for single in ("cp.example:15010", ["cp.example:15010"]):
+        doc["mesh"]["controlPlanes"] = single
+        got = load_spec(yaml.safe_dump(doc)).mesh.control_plane_addresses
+        assert got == (("cp.example", 15010),), f"expected the one replica from {single!r}, got {got}"
+    doc["mesh"]["controlPlanes"] = "10.0.0.1:15010, 10.0.0.2:15010"  # the --control-plane text works too
+    got = load_spec(yaml.safe_dump(doc)).mesh.control_plane_addresses
+    assert got == (("10.0.0.1", 15010), ("10.0.0.2", 15010)), f"expected two replicas, got {got}"
+    assert load_spec(GOOD).mesh.control_plane_addresses == (), "a spec without controlPlanes names none"
+
+
+def test_the_flag_overrides_the_spec_and_every_replica_reaches_the_bootstrap() -> None:
+    from meshpilot.sidecar.command import _sidecar_control_planes
+
+    doc = yaml.safe_load(GOOD)
+    doc["mesh"]["controlPlanes"] = ["10.0.0.1:15010", "10.0.0.2:15010"]
+    spec = load_spec(yaml.safe_dump(doc))
+    replicas = spec.mesh.control_plane_addresses
+    cases = [
+        ((None, replicas), replicas),
+        (("10.9.9.9:15010", replicas), (("10.9.9.9", 15010),)),
+        ((None, ()), (("127.0.0.1", 15010),)),
+    ]
+    for (flag, from_spec), want in cases:
+        got = _sidecar_control_planes(flag, from_spec)
+        assert got == want, f"flag {flag!r}, spec {from_spec}: expected {want}, got {got}"
+
+    b = render_bootstrap(spec, SidecarOptions(control_planes=replicas, node_id="reviews-1"))
+    xds = next(c for c in b["static_resources"]["clusters"] if c["name"] == "meshpilot-xds")
+    got_eps = [e["endpoint"]["address"]["socket_address"] for e in xds["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    endpoints = [(a["address"], a["port_value"]) for a in got_eps]
+    assert endpoints == [("10.0.0.1", 15010), ("10.0.0.2", 15010)], \
+        f"expected both replicas in meshpilot-xds, got {endpoints}"
