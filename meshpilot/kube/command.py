@@ -50,7 +50,9 @@ def cmd_webhook(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default="meshpilot/meshpilot:latest", help="image of the sidecar and init containers")
-    p.add_argument("--control-plane", default="meshpilot.meshpilot-system.svc:15010")
+    p.add_argument("--control-plane", default="meshpilot.meshpilot-system.svc:15010", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the xDS server every injected sidecar uses: one name that resolves to every replica, or "
+                        "several replicas comma-separated (default %(default)s)")
     p.add_argument("--api", default="http://meshpilot.meshpilot-system.svc:15014")
     p.add_argument("--vip-cidr", default="240.240.0.0/16")
     p.add_argument("--identity", action="store_true",
