@@ -3,8 +3,9 @@
 
 Consul agents run the checks of the services registered with them; meshpilot is that agent, so the
 control plane runs them (one supervised task, probes in a task group with bounded concurrency). With
-replicas, each runs only the instances it is the runner of (agent.py), and once a second takes over
-what a replica that went away ran.
+replicas, each runs only the instances it is the runner of (agent.py), once a second takes over
+what a replica that went away ran, and does nothing while its store is not current (a frozen
+replica that runs again must not expire TTLs passed meanwhile on another replica).
 Results go into the registry as checks owned by ``consul``, which is what moves an instance in and
 out of EDS. HTTP: 2xx passing, 429 warning, anything else critical (as Consul does).
 """
@@ -40,6 +41,11 @@ async def run_checks(agent: ConsulAgent) -> None:
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True, limit=_MAX_PARALLEL)) as http, asyncio.TaskGroup() as tg:
         while True:
             now = time.monotonic()
+            if not agent.reg.store.current():
+                # cut off from the shared store (or just thawed from a freeze): its view of who runs
+                # what, and of the last TTL passes, may be old; act on no clock until it is current
+                await asyncio.sleep(_TICK_S)
+                continue
             if now >= adopt_at:  # replicas: take over what a replica that went away ran
                 agent.adopt_orphans(now)
                 adopt_at = now + _ADOPT_EVERY_S

@@ -169,6 +169,48 @@ class Registrations:
         self._thread.join(10)
 
 
+class Heartbeat:
+    """A Consul SDK app behind a load balancer: registers with a 3 s TTL check, then passes it every
+    0.5 s through the first replica that answers."""
+
+    SERVICE_ID = "sdk-1"
+
+    def __init__(self, replicas: Replicas) -> None:
+        self.replicas = replicas
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _put(self, path: str, body: object = None) -> bool:
+        for cp in self.replicas.alive():
+            try:
+                status, _, _ = http("PUT", f"http://127.0.0.1:{cp.ports['consul']}{path}", body, timeout=2)
+            except OSError:
+                continue
+            if status == 200:
+                return True
+        return False
+
+    def register(self) -> str:
+        assert self._put("/v1/agent/service/register", {"Name": "sdk", "ID": self.SERVICE_ID, "Port": 9000,
+                                                        "Check": {"TTL": "3s"}}), "expected the Consul registration to succeed"
+        assert self._put(f"/v1/agent/check/pass/service:{self.SERVICE_ID}")
+        return f"consul:127.0.0.1:{self.SERVICE_ID}"
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            if not self._put(f"/v1/agent/check/pass/service:{self.SERVICE_ID}"):
+                self.failed += 1
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 class Watch:
     """Samples each HDS instance's health on the live replicas while the phases run."""
 
@@ -266,7 +308,9 @@ def test_replicas_on_etcd_survive_a_killed_replica_a_killed_member_a_frozen_repl
         wait_until(lambda: _everyone_fed(replicas, nodes), 20, what="every Envoy with a stream")
         client_envoys = [envoys[n] for n in clients]
 
-        with Load(outbound) as load, Registrations(replicas) as regs, Watch(replicas, list(sidecars)) as watch:
+        heartbeat = Heartbeat(replicas)
+        sdk = heartbeat.register()
+        with Load(outbound) as load, Registrations(replicas) as regs, Watch(replicas, [*sidecars, sdk]) as watch, heartbeat:
             # 1. kill -9 the replica that holds the most streams
             time.sleep(2)
             victim = max(range(3), key=lambda i: len(replicas.streams(i)))
@@ -300,6 +344,7 @@ def test_replicas_on_etcd_survive_a_killed_replica_a_killed_member_a_frozen_repl
             # the Registrations thread picks live processes; a frozen one is alive but answers nothing
             regs.replicas = _Only(replicas, alive_others)
             watch.replicas = _Only(replicas, alive_others)
+            heartbeat.replicas = _Only(replicas, alive_others)
             wait_until(others_hold_everyone, 40, what=f"the {len(held)} streams of the frozen replica moved to the others")
             time.sleep(max(0.0, 12 - (time.monotonic() - frozen_at)))
             replicas.signal(frozen, signal.SIGCONT)
@@ -307,13 +352,18 @@ def test_replicas_on_etcd_survive_a_killed_replica_a_killed_member_a_frozen_repl
             wait_until(lambda: http("GET", back.api + "/healthz")[0] == 200, 30, what="the thawed replica current again")
             regs.replicas = replicas
             watch.replicas = replicas
+            heartbeat.replicas = replicas
             time.sleep(2)
 
         print(f"\nha: {load.sent} requests, {len(load.failed)} failed; {len(regs.acked)} registrations acknowledged, "
               f"{len(regs.refused)} refused; {len(moved)} streams on the killed replica, {len(held)} on the frozen one")
         assert load.sent > 200, f"expected a steady load, sent {load.sent}"
         assert not load.failed, f"expected 0 failed requests of {load.sent}, got {len(load.failed)}: {load.failed[:10]}"
-        assert not watch.bad, f"expected the HDS instances passing on every replica throughout, got {watch.bad[:10]}"
+        assert not watch.bad, f"expected the HDS and Consul TTL instances passing on every replica throughout, got {watch.bad[:10]}"
+        assert heartbeat.failed == 0, f"expected every TTL pass answered by some replica, {heartbeat.failed} were not"
+        # the SDK app dies: a replica runs its TTL and marks it critical (nothing keeps a dead instance)
+        wait_until(lambda: all(p.call("GET", f"/v1/instances/{sdk}")[1].get("health") == "critical" for p in replicas.alive()),
+                   10, what=f"{sdk} critical on every replica once its heartbeats stopped")
         assert len(regs.acked) > 50, f"expected a stream of acknowledged registrations, got {len(regs.acked)}"
         wait_until(lambda: not _converged(replicas, client_envoys, regs.acked), 30,
                    what=f"every replica and every Envoy with the {len(regs.acked)} acknowledged registrations "
