@@ -26,11 +26,10 @@ never sees its index go back: a query whose index is ahead of this replica's vie
 view catches up (or the wait ends). Other replicas' changes wake waiting queries here as local ones
 do, and KV entries, sessions, registration records and check definitions follow them, so any replica
 answers for any Consul instance. Each instance's checks (probes, TTL expiry, deregistration after
-critical) and each session's TTL are run by one replica, named in the store's ephemeral ``runners``
-table: the replica the client last talked to (it registered, updated a TTL or renewed there). When
-that replica goes away its runner entries expire with its lease and the live replica with the
-smallest id adopts them, with a full TTL from then; so a replica's death neither fails a healthy
-instance whose client moved to another replica nor keeps a dead one.
+critical) and each session's TTL are run by one replica (registry/runners.py): the replica the
+client last talked to (it registered, updated a TTL or renewed there); when that replica goes away
+the live replica with the smallest id adopts them, with a full TTL from then. So a replica's death
+neither fails a healthy instance whose client moved to another replica nor keeps a dead one.
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ from meshpilot.consul.kv import KeyValue
 from meshpilot.sdkmeta import exported_meta, instance_fields, join_service, primary_port, release_service, tags_of
 from meshpilot.model import Check, CheckStatus, Instance, Service, ValidationError, field_errors
 from meshpilot.registry import Change, RegistryError, Registry
+from meshpilot.registry.runners import Runners
 
 __all__ = ["Answer", "CONSUL_NAME", "ConsulAgent", "OWNER", "VERSION"]
 
@@ -62,8 +62,6 @@ _PREFIX = "consul:"
 _META = "meta"
 _MAX_WATCH_KEYS = 20_000
 _SESSION = "session/"
-_RUNNERS = "runners"  # store table (ephemeral): instance id or "session/<id>" -> {"replica": id}
-_REPLICAS = "replicas"  # store table (ephemeral): the live control-plane replicas
 _OUTPUT_SYNC_S = 300.0  # Consul's check_update_interval
 CONSUL_NAME = "consul-name"  # service label: the Consul name when it is not the registry's name
 
@@ -107,6 +105,7 @@ class ConsulAgent:
     def __init__(self, registry: Registry, *, datacenter: str = "dc1", node_name: str = "meshpilot", replica: str = "") -> None:
         self.reg = registry
         self.replica = replica or f"agent-{uuid.uuid4().hex[:8]}"  # this replica's id (the control plane's)
+        self.runners = Runners(registry.store, self.replica, "consul")
         self.datacenter = datacenter
         self.node_name = node_name
         self._shared = registry.store.shared
@@ -218,45 +217,31 @@ class ConsulAgent:
 
     def runs(self, key: str) -> bool:
         """Whether this replica runs the checks of instance ``key`` (or the TTL of ``session/<id>``)."""
-        if not self._shared:
-            return True
-        doc = self.reg.store.get(_RUNNERS, key)
-        return isinstance(doc, dict) and doc.get("replica") == self.replica
+        return self.runners.runs(key)
 
     def claim(self, key: str) -> None:
         """Run ``key`` here from now on: its client talks to this replica."""
-        if self._shared and not self.runs(key):
-            self.reg.store.write({(_RUNNERS, key): {"replica": self.replica}})
+        self.runners.claim(key)
 
     def _release(self, key: str) -> None:
-        if self._shared and self.runs(key):
-            self.reg.store.write({}, ((_RUNNERS, key),))
+        self.runners.release(key)
 
     def adopt_orphans(self, now: float) -> int:
         """Instances and sessions nobody runs (their replica went away) are taken over by the live
         replica with the smallest id, each with a full TTL from now; how many this replica took."""
-        if not self._shared:
-            return 0
-        live = sorted(k for k, _doc in self.reg.store.items(_REPLICAS))
-        if not live or live[0] != self.replica:
-            return 0
-        taken = 0
-        for iid, defs in list(self.checks.items()):
-            if self.reg.store.get(_RUNNERS, iid) is None and self.reg.instance(iid) is not None:
-                self.claim(iid)
-                for cid, d in defs.items():
-                    if d.kind == "ttl":
-                        self.ttl_deadline[(iid, cid)] = now + d.ttl_s
-                    if (iid, cid) in self.critical_since:
-                        self.critical_since[(iid, cid)] = now
-                log.info("event=consul_runner_adopted instance=%s", iid)
-                taken += 1
-        for sid in list(self.kv.sessions):
-            if self.reg.store.get(_RUNNERS, _SESSION + sid) is None:
-                self.claim(_SESSION + sid)
-                self.kv.adopt(sid, now)
-                taken += 1
-        return taken
+        instances = [iid for iid in self.checks if self.reg.instance(iid) is not None]
+        taken = self.runners.adopt([*instances, *(_SESSION + sid for sid in self.kv.sessions)])
+        for key in taken:
+            if key.startswith(_SESSION):
+                self.kv.adopt(key[len(_SESSION):], now)
+                continue
+            for cid, d in self.checks.get(key, {}).items():
+                if d.kind == "ttl":
+                    self.ttl_deadline[(key, cid)] = now + d.ttl_s
+                if (key, cid) in self.critical_since:
+                    self.critical_since[(key, cid)] = now
+            log.info("event=consul_runner_adopted instance=%s", key)
+        return len(taken)
 
     def _wake(self, topic: str) -> None:
         ev = self._topics.pop(topic, None)

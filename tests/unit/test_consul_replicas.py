@@ -151,7 +151,7 @@ def test_a_ttl_check_is_run_by_the_replica_its_client_talks_to_and_adopted_when_
     assert _instance_health(a, iid) == "passing", "expected A to stop expiring a TTL B runs"
 
     # B goes away: its runner entries vanish with its lease; A, the smallest live id, adopts them
-    MemoryStore.write(sa, {}, (("runners", iid), ("replicas", "replica-b")))
+    MemoryStore.write(sa, {}, (("runners", f"consul/{iid}"), ("replicas", "replica-b")))
     now = time.monotonic()
     assert a.adopt_orphans(now) == 1 and a.runs(iid)
     _expire_ttls(a, now + 1)
