@@ -7,6 +7,12 @@ if one is set, else the reported status) is UP. Instances from every other sourc
 UP while routable, OUT_OF_SERVICE in maintenance, DOWN otherwise. Leases expire after the
 registration's ``durationInSecs`` without a renewal; the instance is then cancelled (there is no
 self-preservation mode). Deltas are kept for three minutes, as Eureka does.
+
+Replicas (a shared store): every replica follows the registration records the others write, so a
+client may register on one and renew on another (no peer replication, one registry). Each lease is
+run by one replica (registry/runners.py): the one the client last registered or renewed with; only
+it expires the lease, and when it goes away the smallest live replica adopts the lease with its full
+duration from then.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from meshpilot.sdkmeta import exported_meta, instance_fields, join_service, prim
 from meshpilot.eureka.codec import EurekaError, InstanceInfo, hashcode
 from meshpilot.model import Check, CheckStatus, Instance, Service, ValidationError, field_errors
 from meshpilot.registry import Change, Registry, RegistryError
+from meshpilot.registry.runners import Runners
 
 __all__ = ["EurekaFront", "OWNER"]
 
@@ -30,6 +37,7 @@ OWNER: Final = "eureka"
 DELTA_RETENTION_S = 180.0
 _PREFIX = "eureka:"
 _META = "meta"
+_RECORDS = "eureka/instances/"  # meta table: a registration's record, by registry instance id
 _DCI = {"@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo", "name": "MyOwn"}
 
 
@@ -48,8 +56,9 @@ def _ms() -> int:
 
 
 class EurekaFront:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, replica: str = "") -> None:
         self.reg = registry
+        self.runners = Runners(registry.store, replica or "eureka", "eureka")
         self.leases: dict[str, Lease] = {}
         self.regs: dict[str, dict[str, Any]] = {}  # instance id -> {info fields, status, override, dirty}
         self.views: dict[str, dict[str, Any]] = {}  # instance id -> instance view (without lease)
@@ -76,11 +85,41 @@ class EurekaFront:
     # ---- events --------------------------------------------------------------------------------
 
     def _on_change(self, change: Change) -> None:
+        if change.remote and change.kind == "document" and change.table == _META and change.key.startswith(_RECORDS):
+            self._follow(change.key[len(_RECORDS):])
+        elif change.remote and change.kind == "instance" and change.op == "put" and change.key not in self.regs:
+            self._follow(change.key)
         if change.kind == "instance":
             self._refresh(change.key)
         elif change.kind == "service":
             for inst in self.reg.instances(change.service):
                 self._refresh(inst.id)
+
+    def _follow(self, iid: str) -> None:
+        """Another replica wrote (or removed) this registration's record: renewals may come here now."""
+        doc = self.reg.store.get(_META, _RECORDS + iid)
+        inst = self.reg.instance(iid)
+        if not isinstance(doc, dict) or inst is None or inst.source != OWNER:
+            if doc is None:
+                self.regs.pop(iid, None)
+                self.leases.pop(iid, None)
+            return  # a record before its instance: the instance's put calls this again
+        self.regs[iid] = doc
+        if iid not in self.leases:
+            now_ms = _ms()
+            self.leases[iid] = Lease(doc.get("duration_s", 90), doc.get("renewal_s", 30), doc.get("registered_ms", now_ms),
+                                     now_ms, time.monotonic(), now_ms)
+        self._refresh(iid)
+
+    def adopt_orphans(self) -> int:
+        """Leases nobody runs (their replica went away), taken over by the smallest live replica with
+        their full duration from now; how many this replica took."""
+        taken = self.runners.adopt([iid for iid in self.leases if self.reg.instance(iid) is not None])
+        now, now_ms = time.monotonic(), _ms()
+        for iid in taken:
+            self.leases[iid].renewed_at, self.leases[iid].renewed_ms = now, now_ms
+            log.info("event=eureka_lease_adopted instance=%s", iid)
+        return len(taken)
 
     def _refresh(self, iid: str) -> None:
         inst = self.reg.instance(iid)
@@ -246,6 +285,7 @@ class EurekaFront:
         self.leases[iid] = Lease(info.duration_s, info.renewal_s, record["registered_ms"], now_ms, time.monotonic(),
                                  now_ms if info.status == "UP" else 0)
         self.reg.store.write({(_META, f"eureka/instances/{iid}"): record})
+        self.runners.claim(iid)
         self._refresh(iid)
         return inst
 
@@ -256,6 +296,7 @@ class EurekaFront:
             raise EurekaError(404, f"instance {instance_id} of {app.upper()} is not registered")
         lease.renewed_at = time.monotonic()
         lease.renewed_ms = _ms()
+        self.runners.claim(iid)
         return self._with_lease(iid, self.views[iid])
 
     def cancel(self, app: str, instance_id: str) -> None:
@@ -263,6 +304,7 @@ class EurekaFront:
         inst = self.reg.instance(iid)
         if inst is None or inst.source != OWNER:
             raise EurekaError(404, f"instance {instance_id} of {app.upper()} is not registered")
+        self.runners.release(iid)
         self.reg.deregister(iid, OWNER)
         self.regs.pop(iid, None)
         self.leases.pop(iid, None)
@@ -302,9 +344,9 @@ class EurekaFront:
         self.reg.register(new, replace=True)
 
     def expire(self) -> list[str]:
-        """Cancel every instance whose lease ran out; returns their registry ids."""
+        """Cancel every instance whose lease ran out (of those this replica runs); returns their registry ids."""
         now = time.monotonic()
-        gone = [iid for iid, lease in self.leases.items() if now - lease.renewed_at > lease.duration_s]
+        gone = [iid for iid, lease in self.leases.items() if now - lease.renewed_at > lease.duration_s and self.runners.runs(iid)]
         for iid in gone:
             inst = self.reg.instance(iid)
             record = self.regs.get(iid)

@@ -12,6 +12,7 @@ from meshpilot.consul.agent import ConsulAgent
 from meshpilot.consul.definitions import parse_service
 from meshpilot.registry import Registry
 from meshpilot.registry.store import MemoryStore, RemoteChange
+from tests.unit.shared_store import SharedStore, hand as _hand
 
 T = TypeVar("T")
 
@@ -21,42 +22,11 @@ def _done(step: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(step)
 
 
-class SharedStore(MemoryStore):
-    """A memory store that says it is shared; it keeps the rows written to it for the other replica,
-    and each write takes the next revision as a commit to etcd would."""
-
-    shared = True
-
-    def __init__(self, clock: list[int]) -> None:
-        super().__init__()
-        self.clock = clock  # the one revision counter of the "cluster"
-        self.revision = clock[0]
-        self.rows: list[RemoteChange] = []
-
-    def write(self, puts: Any, deletes: tuple[tuple[str, str], ...] = ()) -> None:
-        super().write(puts, deletes)
-        self.clock[0] += 1
-        self.revision = self.clock[0]
-        self.rows += [(t, k, v) for (t, k), v in puts.items()] + [(t, k, None) for t, k in deletes]
-
-    def taken(self) -> list[RemoteChange]:
-        rows, self.rows = self.rows, []
-        return rows
-
-
 def _pair() -> tuple[ConsulAgent, SharedStore, ConsulAgent, SharedStore]:
     clock = [100]
     sa, sb = SharedStore(clock), SharedStore(clock)
     a, b = ConsulAgent(Registry(sa)), ConsulAgent(Registry(sb))
     return a, sa, b, sb
-
-
-def _hand(src: SharedStore, dst: SharedStore, reg: Registry) -> None:
-    """What the watch does: the other replica's rows, then its view's revision."""
-    rows = src.taken()
-    MemoryStore.write(dst, {(t, k): v for t, k, v in rows if v is not None}, tuple((t, k) for t, k, v in rows if v is None))
-    dst.revision = dst.clock[0]
-    reg.apply_remote(rows, dst.revision)
 
 
 def test_the_index_is_the_stores_revision_and_a_query_on_b_wakes_for_a_write_on_a() -> None:
