@@ -6,11 +6,14 @@ answering the same ``svc<i>.default.svc.mesh`` names itself (meshdns from a stat
 ``host-record``, unbound from ``local-data``) and forwarding everything else to that upstream. For each server it
 measures two workloads: mesh names, and forwarded names after a warm-up pass (so they come from the server's
 cache). Each workload gets throughput runs (dnsperf at full speed: qps), interleaved across the servers for
-several rounds with the median reported, so that load from other processes falls on all of them alike, and a
-latency run at a fixed, moderate
-rate with per-query reporting (percentiles), so latency is comparable across servers. It prints the results as
-JSON and one summary line with the meshdns/dnsmasq qps ratios for mesh names (the bar is >= 1.0) and for cached
-forwarded names.
+several rounds with the median reported, so that load from other processes falls on all of them alike. Saturated
+qps measures dnsperf as much as the server (on a small machine dnsperf takes as much CPU as the server it drives),
+so two measures at a fixed offered rate (dnsperf ``-Q``) stand beside it: the server's CPU per answered query
+(``--cpu-qps``, utime+stime of the server process from ``/proc/<pid>/stat`` before and after the run, divided by
+the queries dnsperf saw answered), and latency percentiles from per-query reporting (``--latency-qps``). Those
+runs are interleaved across servers for the same number of rounds, with the median reported beside every round.
+It prints the results as JSON and one summary line with the meshdns/dnsmasq qps ratios and the meshdns/unbound
+ratios of CPU per query and of p99 latency (the bar is <= 1.0), for mesh names and cached forwarded names.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,11 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--names", type=int, default=200, help="mesh names and forwarded names (%(default)s)")
     p.add_argument("--clients", type=int, default=4, help="dnsperf -c (%(default)s)")
     p.add_argument("--outstanding", type=int, default=200, help="dnsperf -q (%(default)s)")
+    p.add_argument("--cpu-qps", type=int, default=20000,
+                   help="offered rate (dnsperf -Q) of the runs that measure server CPU per query (%(default)s)")
+    p.add_argument("--cpu-duration", type=float, default=5.0, help="seconds per CPU run (%(default)s)")
     p.add_argument("--latency-qps", type=int, default=10000, help="rate of the latency runs (%(default)s)")
     p.add_argument("--latency-duration", type=float, default=3.0, help="seconds per latency run (%(default)s)")
     p.add_argument("--rounds", type=int, default=3,
-                   help="throughput runs per server and workload, interleaved across servers; the median is "
-                        "reported, so load from other processes hits every server alike (%(default)s)")
+                   help="throughput, CPU and latency runs per server and workload, interleaved across servers; the "
+                        "median is reported, so load from other processes hits every server alike (%(default)s)")
     p.add_argument("--servers", default="meshdns,dnsmasq,unbound", help="comma-separated subset to run")
     p.add_argument("--json-out", default=None, help="also write the JSON report to this file")
 
@@ -145,7 +151,7 @@ def _upstream(workdir: Path, fwd_names: list[str]) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def _meshdns(workdir: Path, services: list[dict[str, Any]], upstream: int) -> Iterator[int]:
+def _meshdns(workdir: Path, services: list[dict[str, Any]], upstream: int) -> Iterator[tuple[int, int]]:
     table = workdir / "table.json"
     table.write_text(json.dumps(services))
     cmd = [sys.executable, "-m", "meshpilot.cli", "meshdns", "--listen", "127.0.0.1:0", "--control-plane", "none",
@@ -158,11 +164,11 @@ def _meshdns(workdir: Path, services: list[dict[str, Any]], upstream: int) -> It
             raise RuntimeError(f"meshdns did not start: {line!r}: {(workdir / 'meshdns.log').read_text()[-2000:]}")
         port = int(line.rsplit(":", 1)[1])
         _wait_answering(port, "svc0.default.svc.mesh", proc)
-        yield port
+        yield port, proc.pid
 
 
 @contextlib.contextmanager
-def _dnsmasq(workdir: Path, mesh: list[tuple[str, str]], upstream: int) -> Iterator[int]:
+def _dnsmasq(workdir: Path, mesh: list[tuple[str, str]], upstream: int) -> Iterator[tuple[int, int]]:
     port = free_udp_tcp_port()
     conf = workdir / "dnsmasq.conf"
     lines = [f"port={port}", "listen-address=127.0.0.1", "bind-interfaces", "no-resolv", "no-hosts",
@@ -173,11 +179,11 @@ def _dnsmasq(workdir: Path, mesh: list[tuple[str, str]], upstream: int) -> Itera
     exe = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
     with _process([exe, "-k", "-C", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         _wait_answering(port, mesh[0][0], proc)
-        yield port
+        yield port, proc.pid
 
 
 @contextlib.contextmanager
-def _unbound_peer(workdir: Path, mesh: list[tuple[str, str]], upstream: int) -> Iterator[int]:
+def _unbound_peer(workdir: Path, mesh: list[tuple[str, str]], upstream: int) -> Iterator[tuple[int, int]]:
     port = free_udp_tcp_port()
     local = ['local-zone: "mesh." static']
     local += [f'local-data: "{name}. 30 IN A {ip}"' for name, ip in mesh]
@@ -187,7 +193,7 @@ def _unbound_peer(workdir: Path, mesh: list[tuple[str, str]], upstream: int) -> 
     with _process([shutil.which("unbound") or "/usr/sbin/unbound", "-d", "-c", str(conf)],
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         _wait_answering(port, mesh[0][0], proc)
-        yield port
+        yield port, proc.pid
 
 
 # -- dnsperf ---------------------------------------------------------------------------------------------------
@@ -217,6 +223,25 @@ def _throughput(port: int, datafile: Path, args: argparse.Namespace) -> dict[str
             "avg_latency_ms": round((grab(_AVG) or 0) * 1000, 4), "rcodes": grab(_RCODES, str)}
 
 
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15 of proc(5)
+
+
+def _cpu(pid: int, port: int, datafile: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Server CPU per answered query at a fixed offered rate."""
+    before = _cpu_seconds(pid)
+    out = _dnsperf(port, datafile, "-l", str(args.cpu_duration), "-Q", str(args.cpu_qps), "-c", "1",
+                   "-T", "1").stdout
+    cpu = _cpu_seconds(pid) - before
+    m, q, lost = _COMPLETED.search(out), _QPS.search(out), _LOST.search(out)
+    completed = int(m.group(1)) if m else 0
+    return {"offered_qps": args.cpu_qps, "answered_qps": float(q.group(1)) if q else None,
+            "completed": completed, "lost": int(lost.group(1)) if lost else None, "cpu_s": round(cpu, 3),
+            "cpu_us_per_query": round(cpu * 1e6 / completed, 2) if completed else None}
+
+
 def _latency(port: int, datafile: Path, args: argparse.Namespace) -> dict[str, Any]:
     out = _dnsperf(port, datafile, "-l", str(args.latency_duration), "-Q", str(args.latency_qps), "-c", "1", "-v",
                    "-T", "1").stdout
@@ -229,6 +254,10 @@ def _latency(port: int, datafile: Path, args: argparse.Namespace) -> dict[str, A
 
     return {"rate_qps": args.latency_qps, "samples": len(lat), "p50_ms": pct(50), "p90_ms": pct(90),
             "p99_ms": pct(99), "p999_ms": pct(99.9), "max_ms": round(lat[-1] * 1000, 4)}
+
+
+_KINDS = ("mesh", "forwarded_cached")
+_SHORT = {"mesh": "mesh", "forwarded_cached": "cached-fwd"}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -249,45 +278,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fwd_file = workdir / "forwarded.txt"
         fwd_file.write_text("".join(f"{name} A\n" for name in fwd))
         with _upstream(workdir, fwd) as upstream, contextlib.ExitStack() as stack:
-            ports = {server: stack.enter_context(starters[server](workdir, upstream)) for server in wanted}
+            started = {server: stack.enter_context(starters[server](workdir, upstream)) for server in wanted}
+            ports = {server: port for server, (port, _) in started.items()}
             for port in ports.values():
                 _dnsperf(port, fwd_file, "-n", "1")  # warm the forwarding caches
             files = {"mesh": mesh_file, "forwarded_cached": fwd_file}
-            rounds: dict[str, dict[str, list[dict[str, Any]]]] = {s: {k: [] for k in files} for s in wanted}
+            measures: dict[str, tuple[Callable[[str, int, Path], dict[str, Any]], str]] = {
+                "throughput": (lambda s, p, f: _throughput(p, f, args), "qps"),
+                "cpu": (lambda s, p, f: _cpu(started[s][1], p, f, args), "cpu_us_per_query"),
+                "latency": (lambda s, p, f: _latency(p, f, args), "p99_ms")}
+            rounds: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {
+                s: {k: {m: [] for m in measures} for k in files} for s in wanted}
             for _ in range(max(1, args.rounds)):
-                for kind, datafile in files.items():
-                    for server, port in ports.items():
-                        rounds[server][kind].append(_throughput(port, datafile, args))
-            for server, port in ports.items():
+                for measure, (measure_run, _key) in measures.items():
+                    for kind, datafile in files.items():
+                        for server, port in ports.items():
+                            rounds[server][kind][measure].append(measure_run(server, port, datafile))
+            for server in ports:
                 results[server] = {}
-                for kind, datafile in files.items():
-                    runs = sorted(rounds[server][kind], key=lambda r: r["qps"] or 0)
-                    best = dict(runs[len(runs) // 2])
-                    best["qps_rounds"] = [r["qps"] for r in rounds[server][kind]]
-                    results[server][kind] = {"throughput": best, "latency": _latency(port, datafile, args)}
+                for kind in files:
+                    results[server][kind] = {}
+                    for measure, (_run, key) in measures.items():
+                        runs = rounds[server][kind][measure]
+                        median = dict(sorted(runs, key=lambda r: r.get(key) or 0)[len(runs) // 2])
+                        median[f"{key}_rounds"] = [r.get(key) for r in runs]
+                        results[server][kind][measure] = median
 
-    def ratio(kind: str) -> float | None:
+    def ratio(measure: str, key: str, kind: str, peer: str) -> float | None:
         try:
-            qps: float = results["meshdns"][kind]["throughput"]["qps"] / results["dnsmasq"][kind]["throughput"]["qps"]
-            return round(qps, 3)
+            value: float = results["meshdns"][kind][measure][key] / results[peer][kind][measure][key]
+            return round(value, 3)
         except (KeyError, TypeError, ZeroDivisionError):
             return None
 
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
         "settings": {"duration_s": args.duration, "rounds": args.rounds, "names": n, "clients": args.clients,
-                     "outstanding": args.outstanding, "latency_qps": args.latency_qps},
+                     "outstanding": args.outstanding, "cpu_qps": args.cpu_qps, "cpu_duration_s": args.cpu_duration,
+                     "latency_qps": args.latency_qps, "latency_duration_s": args.latency_duration},
         "results": results,
-        "ratio_meshdns_over_dnsmasq": {"mesh": ratio("mesh"), "forwarded_cached": ratio("forwarded_cached")},
+        "ratio_meshdns_over_dnsmasq": {k: ratio("throughput", "qps", k, "dnsmasq") for k in _KINDS},
+        "ratio_meshdns_over_unbound": {
+            "cpu_us_per_query": {k: ratio("cpu", "cpu_us_per_query", k, "unbound") for k in _KINDS},
+            "p99_ms": {k: ratio("latency", "p99_ms", k, "unbound") for k in _KINDS},
+        },
     }
     parts = []
     for server, r in results.items():
-        parts.append(f"{server} mesh {r['mesh']['throughput']['qps'] or 0:.0f} qps "
-                     f"p99 {r['mesh']['latency'].get('p99_ms')} ms, cached-fwd "
-                     f"{r['forwarded_cached']['throughput']['qps'] or 0:.0f} qps")
-    mesh_ratio = report["ratio_meshdns_over_dnsmasq"]["mesh"]
-    fwd_ratio = report["ratio_meshdns_over_dnsmasq"]["forwarded_cached"]
-    verdict = "" if mesh_ratio is None else (" (meets >= 1.0)" if mesh_ratio >= 1.0 else " (BELOW 1.0)")
-    report["summary"] = (f"perf dns: {'; '.join(parts)}; meshdns/dnsmasq mesh = {mesh_ratio}{verdict}, "
-                         f"cached-fwd = {fwd_ratio}")
+        parts.append(server + " " + ", ".join(
+            f"{_SHORT[k]} {r[k]['throughput']['qps'] or 0:.0f} qps {r[k]['cpu'].get('cpu_us_per_query')} us/q "
+            f"p99 {r[k]['latency'].get('p99_ms')} ms" for k in _KINDS))
+
+    def verdict(value: float | None, bar: float, below: bool) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value} ({'meets' if (value <= bar if below else value >= bar) else 'MISSES'})"
+
+    over_dnsmasq, over_unbound = report["ratio_meshdns_over_dnsmasq"], report["ratio_meshdns_over_unbound"]
+    report["summary"] = (
+        f"perf dns (us/q at {args.cpu_qps} qps offered, p99 at {args.latency_qps}): {'; '.join(parts)}; "
+        f"meshdns/dnsmasq qps mesh = {verdict(over_dnsmasq['mesh'], 1.0, False)}, "
+        f"cached-fwd = {over_dnsmasq['forwarded_cached']}; "
+        + "; ".join(f"meshdns/unbound {label} {_SHORT[k]} = {verdict(over_unbound[m][k], 1.0, True)}"
+                    for m, label in (("cpu_us_per_query", "us/q"), ("p99_ms", "p99")) for k in _KINDS))
     return report
