@@ -2,9 +2,10 @@
 the xDS gRPC server and the HTTP front doors, all on one asyncio loop.
 
 Data flows one way (DESIGN.md): a write changes the registry, the registry emits a change, the
-debouncer collects changes for ``debounce_ms`` (never longer than ``debounce_max_ms`` in total),
-then only the resources the changes touch are rebuilt by translate/ and put into the cache, which
-tells the subscribed streams. The control plane assembles its parts and owns their lifetimes: a
+debouncer publishes a change to an idle control plane at once and collects the changes that follow
+until ``debounce_ms`` pass without one (never longer than ``debounce_max_ms`` in total), then only
+the resources the changes touch are rebuilt by translate/ and put into the cache, which tells the
+subscribed streams. The control plane assembles its parts and owns their lifetimes: a
 plugin contributes gRPC services (HDS), HTTP apps (Consul, Eureka), management API routes, tasks
 and node watchers as a ``Part`` (parts.py), given to ``include``. What goes into the cache comes
 from the publisher (publish/), its one writer, fed by producers the control plane assembles: the

@@ -9,8 +9,11 @@ never keeps its own bookkeeping: what a key no longer holds is removed. All of o
 writes go to the cache together, puts in push order (clusters and endpoints before the listeners
 and routes that name them) and removals after every put; the streams (xds/stream.py) hold a
 removed cluster back until the routes sent with it are answered. Registry and policy changes
-wait behind the debouncer; a node that connects gets its own resources at once, because its
-stream waits for them before its first response.
+go through the debouncer (publish/debounce.py): one that finds the control plane idle (no change
+for ``quiet_s``) is published at once, the ones that follow it wait until they settle or the cap;
+the full build at start and a failed publication count as busy time, so changes around them wait
+for quiet too. A node that connects (or leaves) gets its own resources at once, because its stream
+waits for them before its first response; that is no change to the mesh, so it holds back none.
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ class Publisher:
     # ---- changes in -------------------------------------------------------------------------
 
     def note(self, changes: Changes) -> None:
-        """Publish these changes once the debouncer says the burst has settled."""
+        """Publish these changes when the debouncer says they are due: at once on an idle control
+        plane, else once the burst has settled."""
         self._pending.merge(changes)
         self.debouncer.add(self.clock())
         self._kick.set()
@@ -123,7 +127,9 @@ class Publisher:
             # restart publishes it instead of leaving the cache stale until those keys change again
             pending.merge(self._pending)
             self._pending = pending
-            self.debouncer.add(self.clock())
+            now = self.clock()
+            self.debouncer.busy(now)  # retried after quiet_s, not at once
+            self.debouncer.add(now)
             raise
 
     def pending_for(self, service_key: str) -> bool:
@@ -134,6 +140,8 @@ class Publisher:
     def publish(self, changes: Changes) -> None:
         """Publish these changes now, beside (not instead of) the pending ones."""
         now = self.clock()
+        if changes.everything:
+            self.debouncer.busy(now)  # pending changes and the ones right after wait for quiet
         self._write([(i, p.produce(changes, now)) for i, p in enumerate(self.producers)])
 
     def inject(self, type_url: str, name: str, resource: Resource | None, scope: str = "") -> None:

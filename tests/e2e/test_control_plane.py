@@ -179,6 +179,9 @@ def test_cluster_change_beside_another_endpoint_change_leaves_nothing_warming(wo
         with envoy(workdir, boot) as e:
             wait_until(lambda: through(out, "a")[0] == 200 and through(out, "b")[0] == 200, 15, what="routes to a and b")
             svc = cp.call("GET", "/v1/services/default/a")[1]
+            # a change of its own first: an idle control plane pushes it at once (the debounce's
+            # leading edge), so the two changes below fall into one trailing window and one push
+            assert cp.call("POST", "/v1/services", {"name": "z", "ports": [{"name": "http", "port": 80}]})[0] == 201
             assert cp.call("PUT", "/v1/services/default/a", {"ports": svc["ports"], "traffic": {**svc["traffic"], "connect_timeout_ms": 2500}})[0] == 200
             assert cp.call("POST", "/v1/services/default/b/instances", {"id": "b-2", "address": "127.0.0.1", "ports": {"http": b2.port}})[0] == 201
             a_cluster = "outbound|80||a.default.svc.mesh"

@@ -4,7 +4,7 @@ record of what was written and in which order."""
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from meshpilot.publish import Bundle, Changes, Debouncer, Output, Producer, Publisher
@@ -23,10 +23,42 @@ class Clock:
 # ---- the debouncer ------------------------------------------------------------------------------
 
 
-def test_a_burst_is_due_once_it_has_been_quiet() -> None:
-    d = Debouncer(quiet_s=0.05, cap_s=2.0)
+def test_a_change_to_an_idle_control_plane_is_due_at_once() -> None:
+    d = Debouncer(quiet_s=0.1, cap_s=1.0)
     assert d.next_deadline() is None and not d.due(0.0), "expected nothing due before any change"
-    for i in range(300):  # 300 changes a millisecond apart
+    d.add(10.0)
+    assert d.due(10.0) and d.next_deadline() == 10.0, f"expected the first change ever due at once, got {d.next_deadline()}"
+    d.take()
+    d.add(10.25)
+    assert d.due(10.25), "expected a change 250 ms after the one before (idle for more than 100 ms) due at once"
+    d.take()
+    d.add(10.3)
+    assert not d.due(10.3) and d.next_deadline() == 10.3 + 0.1, f"expected a change 50 ms after the one before to wait 100 ms, got {d.next_deadline()}"
+    d.take()  # published at 10.4, the end of its quiet time
+    d.add(10.41)
+    assert d.due(10.41), "expected a change 110 ms after the one before due at once, though a batch was published 10 ms before it"
+
+
+def test_busy_time_makes_changes_around_it_wait() -> None:
+    d = Debouncer(quiet_s=0.1, cap_s=1.0)
+    d.add(10.0)
+    d.busy(10.0)  # e.g. the full build at start, or a publication that failed
+    assert not d.due(10.0) and d.next_deadline() == 10.0 + 0.1, f"expected the pending change to wait for quiet, got {d.next_deadline()}"
+    d.take()
+    d.add(10.05)
+    assert not d.due(10.05) and d.next_deadline() == 10.05 + 0.1, f"expected a change 50 ms after busy time to wait, got {d.next_deadline()}"
+    d.take()
+    d.busy(20.0)
+    d.add(20.1)
+    assert d.due(20.1), "expected a change 100 ms after busy time (and after the change before) due at once"
+
+
+def test_a_burst_is_due_at_its_first_change_then_once_it_has_been_quiet() -> None:
+    d = Debouncer(quiet_s=0.05, cap_s=2.0)
+    d.add(10.0)
+    assert d.due(10.0), "expected the burst's first change due at once"
+    d.take()
+    for i in range(1, 300):  # 299 more changes a millisecond apart
         d.add(10.0 + i / 1000)
         assert not d.due(10.0 + i / 1000), f"expected nothing due in the middle of the burst (change {i})"
     last = 10.0 + 299 / 1000
@@ -38,6 +70,7 @@ def test_a_burst_is_due_once_it_has_been_quiet() -> None:
 
 def test_a_steady_stream_of_changes_is_due_at_the_cap() -> None:
     d = Debouncer(quiet_s=0.1, cap_s=0.15)
+    d.busy(0.0)
     due_at = []
     now = 0.0
     for _ in range(40):  # a change every 20 ms never leaves 100 ms of quiet
@@ -53,6 +86,7 @@ def test_a_steady_stream_of_changes_is_due_at_the_cap() -> None:
 
 def test_zero_quiet_time_is_due_at_once() -> None:
     d = Debouncer(quiet_s=0, cap_s=1.0)
+    d.busy(5.0)
     d.add(5.0)
     assert d.due(5.0), "expected a change due at once without a quiet time"
 
@@ -60,22 +94,119 @@ def test_zero_quiet_time_is_due_at_once() -> None:
 @given(
     quiet=st.floats(0, 5, allow_nan=False),
     cap=st.floats(0, 5, allow_nan=False),
+    idle=st.floats(0, 10, allow_nan=False),
     gaps=st.lists(st.floats(0, 3, allow_nan=False), min_size=1, max_size=30),
     probe=st.floats(0, 10, allow_nan=False),
 )
-def test_due_means_quiet_enough_or_capped(quiet: float, cap: float, gaps: list[float], probe: float) -> None:
+def test_due_means_idle_before_or_quiet_enough_or_capped(quiet: float, cap: float, idle: float, gaps: list[float], probe: float) -> None:
     d = Debouncer(quiet, cap)
+    d.busy(0.0)
     times = []
-    now = 0.0
+    now = idle
     for gap in gaps:
         now += gap
         times.append(now)
         d.add(now)
     at = now + probe
-    want = at >= times[-1] + quiet or at >= times[0] + cap
-    assert d.due(at) == want, f"quiet {quiet} cap {cap} changes at {times}: expected due({at}) {want}, got {d.due(at)}"
+    want = times[0] >= quiet or at >= times[-1] + quiet or at >= times[0] + cap
+    assert d.due(at) == want, f"quiet {quiet} cap {cap} published at 0, changes at {times}: expected due({at}) {want}, got {d.due(at)}"
     deadline = d.next_deadline()
     assert deadline is not None and deadline <= times[0] + cap, f"expected the deadline never past the cap, got {deadline}"
+
+
+def _simulate(d: Debouncer, arrivals: list[float]) -> tuple[list[float], list[float]]:
+    """Run ``d`` as the publisher's loop does over changes at these (sorted) times: publish when a
+    deadline passes, and at once when a change is due as it arrives. Returns when each change was
+    published and the publication times."""
+    out = [float("nan")] * len(arrivals)
+    pending: list[int] = []
+    publications: list[float] = []
+
+    def publish(at: float) -> None:
+        d.take()
+        for i in pending:
+            out[i] = at
+        pending.clear()
+        publications.append(at)
+
+    for i, t in enumerate(arrivals):
+        deadline = d.next_deadline()
+        while deadline is not None and deadline <= t:
+            publish(deadline)
+            deadline = d.next_deadline()
+        d.add(t)
+        pending.append(i)
+        if d.due(t):
+            publish(t)
+    while (deadline := d.next_deadline()) is not None:
+        publish(deadline)
+    return out, publications
+
+
+@given(
+    quiet=st.floats(0, 2, allow_nan=False),
+    cap=st.floats(0, 2, allow_nan=False),
+    gaps=st.lists(st.floats(0, 3, allow_nan=False), min_size=1, max_size=40),
+)
+def test_no_change_waits_past_the_cap_and_an_isolated_one_waits_not_at_all(quiet: float, cap: float, gaps: list[float]) -> None:
+    arrivals, now = [], 0.0
+    for gap in gaps:
+        now += gap
+        arrivals.append(now)
+    published_at, publications = _simulate(Debouncer(quiet, cap), arrivals)
+    for t, p in zip(arrivals, published_at):
+        assert t <= p <= t + cap + 1e-9, f"quiet {quiet} cap {cap} arrivals {arrivals}: a change at {t} published at {p}, past the cap"
+    for i, t in enumerate(arrivals):
+        if i == 0 or t >= arrivals[i - 1] + quiet:  # no change in the quiet time before it
+            assert published_at[i] == t, f"quiet {quiet} arrivals {arrivals}: the change at {t} found the control plane idle and waited until {published_at[i]}"
+
+
+@given(
+    quiet=st.floats(0.001, 2, allow_nan=False),
+    cap=st.floats(0.001, 2, allow_nan=False),
+    start=st.floats(0, 5, allow_nan=False),
+    fractions=st.lists(st.floats(0, 1, allow_nan=False, exclude_max=True), min_size=1, max_size=500),
+)
+def test_a_burst_within_the_window_is_published_at_most_twice(quiet: float, cap: float, start: float, fractions: list[float]) -> None:
+    """Changes less than ``quiet`` apart, all within ``cap`` of the first, to an idle control plane:
+    the first goes at once and the rest together once they settle."""
+    step = min(quiet, cap / len(fractions))
+    arrivals, now = [], start
+    for f in fractions:
+        now += f * step
+        arrivals.append(now)
+    assume(all(b < a + quiet for a, b in zip(arrivals, arrivals[1:])) and arrivals[-1] < arrivals[0] + cap)  # float rounding aside
+    published_at, publications = _simulate(Debouncer(quiet, cap), arrivals)
+    assert published_at[0] == arrivals[0], f"expected the burst's first change published at once, got {published_at[0]} for {arrivals[0]}"
+    assert len(publications) <= 2, f"quiet {quiet} cap {cap}: expected at most 2 publications for a burst of {len(arrivals)}, got {publications}"
+
+
+@given(
+    quiet=st.floats(0, 2, allow_nan=False),
+    cap=st.floats(0, 2, allow_nan=False),
+    steps=st.lists(st.tuples(st.sampled_from(["add", "busy", "take"]), st.floats(-1, 1, allow_nan=False)), min_size=1, max_size=40),
+)
+def test_a_clock_stepping_back_never_brings_a_deadline_forward(quiet: float, cap: float, steps: list[tuple[str, float]]) -> None:
+    """The object's time never goes backwards: fed a clock that steps back, it answers as if the
+    clock had stood still, and a new change never makes the pending ones due earlier."""
+    stepped, steady = Debouncer(quiet, cap), Debouncer(quiet, cap)
+    now, latest = 0.0, float("-inf")
+    for op, dt in steps:
+        now += dt
+        if op != "take":  # take is told no time
+            latest = max(latest, now)
+        before = stepped.next_deadline()
+        for d, t in ((stepped, now), (steady, latest)):
+            if op == "add":
+                d.add(t)
+            elif op == "busy":
+                d.busy(t)
+            else:
+                d.take()
+        after = stepped.next_deadline()
+        assert after == steady.next_deadline(), f"{steps}: after {op} at {now} (latest {latest}) expected deadline {steady.next_deadline()}, got {after}"
+        if op == "add" and before is not None:
+            assert after is not None and after >= before, f"{steps}: a change at {now} brought the deadline forward from {before} to {after}"
 
 
 # ---- the publisher ------------------------------------------------------------------------------
@@ -177,18 +308,46 @@ def test_unlisted_types_stay_out_of_wildcard_subscriptions() -> None:
     assert cache.wildcard_names(TYPE.ROUTE) == {"r"}, "expected the route listed as before"
 
 
-def test_changes_wait_for_the_debouncer_and_arrive_merged() -> None:
+def test_a_change_to_an_idle_publisher_goes_at_once_and_the_next_ones_wait_merged() -> None:
     p = Script()
     pub, _cache, clock = _publisher(p)
+    pub.note(Changes(services={"z"}))
+    assert pub.pending_for("z") and pub.next_deadline() == clock.now, f"expected a change to an idle publisher due now, got {pub.next_deadline()}"
+    assert pub.publish_due() and len(p.seen) == 1 and p.seen[0].services == {"z"}, f"expected it published at once, got {p.seen}"
+    assert not pub.pending_for("z"), "expected nothing waiting once published"
+    clock.now += 0.01
     pub.note(Changes(services={"a"}))
+    assert pub.pending_for("a") and not pub.publish_due(), "expected a change 10 ms after a publication to wait"
     clock.now += 0.05
     pub.note(Changes(endpoints={"b"}, instances={"i"}))
-    assert not pub.publish_due() and p.seen == [], "expected nothing published 50 ms into a 100 ms quiet time"
+    assert not pub.publish_due() and len(p.seen) == 1, "expected nothing published 50 ms into a 100 ms quiet time"
     assert pub.next_deadline() == clock.now + 0.1, f"expected the deadline 100 ms after the last change, got {pub.next_deadline()}"
+    assert pub.pending_for("a") and pub.pending_for("b"), "expected both services reported as waiting (the /synced route)"
     clock.now += 0.1
     assert pub.publish_due(), "expected the changes published once quiet"
-    assert len(p.seen) == 1 and (p.seen[0].services, p.seen[0].endpoints, p.seen[0].instances) == ({"a"}, {"b"}, {"i"}), f"expected one merged publication, got {p.seen}"
+    assert len(p.seen) == 2 and (p.seen[1].services, p.seen[1].endpoints, p.seen[1].instances) == ({"a"}, {"b"}, {"i"}), f"expected one merged publication, got {p.seen}"
     assert pub.next_deadline() is None and not pub.publish_due(), "expected nothing left pending"
+    clock.now += 0.5
+    pub.note(Changes(services={"c"}))
+    assert pub.publish_due() and p.seen[-1].services == {"c"}, "expected a change after 500 ms of quiet published at once again"
+
+
+def test_a_nodes_own_publication_does_not_hold_back_a_change() -> None:
+    p = Script()
+    pub, _cache, clock = _publisher(p)
+    pub.publish(Changes(nodes={"n1"}))  # a sidecar connected: its listeners go out at once
+    clock.now += 0.03
+    pub.note(Changes(services={"a"}))
+    assert pub.next_deadline() == clock.now and pub.publish_due(), f"expected a change 30 ms after a node connected published at once, got {pub.next_deadline()}"
+
+
+def test_a_direct_publication_counts_as_activity() -> None:
+    p = Script()
+    pub, _cache, clock = _publisher(p)
+    pub.publish(Changes(everything=True))  # the start's full build, or a node's own resources
+    clock.now += 0.03
+    pub.note(Changes(services={"a"}))
+    assert not pub.publish_due() and pub.next_deadline() == clock.now + 0.1, f"expected a change 30 ms after a publication to wait for quiet, got {pub.next_deadline()}"
 
 
 class Failing(Script):
@@ -217,6 +376,7 @@ def test_a_batch_a_producer_failed_on_is_published_with_the_next_one() -> None:
         pass
     else:
         raise AssertionError("expected the producer's failure to reach the run loop")
+    assert pub.pending_for("a") and not pub.publish_due(), "expected the failed batch pending, waiting for quiet rather than retried at once"
     pub.note(Changes(services={"b"}))
     clock.now += 0.1
     p.outputs.append({("", "a"): Bundle({TYPE.CLUSTER: {"a": _msg("1")}})})
