@@ -105,7 +105,7 @@ class ConsulAgent:
     def __init__(self, registry: Registry, *, datacenter: str = "dc1", node_name: str = "meshpilot", replica: str = "") -> None:
         self.reg = registry
         self.replica = replica or f"agent-{uuid.uuid4().hex[:8]}"  # this replica's id (the control plane's)
-        self.runners = Runners(registry.store, self.replica, "consul")
+        self.runners = Runners(registry, self.replica, "consul")
         self.datacenter = datacenter
         self.node_name = node_name
         self._shared = registry.store.shared
@@ -113,6 +113,7 @@ class ConsulAgent:
         self.started = time.time()
         self._indexes: dict[str, tuple[int, int]] = {}  # instance id -> (create index, modify index)
         self.checks: dict[str, dict[str, CheckDef]] = {}  # instance id -> check id -> definition
+        self.generation = 0  # bumped whenever ``checks`` changes (the checker rebuilds its probe set)
         self._by_check: dict[tuple[str, str], str] = {}  # (node, check id) -> instance id
         self._node_of_checks: dict[str, str] = {}  # instance id -> node its checks are indexed under
         self._unsaved: set[str] = set()  # deleted instances whose stored definitions are still to delete
@@ -390,17 +391,21 @@ class ConsulAgent:
         return inst
 
     def _forget(self, iid: str) -> None:
+        self.generation += 1
         self.records.pop(iid, None)
-        for cid in self.checks.pop(iid, {}):
+        cids = list(self.checks.pop(iid, {}))
+        for cid in cids:
             for table in (self.ttl_deadline, self.critical_since, self._output, self._synced):
                 table.pop((iid, cid), None)
         node = self._node_of_checks.pop(iid, None)
-        if node is not None:
-            for k in [k for k in self._by_check if k[0] == node and self._by_check[k] == iid]:
-                del self._by_check[k]
+        if node is not None:  # its own check ids only: no scan of every check of every instance
+            for cid in cids:
+                if self._by_check.get((node, cid)) == iid:
+                    del self._by_check[(node, cid)]
         self._maintenance_reason.pop(iid, None)
 
     def _set_defs(self, inst: Instance, defs: dict[str, CheckDef], now: float) -> None:
+        self.generation += 1
         old = self.checks.get(inst.id, {})
         for cid in old:
             if self._by_check.get((inst.node, cid)) == inst.id:

@@ -13,6 +13,7 @@ out of EDS. HTTP: 2xx passing, 429 warning, anything else critical (as Consul do
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 
@@ -29,15 +30,21 @@ log = logging.getLogger("meshpilot.consul.checks")
 _TICK_S = 0.05
 _MAX_PARALLEL = 64
 _ADOPT_EVERY_S = 1.0
+_SCAN_S = 0.25  # how often TTL expiry, deregistration after critical and session TTLs are looked at
 
 
 async def run_checks(agent: ConsulAgent) -> None:
-    """Keep every Consul check current until cancelled."""
-    due: dict[tuple[str, str], float] = {}
+    """Keep every Consul check current until cancelled. A tick costs what is due in it: probes wait in
+    a heap by due time (the set of probes is rebuilt only when a check definition changed), and TTL
+    expiry, deregistration after critical and session expiry are looked at every ``_SCAN_S``."""
+    heap: list[tuple[float, str, str]] = []  # (due, instance id, check id)
+    scheduled: set[tuple[str, str]] = set()  # the probes with an entry in the heap
+    probes: dict[tuple[str, str], CheckDef] = {}
+    generation = -1
     running: set[tuple[str, str]] = set()
     limit = asyncio.Semaphore(_MAX_PARALLEL)
     timeout = aiohttp.ClientTimeout(total=None)
-    adopt_at = 0.0
+    adopt_at = scan_at = 0.0
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True, limit=_MAX_PARALLEL)) as http, asyncio.TaskGroup() as tg:
         while True:
             now = time.monotonic()
@@ -50,25 +57,29 @@ async def run_checks(agent: ConsulAgent) -> None:
                 agent.adopt_orphans(now)
                 adopt_at = now + _ADOPT_EVERY_S
             agent.flush()
-            agent.kv.expire(now, agent.check_status)
-            _expire_ttls(agent, now)
-            _deregister_critical(agent, now)
-            live = set()
-            for iid, defs in list(agent.checks.items()):
-                if not agent.runs(iid):
+            if now >= scan_at:
+                agent.kv.expire(now, agent.check_status)
+                _expire_ttls(agent, now)
+                _deregister_critical(agent, now)
+                scan_at = now + _SCAN_S
+            if agent.generation != generation:  # a check was defined, changed or removed
+                generation = agent.generation
+                probes = {(iid, cid): d for iid, defs in agent.checks.items() for cid, d in defs.items() if d.kind in ("http", "tcp")}
+                for key in probes.keys() - scheduled:
+                    heapq.heappush(heap, (now, *key))
+                    scheduled.add(key)
+            while heap and heap[0][0] <= now:
+                _due, iid, cid = heapq.heappop(heap)
+                key = (iid, cid)
+                d = probes.get(key)
+                if d is None:
+                    scheduled.discard(key)
                     continue
-                for cid, d in defs.items():
-                    if d.kind not in ("http", "tcp"):
-                        continue
-                    key = (iid, cid)
-                    live.add(key)
-                    if key in running or due.get(key, 0.0) > now:
-                        continue
-                    due[key] = now + d.interval_s
-                    running.add(key)
-                    tg.create_task(_probe(agent, http, limit, iid, d, running))
-            for key in set(due) - live:
-                del due[key]
+                heapq.heappush(heap, (now + d.interval_s, iid, cid))
+                if key in running or not agent.runs(iid):
+                    continue
+                running.add(key)
+                tg.create_task(_probe(agent, http, limit, iid, d, running))
             await asyncio.sleep(_TICK_S)
 
 

@@ -58,7 +58,7 @@ def _ms() -> int:
 class EurekaFront:
     def __init__(self, registry: Registry, replica: str = "") -> None:
         self.reg = registry
-        self.runners = Runners(registry.store, replica or "eureka", "eureka")
+        self.runners = Runners(registry, replica or "eureka", "eureka")
         self.leases: dict[str, Lease] = {}
         self.regs: dict[str, dict[str, Any]] = {}  # instance id -> {info fields, status, override, dirty}
         self.views: dict[str, dict[str, Any]] = {}  # instance id -> instance view (without lease)
