@@ -7,6 +7,8 @@ row) and error messages name the field. Everything downstream trusts these value
 
 from __future__ import annotations
 
+import functools
+
 import ipaddress
 import re
 from enum import Enum
@@ -262,7 +264,10 @@ class Instance(_Frozen):
         return self.ever_passed and self.health is not CheckStatus.critical and all(self.ports.values())
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def service_key(name: str, namespace: str = "default") -> str:
+    """A service's registry key; asked for on every read of ``Service.key`` and ``Instance.service_key``,
+    so remembered for the names in use."""
     return f"{name.lower()}.{namespace.lower()}"
 
 

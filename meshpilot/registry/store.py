@@ -254,14 +254,23 @@ class SqliteStore:
             _settle(done, None)
 
     def _commit(self, batch: list[_Row]) -> None:
+        latest: dict[tuple[str, str], str | None] = {}  # one transaction: the newest value of each key is its end state
+        for t, k, v in batch:
+            latest[(t, k)] = v
+        puts: dict[str, list[tuple[str, str]]] = {}
+        deletes: dict[str, list[tuple[str]]] = {}
+        for (t, k), v in latest.items():
+            if v is None:
+                deletes.setdefault(t, []).append((k,))
+            else:
+                puts.setdefault(t, []).append((k, v))
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for t, k, v in batch:
-                if v is None:
-                    db.execute(f"DELETE FROM {t} WHERE k = ?", (k,))
-                else:
-                    db.execute(f"INSERT OR REPLACE INTO {t} (k, v) VALUES (?, ?)", (k, v))
+            for t, keys in deletes.items():
+                db.executemany(f"DELETE FROM {t} WHERE k = ?", keys)
+            for t, rows in puts.items():
+                db.executemany(f"INSERT OR REPLACE INTO {t} (k, v) VALUES (?, ?)", rows)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:

@@ -169,3 +169,18 @@ def test_the_store_files_are_the_owners_alone(tmp_path: Path) -> None:
             assert modes and all(m == 0o600 for m in modes.values()), f"expected the store's files 0600, got {modes}"
     finally:
         os.umask(old)
+
+
+def test_a_commit_of_many_writes_to_one_key_keeps_the_last(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    store.write({("kv", "a"): 1, ("kv", "b"): 1})
+    store.write({}, (("kv", "a"),))
+    store.write({("kv", "b"): 2, ("kv", "c"): 3})
+    store.write({("kv", "a"): 4}, (("kv", "c"),))
+    store.flush()
+    store.close()
+    again = SqliteStore(tmp_path / "s.db")
+    try:
+        assert dict(again.items("kv")) == {"a": 4, "b": 2}, f"expected each key's last write on disk, got {dict(again.items('kv'))}"
+    finally:
+        again.close()
