@@ -113,7 +113,7 @@ class ConsulAgent:
         self.started = time.time()
         self._indexes: dict[str, tuple[int, int]] = {}  # instance id -> (create index, modify index)
         self.checks: dict[str, dict[str, CheckDef]] = {}  # instance id -> check id -> definition
-        self.generation = 0  # bumped whenever ``checks`` changes (the checker rebuilds its probe set)
+        self.changed: set[str] = set()  # instances whose ``checks`` changed since the checker last looked
         self._by_check: dict[tuple[str, str], str] = {}  # (node, check id) -> instance id
         self._node_of_checks: dict[str, str] = {}  # instance id -> node its checks are indexed under
         self._unsaved: set[str] = set()  # deleted instances whose stored definitions are still to delete
@@ -391,7 +391,7 @@ class ConsulAgent:
         return inst
 
     def _forget(self, iid: str) -> None:
-        self.generation += 1
+        self.changed.add(iid)
         self.records.pop(iid, None)
         cids = list(self.checks.pop(iid, {}))
         for cid in cids:
@@ -405,7 +405,7 @@ class ConsulAgent:
         self._maintenance_reason.pop(iid, None)
 
     def _set_defs(self, inst: Instance, defs: dict[str, CheckDef], now: float) -> None:
-        self.generation += 1
+        self.changed.add(inst.id)
         old = self.checks.get(inst.id, {})
         for cid in old:
             if self._by_check.get((inst.node, cid)) == inst.id:

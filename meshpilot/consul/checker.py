@@ -36,11 +36,13 @@ _SCAN_S = 0.25  # how often TTL expiry, deregistration after critical and sessio
 async def run_checks(agent: ConsulAgent) -> None:
     """Keep every Consul check current until cancelled. A tick costs what is due in it: probes wait in
     a heap by due time (the set of probes is rebuilt only when a check definition changed), and TTL
-    expiry, deregistration after critical and session expiry are looked at every ``_SCAN_S``."""
+    expiry, deregistration after critical and session expiry are looked at every ``_SCAN_S``. The probe
+    set follows the instances whose definitions changed (``agent.changed``), not a rescan of them all."""
     heap: list[tuple[float, str, str]] = []  # (due, instance id, check id)
     scheduled: set[tuple[str, str]] = set()  # the probes with an entry in the heap
     probes: dict[tuple[str, str], CheckDef] = {}
-    generation = -1
+    probed: dict[str, set[str]] = {}  # instance id -> its check ids in ``probes``
+    agent.changed.update(agent.checks)  # everything defined before the checker started
     running: set[tuple[str, str]] = set()
     limit = asyncio.Semaphore(_MAX_PARALLEL)
     timeout = aiohttp.ClientTimeout(total=None)
@@ -62,24 +64,30 @@ async def run_checks(agent: ConsulAgent) -> None:
                 _expire_ttls(agent, now)
                 _deregister_critical(agent, now)
                 scan_at = now + _SCAN_S
-            if agent.generation != generation:  # a check was defined, changed or removed
-                generation = agent.generation
-                probes = {(iid, cid): d for iid, defs in agent.checks.items() for cid, d in defs.items() if d.kind in ("http", "tcp")}
-                for key in probes.keys() - scheduled:
-                    heapq.heappush(heap, (now, *key))
-                    scheduled.add(key)
+            while agent.changed:  # checks defined, changed or removed since the last tick
+                iid = agent.changed.pop()
+                for cid in probed.pop(iid, ()):
+                    del probes[(iid, cid)]
+                for cid, d in agent.checks.get(iid, {}).items():
+                    if d.kind in ("http", "tcp"):
+                        key = (iid, cid)
+                        probes[key] = d
+                        probed.setdefault(iid, set()).add(cid)
+                        if key not in scheduled:
+                            heapq.heappush(heap, (now, iid, cid))
+                            scheduled.add(key)
             while heap and heap[0][0] <= now:
                 _due, iid, cid = heapq.heappop(heap)
                 key = (iid, cid)
-                d = probes.get(key)
-                if d is None:
+                probe = probes.get(key)
+                if probe is None:
                     scheduled.discard(key)
                     continue
-                heapq.heappush(heap, (now + d.interval_s, iid, cid))
+                heapq.heappush(heap, (now + probe.interval_s, iid, cid))
                 if key in running or not agent.runs(iid):
                     continue
                 running.add(key)
-                tg.create_task(_probe(agent, http, limit, iid, d, running))
+                tg.create_task(_probe(agent, http, limit, iid, probe, running))
             await asyncio.sleep(_TICK_S)
 
 
