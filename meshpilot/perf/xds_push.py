@@ -12,9 +12,15 @@ a change to the response that carries it:
   one carries all of them; clients recognise it by the new instance's unique address in the raw
   bytes, without decoding the resources.
 
+A stream that fails (the server refuses or ends it) is opened again the way Envoy does it: after
+a jittered exponential back-off (a random delay below 500 ms, doubled per failure up to 30 s, back
+to 500 ms once a response arrives), resuming with what the client holds (sotw: the version of each
+type; delta: each resource's version). Failures are counted by status code in the report.
+
 Control-plane CPU seconds (for each phase) and peak RSS come from the kernel (psutil,
-/proc/<pid>/status VmHWM). The clients share the machine with the control plane, so the numbers
-include their load.
+/proc/<pid>/status VmHWM). The clients share the machine with the control plane, so latencies
+include their load; ``--cp-cpus``/``--client-cpus`` pin each side to its own cores, and the CPU
+seconds are the control plane's own either way.
 
 ``--churn R`` measures something else, with real Envoys (``--envoys``, sotw or delta): R rounds of
 two writes sent back to back, a service update (a new ``connect_timeout_ms``, so its cluster is
@@ -31,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -60,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--burst", type=int, default=500, help="registrations in the burst (default 500)")
     p.add_argument("--variants", default="delta,sotw", help="comma-separated: delta, sotw")
     p.add_argument("--streams-per-channel", type=int, default=100)
+    p.add_argument("--cp-cpus", default="", help="pin the control plane to these CPUs (e.g. 0 or 0,1)")
+    p.add_argument("--client-cpus", default="", help="pin the simulated clients (this process) to these CPUs")
     p.add_argument("--timeout", type=float, default=120.0, help="give up waiting for a phase after this many seconds")
     p.add_argument("--churn", type=int, default=0, metavar="ROUNDS",
                    help="instead: ROUNDS of a service update beside another service's new instance, to real Envoys")
@@ -77,7 +86,33 @@ class _Client:
     synced: asyncio.Event = field(default_factory=asyncio.Event)
     clusters: int = 0
     eds_responses: int = 0
-    error: str = ""
+    error: str = ""  # the last failure's status and details
+    eds_names: list[str] = field(default_factory=list)  # the endpoint names subscribed
+    failures: dict[str, int] = field(default_factory=dict)  # status code -> streams of this client that failed
+    # what the client holds, to resume with on a new stream as Envoy does
+    versions: dict[str, str] = field(default_factory=dict)  # sotw: type -> version_info
+    resources: dict[str, dict[str, str]] = field(default_factory=dict)  # delta: type -> name -> version
+
+
+class Backoff:
+    """Envoy's xDS retry back-off (JitteredExponentialBackOffStrategy, 500 ms base, 30 s cap): each
+    delay is uniformly random below an interval that doubles per failure, up to the cap; a response
+    received resets it."""
+
+    __slots__ = ("base_s", "cap_s", "_interval", "_random")
+
+    def __init__(self, base_s: float = 0.5, cap_s: float = 30.0, rng: random.Random | None = None) -> None:
+        self.base_s, self.cap_s = base_s, cap_s
+        self._interval = base_s
+        self._random = rng or random.Random()
+
+    def next_delay(self) -> float:
+        interval = self._interval
+        self._interval = min(self.cap_s, interval * 2)
+        return min(self._random.random() * interval, self.cap_s)
+
+    def reset(self) -> None:
+        self._interval = self.base_s
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -92,21 +127,44 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 async def _run_client(ch: grpc.aio.Channel, c: _Client, want_clusters: int) -> None:
+    """One simulated Envoy: a stream, opened again after a back-off whenever it fails, until cancelled."""
+    backoff = Backoff()
+    while True:
+        try:
+            await _stream(ch, c, want_clusters, backoff)
+            code = "EOF"  # the server ended the stream without a status error
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+            c.error = f"{code}: {exc.details()}"
+        except asyncio.InvalidStateError:  # grpc.aio: a write to a call that has just ended
+            code = "ENDED"
+        c.failures[code] = c.failures.get(code, 0) + 1
+        await asyncio.sleep(backoff.next_delay())
+
+
+async def _stream(ch: grpc.aio.Channel, c: _Client, want_clusters: int, backoff: Backoff) -> None:
     method = _DELTA if c.delta else _SOTW
     req_type = discovery_pb2.DeltaDiscoveryRequest if c.delta else discovery_pb2.DiscoveryRequest
     resp_type = discovery_pb2.DeltaDiscoveryResponse if c.delta else discovery_pb2.DiscoveryResponse
     call = ch.stream_stream(method, request_serializer=req_type.SerializeToString, response_deserializer=lambda b: b)()
     node = {"id": f"perf-{c.idx}", "cluster": "perf"}
-    await call.write(req_type(type_url=TYPE.CLUSTER, node=node))
-    eds_names: list[str] = []
     try:
+        await _subscribe(call, c, req_type, node)
+        eds_names = list(c.eds_names)
         while True:
             raw = await call.read()
             if not isinstance(raw, bytes):  # grpc.aio.EOF; every message is bytes (identity deserializer)
                 return
+            backoff.reset()
             if c.marker and c.seen_at is None and c.marker in raw:
                 c.seen_at = time.monotonic()
             resp = resp_type.FromString(raw)
+            if c.delta:
+                held = c.resources.setdefault(resp.type_url, {})
+                for r in resp.resources:
+                    held[r.name] = r.version
+                for n in resp.removed_resources:
+                    held.pop(n, None)
             if resp.type_url == TYPE.CLUSTER:
                 if c.delta:
                     names = [r.name for r in resp.resources]
@@ -114,10 +172,13 @@ async def _run_client(ch: grpc.aio.Channel, c: _Client, want_clusters: int) -> N
                 else:
                     names = [_cluster_name(a.value) for a in resp.resources]
                     ack = req_type(type_url=TYPE.CLUSTER, response_nonce=resp.nonce, version_info=resp.version_info)
+                    c.versions[TYPE.CLUSTER] = resp.version_info
                 await call.write(ack)
-                new = [n for n in names if n not in eds_names]
+                known = set(eds_names)
+                new = [n for n in names if n not in known]
                 if new:
                     eds_names.extend(new)
+                    c.eds_names = eds_names
                     c.clusters = len(eds_names)
                     if c.delta:
                         await call.write(req_type(type_url=TYPE.ENDPOINT, resource_names_subscribe=new))
@@ -128,13 +189,27 @@ async def _run_client(ch: grpc.aio.Channel, c: _Client, want_clusters: int) -> N
                 if c.delta:
                     await call.write(req_type(type_url=TYPE.ENDPOINT, response_nonce=resp.nonce))
                 else:
+                    c.versions[TYPE.ENDPOINT] = resp.version_info
                     await call.write(req_type(type_url=TYPE.ENDPOINT, response_nonce=resp.nonce, version_info=resp.version_info, resource_names=eds_names))
                 if c.clusters >= want_clusters:
                     c.synced.set()
-    except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
-        if isinstance(exc, grpc.aio.AioRpcError):
-            c.error = exc.details() or str(exc.code())
-        raise
+    finally:
+        call.cancel()
+
+
+async def _subscribe(call: Any, c: _Client, req_type: Any, node: dict[str, str]) -> None:
+    """The first requests of a stream: clusters, and, on a stream opened again, the endpoints the
+    client already follows, each with what it holds (Envoy resumes that way)."""
+    if c.delta:
+        held = c.resources.get(TYPE.CLUSTER, {})
+        await call.write(req_type(type_url=TYPE.CLUSTER, node=node, initial_resource_versions=held))
+        if c.eds_names:
+            eds = c.resources.get(TYPE.ENDPOINT, {})
+            await call.write(req_type(type_url=TYPE.ENDPOINT, resource_names_subscribe=c.eds_names, initial_resource_versions=eds))
+    else:
+        await call.write(req_type(type_url=TYPE.CLUSTER, node=node, version_info=c.versions.get(TYPE.CLUSTER, "")))
+        if c.eds_names:
+            await call.write(req_type(type_url=TYPE.ENDPOINT, resource_names=c.eds_names, version_info=c.versions.get(TYPE.ENDPOINT, "")))
 
 
 def _cluster_name(cluster_bytes: bytes) -> str:
@@ -151,12 +226,17 @@ def _marker_address(n: int) -> str:
 
 
 async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
+    load0 = _loadavg()
     with control_plane() as cp:
         proc, ports, api = cp.proc, cp.ports, cp.api
         channels: list[grpc.aio.Channel] = []
         tasks: list[asyncio.Task[None]] = []
         try:
             ps = psutil.Process(proc.pid)
+            if args.cp_cpus:
+                _pin(proc.pid, args.cp_cpus)
+            if args.client_cpus:
+                _pin(os.getpid(), args.client_cpus)
             t = time.monotonic()
             await seed(api, args.services, args.endpoints)
             seed_s = time.monotonic() - t
@@ -176,6 +256,7 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
             sync_s = time.monotonic() - t
             sync_cpu = _cpu(ps) - (cpu0.user + cpu0.system)
             hwm_sync = _peak_rss(proc.pid)
+            rss_synced = ps.memory_info().rss
 
             async with ClientSession() as s:
                 # one endpoint change
@@ -205,7 +286,10 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
                 t_last = time.monotonic()
                 burst = await _wait_seen(clients, t0, args.timeout)
                 burst_cpu = _cpu(ps) - cpu2
-            errors = sorted({c.error for c in clients if c.error})
+            by_code: dict[str, int] = {}
+            for c in clients:
+                for code, n in c.failures.items():
+                    by_code[code] = by_code.get(code, 0) + n
             return {
                 "variant": "delta" if delta else "sotw",
                 "clients": args.clients,
@@ -223,13 +307,25 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
                     "cpu_seconds": round(burst_cpu, 3),
                 },
                 "rss_before_clients_mb": round(rss_seeded / 2**20, 1),
+                "rss_per_stream_kb": round((rss_synced - rss_seeded) / args.clients / 1024, 1),
+                "cpu_seconds_per_change": {
+                    "single": round(single_cpu, 3),
+                    "burst_per_registration": round(burst_cpu / max(1, args.burst), 4),
+                },
+                "pinned": {"control_plane": args.cp_cpus or "any", "clients": args.client_cpus or "any"},
+                "loadavg": {"start": load0, "end": _loadavg()},
                 "rss_end_mb": round(ps.memory_info().rss / 2**20, 1),
                 "peak_rss_mb": round(_peak_rss(proc.pid) / 2**20, 1),
                 "peak_rss_mb_by_phase": {
                     "initial_sync": round(hwm_sync / 2**20, 1),
                     "single_change": round(hwm_single / 2**20, 1),
                 },
-                "stream_errors": errors,
+                "stream_failures": {
+                    "total": sum(by_code.values()),
+                    "by_code": dict(sorted(by_code.items())),
+                    "clients": sum(1 for c in clients if c.failures),
+                    "examples": sorted({c.error for c in clients if c.error})[:5],
+                },
             }
         finally:
             for task in tasks:
@@ -342,6 +438,20 @@ async def _wait_seen(clients: list[_Client], t0: float, timeout: float) -> list[
     return [c.seen_at - t0 for c in clients if c.seen_at is not None]
 
 
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return ""
+
+
+def _pin(pid: int, cpus: str) -> None:
+    """Every thread of ``pid`` (threads it starts later inherit it) to the CPUs ``cpus`` ("0", "0,1")."""
+    want = {int(x) for x in cpus.split(",") if x.strip()}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), want)
+
+
 def _cpu(ps: psutil.Process) -> float:
     t = ps.cpu_times()
     return t.user + t.system
@@ -382,7 +492,9 @@ def main(args: argparse.Namespace) -> int:
             f"xds push [{r['variant']}] {r['clients']} clients, {r['services']}x{r['endpoints_per_service']}: "
             f"single change p50 {r['single_change']['p50']}s p99 {r['single_change']['p99']}s max {r['single_change']['max']}s; "
             f"burst of {r['burst']['registrations']} (written in {r['burst']['write_seconds']}s) p99 {r['burst']['from_first_write']['p99']}s "
-            f"from first write, {r['burst']['from_last_write']['p99']}s from last; peak RSS {r['peak_rss_mb']} MB",
+            f"from first write, {r['burst']['from_last_write']['p99']}s from last; peak RSS {r['peak_rss_mb']} MB; "
+            f"CPU {r['cpu_seconds_per_change']['single']}s per single change; stream failures {r['stream_failures']['total']} "
+            f"{r['stream_failures']['by_code']}",
             file=sys.stderr,
         )
     return 0
