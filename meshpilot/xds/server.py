@@ -36,7 +36,7 @@ from meshpilot.xds.cache import ResourceCache
 from meshpilot.xds.resource import NodeInfo, node_info
 from meshpilot.xds.stream import DeltaStream, SotwStream
 
-__all__ = ["ADS_SERVICE", "Admit", "MAX_REQUEST_BYTES", "StreamError", "Unanswered", "XdsServer", "check_request", "user_agent"]
+__all__ = ["ADS_SERVICE", "Admit", "GRPC_SERVER_OPTIONS", "MAX_REQUEST_BYTES", "StreamError", "Unanswered", "XdsServer", "check_request", "user_agent"]
 
 log = logging.getLogger("meshpilot.xds")
 
@@ -47,6 +47,15 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024  # for grpc.max_receive_message_length
 _MAX_NAMES = 50_000  # in each name field of one request; 50,000 cost the event loop ~0.15 s here
 _MAX_NAME_CHARS = 1024
 _MAX_METADATA_BYTES = 64 * 1024
+# grpc core queues a call until the application takes it, and refuses (CANCELLED) at random the
+# calls that arrive while more than max_pending_requests wait (all of them beyond the hard limit);
+# defaults 1,000 and 3,000. grpc.aio takes one call per turn of the event loop, so a fleet opening
+# its streams at once (a restart, a replica handing over) lost 150-250 of 2,000 streams, each then
+# waiting out Envoy's back-off. A waiting call costs a few KB; these let 10,000 streams arrive at once.
+GRPC_SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.server.max_pending_requests", 10_000),
+    ("grpc.server.max_pending_requests_hard_limit", 20_000),
+)
 
 
 def _identity(b: bytes) -> bytes:
