@@ -142,10 +142,15 @@ class KeyValue:
         return results, None
 
     def _next_index(self) -> int:
-        """The index of the next change: after the global one and after every index given so far (on
-        a shared store the global one moves only when a write is back from the store)."""
-        self.max_index = max(self._index(), self.max_index) + 1
-        return self.max_index
+        """The index a write decided now gets: after the global index, and on a shared store (whose
+        global index moves only when a write is back from etcd) after the ones given to writes made
+        here; taken by ``_wrote`` only once something was written, so a refusal or a retry moves nothing."""
+        if not self.reg.store.shared:
+            return self._index() + 1
+        return max(self._index(), self.max_index) + 1
+
+    def _wrote(self, idx: int) -> None:
+        self.max_index = max(self.max_index, idx)
 
     async def run(self, ops: list[_Op]) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
         """Apply ``ops`` all or none: (results, None), or ([], (index of the failed op, why)).
@@ -156,26 +161,37 @@ class KeyValue:
         won by one replica only. A refusal is confirmed the same way before it is given."""
         if not self.reg.store.shared:
             return self._run(ops)
-        guards = _guards(ops)
         for _attempt in range(_ATTEMPTS):
             # the revision first, then what the decision reads, from the store's view: that is at this
             # revision or newer, and a newer one makes the guards fail and the decision run again
             since = self.reg.store.revision
-            self._refresh(ops)
+            holders = self._refresh(ops)
+            guards = _guards(ops, self.entries, self.sessions) + [
+                Guard(_META, _SESSIONS + s, exists=s in self.sessions) for s in sorted(holders)]
             work, results, error = self._decide(ops)
             if error is not None:
                 if await self.reg.store.commit_if(since, guards, {}):
                     return [], error
                 continue
             puts, gone = self._changes(work)
-            if not puts and not gone or await self.reg.commit_documents_if(since, "kv", guards, puts, gone):
-                self.entries = work
+            if not puts and not gone:
+                return results, None
+            if await self.reg.commit_documents_if(since, "kv", guards, puts, gone):
+                # this transaction's changes only: another replica's write that landed during the
+                # commit is in ``entries`` already and stays
+                entries = dict(self.entries)
+                entries.update(puts)
+                for k in gone:
+                    entries.pop(k, None)
+                self.entries = entries
+                if puts:
+                    self._wrote(max(int(v["mi"]) for v in puts.values()))
                 return results, None
         raise ConsulError(500, f"the keys changed under this transaction {_ATTEMPTS} times in a row; try again")
 
-    def _refresh(self, ops: list[_Op]) -> None:
+    def _refresh(self, ops: list[_Op]) -> set[str]:
         """Take the entries and sessions ``ops`` read from the store's view (the watch delivers other
-        replicas' changes a moment after the view has them)."""
+        replicas' changes a moment after the view has them); return the sessions holding those entries."""
         store = self.reg.store
         entries = dict(self.entries)
         for op in ops:
@@ -194,6 +210,14 @@ class KeyValue:
             if op.session:
                 self.follow_session(op.session, store.get(_META, _SESSIONS + op.session))
         self.entries = entries
+        holders: set[str] = set()
+        for op in ops:
+            read = ([e for k, e in entries.items() if k.startswith(op.key)] if op.verb in ("get-tree", "delete-tree")
+                    else [entries[op.key]] if op.key in entries else [])
+            holders.update(str(e["s"]) for e in read if e.get("s"))
+        for sid in holders:
+            self.follow_session(sid, store.get(_META, _SESSIONS + sid))
+        return holders
 
     def _decide(self, ops: list[_Op]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], tuple[int, str] | None]:
         work = dict(self.entries)
@@ -239,7 +263,9 @@ class KeyValue:
         elif op.verb == "lock":
             if op.session not in self.sessions:
                 return f'invalid session "{op.session}"'
-            if old is not None and old.get("s") and old["s"] != op.session:
+            if old is not None and old.get("s") and old["s"] != op.session and old["s"] in self.sessions:
+                # (a lock whose session is gone is free: another replica destroyed the session while
+                # this one's acquire for it went through)
                 return f'failed to lock key "{key}", lock is already held'
             if self._lock_delay.get(key, 0.0) > now:
                 return f'failed to lock key "{key}", lock delay is in effect'
@@ -316,6 +342,7 @@ class KeyValue:
             "CreateIndex": idx, "ModifyIndex": idx,
         }
         self.reg.store.write({(_META, _SESSIONS + sid): session})
+        self._wrote(idx)
         self.sessions[sid] = session
         self._claim(sid)
         if ttl:
@@ -339,6 +366,9 @@ class KeyValue:
         self._release(sid)
         now = time.monotonic()
         idx = self._next_index()
+        if self.reg.store.shared:  # the held entries as the store has them now, not as this replica last heard
+            held = [k for k, e in self.entries.items() if e.get("s") == sid]
+            self._refresh([_Op("get", k) for k in held])
         work = dict(self.entries)
         for k, e in self.entries.items():
             if e.get("s") != sid:
@@ -398,13 +428,15 @@ class KeyValue:
             del self._lock_delay[k]
 
 
-def _guards(ops: list[_Op]) -> list[Guard]:
-    """What deciding ``ops`` reads: each key (each tree), and for locks the session's existence."""
+def _guards(ops: list[_Op], entries: dict[str, dict[str, Any]], sessions: dict[str, Any]) -> list[Guard]:
+    """What deciding ``ops`` read: each key (each tree), present where the view had it (so a delete
+    since is seen too: etcd gives a deleted key no modification revision), and the sessions named."""
     out: list[Guard] = []
     for op in ops:
-        out.append(Guard("kv", op.key, prefix=op.verb in ("get-tree", "delete-tree")))
+        tree = op.verb in ("get-tree", "delete-tree")
+        out.append(Guard("kv", op.key, prefix=tree, exists=not tree and op.key in entries))
         if op.verb in ("lock", "unlock", "check-session") and op.session:
-            out.append(Guard(_META, _SESSIONS + op.session, exists=op.verb == "lock"))
+            out.append(Guard(_META, _SESSIONS + op.session, exists=op.session in sessions))
     return out
 
 

@@ -78,7 +78,7 @@ from typing import Any
 import grpc
 from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc  # type: ignore[import-untyped]
 
-from meshpilot.registry.store import EPHEMERAL, TABLES, Deliver, Guard, RemoteChange, StoreError
+from meshpilot.registry.store import EPHEMERAL, FORFEIT, TABLES, Deliver, Guard, RemoteChange, StoreError
 
 __all__ = ["DEFAULT_PREFIX", "EtcdStore"]
 
@@ -762,7 +762,9 @@ class EtcdStore:
                     log.warning("event=store_lease_grant_failed code=%s", exc.code().name)
 
     def _lease_gone(self, lease: int) -> None:
-        """``lease`` has expired in etcd: grant a new one and put this replica's ephemeral documents again."""
+        """``lease`` has expired in etcd: grant a new one and put this replica's ephemeral documents again,
+        except those of the ``FORFEIT`` tables (claims another replica may have taken over meanwhile):
+        they are gone, here too."""
         with self._lease_lock:
             if self._lease != lease or self._stopping.is_set():
                 return  # already replaced (or revoked by close)
@@ -773,11 +775,16 @@ class EtcdStore:
             self._grant(time.monotonic() + self.timeout_s)
             with self._cond:
                 self._lease_valid = True
+                forfeit: list[_Row] = [(t, k, None) for (t, k) in sorted(self._mine) if t in FORFEIT]
+                for t, k, _v in forfeit:
+                    del self._mine[(t, k)]
+                    self._view[t].pop(k, None)
                 rows: list[_Row] = [(t, k, v) for (t, k), v in sorted(self._mine.items())]
                 if rows and not self._closed:
                     self._reput_seq = self._enqueue(rows)
                     # the others deleted them when the lease expired, and so may have this replica's watch
                     self._emit(list(rows))
+                self._emit(forfeit)
                 new = self._lease
         log.info("event=store_lease_granted lease=%x ttl=%g documents=%d", new, self._lease_ttl, len(rows))
 

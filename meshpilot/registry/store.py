@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["EPHEMERAL", "Deliver", "Guard", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError"]
+__all__ = ["EPHEMERAL", "FORFEIT", "Deliver", "Guard", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError"]
 
 log = logging.getLogger("meshpilot.registry.store")
 
@@ -40,6 +40,10 @@ TABLES = ("services", "instances", "policies", "meta", "kv", "access_tokens", "c
 # tables whose documents live only as long as their writer: the nodes a replica holds, the replicas,
 # which replica runs a Consul instance's checks or a session's TTL
 EPHEMERAL = frozenset({"liveness", "replicas", "runners"})
+# ephemeral tables whose documents are not put back when the writer's lease was lost: another replica
+# may have taken over what they claimed meanwhile, and a claim put back would take it back with stale
+# timers (the claimer claims again when its client talks to it)
+FORFEIT = frozenset({"runners"})
 
 @dataclass(frozen=True, slots=True)
 class Guard:

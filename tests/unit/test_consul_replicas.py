@@ -147,11 +147,13 @@ def test_a_session_ttl_follows_its_renewals_and_only_its_runner_destroys_it() ->
 
 
 class _Etcd:
-    """The truth two replicas share: each key's document and the revision it was last written at."""
+    """The truth two replicas share: each live key's document and the revision it was last written at,
+    and the log of every change (what the watch replays)."""
 
     def __init__(self) -> None:
         self.rev = 1
         self.docs: dict[tuple[str, str], tuple[int, Any]] = {}
+        self.log: list[tuple[int, tuple[str, str], Any]] = []  # (revision, key, document or None)
 
 
 class _Replica(MemoryStore):
@@ -165,18 +167,23 @@ class _Replica(MemoryStore):
         self.etcd = etcd
         self.revision = etcd.rev
         self.registry: Registry | None = None
+        self.meanwhile: list[Any] = []  # what other replicas do while this one's Txn is in flight
 
     def write(self, puts: Any, deletes: tuple[tuple[str, str], ...] = ()) -> None:
         super().write(puts, deletes)
         self.etcd.rev += 1
         for tk, v in puts.items():
             self.etcd.docs[tk] = (self.etcd.rev, v)
+            self.etcd.log.append((self.etcd.rev, tk, v))
         for tk in deletes:
-            self.etcd.docs.pop(tk, None)
+            if self.etcd.docs.pop(tk, None) is not None:
+                self.etcd.log.append((self.etcd.rev, tk, None))
 
     async def commit_if(self, since: int, guards: Any, puts: Any, deletes: tuple[tuple[str, str], ...] = ()) -> bool:
         await asyncio.sleep(0)  # what a real store's round trip allows: the view may move meanwhile
-        for g in guards:
+        while self.meanwhile:
+            self.meanwhile.pop(0)()
+        for g in guards:  # as etcd compares: MOD of the live keys (a missing key's is 0), VERSION > 0 for exists
             hits = [(tk, rv) for tk, rv in self.etcd.docs.items()
                     if tk[0] == g.table and (tk[1].startswith(g.key) if g.prefix else tk[1] == g.key)]
             if any(rev > since for (_tk, (rev, _v)) in hits) or (g.exists and not hits):
@@ -190,9 +197,12 @@ class _Replica(MemoryStore):
     def catch_up(self) -> None:
         """What the watch does: the view takes every newer document and the registry hears of it."""
         rows: list[RemoteChange] = []
-        for (t, k), (rev, v) in sorted(self.etcd.docs.items(), key=lambda kv: kv[1][0]):
+        for rev, (t, k), v in self.etcd.log:
             if rev > self.revision:
-                MemoryStore.write(self, {(t, k): v})
+                if v is None:
+                    MemoryStore.write(self, {}, ((t, k),))
+                else:
+                    MemoryStore.write(self, {(t, k): v})
                 rows.append((t, k, v))
         self.revision = self.etcd.rev
         if self.registry is not None and rows:
@@ -230,3 +240,57 @@ def test_two_replicas_racing_for_one_lock_or_one_cas_index_let_only_one_win() ->
         assert await b.kv.acquire("service/leader", b"b", 0, sid_b), "expected B to take the lock A released"
 
     asyncio.run(main())
+
+
+def test_a_write_of_another_replica_landing_during_a_commit_is_kept_and_refusals_move_no_index() -> None:
+    async def main() -> None:
+        etcd = _Etcd()
+        sa, sb = _Replica(etcd), _Replica(etcd)
+        a, b = ConsulAgent(Registry(sa), replica="replica-a"), ConsulAgent(Registry(sb), replica="replica-b")
+        sa.registry, sb.registry = a.reg, b.reg
+
+        async def b_writes_other() -> None:
+            assert await b.kv.put("other", b"from-b", 0, None)
+
+        # B writes another key; A's watch delivers it while A's own Txn is in flight
+        await b_writes_other()
+        sa.meanwhile.append(sa.catch_up)
+        assert await a.kv.put("mine", b"from-a", 0, None)
+        assert a.kv.value("other") == b"from-b", f"expected B's write kept on A, got {a.kv.value('other')!r}"
+        assert a.kv.value("mine") == b"from-a"
+
+        before = a.index
+        index = a.kv.entries_json("mine", False)[0]["ModifyIndex"]
+        for _ in range(20):  # refused check-and-sets write nothing
+            assert not await a.kv.put("mine", b"x", 0, index + 1000)
+        assert a.index == before, f"expected refusals to leave the index at {before}, got {a.index}"
+
+    asyncio.run(main())
+
+
+def test_a_lock_whose_session_is_gone_is_free() -> None:
+    async def main() -> None:
+        etcd = _Etcd()
+        sa, sb = _Replica(etcd), _Replica(etcd)
+        a, b = ConsulAgent(Registry(sa), replica="replica-a"), ConsulAgent(Registry(sb), replica="replica-b")
+        sa.registry, sb.registry = a.reg, b.reg
+        gone = a.kv.create_session({"Name": "gone"}, "10.0.0.1", lambda n, c: "passing")
+        sa.catch_up()
+        sb.catch_up()
+        # B destroyed the session (its view had no lock) while A's acquire for it went through
+        assert await a.kv.acquire("service/leader", b"a", 0, gone)
+        b.kv.destroy(gone)
+        sa.catch_up()
+        live = a.kv.create_session({"Name": "live"}, "10.0.0.1", lambda n, c: "passing")
+        assert await a.kv.acquire("service/leader", b"a2", 0, live), "expected a lock held by a destroyed session to be free"
+
+    asyncio.run(main())
+
+
+def test_on_a_local_store_sessions_move_no_index_above_the_answers() -> None:
+    agent = ConsulAgent(Registry(MemoryStore()))
+    for i in range(3):
+        agent.kv.create_session({"Name": f"s{i}"}, "10.0.0.1", lambda n, c: "passing")
+    _done(agent.kv.put("k", b"v", 0, None))
+    entry = agent.kv.entries_json("k", False)[0]
+    assert entry["ModifyIndex"] <= agent.index, f"expected ModifyIndex {entry['ModifyIndex']} <= X-Consul-Index {agent.index}"
