@@ -80,8 +80,8 @@ class ControlPlane:
         self._server_credentials: Callable[[], grpc.ServerCredentials] | None = None
         self._admission: Callable[[grpc.aio.ServicerContext[Any, Any]], tuple[grpc.StatusCode, str] | None] | None = None
         # a node's own health checks (HDS) carry its token; its inbound routes let them past every
-        # optional inbound filter. The key is kept in the store: every replica gives a node the same
-        # token (its routes from one replica, its health checks from another), and a restart keeps it
+        # optional inbound filter. On a shared store the key is kept in the store, so every replica gives
+        # a node the same token (its routes from one replica, its health checks from another)
         self._health_key = self._shared_health_key()
         # the publisher and its producers, in the order they publish: the registry's translation
         # first (it takes in policy changes and stages new subsets), then what reads its overlays
@@ -127,6 +127,8 @@ class ControlPlane:
             self._admission = part.admission
 
     def _shared_health_key(self) -> bytes:
+        if not self.registry.store.shared:
+            return secrets.token_bytes(32)  # one control plane: a new key each start, kept nowhere
         stored = self.registry.store.get("meta", _HEALTH_KEY)
         if isinstance(stored, str) and len(stored) == 64:
             return bytes.fromhex(stored)

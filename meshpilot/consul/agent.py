@@ -270,6 +270,11 @@ class ConsulAgent:
             self._answers.move_to_end(key)
         else:
             idx = self.index
+            if self._shared and prev is not None and idx <= prev[1]:
+                # the store's revision moves on the watch's thread a moment before its change reaches
+                # this loop: an answer computed in between got the revision without the change; the
+                # changed answer must still get a larger index, or a client holding that one sleeps on
+                idx = prev[1] + 1
             self._answers[key] = (digest, idx)
             if len(self._answers) > _MAX_WATCH_KEYS:
                 old, _ = self._answers.popitem(last=False)
@@ -308,9 +313,9 @@ class ConsulAgent:
             except TimeoutError:
                 ans = self.answer(key, compute)
                 if self._shared and ans.index < index:
-                    # the view's revision, which has caught up with the client's index unless this
-                    # replica lags by more than the whole wait
-                    ans = Answer(ans.body, self.index, ans.hash)
+                    # nothing changed in the wait: never an index older than the client's (its
+                    # replica was a moment ahead of this one's view)
+                    ans = Answer(ans.body, max(self.index, index), ans.hash)
                 return ans
 
     # ---- registration -------------------------------------------------------------------------

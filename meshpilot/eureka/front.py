@@ -90,6 +90,8 @@ class EurekaFront:
         elif change.remote and change.kind == "instance" and change.op == "put" and change.key not in self.regs:
             self._follow(change.key)
         if change.kind == "instance":
+            if change.op == "delete":
+                self.runners.release(change.key)
             self._refresh(change.key)
         elif change.kind == "service":
             for inst in self.reg.instances(change.service):

@@ -318,7 +318,13 @@ class Registry:
         if doc is None:
             if old is None:
                 return
-            ids = sorted(self._by_service.pop(key, ()))
+            # the instances deleted with it (the same write); one another replica registered meanwhile
+            # stays, as it stays in the store
+            kept = {i for i in self._by_service.get(key, ()) if self.store.get("instances", i) is not None}
+            ids = sorted(self._by_service.pop(key, set()) - kept)
+            if kept:
+                self._by_service[key] = kept
+                log.warning("event=service_deleted_with_instances service=%s instances=%s", key, ",".join(sorted(kept)))
             for i in ids:
                 self._instances.pop(i, None)
             del self._services[key]

@@ -12,7 +12,8 @@ from meshpilot.consul.agent import ConsulAgent
 from meshpilot.consul.definitions import parse_service
 from meshpilot.registry import Registry
 from meshpilot.registry.store import MemoryStore, RemoteChange
-from tests.unit.shared_store import SharedStore, hand as _hand
+from tests.unit.shared_store import SharedStore, hand
+from tests.unit.shared_store import hand as _hand
 
 T = TypeVar("T")
 
@@ -294,3 +295,19 @@ def test_on_a_local_store_sessions_move_no_index_above_the_answers() -> None:
     _done(agent.kv.put("k", b"v", 0, None))
     entry = agent.kv.entries_json("k", False)[0]
     assert entry["ModifyIndex"] <= agent.index, f"expected ModifyIndex {entry['ModifyIndex']} <= X-Consul-Index {agent.index}"
+
+
+def test_a_changed_answer_gets_a_larger_index_even_when_the_revision_came_before_the_change() -> None:
+    a, sa, b, sb = _pair()
+    a.register(parse_service({"Name": "web", "ID": "web-1", "Port": 8080}, "10.0.0.1"), "10.0.0.1")
+    hand(sa, sb, b.reg)
+    # the watch thread has moved the revision, the change itself has not reached the loop yet
+    a.register(parse_service({"Name": "web", "ID": "web-2", "Port": 8081}, "10.0.0.2"), "10.0.0.2")
+    rows = sa.taken()
+    sb.revision = sb.clock[0]
+    early = b.answer("h/web", lambda: b.health_service("web", False, []))
+    MemoryStore.write(sb, {(t, k): v for t, k, v in rows if v is not None})
+    b.reg.apply_remote(rows, sb.revision)
+    late = b.answer("h/web", lambda: b.health_service("web", False, []))
+    assert late.body != early.body and late.index > early.index, \
+        f"expected the changed answer after index {early.index}, got {late.index}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from collections.abc import Callable
 
 from meshpilot.controlplane import ControlPlane
@@ -215,3 +216,17 @@ def test_trusted_peers_follow_the_registered_sidecars() -> None:
     cp.registry.deregister("n2")
     cp.flush()
     assert cp.mesh.trusted_peers == frozenset(), "expected the peer gone with its sidecar"
+
+
+def test_one_control_plane_makes_a_new_health_key_each_start_and_keeps_it_nowhere(tmp_path: Path) -> None:
+    from meshpilot.registry.store import SqliteStore
+
+    first = ControlPlane(Settings(store="memory:", consul_port=None, eureka_port=None), store=SqliteStore(tmp_path / "s.db"))
+    token = first.health_token("node-1")
+    first.registry.store.close()
+    again = ControlPlane(Settings(store="memory:", consul_port=None, eureka_port=None), store=SqliteStore(tmp_path / "s.db"))
+    try:
+        assert again.health_token("node-1") != token, "expected a new health key on a restart of a single control plane"
+        assert again.registry.store.get("meta", "controlplane/health_key") is None, "expected the key kept nowhere"
+    finally:
+        again.registry.store.close()

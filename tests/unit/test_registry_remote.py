@@ -117,3 +117,20 @@ def test_two_services_given_one_address_on_two_replicas_end_with_two_addresses()
     assert alpha is not None and zeta is not None
     assert alpha.vip == mine.vip and zeta.vip != mine.vip, f"expected the greater key (zeta) moved, got alpha={alpha.vip} zeta={zeta.vip}"
     assert b.store.get("services", "zeta.default")["vip"] == zeta.vip, "expected the move written to the store"
+
+
+def test_an_instance_registered_on_one_replica_while_another_deleted_its_service_stays_where_the_store_has_it() -> None:
+    a, rows_a, b, seen = _pair()
+    svc = a.put_service(_svc())
+    a.register(_inst("w1"))
+    b.apply_remote(rows_a.taken())
+    # B registers w2 while A deletes the service (and the instances it knows: w1)
+    b.register(_inst("w2"))
+    a.delete_service("web.default")
+    seen.clear()
+    b.apply_remote(rows_a.taken())
+    assert b.instance("w1") is None, "expected the instance deleted with the service gone"
+    assert b.instance("w2") is not None and b.store.get("instances", "w2") is not None, \
+        "expected B's own registration, still in its store, kept in memory too"
+    assert [(c.kind, c.key) for c in seen] == [("instance", "w1"), ("service", "web.default")], f"got {seen}"
+    assert svc.vip not in b._vips, "expected the deleted service's address free"
