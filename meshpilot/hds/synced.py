@@ -5,8 +5,9 @@ It asks the xDS server's query; it never reads the streams themselves.
 With replicas (a shared store) the Envoys are spread over them: the replica asked also asks every
 other live replica (the ``replicas`` table) for its own streams (``?local=1``, with the caller's
 credentials) and answers for all. A replica that cannot be reached, or does not answer within a
-second, holds no stream that could still be fed (its Envoys have moved or are moving), so it adds
-nothing; one that answers with an error makes the answer "not synced"."""
+second, holds no stream that could still be fed (its Envoys have moved or are moving), nor does one
+that says it is not current (503: it has handed its streams over), so they add nothing; one that
+answers with another error makes the answer "not synced"."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -58,6 +61,8 @@ async def _ask(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -
                     body = await r.json()
                     if isinstance(body, dict):
                         return body
+                if r.status == 503:
+                    return None
                 log.warning("event=synced_replica_refused url=%s status=%d", url, r.status)
                 return {"synced": False, "consumers": 0, "pending": [], "publishing": False}
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
@@ -77,7 +82,8 @@ def synced_route(registry: Registry, xds: XdsServer, publishing: Callable[[str],
             if rid == replica or not (isinstance(api, list) and len(api) == 2):
                 continue
             host = f"[{api[0]}]" if ":" in str(api[0]) else str(api[0])
-            urls.append(f"http://{host}:{api[1]}{request.path}?local=1")
+            path = "/v1/services/{}/{}/synced".format(*(quote(request.match_info[k], safe="") for k in ("namespace", "name")))
+            urls.append(f"http://{host}:{int(api[1])}{path}?local=1")
         if not urls:
             return []
         headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
