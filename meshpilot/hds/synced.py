@@ -15,7 +15,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
-
 from urllib.parse import quote
 
 import aiohttp
