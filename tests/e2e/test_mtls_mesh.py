@@ -213,7 +213,7 @@ def test_workload_and_root_rotation_under_steady_load_fail_no_request(tmp_path: 
         roots = cp.call("GET", "/v1/identity/roots", headers=ADMIN)[1]
         assert [r["serial"] for r in roots] == [new], roots
         failed = [r for r in loop.results if r[1] != 200]
-        assert len(loop.results) > 500 and not failed, \
+        assert len(loop.results) > 200 and not failed, \
             f"expected no failed request across renewals and a root rotation, got {len(failed)} of {len(loop.results)}: {failed[:5]}"
         inst = cp.call("GET", "/v1/instances/b-1", headers=ADMIN)[1]
         assert inst["health"] == "passing", inst
