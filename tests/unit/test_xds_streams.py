@@ -574,3 +574,107 @@ def test_sotw_client_that_holds_the_current_version_from_another_stream_is_sent_
     s3.receive(discovery_pb2.DiscoveryRequest(type_url=C, version_info="an-older-version"))
     [(t, raw)] = s3.responses()
     assert t == C and _names(_sotw_decode(raw)) == ["a", "b", "c"], "expected a client with another version sent everything"
+
+
+class _CountingCache(ResourceCache):
+    """A cache that counts the lookups of single resources a stream makes (``get``, and ``get`` on
+    the views ``scopes`` hands out): the per-name work of building a response."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookups = 0
+
+    def get(self, type_url: str, name: str, node_id: str = "") -> Any:
+        self.lookups += 1
+        return super().get(type_url, name, node_id)
+
+    def scopes(self, type_url: str, node_id: str = "") -> Any:
+        own, shared = super().scopes(type_url, node_id)
+        counter = self
+
+        class _View(dict):  # type: ignore[type-arg]
+            def get(self, key: Any, default: Any = None) -> Any:
+                counter.lookups += 1
+                return super().get(key, default)
+
+        return _View(own), _View(shared)
+
+
+def _fleet_cache(n: int) -> _CountingCache:
+    cache = _CountingCache()
+    cache.put(C, {f"c{i}": _cluster(f"c{i}") for i in range(n)})
+    cache.put(E, {f"c{i}": _cla(f"c{i}", 1) for i in range(n)})
+    return cache
+
+
+def _delta_sync(cache: ResourceCache, node: str, names: list[str]) -> DeltaStream:
+    s = DeltaStream(cache, node)
+    _wire(cache, s)
+    s.receive(discovery_pb2.DeltaDiscoveryRequest(type_url=C))
+    s.receive(discovery_pb2.DeltaDiscoveryRequest(type_url=E, resource_names_subscribe=names))
+    for t, raw in s.responses():
+        s.receive(discovery_pb2.DeltaDiscoveryRequest(type_url=t, response_nonce=_delta_decode(raw).nonce))
+    return s
+
+
+def _sotw_sync(cache: ResourceCache, node: str, names: list[str]) -> SotwStream:
+    s = SotwStream(cache, node)
+    _wire(cache, s)
+    s.receive(discovery_pb2.DiscoveryRequest(type_url=C))
+    s.receive(discovery_pb2.DiscoveryRequest(type_url=E, resource_names=names))
+    _sotw_ack(s, s.responses(), names)
+    return s
+
+
+def _sotw_ack(s: SotwStream, out: list[tuple[str, bytes]], names: list[str]) -> None:
+    for t, raw in out:
+        r = _sotw_decode(raw)
+        s.receive(discovery_pb2.DiscoveryRequest(
+            type_url=t, response_nonce=r.nonce, version_info=r.version_info, resource_names=names if t == E else [],
+        ))
+
+
+def test_delta_first_sync_of_a_fleet_looks_each_resource_up_once_not_once_per_stream() -> None:
+    cache = _fleet_cache(200)
+    names = [f"c{i}" for i in range(200)]
+    first = _delta_sync(cache, "n0", names)
+    one = cache.lookups
+    others = [_delta_sync(cache, f"n{k}", names) for k in range(1, 6)]
+    more = cache.lookups - one
+    assert more < 20, f"expected 5 more streams subscribed alike to cost (almost) no lookups after the first ({one}); got {more}"
+    for s in (first, *others):
+        assert s.types[E].sent == first.types[E].sent and len(s.types[E].sent) == 200 and len(s.types[C].sent) == 200
+        assert s.types[E].sent is not first.types[E].sent or s is first, "each stream keeps its own record of what it sent"
+
+
+def test_sotw_endpoint_change_to_a_fleet_is_built_once_not_once_per_stream() -> None:
+    cache = _fleet_cache(200)
+    names = [f"c{i}" for i in range(200)]
+    fleet = [_sotw_sync(cache, f"n{k}", names) for k in range(6)]
+    cache.put(E, {f"c{i}": _cla(f"c{i}", 2) for i in range(100)})  # a burst: half the services change
+    before = cache.lookups
+    versions = set()
+    for s in fleet:
+        out = s.responses()
+        assert [t for t, _ in out] == [E], f"expected one endpoint response per stream, got {[t for t, _ in out]}"
+        r = _sotw_decode(out[0][1])
+        assert len(r.resources) == 100, f"expected the 100 changed endpoint sets, got {len(r.resources)}"
+        versions.add(r.version_info)
+        _sotw_ack(s, out, names)
+    spent = cache.lookups - before
+    assert spent <= 120, f"expected the changed endpoints looked up once for 6 streams (~100 lookups), got {spent}"
+    assert len(versions) == 1, f"expected every stream sent the same version, got {versions}"
+
+
+def test_sotw_streams_subscribed_alike_share_one_set_of_names_and_an_ack_keeps_it() -> None:
+    cache = _fleet_cache(50)
+    names = [f"c{i}" for i in range(50)]
+    a, b = _sotw_sync(cache, "a", names), _sotw_sync(cache, "b", names)
+    assert a.types[E].names is b.types[E].names, "expected one shared set of subscribed names, got a copy per stream"
+    held = a.types[E].names
+    cache.put(E, {"c1": _cla("c1", 3)})
+    _sotw_ack(a, a.responses(), names)
+    assert a.types[E].names is held, "expected an ACK repeating the subscription to keep the set it has"
+    a.receive(discovery_pb2.DiscoveryRequest(type_url=E, resource_names=["c1", "c1"], response_nonce=a.types[E].sent_nonce,
+                                             version_info=a.types[E].sent_version))
+    assert sorted(a.types[E].names) == ["c1"], f"expected a list with a repeated name to subscribe to it alone, got {sorted(a.types[E].names)}"
