@@ -145,9 +145,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", type=float, default=0.002)
     p.add_argument("--round-timeout", type=float, default=20.0)
     p.add_argument("--variants", default="delta,sotw", help="delta, sotw or both (comma-separated)")
+    p.add_argument("--peer", choices=["go-control-plane"],
+                   help="instead: meshpilot and this peer side by side, timed from each Envoy's log (perf/xds_peer.py)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.peer:
+        from meshpilot.perf import xds_peer
+
+        return xds_peer.main(args)
     results = [uvloop.run(run(args, v == "delta")) for v in args.variants.split(",")]
     print(json.dumps({"benchmark": "xds_single_real_envoys", "results": results}, indent=2))
     for r in results:
