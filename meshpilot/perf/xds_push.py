@@ -14,8 +14,8 @@ a change to the response that carries it:
 
 A stream that fails (the server refuses or ends it) is opened again the way Envoy does it: after
 a jittered exponential back-off (a random delay below 500 ms, doubled per failure up to 30 s, back
-to 500 ms once a response arrives), resuming with what the client holds (sotw: the version of each
-type; delta: each resource's version). Failures are counted by status code in the report.
+to 500 ms once a response arrives), subscribing to what it followed (sotw: with the version of each
+type it holds). Failures are counted by status code in the report.
 
 Control-plane CPU seconds (for each phase) and peak RSS come from the kernel (psutil,
 /proc/<pid>/status VmHWM). The clients share the machine with the control plane, so latencies
@@ -89,9 +89,7 @@ class _Client:
     error: str = ""  # the last failure's status and details
     eds_names: list[str] = field(default_factory=list)  # the endpoint names subscribed
     failures: dict[str, int] = field(default_factory=dict)  # status code -> streams of this client that failed
-    # what the client holds, to resume with on a new stream as Envoy does
-    versions: dict[str, str] = field(default_factory=dict)  # sotw: type -> version_info
-    resources: dict[str, dict[str, str]] = field(default_factory=dict)  # delta: type -> name -> version
+    versions: dict[str, str] = field(default_factory=dict)  # sotw: type -> version_info held, to resume with
 
 
 class Backoff:
@@ -159,12 +157,6 @@ async def _stream(ch: grpc.aio.Channel, c: _Client, want_clusters: int, backoff:
             if c.marker and c.seen_at is None and c.marker in raw:
                 c.seen_at = time.monotonic()
             resp = resp_type.FromString(raw)
-            if c.delta:
-                held = c.resources.setdefault(resp.type_url, {})
-                for r in resp.resources:
-                    held[r.name] = r.version
-                for n in resp.removed_resources:
-                    held.pop(n, None)
             if resp.type_url == TYPE.CLUSTER:
                 if c.delta:
                     names = [r.name for r in resp.resources]
@@ -199,13 +191,13 @@ async def _stream(ch: grpc.aio.Channel, c: _Client, want_clusters: int, backoff:
 
 async def _subscribe(call: Any, c: _Client, req_type: Any, node: dict[str, str]) -> None:
     """The first requests of a stream: clusters, and, on a stream opened again, the endpoints the
-    client already follows, each with what it holds (Envoy resumes that way)."""
+    client already follows; sotw with the versions it holds, as Envoy resumes. A delta client is
+    sent everything again (it does not keep each resource's version: decoding every resource of
+    every response cost the clients more CPU than the control plane spends on them)."""
     if c.delta:
-        held = c.resources.get(TYPE.CLUSTER, {})
-        await call.write(req_type(type_url=TYPE.CLUSTER, node=node, initial_resource_versions=held))
+        await call.write(req_type(type_url=TYPE.CLUSTER, node=node))
         if c.eds_names:
-            eds = c.resources.get(TYPE.ENDPOINT, {})
-            await call.write(req_type(type_url=TYPE.ENDPOINT, resource_names_subscribe=c.eds_names, initial_resource_versions=eds))
+            await call.write(req_type(type_url=TYPE.ENDPOINT, resource_names_subscribe=c.eds_names))
     else:
         await call.write(req_type(type_url=TYPE.CLUSTER, node=node, version_info=c.versions.get(TYPE.CLUSTER, "")))
         if c.eds_names:
@@ -219,6 +211,24 @@ def _cluster_name(cluster_bytes: bytes) -> str:
     return name
 
 
+
+
+# Writes (path, JSON body) read from stdin, one after another, to the API given as argv[1]; prints
+# [monotonic time of the first write, of the last write's answer, each write's seconds]. CLOCK_MONOTONIC
+# is the same in every process of the machine.
+_WRITER = """
+import json, sys, time, urllib.request
+api, writes, took = sys.argv[1], json.load(sys.stdin), []
+t0 = time.monotonic()
+for path, body in writes:
+    t = time.monotonic()
+    req = urllib.request.Request(api + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        if r.status != 201:
+            sys.exit(f"{path}: {r.status} {r.read()[:500]!r}")
+    took.append(time.monotonic() - t)
+print(json.dumps([t0, time.monotonic(), took]))
+"""
 
 
 def _marker_address(n: int) -> str:
@@ -276,16 +286,25 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
                 last = _marker_address(2 + args.burst - 1)
                 for c in clients:
                     c.marker, c.seen_at = last.encode(), None
+                rebuilds0 = await _rebuilds(s, api)
                 cpu2 = _cpu(ps)
-                t0 = time.monotonic()
-                for n in range(args.burst):
-                    svc = n % args.services
-                    body = {"id": f"perf-burst-{n}", "address": _marker_address(2 + n), "ports": {"http": 8080}}
-                    async with s.post(f"{api}/v1/services/default/svc{svc}/instances", json=body) as r:
-                        assert r.status == 201, await r.text()
-                t_last = time.monotonic()
+                writes = [
+                    (f"/v1/services/default/svc{n % args.services}/instances",
+                     {"id": f"perf-burst-{n}", "address": _marker_address(2 + n), "ports": {"http": 8080}})
+                    for n in range(args.burst)
+                ]
+                # from another process: the simulated clients keep this one's loop busy, and a write
+                # that waits for them looks like a pause in the burst to the control plane's debounce
+                writer = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", _WRITER, api, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                )
+                out, _ = await writer.communicate(json.dumps(writes).encode())
+                if writer.returncode != 0:
+                    raise RuntimeError(f"the burst writer failed: {out.decode()[-2000:]}")
+                t0, t_last, write_s = json.loads(out)
                 burst = await _wait_seen(clients, t0, args.timeout)
                 burst_cpu = _cpu(ps) - cpu2
+                publications = await _rebuilds(s, api) - rebuilds0
             by_code: dict[str, int] = {}
             for c in clients:
                 for code, n in c.failures.items():
@@ -304,6 +323,9 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
                     "write_seconds": round(t_last - t0, 3),
                     "from_first_write": {**_percentiles(burst), "received": len(burst)},
                     "from_last_write": _percentiles([max(0.0, b - (t_last - t0)) for b in burst]),
+                    "publications": publications,
+                    "write_latency": _percentiles(write_s),
+                    "slowest_writes": [round(w, 3) for w in sorted(write_s)[-5:]],
                     "cpu_seconds": round(burst_cpu, 3),
                 },
                 "rss_before_clients_mb": round(rss_seeded / 2**20, 1),
@@ -438,6 +460,16 @@ async def _wait_seen(clients: list[_Client], t0: float, timeout: float) -> list[
     return [c.seen_at - t0 for c in clients if c.seen_at is not None]
 
 
+async def _rebuilds(s: ClientSession, api: str) -> int:
+    """The control plane's publications so far (meshpilot_translate_rebuilds_total)."""
+    async with s.get(f"{api}/metrics") as r:
+        text = await r.text()
+    for line in text.splitlines():
+        if line.startswith("meshpilot_translate_rebuilds_total "):
+            return int(float(line.split()[1]))
+    return 0
+
+
 def _loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -492,7 +524,7 @@ def main(args: argparse.Namespace) -> int:
             f"xds push [{r['variant']}] {r['clients']} clients, {r['services']}x{r['endpoints_per_service']}: "
             f"single change p50 {r['single_change']['p50']}s p99 {r['single_change']['p99']}s max {r['single_change']['max']}s; "
             f"burst of {r['burst']['registrations']} (written in {r['burst']['write_seconds']}s) p99 {r['burst']['from_first_write']['p99']}s "
-            f"from first write, {r['burst']['from_last_write']['p99']}s from last; peak RSS {r['peak_rss_mb']} MB; "
+            f"from first write, {r['burst']['from_last_write']['p99']}s from last, {r['burst']['publications']} publications; peak RSS {r['peak_rss_mb']} MB; "
             f"CPU {r['cpu_seconds_per_change']['single']}s per single change; stream failures {r['stream_failures']['total']} "
             f"{r['stream_failures']['by_code']}",
             file=sys.stderr,
