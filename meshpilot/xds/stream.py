@@ -358,20 +358,25 @@ class SotwStream(_Stream):
     def _endpoints_again(self, eds: _TypeState, names: set[str]) -> None:
         eds.dirty |= names
 
-    def receive(self, req: discovery_pb2.DiscoveryRequest, now: float | None = None) -> None:
+    def receive(
+        self, req: discovery_pb2.DiscoveryRequest, now: float | None = None, resource_names: tuple[str, ...] | None = None,
+    ) -> None:
+        """``resource_names``: the request's resource_names when the caller has them already (reading them
+        from the message makes a new string of each)."""
         now = time.monotonic() if now is None else now
         type_url = req.type_url
         if not type_url:
             return
         ts = self.types.setdefault(type_url, _TypeState())
-        raw = req.resource_names
+        raw = tuple(req.resource_names) if resource_names is None else resource_names
         held = ts.names
         listed = ts.listed
-        if ts.requests and len(raw) == len(listed) and tuple(raw) == listed:
+        if ts.requests and len(raw) == len(listed) and raw == listed:
             names, star = held, ts.star  # the usual request: an ACK repeating the subscription
         else:
-            ts.listed, names, star = _subscription(raw)
+            ts.listed, subscribed, star = _subscription(raw)
             ts.star = star
+            names = subscribed
         wildcard = (not names and type_url in _WILDCARD_BY_DEFAULT and (ts.requests == 0 or ts.wildcard)) or star
         changed = wildcard != ts.wildcard or (names is not held and names != held)
         if changed:
