@@ -30,13 +30,17 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from meshpilot import metrics
 from meshpilot.xds.cache import ResourceCache
-from meshpilot.xds.resource import NodeInfo, node_info
+from meshpilot.xds.resource import NodeInfo, node_info, string_field
 from meshpilot.xds.stream import DeltaStream, SotwStream
 
-__all__ = ["ADS_SERVICE", "Admit", "GRPC_SERVER_OPTIONS", "MAX_REQUEST_BYTES", "StreamError", "Unanswered", "XdsServer", "check_request", "user_agent"]
+__all__ = [
+    "ADS_SERVICE", "Admit", "GRPC_SERVER_OPTIONS", "MAX_REQUEST_BYTES", "StreamError", "Unanswered", "XdsServer", "check_request",
+    "names_region", "user_agent",
+]
 
 log = logging.getLogger("meshpilot.xds")
 
@@ -127,6 +131,8 @@ class StreamHandle:
     closing: str = ""  # set by ``disconnect`` or ``hand_over``: why the stream ends now
     closing_code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED
     unanswered: Unanswered = field(default_factory=Unanswered)
+    # sotw: per type, the wire bytes of the names the last request listed and those names
+    listed: dict[str, tuple[bytes, tuple[str, ...]]] = field(default_factory=dict)
 
 
 Admit = Callable[[grpc.aio.ServicerContext[Any, Any], NodeInfo], tuple[str, float]]  # (identity, not_after, unix s)
@@ -169,7 +175,7 @@ class XdsServer:
             {
                 "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                     self._sotw,
-                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    request_deserializer=_identity,  # parsed in _read, which keeps the bytes of the names
                     response_serializer=_identity,
                 ),
                 "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
@@ -313,8 +319,24 @@ class XdsServer:
             log.info("event=stream_closed stream=%s node=%s", handle.id, handle.node.id if handle.node else "")
 
     async def _read(self, handle: StreamHandle, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        async for req in requests:
-            listed = check_request(req)
+        async for item in requests:
+            region: bytes | None = None
+            if isinstance(item, bytes):  # sotw
+                # an ACK lists the names the stream subscribes to already: recognised by their
+                # bytes, the names are neither parsed nor read (a new string of each) nor checked again
+                try:
+                    again = _repeated(item, handle.listed)
+                    if again is not None:
+                        req, listed = again[0], check_request(again[0], again[1])
+                    else:
+                        req = discovery_pb2.DiscoveryRequest.FromString(item)
+                        region = names_region(item, req)
+                        listed = check_request(req)
+                except DecodeError as exc:
+                    raise StreamError(f"the request is not a DiscoveryRequest: {exc}") from exc
+            else:
+                req = item
+                listed = check_request(req)
             if handle.node is None:
                 if self.unavailable:
                     raise StreamError(self.unavailable, grpc.StatusCode.UNAVAILABLE)
@@ -337,6 +359,11 @@ class XdsServer:
                 log.debug("event=request stream=%s %s", handle.id, _describe(req))
             if isinstance(handle.machine, SotwStream):
                 handle.machine.receive(req, resource_names=listed)
+                ts = handle.machine.types.get(req.type_url)
+                if region is not None and ts is not None and ts.listed == listed:  # a new list of names
+                    handle.listed[req.type_url] = (_REGIONS.setdefault(region, region), ts.listed)
+                    if len(_REGIONS) > _MAX_REGIONS:
+                        _REGIONS.clear()  # only sharing is lost
             else:
                 handle.machine.receive(req)
             if handle.unanswered.answer(req.type_url, req.response_nonce):
@@ -445,11 +472,81 @@ def _pushes(type_url: str, kind: str) -> Any:
     return child
 
 
-def check_request(req: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest) -> tuple[str, ...] | None:
+# the wire bytes of sotw subscriptions, one object per distinct list (a fleet lists the same names)
+_REGIONS: dict[bytes, bytes] = {}
+_MAX_REGIONS = 4096
+
+
+def _varint_at(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(raw) and shift < 64:
+        b = raw[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+    return -1, len(raw)
+
+
+def _names_start(raw: bytes) -> int:
+    """Where the names of a sotw request begin: after version_info and node (-1: malformed)."""
+    pos, n = 0, len(raw)
+    for tag in (0x0A, 0x12):
+        if pos < n and raw[pos] == tag:
+            length, pos = _varint_at(raw, pos + 1)
+            if length < 0:
+                return -1
+            pos += length
+    return pos
+
+
+def _repeated(
+    raw: bytes, listed: dict[str, tuple[bytes, tuple[str, ...]]],
+) -> tuple[discovery_pb2.DiscoveryRequest, tuple[str, ...]] | None:
+    """A sotw request that lists the same names as the stream's last request of its type: the
+    request parsed without them, and those names; None for any other request."""
+    if not listed:
+        return None
+    pos = _names_start(raw)
+    if pos < 0:
+        return None
+    for type_url, (region, names) in listed.items():
+        end = pos + len(region)
+        if region and raw.startswith(region, pos) and (end == len(raw) or raw[end] != 0x1A):
+            req = discovery_pb2.DiscoveryRequest.FromString(raw[:pos] + raw[end:])
+            if req.type_url == type_url and not req.resource_names:
+                return req, names
+    return None
+
+
+def names_region(raw: bytes, req: discovery_pb2.DiscoveryRequest) -> bytes | None:
+    """The wire bytes of a sotw request's resource_names (field 3), when the request is laid out as
+    protobuf writes it, fields in order: version_info and node, the names, then type_url and
+    response_nonce ending the message. None otherwise (an error_detail, fields out of order): the
+    caller then reads the names from the message. Equal bytes mean the same list of names."""
+    pos, n = _names_start(raw), len(raw)
+    if pos < 0 or req.HasField("error_detail"):
+        return None
+    suffix = string_field(4, req.type_url) + string_field(5, req.response_nonce)
+    end = n - len(suffix)
+    if end < pos or not raw.endswith(suffix) or (end > pos and raw[pos] != 0x1A):
+        return None
+    return raw[pos:end]
+
+
+def check_request(
+    req: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest, checked: tuple[str, ...] | None = None,
+) -> tuple[str, ...] | None:
     """Refuse a request larger than a real client sends, before anything iterates over it. Returns
     a sotw request's resource_names, read once here for the stream to use (each read of them from
-    the message makes a new string of every name: ~50 us for 1,000 names, in every ACK)."""
+    the message makes a new string of every name: ~50 us for 1,000 names, in every ACK);
+    ``checked``: the names the request is known to list, checked before."""
     listed: tuple[str, ...] | None = None
+    if checked is not None and isinstance(req, discovery_pb2.DiscoveryRequest):
+        if req.HasField("node") and req.node.HasField("metadata"):
+            _check_metadata(req.node.metadata.ByteSize())
+        return checked
     if isinstance(req, discovery_pb2.DeltaDiscoveryRequest):
         fields: tuple[tuple[str, Any], ...] = (
             ("resource_names_subscribe", req.resource_names_subscribe),
@@ -467,10 +564,13 @@ def check_request(req: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDisco
         if longest > _MAX_NAME_CHARS:
             raise StreamError(f"{name}: a name of {longest} characters; at most {_MAX_NAME_CHARS}", grpc.StatusCode.RESOURCE_EXHAUSTED)
     if req.HasField("node") and req.node.HasField("metadata"):
-        size = req.node.metadata.ByteSize()
-        if size > _MAX_METADATA_BYTES:
-            raise StreamError(f"node.metadata: {size} bytes; at most {_MAX_METADATA_BYTES}", grpc.StatusCode.RESOURCE_EXHAUSTED)
+        _check_metadata(req.node.metadata.ByteSize())
     return listed
+
+
+def _check_metadata(size: int) -> None:
+    if size > _MAX_METADATA_BYTES:
+        raise StreamError(f"node.metadata: {size} bytes; at most {_MAX_METADATA_BYTES}", grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def user_agent(node: Any) -> str:

@@ -371,7 +371,7 @@ class SotwStream(_Stream):
         raw = tuple(req.resource_names) if resource_names is None else resource_names
         held = ts.names
         listed = ts.listed
-        if ts.requests and len(raw) == len(listed) and raw == listed:
+        if ts.requests and (raw is listed or (len(raw) == len(listed) and raw == listed)):
             names, star = held, ts.star  # the usual request: an ACK repeating the subscription
         else:
             ts.listed, subscribed, star = _subscription(raw)

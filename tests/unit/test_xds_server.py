@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
@@ -117,3 +119,54 @@ def test_user_agent_of_envoy_and_of_grpc_clients() -> None:
     assert user_agent(grpc_go) == "gRPC Go 1.85.0", f"grpc-go sends user_agent_version; got {user_agent(grpc_go)!r}"
     assert user_agent(base_pb2.Node(user_agent_name="grpc-node-js", user_agent_version="1.13.4")) == "grpc-node-js 1.13.4"
     assert user_agent(base_pb2.Node()) == ""
+
+
+def test_the_names_of_sotw_acks_are_recognised_by_their_bytes_whatever_the_version_and_nonce() -> None:
+    from meshpilot.xds.server import names_region
+
+    names = [f"outbound|80||svc{i}" for i in range(300)]
+
+    def region(**kw: Any) -> bytes | None:
+        req = discovery_pb2.DiscoveryRequest(type_url=TYPE.ENDPOINT, **kw)
+        return names_region(req.SerializeToString(), req)
+
+    first = region(resource_names=names, node=base_pb2.Node(id="n1", cluster="c"))
+    ack = region(resource_names=names, version_info="abc", response_nonce="7")
+    later = region(resource_names=names, version_info="0123456789" * 20, response_nonce="123456")
+    only = discovery_pb2.DiscoveryRequest(resource_names=names).SerializeToString()
+    assert first == ack == later == only, "expected the same names to give the same bytes, the bytes of resource_names alone"
+    assert region(resource_names=names[:-1], response_nonce="8") != ack, "a name less must give other bytes"
+    assert region(resource_names=[*names[1:], names[0]], response_nonce="8") != ack, "another order must give other bytes"
+    assert region(response_nonce="9") == b"", "no names: empty bytes"
+    nack = discovery_pb2.DiscoveryRequest(type_url=TYPE.ENDPOINT, resource_names=names, response_nonce="7")
+    nack.error_detail.message = "rejected"
+    assert names_region(nack.SerializeToString(), nack) is None, "a NACK is read field by field"
+    # fields out of order (type_url first): not recognised, read from the message instead
+    odd = string_field_bytes(4, TYPE.ENDPOINT) + discovery_pb2.DiscoveryRequest(resource_names=names, response_nonce="7").SerializeToString()
+    assert names_region(odd, discovery_pb2.DiscoveryRequest.FromString(odd)) is None
+
+
+def string_field_bytes(number: int, value: str) -> bytes:
+    from meshpilot.xds.resource import string_field
+
+    return string_field(number, value)
+
+
+def test_a_sotw_ack_repeating_the_names_is_parsed_without_them() -> None:
+    from meshpilot.xds.server import _repeated, names_region
+
+    names = [f"outbound|80||svc{i}" for i in range(300)]
+    first = discovery_pb2.DiscoveryRequest(type_url=TYPE.ENDPOINT, resource_names=names, node=base_pb2.Node(id="n1"))
+    raw = first.SerializeToString()
+    region = names_region(raw, first)
+    assert region is not None
+    held = {TYPE.ENDPOINT: (region, tuple(names))}
+    ack = discovery_pb2.DiscoveryRequest(type_url=TYPE.ENDPOINT, resource_names=names, version_info="v1", response_nonce="4")
+    got = _repeated(ack.SerializeToString(), held)
+    assert got is not None, "expected an ACK listing the same names to be recognised"
+    req, listed = got
+    assert listed == tuple(names) and (req.type_url, req.version_info, req.response_nonce) == (TYPE.ENDPOINT, "v1", "4")
+    more = discovery_pb2.DiscoveryRequest(type_url=TYPE.ENDPOINT, resource_names=[*names, "x"], response_nonce="5")
+    assert _repeated(more.SerializeToString(), held) is None, "a name more is not the same list"
+    other = discovery_pb2.DiscoveryRequest(type_url=TYPE.ROUTE, resource_names=names, response_nonce="5")
+    assert _repeated(other.SerializeToString(), held) is None, "the same names of another type are another subscription"
