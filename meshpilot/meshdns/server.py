@@ -1,7 +1,7 @@
 """The meshdns server: UDP and TCP listeners around the pure core, the forwarder and the table feed.
 
-The UDP hot path (batched with recvmmsg/sendmmsg on Linux, see batch.py, else an asyncio DatagramProtocol) is
-one dictionary lookup keyed by the packet after its id and flags (counts, question, OPT),
+The UDP hot path (batched with recvmmsg/sendmmsg in a thread of its own on Linux, see batch.py, else an asyncio
+DatagramProtocol) is one dictionary lookup keyed by the packet after its id and flags (counts, question, OPT),
 whose value is the prebuilt response in the four RD/CD variants and the instant it stops being exact; a hit
 prepends the query id and sends. Mesh answers stay exact until the table changes; a cached upstream answer only
 until its TTLs would drop by another second or it expires, after which the next query takes the slow path,
@@ -11,13 +11,15 @@ A new table replaces the dictionaries wholesale, so an answer is never older tha
 
 :class:`MeshDns` is the in-process API the sidecar agent uses (``async with MeshDns(config) as dns``, then
 ``dns.port``); :func:`serve` wraps it for the ``meshpilot meshdns`` command. Both own their tasks in an
-``asyncio.TaskGroup`` and close their listeners on the way out.
+``asyncio.TaskGroup`` (the UDP thread too: a task waits for it and sees its failure) and close their listeners on
+the way out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import gc
 import math
 import socket
 import struct
@@ -90,6 +92,7 @@ class MeshDns:
         self._udp: _Udp | None = None
         self._udp_transport: asyncio.DatagramTransport | None = None
         self._batched: batch.BatchedUdp | None = None
+        self._udp_thread: asyncio.Task[None] | None = None
         self._tcp_server: asyncio.Server | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._feed: asyncio.Task[None] | None = None
@@ -198,27 +201,38 @@ class MeshDns:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
                 sock.bind((host, port))
-                sock.setblocking(False)
             except OSError:
                 sock.close()
                 raise
             self._batched = batch.BatchedUdp(sock, lambda: self._udp_hot,
                                              lambda data, reply: self._miss(data, reply, tcp=False), self.clock)
-            loop.add_reader(sock.fileno(), self._batched.on_readable)
             return int(sock.getsockname()[1])
         transport, proto = await loop.create_datagram_endpoint(
             lambda: _Udp(self), local_addr=(host, port), family=family)
         self._udp_transport, self._udp = transport, proto
         return int(transport.get_extra_info("sockname")[1])
 
+    async def _serve_batched(self, udp: batch.BatchedUdp) -> None:
+        """Own the UDP thread: it runs until stopped, and is waited for even when this task is cancelled, so the
+        socket is closed only once nothing reads it."""
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(None, udp.run, loop.call_soon_threadsafe)
+        try:
+            await asyncio.shield(done)
+        finally:
+            udp.stop()
+            await asyncio.wait([done])
+            udp.sock.close()
+
     def _close_udp(self) -> None:
         if self._udp_transport is not None:
             self._udp_transport.close()
             self._udp_transport = None
         if self._batched is not None:
-            asyncio.get_running_loop().remove_reader(self._batched.fd)
-            self._batched.sock.close()
-            self._batched = None
+            self._batched.stop()
+            if self._udp_thread is None:  # no thread yet; else its task closes the socket once the thread is done
+                self._batched.sock.close()
+                self._batched = None
 
     async def _bind(self) -> None:
         host, port = self.config.host, self.config.port
@@ -246,6 +260,8 @@ class MeshDns:
             self.set_services(self.ads.services())  # the last table, served until the control plane answers
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
+        if self._batched is not None:
+            self._udp_thread = self._tg.create_task(self._serve_batched(self._batched))
         if self.config.control_plane and not self.config.static_table:
             self._feed = self._tg.create_task(run_ads(
                 self.config.control_plane, self.ads, self._on_ads_change,
@@ -265,6 +281,10 @@ class MeshDns:
         if self._tg is not None:
             await self._tg.__aexit__(exc_type, exc, tb)
             self._tg = None
+        if self._batched is not None:
+            self._batched.sock.close()  # closed already unless its task was cancelled before it started
+            self._batched = None
+        self._udp_thread = None
 
     # -- metrics ---------------------------------------------------------------------------------------------
 
@@ -292,6 +312,9 @@ class MeshDns:
 async def serve(config: MeshDnsConfig, *, ready: Callable[[MeshDns], Any] | None = None) -> None:
     """Run meshdns until cancelled; ``ready`` is called with the running instance (``.port`` is bound)."""
     async with MeshDns(config) as dns:
+        # what was built to start (modules, the first table) lives as long as the process: left out of the
+        # collector's full passes, which would otherwise stop every query for 15-30 ms on this heap
+        gc.freeze()
         if ready is not None:
             ready(dns)
         await asyncio.Event().wait()
