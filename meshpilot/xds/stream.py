@@ -23,6 +23,7 @@ Rules both variants follow:
 from __future__ import annotations
 
 import hashlib
+import operator
 import sys
 import time
 import weakref
@@ -104,14 +105,18 @@ def _incremental(cache: ResourceCache, type_url: str, node_id: str, names: froze
 
 @dataclass(frozen=True, slots=True)
 class _Whole:
-    """A delta response's resources for a client that holds nothing of a type yet (its first sync):
-    the same for every stream with the same subscription, so built once for all of them."""
+    """The delta Resource fields of a set of names: a client's first sync of a type (every stream
+    subscribed alike is sent the same) or the names a push changed (every stream that holds an older
+    version of each is sent the same), built once for all of them."""
 
     gens: tuple[int, int]
     body: bytes  # the Resource fields, by name
     carried: frozenset[str]  # the names it carries
     versions: dict[str, str]  # their versions (copied into each stream's record of what it sent)
     missing: frozenset[str]  # subscribed names the cache does not have
+    names: tuple[str, ...]  # the names carried, in order, and their versions
+    version_list: tuple[str, ...]
+    unlisted: bool  # some carried resource is left out of wildcard subscriptions
 
 
 _WHOLE: weakref.WeakKeyDictionary[ResourceCache, OrderedDict[tuple[str, str, bool, frozenset[str]], _Whole]] = (
@@ -137,6 +142,7 @@ def _whole(cache: ResourceCache, type_url: str, node_id: str, names: frozenset[s
     fields: list[bytes] = []
     versions: dict[str, str] = {}
     missing: set[str] = set()
+    unlisted = False
     for name in sorted(candidates):
         entry = (own.get(name) or lookup(name)) if own else lookup(name)
         if entry is None:
@@ -144,7 +150,10 @@ def _whole(cache: ResourceCache, type_url: str, node_id: str, names: frozenset[s
         elif name in names or (wildcard and entry.wildcard):
             fields.append(entry.delta_field)
             versions[name] = entry.version
-    made = _Whole(gens, b"".join(fields), frozenset(versions), versions, frozenset(missing))
+            unlisted = unlisted or not entry.wildcard
+    made = _Whole(
+        gens, b"".join(fields), frozenset(versions), versions, frozenset(missing), tuple(versions), tuple(versions.values()), unlisted,
+    )
     memo[key] = made
     if len(memo) > _MAX_WHOLE:
         memo.popitem(last=False)
@@ -550,6 +559,10 @@ class DeltaStream(_Stream):
         ts.pending = False
         if ts.full and not ts.sent:
             return self._first(ts, type_url, stamp)
+        if not ts.full and ts.dirty and not ts.forced_names:
+            pushed = self._changed(ts, type_url, stamp)
+            if pushed is not None:
+                return pushed
         if ts.full:
             candidates = set(ts.names) | set(ts.sent)
             if ts.wildcard:
@@ -591,6 +604,26 @@ class DeltaStream(_Stream):
         if not fields and not removed:
             return None
         return self._finish(ts, type_url, stamp, fields, frozenset(carried).union(removed), removed, carried)
+
+    def _changed(self, ts: _TypeState, type_url: str, stamp: float) -> bytes | None:
+        """A push of changed resources to a client that is subscribed to all of them and holds an
+        older version of each (the usual push): what ``_respond`` would send, from the response
+        shared by every such stream. None when the stream is not such a one (``_respond`` decides)."""
+        own, _ = self.cache.scopes(type_url, self.node_id)
+        if own:
+            return None
+        dirty = frozenset(ts.dirty)
+        whole = _whole(self.cache, type_url, self.node_id, dirty, False)
+        if whole.missing or not whole.carried:
+            return None  # removals: decided name by name
+        if not (dirty <= ts.names or (ts.wildcard and not whole.unlisted)):
+            return None
+        sent = ts.sent
+        if any(map(operator.eq, map(sent.get, whole.names), whole.version_list)):
+            return None  # the client holds some of them already
+        ts.dirty = set()
+        sent.update(whole.versions)
+        return self._finish(ts, type_url, stamp, [whole.body], whole.carried, [], whole.carried)
 
     def _first(self, ts: _TypeState, type_url: str, stamp: float) -> bytes | None:
         """The whole subscription to a client that holds nothing of the type: what

@@ -678,3 +678,24 @@ def test_sotw_streams_subscribed_alike_share_one_set_of_names_and_an_ack_keeps_i
     a.receive(discovery_pb2.DiscoveryRequest(type_url=E, resource_names=["c1", "c1"], response_nonce=a.types[E].sent_nonce,
                                              version_info=a.types[E].sent_version))
     assert sorted(a.types[E].names) == ["c1"], f"expected a list with a repeated name to subscribe to it alone, got {sorted(a.types[E].names)}"
+
+
+def test_delta_endpoint_change_to_a_fleet_is_built_once_and_each_client_gets_only_what_it_lacks() -> None:
+    cache = _fleet_cache(200)
+    names = [f"c{i}" for i in range(200)]
+    fleet = [_delta_sync(cache, f"n{k}", names) for k in range(6)]
+    narrow = _delta_sync(cache, "narrow", names[:50])  # subscribed to part of what changes
+    cache.put(E, {f"c{i}": _cla(f"c{i}", 2) for i in range(100)})  # a burst: half the services change
+    before = cache.lookups
+    for s in fleet:
+        out = s.responses()
+        assert [t for t, _ in out] == [E], f"expected one endpoint response per stream, got {[t for t, _ in out]}"
+        got = sorted(r.name for r in _delta_decode(out[0][1]).resources)
+        assert got == sorted(f"c{i}" for i in range(100)), f"expected the 100 changed endpoint sets, got {len(got)}"
+    spent = cache.lookups - before
+    assert spent <= 120, f"expected the changed endpoints looked up once for 6 streams (~100 lookups), got {spent}"
+    now = {n: e.version for n, e in cache.scopes(E)[1].items()}
+    for s in fleet:
+        assert s.types[E].sent == now, "expected each stream's record of what it holds to be the cache's versions"
+    [(t, raw)] = narrow.responses()
+    assert sorted(r.name for r in _delta_decode(raw).resources) == sorted(names[:50]), "a stream subscribed to fewer gets only its own"
