@@ -10,15 +10,18 @@ bootstrap, ADS over gRPC to that peer) and runs the same changes: single endpoin
 is one meshpilot published). meshpilot gets them as registrations through its API; the peer
 (``gcp_peer/main.go``, built on first use into ``~/.cache/meshpilot/gcp-peer/``) as the
 ClusterLoadAssignment bytes meshpilot published for each (recorded by a delta stream kept open
-during meshpilot's turn), through its HTTP control channel, and sets a new snapshot for every node
-as a stock server does. The peer skips the registry and translation; its time starts when it is
-handed the finished resource.
+during meshpilot's turn: meshpilot serves that stream beside the Envoys), through its HTTP control
+channel, and sets a new snapshot for every node as a stock server does. The peer skips the registry
+and translation; its time starts when it is handed the finished resource.
 
 Propagation is read from Envoy: each runs with the ``upstream`` logger at debug and microsecond
-stamps, and every thread that applies an endpoint change logs ``membership update for TLS cluster
-<name> added A removed R``. A change has reached an Envoy at the stamp of the last of its threads
-(main and worker) to apply it; the file is tailed, so observing costs Envoy nothing beyond the log
-line. Control-plane CPU is read from /proc (psutil) over each phase.
+stamps (``--concurrency 1``). When an endpoint change arrives its main thread logs ``EDS hosts or
+locality weights changed for cluster: <name> ...`` (only when something changed) and then each
+thread that applies it, main and worker, ``batch membership update for TLS cluster <name> ...``. A
+change has reached an Envoy at the stamp of the last of its threads to apply it; the harness tails
+the log files, so watching costs Envoy nothing beyond the lines (an admin ``/stats`` read costs
+50-100 ms at 1,000 clusters). Each peer's process CPU is read from /proc (psutil) over each phase,
+less its idle rate measured just before; its Envoys' CPU is not counted.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ LOG_FORMAT = "[%Y-%m-%d %T.%f][%t][%l][%n] %v"
 _STAMP = r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6})\]\[(\d+)\]\[debug\]\[upstream\] "
 _EDS_LINE = re.compile(_STAMP + r"EDS hosts or locality weights changed for cluster: (\S+) current hosts (\d+) priority \d+$")
 _TLS_LINE = re.compile(_STAMP + r"batch membership update for TLS cluster (\S+) across \d+ priorities$")
+_ANSWER_DELAY_S = 0.05
 _THREADS = 2  # Envoy runs with --concurrency 1: the main thread and one worker each apply every update
 
 
@@ -178,6 +182,8 @@ class _Capture:
     wanted: dict[str, set[str]] = field(default_factory=dict)
     answered: set[str] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    received: list[tuple[float, str, str, int]] = field(default_factory=list)  # (time, type, nonce, resources)
+    ended: str = ""  # why the stream ended, once it has
 
     def complete(self) -> bool:
         return all(t in self.answered for t in self.wildcard) and all(
@@ -185,6 +191,19 @@ class _Capture:
         )
 
     async def run(self, channel: grpc.aio.Channel) -> None:
+        try:
+            await self._run(channel)
+            self.ended = "the control plane ended the stream"
+        except asyncio.CancelledError:
+            self.ended = "cancelled"
+            raise
+        except Exception as exc:
+            self.ended = repr(exc)
+            raise
+        finally:
+            self.changed.set()
+
+    async def _run(self, channel: grpc.aio.Channel) -> None:
         req = discovery_pb2.DeltaDiscoveryRequest
         call = channel.stream_stream(_DELTA, request_serializer=req.SerializeToString,
                                      response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString)()
@@ -195,6 +214,7 @@ class _Capture:
             if not isinstance(resp, discovery_pb2.DeltaDiscoveryResponse):
                 return
             t = resp.type_url
+            self.received.append((time.time(), t.rsplit(".", 1)[-1], resp.nonce, len(resp.resources)))
             held = self.latest.setdefault(t, {})
             for r in resp.resources:
                 held[r.name] = r.resource.value
@@ -202,6 +222,9 @@ class _Capture:
                     self.endpoint_history.setdefault(r.name, []).append(r.resource.value)
             for name in resp.removed_resources:
                 held.pop(name, None)
+            # meshpilot records a response as owed only once its write returns, so an answer that
+            # arrives first is not counted and the stream is aborted 30 s later: answer a little later
+            await asyncio.sleep(_ANSWER_DELAY_S)
             await call.write(req(type_url=t, response_nonce=resp.nonce))
             if self.follow and t in (TYPE.CLUSTER, TYPE.LISTENER):
                 named: dict[str, set[str]] = {}
@@ -218,10 +241,15 @@ class _Capture:
             self.changed.set()
 
     async def wait(self, done: Callable[[], bool], timeout: float) -> None:
-        async with asyncio.timeout(timeout):
-            while not done():
-                self.changed.clear()
-                await self.changed.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while not done():
+                    if self.ended:
+                        raise RuntimeError(f"node {self.node.id}: the stream ended ({self.ended}); last responses {self.received[-5:]}")
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            raise TimeoutError(f"node {self.node.id}: not there after {timeout} s; last responses {self.received[-5:]}") from None
 
 
 # ---- Envoys that say when they apply an update ----------------------------------------------------
@@ -525,6 +553,7 @@ async def run(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
         "services": args.services,
         "endpoints_per_service": args.endpoints,
         "seed_seconds": round(seed_s, 2),
+        "workdir": str(workdir),  # each Envoy's log, the peer's resources file and log
         "peers": {
             "meshpilot": {"initial_sync_seconds": round(sync_mp, 2), **mp},
             "go-control-plane": {"initial_sync_seconds": round(sync_gcp, 2), **gcp},

@@ -1,0 +1,49 @@
+"""``meshpilot perf xds-envoys --peer go-control-plane`` run end to end on a small mesh: it builds the
+go-control-plane peer (perf/gcp_peer), serves a seeded meshpilot's resources from both to real Envoys,
+runs the same changes through each, and reports each peer's propagation as Envoy logged it; every
+process it started is gone when it returns."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import psutil
+import pytest
+
+from meshpilot.perf import xds_envoys, xds_peer
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(shutil.which("go") is None and not Path("/usr/local/go/bin/go").exists(),
+                       reason="the go-control-plane peer is built with a Go toolchain (go on PATH or /usr/local/go/bin/go)"),
+]
+
+
+def test_meshpilot_and_go_control_plane_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    xds_envoys.add_arguments(parser)
+    args = parser.parse_args(["--peer", "go-control-plane", "--envoys", "2", "--services", "6", "--endpoints", "2",
+                              "--rounds", "3", "--burst", "4", "--gap", "0.2", "--round-timeout", "10", "--variants", "delta"])
+    assert xds_envoys.main(args) == 0, "expected the benchmark to exit 0"
+    report = json.loads(capsys.readouterr().out)
+    assert report["benchmark"] == "xds_peer_real_envoys", f"expected the peer benchmark's report, got {report['benchmark']}"
+    (result,) = report["results"]
+    assert set(result["peers"]) == {"meshpilot", "go-control-plane"}, f"expected both peers, got {sorted(result['peers'])}"
+    for name, peer in result["peers"].items():
+        single, burst = peer["single_change"], peer["burst"]
+        assert single["envoy_rounds_timed_out"] == 0, f"expected every Envoy to apply every change from {name}, {single['envoy_rounds_timed_out']} did not"
+        w = single["write_to_last_envoy_applied"]
+        assert 0 < w["p50"] <= w["p99"] < 10, f"expected {name}'s single changes timed from Envoy's log, got {w}"
+        assert math.isfinite(single["cpu_seconds_per_change"]), f"expected {name}'s CPU per change, got {single['cpu_seconds_per_change']}"
+        assert burst["last_write_to_last_envoy_applied"] is not None, f"expected every Envoy to apply {name}'s burst, got {burst}"
+        assert burst["envoys_holding_last_change"] == 2, f"expected both Envoys to hold {name}'s last change (admin /stats), got {burst}"
+    workdir = result["workdir"]
+    left = [p.info for p in psutil.process_iter(["pid", "cmdline"]) if any(workdir in a for a in p.info["cmdline"] or [])]
+    assert not left, f"expected no process of the run left, got {left}"
+    assert Path(workdir, "gcp-resources.json").exists(), "expected the peer's resources file in the run's directory"
+    assert xds_peer.gcp_peer_binary(Path.home() / ".cache" / "meshpilot" / "gcp-peer").exists(), "expected the built peer to be cached"
