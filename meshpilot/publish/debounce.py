@@ -16,6 +16,11 @@ The rule, a leading edge and a bounded trailing window:
   whichever comes first, so a steady stream of changes is still published at least every
   ``cap_s``. The same holds for a batch the control plane was busy during or just before.
 
+A busy time also counts as a change for the quiet time (a batch is due ``quiet_s`` after the later of
+its last change and the last busy time, still no later than the cap): the publisher reports the
+event loop held up by the pushes of a publication as busy, and writes that waited behind them
+arrive together, each one long after the one before it.
+
 So a burst costs its first change's publication at once and then, as before, one publication when
 it settles: at most two for a burst shorter than ``cap_s`` whose changes come less than ``quiet_s``
 apart. No change waits longer than ``cap_s``. Publications themselves do not make the control
@@ -82,7 +87,10 @@ class Debouncer:
             return None
         if self.leading:
             return self._first
-        return min(self._last + self.quiet_s, self._first + self.cap_s)
+        # quiet is counted from the later of the last change and the last busy time: a change that
+        # waited out a busy loop may have others right behind it
+        last = self._last if self._busy is None else max(self._last, self._busy)
+        return min(last + self.quiet_s, self._first + self.cap_s)
 
     def due(self, now: float) -> bool:
         deadline = self.next_deadline()

@@ -409,3 +409,41 @@ def test_a_resource_put_in_by_hand_is_published_at_once_and_taken_back() -> None
     assert cache.names(TYPE.CLUSTER) == ["broken", "web"] and cache.names(TYPE.EXTENSION_CONFIG, "n1") == ["filter"], "expected both injected at once"
     pub.inject(TYPE.CLUSTER, "broken", None)
     assert cache.names(TYPE.CLUSTER) == ["web"], f"expected the injected cluster taken back and the producer's kept, got {cache.names(TYPE.CLUSTER)}"
+
+
+def test_writes_held_up_behind_a_publications_pushes_wait_for_quiet_instead_of_each_going_at_once() -> None:
+    # 500 sequential writes to a control plane pushing to 2,000 streams: each publication held the
+    # loop ~0.3 s, so each next write arrived "after a pause" and went out at once on its own
+    p = Script()
+    pub, _cache, clock = _publisher(p)
+    pub.note(Changes(services={"a"}))
+    assert pub.publish_due() and len(p.seen) == 1, "expected the first change of the burst published at once"
+    meant = pub.next_wake()
+    assert meant is not None and meant <= clock.now + 0.05, f"expected the loop watched after a publication, next wake-up {meant}"
+    clock.now += 0.3  # the pushes held the loop; the writer's next request waited behind them
+    pub.woke(meant)
+    pub.note(Changes(services={"b"}))
+    assert not pub.publish_due(), "expected a write that waited out the pushes to wait for quiet, not to go at once"
+    assert pub.next_deadline() == clock.now + 0.1, f"expected it due 100 ms later unless more come, got {pub.next_deadline()}"
+    clock.now += 0.01
+    pub.note(Changes(services={"c"}))  # the rest of the burst comes at once now
+    clock.now += 0.1
+    assert pub.publish_due() and p.seen[-1].services == {"b", "c"}, f"expected the rest published together, got {p.seen[1:]}"
+    clock.now += 2.0  # long after: no publication watched, a change goes at once again
+    pub.woke(pub.next_wake())
+    pub.note(Changes(services={"d"}))
+    assert pub.publish_due() and p.seen[-1].services == {"d"}, "expected a change to an idle control plane published at once"
+
+
+def test_a_publication_whose_pushes_hold_nothing_leaves_the_next_change_going_at_once() -> None:
+    p = Script()
+    pub, _cache, clock = _publisher(p)
+    pub.note(Changes(services={"a"}))
+    assert pub.publish_due()
+    meant = pub.next_wake()
+    assert meant is not None
+    clock.now = meant + 0.001  # on time: nothing held the loop
+    pub.woke(meant)
+    clock.now += 0.2
+    pub.note(Changes(services={"b"}))
+    assert pub.publish_due() and p.seen[-1].services == {"b"}, "expected a change 200 ms after a publication that held nothing to go at once"
