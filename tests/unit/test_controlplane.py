@@ -230,3 +230,11 @@ def test_one_control_plane_makes_a_new_health_key_each_start_and_keeps_it_nowher
         assert again.registry.store.get("meta", "controlplane/health_key") is None, "expected the key kept nowhere"
     finally:
         again.registry.store.close()
+
+
+def test_the_xds_port_takes_a_fleet_reconnecting_at_once() -> None:
+    from meshpilot.xds.server import GRPC_SERVER_OPTIONS
+
+    options = dict(_cp().grpc_options())
+    for name, value in GRPC_SERVER_OPTIONS:
+        assert options.get(name) == value, f"expected the xDS server started with {name}={value}, got {options.get(name)}"
