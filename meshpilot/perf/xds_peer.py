@@ -464,6 +464,8 @@ async def run(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
 
     if args.burst > args.services:
         raise SystemExit("--peer: --burst must be at most --services (each burst change is a state meshpilot published)")
+    if args.rounds > 1000 or args.burst > 60000:
+        raise SystemExit("--peer: at most 1,000 --rounds and 60,000 --burst (each change's address is unique)")
     binary = await asyncio.to_thread(gcp_peer_binary, Path.home() / ".cache" / "meshpilot" / "gcp-peer")
     with control_plane("meshpilot-perf-peer-") as cp:
         api, workdir = cp.api, cp.workdir
