@@ -69,10 +69,14 @@ def test_hits_after_a_miss_in_one_batch_go_to_their_own_senders() -> None:
             assert got == [b"\x00\x01\x81\x00A1", b"\x00\x00MISS", b"\x00\x02\x81\x00B1", b"\x00\x01\x81\x00A1"], (
                 f"expected each sender its own answer (A, the miss's, B, A), got {got}")
             assert len(missed) == 1 and missed[0][:2] == b"\x00\x03", f"expected the one miss handed on: {missed}"
-            # the next batch, all hits: every send slot is back to its own receive slot's sender
-            clients[2].sendto(hit_a, ("127.0.0.1", port))
-            assert clients[2].recv(512) == b"\x00\x01\x81\x00A1", "expected client 2 answered from slot 0"
-            assert udp.hits == 4, f"expected 4 fast-path hits, got {udp.hits}"
+            # later batches, all hits: every send slot is back to its own receive slot's sender
+            for order in ([2], [3, 2, 0]):
+                for k in order:
+                    clients[k].sendto(hit_b, ("127.0.0.1", port))
+                for k in order:
+                    got_k = clients[k].recv(512)
+                    assert got_k == b"\x00\x02\x81\x00B1", f"expected client {k} answered B, got {got_k!r}"
+            assert udp.hits == 7, f"expected 7 fast-path hits, got {udp.hits}"
             udp.stop()
             thread.join(2)
             assert not thread.is_alive(), "expected the reader to return at once when stopped"
