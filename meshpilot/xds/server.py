@@ -449,13 +449,16 @@ class XdsServer:
         out = handle.machine.responses()
         sizes: dict[str, int] = {}
         for type_url, payload in out:
-            await context.write(payload)
             sizes[type_url] = sizes.get(type_url, 0) + len(payload)
-            _pushes(type_url, handle.machine.kind).inc()
         now = time.monotonic()
         for type_url, size in sizes.items():
-            # one answer with the latest nonce of a type answers every earlier response of it
+            # owed before the write: a client may answer while the write is still returning, and an
+            # answer to a response not yet recorded would be lost (the stream then ends as unanswered).
+            # One answer with the latest nonce of a type answers every earlier response of it
             handle.unanswered.sent(type_url, handle.machine.types[type_url].sent_nonce, size, now)
+        for type_url, payload in out:
+            await context.write(payload)
+            _pushes(type_url, handle.machine.kind).inc()
         return bool(out)
 
 

@@ -170,3 +170,35 @@ def test_a_sotw_ack_repeating_the_names_is_parsed_without_them() -> None:
     assert _repeated(more.SerializeToString(), held) is None, "a name more is not the same list"
     other = discovery_pb2.DiscoveryRequest(type_url=TYPE.ROUTE, resource_names=names, response_nonce="5")
     assert _repeated(other.SerializeToString(), held) is None, "the same names of another type are another subscription"
+
+
+def test_an_answer_that_comes_while_the_response_is_still_being_written_is_not_lost() -> None:
+    import asyncio
+
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    from meshpilot.xds.cache import ResourceCache
+    from meshpilot.xds.server import StreamHandle, XdsServer
+    from meshpilot.xds.stream import SotwStream
+
+    async def main() -> None:
+        cache = ResourceCache()
+        cache.put(TYPE.CLUSTER, {"a": cluster_pb2.Cluster(name="a")})
+        server = XdsServer(cache)
+        machine = SotwStream(cache, "n1")
+        machine.receive(discovery_pb2.DiscoveryRequest(type_url=TYPE.CLUSTER))
+        handle = StreamHandle(1, machine, asyncio.Event(), "peer")
+
+        class Context:
+            """A fast client: its ACK is read while the write has not returned yet."""
+
+            async def write(self, payload: bytes) -> None:
+                resp = discovery_pb2.DiscoveryResponse.FromString(payload)
+                handle.unanswered.answer(resp.type_url, resp.nonce)
+
+        context: Any = Context()
+        assert await server._push(handle, context)
+        assert handle.unanswered.count == 0 and handle.unanswered.bytes == 0, \
+            f"expected the response answered, still owed: {handle.unanswered.count} ({handle.unanswered.bytes} bytes)"
+
+    asyncio.run(main())
