@@ -52,6 +52,7 @@ from typing import Any
 import aiohttp
 
 from meshpilot.frontdoor import raise_fd_limit
+from meshpilot.perf.gobuild import go_binary
 from meshpilot.perf.served import stop
 
 __all__ = ["add_arguments", "main", "profile_summary", "strace_attached"]
@@ -300,19 +301,7 @@ async def _python_load(base: str, phase: str, n: int, concurrency: int, prefix: 
 
 def go_client(cache: Path) -> Path:
     """The Go load generator, built from ``consul_load/`` unless a build newer than its sources is cached."""
-    go = shutil.which("go") or next((p for p in ("/usr/local/go/bin/go",) if Path(p).exists()), None)
-    if go is None:
-        raise RuntimeError("--client go needs a Go toolchain (go on PATH)")
-    binary = cache / "consulload"
-    newest = max(p.stat().st_mtime for p in _GO_SOURCES.iterdir())
-    if binary.exists() and binary.stat().st_mtime >= newest:
-        return binary
-    cache.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GOFLAGS": "-buildvcs=false -mod=readonly", "GOTOOLCHAIN": "local"}
-    proc = subprocess.run([go, "build", "-o", str(binary), "."], cwd=_GO_SOURCES, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"building the Go load generator failed:\n{proc.stderr[-3000:]}")
-    return binary
+    return go_binary(_GO_SOURCES, cache, "consulload", "--client go (the Go load generator)", timeout_s=600)
 
 
 async def _go_load(binary: Path, target: str, phase: str, n: int, concurrency: int, prefix: str, per_service: int = 1) -> _Load:

@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
 
+from meshpilot.perf.gobuild import go_binary
 from meshpilot.perf.served import control_plane, seed, stop
 from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
 from meshpilot.perf.xds_push import _WARMING, _envoy_stats, _marker_address, _percentiles
@@ -312,19 +312,7 @@ class _Envoy:
 
 def gcp_peer_binary(cache: Path) -> Path:
     """The peer, built from ``gcp_peer/`` with the Go toolchain unless a build newer than its sources is cached."""
-    go = shutil.which("go") or next((p for p in ("/usr/local/go/bin/go",) if Path(p).exists()), None)
-    if go is None:
-        raise RuntimeError("--peer go-control-plane needs a Go toolchain (go on PATH or /usr/local/go/bin/go)")
-    binary = cache / "gcppeer"
-    newest = max(p.stat().st_mtime for p in _GO_SOURCES.iterdir())
-    if binary.exists() and binary.stat().st_mtime >= newest:
-        return binary
-    cache.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GOFLAGS": "-buildvcs=false -mod=readonly", "GOTOOLCHAIN": "local"}
-    proc = subprocess.run([go, "build", "-o", str(binary), "."], cwd=_GO_SOURCES, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"building the go-control-plane peer failed:\n{proc.stderr[-3000:]}")
-    return binary
+    return go_binary(_GO_SOURCES, cache, "gcppeer", "--peer go-control-plane (the go-control-plane peer)")
 
 
 def _start_peer(binary: Path, resources: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
