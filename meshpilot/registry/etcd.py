@@ -78,7 +78,7 @@ from typing import Any
 import grpc
 from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc  # type: ignore[import-untyped]
 
-from meshpilot.registry.store import EPHEMERAL, FORFEIT, TABLES, Deliver, Guard, RemoteChange, StoreError
+from meshpilot.registry.store import EPHEMERAL, FORFEIT, TABLES, Deliver, Guard, RemoteChange, StoreError, check_table, settle
 
 __all__ = ["DEFAULT_PREFIX", "EtcdStore"]
 
@@ -221,7 +221,7 @@ class EtcdStore:
     # ---- reading --------------------------------------------------------------------------
 
     def items(self, table: str) -> Iterator[tuple[str, Any]]:
-        _check_table(table)
+        check_table(table)
         with self._cond:
             rows: dict[str, str | None] = dict(self._view[table])
             rows.update((k, v) for k, (_seq, v) in self._pending[table].items())
@@ -231,7 +231,7 @@ class EtcdStore:
                 yield k, json.loads(v)
 
     def get(self, table: str, key: str) -> Any | None:
-        _check_table(table)
+        check_table(table)
         with self._cond:
             hit = self._pending[table].get(key)
             v = hit[1] if hit is not None else self._view[table].get(key)
@@ -242,10 +242,10 @@ class EtcdStore:
     def write(self, puts: Mapping[tuple[str, str], Any], deletes: tuple[tuple[str, str], ...] = ()) -> None:
         ops: dict[tuple[str, str], str | None] = {}
         for (t, k), v in puts.items():
-            _check_table(t)
+            check_table(t)
             ops[(t, k)] = json.dumps(v, separators=(",", ":"), sort_keys=True)
         for t, k in deletes:
-            _check_table(t)
+            check_table(t)
             ops[(t, k)] = None  # as in SqliteStore: the deletes come after the puts
         if not ops:
             return
@@ -367,7 +367,7 @@ class EtcdStore:
             m.channel.close()
         with self._cond:
             waiters, self._waiters = self._waiters, []
-        _wake(waiters, f"store: etcd at {self._where}: closed before the writes were committed")
+        settle(waiters, f"store: etcd at {self._where}: closed before the writes were committed")
         log.info("event=store_closed backend=etcd endpoints=%s revision=%d commits=%d", self._where, self.revision, self.commits)
 
     # ---- the committer thread -------------------------------------------------------------
@@ -391,7 +391,7 @@ class EtcdStore:
                     self._failed = why
                     waiters, self._waiters = self._waiters, []
                     self._cond.notify_all()
-                _wake(waiters, why)
+                settle(waiters, why)
                 return
             with self._cond:
                 self.commits += 1
@@ -652,7 +652,7 @@ class EtcdStore:
             done = [w for w in self._waiters if w[0] <= self._applied]
             if done:
                 self._waiters = [w for w in self._waiters if w[0] > self._applied]
-                _wake(done, None)
+                settle(done, None)
         return newer
 
     def _emit(self, rows: list[_Row]) -> None:
@@ -870,11 +870,11 @@ class EtcdStore:
                                                    for (t, k), v in puts.items()]
         rows += [(t, k, None) for t, k in deletes]
         for t, _k, _v in rows:
-            _check_table(t)
+            check_table(t)
         compare: list[Any] = []
         ranges: list[Any] = []
         for g in guards:
-            _check_table(g.table)
+            check_table(g.table)
             key = self._key(g.table, g.key)
             end = key[:-1] + bytes([key[-1] + 1]) if g.prefix else b""
             compare.append(rpc_pb2.Compare(key=key, range_end=end, target=rpc_pb2.Compare.MOD,
@@ -955,25 +955,3 @@ class _Member:
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
         self.watch = rpc_pb2_grpc.WatchStub(self.channel)
         self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
-
-
-def _wake(waiters: list[_Waiter], exc: str | None) -> None:
-    """Settle ``sync`` waiters, each on its own loop."""
-    def settle(fut: asyncio.Future[None]) -> None:
-        if fut.done():
-            return
-        if exc is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(StoreError(exc))
-
-    for _seq, fut in waiters:
-        try:
-            fut.get_loop().call_soon_threadsafe(settle, fut)
-        except RuntimeError:
-            pass
-
-
-def _check_table(table: str) -> None:
-    if table not in TABLES:
-        raise ValueError(f"unknown table {table!r}")

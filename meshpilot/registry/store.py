@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["EPHEMERAL", "FORFEIT", "Deliver", "Guard", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError"]
+__all__ = ["EPHEMERAL", "FORFEIT", "Deliver", "Guard", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError", "check_table", "settle"]
 
 log = logging.getLogger("meshpilot.registry.store")
 
@@ -137,7 +137,7 @@ class SqliteStore:
     # ---- reading --------------------------------------------------------------------------
 
     def items(self, table: str) -> Iterator[tuple[str, Any]]:
-        _check_table(table)
+        check_table(table)
         if table in EPHEMERAL:
             yield from self._ephemeral.items(table)
             return
@@ -153,7 +153,7 @@ class SqliteStore:
                 yield k, json.loads(v)
 
     def get(self, table: str, key: str) -> Any | None:
-        _check_table(table)
+        check_table(table)
         if table in EPHEMERAL:
             return self._ephemeral.get(table, key)
         with self._cond:
@@ -170,7 +170,7 @@ class SqliteStore:
         rows: list[_Row] = [(t, k, json.dumps(v, separators=(",", ":"), sort_keys=True)) for (t, k), v in puts.items()]
         rows += [(t, k, None) for t, k in deletes]
         for t, _k, _v in rows:
-            _check_table(t)
+            check_table(t)
         rows = self._ephemeral.take(rows)
         if not rows:
             return
@@ -243,7 +243,7 @@ class SqliteStore:
                     self._failed = f"store {self.path}: commit failed: {exc}"
                     waiters, self._waiters = self._waiters, []
                     self._cond.notify_all()
-                _settle(waiters, self._failed)
+                settle(waiters, self._failed)
                 return
             with self._cond:
                 self._durable = upto
@@ -255,7 +255,7 @@ class SqliteStore:
                 done = [w for w in self._waiters if w[0] <= upto]
                 self._waiters = [w for w in self._waiters if w[0] > upto]
                 self._cond.notify_all()
-            _settle(done, None)
+            settle(done, None)
 
     def _commit(self, batch: list[_Row]) -> None:
         latest: dict[tuple[str, str], str | None] = {}  # one transaction: the newest value of each key is its end state
@@ -292,8 +292,8 @@ def _private_file(path: str) -> None:
                 os.chmod(p, 0o600)
 
 
-def _settle(waiters: list[tuple[int, asyncio.Future[None]]], exc: str | None) -> None:
-    """Wake each waiter on its own loop, one call per loop."""
+def settle(waiters: list[tuple[int, asyncio.Future[None]]], exc: str | None) -> None:
+    """Wake each ``sync`` waiter (seq, future) on its own loop, one call per loop; with ``exc``, fail them."""
     by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
     for _seq, fut in waiters:
         by_loop.setdefault(fut.get_loop(), []).append(fut)
@@ -324,20 +324,20 @@ class MemoryStore:
         self._tables: dict[str, dict[str, str]] = {t: {} for t in TABLES}
 
     def items(self, table: str) -> Iterator[tuple[str, Any]]:
-        _check_table(table)
+        check_table(table)
         rows = self._tables[table]
         for k in sorted(rows):
             yield k, json.loads(rows[k])
 
     def get(self, table: str, key: str) -> Any | None:
-        _check_table(table)
+        check_table(table)
         v = self._tables[table].get(key)
         return None if v is None else json.loads(v)
 
     def write(self, puts: Mapping[tuple[str, str], Any], deletes: tuple[tuple[str, str], ...] = ()) -> None:
         encoded = [(t, k, json.dumps(v, separators=(",", ":"), sort_keys=True)) for (t, k), v in puts.items()]
         for t, _k in [*((t, k) for t, k, _v in encoded), *deletes]:
-            _check_table(t)
+            check_table(t)
         for t, k, v in encoded:
             self._tables[t][k] = v
         for t, k in deletes:
@@ -394,6 +394,7 @@ class _Ephemeral:
         return rest
 
 
-def _check_table(table: str) -> None:
+def check_table(table: str) -> None:
+    """Refuse a table the store does not have."""
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}")
