@@ -212,11 +212,14 @@ class Heartbeat:
 
 
 class Watch:
-    """Samples each HDS instance's health on the live replicas while the phases run."""
+    """Samples each HDS instance's health on the live replicas, and the web endpoints every client
+    Envoy holds, while the phases run."""
 
-    def __init__(self, replicas: Replicas, ids: list[str]) -> None:
+    def __init__(self, replicas: Replicas, ids: list[str], envoys: list[EnvoyProc] | None = None, web_hosts: int = 0) -> None:
         self.replicas, self.ids = replicas, ids
+        self.envoys, self.web_hosts = envoys or [], web_hosts
         self.bad: list[str] = []
+        self.eds_bad: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -233,6 +236,10 @@ class Watch:
                     health = body.get("health") if isinstance(body, dict) else None
                     if status != 200 or health != "passing":
                         self.bad.append(f"{cp.workdir.name}: {iid} {status} {health}")
+            for e in self.envoys:  # no healthy instance leaves any Envoy's endpoints
+                hosts = e.cluster_hosts(WEB)
+                if len(hosts) != self.web_hosts or any(flags != "healthy" for flags in hosts.values()):
+                    self.eds_bad.append(f"{e.name}: {hosts}")
             time.sleep(0.25)
 
     def __enter__(self) -> Watch:
@@ -310,7 +317,7 @@ def test_replicas_on_etcd_survive_a_killed_replica_a_killed_member_a_frozen_repl
 
         heartbeat = Heartbeat(replicas)
         sdk = heartbeat.register()
-        with Load(outbound) as load, Registrations(replicas) as regs, Watch(replicas, [*sidecars, sdk]) as watch, heartbeat:
+        with Load(outbound) as load, Registrations(replicas) as regs, Watch(replicas, [*sidecars, sdk], client_envoys, len(sidecars)) as watch, heartbeat:
             # 1. kill -9 the replica that holds the most streams
             time.sleep(2)
             victim = max(range(3), key=lambda i: len(replicas.streams(i)))
@@ -360,6 +367,7 @@ def test_replicas_on_etcd_survive_a_killed_replica_a_killed_member_a_frozen_repl
         assert load.sent > 200, f"expected a steady load, sent {load.sent}"
         assert not load.failed, f"expected 0 failed requests of {load.sent}, got {len(load.failed)}: {load.failed[:10]}"
         assert not watch.bad, f"expected the HDS and Consul TTL instances passing on every replica throughout, got {watch.bad[:10]}"
+        assert not watch.eds_bad, f"expected both web endpoints healthy in every Envoy throughout, got {watch.eds_bad[:5]}"
         assert heartbeat.failed == 0, f"expected every TTL pass answered by some replica, {heartbeat.failed} were not"
         # the SDK app dies: a replica runs its TTL and marks it critical (nothing keeps a dead instance)
         wait_until(lambda: all(p.call("GET", f"/v1/instances/{sdk}")[1].get("health") == "critical" for p in replicas.alive()),
