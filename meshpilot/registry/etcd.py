@@ -64,6 +64,7 @@ watch stream and lease keep-alives it controls, and Txns that never block the ev
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import queue
@@ -191,6 +192,7 @@ class EtcdStore:
             raise StoreError(f"store: etcd at {self._where} unreachable: {exc.code().name} {exc.details()}") from None
         log.info("event=store_opened backend=etcd endpoints=%s prefix=%s revision=%d documents=%d lease=%x",
                  self._where, prefix, self.revision, sum(len(v) for v in self._view.values()), self._lease)
+        self._txns = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-etcd-txn")  # commit_if
         self._threads = [
             threading.Thread(target=self._commit_loop, name=f"etcd-commit {self._where}", daemon=True),
             threading.Thread(target=self._watch_loop, name=f"etcd-watch {self._where}", daemon=True),
@@ -363,6 +365,7 @@ class EtcdStore:
             call[0].cancel()
         for t in self._threads[1:]:
             t.join(5)
+        self._txns.shutdown(wait=False, cancel_futures=True)
         for m in self._members:
             m.channel.close()
         with self._cond:
@@ -892,7 +895,10 @@ class EtcdStore:
         req = rpc_pb2.TxnRequest(compare=compare, success=success, failure=ranges)
         deadline = time.monotonic() + self.timeout_s
         try:
-            resp = await asyncio.to_thread(self._call, lambda m, t: m.kv.Txn(req, timeout=t), deadline)
+            # on the store's own threads: a Txn retried up to timeout_s must not hold the loop's default
+            # executor, which other work (name resolution for outgoing HTTP) waits on
+            resp = await asyncio.get_running_loop().run_in_executor(
+                self._txns, self._call, lambda m, t: m.kv.Txn(req, timeout=t), deadline)
         except grpc.RpcError as exc:
             raise StoreError(f"store: etcd at {self._where}: conditional write failed: {exc.code().name}") from None
         if resp.succeeded:
