@@ -79,7 +79,7 @@ from typing import Any
 import grpc
 from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc  # type: ignore[import-untyped]
 
-from meshpilot.registry.store import EPHEMERAL, FORFEIT, TABLES, Deliver, Guard, RemoteChange, StoreError, check_table, settle
+from meshpilot.registry.store import EPHEMERAL, FORFEIT, TABLES, Deliver, Guard, RemoteChange, StoreError, check_table, decoded, settle
 
 __all__ = ["DEFAULT_PREFIX", "EtcdStore"]
 
@@ -227,10 +227,7 @@ class EtcdStore:
         with self._cond:
             rows: dict[str, str | None] = dict(self._view[table])
             rows.update((k, v) for k, (_seq, v) in self._pending[table].items())
-        for k in sorted(rows):
-            v = rows[k]
-            if v is not None:
-                yield k, json.loads(v)
+        yield from decoded(rows)
 
     def get(self, table: str, key: str) -> Any | None:
         check_table(table)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["EPHEMERAL", "FORFEIT", "Deliver", "Guard", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError", "check_table", "settle"]
+__all__ = ["EPHEMERAL", "FORFEIT", "Deliver", "Guard", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError", "check_table", "decoded", "settle"]
 
 log = logging.getLogger("meshpilot.registry.store")
 
@@ -147,10 +147,7 @@ class SqliteStore:
         with self._read_lock:
             rows: dict[str, str | None] = dict(self._reader.execute(f"SELECT k, v FROM {table}").fetchall())
         rows.update(pending)
-        for k in sorted(rows):
-            v = rows[k]
-            if v is not None:
-                yield k, json.loads(v)
+        yield from decoded(rows)
 
     def get(self, table: str, key: str) -> Any | None:
         check_table(table)
@@ -290,6 +287,14 @@ def _private_file(path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             if os.stat(p).st_mode & 0o077:
                 os.chmod(p, 0o600)
+
+
+def decoded(rows: Mapping[str, str | None]) -> Iterator[tuple[str, Any]]:
+    """A table's rows (JSON, or None for a key deleted in an overlay) as documents, in key order."""
+    for k in sorted(rows):
+        v = rows[k]
+        if v is not None:
+            yield k, json.loads(v)
 
 
 def settle(waiters: list[tuple[int, asyncio.Future[None]]], exc: str | None) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from meshpilot.xds.cache import ResourceCache, Snapshot, snapshot_of
+from meshpilot.xds.cache import Entry, ResourceCache, Snapshot, snapshot_of
 from meshpilot.xds.resource import NAMED, NAMERS, PUSH_ORDER, TYPE, string_field, strings_field
 
 __all__ = ["DeltaStream", "Nack", "SotwStream"]
@@ -78,11 +78,18 @@ _INCREMENTAL: weakref.WeakKeyDictionary[ResourceCache, OrderedDict[tuple[str, st
 _MAX_INCREMENTAL = 32
 
 
-def _incremental(cache: ResourceCache, type_url: str, node_id: str, names: frozenset[str]) -> tuple[str, bytes, int]:
-    """(version, body, how many resources) of a sotw response holding those of ``names`` the cache has."""
+def _scoped(cache: ResourceCache, type_url: str, node_id: str) -> tuple[dict[str, Entry], dict[str, Entry], str, tuple[int, int]]:
+    """The node's own and the shared resources of a type, the scope a memo of them is kept under, and
+    the cache generations it is valid for."""
     own, shared = cache.scopes(type_url, node_id)
     scope = node_id if own else ""
     gens = (cache.generation.get((type_url, ""), 0), cache.generation.get((type_url, node_id), 0) if own else 0)
+    return own, shared, scope, gens
+
+
+def _incremental(cache: ResourceCache, type_url: str, node_id: str, names: frozenset[str]) -> tuple[str, bytes, int]:
+    """(version, body, how many resources) of a sotw response holding those of ``names`` the cache has."""
+    own, shared, scope, gens = _scoped(cache, type_url, node_id)
     memo = _INCREMENTAL.get(cache)
     if memo is None:
         memo = _INCREMENTAL[cache] = OrderedDict()
@@ -126,9 +133,7 @@ _MAX_WHOLE = 8
 
 
 def _whole(cache: ResourceCache, type_url: str, node_id: str, names: frozenset[str], wildcard: bool) -> _Whole:
-    own, shared = cache.scopes(type_url, node_id)
-    scope = node_id if own else ""
-    gens = (cache.generation.get((type_url, ""), 0), cache.generation.get((type_url, node_id), 0) if own else 0)
+    own, shared, scope, gens = _scoped(cache, type_url, node_id)
     memo = _WHOLE.get(cache)
     if memo is None:
         memo = _WHOLE[cache] = OrderedDict()
