@@ -301,7 +301,9 @@ async def test_a_write_larger_than_a_txn_is_split_in_order(shared: EtcdCluster, 
     await a.store.sync()
     assert a.store.commits - c0 == 3, f"expected 300 operations in 3 Txns of at most 128; got {a.store.commits - c0}"
     assert any("event=store_write_split" in r.message for r in caplog.records), "the split was not logged"
-    await b.until(lambda: len(list(b.store.items("instances"))) == 300, "B to see the 300 instances")
+    # B's view takes the watched events first and hands them to the loop after, so wait for both.
+    await b.until(lambda: len(list(b.store.items("instances"))) == 300 and len(b.model) == 300,
+                  "B to see the 300 instances and be handed them")
     order = [k for changes, _rev in b.deliveries for _t, k, _v in changes]
     assert order == sorted(order), "B was handed the parts of the split write out of order"
     assert b.model == a.model == etcd_state(url)
