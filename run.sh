@@ -10,7 +10,7 @@ ROOT=$(pwd)
 APT_PACKAGES=(
   python3 python3-venv ca-certificates curl openssl procps iproute2 iptables
   rustc cargo libstd-rust-dev-wasm32 lld-14
-  etcd-server dnsperf dnsmasq-base unbound knot-dnsutils wrk nghttp2-client valgrind strace
+  etcd-server dnsperf dnsmasq-base unbound knot-dnsutils wrk nghttp2-client valgrind strace prometheus
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -33,7 +33,7 @@ setup_apt() {
 # recommends: check that each resolves to a real executable file, so a missing step fails here, by name.
 REQUIRED_TOOLS=(
   /usr/bin/rustc /usr/bin/cargo /usr/bin/rust-lld
-  etcd dnsperf dnsmasq unbound kdig wrk h2load valgrind strace ip iptables openssl curl
+  etcd dnsperf dnsmasq unbound kdig wrk h2load valgrind strace ip iptables openssl curl prometheus
 )
 
 check_tools() {
