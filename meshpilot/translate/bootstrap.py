@@ -12,6 +12,11 @@ the one cluster ``meshpilot-xds``: Envoy picks a replica per stream (round robin
 its ADS or HDS stream dies or ends the stream, the stream's retry opens on the next one. A short connect
 timeout leaves a dead replica fast, and TCP and HTTP/2 keepalives notice a replica that vanished without
 closing its connections. Every replica is checked for the same SPIFFE id (they share the mesh CA).
+The admin interface stays on loopback (it takes writes). With ``stats_port`` set, a static listener
+``meshpilot-stats`` on the node's bind address serves only ``GET /stats/prometheus`` (Istio's 15090), relayed to
+the admin through the static cluster ``meshpilot-admin``; every other path or method gets 404. The port goes
+into the node metadata (``STATS_PORT``) so the control plane can tell Prometheus where to scrape
+(meshpilot/topology/, docs/observability.md).
 Pure: options in, a JSON-serialisable dict out.
 """
 
@@ -24,12 +29,16 @@ from typing import Any, Literal
 from meshpilot.pki import control_plane_id
 from meshpilot.xds.resource import META
 
-__all__ = ["SDS_CLUSTER", "XDS_CLUSTER", "BootstrapOptions", "build_bootstrap", "control_plane_addresses",
+__all__ = ["ADMIN_CLUSTER", "SDS_CLUSTER", "STATS_LISTENER", "STATS_PATH", "STATS_PORT_META", "XDS_CLUSTER", "BootstrapOptions", "build_bootstrap", "control_plane_addresses",
            "format_control_planes", "grpc_target", "parse_control_planes", "sds_config"]
 
 SDS_CLUSTER = "meshpilot-sds"
 XDS_CLUSTER = "meshpilot-xds"
 DEFAULT_XDS_PORT = 15010
+ADMIN_CLUSTER = "meshpilot-admin"  # the stats listener's way to the loopback admin
+STATS_LISTENER = "meshpilot-stats"
+STATS_PATH = "/stats/prometheus"
+STATS_PORT_META = "STATS_PORT"  # node metadata: the stats listener's port (0 or absent: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +71,7 @@ class BootstrapOptions:
     sds_socket: str = ""
     trust_domain: str = "mesh.local"
     tls_server_name: str = ""  # SNI towards the control plane ("" sends none)
+    stats_port: int = 0  # the read-only Prometheus listener on bind_address (0: none); needs a fixed admin_port
 
 
 def parse_control_planes(text: str, default_port: int = DEFAULT_XDS_PORT) -> tuple[tuple[str, int], ...]:
@@ -207,6 +217,47 @@ def _xds_tls(o: BootstrapOptions) -> dict[str, Any]:
     return {"name": "envoy.transport_sockets.tls", "typed_config": tls}
 
 
+def _stats_listener(o: BootstrapOptions) -> dict[str, Any]:
+    """Only ``GET``/``HEAD /stats/prometheus`` (any query: Envoy's ``usedonly``, ``filter``) reaches the admin."""
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "meshpilot_stats",
+        "route_config": {
+            "name": STATS_LISTENER,
+            "virtual_hosts": [{
+                "name": STATS_LISTENER,
+                "domains": ["*"],
+                "routes": [
+                    {
+                        "match": {"path": STATS_PATH, "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}]},
+                        "route": {"cluster": ADMIN_CLUSTER, "timeout": "10s"},
+                    },
+                    {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": f"only GET {STATS_PATH} is served here\n"}}},
+                ],
+            }],
+        },
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "name": STATS_LISTENER,
+        "address": _socket(o.bind_address, o.stats_port),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}],
+    }
+
+
+def _admin_cluster(o: BootstrapOptions) -> dict[str, Any]:
+    return {
+        "name": ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": ADMIN_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(o.admin_address, o.admin_port)}}]}],
+        },
+    }
+
+
 def build_bootstrap(o: BootstrapOptions) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         META.NAMESPACE: o.namespace,
@@ -223,6 +274,10 @@ def build_bootstrap(o: BootstrapOptions) -> dict[str, Any]:
     if o.identity and not o.sds_socket:
         raise ValueError("identity needs the agent's SDS socket (sds_socket)")
     metadata[META.IDENTITY] = o.identity  # the control plane sends TLS config only to nodes with a certificate
+    if o.stats_port:
+        if not o.admin_port:
+            raise ValueError("stats_port: the stats listener relays to the admin, which needs a fixed admin_port (not 0)")
+        metadata[STATS_PORT_META] = o.stats_port
     node: dict[str, Any] = {"id": o.node_id, "cluster": o.service or o.node_id, "metadata": metadata}
     if o.zone:
         node["locality"] = {"zone": o.zone}
@@ -280,6 +335,9 @@ def build_bootstrap(o: BootstrapOptions) -> dict[str, Any]:
             }
         )
         bootstrap["cluster_manager"] = {"local_cluster_name": "meshpilot-local"}
+    if o.stats_port:
+        clusters.append(_admin_cluster(o))
+        bootstrap["static_resources"]["listeners"] = [_stats_listener(o)]
     if o.hds:
         bootstrap["hds_config"] = {
             "api_type": "GRPC",
