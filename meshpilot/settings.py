@@ -47,6 +47,9 @@ class Settings(BaseModel):
     enrolment_port: int | None = Field(default=None, ge=0, le=65535, description="with identity on: the port where a node enrols with its join token (TLS, no client certificate); unset: xds_port + 2 (15012), or one the OS picks when xds_port is 0")
     xds_server_names: list[str] = Field(default_factory=lambda: ["localhost"], description="DNS names in the control plane's serving certificate, besides listen_address")
     mtls_mode: str = Field(default="PERMISSIVE", pattern="^(DISABLE|PERMISSIVE|STRICT)$", description="the mesh-wide mTLS mode between sidecars when identity is on; MtlsPolicy overrides it per namespace or service")
+    prometheus_sd_file: str | None = Field(default=None, description="keep a Prometheus file_sd JSON file here: every connected sidecar's stats listener and every replica's /metrics (docs/observability.md)")
+    prometheus_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$", description="the Prometheus that scrapes the mesh (http://HOST:PORT); /v1/topology queries it")
+    topology_window_s: float = Field(default=300.0, ge=1, le=86_400, description="the default window /v1/topology counts requests over")
     log_level: str = "INFO"
 
 
