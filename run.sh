@@ -11,6 +11,7 @@ APT_PACKAGES=(
   python3 python3-venv ca-certificates curl openssl procps iproute2 iptables
   rustc cargo libstd-rust-dev-wasm32 lld-14
   etcd-server dnsperf dnsmasq-base unbound knot-dnsutils wrk nghttp2-client valgrind strace prometheus
+  chromium
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -34,6 +35,7 @@ setup_apt() {
 REQUIRED_TOOLS=(
   /usr/bin/rustc /usr/bin/cargo /usr/bin/rust-lld
   etcd dnsperf dnsmasq unbound kdig wrk h2load valgrind strace ip iptables openssl curl prometheus
+  /usr/bin/chromium
 )
 
 check_tools() {
