@@ -1,0 +1,140 @@
+"""The console as a part of the control plane: its pages and scripts under ``/ui/`` on the management
+port, and the one conversion the browser cannot do well by itself (policy text as YAML or JSON).
+
+The assets are files of this package (``static/``), read once when the part is installed and served
+from memory. They hold no data, so they are open like ``/healthz``; every piece of data a page shows
+comes from the management API with the user's own bearer token, so a stranger sees the empty shell
+and a sign-in form, nothing else. Each UI response carries a strict Content-Security-Policy
+(``default-src 'self'``, no inline script or style), which together with pages that only ever set
+``textContent`` keeps a value such as ``<img src=x onerror=...>`` from the API as text.
+
+``POST /ui/convert`` (scope read) turns policy text from YAML or JSON into a document and renders a
+document as YAML or JSON, with pyyaml as the CLI reads policy files; it stores nothing, and a
+malformed text is a 400 naming ``text`` with the line and column.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from meshpilot import boundedjson
+from meshpilot.api.app import ApiError, json_body
+from meshpilot.api.routes import Route
+from meshpilot.model import field_errors
+from meshpilot.parts import Core, Part
+
+__all__ = ["CSP", "MAX_TEXT", "install", "parse_text", "render_text"]
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; font-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+MAX_TEXT = 256 * 1024  # a policy's text; the largest real one is a few KB
+_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png"}
+_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+class ConvertIn(BaseModel):
+    """Policy text to read (``text`` in ``format``) and how to render what it holds (``to``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(max_length=MAX_TEXT)
+    format: Literal["yaml", "json"] = "yaml"
+    to: Literal["yaml", "json"] = "yaml"
+    sort_keys: bool = False
+
+
+def parse_text(text: str, fmt: str) -> Any:
+    """The document ``text`` holds, read as ``fmt`` (YAML or JSON). Raises ApiError(400) naming
+    ``text`` with the line and column of the problem; YAML aliases (``*a``) and nesting deeper than
+    JSON bodies may have are refused before anything is built from them."""
+    if not text.strip():
+        raise ApiError(400, "text: empty; write one policy", [{"field": "text", "reason": "empty"}])
+    if fmt == "json":
+        try:
+            return boundedjson.loads(text.encode())
+        except ValueError as exc:
+            raise ApiError(400, f"text: not valid JSON: {exc}", [{"field": "text", "reason": f"not valid JSON: {exc}"}]) from None
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ApiError(400, "text: YAML aliases (*name) are not accepted; write the value out",
+                               [{"field": "text", "reason": "YAML alias"}])
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > boundedjson.MAX_DEPTH:
+                    raise ApiError(400, f"text: nested deeper than {boundedjson.MAX_DEPTH} levels",
+                                   [{"field": "text", "reason": "too deep"}])
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ApiError(400, f"text: not valid YAML: {where}{problem}", [{"field": "text", "reason": f"not valid YAML: {where}{problem}"}]) from None
+    # YAML's dates and other non-JSON scalars become the strings JSON would carry
+    return json.loads(json.dumps(doc, default=str))
+
+
+def render_text(doc: Any, fmt: str, sort_keys: bool = False) -> str:
+    """``doc`` written as ``fmt``: block-style YAML, or JSON indented by two spaces."""
+    if fmt == "json":
+        return json.dumps(doc, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n"
+    return str(yaml.safe_dump(doc, sort_keys=sort_keys, default_flow_style=False, allow_unicode=True))
+
+
+def _assets() -> dict[str, tuple[bytes, str]]:
+    """Every file of ``static/`` by name, with its content type."""
+    out: dict[str, tuple[bytes, str]] = {}
+    for entry in resources.files("meshpilot.console").joinpath("static").iterdir():
+        name = entry.name
+        ext = name[name.rfind("."):] if "." in name else ""
+        if entry.is_file() and ext in _TYPES:
+            out[name] = (entry.read_bytes(), _TYPES[ext])
+    return out
+
+
+def install(core: Core) -> Part:
+    assets = _assets()
+    if "index.html" not in assets:
+        raise RuntimeError("the console's assets are missing from the package (meshpilot/console/static/index.html)")
+
+    def _asset(name: str) -> web.Response:
+        found = assets.get(name)
+        if found is None:
+            raise ApiError(404, f"asset: the console has no file {name!r}", [{"field": "asset", "reason": "not found"}])
+        body, ctype = found
+        return web.Response(body=body, content_type=ctype, charset="utf-8" if ctype.startswith("text/") else None, headers=_HEADERS)
+
+    async def index(request: web.Request) -> web.Response:
+        return _asset("index.html")
+
+    async def asset(request: web.Request) -> web.Response:
+        return _asset(request.match_info["asset"])
+
+    async def convert(request: web.Request) -> web.Response:
+        try:
+            body = ConvertIn.model_validate_json(json.dumps(await json_body(request)), strict=True)
+        except ValidationError as exc:
+            fields = field_errors(exc)
+            raise ApiError(400, "; ".join(f"{f['field']}: {f['reason']}" for f in fields), fields) from None
+        doc = parse_text(body.text, body.format)
+        return web.json_response({"document": doc, "text": render_text(doc, body.to, body.sort_keys)}, headers=_HEADERS)
+
+    return Part(routes=[
+        Route("GET", "/ui/", index, "The console (its page; every data call it makes needs a token)", scope="open"),
+        Route("GET", "/ui/{asset}", asset, "A file of the console (script, style sheet)", scope="open"),
+        Route("POST", "/ui/convert", convert, "Read policy text as YAML or JSON and render it as YAML or JSON (stores nothing)",
+              ConvertIn, scope="read"),
+    ])
