@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from meshpilot.pki import control_plane_id
+from meshpilot.telemetry.spans import COLLECTOR_CLUSTER, META_TRACE_COLLECTOR
 from meshpilot.xds.resource import META
 
 __all__ = ["ADMIN_CLUSTER", "SDS_CLUSTER", "STATS_LISTENER", "STATS_PATH", "STATS_PORT_META", "XDS_CLUSTER", "BootstrapOptions", "build_bootstrap", "control_plane_addresses",
@@ -71,6 +72,7 @@ class BootstrapOptions:
     sds_socket: str = ""
     trust_domain: str = "mesh.local"
     tls_server_name: str = ""  # SNI towards the control plane ("" sends none)
+    trace_collector_port: int = 0  # the agent's span receiver on loopback (0: none, no tracing)
     stats_port: int = 0  # the read-only Prometheus listener on bind_address (0: none); needs a fixed admin_port
 
 
@@ -338,6 +340,15 @@ def build_bootstrap(o: BootstrapOptions) -> dict[str, Any]:
     if o.stats_port:
         clusters.append(_admin_cluster(o))
         bootstrap["static_resources"]["listeners"] = [_stats_listener(o)]
+    if o.trace_collector_port:
+        # Envoy's Zipkin tracer posts spans here (the agent's receiver); the node metadata tells the
+        # control plane that this Envoy knows the cluster, so its listeners may carry tracing
+        clusters.append({
+            "name": COLLECTOR_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": COLLECTOR_CLUSTER, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": _socket("127.0.0.1", o.trace_collector_port)}}]}]},
+        })
+        metadata[META_TRACE_COLLECTOR] = COLLECTOR_CLUSTER
     if o.hds:
         bootstrap["hds_config"] = {
             "api_type": "GRPC",
