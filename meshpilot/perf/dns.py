@@ -253,7 +253,9 @@ def _latency(port: int, datafile: Path, args: argparse.Namespace) -> dict[str, A
         return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1000, 4)
 
     return {"rate_qps": args.latency_qps, "samples": len(lat), "p50_ms": pct(50), "p90_ms": pct(90),
-            "p99_ms": pct(99), "p999_ms": pct(99.9), "max_ms": round(lat[-1] * 1000, 4)}
+            "p99_ms": pct(99), "p999_ms": pct(99.9), "max_ms": round(lat[-1] * 1000, 4),
+            # the distribution in 101 points (0, 1, ..., 100 %) instead of every query's latency
+            "quantiles_ms": [pct(q) for q in range(100)] + [round(lat[-1] * 1000, 4)]}
 
 
 _KINDS = ("mesh", "forwarded_cached")

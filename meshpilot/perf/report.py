@@ -85,12 +85,15 @@ class Loaded:
 
 
 def document(command: str, result: dict[str, Any], argv: Sequence[str], started: datetime.datetime,
-             finished: datetime.datetime, exit_code: int, machine: dict[str, Any]) -> dict[str, Any]:
-    """The JSON kept for one run of ``meshpilot perf <command>``."""
+             finished: datetime.datetime, exit_code: int, machine: dict[str, Any],
+             arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON kept for one run of ``meshpilot perf <command>``: its result, the command line as given
+    and every option's value as parsed (defaults included), the time and the machine."""
     return {
         "meshpilot_perf_report": FORMAT,
         "command": command,
         "command_line": shlex.join(argv),
+        "arguments": arguments or {},
         "started_utc": started.astimezone(datetime.timezone.utc).isoformat(timespec="seconds"),
         "finished_utc": finished.astimezone(datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round((finished - started).total_seconds(), 1),
@@ -165,7 +168,7 @@ def write_report(directory: Path, doc: dict[str, Any], stem: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{stem or doc['command']}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     tmp.replace(path)
     write_index(directory)
     return path
@@ -531,7 +534,7 @@ def _e(s: object) -> str:
     return html.escape(str(s), quote=True)
 
 
-_W, _LEFT, _RIGHT, _TOP = 720, 70, 20, 40
+_W, _LEFT, _RIGHT, _TOP = 720, 70, 20, 52
 
 
 def svg(chart: Chart, standalone: bool = False) -> str:
@@ -546,20 +549,35 @@ def _open(name: str, title: str, height: float, standalone: bool) -> list[str]:
         f'font-family="sans-serif" font-size="12" role="img" aria-label="{_e(title)}">',
         f"<title>{_e(title)}</title>",
         f'<rect width="{_W}" height="{height:.0f}" fill="white"/>',
-        f'<text x="{_W / 2:.0f}" y="20" text-anchor="middle" font-size="13" font-weight="bold">{_e(_clip(title, 100))}</text>',
+        *(f'<text x="{_W / 2:.0f}" y="{16 + 15 * i}" text-anchor="middle" font-size="13" font-weight="bold">{_e(line)}</text>'
+          for i, line in enumerate(_lines(title, 95, 2))),
     ]
+
+
+def _lines(s: str, width: int, most: int) -> list[str]:
+    """``s`` broken at spaces into at most ``most`` lines of about ``width`` characters."""
+    out: list[str] = []
+    for word in s.split(" "):
+        if out and len(out[-1]) + 1 + len(word) <= width:
+            out[-1] += " " + word
+        else:
+            out.append(word)
+    if len(out) > most:
+        out = out[: most - 1] + [_clip(" ".join(out[most - 1:]), width)]
+    return out
 
 
 def _clip(s: str, n: int) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def _legend(names: Sequence[str], x: float, y: float) -> list[str]:
+def _legend(names: Sequence[str], x: float, y: float, labels: Sequence[str] = ()) -> list[str]:
     out = ['<g class="legend">']
     for i, name in enumerate(names):
+        label = labels[i] if labels else name
         yy = y + i * 16
         out.append(f'<g class="legend-entry" data-series="{_e(name)}"><rect x="{x:.0f}" y="{yy - 9:.0f}" width="12" height="10" '
-                   f'fill="{_PALETTE[i % len(_PALETTE)]}"/><text x="{x + 17:.0f}" y="{yy:.0f}">{_e(name)}</text></g>')
+                   f'fill="{_PALETTE[i % len(_PALETTE)]}"/><text x="{x + 17:.0f}" y="{yy:.0f}">{_e(label)}</text></g>')
     out.append("</g>")
     return out
 
@@ -570,10 +588,11 @@ def _svg_cdf(c: Cdf, standalone: bool) -> str:
     plot_h = 260.0
     height = _TOP + plot_h + 50 + 16 * len(names) + (16 if c.note else 0)
     x0, x1, y0, y1 = _LEFT, _W - _RIGHT, _TOP + plot_h, _TOP
-    xs = _axis([x for p in points.values() for x, _y in p], x0, x1, from_zero=True)
+    finite = [x for p in points.values() for x, _y in p]
+    xs = _axis(finite, x0, x1, from_zero=bool(finite) and min(finite) <= 0.3 * max(finite))
     ys = _Scale(0.0, 1.0, y0, y1, False)
     out = _open(c.name, c.title, height, standalone)
-    out += _frame(xs, ys, x0, x1, y0, y1, [0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0], c.x_label + (" (log scale)" if xs.log else ""),
+    out += _frame(xs, ys, x0, x1, y0, y1, [0.0, 0.25, 0.5, 0.75, 0.9, 1.0], c.x_label + (" (log scale)" if xs.log else ""),
                   "share of samples ≤ x")
     for i, n in enumerate(names):
         p = points[n]
@@ -587,12 +606,20 @@ def _svg_cdf(c: Cdf, standalone: bool) -> str:
             prev = y
         out.append(f'<g class="series" data-series="{_e(n)}" data-samples="{len(c.series[n])}">'
                    f'<path d="{"".join(d)}" fill="none" stroke="{color}" stroke-width="1.8"/></g>')
-    labels = [f"{n} ({len(c.series[n])} samples)" if c.series[n] else f"{n} (no samples)" for n in names]
-    out += _legend(labels, x0, y0 + 48)
+    labels = [_cdf_label(n, c.series[n]) for n in names]
+    out += _legend(names, x0, y0 + 48, labels)
     if c.note:
         out.append(f'<text x="{x0}" y="{height - 6:.0f}" font-style="italic" fill="#555">{_e(c.note)}</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def _cdf_label(name: str, samples: list[float]) -> str:
+    v = sorted(x for x in samples if math.isfinite(x))
+    if not v:
+        return f"{name} (no samples)"
+    p50, p99 = v[len(v) // 2], v[min(len(v) - 1, int(len(v) * 0.99))]
+    return f"{name} ({len(v)} samples; p50 {_fmt(p50)}, p99 {_fmt(p99)}, max {_fmt(v[-1])})"
 
 
 def _frame(xs: _Scale, ys: _Scale, x0: float, x1: float, y0: float, y1: float, yticks: Sequence[float], x_label: str,
@@ -688,7 +715,8 @@ def render_index(loaded: list[Loaded]) -> str:
         if not chs and not errors:
             out.append("<p>This benchmark's result has no plots; its numbers are in the JSON file.</p>")
         for ch in chs:
-            out.append(f"<figure>{svg(ch)}<figcaption>{_e(ch.title)}</figcaption></figure>")
+            caption = f'<a href="{_e(ch.name)}.svg">{_e(ch.name)}.svg</a>' + (f": {_e(ch.note)}" if ch.note else "")
+            out.append(f"<figure>{svg(ch)}<figcaption>{caption}</figcaption></figure>")
         out.append("</section>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
@@ -706,6 +734,9 @@ def _run_table(item: Loaded) -> str:
                        f"load average {m.get('load_average', '?')} at the start")),
         ("versions", _e(", ".join(f"{k} {v}" for k, v in versions.items()) or "?")),
     ]
+    arguments = doc.get("arguments")
+    if isinstance(arguments, dict) and arguments:
+        rows.append(("options", _e(", ".join(f"{k}={v}" for k, v in arguments.items()))))
     if doc.get("exit_code"):
         rows.append(("exit code", _e(doc["exit_code"])))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)

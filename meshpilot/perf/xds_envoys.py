@@ -22,7 +22,7 @@ import uvloop
 from aiohttp import ClientSession
 
 from meshpilot.perf.served import control_plane, seed
-from meshpilot.perf.xds_push import _WARMING, _envoy_stats, _marker_address, _percentiles, start_envoys
+from meshpilot.perf.xds_push import _WARMING, _envoy_stats, _marker_address, _percentiles, _rounded, start_envoys
 from meshpilot.wasm import testbed
 
 __all__ = ["add_arguments", "main"]
@@ -122,6 +122,7 @@ async def run(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
                     "write_to_last_envoy_ack": _percentiles(last_envoy),
                     "write_to_each_envoy_ack": _percentiles(every),
                     "rebuilds": single_rebuilds,
+                    "samples": {"write_to_last_envoy_ack_s": _rounded(last_envoy), "write_to_each_envoy_ack_s": _rounded(every)},
                 },
                 "burst": {
                     "registrations": args.burst,

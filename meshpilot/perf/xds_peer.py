@@ -58,7 +58,7 @@ from google.protobuf import json_format
 from meshpilot.perf.gobuild import go_binary
 from meshpilot.perf.served import control_plane, seed, stop
 from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
-from meshpilot.perf.xds_push import _WARMING, _envoy_stats, _marker_address, _percentiles
+from meshpilot.perf.xds_push import _WARMING, _envoy_stats, _marker_address, _percentiles, _rounded
 from meshpilot.xds.resource import TYPE
 
 __all__ = ["LOG_FORMAT", "Membership", "applied_at", "gcp_peer_binary", "main", "parse_membership", "published_state", "resources_file"]
@@ -410,6 +410,7 @@ async def _turn(args: argparse.Namespace, envoys: list[_Envoy], pid: int, cluste
             "write_to_each_envoy_applied": _percentiles(every),
             "envoy_rounds_timed_out": late,
             "cpu_seconds_per_change": round(single_cpu / max(1, args.rounds), 4),
+            "samples": {"write_to_last_envoy_applied_s": _rounded(last_envoy), "write_to_each_envoy_applied_s": _rounded(every)},
         },
         "burst": {
             "changes": args.burst,

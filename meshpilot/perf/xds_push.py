@@ -124,6 +124,11 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+def _rounded(values: list[float]) -> list[float]:
+    """Every sample, sorted, to 0.1 ms: the report's CDFs (perf/report.py) are drawn from them."""
+    return [round(v, 4) for v in sorted(values)]
+
+
 async def _run_client(ch: grpc.aio.Channel, c: _Client, want_clusters: int) -> None:
     """One simulated Envoy: a stream, opened again after a back-off whenever it fails, until cancelled."""
     backoff = Backoff()
@@ -317,12 +322,15 @@ async def _variant(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
                 "seed_seconds": round(seed_s, 2),
                 "initial_sync_seconds": round(sync_s, 2),
                 "initial_sync_cpu_seconds": round(sync_cpu, 2),
-                "single_change": {**_percentiles(single), "received": len(single), "cpu_seconds": round(single_cpu, 3)},
+                "single_change": {**_percentiles(single), "received": len(single), "cpu_seconds": round(single_cpu, 3),
+                                  "samples_s": _rounded(single)},
                 "burst": {
                     "registrations": args.burst,
                     "write_seconds": round(t_last - t0, 3),
                     "from_first_write": {**_percentiles(burst), "received": len(burst)},
                     "from_last_write": _percentiles([max(0.0, b - (t_last - t0)) for b in burst]),
+                    "samples_from_first_write_s": _rounded(burst),
+                    "samples_from_last_write_s": _rounded([max(0.0, b - (t_last - t0)) for b in burst]),
                     "publications": publications,
                     "write_latency": _percentiles(write_s),
                     "slowest_writes": [round(w, 3) for w in sorted(write_s)[-5:]],
@@ -445,6 +453,7 @@ async def _churn_served(args: argparse.Namespace, delta: bool, cp: Served) -> di
             "last_write_to_last_envoy": _percentiles(last_envoy),
             "last_write_to_each_envoy": _percentiles(every),
             "envoy_rounds_timed_out": late,
+            "samples": {"last_write_to_last_envoy_s": _rounded(last_envoy), "last_write_to_each_envoy_s": _rounded(every)},
         }
     finally:
         for e in envoys:

@@ -54,8 +54,9 @@ def test_xds_cdf_names_every_variant_in_the_legend_and_labels_its_axes() -> None
     single = next(c for c in charts if c.name == "xds-single-change")
     svg = report.svg(single)
     assert _series(svg) == ["delta", "sotw"], f"expected a line per variant, got {_series(svg)}"
-    legend = re.findall(r'<g class="legend-entry" data-series="([^"]*)"', svg)
-    assert legend == ["delta (3 samples)", "sotw (2 samples)"], f"expected every variant in the legend, got {legend}"
+    legend = re.findall(r'<g class="legend-entry" data-series="([^"]*)">.*?<text[^>]*>([^<]*)</text>', svg)
+    assert legend == [("delta", "delta (3 samples; p50 0.12, p99 0.3, max 0.3)"), ("sotw", "sotw (2 samples; p50 0.25, p99 0.25, max 0.25)")], \
+        f"expected every variant in the legend with its samples and percentiles, got {legend}"
     assert 'class="x-label"' in svg and "seconds from the write" in svg, "expected the x axis labelled with its unit"
     assert "share of samples ≤ x" in svg, "expected the y axis labelled"
     # the last corner of each line is at share 1.0: the plot's top
