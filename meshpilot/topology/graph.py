@@ -1,0 +1,258 @@
+"""The mesh as a graph, computed from what Prometheus scraped off the sidecars: nodes are services (every
+registered one, whichever front door registered it, and every caller seen in the stats), edges are
+caller → callee with the requests, request rate, 5xx share and latency quantiles of a window.
+
+Every sidecar's Envoy tags all its stats with ``source_service`` (its own ``<svc>.<ns>``, bootstrap.py);
+the destination is the cluster in ``envoy_cluster_name``: ``outbound|<port>||<svc>.<ns>.svc.<domain>``
+(Envoy writes the dots as underscores) on the caller's side, ``inbound|<port>||`` on the callee's. An
+edge between two sidecars is counted where the request leaves, from the caller's outbound cluster
+(Istio's ``reporter="source"``). Requests that reached a callee's inbound listener without passing a
+caller's sidecar (an SDK app, a client outside the mesh) are the callee's inbound requests less those
+its sidecar callers sent and less its own health checks (HDS); they form an edge from ``unknown``:
+Envoy's stats hold no request header or peer address, so such a caller cannot be named from them.
+
+Counts are exact for the window, not extrapolated: a counter's increase is summed sample by sample from
+its value at the window's start (a drop is a restart: counting starts again from 0), so the count
+matches what was sent once the last request has been scraped. Pure: Prometheus API results in, a
+JSON-serialisable document out; meshpilot/topology/prometheus.py runs the queries.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshpilot.model import Instance, Service
+
+__all__ = ["UNKNOWN", "Queried", "Series", "parse_series", "series_increase", "topology", "window_increase"]
+
+UNKNOWN = "unknown"  # the caller of requests no sidecar reported sending
+_OUTBOUND = re.compile(r"^outbound\|(\d+)\|[^|]*\|(.+)$")
+_INBOUND = re.compile(r"^inbound\|(\d+)\|")
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """One time series: its labels (without ``__name__``) and its samples (time, value), oldest first."""
+
+    labels: Mapping[str, str]
+    samples: tuple[tuple[float, float], ...]
+
+    @property
+    def key(self) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted(self.labels.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class Queried:
+    """The Prometheus results a topology is computed from (``data.result`` of each query, parsed).
+    ``requests``/``errors``: the counters over the window (range vectors), ``*_before``: the same
+    counters at the window's start (instant vectors); ``p50``/``p99``: latency in ms per source and
+    cluster (instant vectors); ``health_checks`` (and ``_before``): the counter of health checks each
+    node's Envoy made of its own app (HDS), which its inbound listener counted as requests too."""
+
+    requests: Sequence[Series] = ()
+    requests_before: Sequence[Series] = ()
+    errors: Sequence[Series] = ()
+    errors_before: Sequence[Series] = ()
+    p50: Sequence[Series] = ()
+    p99: Sequence[Series] = ()
+    health_checks: Sequence[Series] = ()
+    health_checks_before: Sequence[Series] = ()
+    services: Sequence[Service] = ()
+    instances: Sequence[Instance] = ()
+    domain: str = "mesh"
+    window_s: float = 300.0
+    time: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _number(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def parse_series(result: Any) -> list[Series]:
+    """Prometheus' ``data.result`` (a vector or a matrix) as Series; ValueError naming what is wrong."""
+    if not isinstance(result, list):
+        raise ValueError(f"result: expected a list of series, got {type(result).__name__}")
+    out = []
+    for i, item in enumerate(result):
+        if not isinstance(item, dict) or not isinstance(item.get("metric"), dict):
+            raise ValueError(f"result.{i}: expected an object with 'metric'")
+        labels = {str(k): str(v) for k, v in item["metric"].items() if k != "__name__"}
+        raw = item.get("values") if "values" in item else [item.get("value")]
+        if not isinstance(raw, list):
+            raise ValueError(f"result.{i}.values: expected a list of [time, value]")
+        samples = []
+        for pair in raw:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise ValueError(f"result.{i}: expected samples as [time, value], got {pair!r}")
+            t, v = _number(pair[0]), _number(pair[1])
+            if t is not None and v is not None:
+                samples.append((t, v))
+        out.append(Series(labels, tuple(samples)))
+    return out
+
+
+def window_increase(samples: Sequence[tuple[float, float]], before: float | None) -> float:
+    """How much a counter grew over the window: from ``before`` (its value at the window's start; None: the
+    series began inside the window, so from 0) through each sample; a drop is a restart, after which it
+    counts again from 0."""
+    prev = before if before is not None else 0.0
+    total = 0.0
+    for _, v in samples:
+        total += v - prev if v >= prev else v
+        prev = v
+    return total
+
+
+def series_increase(window: Sequence[Series], before: Sequence[Series]) -> list[tuple[Mapping[str, str], float]]:
+    """Each series' increase over the window, its value at the start taken from ``before``."""
+    start = {s.key: s.samples[-1][1] for s in before if s.samples}
+    return [(s.labels, window_increase(s.samples, start.get(s.key))) for s in window]
+
+
+def _cluster_services(services: Iterable[Service], domain: str) -> dict[str, str]:
+    """Envoy's spelling of each service's host name in a cluster name (dots as underscores, and as
+    written) → the service key."""
+    out: dict[str, str] = {}
+    for svc in services:
+        host = f"{svc.name}.{svc.namespace}.svc.{domain}"
+        out[host] = svc.key
+        out[host.replace(".", "_")] = svc.key
+    return out
+
+
+def _destination(cluster: str, known: Mapping[str, str], domain: str) -> str | None:
+    """The service key an outbound cluster name stands for, None for any other cluster."""
+    m = _OUTBOUND.match(cluster)
+    if m is None:
+        return None
+    host = m.group(2)
+    if host in known:
+        return known[host]
+    # a service deleted since: <name>_<ns>_svc_<domain> (names and namespaces are DNS labels, no _ or .)
+    for sep in (".", "_"):
+        suffix = f"{sep}svc{sep}{domain.replace('.', sep)}"
+        if host.endswith(suffix):
+            parts = host[: -len(suffix)].split(sep)
+            if len(parts) == 2 and all(parts):
+                return f"{parts[0]}.{parts[1]}"
+    return None
+
+
+@dataclass(slots=True)
+class _Edge:
+    requests: float = 0.0
+    errors: float = 0.0
+    p50: float | None = None
+    p99: float | None = None
+    reporter: str = "source"
+
+
+def _quantiles(series: Sequence[Series], known: Mapping[str, str], domain: str) -> dict[tuple[str, str], float]:
+    out: dict[tuple[str, str], float] = {}
+    for s in series:
+        dest = _destination(s.labels.get("envoy_cluster_name", ""), known, domain)
+        src = s.labels.get("source_service", "")
+        if dest and src and s.samples:
+            out[(src, dest)] = max(out.get((src, dest), 0.0), s.samples[-1][1])  # several ports: the slowest
+    return out
+
+
+def _round(x: float | None, digits: int = 3) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def topology(q: Queried) -> dict[str, Any]:
+    """The graph: ``nodes`` (services) and ``edges`` (caller → callee), each edge with ``requests`` (exact
+    count in the window), ``rps``, ``errors`` (5xx), ``error_rate``, ``p50_ms``, ``p99_ms`` (None without
+    traffic) and ``reporter`` (``source``: the caller's sidecar; ``destination``: the callee's, for
+    callers without one)."""
+    known = _cluster_services(q.services, q.domain)
+    edges: dict[tuple[str, str], _Edge] = defaultdict(_Edge)
+    received: dict[str, float] = defaultdict(float)
+    received_errors: dict[str, float] = defaultdict(float)
+    for labels, n in series_increase(q.requests, q.requests_before):
+        src, cluster = labels.get("source_service", ""), labels.get("envoy_cluster_name", "")
+        if not src:
+            continue
+        dest = _destination(cluster, known, q.domain)
+        if dest is not None:
+            edges[(src, dest)].requests += n
+        elif _INBOUND.match(cluster):
+            received[src] += n
+    for labels, n in series_increase(q.errors, q.errors_before):
+        src, cluster = labels.get("source_service", ""), labels.get("envoy_cluster_name", "")
+        if not src:
+            continue
+        dest = _destination(cluster, known, q.domain)
+        if dest is not None:
+            edges[(src, dest)].errors += n
+        elif _INBOUND.match(cluster):
+            received_errors[src] += n
+    checks: dict[str, float] = defaultdict(float)
+    for labels, n in series_increase(q.health_checks, q.health_checks_before):
+        if labels.get("source_service"):
+            checks[labels["source_service"]] += n
+    # what reached a callee's sidecar that no caller's sidecar sent (nor its own health checks)
+    sent_to: dict[str, float] = defaultdict(float)
+    for (_, dest), e in edges.items():
+        sent_to[dest] += e.requests
+    for dest, n in received.items():
+        rest = round(n - sent_to.get(dest, 0.0) - checks.get(dest, 0.0))
+        if rest >= 1:
+            e = edges[(UNKNOWN, dest)]
+            e.requests, e.reporter = float(rest), "destination"
+            e.errors = max(0.0, received_errors.get(dest, 0.0) - sum(x.errors for (_, d), x in edges.items() if d == dest and x is not e))
+    for (src, dest), v in _quantiles(q.p50, known, q.domain).items():
+        if (src, dest) in edges:
+            edges[(src, dest)].p50 = v
+    for (src, dest), v in _quantiles(q.p99, known, q.domain).items():
+        if (src, dest) in edges:
+            edges[(src, dest)].p99 = v
+    edge_list = []
+    for (src, dest), e in sorted(edges.items()):
+        if e.requests <= 0 and e.errors <= 0:
+            continue  # a cluster that exists but carried nothing in the window
+        edge_list.append({
+            "source": src, "destination": dest, "requests": int(round(e.requests)),
+            "rps": _round(e.requests / q.window_s), "errors": int(round(e.errors)),
+            "error_rate": _round(e.errors / e.requests if e.requests else 0.0, 4),
+            "p50_ms": _round(e.p50), "p99_ms": _round(e.p99), "reporter": e.reporter,
+        })
+    return {"time": q.time, "window_s": q.window_s, "nodes": _nodes(q, edge_list), "edges": edge_list, "notes": q.notes}
+
+
+def _nodes(q: Queried, edges: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    sources: dict[str, set[str]] = defaultdict(set)
+    count: dict[str, int] = defaultdict(int)
+    for inst in q.instances:
+        sources[inst.service_key].add(inst.source)
+        count[inst.service_key] += 1
+    nodes: dict[str, dict[str, Any]] = {}
+    for svc in q.services:
+        nodes[svc.key] = {"id": svc.key, "name": svc.name, "namespace": svc.namespace, "registered": True,
+                          "sources": sorted(sources.get(svc.key, ())), "instances": count.get(svc.key, 0)}
+    for e in edges:
+        for key in (e["source"], e["destination"]):
+            if key not in nodes:
+                name, _, ns = key.partition(".")
+                nodes[key] = {"id": key, "name": name, "namespace": ns, "registered": False,
+                              "sources": sorted(sources.get(key, ())), "instances": count.get(key, 0)}
+    for node in nodes.values():
+        into = [e for e in edges if e["destination"] == node["id"]]
+        out = [e for e in edges if e["source"] == node["id"]]
+        node["requests_in"] = sum(e["requests"] for e in into)
+        node["requests_out"] = sum(e["requests"] for e in out)
+        node["rps_in"] = _round(node["requests_in"] / q.window_s)
+        node["errors_in"] = sum(e["errors"] for e in into)
+    return [nodes[k] for k in sorted(nodes)]

@@ -1,0 +1,71 @@
+"""The queries /v1/topology asks the mesh's Prometheus (``prometheus_url``, its HTTP API ``/api/v1/query``),
+run together; their results go to graph.py, which holds no I/O. Counters are read raw over the window and at
+its start, so graph.py can count exactly; latency quantiles come from Envoy's ``upstream_rq_time`` histogram
+(milliseconds) through ``histogram_quantile``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+from meshpilot.topology.graph import Series, parse_series
+
+__all__ = ["PrometheusError", "queries", "query_all"]
+
+_CLUSTERS = r'envoy_cluster_name=~"(outbound|inbound)\\|.+"'
+_OUTBOUND = r'envoy_cluster_name=~"outbound\\|.+"'
+_REQUESTS = f"envoy_cluster_upstream_rq_total{{{_CLUSTERS}}}"
+_ERRORS = f'envoy_cluster_upstream_rq_xx{{envoy_response_code_class="5",{_CLUSTERS}}}'
+# the health checks each sidecar's Envoy made of its own app (HDS), which its inbound listener counts too
+_CHECKS = "envoy_cluster_health_check_attempt"
+
+
+def _quantile(q: float, w: str) -> str:
+    return (f"histogram_quantile({q}, sum by (le, source_service, envoy_cluster_name) "
+            f"(rate(envoy_cluster_upstream_rq_time_bucket{{{_OUTBOUND}}}[{w}])))")
+
+
+def queries(window_s: float) -> dict[str, tuple[str, float]]:
+    """Each query by the Queried field it fills: (PromQL, how long before now it is evaluated)."""
+    w = f"{int(window_s * 1000)}ms"
+    return {
+        "requests": (f"{_REQUESTS}[{w}]", 0.0),
+        "requests_before": (_REQUESTS, window_s),
+        "errors": (f"{_ERRORS}[{w}]", 0.0),
+        "errors_before": (_ERRORS, window_s),
+        "p50": (_quantile(0.5, w), 0.0),
+        "p99": (_quantile(0.99, w), 0.0),
+        "health_checks": (f"{_CHECKS}[{w}]", 0.0),
+        "health_checks_before": (_CHECKS, window_s),
+    }
+
+
+class PrometheusError(Exception):
+    """Prometheus could not be asked, or did not answer a query; the message says which and why."""
+
+
+async def _query(http: aiohttp.ClientSession, url: str, promql: str, at: float) -> list[Series]:
+    try:
+        async with http.get(f"{url.rstrip('/')}/api/v1/query", params={"query": promql, "time": f"{at:.3f}"}) as r:
+            body: Any = await r.json(content_type=None)
+            status = r.status
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+        raise PrometheusError(f"prometheus_url: {url} could not be asked ({type(exc).__name__}: {exc})") from None
+    if status != 200 or not isinstance(body, dict) or body.get("status") != "success":
+        why = body.get("error") if isinstance(body, dict) else None
+        raise PrometheusError(f"prometheus_url: {url} answered {status} to {promql!r}: {why or 'not a query result'}")
+    data = body.get("data")
+    try:
+        return parse_series(data.get("result") if isinstance(data, dict) else None)
+    except ValueError as exc:
+        raise PrometheusError(f"prometheus_url: {url} gave a result that is not Prometheus' ({exc})") from None
+
+
+async def query_all(url: str, window_s: float, now: float, timeout_s: float = 10.0) -> dict[str, list[Series]]:
+    """Every query of :func:`queries` at ``now``; PrometheusError when any fails."""
+    asked = queries(window_s)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+        got = await asyncio.gather(*(_query(http, url, promql, now - back) for promql, back in asked.values()))
+    return dict(zip(asked, got, strict=True))
