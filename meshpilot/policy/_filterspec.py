@@ -28,28 +28,36 @@ class Spec(BaseModel):
 
 
 class ApiSelector(Spec):
-    """One API of the target service: by the name it has in the service's ``apis``, by method and
-    path template, or (outbound only) by route name as Envoy sees it (``xds.route_name``)."""
+    """One API of the target service: by the name it has in the service's ``apis``, by its catalog
+    operationId (``operation``: the API catalog names the service's apis by operationId, and a
+    policy naming one the service does not have is refused), by method and path template, or
+    (outbound only) by route name as Envoy sees it (``xds.route_name``)."""
 
     name: str | None = Field(default=None, min_length=1, max_length=128, description="an entry of the service's apis, by name")
+    operation: str | None = Field(default=None, min_length=1, max_length=128, description="an operation of the service's API catalog, by operationId")
     method: str | None = Field(default=None, description="upper-case HTTP method; omitted: any")
     path: str | None = Field(default=None, max_length=512, description="path template: /orders/{id}, /static/*, /api/**")
     route: str | None = Field(default=None, min_length=1, max_length=256, description="a route name (RoutingPolicy routes are <policy>.<namespace>/<route>)")
 
     @model_validator(mode="after")
     def _one(self) -> ApiSelector:
-        given = [k for k in ("name", "path", "route") if getattr(self, k) is not None]
+        given = [k for k in ("name", "operation", "path", "route") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of name, path (with an optional method) or route (got {', '.join(given) or 'none'})")
+            raise ValueError(f"give exactly one of name, operation, path (with an optional method) or route (got {', '.join(given) or 'none'})")
         if self.method is not None and self.path is None:
             raise ValueError("method needs a path")
         if self.method is not None and self.method not in _METHODS:
             raise ValueError(f"method must be one of {', '.join(_METHODS)}")
         return self
 
+    @property
+    def named(self) -> str | None:
+        """The name an entry of the service's apis has to have (``name`` or ``operation``), if any."""
+        return self.name if self.name is not None else self.operation
+
     def label(self) -> str:
-        if self.name is not None:
-            return self.name
+        if self.named is not None:
+            return self.named
         if self.route is not None:
             return self.route
         return f"{self.method or 'any'} {self.path}"
@@ -75,11 +83,12 @@ class ReplySpec(Spec):
 
 def resolve_apis(selectors: list[ApiSelector], service: Service | None) -> list[tuple[ApiSelector, dict[str, str]]]:
     """Each selector with the filter ``match`` fields it stands for. A ``name`` is looked up in the
-    service's apis; one the service does not declare (or a service not registered yet) is dropped."""
+    service's apis (as is an ``operation``); one the service does not declare (or a service not
+    registered yet) is dropped."""
     out = []
     for sel in selectors:
-        if sel.name is not None:
-            op = _named(service, sel.name)
+        if sel.named is not None:
+            op = _named(service, sel.named)
             if op is None:
                 continue
             out.append((sel, op_match(op)))

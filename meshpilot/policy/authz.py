@@ -185,8 +185,8 @@ def _check(policy: AuthorizationPolicy) -> list[dict[str, str]]:
                 field = f"rules.{i}.to.{j}.apis.{k}"
                 if sel.route is not None:
                     problems.append({"field": f"{field}.route", "reason": "inbound rules have no per-API routes: select by name or method + path"})
-                elif sel.name is not None and policy.service is None:
-                    problems.append({"field": f"{field}.name", "reason": "an API name is one service's: give the policy a service, or select by method + path"})
+                elif sel.named is not None and policy.service is None:
+                    problems.append({"field": f"{field}.{'name' if sel.name is not None else 'operation'}", "reason": "an API name is one service's: give the policy a service, or select by method + path"})
                 elif sel.path is not None and path_template_regex(sel.path) is None:
                     problems.append({"field": f"{field}.path", "reason": f"expected a template like /orders/{{id}} or /api/** ('{{name}}' or '*': one segment, '**': the rest, last only), got {sel.path!r}"})
         seen: set[str] = set()
@@ -341,8 +341,8 @@ def _apis(selectors: Sequence[ApiSelector], declared: Sequence[ApiOperation] | N
     rule: it neither widens what is allowed nor drops what is denied."""
     perms: list[rbac_pb2.Permission] = []
     for sel in selectors:
-        if sel.name is not None:
-            op = next((o for o in declared or () if o.name == sel.name), None)
+        if sel.named is not None:
+            op = next((o for o in declared or () if o.name == sel.named), None)
             perm = _api_permission(op.method, op.path) if op is not None else None
         elif sel.path is not None:
             perm = _api_permission(sel.method, sel.path)

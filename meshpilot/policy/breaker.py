@@ -100,7 +100,7 @@ def _check(policy: CircuitBreakerPolicy) -> list[dict[str, str]]:
     selectors = policy.apis if policy.per == "api" and policy.apis else [None]
     for i, sel in enumerate(selectors):
         match: dict[str, str] = {"cluster": "outbound|1||validate.svc.mesh"}
-        if sel is not None and sel.name is None:
+        if sel is not None and sel.named is None:
             match.update(resolve_apis([sel], None)[0][1])
         rules.append({"name": f"r{i}", "match": match, **policy.settings()})
     problems += check_rules("breakers", rules, lambda i, f: _field_of(policy, i, f))

@@ -157,7 +157,7 @@ def _check(policy: RateLimitPolicy) -> list[dict[str, str]]:
         return problems
     rule: dict[str, Any] = {"name": "r0", "key": _key(policy), "burst": policy.burst}
     rule["rate"] = policy.rate if policy.rate is not None else policy.total_rate
-    if policy.api is not None and policy.api.name is None:
+    if policy.api is not None and policy.api.named is None:
         rule["match"] = resolve_apis([policy.api], None)[0][1]
     if policy.reply is not None:
         rule["reply"] = policy.reply.as_filter()
