@@ -9,8 +9,9 @@ removes a fault changes only routes, never listeners, and keep-alive connections
 Its producers (``producers``) are the engine's kind resources and governance's filter configs;
 ``routes`` serves the governance WASM module through the management API. The identity kinds
 (MtlsPolicy, AuthorizationPolicy) reach the translation as each service's mTLS mode
-(``mtls_modes``) and the RBAC rules of each node's inbound routes (``inbound_authz``); a change to
-one of them marks the services it selects (all of its namespace's, for a namespace-wide policy).
+(``mtls_modes``) and the RBAC rules of each node's inbound routes (``inbound_authz``); TracingPolicy
+as the sampling rate of each node's listeners (``trace_sampling``); a change to one of them marks
+the services it selects (all of its namespace's, for a namespace-wide policy).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from meshpilot.policy.engine import PolicyEngine
 from meshpilot.policy.governance import Governance, WasmModule
 from meshpilot.policy.kinds import PolicyBase
 from meshpilot.policy.mtls import MTLS, MtlsPolicy, modes
+from meshpilot.policy.tracing import TRACING, TracingPolicy, sampling
 from meshpilot.publish.publisher import Producer
 from meshpilot.registry import Registry
 from meshpilot.translate.listeners import InboundAuthz
@@ -96,7 +98,7 @@ class Policies:
         return [Route("GET", "/v1/wasm/{name}", self.governance.serve_module, summary)]
 
     def affected(self, changed: set[str]) -> set[str]:
-        identity = {k for k in changed if k.startswith((AUTHZ.name + "/", MTLS.name + "/"))}
+        identity = {k for k in changed if k.startswith((AUTHZ.name + "/", MTLS.name + "/", TRACING.name + "/"))}
         before = {k: self.engine.policies.get(k) for k in identity}
         out = self.engine.affected(changed) | self.governance.affected(changed)
         for key in identity:
@@ -117,6 +119,11 @@ class Policies:
     def mtls_modes(self) -> tuple[dict[str, str], dict[str, str]]:
         """(service key → mode, namespace → mode) of the MtlsPolicies in force."""
         return modes(p for p in self.engine.of_kind(MTLS.name) if isinstance(p, MtlsPolicy))
+
+    def trace_sampling(self, node: NodeInfo) -> float:
+        """The percentage of new traces the node's sidecar samples (its service's TracingPolicy)."""
+        policies = [p for p in self.engine.of_kind(TRACING.name) if isinstance(p, TracingPolicy)]
+        return sampling(policies, node.service, node.namespace)
 
     def inbound_authz(self, node: NodeInfo, ports: frozenset[int]) -> InboundAuthz | None:
         """The RBAC rules of the node's inbound routes (None: no AuthorizationPolicy selects its service)."""

@@ -25,7 +25,9 @@ routes answer its health checks). The clusters are shared by every node, so ever
 reads them must have the ``meshpilot-sds`` cluster: with identity on, every sidecar is enrolled
 (its xDS stream needs a certificate anyway). Each node's inbound routes carry the RBAC rules of the
 AuthorizationPolicies that select its service; a TCP service's inbound listener carries them itself
-(network RBAC filters), so for TCP a policy change is a listener change.
+(network RBAC filters), so for TCP a policy change is a listener change. A node whose bootstrap has
+the span collector gets tracing in its HTTP connection managers at its TracingPolicy's sampling
+rate (translate/tracing.py); a sampling change is a listener change for the service's nodes.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from meshpilot.translate.listeners import (
 from meshpilot.translate.names import OUTBOUND_ROUTE, cluster_name, inbound_cluster_name
 from meshpilot.translate.routes import OutboundRoutes, ServiceRouting, Subset
 from meshpilot.translate.tls import DISABLE, STRICT, TlsSettings
+from meshpilot.translate.tracing import DEFAULT_SAMPLING, node_tracing, with_tracing
 from meshpilot.xds.resource import META, TYPE, NodeInfo
 
 __all__ = ["MeshPolicy", "MeshProducer", "NoPolicy"]
@@ -91,6 +94,9 @@ class MeshPolicy(Protocol):
     def inbound_authz(self, node: NodeInfo, ports: frozenset[int]) -> InboundAuthz | None:
         """The RBAC rules of the node's inbound routes, for a node serving these service ports."""
 
+    def trace_sampling(self, node: NodeInfo) -> float:
+        """The percentage of new traces the node's listeners sample (TracingPolicy)."""
+
 
 class NoPolicy:
     """A mesh without policies."""
@@ -118,6 +124,9 @@ class NoPolicy:
 
     def inbound_authz(self, node: NodeInfo, ports: frozenset[int]) -> InboundAuthz | None:
         return None
+
+    def trace_sampling(self, node: NodeInfo) -> float:
+        return DEFAULT_SAMPLING
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,9 +321,11 @@ class MeshProducer(Producer):
         listeners: dict[str, Message | bytes] = {}
         clusters: dict[str, Message | bytes] = {}
         routes: dict[str, Message | bytes] = {}
+        tracing = node_tracing(node, self.policy.trace_sampling(node))  # None: its Envoy has no collector
         if node.outbound_port:
             services = self.registry.services() if node.capture else ()
-            listeners[OUTBOUND] = build_outbound_listener(node, self.policy.node_filters(node, "outbound"), services, self.domain)
+            listeners[OUTBOUND] = with_tracing(
+                build_outbound_listener(node, self.policy.node_filters(node, "outbound"), services, self.domain), tracing)
         if node.inbound_port and node.app_port:
             svc = self.registry.service(node.service_key) if node.service else None
             protocol = next((p.protocol for p in svc.ports), "http") if svc is not None else "http"
@@ -322,8 +333,8 @@ class MeshProducer(Producer):
             mode = self.tls().mode(node.service_key) if node.identity and node.service else DISABLE
             authz = self.policy.inbound_authz(node, _served_ports(node, svc))
             # a TCP listener carries its rules itself (no routes): a policy change drains it
-            listeners[INBOUND] = build_inbound_listener(node, filters, sorted(self._peers), protocol, mode,
-                                                        authz if protocol == "tcp" else None)
+            listeners[INBOUND] = with_tracing(build_inbound_listener(node, filters, sorted(self._peers), protocol, mode,
+                                                                     authz if protocol == "tcp" else None), tracing)
             clusters[inbound_cluster_name(node.app_port)] = build_inbound_cluster(node, protocol)
             off, optional = self.policy.inbound_filters(node)
             token = self.health_token(node.id)

@@ -18,8 +18,6 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from meshpilot import boundedjson
-
 __all__ = [
     "COLLECTOR_CLUSTER", "COLLECTOR_PATH", "KINDS", "MAX_SPANS_PER_BODY", "META_TRACE_COLLECTOR", "SERVICE_TAG",
     "SpanInvalid", "from_line", "line", "normalise", "normalise_trace_id", "parse_spans", "to_otlp",
@@ -161,13 +159,10 @@ def normalise(obj: Any) -> dict[str, Any]:
     return span
 
 
-def parse_spans(raw: bytes, max_spans: int = MAX_SPANS_PER_BODY) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def parse_spans(doc: Any, max_spans: int = MAX_SPANS_PER_BODY) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """(spans kept, ``[{field, reason}]`` for each refused one, the field prefixed by its index) of a
-    body holding a JSON array of Zipkin v2 spans. A body that is no such array raises SpanInvalid."""
-    try:
-        doc = boundedjson.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SpanInvalid("(body)", f"malformed JSON: {str(exc)[:200]}") from None
+    posted body, decoded (the front door decodes with its nesting bounded): a JSON array of Zipkin
+    v2 spans. A document that is no such array raises SpanInvalid."""
     if not isinstance(doc, list):
         raise SpanInvalid("(body)", "expected a JSON array of Zipkin v2 spans")
     if len(doc) > max_spans:
@@ -191,7 +186,7 @@ def from_line(raw: bytes) -> dict[str, Any]:
     """A span back from a spool line; SpanInvalid when the line is not one (a torn or edited file)."""
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise SpanInvalid("(line)", f"malformed JSON: {str(exc)[:200]}") from None
     return normalise(obj)
 
