@@ -6,6 +6,7 @@ file describes the service in a cluster and on a VM, plus a ``mesh`` section for
 the app's health check, zone and weight, drain time, an optional pre-stop command, an optional
 ``app`` the agent starts and supervises, the sidecar's own ports, the node's meshdns (``dns``, on by
 default), the node's workload identity (``identity``: join token and trust bundle files, off by default),
+the node's spans (``tracing``: receiver port, spool bounds, backend; on by default),
 the control plane's replicas (``controlPlanes``: the list ``--control-plane`` gives, which overrides it) and an
 optional API list.
 
@@ -24,7 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from meshpilot.model import PROTOCOLS, ApiOperation, Protocol, Service, ServicePort, field_errors
 
-__all__ = ["DnsSpec", "IdentitySpec", "SpecError", "SidecarSpec", "load_spec", "parse_duration"]
+__all__ = ["DnsSpec", "IdentitySpec", "SpecError", "SidecarSpec", "TracingSpec", "load_spec", "parse_duration"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
@@ -284,6 +285,21 @@ class IdentitySpec(_Model):
                                          description="the name the control plane's certificate is checked for")
 
 
+class TracingSpec(_Model):
+    """The node's spans (docs/observability.md#tracing): Envoy reports them to the agent's receiver on
+    loopback, the agent keeps them in bounded files and ships them to the control plane or ``backend``."""
+
+    enabled: bool = True
+    port: int = Field(default=0, ge=0, le=65535, description="loopback port of the agent's span receiver; 0 picks one")
+    maxFileBytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024**3, description="size of one spool file")
+    maxFiles: int = Field(default=8, ge=2, le=10_000, description="spool files kept; when full the oldest is dropped")
+    backend: str | None = Field(default=None, pattern=r"^https?://[^\s]+$", max_length=2048,
+                                description="a Zipkin v2 (POST .../api/v2/spans) or OTLP/HTTP (POST .../v1/traces) URL; "
+                                            "default: the control plane's /v1/spans")
+    backendFormat: Literal["zipkin", "otlp"] = Field(default="zipkin", description="what ``backend`` speaks")
+    backendHeaders: dict[str, str] = Field(default_factory=dict, max_length=32, description="extra headers to the backend (its auth)")
+
+
 def _control_plane(text: str) -> str:
     """One replica, ``HOST:PORT`` (``HOST`` alone: port 15010; ``[IPV6]:PORT``) → ``host:port`` as gRPC names it."""
     from meshpilot.translate.bootstrap import grpc_target, parse_control_planes
@@ -317,6 +333,7 @@ class MeshSection(_Model):
     sidecar: SidecarPorts = SidecarPorts()
     dns: DnsSpec = DnsSpec()
     identity: IdentitySpec = IdentitySpec()
+    tracing: TracingSpec = TracingSpec()
     apis: list[ApiOperation] = Field(default_factory=list, max_length=1024)
 
     @field_validator("controlPlanes", mode="before")
