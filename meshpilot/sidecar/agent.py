@@ -11,7 +11,9 @@ With a workload identity (``--trust-bundle`` or ``mesh.identity``), the agent fi
 plane's CA (sidecar/identity.py; bounded by ``identity_wait_s``: without a certificate Envoy cannot reach
 the control plane), then serves the certificate to Envoy over SDS on a unix socket in the work directory
 (sidecar/sds.py), then starts meshdns with its table stream over TLS under the same identity, then Envoy.
-Renewals and new trust bundles reach Envoy and meshdns as they happen. The management-API calls below keep
+Renewals and new trust bundles reach Envoy and meshdns as they happen. With ``mesh.tracing`` on (the
+default), the agent first starts the node's span receiver on loopback, whose port the bootstrap's
+collector cluster names, and a shipper that sends the spooled spans on (sidecar/traces.py). The management-API calls below keep
 using the bearer token. On SIGTERM/SIGINT it runs the graceful offline sequence of DESIGN.md:
 
 1. deregister the instance through the management API (HDS has no deregister message);
@@ -33,7 +35,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -55,6 +57,7 @@ from meshpilot.sidecar.render import (
 from meshpilot.sidecar.sds import SdsServer, SecretStore
 from meshpilot.sidecar.spec import SidecarSpec
 from meshpilot.sidecar.supervise import BASE_DELAY_S, MAX_DELAY_S, Supervised
+from meshpilot.sidecar.traces import Backend, Receiver, Shipper, Spool
 from meshpilot.translate.bootstrap import build_bootstrap
 
 __all__ = ["AgentConfig", "dns_config", "run_agent"]
@@ -299,6 +302,7 @@ class _Agent:
             "outbound_port": self.bopts.outbound_port,
             "dns_port": self.dns.port if self.dns is not None else None,
             "spiffe_id": self.identity.material.spiffe if self.identity and self.identity.material else None,
+            "trace_port": self.bopts.trace_collector_port or None,
         }
         tmp = self.cfg.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
@@ -344,6 +348,45 @@ class _Agent:
             self.dns_settled.set()
             await asyncio.sleep(delay)
             delay = min(MAX_DELAY_S, delay * 2)
+
+    # ---- spans -------------------------------------------------------------------------------
+
+    def _trace_backend(self) -> Backend:
+        t = self.cfg.spec.mesh.tracing
+        if t.backend:
+            return Backend((t.backend,), t.backendFormat, dict(t.backendHeaders))
+        urls = tuple(f"{u.rstrip('/')}/v1/spans" for u in (self.cfg.api_urls or (self.cfg.api_url,)))
+        return Backend(urls, "meshpilot", self._headers())
+
+    async def _start_traces(self, tg: asyncio.TaskGroup) -> tuple[Receiver, asyncio.Task[None]] | None:
+        """The span receiver Envoy reports to (its port goes into the bootstrap) and the shipper's
+        task; None when tracing is off or the receiver cannot start (Envoy then runs without tracing)."""
+        t = self.cfg.spec.mesh.tracing
+        if not t.enabled:
+            return None
+        try:
+            spool = Spool(self.cfg.workdir / "traces", t.maxFileBytes, t.maxFiles)
+            receiver = Receiver(spool, port=t.port)
+            port = await receiver.start()
+        except (OSError, ValueError) as exc:
+            log.error("event=tracing_unavailable error=%r", exc)
+            return None
+        self.bopts = replace(self.bopts, trace_collector_port=port)
+        shipper = Shipper(spool, self._trace_backend(), receiver.arrived)
+        task = tg.create_task(self._ship(shipper))
+        log.info("event=span_receiver_started port=%d backend=%s pending=%d", port, shipper.backend.urls[0], spool.pending())
+        return receiver, task
+
+    async def _ship(self, shipper: Shipper) -> None:
+        """The shipper, restarted after a failure of its own (a disk error): spans wait on disk."""
+        delay = BASE_DELAY_S
+        while True:
+            try:
+                await shipper.run()
+            except Exception as exc:  # noqa: BLE001 - logged and retried; the sidecar keeps serving
+                log.error("event=span_shipper_failed error=%r retry_in_s=%.1f", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(MAX_DELAY_S, delay * 2)
 
     # ---- graceful offline --------------------------------------------------------------------
 
@@ -414,6 +457,7 @@ class _Agent:
 
     async def _run_node(self, tg: asyncio.TaskGroup, http: aiohttp.ClientSession) -> int:
         """meshdns, the app and Envoy until a stop is asked, then the graceful offline."""
+        traces = await self._start_traces(tg)  # before the bootstrap, which names its port
         config = self.cfg.workdir / "envoy.json"
         config.write_text(json.dumps(build_bootstrap(self.bopts), indent=2))
         mesh = self.cfg.spec.mesh
@@ -442,6 +486,9 @@ class _Agent:
         watcher.cancel()
         if dns_task is not None:
             dns_task.cancel()
+        if traces is not None:
+            traces[1].cancel()
+            await traces[0].close()
         return 0
 
 
