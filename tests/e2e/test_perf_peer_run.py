@@ -1,20 +1,22 @@
 """``meshpilot perf xds-envoys --peer go-control-plane`` run end to end on a small mesh: it builds the
 go-control-plane peer (perf/gcp_peer), serves a seeded meshpilot's resources from both to real Envoys,
 runs the same changes through each, and reports each peer's propagation as Envoy logged it; every
-process it started is gone when it returns."""
+process it started is gone when it returns. Run as ``meshpilot perf xds-envoys ... --report DIR``, it
+also keeps its result in DIR with every sample, and DIR/index.html draws each peer's CDF."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import psutil
 import pytest
 
-from meshpilot.perf import xds_envoys, xds_peer
+from meshpilot import cli
+from meshpilot.perf import xds_peer
 
 pytestmark = [
     pytest.mark.e2e,
@@ -24,12 +26,11 @@ pytestmark = [
 ]
 
 
-def test_meshpilot_and_go_control_plane_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser()
-    xds_envoys.add_arguments(parser)
-    args = parser.parse_args(["--peer", "go-control-plane", "--envoys", "2", "--services", "6", "--endpoints", "2",
-                              "--rounds", "3", "--burst", "4", "--gap", "0.2", "--round-timeout", "10", "--variants", "delta"])
-    assert xds_envoys.main(args) == 0, "expected the benchmark to exit 0"
+def test_meshpilot_and_go_control_plane_side_by_side(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = cli.main(["perf", "xds-envoys", "--peer", "go-control-plane", "--envoys", "2", "--services", "6", "--endpoints", "2",
+                     "--rounds", "3", "--burst", "4", "--gap", "0.2", "--round-timeout", "10", "--variants", "delta",
+                     "--report", str(tmp_path)])
+    assert code == 0, "expected the benchmark to exit 0"
     report = json.loads(capsys.readouterr().out)
     assert report["benchmark"] == "xds_peer_real_envoys", f"expected the peer benchmark's report, got {report['benchmark']}"
     (result,) = report["results"]
@@ -47,3 +48,15 @@ def test_meshpilot_and_go_control_plane_side_by_side(capsys: pytest.CaptureFixtu
     assert not left, f"expected no process of the run left, got {left}"
     assert Path(workdir, "gcp-resources.json").exists(), "expected the peer's resources file in the run's directory"
     assert xds_peer.gcp_peer_binary(Path.home() / ".cache" / "meshpilot" / "gcp-peer").exists(), "expected the built peer to be cached"
+
+    kept = json.loads((tmp_path / "xds-envoys.json").read_text())
+    assert kept["command"] == "xds-envoys" and kept["result"] == report, "expected xds-envoys.json to keep the printed report"
+    for name, peer in kept["result"]["results"][0]["peers"].items():
+        each = peer["single_change"]["samples"]["write_to_each_envoy_applied_s"]
+        assert len(each) == 3 * 2, f"expected a sample per Envoy per round from {name}, got {each}"
+    page = (tmp_path / "index.html").read_text()
+    for chart in ("xds-peers-each", "xds-peers-last"):
+        start = page.index(f'data-chart="{chart}"')
+        drawn = re.findall(r'<g class="series" data-series="([^"]*)" data-samples="(\d+)"', page[start:page.index("</svg>", start)])
+        want = [("meshpilot", "6" if chart.endswith("each") else "3"), ("go-control-plane", "6" if chart.endswith("each") else "3")]
+        assert drawn == want, f"expected a CDF per peer in {chart}, got {drawn}"
