@@ -62,8 +62,16 @@ async function editor(kind, namespace, name) {
     h("option", { value: "json", selected: format === "json" }, "JSON"));
 
   const template = { kind, name: "", namespace: "default" };
+  // the policy's identity first, then its fields as stored
+  function ordered(doc) {
+    if (!doc || typeof doc !== "object" || Array.isArray(doc)) return doc;
+    const out = {};
+    for (const k of ["kind", "name", "namespace", "description", "service", "port"]) if (k in doc) out[k] = doc[k];
+    return Object.assign(out, doc);
+  }
+
   async function show(doc) {
-    text.value = (await convert(JSON.stringify(doc), "json", format)).text;
+    text.value = (await convert(JSON.stringify(ordered(doc)), "json", format)).text;
   }
 
   function showError(e) {

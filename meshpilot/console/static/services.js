@@ -17,7 +17,7 @@ function address(inst) {
 
 function checks(inst) {
   if (!(inst.checks || []).length) return h("span", { class: "muted" }, "none");
-  return h("ul", { class: "field-errors" }, inst.checks.map((c) =>
+  return h("ul", { class: "checks" }, inst.checks.map((c) =>
     h("li", { class: "check" }, badge(c.status), " ", h("code", {}, c.id), " ", h("span", { class: "muted" }, "(" + c.owner + ")"),
       c.output ? h("div", { class: "muted" }, c.output) : null)));
 }
