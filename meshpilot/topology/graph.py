@@ -37,7 +37,8 @@ _INBOUND = re.compile(r"^inbound\|(\d+)\|")
 
 @dataclass(frozen=True, slots=True)
 class Series:
-    """One time series: its labels (without ``__name__``) and its samples (time, value), oldest first."""
+    """One time series: its labels (``__name__`` among them when the query kept it) and its samples
+    (time, value), oldest first."""
 
     labels: Mapping[str, str]
     samples: tuple[tuple[float, float], ...]
@@ -52,8 +53,9 @@ class Queried:
     """The Prometheus results a topology is computed from (``data.result`` of each query, parsed).
     ``requests``/``errors``: the counters over the window (range vectors), ``*_before``: the same
     counters at the window's start (instant vectors); ``p50``/``p99``: latency in ms per source and
-    cluster (instant vectors); ``health_checks`` (and ``_before``): the counter of health checks each
-    node's Envoy made of its own app (HDS), which its inbound listener counted as requests too."""
+    cluster (instant vectors); ``health_checks`` (and ``_before``): the counters of health checks each
+    node's Envoy made of its own app (HDS), ``envoy_cluster_health_check_attempt`` and ``..._network_failure``:
+    the attempts that connected went through its inbound listener and were counted there as requests."""
 
     requests: Sequence[Series] = ()
     requests_before: Sequence[Series] = ()
@@ -87,7 +89,7 @@ def parse_series(result: Any) -> list[Series]:
     for i, item in enumerate(result):
         if not isinstance(item, dict) or not isinstance(item.get("metric"), dict):
             raise ValueError(f"result.{i}: expected an object with 'metric'")
-        labels = {str(k): str(v) for k, v in item["metric"].items() if k != "__name__"}
+        labels = {str(k): str(v) for k, v in item["metric"].items()}
         raw = item.get("values") if "values" in item else [item.get("value")]
         if not isinstance(raw, list):
             raise ValueError(f"result.{i}.values: expected a list of [time, value]")
@@ -202,7 +204,8 @@ def topology(q: Queried) -> dict[str, Any]:
     checks: dict[str, float] = defaultdict(float)
     for labels, n in series_increase(q.health_checks, q.health_checks_before):
         if labels.get("source_service"):
-            checks[labels["source_service"]] += n
+            failed = labels.get("__name__", "").endswith("network_failure")
+            checks[labels["source_service"]] += -n if failed else n
     # what reached a callee's sidecar that no caller's sidecar sent (nor its own health checks)
     sent_to: dict[str, float] = defaultdict(float)
     for (_, dest), e in edges.items():

@@ -18,8 +18,9 @@ _CLUSTERS = r'envoy_cluster_name=~"(outbound|inbound)\\|.+"'
 _OUTBOUND = r'envoy_cluster_name=~"outbound\\|.+"'
 _REQUESTS = f"envoy_cluster_upstream_rq_total{{{_CLUSTERS}}}"
 _ERRORS = f'envoy_cluster_upstream_rq_xx{{envoy_response_code_class="5",{_CLUSTERS}}}'
-# the health checks each sidecar's Envoy made of its own app (HDS), which its inbound listener counts too
-_CHECKS = "envoy_cluster_health_check_attempt"
+# the health checks each sidecar's Envoy made of its own app (HDS clusters ``hds|<node>``); those that
+# connected (attempts less network failures) went through its inbound listener and are counted there too
+_CHECKS = r'{__name__=~"envoy_cluster_health_check_(attempt|network_failure)",envoy_cluster_name=~"hds\\|.+"}'
 
 
 def _quantile(q: float, w: str) -> str:
