@@ -50,6 +50,7 @@ class Settings(BaseModel):
     prometheus_sd_file: str | None = Field(default=None, description="keep a Prometheus file_sd JSON file here: every connected sidecar's stats listener and every replica's /metrics (docs/observability.md)")
     prometheus_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$", description="the Prometheus that scrapes the mesh (http://HOST:PORT); /v1/topology queries it")
     topology_window_s: float = Field(default=300.0, ge=1, le=86_400, description="the default window /v1/topology counts requests over")
+    trace_store_spans: int = Field(default=100_000, ge=1, le=10_000_000, description="spans the control plane's trace store keeps in memory (newest traces; not kept across restarts)")
     log_level: str = "INFO"
 
 
