@@ -394,8 +394,8 @@ _CHARTS = {"xds": _xds_push, "xds-envoys": _xds_envoys, "dns": _dns, "route": _r
 
 
 def _merged(loaded: list[Loaded]) -> tuple[list[Chart], dict[str, str]]:
-    """The charts of several runs of one command: charts of the same name become one, each series
-    named after its run's file when more than one run has it. Returns the charts and, per file, why
+    """The charts of the runs of one command: charts of the same name become one, each series named
+    after its run's file when more than one run has that chart. Returns the charts and, per file, why
     its result could not be plotted."""
     per_run: list[tuple[str, list[Chart]]] = []
     errors: dict[str, str] = {}
@@ -405,17 +405,20 @@ def _merged(loaded: list[Loaded]) -> tuple[list[Chart], dict[str, str]]:
             per_run.append((item.label, charts(item.doc["command"], item.doc["result"])))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             errors[item.file] = f"its result lacks what the {item.doc['command']} charts read: {type(exc).__name__} {exc}"
-    if len(per_run) == 1:
-        return per_run[0][1], errors
+    runs_of: dict[str, int] = {}
+    for _label, chs in per_run:
+        for c in chs:
+            runs_of[c.name] = runs_of.get(c.name, 0) + 1
     by_name: dict[str, Chart] = {}
     order: list[str] = []
     for label, chs in per_run:
         for c in chs:
+            mine = _relabelled(c, label) if runs_of[c.name] > 1 else c
             if c.name not in by_name:
                 order.append(c.name)
-                by_name[c.name] = _relabelled(c, label)
+                by_name[c.name] = mine
             else:
-                by_name[c.name] = _combined(by_name[c.name], _relabelled(c, label))
+                by_name[c.name] = _combined(by_name[c.name], mine)
     return [by_name[n] for n in order], errors
 
 
