@@ -1,0 +1,148 @@
+"""Traces as a part of the control plane: where sidecars ship their spans, and where operators read them.
+
+Routes of the management API (docs/observability.md, Tracing):
+
+- ``POST /v1/spans`` — a JSON array of Zipkin v2 spans, as the node agent's shipper sends them from its
+  spool (meshpilot/sidecar/traces.py). Who may write: a holder of a write token, which the agent has
+  already (it registers its service with it); with authorisation on, anyone else gets 401 and nothing is
+  kept. Each span is validated where it enters (meshpilot/telemetry/spans.py): good spans are kept,
+  refused ones are named by index and field; a body that is no span array is a 400 with nothing kept.
+- ``GET /v1/traces?service=&since=&limit=`` — summaries of the newest traces (read token).
+- ``GET /v1/traces/{trace_id}`` — one trace as a tree of spans, ready for a waterfall (read token).
+
+The spans live in a ``TraceStore`` in memory, bounded by ``trace_store_spans``; they are not kept across
+a restart, nor shared between replicas (each keeps what its sidecars sent it).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+from meshpilot.api.app import ApiError, json_body
+from meshpilot.api.routes import Route
+from meshpilot.parts import Core, Part
+from meshpilot.telemetry.spans import SpanInvalid, normalise_trace_id, parse_spans
+from meshpilot.tracing.store import TraceStore
+
+__all__ = ["install", "trace_routes"]
+
+log = logging.getLogger("meshpilot.tracing")
+
+_AGO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+MAX_LIMIT = 1000
+
+
+class _Endpoint(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    serviceName: str | None = None
+    ipv4: str | None = None
+    ipv6: str | None = None
+    port: int | None = Field(default=None, ge=0, le=65535)
+
+
+class _Annotation(BaseModel):
+    timestamp: int = Field(ge=0)
+    value: str
+
+
+class ZipkinSpan(BaseModel):
+    """A Zipkin v2 span (ids in hex; times in microseconds since the epoch)."""
+
+    model_config = ConfigDict(extra="allow")
+    traceId: str = Field(pattern=r"^[0-9a-fA-F]{1,32}$")
+    id: str = Field(pattern=r"^[0-9a-fA-F]{1,16}$")
+    parentId: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{1,16}$")
+    name: str | None = None
+    kind: Literal["CLIENT", "SERVER", "PRODUCER", "CONSUMER"] | None = None
+    timestamp: int = Field(ge=0)
+    duration: int | None = Field(default=None, ge=0)
+    localEndpoint: _Endpoint | None = None
+    remoteEndpoint: _Endpoint | None = None
+    tags: dict[str, str] | None = None
+    annotations: list[_Annotation] | None = None
+    shared: bool | None = None
+    debug: bool | None = None
+
+
+class SpansIn(RootModel[list[ZipkinSpan]]):
+    """Spans to keep: a JSON array of Zipkin v2 spans."""
+
+
+def _since(text: str) -> int:
+    """Microseconds since the epoch from ``since``: unix seconds, or a time ago such as 15m."""
+    text = text.strip()
+    if not text:
+        return 0
+    m = _AGO.match(text)
+    if m:
+        seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return max(0, int((time.time() - seconds) * 1_000_000))
+    try:
+        value = float(text)
+    except ValueError:
+        raise ApiError(400, f"since: expected unix seconds or a time ago such as 15m or 2h, got {text[:40]!r}",
+                       [{"field": "since", "reason": "expected unix seconds or a time ago such as 15m"}]) from None
+    if not 0 <= value < 1e11:
+        raise ApiError(400, f"since: out of range: {text[:40]!r}", [{"field": "since", "reason": "out of range"}])
+    return int(value * 1_000_000)
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= MAX_LIMIT:
+        raise ApiError(400, f"limit: expected a whole number from 1 to {MAX_LIMIT}, got {text[:40]!r}",
+                       [{"field": "limit", "reason": f"expected 1-{MAX_LIMIT}"}])
+    return value
+
+
+def trace_routes(store: TraceStore) -> list[Route]:
+    async def ingest(request: web.Request) -> web.Response:
+        doc = await json_body(request)
+        try:
+            spans, refused = parse_spans(doc)
+        except SpanInvalid as exc:
+            raise ApiError(400, str(exc), [{"field": exc.field, "reason": exc.reason}]) from None
+        if not spans and refused:
+            raise ApiError(400, f"no span could be kept; first: {refused[0]['field']}: {refused[0]['reason']}", refused[:50])
+        new = store.add(spans)
+        if refused:
+            log.warning("event=spans_refused count=%d first=%s:%s", len(refused), refused[0]["field"], refused[0]["reason"])
+        return web.json_response({"accepted": len(spans), "new": new, "refused": refused[:50]}, status=201)
+
+    async def list_traces(request: web.Request) -> web.Response:
+        q = request.query
+        service = q.get("service", "").strip().lower()
+        found = store.traces(service, _since(q.get("since", "")), _limit(q.get("limit", "20")))
+        return web.json_response({"traces": found, "stored_spans": store.span_count, "max_spans": store.max_spans})
+
+    async def get_trace(request: web.Request) -> web.Response:
+        raw = request.match_info["trace_id"]
+        try:
+            trace_id = normalise_trace_id(raw, "trace_id")
+        except SpanInvalid as exc:
+            raise ApiError(400, str(exc), [{"field": "trace_id", "reason": exc.reason}]) from None
+        tree = store.tree(trace_id)
+        if tree is None:
+            raise ApiError(404, f"trace_id: no trace {trace_id} in the store (it keeps the newest {store.max_spans} spans)",
+                           [{"field": "trace_id", "reason": "not found"}])
+        return web.json_response(tree)
+
+    return [
+        Route("POST", "/v1/spans", ingest, "Keep spans (Zipkin v2 JSON array), as sidecars ship them", body=SpansIn, scope="write"),
+        Route("GET", "/v1/traces", list_traces, "The newest traces: ?service= (name or name.namespace), ?since= (unix seconds or 15m), ?limit= (1-1000, default 20)", scope="read"),
+        Route("GET", "/v1/traces/{trace_id}", get_trace, "One trace as a tree of spans (children by start, offset_us from the trace's start)", scope="read"),
+    ]
+
+
+def install(core: Core) -> Part:
+    store = TraceStore(core.settings.trace_store_spans)
+    return Part(routes=trace_routes(store))

@@ -1,0 +1,167 @@
+"""The control plane's trace store: the newest spans sidecars shipped, grouped by trace, in memory.
+
+Bounded by a span count: when adding spans would pass ``max_spans``, whole traces go, the ones least
+recently written first. Nothing is kept across a restart (the store is for looking at what the mesh
+does now; a durable history belongs in a tracing backend, where sidecars can ship instead). A span
+that arrives twice (a shipper sends a batch again when our 2xx was lost) is kept once: spans are keyed
+by (span id, kind, service). ``traces`` lists trace summaries, newest first, for a service and a time;
+``tree`` gives one trace as a tree of spans by parent id, each with its offset from the trace's start,
+ready to draw as a waterfall. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["TraceStore"]
+
+
+def _service(span: Mapping[str, Any]) -> str:
+    return str((span.get("localEndpoint") or {}).get("serviceName") or "")
+
+
+def _services(span: Mapping[str, Any]) -> set[str]:
+    """Names a query may find the span's service by: its endpoint's service name and its mesh service key."""
+    out = {_service(span)}
+    key = (span.get("tags") or {}).get("mesh.service")
+    if key:
+        out.add(str(key))
+        out.add(str(key).split(".", 1)[0])
+    out.discard("")
+    return out
+
+
+@dataclass(slots=True)
+class _Trace:
+    spans: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    services: set[str] = field(default_factory=set)
+    start: int = 0
+    end: int = 0
+
+
+class TraceStore:
+    def __init__(self, max_spans: int = 100_000) -> None:
+        if max_spans < 1:
+            raise ValueError(f"max_spans: at least 1, got {max_spans}")
+        self.max_spans = max_spans
+        self._traces: OrderedDict[str, _Trace] = OrderedDict()  # least recently written first
+        self.span_count = 0
+        self.evicted_traces = 0
+
+    def add(self, spans: Iterable[Mapping[str, Any]]) -> int:
+        """Keep normalised spans (meshpilot/telemetry/spans.py); returns how many were new."""
+        new = 0
+        for span in spans:
+            tid = str(span["traceId"])
+            trace = self._traces.get(tid)
+            if trace is None:
+                trace = self._traces[tid] = _Trace(start=int(span["timestamp"]), end=int(span["timestamp"]))
+            else:
+                self._traces.move_to_end(tid)
+            key = (str(span["id"]), str(span.get("kind") or ""), _service(span))
+            if key not in trace.spans:
+                new += 1
+                self.span_count += 1
+            trace.spans[key] = dict(span)
+            trace.services |= _services(span)
+            begin = int(span["timestamp"])
+            trace.start = min(trace.start, begin)
+            trace.end = max(trace.end, begin + int(span.get("duration") or 0))
+        while self.span_count > self.max_spans and len(self._traces) > 1:
+            _, old = self._traces.popitem(last=False)
+            self.span_count -= len(old.spans)
+            self.evicted_traces += 1
+        return new
+
+    def __len__(self) -> int:
+        return len(self._traces)
+
+    def traces(self, service: str = "", since_us: int = 0, limit: int = 20) -> list[dict[str, Any]]:
+        """Summaries of the newest traces (by start) that a service took part in and that started at
+        or after ``since_us`` (microseconds since the epoch)."""
+        found = [
+            (t.start, tid, t) for tid, t in self._traces.items()
+            if t.start >= since_us and (not service or service in t.services)
+        ]
+        found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        return [self._summary(tid, t) for _, tid, t in found[:limit]]
+
+    def _summary(self, tid: str, t: _Trace) -> dict[str, Any]:
+        parents = _parents(t)
+        roots = [s for s in self._ordered(t) if parents.get(_key(s)) is None]
+        root = roots[0] if roots else None
+        return {
+            "trace_id": tid, "start": t.start, "duration_us": t.end - t.start, "span_count": len(t.spans),
+            "services": sorted({_service(s) for s in t.spans.values() if _service(s)}),
+            "root": {"name": root.get("name", ""), "service": _service(root)} if root else None,
+            "errors": sum(1 for s in t.spans.values() if _failed(s)),
+        }
+
+    @staticmethod
+    def _ordered(t: _Trace) -> list[dict[str, Any]]:
+        return sorted(t.spans.values(), key=lambda s: (int(s["timestamp"]), str(s["id"]), str(s.get("kind") or "")))
+
+    def tree(self, trace_id: str) -> dict[str, Any] | None:
+        """The trace as a tree: ``roots`` are spans whose parent is not in the store, each span with
+        its ``children`` (by start time), ``offset_us`` from the trace's start and ``depth``."""
+        t = self._traces.get(trace_id)
+        if t is None:
+            return None
+        parents = _parents(t)
+        nodes: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for key, span in t.spans.items():
+            nodes[key] = {**span, "service": _service(span), "offset_us": int(span["timestamp"]) - t.start,
+                          "error": _failed(span), "children": []}
+        roots: list[dict[str, Any]] = []
+        for span in self._ordered(t):
+            key = _key(span)
+            parent = parents.get(key)
+            if parent is None:
+                roots.append(nodes[key])
+            else:
+                nodes[parent]["children"].append(nodes[key])
+        stack = [(root, 0) for root in roots]
+        while stack:
+            node, d = stack.pop()
+            node["depth"] = d
+            stack.extend((child, d + 1) for child in node["children"])
+        return {**self._summary(trace_id, t), "roots": roots}
+
+
+def _key(span: Mapping[str, Any]) -> tuple[str, str, str]:
+    return (str(span["id"]), str(span.get("kind") or ""), _service(span))
+
+
+def _parents(t: _Trace) -> dict[tuple[str, str, str], tuple[str, str, str] | None]:
+    """Each span's parent in the trace (None: a root). A SERVER span that shares its id with a CLIENT
+    span (Zipkin's shared span context) hangs under that CLIENT span, and what its service did next
+    under the SERVER span. A span whose parents lead back to itself (junk ids) is made a root."""
+    by_id: dict[str, list[tuple[str, str, str]]] = {}
+    for key in t.spans:
+        by_id.setdefault(key[0], []).append(key)
+    out: dict[tuple[str, str, str], tuple[str, str, str] | None] = {}
+    for key, span in t.spans.items():
+        parent: tuple[str, str, str] | None = None
+        if key[1] == "SERVER":
+            parent = next((k for k in by_id.get(key[0], ()) if k[1] == "CLIENT"), None)
+        if parent is None and span.get("parentId"):
+            candidates = sorted(by_id.get(str(span["parentId"]), ()), key=lambda k: k[1] != "SERVER")
+            parent = candidates[0] if candidates else None
+        out[key] = parent if parent != key else None
+    for key in out:  # break cycles: walking up, the first span met twice becomes a root
+        seen = {key}
+        up = out[key]
+        while up is not None and up not in seen:
+            seen.add(up)
+            up = out.get(up)
+        if up is not None:
+            out[up] = None
+    return out
+
+
+def _failed(span: Mapping[str, Any]) -> bool:
+    tags = span.get("tags") or {}
+    return "error" in tags or str(tags.get("http.status_code", "")).startswith("5")
