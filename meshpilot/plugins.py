@@ -19,6 +19,7 @@ _PLUGINS = (
     "meshpilot.eureka.plugin",
     "meshpilot.policy.plugin",
     "meshpilot.identity.plugin",
+    "meshpilot.tracing.plugin",
     "meshpilot.topology.plugin",
     "meshpilot.console.plugin",
 )
