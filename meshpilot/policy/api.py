@@ -19,6 +19,7 @@ from meshpilot.api import app as api_app
 from meshpilot.api.app import ApiError, json_body
 from meshpilot.api.routes import Route
 from meshpilot.model import field_errors
+from meshpilot.policy._operations import operation_problems
 from meshpilot.policy.kinds import PolicyBase, PolicyInvalid, PolicyKind, get_kind, kinds, parse_key, policy_key
 from meshpilot.registry import Registry
 
@@ -66,6 +67,9 @@ class _Handlers:
                 )
 
     def _write(self, kind: PolicyKind, policy: PolicyBase) -> dict[str, Any]:
+        problems = operation_problems(policy, self.registry)  # catalog operations the service must have now
+        if problems:
+            raise _invalid(PolicyInvalid(problems))
         self._conflict(kind, policy)
         doc = kind.document(policy)
         targets = sorted(policy.target_services())
