@@ -1,0 +1,92 @@
+"""Fetching a service's OpenAPI document from one of its registered instances.
+
+The control plane sits inside the mesh's network with the access of a trusted component, so a
+management API that fetched any URL it was given would let a caller with a write token make it
+request internal addresses (server-side request forgery: cloud metadata endpoints, admin ports,
+other tenants' services) and read the answers back through error messages. The import therefore
+takes no URL: it takes an instance of the service (registered in the registry, so its address and
+port are already the mesh's) and a path on it, builds ``http://<address>:<port><path>`` itself,
+follows no redirect, gives up after a timeout and reads at most ``MAX_DOCUMENT_BYTES``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import aiohttp
+from yarl import URL
+
+from meshpilot.catalog.openapi import MAX_DOCUMENT_BYTES
+from meshpilot.model import Instance, Service
+
+__all__ = ["DEFAULT_PATH", "FETCH_TIMEOUT_S", "FetchError", "choose", "document_url", "fetch"]
+
+DEFAULT_PATH = "/v3/api-docs"  # springdoc-openapi's default
+FETCH_TIMEOUT_S = 5.0
+_PATH = re.compile(r"^/(?!/)[A-Za-z0-9._~!$&'()*+,;=:@%/-]{0,511}(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,512})?$")
+
+
+class FetchError(Exception):
+    """The import cannot go ahead: ``field`` of the request (or ``source`` for the fetch) and ``reason``;
+    ``status``: the management API's answer."""
+
+    def __init__(self, status: int, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.status = status
+        self.field = field
+        self.reason = reason
+
+
+def choose(service: Service, instances: list[Instance], instance_id: str | None, port_name: str | None) -> tuple[Instance, int]:
+    """The instance and port to fetch from: the one named (it must be the service's), else the
+    first routable one; the port named, else the service's first HTTP port the instance has."""
+    if instance_id is not None:
+        found = [i for i in instances if i.id == instance_id]
+        if not found:
+            raise FetchError(404, "instance", f"{instance_id!r} is not a registered instance of {service.key}")
+        inst = found[0]
+    else:
+        ready = [i for i in instances if i.routable] or instances
+        if not ready:
+            raise FetchError(409, "instance", f"{service.key} has no registered instance to fetch from")
+        inst = sorted(ready, key=lambda i: i.id)[0]
+    if port_name is not None:
+        if port_name not in inst.ports or not inst.ports[port_name]:
+            raise FetchError(400, "port", f"instance {inst.id!r} has no port {port_name!r} (ports: {', '.join(sorted(inst.ports))})")
+        return inst, inst.ports[port_name]
+    for p in service.ports:
+        if p.protocol in ("http", "http2") and inst.ports.get(p.name):
+            return inst, inst.ports[p.name]
+    raise FetchError(400, "port", f"instance {inst.id!r} has no HTTP port of {service.key}; name one with port")
+
+
+def document_url(inst: Instance, port: int, path: str) -> URL:
+    """``http://<address>:<port><path>``; ``path`` is a path (and query) only, never a host."""
+    if not _PATH.match(path):
+        raise FetchError(400, "path", "expected a path on the instance such as /v3/api-docs (no scheme, host or '//')")
+    raw_path, _, query = path.partition("?")
+    return URL.build(scheme="http", host=inst.address, port=port, path=raw_path, query_string=query, encoded=True)
+
+
+async def fetch(url: URL, timeout_s: float = FETCH_TIMEOUT_S, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """The body at ``url`` (a 200, at most ``limit`` bytes, within ``timeout_s``), or FetchError."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+            async with session.get(url, allow_redirects=False, headers={"Accept": "application/json, application/yaml;q=0.9"}) as resp:
+                if resp.status != 200:
+                    hint = " (redirects are not followed)" if 300 <= resp.status < 400 else ""
+                    raise FetchError(502, "source", f"{url} answered {resp.status}{hint}; expected 200 with the OpenAPI document")
+                if resp.content_length is not None and resp.content_length > limit:
+                    raise FetchError(413, "source", f"{url} sends {resp.content_length} bytes; at most {limit} are read")
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(65536):
+                    body += chunk
+                    if len(body) > limit:
+                        raise FetchError(413, "source", f"{url} sent more than {limit} bytes; at most {limit} are read")
+                return bytes(body)
+    except asyncio.TimeoutError:
+        raise FetchError(504, "source", f"{url} did not answer within {timeout_s:g} s") from None
+    except aiohttp.ClientError as exc:
+        raise FetchError(502, "source", f"{url} could not be read: {exc.__class__.__name__}: {exc}") from None

@@ -1,0 +1,47 @@
+"""The API catalog as a part of the control plane: its routes on the management API, and the
+supervised task that keeps each catalogued service's ``apis`` equal to its current catalog version
+(a service written without them, by this replica's API or another front door, gets them back).
+
+Replicas on a shared store follow each other's catalogs through the store itself (every read is of
+the store's view); each replica reconciles only the service writes it made, so two never race to
+put the same service back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from meshpilot.catalog.routes import catalog_routes
+from meshpilot.catalog.versions import Catalog
+from meshpilot.parts import Core, Part, Task
+from meshpilot.registry import Change
+
+__all__ = ["install"]
+
+
+def install(core: Core) -> Part:
+    registry = core.registry
+    catalog = Catalog(registry)
+    pending: set[str] = set()
+    wake = asyncio.Event()
+
+    def on_change(change: Change) -> None:
+        if change.kind == "service" and change.op == "put" and not change.remote:
+            pending.add(change.key)
+            wake.set()
+
+    registry.subscribe(on_change)
+
+    async def catalog_apis() -> None:
+        for svc in registry.services():  # writes made while this replica was down
+            catalog.reconcile(svc.key)
+        while True:
+            await wake.wait()
+            wake.clear()
+            keys = sorted(pending)
+            pending.clear()
+            for key in keys:
+                catalog.reconcile(key)
+            await registry.store.sync()
+
+    return Part(routes=catalog_routes(registry), tasks=[Task("catalog_apis", catalog_apis)])

@@ -1,0 +1,264 @@
+"""The API catalog on the management API (in process, no process started): upload and versions,
+import from a registered instance's springdoc endpoint only, refusals that name the field and store
+nothing, the service's apis it sets, durability across a restart and a second replica, and the
+policy selectors that name catalog operations (refused when the service has no such operation,
+resolved to the operation's method and path template when rendered)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from meshpilot.catalog.openapi import parse
+from meshpilot.catalog.plugin import install as install_catalog
+from meshpilot.catalog.versions import Catalog
+from meshpilot.controlplane import ControlPlane
+from meshpilot.policy._filterspec import ApiSelector, resolve_apis
+from meshpilot.policy.breaker import BREAKER, CircuitBreakerPolicy, breaker_rules
+from meshpilot.policy.plugin import install as install_policy
+from meshpilot.policy.ratelimit import LIMIT, RateLimitPolicy, limit_rules
+from meshpilot.registry import Registry
+from meshpilot.registry.store import SqliteStore
+from meshpilot.settings import Settings
+from tests.unit.shared_store import SharedStore, hand
+from tests.unit.test_catalog import document
+
+BASE = "/v1/catalog/default/orders"
+
+
+async def _client(settings: Settings) -> tuple[ControlPlane, TestClient]:
+    cp = ControlPlane(settings)
+    cp.include(install_policy(cp))
+    cp.include(install_catalog(cp))
+    client = TestClient(TestServer(cp.api_app()))
+    await client.start_server()
+    return cp, client
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[TestClient]:
+    _cp, client = await _client(Settings(store="memory:"))
+    r = await client.post("/v1/services", json={"name": "orders", "ports": [{"name": "http", "port": 80}]})
+    assert r.status == 201, f"expected the service created, got {r.status}: {await r.text()}"
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def put_doc(api: TestClient, doc: Any, content_type: str = "application/json") -> tuple[int, Any]:
+    data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    r = await api.put(BASE, data=data, headers={"Content-Type": content_type})
+    return r.status, await r.json()
+
+
+async def test_upload_makes_a_version_only_when_the_operations_change(api: TestClient) -> None:
+    status, body = await put_doc(api, document())
+    assert status == 201 and body["created"] and body["version"]["number"] == 1, f"expected version 1 created, got {status}: {body}"
+    assert body["version"]["sha256"] == parse(json.dumps(document()).encode()).sha256, f"expected the operations' sha256, got {body}"
+    status, body = await put_doc(api, yaml.safe_dump(document()).encode(), "application/yaml")
+    assert status == 200 and not body["created"] and body["version"]["number"] == 1, f"expected the same operations to keep version 1, got {status}: {body}"
+    changed = document()
+    changed["paths"]["/orders/{id}"]["get"]["summary"] = "fetch one order"
+    changed["paths"]["/health"] = {"get": {"operationId": "health", "responses": {"200": {"description": "ok"}}}}
+    r = await api.post(BASE, data=json.dumps(changed))
+    body = await r.json()
+    assert r.status == 201 and body["version"]["number"] == 2 and body["version"]["source"]["kind"] == "upload", f"expected version 2, got {r.status}: {body}"
+    versions = await (await api.get(BASE + "/versions")).json()
+    assert [v["number"] for v in versions] == [1, 2] and all(v["created"].endswith("Z") for v in versions), f"expected versions 1 and 2 with times, got {versions}"
+    current = await (await api.get(BASE)).json()
+    ids = sorted(o["operation_id"] for o in current["operations"])
+    assert current["number"] == 2 and ids == ["createOrder", "deleteOrder", "getOrder", "health", "listOrders"], f"expected version 2's operations, got {current}"
+    one = await (await api.get(BASE + "/versions/1")).json()
+    assert len(one["operations"]) == 4, f"expected version 1 with its 4 operations, got {one}"
+    d = await (await api.get(BASE + "/diff?from=1&to=2")).json()
+    assert [a["operation_id"] for a in d["added"]] == ["health"] and d["removed"] == [], f"expected health added, got {d}"
+    assert [c["operation_id"] for c in d["changed"]] == ["getOrder"] and "summary" in d["changed"][0]["changes"], f"expected getOrder's summary changed, got {d}"
+    default = await (await api.get(BASE + "/diff")).json()
+    assert (default["from"], default["to"]) == (1, 2), f"expected the default diff to be previous → current, got {default}"
+    listed = await (await api.get("/v1/catalog")).json()
+    assert [(s["service"], s["current"]["number"]) for s in listed] == [("orders.default", 2)], f"expected orders at version 2, got {listed}"
+    svc = await (await api.get("/v1/services/default/orders")).json()
+    apis = {(a["method"], a["path"], a["name"]) for a in svc["apis"]}
+    assert ("GET", "/orders/{id}", "getOrder") in apis and len(apis) == 5, f"expected the service's apis set from the catalog, got {svc['apis']}"
+
+
+async def test_bad_uploads_are_refused_naming_the_field_and_store_nothing(api: TestClient) -> None:
+    status, body = await put_doc(api, document())
+    assert status == 201
+    dup = document()
+    dup["paths"]["/orders"]["post"]["operationId"] = "getOrder"
+    cases = [
+        (b"{oops", "(body)", 400),
+        (json.dumps({"swagger": "2.0"}).encode(), "swagger", 400),
+        (json.dumps(document(openapi="3.2.0")).encode(), "openapi", 400),
+        (json.dumps(dup).encode(), "paths./orders.post.operationId", 400),
+        (b"openapi: 3.0.0\ninfo: {title: a, version: b}\npaths:\n  /x: {get: {tags: x}}\n", "paths./x.get.tags", 400),
+        (b"{" + b" " * (2 * 1024 * 1024) + b"}", "(body)", 413),
+    ]
+    for data, field, want in cases:
+        status, body = await put_doc(api, data)
+        assert status == want and body["fields"][0]["field"] == field, f"expected {want} on {field} for {data[:40]!r}, got {status}: {body}"
+    versions = await (await api.get(BASE + "/versions")).json()
+    assert [v["number"] for v in versions] == [1], f"expected only version 1 after the refusals, got {versions}"
+    r = await api.put("/v1/catalog/default/nosuch", data=json.dumps(document()))
+    assert r.status == 404 and (await r.json())["fields"][0]["field"] == "service", f"expected 404 for an unregistered service, got {r.status}"
+    for path, field in ((BASE + "/versions/x", "number"), (BASE + "/versions/9", "number"), (BASE + "/diff?from=1&to=7", "to")):
+        r = await api.get(path)
+        body = await r.json()
+        assert r.status in (400, 404) and body["fields"][0]["field"] == field, f"expected {field} named for {path}, got {r.status}: {body}"
+
+
+async def _springdoc(doc: Any, status: int = 200, size: int = 0) -> TestServer:
+    async def handler(request: web.Request) -> web.Response:
+        if size:
+            return web.Response(body=b"x" * size)
+        return web.json_response(doc, status=status)
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("http://169.254.169.254/latest/meta-data")
+
+    app = web.Application()
+    app.router.add_get("/v3/api-docs", handler)
+    app.router.add_get("/moved", moved)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+async def test_import_fetches_only_from_a_registered_instance(api: TestClient) -> None:
+    server = await _springdoc(document())
+    try:
+        port = server.port
+        assert port is not None
+        r = await api.post(BASE + "/import", json={})
+        assert r.status == 409 and (await r.json())["fields"][0]["field"] == "instance", f"expected 409 without instances, got {r.status}"
+        r = await api.post("/v1/services/default/orders/instances", json={"id": "orders-1", "address": "127.0.0.1", "ports": {"http": port}})
+        assert r.status == 201, f"expected the instance registered, got {r.status}: {await r.text()}"
+        r = await api.post(BASE + "/import", json={"instance": "orders-1"})
+        body = await r.json()
+        assert r.status == 201 and body["version"]["source"] == {"kind": "import", "instance": "orders-1", "url": f"http://127.0.0.1:{port}/v3/api-docs"}, (
+            f"expected version 1 imported from the instance, got {r.status}: {body}")
+        for req, field in (({"url": "http://169.254.169.254/"}, "url"), ({"path": "//evil.example/x"}, "path"), ({"path": "http://evil/"}, "path"),
+                           ({"instance": "other"}, "instance"), ({"port": "admin"}, "port"), ({"path": "/moved"}, "source"),
+                           ({"path": "/nothing"}, "source"), ({"timeout_s": "5"}, "timeout_s")):
+            r = await api.post(BASE + "/import", json=req)
+            body = await r.json()
+            assert r.status >= 400 and body["fields"][0]["field"] == field, f"expected {field} refused for {req}, got {r.status}: {body}"
+        versions = await (await api.get(BASE + "/versions")).json()
+        assert [v["number"] for v in versions] == [1], f"expected only the one import stored, got {versions}"
+    finally:
+        await server.close()
+    big = await _springdoc(None, size=3 * 1024 * 1024)
+    try:
+        assert big.port is not None
+        await api.post("/v1/services/default/orders/instances", json={"id": "orders-2", "address": "127.0.0.1", "ports": {"http": big.port}})
+        r = await api.post(BASE + "/import", json={"instance": "orders-2"})
+        body = await r.json()
+        assert r.status == 413 and body["fields"][0]["field"] == "source", f"expected 413 for an oversized document, got {r.status}: {body}"
+    finally:
+        await big.close()
+
+
+async def test_a_stranger_gets_401_and_a_reader_cannot_upload() -> None:
+    cp, client = await _client(Settings(store="memory:", token="admin-secret"))
+    try:
+        for method, path in (("GET", "/v1/catalog"), ("GET", BASE), ("PUT", BASE), ("POST", BASE + "/import"), ("GET", BASE + "/diff")):
+            r = await client.request(method, path, data=b"{}")
+            assert r.status == 401, f"expected 401 for {method} {path} without a token, got {r.status}"
+        admin = {"Authorization": "Bearer admin-secret"}
+        r = await client.post("/v1/access/tokens", json={"scope": "read"}, headers=admin)
+        reader = {"Authorization": f"Bearer {(await r.json())['secret']}"}
+        r = await client.put(BASE, data=json.dumps(document()), headers=reader)
+        assert r.status == 403, f"expected 403 for a read token uploading, got {r.status}"
+        r = await client.get("/v1/catalog", headers=reader)
+        assert r.status == 200, f"expected a read token to list, got {r.status}"
+    finally:
+        await client.close()
+
+
+async def test_versions_survive_a_restart_and_reach_a_second_replica(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    store = SqliteStore(path)
+    reg = Registry(store)
+    from meshpilot.model import Service, ServicePort
+
+    svc = reg.put_service(Service(name="orders", ports=[ServicePort(name="http", port=80)]))
+    rec = await Catalog(reg).record(svc, parse(json.dumps(document()).encode()), {"kind": "upload"})
+    assert rec.created, "expected a first version"
+    store.close()
+    again = Registry(SqliteStore(path))
+    try:
+        version = Catalog(again).version("orders.default")
+        assert version is not None and version["number"] == 1 and len(version["operations"]) == 4, f"expected version 1 after a restart, got {version}"
+        assert any(a.name == "getOrder" for a in again.services()[0].apis), "expected the service's apis after a restart"
+    finally:
+        again.store.close()
+
+    clock = [0]
+    sa, sb = SharedStore(clock), SharedStore(clock)
+    ra, rb = Registry(sa), Registry(sb)
+    svc = ra.put_service(Service(name="orders", ports=[ServicePort(name="http", port=80)]))
+    hand(sa, sb, rb)
+    await Catalog(ra).record(svc, parse(json.dumps(document()).encode()), {"kind": "upload"})
+    hand(sa, sb, rb)
+    seen = Catalog(rb).version("orders.default")
+    assert seen is not None and seen["number"] == 1, f"expected replica B to read A's version, got {seen}"
+    b_svc = rb.service("orders.default")
+    assert b_svc is not None and {a.name for a in b_svc.apis} >= {"getOrder", "listOrders"}, f"expected B's service to have the apis, got {b_svc}"
+    changed = document()
+    changed["paths"]["/orders/{id}"]["get"]["summary"] = "v2"
+    b_rec = await Catalog(rb).record(b_svc, parse(json.dumps(changed).encode()), {"kind": "upload"})
+    assert b_rec.version["number"] == 2, f"expected B to take the next number after A's, got {b_rec.version}"
+
+
+# ---- selectors ----------------------------------------------------------------------------------
+
+
+async def test_policies_naming_operations_are_refused_unless_the_service_has_them(api: TestClient) -> None:
+    limit = {"service": "orders", "api": {"operation": "getOrder"}, "rate": 1, "burst": 1}
+    r = await api.put("/v1/policies/RateLimitPolicy/default/one", json=limit)
+    body = await r.json()
+    assert r.status == 400 and body["fields"][0]["field"] == "api.operation" and "no catalogued operations" in body["fields"][0]["reason"], (
+        f"expected the operation refused before any catalog, got {r.status}: {body}")
+    await put_doc(api, document())
+    r = await api.put("/v1/policies/RateLimitPolicy/default/one", json={**limit, "api": {"operation": "getorder"}})
+    body = await r.json()
+    assert r.status == 400 and "did you mean 'getOrder'" in body["fields"][0]["reason"], f"expected an unknown operation refused with a hint, got {r.status}: {body}"
+    r = await api.put("/v1/policies/RateLimitPolicy/default/one", json=limit)
+    assert r.status == 201, f"expected a known operation accepted, got {r.status}: {await r.text()}"
+    breaker = {"service": "orders", "per": "api", "apis": [{"operation": "getOrder"}, {"operation": "nope"}], "sliding_window_size": 10}
+    r = await api.put("/v1/policies/CircuitBreakerPolicy/default/b", json=breaker)
+    body = await r.json()
+    assert r.status == 400 and [f["field"] for f in body["fields"]] == ["apis.1.operation"], f"expected apis.1.operation refused, got {r.status}: {body}"
+    r = await api.put("/v1/policies/CircuitBreakerPolicy/default/b", json={**breaker, "apis": [{"operation": "getOrder", "name": "x"}]})
+    assert r.status == 400, f"expected operation and name together refused, got {r.status}"
+    r = await api.get("/v1/policies/CircuitBreakerPolicy")
+    assert await r.json() == [], "expected no breaker stored after the refusals"
+
+
+def test_operation_selectors_resolve_to_the_operations_method_and_template() -> None:
+    from meshpilot.catalog.versions import service_apis
+    from meshpilot.model import Service, ServicePort
+
+    svc = Service(name="orders", ports=[ServicePort(name="http", port=80)], apis=service_apis(parse(json.dumps(document()).encode()).operations))
+    resolved = resolve_apis([ApiSelector(operation="getOrder"), ApiSelector(operation="gone")], svc)
+    assert [m for _, m in resolved] == [{"path": "/orders/{id}", "method": "GET"}], f"expected getOrder as GET /orders/{{id}} and 'gone' dropped, got {resolved}"
+    limit = LIMIT.validate({"name": "l", "service": "orders", "api": {"operation": "createOrder"}, "rate": 5, "burst": 1})
+    assert isinstance(limit, RateLimitPolicy)
+    rules = limit_rules(limit, svc)
+    assert [r["match"] for r in rules] == [{"path": "/orders", "method": "POST"}], f"expected the limit on POST /orders only, got {rules}"
+    br = BREAKER.validate({"name": "b", "service": "orders", "per": "api", "apis": [{"operation": "getOrder"}, {"operation": "listOrders"}]})
+    assert isinstance(br, CircuitBreakerPolicy)
+    rules = breaker_rules(br, svc, ["outbound|80||orders.default.svc.mesh"])
+    assert [(r["name"], r["match"]) for r in rules] == [
+        ("b.default.getOrder", {"cluster": "outbound|80||orders.default.svc.mesh", "path": "/orders/{id}", "method": "GET"}),
+        ("b.default.listOrders", {"cluster": "outbound|80||orders.default.svc.mesh", "path": "/orders", "method": "GET"}),
+    ], f"expected a breaker per operation, got {rules}"
