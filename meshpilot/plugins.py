@@ -22,6 +22,7 @@ _PLUGINS = (
     "meshpilot.tracing.plugin",
     "meshpilot.topology.plugin",
     "meshpilot.console.plugin",
+    "meshpilot.catalog.plugin",
 )
 
 
