@@ -83,8 +83,11 @@ def parse_text(text: str, fmt: str) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ApiError(400, f"text: not valid YAML: {where}{problem}", [{"field": "text", "reason": f"not valid YAML: {where}{problem}"}]) from None
-    # YAML's dates and other non-JSON scalars become the strings JSON would carry
-    return json.loads(json.dumps(doc, default=str))
+    # YAML's dates and other non-JSON scalars become the strings JSON would carry; .nan and .inf have no JSON form
+    try:
+        return json.loads(json.dumps(doc, default=str, allow_nan=False))
+    except ValueError:
+        raise ApiError(400, "text: holds a number JSON cannot carry (.nan or .inf)", [{"field": "text", "reason": "NaN or infinity"}]) from None
 
 
 def render_text(doc: Any, fmt: str, sort_keys: bool = False) -> str:

@@ -98,6 +98,8 @@ async def test_convert_reads_yaml_and_json_and_renders_either(client: TestClient
     ({"text": "a: &x [1]\nb: *x\n"}, "text", "YAML alias"),
     ({"text": "a: " + "[" * 80 + "]" * 80 + "\n"}, "text", "too deep"),
     ({"text": "   \n"}, "text", "empty"),
+    ({"text": "rate: .nan\n"}, "text", "NaN or infinity"),
+    ({"text": "a: !!python/object:os.system {}\n"}, "text", "not valid YAML"),
     ({"text": "a: 1", "format": "toml"}, "format", ""),
     ({"text": "a: 1", "colour": "red"}, "colour", ""),
     ({"text": 5}, "text", ""),
