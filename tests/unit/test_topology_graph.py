@@ -1,0 +1,156 @@
+"""The topology computed from Prometheus query results: exact window counts, edges by caller and callee,
+requests from callers without a sidecar, latency and the registry's services as nodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshpilot.model import Instance, Service
+from meshpilot.topology.graph import Queried, Series, parse_series, topology, window_increase
+from meshpilot.topology.plugin import parse_window
+
+WEB = Service(name="web", namespace="shop", ports=[{"name": "http", "port": 80}])
+PAY = Service(name="pay", namespace="shop", ports=[{"name": "http", "port": 8080}])
+
+
+def series(value: float | list[float], __name__: str = "", **labels: str) -> Series:
+    values = value if isinstance(value, list) else [value]
+    if __name__:
+        labels["__name__"] = __name__
+    return Series(labels, tuple((1000.0 + i, v) for i, v in enumerate(values)))
+
+
+def out(src: str, host: str, values: list[float], port: int = 80, instance: str = "a") -> Series:
+    return series(values, source_service=src, envoy_cluster_name=f"outbound|{port}||{host}", instance=instance)
+
+
+def inbound(dest: str, values: list[float], instance: str = "w") -> Series:
+    return series(values, source_service=dest, envoy_cluster_name="inbound|8000||", instance=instance)
+
+
+def edges(topo: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(e["source"], e["destination"]): e for e in topo["edges"]}
+
+
+@pytest.mark.parametrize(("samples", "before", "want"), [
+    ([10, 15, 30], 10, 20),  # a series that existed before the window: from its value then
+    ([0, 5, 7], None, 7),  # a series that began inside the window: from 0
+    ([3, 5], None, 5),  # its first sample already counted requests: those are in the window too
+    ([50, 60, 4, 9], 40, 29),  # a restart (Envoy's counters start again at 0): 20 before it, 9 after
+    ([], 10, 0),
+])
+def test_a_counter_increase_is_counted_sample_by_sample_without_extrapolation(samples: list[float], before: float | None, want: float) -> None:
+    got = window_increase([(float(i), v) for i, v in enumerate(samples)], before)
+    assert got == want, f"expected {want} from {samples} (before: {before}), got {got}"
+
+
+def test_edges_come_from_the_callers_outbound_clusters_summed_over_instances_and_ports() -> None:
+    q = Queried(
+        requests=[out("client.shop", "web_shop_svc_mesh", [100, 300], instance="c1"),
+                  out("client.shop", "web_shop_svc_mesh", [0, 50], instance="c2"),
+                  out("client.shop", "web_shop_svc_mesh", [0, 5], port=81),
+                  out("client.shop", "pay.shop.svc.mesh", [0, 0], port=8080)],
+        requests_before=[out("client.shop", "web_shop_svc_mesh", [100], instance="c1")],
+        errors=[series([0, 11], source_service="client.shop", envoy_cluster_name="outbound|80||web_shop_svc_mesh")],
+        services=[WEB, PAY], window_s=100.0,
+    )
+    got = edges(topology(q))
+    assert set(got) == {("client.shop", "web.shop")}, f"expected one edge (pay carried nothing), got {got}"
+    e = got[("client.shop", "web.shop")]
+    assert (e["requests"], e["rps"], e["errors"], e["error_rate"], e["reporter"]) == (255, 2.55, 11, round(11 / 255, 4), "source"), \
+        f"expected 200 + 50 + 5 requests and 11 errors over 100 s, got {e}"
+
+
+def test_a_deleted_service_is_still_named_from_its_cluster_and_other_clusters_are_no_edges() -> None:
+    q = Queried(requests=[out("client.shop", "gone_shop_svc_mesh", [0, 4]),
+                          series([0, 9], source_service="client.shop", envoy_cluster_name="meshpilot-xds")], services=[WEB])
+    got = edges(topology(q))
+    assert set(got) == {("client.shop", "gone.shop")}, f"expected only the edge to the deleted service, got {got}"
+
+
+def test_requests_no_sidecar_sent_are_an_edge_from_unknown_less_the_callees_own_health_checks() -> None:
+    q = Queried(
+        requests=[out("client.shop", "web_shop_svc_mesh", [0, 200]), inbound("web.shop", [1000, 1000 + 200 + 60 + 30])],
+        requests_before=[inbound("web.shop", [1000])],
+        errors=[inbound("web.shop", [0, 4])],
+        health_checks=[series([5, 36], "envoy_cluster_health_check_attempt", source_service="web.shop", envoy_cluster_name="hds|w"),
+                       series([1, 2], "envoy_cluster_health_check_network_failure", source_service="web.shop", envoy_cluster_name="hds|w")],
+        health_checks_before=[series([5], "envoy_cluster_health_check_attempt", source_service="web.shop", envoy_cluster_name="hds|w"),
+                              series([1], "envoy_cluster_health_check_network_failure", source_service="web.shop", envoy_cluster_name="hds|w")],
+        services=[WEB],
+    )
+    got = edges(topology(q))
+    unknown = got.get(("unknown", "web.shop"))
+    # 290 received, 200 sent by client's sidecar, 31 health checks of which 1 never connected
+    assert unknown is not None and unknown["requests"] == 60 and unknown["reporter"] == "destination", \
+        f"expected 60 requests from callers without a sidecar, got {got}"
+    assert unknown["errors"] == 4, f"expected the callee's 5xx not reported by a sidecar caller, got {unknown}"
+
+
+def test_no_unknown_edge_when_the_sidecar_callers_account_for_every_request() -> None:
+    q = Queried(requests=[out("client.shop", "web_shop_svc_mesh", [0, 200]), inbound("web.shop", [0, 200])], services=[WEB])
+    assert set(edges(topology(q))) == {("client.shop", "web.shop")}
+
+
+def test_latency_quantiles_attach_to_their_edge_and_nan_means_none() -> None:
+    q = Queried(
+        requests=[out("client.shop", "web_shop_svc_mesh", [0, 10]), out("batch.shop", "web_shop_svc_mesh", [0, 3])],
+        p50=[series(2.5, source_service="client.shop", envoy_cluster_name="outbound|80||web_shop_svc_mesh")],
+        p99=[series(9.75, source_service="client.shop", envoy_cluster_name="outbound|80||web_shop_svc_mesh"),
+             *parse_series([{"metric": {"source_service": "batch.shop", "envoy_cluster_name": "outbound|80||web_shop_svc_mesh"},
+                             "value": [1000, "NaN"]}])],
+        services=[WEB],
+    )
+    got = edges(topology(q))
+    assert (got[("client.shop", "web.shop")]["p50_ms"], got[("client.shop", "web.shop")]["p99_ms"]) == (2.5, 9.75), f"got {got}"
+    assert got[("batch.shop", "web.shop")]["p99_ms"] is None, f"expected no quantile from NaN, got {got}"
+
+
+def test_every_registered_service_is_a_node_with_its_front_doors_and_callers_seen_only_in_stats_too() -> None:
+    consul = Instance(id="pay-1", service="pay", namespace="shop", address="10.0.0.9", ports={"http": 8080}, source="consul")
+    mesh = Instance(id="web-1", service="web", namespace="shop", address="10.0.0.5", ports={"http": 80}, source="mesh")
+    q = Queried(requests=[out("client.shop", "web_shop_svc_mesh", [0, 7])], services=[WEB, PAY], instances=[consul, mesh], window_s=7)
+    nodes = {n["id"]: n for n in topology(q)["nodes"]}
+    assert set(nodes) == {"client.shop", "pay.shop", "web.shop"}, f"expected both services and the caller, got {nodes}"
+    assert (nodes["pay.shop"]["registered"], nodes["pay.shop"]["sources"], nodes["pay.shop"]["instances"]) == (True, ["consul"], 1)
+    assert (nodes["client.shop"]["registered"], nodes["client.shop"]["requests_out"]) == (False, 7)
+    assert (nodes["web.shop"]["requests_in"], nodes["web.shop"]["rps_in"]) == (7, 1.0), f"got {nodes['web.shop']}"
+
+
+def test_parse_series_reads_vectors_and_matrices_and_names_what_is_wrong() -> None:
+    got = parse_series([{"metric": {"__name__": "x", "a": "1"}, "values": [[1, "2"], [2, "3"]]},
+                        {"metric": {"a": "2"}, "value": [1, "+Inf"]}])
+    assert got == [Series({"__name__": "x", "a": "1"}, ((1.0, 2.0), (2.0, 3.0))), Series({"a": "2"}, ())], f"got {got}"
+    for junk, where in [({}, "result"), ([1], "result.0"), ([{"metric": {}, "values": "x"}], "result.0.values"),
+                        ([{"metric": {}, "values": [[1]]}], "result.0")]:
+        with pytest.raises(ValueError, match=f"^{where}[:.]"):
+            parse_series(junk)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+                           max_leaves=20)
+
+
+@given(json_values)
+def test_parse_series_takes_any_json_and_answers_series_or_a_value_error(junk: Any) -> None:
+    try:
+        got = parse_series(junk)
+    except ValueError:
+        return
+    assert all(isinstance(s, Series) for s in got)
+
+
+@pytest.mark.parametrize(("text", "want"), [("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("90", 90.0), ("1500ms", 1.5)])
+def test_a_window_is_a_duration(text: str, want: float) -> None:
+    assert parse_window(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "5 minutes", "-5m", "0s", "25h", "1d", "nan"])
+def test_a_bad_window_is_refused_naming_the_field(text: str) -> None:
+    with pytest.raises(ValueError, match="^window: "):
+        parse_window(text)

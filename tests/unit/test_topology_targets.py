@@ -1,0 +1,83 @@
+"""The Prometheus targets the control plane keeps (file_sd / http_sd) and the sidecar's read-only stats listener."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from meshpilot.topology.targets import file_sd, sidecar_target, stats_port, write_file_sd
+from meshpilot.translate.bootstrap import ADMIN_CLUSTER, STATS_LISTENER, STATS_PORT_META, BootstrapOptions, build_bootstrap
+from meshpilot.xds.resource import node_info
+
+
+def node(node_id: str, service: str = "web", port: object = 15090, zone: str = "", **meta: object) -> object:
+    md = {"SERVICE": service, "NAMESPACE": "shop", "BIND_ADDRESS": "10.0.0.5", STATS_PORT_META: port, **meta}
+    return node_info(node_id, service, md, zone=zone)
+
+
+def test_a_sidecar_target_names_its_stats_listener_with_the_labels_operators_filter_by() -> None:
+    got = sidecar_target(node("web-1", zone="eu-1"))
+    assert got == {"targets": ["10.0.0.5:15090"], "labels": {
+        "kind": "sidecar", "service": "web", "namespace": "shop", "node": "web-1", "zone": "eu-1",
+        "instance": "10.0.0.5:15090", "__metrics_path__": "/stats/prometheus"}}, f"expected web-1's target, got {got}"
+
+
+def test_the_advertised_address_wins_and_ipv6_is_bracketed() -> None:
+    got = sidecar_target(node("web-1", ADVERTISE_ADDRESS="fd00::7"))
+    assert got is not None and got["targets"] == ["[fd00::7]:15090"], f"expected the advertised IPv6 address, got {got}"
+
+
+@pytest.mark.parametrize("port", [0, None, "junk", -1, 70000, True, [15090]])
+def test_a_node_without_a_usable_stats_port_has_no_target(port: object) -> None:
+    n = node("web-1", port=port)
+    assert stats_port(n) == 0 and sidecar_target(n) is None, f"expected no target for STATS_PORT={port!r}, got {sidecar_target(n)}"
+
+
+def test_a_wildcard_bind_address_without_an_advertised_one_is_not_a_target() -> None:
+    got = sidecar_target(node("web-1", BIND_ADDRESS="0.0.0.0"))
+    assert got is None, f"expected no target Prometheus could not reach, got {got}"
+
+
+def test_file_sd_lists_the_replicas_then_the_sidecars_sorted_and_skips_junk_records() -> None:
+    replicas = [("r2", {"api": ["10.0.0.2", 15014]}), ("r1", {"api": ["10.0.0.1", 15014]}), ("bad", {"api": "x"}),
+                ("wild", {"api": ["0.0.0.0", 15014]})]
+    nodes = [node("b", "api", 15091), node("a", "web", 15090), node("no-stats", "web", 0)]
+    got = file_sd(nodes, replicas)
+    assert [g["targets"][0] for g in got] == ["10.0.0.1:15014", "10.0.0.2:15014", "10.0.0.5:15090", "10.0.0.5:15091"], \
+        f"expected two replicas then two sidecars in address order, got {got}"
+    assert got[0]["labels"] == {"kind": "controlplane", "service": "meshpilot", "node": "r1", "instance": "10.0.0.1:15014",
+                                "__metrics_path__": "/metrics"}, f"expected the replica's labels, got {got[0]}"
+    assert file_sd(reversed(nodes), reversed(replicas)) == got, "expected the same document whatever order the inputs come in"
+
+
+def test_the_file_is_replaced_whole_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    path = tmp_path / "sd" / "mesh.json"
+    write_file_sd(path, file_sd([node("a")], []))
+    write_file_sd(path, [])
+    assert json.loads(path.read_text()) == [], f"expected the second document, got {path.read_text()}"
+    assert [p.name for p in path.parent.iterdir()] == ["mesh.json"], f"expected only the file, got {list(path.parent.iterdir())}"
+
+
+def test_the_stats_listener_serves_only_get_stats_prometheus_from_the_loopback_admin() -> None:
+    boot = build_bootstrap(BootstrapOptions(node_id="n", service="web", admin_port=15000, stats_port=15090, bind_address="10.0.0.5"))
+    assert boot["node"]["metadata"][STATS_PORT_META] == 15090, f"expected the port in the node metadata, got {boot['node']['metadata']}"
+    assert boot["admin"]["address"]["socket_address"]["address"] == "127.0.0.1", "expected the admin to stay on loopback"
+    [listener] = boot["static_resources"]["listeners"]
+    assert listener["name"] == STATS_LISTENER and listener["address"]["socket_address"] == {"address": "10.0.0.5", "port_value": 15090}
+    routes = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    assert [r["match"] for r in routes] == [
+        {"path": "/stats/prometheus", "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}]},
+        {"prefix": "/"}], f"expected one exact route and a catch-all, got {routes}"
+    assert routes[0]["route"]["cluster"] == ADMIN_CLUSTER and routes[1]["direct_response"]["status"] == 404
+    admin = [c for c in boot["static_resources"]["clusters"] if c["name"] == ADMIN_CLUSTER]
+    assert admin and admin[0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == \
+        {"address": "127.0.0.1", "port_value": 15000}, f"expected the admin cluster to reach the loopback admin, got {admin}"
+
+
+def test_without_a_stats_port_there_is_no_listener_and_an_os_chosen_admin_port_is_refused() -> None:
+    boot = build_bootstrap(BootstrapOptions(node_id="n", admin_port=0))
+    assert "listeners" not in boot["static_resources"] and STATS_PORT_META not in boot["node"]["metadata"]
+    with pytest.raises(ValueError, match="stats_port"):
+        build_bootstrap(BootstrapOptions(node_id="n", admin_port=0, stats_port=15090))
