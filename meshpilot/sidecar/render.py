@@ -26,6 +26,7 @@ __all__ = ["IdentitySettings", "SidecarOptions", "bootstrap_options", "control_p
            "control_plane_targets", "default_node_id", "identity_settings", "render_bootstrap"]
 
 _BAD = re.compile(r"[^A-Za-z0-9_.:@/-]+")
+DEFAULT_STATS_PORT = 15090  # Istio's: what Prometheus setups for meshes look for
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,10 @@ def bootstrap_options(spec: SidecarSpec, o: SidecarOptions, *, sds_socket: str =
     }
     if o.advertise_address or sc.advertiseAddress:
         metadata[META.ADVERTISE_ADDRESS] = o.advertise_address or sc.advertiseAddress
+    admin = o.admin_port if o.admin_port is not None else sc.adminPort
+    stats = sc.statsPort if sc.statsPort is not None else (DEFAULT_STATS_PORT if admin else 0)
+    if stats and not admin:
+        raise ValueError("mesh.sidecar.statsPort: the stats listener relays to the admin, which then needs a fixed adminPort (not 0)")
     return BootstrapOptions(
         node_id=o.node_id or default_node_id(spec, inbound),
         service=spec.metadata.name,
@@ -118,7 +123,8 @@ def bootstrap_options(spec: SidecarSpec, o: SidecarOptions, *, sds_socket: str =
         zone=spec.mesh.zone,
         control_planes=control_plane_addresses(o),
         api_type=o.api_type,
-        admin_port=o.admin_port if o.admin_port is not None else sc.adminPort,
+        admin_port=admin,
+        stats_port=stats,
         outbound_port=o.outbound_port if o.outbound_port is not None else sc.outboundPort,
         inbound_port=inbound,
         app_port=spec.app_port,

@@ -183,6 +183,9 @@ class PreStop(_Model):
 
 class SidecarPorts(_Model):
     adminPort: int = Field(default=15000, ge=0, le=65535)
+    # the read-only Prometheus listener (GET /stats/prometheus only) on bindAddress: unset means 15090, or
+    # none when adminPort is 0 (it relays to the admin, so it needs the admin's port); 0 turns it off
+    statsPort: int | None = Field(default=None, ge=0, le=65535)
     outboundPort: int = Field(default=15001, ge=0, le=65535)
     inboundPort: int = Field(default=15006, ge=1, le=65535)
     bindAddress: str = "127.0.0.1"
