@@ -81,3 +81,37 @@ def test_without_a_stats_port_there_is_no_listener_and_an_os_chosen_admin_port_i
     assert "listeners" not in boot["static_resources"] and STATS_PORT_META not in boot["node"]["metadata"]
     with pytest.raises(ValueError, match="stats_port"):
         build_bootstrap(BootstrapOptions(node_id="n", admin_port=0, stats_port=15090))
+
+
+def _spec(sidecar: str) -> object:
+    from meshpilot.sidecar.spec import load_spec
+
+    return load_spec(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  ports: [{{name: http, port: 80, targetPort: 9080}}]
+mesh:
+  sidecar: {sidecar}
+""")
+
+
+@pytest.mark.parametrize(("sidecar", "want"), [
+    ("{}", 15090),  # the stock admin port: Istio's stats port
+    ("{adminPort: 15100, statsPort: 15190}", 15190),
+    ("{statsPort: 0}", 0),  # off
+    ("{adminPort: 0}", 0),  # an OS-chosen admin port (several sidecars on one machine): no stats listener unless asked
+])
+def test_the_sidecar_spec_decides_the_stats_port(sidecar: str, want: int) -> None:
+    from meshpilot.sidecar.render import SidecarOptions, bootstrap_options
+
+    got = bootstrap_options(_spec(sidecar), SidecarOptions(node_id="web-1"))  # type: ignore[arg-type]
+    assert got.stats_port == want, f"expected stats port {want} for mesh.sidecar {sidecar}, got {got.stats_port}"
+
+
+def test_a_stats_port_with_an_os_chosen_admin_port_is_refused_naming_the_field() -> None:
+    from meshpilot.sidecar.render import SidecarOptions, bootstrap_options
+
+    with pytest.raises(ValueError, match=r"^mesh\.sidecar\.statsPort: "):
+        bootstrap_options(_spec("{adminPort: 0, statsPort: 15090}"), SidecarOptions(node_id="web-1"))  # type: ignore[arg-type]
