@@ -8,8 +8,16 @@ import { h, link, notice, table } from "./dom.js";
 
 const FORMAT = "meshpilot.console.policy-format";
 
+// Every kind the control plane knows, from the paths /openapi.json documents per kind; without
+// that document, the kinds of the stored policies are still listed.
 async function kinds() {
-  const doc = await get("/openapi.json");
+  let doc;
+  try {
+    doc = await get("/openapi.json");
+  } catch (e) {
+    if (e instanceof Unauthorized) throw e;
+    return [];
+  }
   const out = new Set();
   for (const path of Object.keys(doc.paths || {})) {
     const m = /^\/v1\/policies\/([A-Za-z]+)$/.exec(path);
