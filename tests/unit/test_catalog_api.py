@@ -262,3 +262,35 @@ def test_operation_selectors_resolve_to_the_operations_method_and_template() -> 
         ("b.default.getOrder", {"cluster": "outbound|80||orders.default.svc.mesh", "path": "/orders/{id}", "method": "GET"}),
         ("b.default.listOrders", {"cluster": "outbound|80||orders.default.svc.mesh", "path": "/orders", "method": "GET"}),
     ], f"expected a breaker per operation, got {rules}"
+
+
+async def test_a_service_written_without_its_apis_gets_the_catalogs_back() -> None:
+    import asyncio
+
+    cp = ControlPlane(Settings(store="memory:"))
+    part = install_catalog(cp)
+    cp.include(install_policy(cp))
+    cp.include(part)
+    client = TestClient(TestServer(cp.api_app()))
+    await client.start_server()
+    task = asyncio.create_task(part.tasks[0].run())
+    try:
+        svc = {"name": "orders", "ports": [{"name": "http", "port": 80}]}
+        assert (await client.post("/v1/services", json=svc)).status == 201
+        assert (await client.put(BASE, data=json.dumps(document()))).status == 201
+        r = await client.put("/v1/services/default/orders", json={"ports": [{"name": "http", "port": 80}, {"name": "admin", "port": 81}]})
+        assert r.status == 200 and (await r.json())["apis"] == [], f"expected the write itself to carry no apis, got {await r.text()}"
+        names: set[str | None] = set()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            got = cp.registry.service("orders.default")
+            names = {a.name for a in got.apis} if got is not None else set()
+            if names:
+                break
+        assert names == {"getOrder", "listOrders", "createOrder", "deleteOrder"}, f"expected the catalog's operations back as apis, got {names}"
+        got = cp.registry.service("orders.default")
+        assert got is not None and [p.name for p in got.ports] == ["http", "admin"], f"expected the write's other fields kept, got {got}"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()
