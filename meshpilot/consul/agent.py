@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from meshpilot.consul.deadlines import Deadlines
 from meshpilot.consul.definitions import CheckDef, ConsulError, ServiceDef, fold, mesh_name, parse_check
 from meshpilot.consul.kv import KeyValue
 from meshpilot.sdkmeta import exported_meta, instance_fields, join_service, primary_port, release_service, tags_of
@@ -120,8 +121,9 @@ class ConsulAgent:
         self.records: dict[str, dict[str, Any]] = {}  # instance id -> {name, meta, tagged} as registered
         self._output: dict[tuple[str, str], str] = {}  # newest output of a check, not yet in the registry
         self._synced: dict[tuple[str, str], float] = {}  # when a check's output last went to the registry
-        self.ttl_deadline: dict[tuple[str, str], float] = {}
+        self.ttl_deadline = Deadlines()  # when each TTL check this replica runs expires
         self.critical_since: dict[tuple[str, str], float] = {}
+        self.deregister_after: set[tuple[str, str]] = set()  # the checks with DeregisterCriticalServiceAfter
         self._maintenance_reason: dict[str, str] = {}
         self._topics: dict[str, asyncio.Event] = {}
         self._answers: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # query -> (digest, index)
@@ -400,7 +402,9 @@ class ConsulAgent:
         self.records.pop(iid, None)
         cids = list(self.checks.pop(iid, {}))
         for cid in cids:
-            for table in (self.ttl_deadline, self.critical_since, self._output, self._synced):
+            self.ttl_deadline.pop((iid, cid), None)
+            self.deregister_after.discard((iid, cid))
+            for table in (self.critical_since, self._output, self._synced):
                 table.pop((iid, cid), None)
         node = self._node_of_checks.pop(iid, None)
         if node is not None:  # its own check ids only: no scan of every check of every instance
@@ -419,12 +423,17 @@ class ConsulAgent:
         for cid in set(old) - set(defs):
             self.ttl_deadline.pop((inst.id, cid), None)
             self.critical_since.pop((inst.id, cid), None)
+            self.deregister_after.discard((inst.id, cid))
         self.checks[inst.id] = defs
         status = {c.id: c.status for c in inst.checks}
         for cid, d in defs.items():
             self._by_check[(inst.node, cid)] = inst.id
             if d.kind == "ttl" and (inst.id, cid) not in self.ttl_deadline:
                 self.ttl_deadline[(inst.id, cid)] = now + d.ttl_s
+            if d.deregister_after_s:
+                self.deregister_after.add((inst.id, cid))
+            else:
+                self.deregister_after.discard((inst.id, cid))
             if status.get(cid) is CheckStatus.critical:
                 self.critical_since.setdefault((inst.id, cid), now)
             else:

@@ -92,8 +92,9 @@ async def run_checks(agent: ConsulAgent) -> None:
 
 
 def _expire_ttls(agent: ConsulAgent, now: float) -> None:
-    for (iid, cid), deadline in list(agent.ttl_deadline.items()):
-        if deadline > now or not agent.runs(iid):
+    for iid, cid in agent.ttl_deadline.due(now):
+        if not agent.runs(iid):  # another replica runs it: look again later, as this one may take it over
+            agent.ttl_deadline[(iid, cid)] = now + _SCAN_S
             continue
         inst = agent.reg.instance(iid)
         if inst is None:
@@ -112,8 +113,9 @@ def _expire_ttls(agent: ConsulAgent, now: float) -> None:
 
 
 def _deregister_critical(agent: ConsulAgent, now: float) -> None:
-    for (iid, cid), since in list(agent.critical_since.items()):
-        if not agent.runs(iid):
+    for iid, cid in list(agent.deregister_after):
+        since = agent.critical_since.get((iid, cid))
+        if since is None or not agent.runs(iid):
             continue
         d = agent.checks.get(iid, {}).get(cid)
         if d is None:
