@@ -67,6 +67,8 @@ class ControlPlane:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic, store: Store | None = None) -> None:
         self.settings = settings
         self.registry = Registry(store if store is not None else open_store(settings.store), settings.vip_cidr, settings.vip6_cidr)
+        registry = self.registry
+        metrics.STORE_COMMITS.set_function(lambda: float(registry.store.commits))
         self.cache = ResourceCache()
         self.nodes: dict[str, NodeInfo] = {}
         self.xds = XdsServer(self.cache, self._node_connected, self._node_gone, write_timeout_s=settings.xds_write_timeout_s,

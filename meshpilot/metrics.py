@@ -27,6 +27,8 @@ XDS_PUSH_SECONDS = Histogram(
 STORE_CURRENT = Gauge("meshpilot_store_current", "1 while this replica's view of its store is current, 0 while it is cut off",
                       registry=REGISTRY)
 STORE_CURRENT.set(1)
+STORE_COMMITS = Gauge("meshpilot_store_commits", "Durable commits the store has made (SQLite transactions, etcd Txns); "
+                      "registrations per commit grow with concurrent writers", registry=REGISTRY)
 REGISTRY_WRITES = Counter("meshpilot_registry_changes", "Registry change events", ["kind"], registry=REGISTRY)
 REBUILDS = Counter("meshpilot_translate_rebuilds", "Debounced rebuilds of Envoy resources", registry=REGISTRY)
 API_REQUESTS = Counter("meshpilot_api_requests", "Management API requests", ["method", "status"], registry=REGISTRY)

@@ -79,7 +79,7 @@ from typing import Any
 import grpc
 from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc  # type: ignore[import-untyped]
 
-from meshpilot.registry.store import EPHEMERAL, FORFEIT, TABLES, Deliver, Guard, RemoteChange, StoreError, check_table, decoded, settle
+from meshpilot.registry.store import EPHEMERAL, FORFEIT, TABLES, Deliver, Guard, RemoteChange, StoreError, check_table, decoded, encoded, settle
 
 __all__ = ["DEFAULT_PREFIX", "EtcdStore"]
 
@@ -242,7 +242,7 @@ class EtcdStore:
         ops: dict[tuple[str, str], str | None] = {}
         for (t, k), v in puts.items():
             check_table(t)
-            ops[(t, k)] = json.dumps(v, separators=(",", ":"), sort_keys=True)
+            ops[(t, k)] = encoded(v)
         for t, k in deletes:
             check_table(t)
             ops[(t, k)] = None  # as in SqliteStore: the deletes come after the puts
@@ -866,7 +866,7 @@ class EtcdStore:
         newer documents of the guarded keys, so the caller decides again from what decided it."""
         await self.sync()
         seen = since
-        rows: list[tuple[str, str, str | None]] = [(t, k, json.dumps(v, separators=(",", ":"), sort_keys=True))
+        rows: list[tuple[str, str, str | None]] = [(t, k, encoded(v))
                                                    for (t, k), v in puts.items()]
         rows += [(t, k, None) for t, k in deletes]
         for t, _k, _v in rows:

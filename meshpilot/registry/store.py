@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["EPHEMERAL", "FORFEIT", "Deliver", "Guard", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError", "check_table", "decoded", "settle"]
+import orjson
+
+__all__ = ["EPHEMERAL", "FORFEIT", "Deliver", "Guard", "MemoryStore", "RemoteChange", "SqliteStore", "Store", "StoreError", "check_table", "decoded", "encoded", "settle"]
 
 log = logging.getLogger("meshpilot.registry.store")
 
@@ -70,6 +72,8 @@ class Store(Protocol):
     shared: bool
     # shared: the store-wide revision the local view has reached (monotonic across replicas); local: 0
     revision: int
+    # durable commits made so far (SQLite transactions, etcd Txns): many writes share one under load
+    commits: int
 
     def items(self, table: str) -> Iterator[tuple[str, Any]]: ...
     def get(self, table: str, key: str) -> Any | None: ...
@@ -164,7 +168,7 @@ class SqliteStore:
     # ---- writing --------------------------------------------------------------------------
 
     def write(self, puts: Mapping[tuple[str, str], Any], deletes: tuple[tuple[str, str], ...] = ()) -> None:
-        rows: list[_Row] = [(t, k, json.dumps(v, separators=(",", ":"), sort_keys=True)) for (t, k), v in puts.items()]
+        rows: list[_Row] = [(t, k, encoded(v)) for (t, k), v in puts.items()]
         rows += [(t, k, None) for t, k in deletes]
         for t, _k, _v in rows:
             check_table(t)
@@ -289,6 +293,12 @@ def _private_file(path: str) -> None:
                 os.chmod(p, 0o600)
 
 
+def encoded(doc: Any) -> str:
+    """A document as the stores keep it: compact JSON with sorted keys, so equal documents are equal
+    text (orjson: a tenth of the standard encoder's cost on the write path of every registration)."""
+    return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
+
+
 def decoded(rows: Mapping[str, str | None]) -> Iterator[tuple[str, Any]]:
     """A table's rows (JSON, or None for a key deleted in an overlay) as documents, in key order."""
     for k in sorted(rows):
@@ -327,6 +337,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._tables: dict[str, dict[str, str]] = {t: {} for t in TABLES}
+        self.commits = 0
 
     def items(self, table: str) -> Iterator[tuple[str, Any]]:
         check_table(table)
@@ -340,13 +351,14 @@ class MemoryStore:
         return None if v is None else json.loads(v)
 
     def write(self, puts: Mapping[tuple[str, str], Any], deletes: tuple[tuple[str, str], ...] = ()) -> None:
-        encoded = [(t, k, json.dumps(v, separators=(",", ":"), sort_keys=True)) for (t, k), v in puts.items()]
-        for t, _k in [*((t, k) for t, k, _v in encoded), *deletes]:
+        rows = [(t, k, encoded(v)) for (t, k), v in puts.items()]
+        for t, _k in [*((t, k) for t, k, _v in rows), *deletes]:
             check_table(t)
-        for t, k, v in encoded:
+        for t, k, v in rows:
             self._tables[t][k] = v
         for t, k in deletes:
             self._tables[t].pop(k, None)
+        self.commits += 1
 
     async def sync(self) -> None:
         return None

@@ -1,4 +1,4 @@
-"""`meshpilot perf registry`'s own parts: syncs counted from strace's lines, a process's CPU from
+"""`meshpilot perf registry`'s own parts: syncs read from strace's summary, a process's CPU from
 /proc, etcd's WAL fsyncs from its metrics text, and py-spy's collapsed stacks summarised."""
 
 from __future__ import annotations
@@ -9,15 +9,16 @@ import time
 from meshpilot.perf import registry
 
 
-def test_syncs_are_counted_once_per_call_across_threads() -> None:
-    trace = "\n".join([
-        "101 fdatasync(5)                      = 0",
-        "102 fsync(7 <unfinished ...>",
-        "101 fdatasync(5)                      = 0",
-        "102 <... fsync resumed>)              = 0",
-        "101 +++ exited with 0 +++",
+def test_syncs_are_read_from_an_strace_summary() -> None:
+    summary = "\n".join([
+        "% time     seconds  usecs/call     calls    errors syscall",
+        "------ ----------- ----------- --------- --------- ----------------",
+        " 97.10    0.301234        1204       250           fdatasync",
+        "  2.90    0.009000         900        10         1 fsync",
+        "------ ----------- ----------- --------- --------- ----------------",
+        "100.00    0.310234        1193       260         1 total",
     ])
-    assert registry.count_syncs(trace) == 3, f"expected 3 syncs (a resumed call counted once), got {registry.count_syncs(trace)}"
+    assert registry._syncs(summary) == 260, f"expected 250 fdatasync + 10 fsync, got {registry._syncs(summary)}"
 
 
 def test_process_cpu_grows_with_work_done() -> None:
