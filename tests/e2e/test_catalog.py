@@ -187,6 +187,15 @@ def test_import_upload_diff_restart_and_a_limit_on_one_operation_in_a_real_sidec
             assert set(others) == {200}, f"expected every other operation and path to pass (200), got {others}"
             served = {k: v for k, v in app.hits.items() if k.startswith("GET /orders/") and k.count("/") == 2}
             assert sum(served.values()) == 2, f"expected the app to see only the 2 admitted GET /orders/{{id}}, got {served}"
+
+            # a version that moves the operation (a server path in front) moves the limit with it
+            moved = copy.deepcopy(changed)
+            moved["servers"] = [{"url": "http://127.0.0.1:8080/api"}]
+            status, body, _ = _put_yaml(cp, CATALOG, yaml.safe_dump(moved).encode())
+            assert status == 201 and body["version"]["number"] == 3, f"expected version 3, got {status}: {body}"
+            wait_until(lambda: "match.path = /api/orders/{id}" in limit_text(proxy), 10, what="the limit to follow getOrder to /api/orders/{id}")
+            after = [request(inbound, "GET", "/orders/1"), request(inbound, "GET", "/api/orders/1")]
+            assert after == [200, 429], f"expected /orders/1 free and /api/orders/1 limited (the same, spent bucket), got {after}"
     # everything started here is stopped by its context manager, even on failure
 
 
