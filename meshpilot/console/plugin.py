@@ -8,9 +8,10 @@ and a sign-in form, nothing else. Each UI response carries a strict Content-Secu
 (``default-src 'self'``, no inline script or style), which together with pages that only ever set
 ``textContent`` keeps a value such as ``<img src=x onerror=...>`` from the API as text.
 
-``POST /ui/convert`` (scope read) turns policy text from YAML or JSON into a document and renders a
-document as YAML or JSON, with pyyaml as the CLI reads policy files; it stores nothing, and a
-malformed text is a 400 naming ``text`` with the line and column.
+``POST /ui/api/convert`` (scope read) turns policy text from YAML or JSON into a document and
+renders a document as YAML or JSON, with pyyaml as the CLI reads policy files; it stores nothing.
+Text it cannot read is its answer (``error`` and ``fields`` naming ``text`` with the line and
+column, ``document`` null), not a refused request; a request of the wrong shape is a 400.
 """
 
 from __future__ import annotations
@@ -132,12 +133,19 @@ def install(core: Core) -> Part:
         except ValidationError as exc:
             fields = field_errors(exc)
             raise ApiError(400, "; ".join(f"{f['field']}: {f['reason']}" for f in fields), fields) from None
-        doc = parse_text(body.text, body.format)
-        return web.json_response({"document": doc, "text": render_text(doc, body.to, body.sort_keys)}, headers=_HEADERS)
+        # text that cannot be read is the answer, not a bad request: its verdict names the field like a refusal does
+        try:
+            doc = parse_text(body.text, body.format)
+        except ApiError as exc:
+            verdict = {"document": None, "text": "", "error": exc.error, "fields": exc.fields}
+        else:
+            verdict = {"document": doc, "text": render_text(doc, body.to, body.sort_keys), "error": None, "fields": []}
+        # 201 as /openapi.json documents every POST of a part's routes: a new rendering, made for this request and not stored
+        return web.json_response(verdict, status=201, headers=_HEADERS)
 
     return Part(routes=[
         Route("GET", "/ui/", index, "The console (its page; every data call it makes needs a token)", scope="open"),
         Route("GET", "/ui/{asset}", asset, "A file of the console (script, style sheet)", scope="open"),
-        Route("POST", "/ui/convert", convert, "Read policy text as YAML or JSON and render it as YAML or JSON (stores nothing)",
+        Route("POST", "/ui/api/convert", convert, "Read policy text as YAML or JSON and render it as YAML or JSON (stores nothing)",
               ConvertIn, scope="read"),
     ])

@@ -71,7 +71,7 @@ async def test_unknown_files_are_404_and_nothing_outside_static_is_served(client
 
 
 async def test_data_stays_behind_the_token(client: TestClient) -> None:
-    for method, path in (("GET", "/v1/services"), ("GET", "/v1/proxies"), ("GET", "/v1/policies"), ("POST", "/ui/convert")):
+    for method, path in (("GET", "/v1/services"), ("GET", "/v1/proxies"), ("GET", "/v1/policies"), ("POST", "/ui/api/convert")):
         resp = await client.request(method, path, json={"text": "a: 1"} if method == "POST" else None)
         data = await resp.json()
         assert resp.status == 401, f"expected {method} {path} without a token to be 401, got {resp.status}: {data}"
@@ -80,42 +80,54 @@ async def test_data_stays_behind_the_token(client: TestClient) -> None:
 
 async def test_convert_reads_yaml_and_json_and_renders_either(client: TestClient) -> None:
     text = "kind: RoutingPolicy\nname: split\nroutes:\n  - destinations:\n      - {subset: v1, weight: 90}\n"
-    resp = await client.post("/ui/convert", json={"text": text, "format": "yaml", "to": "json"}, headers=AUTH)
+    resp = await client.post("/ui/api/convert", json={"text": text, "format": "yaml", "to": "json"}, headers=AUTH)
     data = await resp.json()
-    assert resp.status == 200, f"expected 200, got {resp.status}: {data}"
+    assert resp.status == 201 and data["error"] is None, f"expected 201 (as /openapi.json documents a POST), got {resp.status}: {data}"
     want = {"kind": "RoutingPolicy", "name": "split", "routes": [{"destinations": [{"subset": "v1", "weight": 90}]}]}
     assert data["document"] == want, f"expected {want}, got {data['document']}"
     assert '"weight": 90' in data["text"], f"expected JSON text, got {data['text']!r}"
-    resp = await client.post("/ui/convert", json={"text": data["text"], "format": "json", "to": "yaml", "sort_keys": True}, headers=AUTH)
+    resp = await client.post("/ui/api/convert", json={"text": data["text"], "format": "json", "to": "yaml", "sort_keys": True}, headers=AUTH)
     back = await resp.json()
-    assert resp.status == 200 and back["document"] == want, f"expected the same document back, got {resp.status}: {back}"
+    assert resp.status == 201 and back["document"] == want, f"expected the same document back, got {resp.status}: {back}"
     assert back["text"].startswith("kind: RoutingPolicy\nname: split\n"), f"expected sorted YAML, got {back['text']!r}"
 
 
-@pytest.mark.parametrize("body,field,reason", [
-    ({"text": "a: [1, 2\n", "format": "yaml"}, "text", "line 2"),
-    ({"text": "{not json", "format": "json"}, "text", "not valid JSON"),
-    ({"text": "a: &x [1]\nb: *x\n"}, "text", "YAML alias"),
-    ({"text": "a: " + "[" * 80 + "]" * 80 + "\n"}, "text", "too deep"),
-    ({"text": "   \n"}, "text", "empty"),
-    ({"text": "rate: .nan\n"}, "text", "NaN or infinity"),
-    ({"text": "a: !!python/object:os.system {}\n"}, "text", "not valid YAML"),
-    ({"text": "a: 1", "format": "toml"}, "format", ""),
-    ({"text": "a: 1", "colour": "red"}, "colour", ""),
-    ({"text": 5}, "text", ""),
+@pytest.mark.parametrize("body,reason", [
+    ({"text": "a: [1, 2\n", "format": "yaml"}, "line 2"),
+    ({"text": "{not json", "format": "json"}, "not valid JSON"),
+    ({"text": "a: &x [1]\nb: *x\n"}, "YAML alias"),
+    ({"text": "a: " + "[" * 80 + "]" * 80 + "\n"}, "too deep"),
+    ({"text": "   \n"}, "empty"),
+    ({"text": "rate: .nan\n"}, "NaN or infinity"),
+    ({"text": "a: !!python/object:os.system {}\n"}, "not valid YAML"),
 ])
-async def test_convert_refuses_bad_input_naming_the_field(client: TestClient, body: dict[str, object], field: str, reason: str) -> None:
-    resp = await client.post("/ui/convert", json=body, headers=AUTH)
+async def test_text_that_cannot_be_read_is_answered_naming_text(client: TestClient, body: dict[str, object], reason: str) -> None:
+    resp = await client.post("/ui/api/convert", json=body, headers=AUTH)
     data = await resp.json()
-    assert resp.status == 400, f"expected 400 for {body}, got {resp.status}: {data}"
+    assert resp.status == 201, f"expected the verdict on {body} as the answer (201), got {resp.status}: {data}"
     fields = {f["field"]: f["reason"] for f in data["fields"]}
-    assert field in fields and reason in fields[field], f"expected field {field!r} with {reason!r}, got {data}"
+    assert data["document"] is None and "text" in fields and reason in fields["text"] and data["error"].startswith("text: "), \
+        f"expected text named with {reason!r} and no document, got {data}"
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"text": "a: 1", "format": "toml"}, "format"),
+    ({"text": "a: 1", "colour": "red"}, "colour"),
+    ({"text": 5}, "text"),
+    ({"format": "yaml"}, "text"),
+    ({"text": "a" * (console.MAX_TEXT + 1)}, "text"),
+])
+async def test_a_request_of_the_wrong_shape_is_refused_naming_the_field(client: TestClient, body: dict[str, object], field: str) -> None:
+    resp = await client.post("/ui/api/convert", json=body, headers=AUTH)
+    data = await resp.json()
+    assert resp.status == 400, f"expected 400 for {str(body)[:80]}, got {resp.status}: {str(data)[:300]}"
+    assert field in [f["field"] for f in data["fields"]], f"expected field {field!r} named, got {str(data)[:300]}"
 
 
 async def test_openapi_lists_the_console_routes_with_their_scopes(client: TestClient) -> None:
     doc = await (await client.get("/openapi.json", headers=AUTH)).json()
-    got = {p: {m: op["x-meshpilot-scope"] for m, op in doc["paths"].get(p, {}).items()} for p in ("/ui/", "/ui/{asset}", "/ui/convert")}
-    assert got == {"/ui/": {"get": "open"}, "/ui/{asset}": {"get": "open"}, "/ui/convert": {"post": "read"}}, \
+    got = {p: {m: op["x-meshpilot-scope"] for m, op in doc["paths"].get(p, {}).items()} for p in ("/ui/", "/ui/{asset}", "/ui/api/convert")}
+    assert got == {"/ui/": {"get": "open"}, "/ui/{asset}": {"get": "open"}, "/ui/api/convert": {"post": "read"}}, \
         f"expected the console's routes documented with their scopes, got {got}"
 
 

@@ -53,8 +53,12 @@ function fieldErrors(fields) {
     h("li", { "data-field": f.field }, h("code", {}, f.field), ": ", f.reason)));
 }
 
+// The policy text read as YAML or JSON and rendered as `to`; text that cannot be read throws
+// an ApiError naming the field, as a refused policy does.
 async function convert(text, format, to, sortKeys) {
-  return call("POST", "/ui/convert", { text, format, to, sort_keys: !!sortKeys });
+  const out = await call("POST", "/ui/api/convert", { text, format, to, sort_keys: !!sortKeys });
+  if (out.error) throw new ApiError(400, out);
+  return out;
 }
 
 async function editor(kind, namespace, name) {
