@@ -1,0 +1,145 @@
+"""Tracing end to end: a real control plane, two real `meshpilot sidecar` agents with real Envoys, real
+HTTP apps on 127.0.0.1.
+
+A request that enters the caller's sidecar with a W3C ``traceparent`` (and one with B3 headers) and
+goes on to the callee's sidecar becomes one trace in ``/v1/traces`` with both sidecars' spans under the
+caller's trace id, the callee's span a child of the caller's; the app behind the callee gets both
+header families. The ingestion route refuses a stranger. With the control plane stopped while requests
+flow, the spans wait in the nodes' span files and arrive once it is back.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.test_sidecar import AUTH, TOKEN, app, sidecar, spec_doc
+from tests.support import ControlPlaneProc, free_port, http, through, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def cp(tmp_path: Path) -> Iterator[ControlPlaneProc]:
+    cfg = tmp_path / "cp.yaml"
+    cfg.write_text(yaml.safe_dump({"hds_interval_s": 0.3, "debounce_ms": 20, "token": TOKEN}))
+    c = ControlPlaneProc(tmp_path, extra=["--config", str(cfg)])
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def _sampling(side: Any) -> list[float]:
+    """The random_sampling percentages of the HTTP connection managers in the sidecar's Envoy."""
+    dump = json.loads(side.admin("/config_dump?resource=dynamic_listeners"))
+    text = json.dumps(dump)
+    out = []
+    marker = '"random_sampling": {"value": '
+    start = 0
+    while (i := text.find(marker, start)) >= 0:
+        start = i + len(marker)
+        out.append(float(text[start:text.index("}", start)]))
+    return out
+
+
+def _trace(cp: ControlPlaneProc, trace_id: str) -> dict[str, Any] | None:
+    status, body = cp.call("GET", f"/v1/traces/{trace_id}", headers=AUTH)
+    return body if status == 200 else None
+
+
+def _flat(tree: dict[str, Any]) -> list[dict[str, Any]]:
+    out, stack = [], list(tree["roots"])
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack.extend(node["children"])
+    return out
+
+
+def _both_sidecars(cp: ControlPlaneProc, trace_id: str) -> dict[str, Any] | None:
+    tree = _trace(cp, trace_id)
+    if tree is None:
+        return None
+    kinds = {(s["service"], s.get("kind")) for s in _flat(tree)}
+    return tree if {("web", "CLIENT"), ("api", "SERVER")} <= kinds else None
+
+
+def _check_tree(tree: dict[str, Any], trace_id: str, caller_span: str) -> None:
+    spans = _flat(tree)
+    client = next(s for s in spans if s["service"] == "web" and s.get("kind") == "CLIENT")
+    server = next(s for s in spans if s["service"] == "api" and s.get("kind") == "SERVER")
+    assert tree["trace_id"] == trace_id, f"expected the caller's trace id {trace_id}, got {tree['trace_id']}"
+    assert client.get("parentId") == caller_span, f"expected web's span under the caller's span {caller_span}, got {client}"
+    assert server.get("parentId") == client["id"], f"expected api's span to be a child of web's span {client['id']}, got {server}"
+    assert server in client["children"], f"expected api's span in web's span's children, got {client['children']}"
+    assert client["tags"].get("mesh.service") == "web.default" and server["tags"].get("mesh.service") == "api.default", \
+        f"expected each span tagged with its sidecar's service, got {client['tags']} and {server['tags']}"
+
+
+def test_one_trace_across_two_sidecars_with_w3c_and_b3_and_spans_survive_the_backend_down(cp: ControlPlaneProc, tmp_path: Path) -> None:
+    status, body = cp.call("PUT", "/v1/policies/TracingPolicy/default/all",
+                           {"kind": "TracingPolicy", "name": "all", "namespace": "default", "sampling": 100}, AUTH)
+    assert status in (200, 201), f"expected the TracingPolicy stored, got {status} {body}"
+    with app("api") as api_app, app("web") as web_app, \
+            sidecar(tmp_path, "api", spec_doc("api", api_app.port, free_port(), free_port()), cp, "api-1") as api_side, \
+            sidecar(tmp_path, "web", spec_doc("web", web_app.port, free_port(), free_port()), cp, "web-1") as web_side:
+        for side in (api_side, web_side):
+            wait_until(lambda side=side: (s := _sampling(side)) and all(v == 100 for v in s), 20,
+                       what=f"{side.node_id}'s listeners tracing at 100 %")
+        wait_until(lambda: through(web_side.outbound, "api", "/ready")[0] == 200, 20, what="web -> api routable")
+
+        # W3C: the caller (an app with its own tracing) sends traceparent
+        t1, p1 = secrets.token_hex(16), secrets.token_hex(8)
+        status, body = through(web_side.outbound, "api", "/w3c", {"traceparent": f"00-{t1}-{p1}-01"})
+        assert status == 200 and body["server"] == "api", f"expected api's answer, got {status} {body}"
+        got = body["headers"]
+        assert got.get("traceparent", "").split("-")[1:2] == [t1] and got.get("x-b3-traceid") == t1, \
+            f"expected the api app to get trace {t1} in traceparent and x-b3-traceid, got {got}"
+
+        # B3: the caller sends multi-header B3
+        t2, p2 = secrets.token_hex(16), secrets.token_hex(8)
+        status, body = through(web_side.outbound, "api", "/b3", {"x-b3-traceid": t2, "x-b3-spanid": p2, "x-b3-sampled": "1"})
+        assert status == 200, f"expected 200, got {status} {body}"
+
+        tree1 = wait_until(lambda: _both_sidecars(cp, t1), 40, interval=0.5, what=f"trace {t1} with web's and api's spans")
+        _check_tree(tree1, t1, p1)
+        tree2 = wait_until(lambda: _both_sidecars(cp, t2), 40, interval=0.5, what=f"trace {t2} with web's and api's spans")
+        _check_tree(tree2, t2, p2)
+        status, listed = cp.call("GET", "/v1/traces?service=api&since=1h&limit=50", headers=AUTH)
+        ids = [t["trace_id"] for t in listed.get("traces", [])] if status == 200 else []
+        assert t1 in ids and t2 in ids, f"expected both traces listed for service api, got {status} {listed}"
+
+        # a stranger may not write spans: 401 and nothing kept
+        t3 = secrets.token_hex(16)
+        forged = [{"traceId": t3, "id": secrets.token_hex(8), "name": "forged", "timestamp": 1_700_000_000_000_000}]
+        status, body, _ = http("POST", cp.api + "/v1/spans", forged)
+        assert status == 401, f"expected 401 for spans without a token, got {status} {body}"
+        status, body, _ = http("POST", cp.api + "/v1/spans", forged, {"Authorization": "Bearer not-a-token"})
+        assert status == 401, f"expected 401 for spans with a wrong token, got {status} {body}"
+        assert _trace(cp, t3) is None, f"expected nothing kept of the stranger's spans, got {_trace(cp, t3)}"
+
+        # the backend down: spans wait in the nodes' span files, then arrive
+        ports = dict(cp.ports)
+        cp.stop()
+        t4, p4 = secrets.token_hex(16), secrets.token_hex(8)
+        status, body = through(web_side.outbound, "api", "/while-down", {"traceparent": f"00-{t4}-{p4}-01"})
+        assert status == 200, f"expected requests to flow with the control plane down, got {status} {body}"
+
+        def on_disk(side: Any) -> bool:
+            return any(t4 in p.read_text() for p in (side.dir / "traces").glob("spans-*.jsonl"))
+
+        for side in (web_side, api_side):
+            wait_until(lambda side=side: on_disk(side), 30, interval=0.5,
+                       what=f"{side.node_id}'s span of trace {t4} in its span files while the control plane is down")
+        cp.xds_port_wanted, cp.api_port_wanted = ports["xds"], ports["api"]
+        cp.start()
+        tree4 = wait_until(lambda: _both_sidecars(cp, t4), 60, interval=0.5,
+                           what=f"trace {t4}, written while the control plane was down, with both sidecars' spans")
+        _check_tree(tree4, t4, p4)
