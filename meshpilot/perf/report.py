@@ -336,7 +336,7 @@ def _route(result: dict[str, Any]) -> list[Chart]:
     s = result.get("settings", {})
     how = f"wrk {s.get('wrk_threads', '?')} threads × {s.get('connections', '?')} connections, {s.get('duration_s', '?')} s per scenario"
     return [
-        Bars("route-rps", f"Requests per second per scenario ({how}, median of {s.get('rounds', 1)} rounds)", "requests per second",
+        Bars("route-rps", f"Requests per second per scenario ({how}, rounds: {s.get('rounds', 1)})", "requests per second",
              names, {"rps": [sc[n].get("rps") for n in names]}),
         Bars("route-cpu", "Proxy CPU per request (for a hop: caller + callee)", "CPU µs per request", names,
              {"CPU": [sc[n].get("proxy_cpu_us_per_request") for n in names]}),
@@ -345,7 +345,7 @@ def _route(result: dict[str, Any]) -> list[Chart]:
 
 def _registry(result: dict[str, Any]) -> list[Chart]:
     reg = result["registrations"]
-    store = str(result.get("store") or "store")
+    store = _store_kind(str(result.get("store") or "store"))
     phases = ["register", "deregister"]
     size = f"{reg['registrations']} registrations of {reg['services']} services, {reg['concurrency']} in flight"
     out: list[Chart] = [
@@ -359,6 +359,15 @@ def _registry(result: dict[str, Any]) -> list[Chart]:
         out.append(Bars("registry-wakeup", f"Blocking-query wakeup ({wake['watchers']} watchers, {wake['rounds']} rounds)",
                         "seconds", ["p50", "p99", "max"], {store: [wake.get("p50"), wake.get("p99"), wake.get("max")]}))
     return out
+
+
+def _store_kind(store: str) -> str:
+    """``SQLite`` from ``sqlite:/tmp/x/bench.db``, ``3-member etcd`` from ``3-member etcd: etcd://...``."""
+    m = re.match(r"(\d+-member etcd)", store)
+    if m:
+        return m.group(1)
+    kind = store.split(":", 1)[0]
+    return {"sqlite": "SQLite", "etcd": "etcd", "memory": "memory"}.get(kind, store)
 
 
 def _ca(result: dict[str, Any]) -> list[Chart]:
@@ -395,7 +404,7 @@ _CHARTS = {"xds": _xds_push, "xds-envoys": _xds_envoys, "dns": _dns, "route": _r
 
 def _merged(loaded: list[Loaded]) -> tuple[list[Chart], dict[str, str]]:
     """The charts of the runs of one command: charts of the same name become one, each series named
-    after its run's file when more than one run has that chart. Returns the charts and, per file, why
+    after its run's file when two runs would draw a series of the same name in it. Returns the charts and, per file, why
     its result could not be plotted."""
     per_run: list[tuple[str, list[Chart]]] = []
     errors: dict[str, str] = {}
@@ -405,15 +414,16 @@ def _merged(loaded: list[Loaded]) -> tuple[list[Chart], dict[str, str]]:
             per_run.append((item.label, charts(item.doc["command"], item.doc["result"])))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             errors[item.file] = f"its result lacks what the {item.doc['command']} charts read: {type(exc).__name__} {exc}"
-    runs_of: dict[str, int] = {}
+    series_of: dict[str, list[str]] = {}  # chart name -> the series every run draws in it
     for _label, chs in per_run:
         for c in chs:
-            runs_of[c.name] = runs_of.get(c.name, 0) + 1
+            series_of.setdefault(c.name, []).extend(c.series)
     by_name: dict[str, Chart] = {}
     order: list[str] = []
     for label, chs in per_run:
         for c in chs:
-            mine = _relabelled(c, label) if runs_of[c.name] > 1 else c
+            names = series_of[c.name]
+            mine = _relabelled(c, label) if len(set(names)) < len(names) else c
             if c.name not in by_name:
                 order.append(c.name)
                 by_name[c.name] = mine
@@ -553,7 +563,7 @@ def _open(name: str, title: str, height: float, standalone: bool) -> list[str]:
         f"<title>{_e(title)}</title>",
         f'<rect width="{_W}" height="{height:.0f}" fill="white"/>',
         *(f'<text x="{_W / 2:.0f}" y="{16 + 15 * i}" text-anchor="middle" font-size="13" font-weight="bold">{_e(line)}</text>'
-          for i, line in enumerate(_lines(title, 95, 2))),
+          for i, line in enumerate(_lines(title, 84, 2))),
     ]
 
 

@@ -138,12 +138,18 @@ def test_a_directory_page_keeps_good_sections_beside_garbled_files(tmp_path: Pat
 def test_several_runs_of_one_command_share_charts(tmp_path: Path) -> None:
     reg = {"store": "", "registrations": {"registrations": 60, "services": 60, "concurrency": 4,
            "register": {"per_s": 500.0, "p99_ms": 20.0}, "deregister": {"per_s": 800.0, "p99_ms": 9.0}}}
-    report.write_report(tmp_path, _doc("registry", {**reg, "store": "sqlite"}), stem="registry-sqlite")
-    report.write_report(tmp_path, _doc("registry", {**reg, "store": "3-member etcd"}), stem="registry-etcd")
+    report.write_report(tmp_path, _doc("registry", {**reg, "store": "sqlite:/tmp/x/bench.db"}), stem="registry-sqlite")
+    report.write_report(tmp_path, _doc("registry", {**reg, "store": "3-member etcd: etcd://127.0.0.1:1"}), stem="registry-etcd")
     page = (tmp_path / "index.html").read_text()
     rate = page[page.index('data-chart="registry-rate"'):]
     rate = rate[: rate.index("</svg>")]
-    assert _series(rate) == ["registry-etcd: 3-member etcd", "registry-sqlite: sqlite"], f"expected both stores in one chart, got {_series(rate)}"
+    assert _series(rate) == ["3-member etcd", "SQLite"], f"expected both stores in one chart, got {_series(rate)}"
+    # two runs of the same variants: each line named after its run's file
+    report.write_report(tmp_path, _doc("xds", _xds_result({"delta": [0.1]})), stem="xds-a")
+    report.write_report(tmp_path, _doc("xds", _xds_result({"delta": [0.2]})), stem="xds-b")
+    page = (tmp_path / "index.html").read_text()
+    single = page[page.index('data-chart="xds-single-change"'):]
+    assert _series(single[: single.index("</svg>")]) == ["xds-a: delta", "xds-b: delta"], f"got {_series(single)}"
 
 
 def test_an_empty_or_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
