@@ -8,6 +8,7 @@ and a sign-in form, nothing else. Each UI response carries a strict Content-Secu
 (``default-src 'self'``, no inline script or style), which together with pages that only ever set
 ``textContent`` keeps a value such as ``<img src=x onerror=...>`` from the API as text.
 
+``GET /ui/api/kinds`` (scope read) lists the policy kinds with a template for a new policy of each.
 ``POST /ui/api/convert`` (scope read) turns policy text from YAML or JSON into a document and
 renders a document as YAML or JSON, with pyyaml as the CLI reads policy files; it stores nothing.
 Text it cannot read is its answer (``error`` and ``fields`` naming ``text`` with the line and
@@ -29,6 +30,7 @@ from meshpilot.api.app import ApiError, json_body
 from meshpilot.api.routes import Route
 from meshpilot.model import field_errors
 from meshpilot.parts import Core, Part
+from meshpilot.policy.kinds import kinds
 
 __all__ = ["CSP", "MAX_TEXT", "install", "parse_text", "render_text"]
 
@@ -98,6 +100,20 @@ def render_text(doc: Any, fmt: str, sort_keys: bool = False) -> str:
     return str(yaml.safe_dump(doc, sort_keys=sort_keys, default_flow_style=False, allow_unicode=True))
 
 
+_PLACEHOLDER: dict[str, Any] = {"string": "", "integer": 0, "number": 0, "boolean": False, "array": [], "object": {}}
+
+
+def _kind_out(name: str, summary: str, aliases: tuple[str, ...], exclusive: bool, schema: dict[str, Any]) -> dict[str, Any]:
+    """A kind as the policies page lists it; ``template``: a new policy's starting text, its
+    identity and each required field with an empty value of its type."""
+    template: dict[str, Any] = {"kind": name, "name": "", "namespace": "default"}
+    props = schema.get("properties", {})
+    for field in schema.get("required", []):
+        if field not in template:
+            template[field] = _PLACEHOLDER.get(str(props.get(field, {}).get("type", "")))
+    return {"name": name, "summary": summary, "aliases": sorted(aliases), "exclusive": exclusive, "template": template}
+
+
 def _assets() -> dict[str, tuple[bytes, str]]:
     """Every file of ``static/`` by name, with its content type."""
     out: dict[str, tuple[bytes, str]] = {}
@@ -143,7 +159,12 @@ def install(core: Core) -> Part:
         # 201 as /openapi.json documents every POST of a part's routes: a new rendering, made for this request and not stored
         return web.json_response(verdict, status=201, headers=_HEADERS)
 
+    async def policy_kinds(request: web.Request) -> web.Response:
+        return web.json_response([_kind_out(k.name, k.summary, k.aliases, k.exclusive, k.model.model_json_schema()) for k in kinds()],
+                                 headers=_HEADERS)
+
     return Part(routes=[
+        Route("GET", "/ui/api/kinds", policy_kinds, "The policy kinds the control plane knows, each with a template for a new policy"),
         Route("GET", "/ui/", index, "The console (its page; every data call it makes needs a token)", scope="open"),
         Route("GET", "/ui/{asset}", asset, "A file of the console (script, style sheet)", scope="open"),
         Route("POST", "/ui/api/convert", convert, "Read policy text as YAML or JSON and render it as YAML or JSON (stores nothing)",

@@ -316,3 +316,32 @@ def test_a_read_token_sees_a_policy_as_json_but_cannot_apply_it(page: Any, mesh:
         assert after == before, f"expected nothing stored by a read token, got {after}"
     finally:
         mesh.api("DELETE", f"/v1/access/tokens/{issued['id']}")
+
+
+def _inbound_limits(proxy: Any) -> str:
+    """The configuration text of the inbound governance filter (rate limits) as Envoy holds it."""
+    for c in proxy.config_dump("ecds_filters").get("configs", []):
+        f = c.get("ecds_filter", {})
+        if f.get("name") == "meshpilot.governance.inbound":
+            return str(f.get("typed_config", {}).get("config", {}).get("configuration", {}).get("value", ""))
+    return ""
+
+
+def test_a_policy_created_in_the_console_reaches_the_services_envoy(page: Any, mesh: Mesh) -> None:
+    sign_in(page, mesh)
+    page.click("#nav a[data-page=policies]")
+    page.wait_for_selector("section.kind[data-kind=RateLimitPolicy]")
+    page.click("section.kind[data-kind=RateLimitPolicy] a:text-is('New RateLimitPolicy')")
+    page.wait_for_selector("#policy-text")
+    template = page.input_value("#policy-text")
+    assert "kind: RateLimitPolicy" in template and "burst: 0" in template, f"expected the kind's template, got {template!r}"
+    try:
+        page.fill("#policy-text", "kind: RateLimitPolicy\nname: reviews-limit\nservice: reviews\nrate: 5/s\nburst: 7\n")
+        page.click("#apply-button")
+        page.wait_for_selector("h1:text-is('RateLimitPolicy default/reviews-limit')", timeout=10_000)
+        stored = mesh.api("GET", "/v1/policies/RateLimitPolicy/default/reviews-limit")
+        assert (stored["rate"], stored["burst"]) == ("5/s", 7), f"expected the new policy stored, got {stored}"
+        wait_until(lambda: "reviews-limit" in _inbound_limits(mesh.reviews_mesh) and "burst = 7" in _inbound_limits(mesh.reviews_mesh), 10,
+                   what="reviews-mesh-1's inbound filter holding the limit created in the console")
+    finally:
+        mesh.cp.call("DELETE", "/v1/policies/RateLimitPolicy/default/reviews-limit", None, ADMIN)

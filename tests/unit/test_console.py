@@ -71,7 +71,8 @@ async def test_unknown_files_are_404_and_nothing_outside_static_is_served(client
 
 
 async def test_data_stays_behind_the_token(client: TestClient) -> None:
-    for method, path in (("GET", "/v1/services"), ("GET", "/v1/proxies"), ("GET", "/v1/policies"), ("POST", "/ui/api/convert")):
+    for method, path in (("GET", "/v1/services"), ("GET", "/v1/proxies"), ("GET", "/v1/policies"), ("GET", "/ui/api/kinds"),
+                         ("POST", "/ui/api/convert")):
         resp = await client.request(method, path, json={"text": "a: 1"} if method == "POST" else None)
         data = await resp.json()
         assert resp.status == 401, f"expected {method} {path} without a token to be 401, got {resp.status}: {data}"
@@ -126,9 +127,22 @@ async def test_a_request_of_the_wrong_shape_is_refused_naming_the_field(client: 
 
 async def test_openapi_lists_the_console_routes_with_their_scopes(client: TestClient) -> None:
     doc = await (await client.get("/openapi.json", headers=AUTH)).json()
-    got = {p: {m: op["x-meshpilot-scope"] for m, op in doc["paths"].get(p, {}).items()} for p in ("/ui/", "/ui/{asset}", "/ui/api/convert")}
-    assert got == {"/ui/": {"get": "open"}, "/ui/{asset}": {"get": "open"}, "/ui/api/convert": {"post": "read"}}, \
+    paths = ("/ui/", "/ui/{asset}", "/ui/api/kinds", "/ui/api/convert")
+    got = {p: {m: op["x-meshpilot-scope"] for m, op in doc["paths"].get(p, {}).items()} for p in paths}
+    assert got == {"/ui/": {"get": "open"}, "/ui/{asset}": {"get": "open"}, "/ui/api/kinds": {"get": "read"}, "/ui/api/convert": {"post": "read"}}, \
         f"expected the console's routes documented with their scopes, got {got}"
+
+
+async def test_kinds_lists_every_policy_kind_with_a_template(client: TestClient) -> None:
+    resp = await client.get("/ui/api/kinds", headers=AUTH)
+    data = await resp.json()
+    assert resp.status == 200, f"expected 200, got {resp.status}: {data}"
+    by_name = {k["name"]: k for k in data}
+    assert {"RoutingPolicy", "RateLimitPolicy", "MtlsPolicy"} <= set(by_name), f"expected the policy kinds, got {sorted(by_name)}"
+    limit = by_name["RateLimitPolicy"]["template"]
+    assert limit == {"kind": "RateLimitPolicy", "name": "", "namespace": "default", "service": "", "burst": 0}, \
+        f"expected the identity and required fields with empty values, got {limit}"
+    assert by_name["RoutingPolicy"]["exclusive"] is True and "routing" in by_name["RoutingPolicy"]["aliases"], f"got {by_name['RoutingPolicy']}"
 
 
 class _Tags(HTMLParser):

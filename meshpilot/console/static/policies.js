@@ -8,22 +8,9 @@ import { h, link, notice, table } from "./dom.js";
 
 const FORMAT = "meshpilot.console.policy-format";
 
-// Every kind the control plane knows, from the paths /openapi.json documents per kind; without
-// that document, the kinds of the stored policies are still listed.
+// Every kind the control plane knows: name, summary and a template for a new policy.
 async function kinds() {
-  let doc;
-  try {
-    doc = await get("/openapi.json");
-  } catch (e) {
-    if (e instanceof Unauthorized) throw e;
-    return [];
-  }
-  const out = new Set();
-  for (const path of Object.keys(doc.paths || {})) {
-    const m = /^\/v1\/policies\/([A-Za-z]+)$/.exec(path);
-    if (m) out.add(m[1]);
-  }
-  return [...out].sort();
+  return get("/ui/api/kinds");
 }
 
 function target(doc) {
@@ -33,7 +20,8 @@ function target(doc) {
 
 async function list() {
   const [all, known] = await Promise.all([get("/v1/policies"), kinds()]);
-  const byKind = new Map(known.map((k) => [k, []]));
+  const summaries = new Map(known.map((k) => [k.name, k.summary]));
+  const byKind = new Map(known.map((k) => [k.name, []]));
   for (const p of all) {
     if (!byKind.has(p.kind)) byKind.set(p.kind, []);
     byKind.get(p.kind).push(p);
@@ -41,6 +29,7 @@ async function list() {
   const sections = [...byKind.entries()].map(([kind, items]) => h("section", { class: "card kind", "data-kind": kind },
     h("header", {}, h("span", { class: "name" }, kind), h("span", { class: "muted" }, items.length + " stored"),
       link(["policies", "new", kind], "New " + kind)),
+    summaries.get(kind) ? h("p", { class: "muted" }, summaries.get(kind)) : null,
     table(["name", "namespace", "applies to", "description"],
       items.sort((a, b) => (a.namespace + "/" + a.name).localeCompare(b.namespace + "/" + b.name))
         .map((p) => [link(["policies", kind, p.namespace, p.name], p.name), p.namespace, target(p), p.description || ""]),
@@ -73,7 +62,9 @@ async function editor(kind, namespace, name) {
     h("option", { value: "yaml", selected: format === "yaml" }, "YAML"),
     h("option", { value: "json", selected: format === "json" }, "JSON"));
 
-  const template = { kind, name: "", namespace: "default" };
+  const known = isNew ? (await kinds()).find((k) => k.name === kind) : null;
+  if (isNew && !known) return notice("error", "No policy kind " + kind + ".");
+  const template = known ? known.template : null;
   // the policy's identity first, then its fields as stored
   function ordered(doc) {
     if (!doc || typeof doc !== "object" || Array.isArray(doc)) return doc;
