@@ -22,7 +22,7 @@ from meshpilot.catalog.versions import Catalog
 from meshpilot.model import Service, field_errors, service_key
 from meshpilot.registry import Registry
 
-__all__ = ["ImportIn", "catalog_routes"]
+__all__ = ["DocumentIn", "ImportIn", "catalog_routes"]
 
 
 class ImportIn(BaseModel):
@@ -145,8 +145,13 @@ async def _bounded_body(request: web.Request) -> bytes:
     return body
 
 
-_DOCUMENT_BODY: dict[str, Any] = {"type": "object", "description": "an OpenAPI 3.0 or 3.1 document (JSON, or YAML with a YAML content type)",
-                                  "required": ["openapi"], "properties": {"openapi": {"type": "string", "pattern": r"^3\.[01]\.\d+"}}}
+class DocumentIn(BaseModel):
+    """An OpenAPI 3.0 or 3.1 document, as JSON (or the same as YAML); docs/catalog.md says what is read."""
+
+    model_config = ConfigDict(extra="allow")
+    openapi: str = Field(pattern=r"^3\.[01]\.\d+$", description="the OpenAPI version: 3.0.x or 3.1.x")
+    info: dict[str, Any] = Field(description="title and version")
+    paths: dict[str, Any] = Field(default_factory=dict, description="path templates and their operations")
 
 
 def catalog_routes(registry: Registry) -> list[Route]:
@@ -155,8 +160,8 @@ def catalog_routes(registry: Registry) -> list[Route]:
     return [
         Route("GET", "/v1/catalog", h.list_services, "List the services with an API catalog and their current versions"),
         Route("GET", base, h.current, "Get a service's current API operations"),
-        Route("PUT", base, h.upload, "Upload a service's OpenAPI 3 document: a new catalog version when its operations changed", _DOCUMENT_BODY),
-        Route("POST", base, h.upload, "Upload a service's OpenAPI 3 document (as PUT)", _DOCUMENT_BODY),
+        Route("PUT", base, h.upload, "Upload a service's OpenAPI 3 document: a new catalog version when its operations changed", DocumentIn),
+        Route("POST", base, h.upload, "Upload a service's OpenAPI 3 document (as PUT)", DocumentIn),
         Route("POST", base + "/import", h.import_, "Import a service's OpenAPI document from one of its registered instances (springdoc /v3/api-docs)", ImportIn),
         Route("GET", base + "/versions", h.versions, "List a service's catalog versions"),
         Route("GET", base + "/versions/{number}", h.version, "Get one catalog version with its operations"),

@@ -3,7 +3,8 @@ that serves a springdoc-like ``/v3/api-docs`` and is registered as the service's
 document uploaded as YAML becomes version 2, and the diff names what changed; the versions survive
 a restart of the control plane; a RateLimitPolicy that names one catalog operation reaches a real
 Envoy 1.40 sidecar in front of the app and limits that operation (its method and path template)
-only, while the service's other operations pass untouched."""
+only, while the service's other operations pass untouched. Two control planes on one etcd share
+the catalog: what one records the other serves, and uploads to both at once get distinct numbers."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import http.server
 import json
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tests.etcd_cluster import etcd_cluster
 from tests.support import control_plane, envoy, free_port, sidecar_bootstrap, tmpdir, wait_until
 
 CATALOG = "/v1/catalog/default/orders"
@@ -203,3 +206,30 @@ def _put_yaml(cp: Any, path: str, data: bytes) -> tuple[int, Any, dict[str, str]
     from tests.support import http as http_call
 
     return http_call("PUT", cp.api + path, data, headers={"Content-Type": "application/yaml"})
+
+
+def test_two_replicas_on_etcd_share_the_catalog_and_never_reuse_a_number() -> None:
+    workdir: Path = tmpdir("meshpilot-catalog-etcd-")
+    with etcd_cluster(workdir / "etcd", members=1) as cluster:
+        (workdir / "a").mkdir()
+        (workdir / "b").mkdir()
+        with control_plane(workdir / "a", store=cluster.url) as a, control_plane(workdir / "b", store=cluster.url) as b:
+            call(a, "POST", "/v1/services", {"name": "orders", "ports": [{"name": "http", "port": 80}]})
+            call(a, "PUT", CATALOG, springdoc(), want=201)
+            wait_until(lambda: b.call("GET", CATALOG)[0] == 200, 10, what="replica B to serve A's catalog version")
+            seen = call(b, "GET", CATALOG)
+            assert seen["number"] == 1 and len(seen["operations"]) == 3, f"expected B to serve version 1 with 3 operations, got {seen}"
+            wait_until(lambda: len(call(b, "GET", "/v1/services/default/orders")["apis"]) == 3, 10, what="B's service to carry the apis")
+
+            docs = []
+            for i in range(2):
+                d = springdoc()
+                d["paths"]["/orders"]["get"]["summary"] = f"edit {i}"
+                docs.append(d)
+            with ThreadPoolExecutor(2) as pool:
+                results = list(pool.map(lambda pair: pair[0].call("PUT", CATALOG, pair[1]), [(a, docs[0]), (b, docs[1])]))
+            assert [s for s, _ in results] == [201, 201], f"expected both uploads to make a version, got {results}"
+            numbers = sorted(body["version"]["number"] for _, body in results)
+            assert numbers == [2, 3], f"expected the two uploads to get versions 2 and 3, got {numbers}"
+            wait_until(lambda: [v["number"] for v in call(a, "GET", CATALOG + "/versions")] == [1, 2, 3], 10, what="A to list versions 1-3")
+            wait_until(lambda: [v["number"] for v in call(b, "GET", CATALOG + "/versions")] == [1, 2, 3], 10, what="B to list versions 1-3")

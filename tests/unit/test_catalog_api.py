@@ -294,3 +294,13 @@ async def test_a_service_written_without_its_apis_gets_the_catalogs_back() -> No
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.close()
+
+
+async def test_openapi_json_documents_the_catalog_routes(api: TestClient) -> None:
+    r = await api.get("/openapi.json")
+    assert r.status == 200, f"expected /openapi.json to render with the catalog's routes, got {r.status}: {(await r.text())[:300]}"
+    paths = (await r.json())["paths"]
+    want = {"/v1/catalog", "/v1/catalog/{namespace}/{name}", "/v1/catalog/{namespace}/{name}/import", "/v1/catalog/{namespace}/{name}/diff",
+            "/v1/catalog/{namespace}/{name}/versions", "/v1/catalog/{namespace}/{name}/versions/{number}"}
+    assert want <= set(paths), f"expected the catalog's paths documented, missing {want - set(paths)}"
+    assert {"put", "post", "get"} <= set(paths["/v1/catalog/{namespace}/{name}"]), f"got {paths['/v1/catalog/{namespace}/{name}']}"
