@@ -39,7 +39,7 @@ DEFAULT_XDS_PORT = 15010
 ADMIN_CLUSTER = "meshpilot-admin"  # the stats listener's way to the loopback admin
 STATS_LISTENER = "meshpilot-stats"
 STATS_PATH = "/stats/prometheus"
-STATS_PORT_META = "STATS_PORT"  # node metadata: the stats listener's port (0 or absent: none)
+STATS_PORT_META = META.STATS_PORT  # node metadata: the stats listener's port (0 or absent: none)
 
 
 @dataclass(frozen=True, slots=True)

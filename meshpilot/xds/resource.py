@@ -101,6 +101,7 @@ class META:
     BIND_ADDRESS = "BIND_ADDRESS"
     CAPTURE = "CAPTURE"
     IDENTITY = "IDENTITY"  # true: the agent serves SDS (secrets ``default``, ``ROOTCA``) on ``meshpilot-sds``
+    STATS_PORT = "STATS_PORT"  # the read-only Prometheus listener's port (0 or absent: none); Prometheus targets
 
     ADVERTISE_ADDRESS = "ADVERTISE_ADDRESS"
     PORT_NAME = "PORT_NAME"
