@@ -13,7 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshpilot.catalog.openapi import MAX_DOCUMENT_BYTES, MAX_OPERATIONS, DocumentError, diff, normalise, parse
+from meshpilot.catalog.openapi import MAX_DOCUMENT_BYTES, MAX_OPERATIONS, DocumentError, Operation, diff, normalise, operations_sha256, parse
 
 
 def document(**over: Any) -> dict[str, Any]:
@@ -209,3 +209,32 @@ def test_mutated_documents_are_read_or_refused_with_a_field(edits: list[tuple[li
         assert all(o.path.startswith("/") for o in spec.operations), f"expected path templates, got {[o.path for o in spec.operations]}"
         again = normalise(json.loads(json.dumps(doc)))
         assert again.sha256 == spec.sha256, "expected the sha256 to be a function of the document"
+
+
+_op = st.builds(
+    lambda m, p, i, s: Operation(method=m, path=p, operation_id=i, summary=s),
+    st.sampled_from(["GET", "POST", "DELETE"]),
+    st.sampled_from(["/a", "/a/{id}", "/a/{x}", "/b", "/b/{id}/c"]),
+    st.none() | st.sampled_from(["one", "two", "three"]),
+    st.sampled_from(["", "s1", "s2"]),
+)
+
+
+def _unique(ops: list[Operation]) -> list[Operation]:
+    return list({o.key: o for o in ops}.values())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_op, max_size=8).map(_unique), st.lists(_op, max_size=8).map(_unique))
+def test_diff_accounts_for_every_operation_once_and_mirrors_when_reversed(a: list[Operation], b: list[Operation]) -> None:
+    forward, backward = diff(a, b), diff(b, a)
+    keys = lambda items: sorted(f"{o['method']} {o['path']}" for o in items)  # noqa: E731
+    assert keys(forward["added"]) == keys(backward["removed"]) and keys(forward["removed"]) == keys(backward["added"]), (
+        f"expected reversing a diff to swap added and removed, got {forward} / {backward}")
+    assert len(forward["added"]) + len({o.key for o in a}) - len(forward["removed"]) == len({o.key for o in b}), (
+        f"expected old + added - removed to be the new count, got {forward}")
+    same = {o.key for o in a if o in b}
+    assert not any(c["key"] in same for c in forward["changed"]), f"expected identical operations not to be changed, got {forward['changed']}"
+    assert diff(a, a) == {"added": [], "removed": [], "changed": []}, "expected no difference from a list to itself"
+    assert (operations_sha256(a) == operations_sha256(b)) == (sorted(a, key=lambda o: o.key) == sorted(b, key=lambda o: o.key)), (
+        "expected equal sha256 exactly for equal operations")
