@@ -1,0 +1,192 @@
+"""The span record (normalised where it enters, hypothesis on junk), the control plane's trace store
+(bound, duplicates, trees for a waterfall) and its routes (a stranger gets 401 and nothing is kept; bad
+queries name the field)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshpilot.api.app import build_api
+from meshpilot.controlplane import ControlPlane
+from meshpilot.settings import Settings
+from meshpilot.telemetry.spans import SpanInvalid, from_line, line, normalise, parse_spans
+from meshpilot.tracing.plugin import trace_routes
+from meshpilot.tracing.store import TraceStore
+
+T = "0af7651916cd43dd8448eb211c80319c"
+T0 = 1_700_000_000_000_000
+
+
+def span(sid: str, parent: str | None = None, *, kind: str = "CLIENT", service: str = "web", ts: int = 0,
+         trace: str = T, dur: int = 100, **extra: Any) -> dict[str, Any]:
+    s: dict[str, Any] = {"traceId": trace, "id": sid, "kind": kind, "name": f"{service}-{sid}", "timestamp": T0 + ts,
+                         "duration": dur, "localEndpoint": {"serviceName": service}, **extra}
+    if parent:
+        s["parentId"] = parent
+    return normalise(s)
+
+
+# ---- records ---------------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj=st.one_of(json_values, st.dictionaries(st.sampled_from(
+    ["traceId", "id", "parentId", "kind", "timestamp", "duration", "tags", "annotations", "localEndpoint", "name"]), json_values)))
+def test_normalise_takes_junk_without_surprise(obj: Any) -> None:
+    try:
+        s = normalise(obj)
+    except SpanInvalid as exc:
+        assert exc.field, "expected the refused field named"
+        return
+    assert normalise(s) == s, "expected a normalised span to stay as it is"
+    assert from_line(line(s)) == s, "expected a span to come back from its line"
+
+
+def test_ids_are_normalised_and_a_64_bit_trace_id_is_padded() -> None:
+    s = normalise({"traceId": "ABC", "id": "1", "timestamp": "5", "kind": "server"})
+    assert (s["traceId"], s["id"], s["timestamp"], s["kind"]) == ("0" * 29 + "abc", "0" * 15 + "1", 5, "SERVER")
+    for bad, field in [({"traceId": "0" * 32, "id": "1", "timestamp": 1}, "traceId"), ({"traceId": "a", "id": "x", "timestamp": 1}, "id"),
+                       ({"traceId": "a", "id": "1"}, "timestamp"), ({"traceId": "a", "id": "1", "timestamp": 1, "kind": "PEER"}, "kind")]:
+        with pytest.raises(SpanInvalid) as err:
+            normalise(bad)
+        assert err.value.field == field, f"expected {field} named for {bad}, got {err.value}"
+    kept, refused = parse_spans([{"traceId": "a", "id": "1", "timestamp": 1}, {"id": 2}])
+    assert len(kept) == 1 and refused == [{"field": "1.traceId", "reason": "expected a hex string, got NoneType"}], f"got {refused}"
+
+
+# ---- the store -------------------------------------------------------------------------------------
+
+def test_a_trace_is_a_tree_by_parent_ids_with_offsets_and_depths() -> None:
+    store = TraceStore()
+    store.add([span("000000000000000b", "000000000000000a", kind="SERVER", service="api", ts=10, dur=50),
+               span("000000000000000a", "00000000000000ff", ts=0, dur=80),
+               span("000000000000000c", "000000000000000b", kind="CLIENT", service="api", ts=20, dur=10)])
+    tree = store.tree(T)
+    assert tree is not None
+    assert [r["id"] for r in tree["roots"]] == ["000000000000000a"], f"expected the caller's span as the root, got {tree['roots']}"
+    root = tree["roots"][0]
+    server = root["children"][0]
+    assert (server["id"], server["offset_us"], server["depth"]) == ("000000000000000b", 10, 1), f"got {server}"
+    assert server["children"][0]["id"] == "000000000000000c" and server["children"][0]["depth"] == 2
+    assert (tree["span_count"], tree["duration_us"], tree["services"]) == (3, 80, ["api", "web"]), f"got {tree}"
+
+
+def test_a_shared_span_id_puts_the_server_under_the_client() -> None:
+    store = TraceStore()
+    store.add([span("000000000000000a", kind="CLIENT", service="web"),
+               span("000000000000000a", kind="SERVER", service="api", ts=5, shared=True),
+               span("000000000000000d", "000000000000000a", kind="CLIENT", service="api", ts=6)])
+    tree = store.tree(T)
+    assert tree is not None and len(tree["roots"]) == 1, f"expected one root, got {tree}"
+    server = tree["roots"][0]["children"][0]
+    assert (server["kind"], server["children"][0]["id"]) == ("SERVER", "000000000000000d"), f"got {tree['roots']}"
+
+
+def test_parent_cycles_are_broken_and_every_span_is_shown() -> None:
+    store = TraceStore()
+    store.add([span("000000000000000a", "000000000000000b"), span("000000000000000b", "000000000000000a", ts=1),
+               span("000000000000000c", "000000000000000a", ts=2)])
+    tree = store.tree(T)
+    assert tree is not None
+    seen, stack = [], list(tree["roots"])
+    while stack:
+        node = stack.pop()
+        seen.append(node["id"])
+        stack.extend(node["children"])
+    assert sorted(seen) == ["000000000000000a", "000000000000000b", "000000000000000c"], f"expected every span once, got {seen}"
+
+
+def test_duplicates_are_kept_once_and_the_oldest_traces_go_at_the_bound() -> None:
+    store = TraceStore(max_spans=5)
+    first = [span(f"{i + 1:016x}", trace="1" * 32, ts=i) for i in range(3)]
+    assert store.add(first) == 3 and store.add(first) == 0, "expected a batch sent twice kept once"
+    store.add([span(f"{i + 1:016x}", trace="2" * 32, ts=100 + i) for i in range(3)])
+    assert store.tree("1" * 32) is None and store.tree("2" * 32) is not None, "expected the oldest trace evicted"
+    assert store.span_count == 3 and store.evicted_traces == 1, f"got {store.span_count} spans, {store.evicted_traces} evicted"
+
+
+def test_traces_are_listed_newest_first_by_service_and_time() -> None:
+    store = TraceStore()
+    for n in range(5):
+        store.add([span("0000000000000001", trace=f"{n + 1:032x}", ts=n * 1000, service="web" if n % 2 else "api")])
+    assert [t["trace_id"] for t in store.traces("web")] == [f"{4:032x}", f"{2:032x}"]
+    assert [t["trace_id"] for t in store.traces(since_us=T0 + 2500, limit=1)] == [f"{5:032x}"]
+    assert store.traces("nobody") == []
+
+
+# ---- the routes ------------------------------------------------------------------------------------
+
+async def _client(token: str | None) -> tuple[ControlPlane, TestClient, TraceStore]:
+    cp = ControlPlane(Settings(store="memory:", token=token))
+    store = TraceStore()
+    client = TestClient(TestServer(build_api(cp.settings, cp.registry, cp.xds, routes=trace_routes(store))))
+    await client.start_server()
+    return cp, client, store
+
+
+async def test_a_stranger_gets_401_and_nothing_is_kept() -> None:
+    cp, client, store = await _client("boot")
+    body = [span("0000000000000001")]
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = await client.post("/v1/spans", json=body, headers=headers)
+            assert r.status == 401, f"expected 401, got {r.status} {await r.text()}"
+        assert len(store) == 0, "expected nothing kept"
+        r = await client.get(f"/v1/traces/{T}")
+        assert r.status == 401, f"expected reads to need a token too, got {r.status}"
+        r = await client.post("/v1/spans", json=body, headers={"Authorization": "Bearer boot"})
+        assert r.status == 201 and len(store) == 1, f"expected the token's spans kept, got {r.status} {await r.text()}"
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+@pytest.mark.parametrize("method,path,body,field", [
+    ("POST", "/v1/spans", b"{not json", "(body)"),
+    ("POST", "/v1/spans", b'{"traceId": "a"}', "(body)"),
+    ("POST", "/v1/spans", b'[{"traceId": "zz", "id": "1", "timestamp": 1}]', "0.traceId"),
+    ("GET", "/v1/traces?limit=0", None, "limit"),
+    ("GET", "/v1/traces?since=yesterday", None, "since"),
+    ("GET", "/v1/traces/not-hex", None, "trace_id"),
+])
+async def test_bad_requests_name_the_field_and_keep_nothing(method: str, path: str, body: bytes | None, field: str) -> None:
+    cp, client, store = await _client(None)
+    try:
+        r = await client.request(method, path, data=body, headers={"Content-Type": "application/json"})
+        data = await r.json()
+        assert r.status == 400, f"expected 400, got {r.status} {data}"
+        assert field in [f["field"] for f in data["fields"]], f"expected {field!r} named, got {data}"
+        assert len(store) == 0
+    finally:
+        await client.close()
+        cp.registry.store.close()
+
+
+async def test_kept_spans_are_listed_and_shown_as_a_tree() -> None:
+    cp, client, _ = await _client(None)
+    try:
+        spans = [span("000000000000000a", service="web"), span("000000000000000b", "000000000000000a", kind="SERVER", service="api", ts=3)]
+        r = await client.post("/v1/spans", data=json.dumps(spans + [{"bad": 1}]), headers={"Content-Type": "application/json"})
+        answer = await r.json()
+        assert r.status == 201 and answer["accepted"] == 2 and answer["refused"][0]["field"] == "2.traceId", f"got {answer}"
+        listed = await (await client.get("/v1/traces?service=api&since=0")).json()
+        assert [t["trace_id"] for t in listed["traces"]] == [T], f"got {listed}"
+        r = await client.get(f"/v1/traces/{T.upper()}")
+        tree = await r.json()
+        assert r.status == 200 and tree["roots"][0]["children"][0]["service"] == "api", f"got {tree}"
+        assert (await client.get(f"/v1/traces/{'9' * 32}")).status == 404
+    finally:
+        await client.close()
+        cp.registry.store.close()
