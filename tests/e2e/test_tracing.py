@@ -4,7 +4,8 @@ HTTP apps on 127.0.0.1.
 A request that enters the caller's sidecar with a W3C ``traceparent`` (and one with B3 headers) and
 goes on to the callee's sidecar becomes one trace in ``/v1/traces`` with both sidecars' spans under the
 caller's trace id, the callee's span a child of the caller's; the app behind the callee gets both
-header families. The ingestion route refuses a stranger. With the control plane stopped while requests
+header families. The listeners with tracing, in every mTLS mode, and the bootstrap with the span
+collector are accepted by ``envoy --mode validate``. The ingestion route refuses a stranger. With the control plane stopped while requests
 flow, the spans wait in the nodes' span files and arrive once it is back.
 """
 
@@ -19,10 +20,51 @@ from typing import Any
 import pytest
 import yaml
 
+from google.protobuf import json_format
+
+from meshpilot.sidecar.render import SidecarOptions, render_bootstrap
+from meshpilot.sidecar.spec import load_spec
+from meshpilot.translate.bootstrap import BootstrapOptions, build_bootstrap
+from meshpilot.translate.listeners import build_inbound_listener, build_outbound_listener
+from meshpilot.translate.tracing import node_tracing, with_tracing
+from meshpilot.xds.resource import node_info
 from tests.e2e.test_sidecar import AUTH, TOKEN, app, sidecar, spec_doc
-from tests.support import ControlPlaneProc, free_port, http, through, wait_until
+from tests.e2e.test_envoy_validates_translations import _routes_inline
+from tests.support import ControlPlaneProc, assert_envoy_accepts, free_port, http, through, wait_until
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize("mtls", ["DISABLE", "PERMISSIVE", "STRICT"])
+def test_traced_listeners_and_the_collector_bootstrap_validate_in_envoy(tmp_path: Path, mtls: str) -> None:
+    b = build_bootstrap(BootstrapOptions(node_id="n1", service="web", app_port=9999, trace_collector_port=41000,
+                                         identity=mtls != "DISABLE", sds_socket=str(tmp_path / "sds.sock")))
+    node = node_info("n1", "web", b["node"]["metadata"])
+    t = node_tracing(node, 12.5)
+    assert t is not None, "expected the bootstrap's node to be given tracing"
+    route = {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]}
+    names = {"outbound": route, "inbound": route, "inbound-local": route}
+    listeners = [
+        with_tracing(build_outbound_listener(node), t),
+        with_tracing(build_inbound_listener(node, trusted_peers=["127.0.0.2"], mtls=mtls), t),
+    ]
+    b["static_resources"]["listeners"] = [
+        _routes_inline(json_format.MessageToDict(lst, preserving_proto_field_name=True), names) for lst in listeners
+    ]
+    assert_envoy_accepts(b, tmp_path, f"listeners traced with the Zipkin tracer (mTLS {mtls}) and the collector cluster")
+
+
+def test_the_rendered_sidecar_bootstrap_with_tracing_validates_in_envoy(tmp_path: Path) -> None:
+    spec = load_spec(yaml.safe_dump(spec_doc("web", 8080, 15006, 15001)))
+    b = render_bootstrap(spec, SidecarOptions(admin_port=0))
+    assert "TRACE_COLLECTOR" not in b["node"]["metadata"], "expected no collector before the agent binds the receiver"
+    from dataclasses import replace
+
+    from meshpilot.sidecar.render import bootstrap_options
+
+    traced = build_bootstrap(replace(bootstrap_options(spec, SidecarOptions(admin_port=0)), trace_collector_port=41001))
+    assert_envoy_accepts(traced, tmp_path, "the sidecar bootstrap with the span collector")
 
 
 @pytest.fixture
