@@ -129,8 +129,12 @@ def _meshpilot_version() -> str:
         v = version("meshpilot")
     except PackageNotFoundError:
         v = "unknown"
-    commit = _run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"])
-    return f"{v} (commit {commit})" if commit else v
+    here = str(Path(__file__).resolve().parent.parent)
+    commit = _run(["git", "-C", here, "rev-parse", "--short", "HEAD"])
+    if not commit:
+        return v
+    dirty = _run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no", "--", "."])
+    return f"{v} (commit {commit}{', with uncommitted changes in meshpilot/' if dirty else ''})"
 
 
 def _envoy_version() -> str:
