@@ -165,6 +165,7 @@ def install(core: Core) -> Part:
 
     return Part(routes=[
         Route("GET", "/ui/api/kinds", policy_kinds, "The policy kinds the control plane knows, each with a template for a new policy"),
+        Route("GET", "/ui", index, "The console (as /ui/)", scope="open"),
         Route("GET", "/ui/", index, "The console (its page; every data call it makes needs a token)", scope="open"),
         Route("GET", "/ui/{asset}", asset, "A file of the console (script, style sheet)", scope="open"),
         Route("POST", "/ui/api/convert", convert, "Read policy text as YAML or JSON and render it as YAML or JSON (stores nothing)",

@@ -62,6 +62,13 @@ async def test_every_file_is_served_without_a_token_with_a_strict_csp(client: Te
         assert resp.content_type == want, f"expected /ui/{name} as {want}, got {resp.content_type}"
 
 
+async def test_ui_without_the_slash_is_the_same_page(client: TestClient) -> None:
+    resp = await client.get("/ui", allow_redirects=False)
+    body = await resp.text()
+    assert resp.status == 200 and "/ui/app.js" in body, f"expected the console's page at /ui, got {resp.status}: {body[:200]}"
+    assert "default-src 'self'" in resp.headers.get("Content-Security-Policy", ""), f"expected the CSP at /ui, got {dict(resp.headers)}"
+
+
 async def test_unknown_files_are_404_and_nothing_outside_static_is_served(client: TestClient) -> None:
     for path in ("/ui/nope.js", "/ui/plugin.py", "/ui/..%2Fplugin.py", "/ui/%2E%2E%2F__init__.py", "/ui/static"):
         resp = await client.get(path)
@@ -127,9 +134,9 @@ async def test_a_request_of_the_wrong_shape_is_refused_naming_the_field(client: 
 
 async def test_openapi_lists_the_console_routes_with_their_scopes(client: TestClient) -> None:
     doc = await (await client.get("/openapi.json", headers=AUTH)).json()
-    paths = ("/ui/", "/ui/{asset}", "/ui/api/kinds", "/ui/api/convert")
+    paths = ("/ui", "/ui/", "/ui/{asset}", "/ui/api/kinds", "/ui/api/convert")
     got = {p: {m: op["x-meshpilot-scope"] for m, op in doc["paths"].get(p, {}).items()} for p in paths}
-    assert got == {"/ui/": {"get": "open"}, "/ui/{asset}": {"get": "open"}, "/ui/api/kinds": {"get": "read"}, "/ui/api/convert": {"post": "read"}}, \
+    assert got == {"/ui": {"get": "open"}, "/ui/": {"get": "open"}, "/ui/{asset}": {"get": "open"}, "/ui/api/kinds": {"get": "read"}, "/ui/api/convert": {"post": "read"}}, \
         f"expected the console's routes documented with their scopes, got {got}"
 
 

@@ -85,6 +85,10 @@ async function route() {
 
 document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("signout").addEventListener("click", () => signOut());
+  // the current page's link shows it again with fresh data
+  for (const a of document.querySelectorAll("#nav a")) {
+    a.addEventListener("click", () => { if (location.hash === a.getAttribute("href")) route(); });
+  }
   window.addEventListener("hashchange", route);
   route();
 });
