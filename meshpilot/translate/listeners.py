@@ -13,7 +13,11 @@ filter: a rate limit or breaker must never fail the check that keeps the instanc
 from registered sidecar addresses (``trusted_peers``) and strips it from everyone else. Both write a
 JSON access log line per request naming source and destination service (request counts, status
 and latency per destination are Envoy's cluster stats, tagged with the source service by the
-bootstrap). Extra HTTP filters (the WASM governance
+bootstrap). The inbound listener also counts the requests that came without a caller's sidecar (no
+``x-mesh-caller`` left once the strip or certificate filters ran: an SDK app, a client outside the mesh),
+per peer address and response code (``envoy_meshpilot_direct_requests``, ``..._direct_request_time``;
+Envoy's stats access logger), so the topology can name such a caller by its registered address; health
+checks (the ``health`` route) are not counted. Extra HTTP filters (the WASM governance
 filters, delivered over ECDS) are passed in by the caller and run before the router.
 
 Mutual TLS (tls.py): on a node with an identity whose service is in PERMISSIVE or STRICT mode, the
@@ -44,6 +48,8 @@ from envoy.config.core.v3 import address_pb2, base_pb2, substitution_format_stri
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
+from envoy.extensions.access_loggers.stats.v3 import stats_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
@@ -65,7 +71,7 @@ from meshpilot.translate.tls import DISABLE, MODES, STRICT, downstream_tls, tls_
 from meshpilot.xds.resource import NodeInfo, pack
 
 __all__ = [
-    "AUTHZ_ALLOW", "AUTHZ_DENY", "CALLER_HEADER", "HEALTH_HEADER", "INBOUND", "INBOUND_LOCAL_ROUTE", "INBOUND_ROUTE", "OUTBOUND",
+    "AUTHZ_ALLOW", "AUTHZ_DENY", "CALLER_HEADER", "DIRECT_REQUESTS", "DIRECT_REQUEST_TIME", "HEALTH_HEADER", "INBOUND", "INBOUND_LOCAL_ROUTE", "INBOUND_ROUTE", "OUTBOUND",
     "InboundAuthz", "access_log", "build_inbound_listener", "build_inbound_local_routes", "build_inbound_routes",
     "build_outbound_listener",
 ]
@@ -78,6 +84,9 @@ INBOUND_ROUTE = "inbound"  # the node's own route configuration (RDS, scoped to 
 INBOUND_LOCAL_ROUTE = "inbound-local"  # STRICT mode: the node's own plaintext (health checks only)
 AUTHZ_DENY = "mesh.authz-deny"  # the inbound RBAC filters, by name (routes carry their rules)
 AUTHZ_ALLOW = "mesh.authz-allow"
+# requests without a caller's sidecar, as Prometheus names them (stats access logger: envoy_<prefix>_<name>)
+DIRECT_REQUESTS = "envoy_meshpilot_direct_requests"  # counter: destination_service, peer, response_code
+DIRECT_REQUEST_TIME = "envoy_meshpilot_direct_request_time"  # histogram (ms): destination_service, peer
 _STAT = {AUTHZ_DENY: "authz_deny", AUTHZ_ALLOW: "authz_allow"}  # stats: http.inbound.rbac.authz_deny.denied, ...
 
 
@@ -129,6 +138,27 @@ def access_log(direction: str, fields: dict[str, str]) -> accesslog_pb2.AccessLo
     })
     out = stream_pb2.StdoutAccessLog(log_format=substitution_format_string_pb2.SubstitutionFormatString(json_format=fmt))
     return accesslog_pb2.AccessLog(name="envoy.access_loggers.stdout", typed_config=pack(out))
+
+
+_Stats = stats_pb2.Config
+
+
+def _direct_requests_log(node: NodeInfo) -> accesslog_pb2.AccessLog:
+    """Counts (and times) the requests no caller's sidecar stamped, by peer address: one series per client
+    host that calls the service directly. Envoy's stats carry no request header or peer otherwise."""
+    service = _Stats.Tag(name="destination_service", value_format=node.service_key or "-")
+    peer = _Stats.Tag(name="peer", value_format="%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%")
+    cfg = _Stats(
+        stat_prefix="meshpilot",
+        counters=[_Stats.Counter(stat=_Stats.Stat(name="direct_requests", tags=[
+            service, peer, _Stats.Tag(name="response_code", value_format="%RESPONSE_CODE%")]), value_fixed={"value": 1})],
+        histograms=[_Stats.Histogram(stat=_Stats.Stat(name="direct_request_time", tags=[service, peer]),
+                                     unit=_Stats.Histogram.Milliseconds, value_format="%DURATION%")],
+    )
+    expression = f"xds.route_name != 'health' && !('{CALLER_HEADER}' in request.headers)"
+    only = accesslog_pb2.AccessLogFilter(extension_filter=accesslog_pb2.ExtensionFilter(
+        name="envoy.access_loggers.extension_filters.cel", typed_config=pack(cel_pb2.ExpressionFilter(expression=expression))))
+    return accesslog_pb2.AccessLog(name="envoy.access_loggers.stats", filter=only, typed_config=pack(cfg))
 
 
 def _header_filter(name: str, mutation: mutation_rules_pb2.HeaderMutation) -> hcm.HttpFilter:
@@ -320,7 +350,7 @@ def _inbound_manager(
             "source_service": f"%REQ({CALLER_HEADER})%", "destination_service": node.service_key,
             "source_principal": "%DOWNSTREAM_PEER_URI_SAN%", "destination_principal": "%DOWNSTREAM_LOCAL_URI_SAN%",
             "details": "%RESPONSE_CODE_DETAILS%",
-        })],
+        }), _direct_requests_log(node)],
     )
     _normalise_paths(manager)
     return manager
