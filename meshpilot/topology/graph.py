@@ -3,13 +3,13 @@ registered one, whichever front door registered it, and every caller seen in the
 caller → callee with the requests, request rate, 5xx share and latency quantiles of a window.
 
 Every sidecar's Envoy tags all its stats with ``source_service`` (its own ``<svc>.<ns>``, bootstrap.py);
-the destination is the cluster in ``envoy_cluster_name``: ``outbound|<port>||<svc>.<ns>.svc.<domain>``
-(Envoy writes the dots as underscores) on the caller's side, ``inbound|<port>||`` on the callee's. An
-edge between two sidecars is counted where the request leaves, from the caller's outbound cluster
-(Istio's ``reporter="source"``). Requests that reached a callee's inbound listener without passing a
-caller's sidecar (an SDK app, a client outside the mesh) are the callee's inbound requests less those
-its sidecar callers sent and less its own health checks (HDS); they form an edge from ``unknown``:
-Envoy's stats hold no request header or peer address, so such a caller cannot be named from them.
+the destination is the cluster in ``envoy_cluster_name``, ``outbound|<port>||<svc>.<ns>.svc.<domain>``
+(Envoy writes the dots as underscores). An edge between two sidecars is counted where the request leaves,
+from the caller's outbound cluster (Istio's ``reporter="source"``). A request that reached a callee's
+inbound listener without a caller's sidecar (an SDK app, a client outside the mesh) is counted there, by
+peer address (``envoy_meshpilot_direct_requests``, translate/listeners.py); the caller is the service
+registered through an SDK front door (Consul, Eureka, the API) at that address, when exactly one is, and
+``unknown`` otherwise (``reporter="destination"``).
 
 Counts are exact for the window, not extrapolated: a counter's increase is summed sample by sample from
 its value at the window's start (a drop is a restart: counting starts again from 0), so the count
@@ -19,6 +19,7 @@ JSON-serialisable document out; meshpilot/topology/prometheus.py runs the querie
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections import defaultdict
@@ -32,7 +33,6 @@ __all__ = ["UNKNOWN", "Queried", "Series", "parse_series", "series_increase", "t
 
 UNKNOWN = "unknown"  # the caller of requests no sidecar reported sending
 _OUTBOUND = re.compile(r"^outbound\|(\d+)\|[^|]*\|(.+)$")
-_INBOUND = re.compile(r"^inbound\|(\d+)\|")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +51,11 @@ class Series:
 @dataclass(frozen=True, slots=True)
 class Queried:
     """The Prometheus results a topology is computed from (``data.result`` of each query, parsed).
-    ``requests``/``errors``: the counters over the window (range vectors), ``*_before``: the same
-    counters at the window's start (instant vectors); ``p50``/``p99``: latency in ms per source and
-    cluster (instant vectors); ``health_checks`` (and ``_before``): the counters of health checks each
-    node's Envoy made of its own app (HDS), ``envoy_cluster_health_check_attempt`` and ``..._network_failure``:
-    the attempts that connected went through its inbound listener and were counted there as requests."""
+    ``requests``/``errors``: the callers' outbound counters over the window (range vectors), ``*_before``:
+    the same counters at the window's start (instant vectors); ``p50``/``p99``: latency in ms per source and
+    cluster (instant vectors); ``direct`` (and ``_before``): the callees' counters of requests without a
+    caller's sidecar, by ``destination_service``, ``peer`` and ``response_code``; ``direct_p50``/``_p99``:
+    their latency by ``destination_service`` and ``peer``."""
 
     requests: Sequence[Series] = ()
     requests_before: Sequence[Series] = ()
@@ -63,8 +63,10 @@ class Queried:
     errors_before: Sequence[Series] = ()
     p50: Sequence[Series] = ()
     p99: Sequence[Series] = ()
-    health_checks: Sequence[Series] = ()
-    health_checks_before: Sequence[Series] = ()
+    direct: Sequence[Series] = ()
+    direct_before: Sequence[Series] = ()
+    direct_p50: Sequence[Series] = ()
+    direct_p99: Sequence[Series] = ()
     services: Sequence[Service] = ()
     instances: Sequence[Instance] = ()
     domain: str = "mesh"
@@ -170,6 +172,32 @@ def _quantiles(series: Sequence[Series], known: Mapping[str, str], domain: str) 
     return out
 
 
+def _address(text: str) -> str:
+    """An address as the registry writes it (an IPv4-mapped IPv6 peer as IPv4); junk as given."""
+    try:
+        ip = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return text
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
+
+
+def _sdk_callers(instances: Iterable[Instance]) -> dict[str, set[str]]:
+    """Address → the services registered there through an SDK front door (not by a sidecar over HDS: a
+    sidecar's address is its own, and its app's requests go out through it)."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for inst in instances:
+        if inst.source != "mesh":
+            out[_address(inst.address)].add(inst.service_key)
+    return out
+
+
+def _caller(peer: str, callers: Mapping[str, set[str]]) -> str:
+    """The service at the peer's address when exactly one is registered there, else ``unknown``."""
+    found = callers.get(_address(peer), set())
+    return next(iter(found)) if len(found) == 1 else UNKNOWN
+
+
 def _round(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(x, digits)
 
@@ -178,44 +206,35 @@ def topology(q: Queried) -> dict[str, Any]:
     """The graph: ``nodes`` (services) and ``edges`` (caller → callee), each edge with ``requests`` (exact
     count in the window), ``rps``, ``errors`` (5xx), ``error_rate``, ``p50_ms``, ``p99_ms`` (None without
     traffic) and ``reporter`` (``source``: the caller's sidecar; ``destination``: the callee's, for
-    callers without one)."""
+    callers without one, named by their registered address or ``unknown``)."""
     known = _cluster_services(q.services, q.domain)
     edges: dict[tuple[str, str], _Edge] = defaultdict(_Edge)
-    received: dict[str, float] = defaultdict(float)
-    received_errors: dict[str, float] = defaultdict(float)
     for labels, n in series_increase(q.requests, q.requests_before):
-        src, cluster = labels.get("source_service", ""), labels.get("envoy_cluster_name", "")
-        if not src:
-            continue
-        dest = _destination(cluster, known, q.domain)
-        if dest is not None:
+        src = labels.get("source_service", "")
+        dest = _destination(labels.get("envoy_cluster_name", ""), known, q.domain)
+        if src and dest is not None:
             edges[(src, dest)].requests += n
-        elif _INBOUND.match(cluster):
-            received[src] += n
     for labels, n in series_increase(q.errors, q.errors_before):
-        src, cluster = labels.get("source_service", ""), labels.get("envoy_cluster_name", "")
-        if not src:
-            continue
-        dest = _destination(cluster, known, q.domain)
-        if dest is not None:
+        src = labels.get("source_service", "")
+        dest = _destination(labels.get("envoy_cluster_name", ""), known, q.domain)
+        if src and dest is not None:
             edges[(src, dest)].errors += n
-        elif _INBOUND.match(cluster):
-            received_errors[src] += n
-    checks: dict[str, float] = defaultdict(float)
-    for labels, n in series_increase(q.health_checks, q.health_checks_before):
-        if labels.get("source_service"):
-            failed = labels.get("__name__", "").endswith("network_failure")
-            checks[labels["source_service"]] += -n if failed else n
-    # what reached a callee's sidecar that no caller's sidecar sent (nor its own health checks)
-    sent_to: dict[str, float] = defaultdict(float)
-    for (_, dest), e in edges.items():
-        sent_to[dest] += e.requests
-    for dest, n in received.items():
-        rest = round(n - sent_to.get(dest, 0.0) - checks.get(dest, 0.0))
-        if rest >= 1:
-            e = edges[(UNKNOWN, dest)]
-            e.requests, e.reporter = float(rest), "destination"
-            e.errors = max(0.0, received_errors.get(dest, 0.0) - sum(x.errors for (_, d), x in edges.items() if d == dest and x is not e))
+    callers = _sdk_callers(q.instances)
+    for labels, n in series_increase(q.direct, q.direct_before):
+        dest = labels.get("destination_service", "")
+        if not dest or dest == "-":
+            continue
+        e = edges[(_caller(labels.get("peer", ""), callers), dest)]
+        e.reporter = "destination"
+        e.requests += n
+        if labels.get("response_code", "").startswith("5"):
+            e.errors += n
+    for quantiles, attr in ((q.direct_p50, "p50"), (q.direct_p99, "p99")):
+        for s in quantiles:
+            key = (_caller(s.labels.get("peer", ""), callers), s.labels.get("destination_service", ""))
+            if key in edges and s.samples:
+                current = getattr(edges[key], attr)
+                setattr(edges[key], attr, max(current, s.samples[-1][1]) if current is not None else s.samples[-1][1])
     for (src, dest), v in _quantiles(q.p50, known, q.domain).items():
         if (src, dest) in edges:
             edges[(src, dest)].p50 = v

@@ -11,21 +11,23 @@ from typing import Any
 import aiohttp
 
 from meshpilot.topology.graph import Series, parse_series
+from meshpilot.translate.listeners import DIRECT_REQUEST_TIME, DIRECT_REQUESTS
 
 __all__ = ["PrometheusError", "queries", "query_all"]
 
-_CLUSTERS = r'envoy_cluster_name=~"(outbound|inbound)\\|.+"'
-_OUTBOUND = r'envoy_cluster_name=~"outbound\\|.+"'
+_CLUSTERS = r'envoy_cluster_name=~"outbound\\|.+"'
 _REQUESTS = f"envoy_cluster_upstream_rq_total{{{_CLUSTERS}}}"
 _ERRORS = f'envoy_cluster_upstream_rq_xx{{envoy_response_code_class="5",{_CLUSTERS}}}'
-# the health checks each sidecar's Envoy made of its own app (HDS clusters ``hds|<node>``); those that
-# connected (attempts less network failures) went through its inbound listener and are counted there too
-_CHECKS = r'{__name__=~"envoy_cluster_health_check_(attempt|network_failure)",envoy_cluster_name=~"hds\\|.+"}'
+_DIRECT = DIRECT_REQUESTS  # requests a callee's sidecar took without a caller's sidecar (by peer address)
 
 
 def _quantile(q: float, w: str) -> str:
     return (f"histogram_quantile({q}, sum by (le, source_service, envoy_cluster_name) "
-            f"(rate(envoy_cluster_upstream_rq_time_bucket{{{_OUTBOUND}}}[{w}])))")
+            f"(rate(envoy_cluster_upstream_rq_time_bucket{{{_CLUSTERS}}}[{w}])))")
+
+
+def _direct_quantile(q: float, w: str) -> str:
+    return f"histogram_quantile({q}, sum by (le, destination_service, peer) (rate({DIRECT_REQUEST_TIME}_bucket[{w}])))"
 
 
 def queries(window_s: float) -> dict[str, tuple[str, float]]:
@@ -38,8 +40,10 @@ def queries(window_s: float) -> dict[str, tuple[str, float]]:
         "errors_before": (_ERRORS, window_s),
         "p50": (_quantile(0.5, w), 0.0),
         "p99": (_quantile(0.99, w), 0.0),
-        "health_checks": (f"{_CHECKS}[{w}]", 0.0),
-        "health_checks_before": (_CHECKS, window_s),
+        "direct": (f"{_DIRECT}[{w}]", 0.0),
+        "direct_before": (_DIRECT, window_s),
+        "direct_p50": (_direct_quantile(0.5, w), 0.0),
+        "direct_p99": (_direct_quantile(0.99, w), 0.0),
     }
 
 

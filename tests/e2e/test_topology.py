@@ -5,6 +5,7 @@ all; /v1/topology counts the requests of each caller → callee edge from what P
 from __future__ import annotations
 
 import contextlib
+import http.client as httpclient
 import json
 import shutil
 import subprocess
@@ -21,7 +22,8 @@ TOKEN = "topology-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 SENT = {"client": 200, "shop": 120}  # requests each caller's sidecar sends to web
-DIRECT = 60  # requests an app without a sidecar sends straight to web's inbound listener
+DIRECT = {"127.0.0.2": 60, "127.0.0.1": 25}  # requests apps without a sidecar send straight to web's inbound listener, by source address
+LEGACY = "127.0.0.2"  # where the SDK app "legacy" is registered (through the API, as a Consul client would)
 
 
 @contextlib.contextmanager
@@ -97,7 +99,12 @@ def test_prometheus_scrapes_the_mesh_from_the_generated_targets_and_the_topology
         settings.write_text(json.dumps({"token": TOKEN, "prometheus_sd_file": str(sd_file), "prometheus_url": prom}))
         cp = stack.enter_context(control_plane(workdir, extra=["--config", str(settings)]))
         web = stack.enter_context(http_backend("web-1"))
-        assert cp.call("POST", "/v1/services", {"name": "web", "ports": [{"name": "http", "port": 80}]}, headers=AUTH)[0] in (200, 201)
+        for svc in ("web", "legacy"):
+            status, body = cp.call("POST", "/v1/services", {"name": svc, "ports": [{"name": "http", "port": 80}]}, headers=AUTH)
+            assert status in (200, 201), f"expected {svc} created, got {status}: {body}"
+        status, body = cp.call("POST", "/v1/services/default/legacy/instances",
+                               {"id": "legacy-1", "address": LEGACY, "ports": {"http": 9}}, headers=AUTH)
+        assert status in (200, 201), f"expected the SDK app's instance registered, got {status}: {body}"
         inbound = free_port()
         boots = {
             "web-1": sidecar("web-1", cp.xds_port, "web", inbound_port=inbound, app_port=web.port, hds=True),
@@ -159,9 +166,10 @@ def test_prometheus_scrapes_the_mesh_from_the_generated_targets_and_the_topology
             for i in range(n):
                 status, body = through(out, "web", f"/topology/{i}")
                 assert status == 200, f"expected 200 from web through {svc}'s sidecar, got {status}: {body}"
-        for i in range(DIRECT):
-            status, body = through(inbound, "web", f"/direct/{i}")
-            assert status == 200, f"expected 200 from web's inbound listener, got {status}: {body}"
+        for source, n in DIRECT.items():
+            for i in range(n):
+                status = direct(inbound, source, f"/direct/{i}")
+                assert status == 200, f"expected 200 from web's inbound listener for a caller at {source}, got {status}"
         done = time.time()
 
         # wait for a scrape of every sidecar after the last request and after Envoy's next flush of its
@@ -175,13 +183,30 @@ def test_prometheus_scrapes_the_mesh_from_the_generated_targets_and_the_topology
             assert e["errors"] == 0 and e["error_rate"] == 0, f"expected no errors on {svc} -> web, got {e}"
             assert e["p50_ms"] is not None and e["p99_ms"] is not None and e["p50_ms"] <= e["p99_ms"], \
                 f"expected latency quantiles on {svc} -> web, got {e}"
-        direct = edge(topo, "unknown", "web.default")
-        assert abs(direct["requests"] - DIRECT) <= 0.02 * DIRECT + 1, \
-            f"expected {DIRECT} requests from callers without a sidecar (unknown -> web), got {direct}"
+        # callers without a sidecar: named by the SDK registration at their address, else unknown
+        for source, caller in ((LEGACY, "legacy.default"), ("127.0.0.1", "unknown")):
+            e = edge(topo, caller, "web.default")
+            n = DIRECT[source]
+            assert abs(e["requests"] - n) <= 0.02 * n and e["reporter"] == "destination", \
+                f"expected {n} requests from {caller} (at {source}, no sidecar) reported by web's sidecar, got {e}"
+            assert e["p50_ms"] is not None, f"expected latency on {caller} -> web, got {e}"
         nodes = {n["id"]: n for n in topo["nodes"]}
         assert nodes.get("web.default", {}).get("registered") is True and "mesh" in nodes["web.default"]["sources"], \
             f"expected web as a registered node (over HDS), got {topo['nodes']}"
         assert {"client.default", "shop.default", "unknown"} <= nodes.keys(), f"expected the callers as nodes, got {topo['nodes']}"
+        assert nodes.get("legacy.default", {}).get("sources") == ["api"], f"expected legacy as a node registered through the API, got {topo['nodes']}"
+
+
+def direct(port: int, source: str, path: str) -> int:
+    """A request from an app without a sidecar, sent from the given local address."""
+    conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers={"Host": "web"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
 
 
 def _scrape_time(target: dict[str, Any]) -> float:

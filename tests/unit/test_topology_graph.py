@@ -28,8 +28,8 @@ def out(src: str, host: str, values: list[float], port: int = 80, instance: str 
     return series(values, source_service=src, envoy_cluster_name=f"outbound|{port}||{host}", instance=instance)
 
 
-def inbound(dest: str, values: list[float], instance: str = "w") -> Series:
-    return series(values, source_service=dest, envoy_cluster_name="inbound|8000||", instance=instance)
+def direct(dest: str, peer: str, values: list[float], code: str = "200") -> Series:
+    return series(values, destination_service=dest, peer=peer, response_code=code, instance="w")
 
 
 def edges(topo: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -72,28 +72,33 @@ def test_a_deleted_service_is_still_named_from_its_cluster_and_other_clusters_ar
     assert set(got) == {("client.shop", "gone.shop")}, f"expected only the edge to the deleted service, got {got}"
 
 
-def test_requests_no_sidecar_sent_are_an_edge_from_unknown_less_the_callees_own_health_checks() -> None:
+LEGACY = Instance(id="legacy-1", service="legacy", namespace="shop", address="10.0.0.9", ports={"http": 80}, source="consul")
+WEB_1 = Instance(id="web-1", service="web", namespace="shop", address="10.0.0.5", ports={"http": 80}, source="mesh")
+
+
+def test_requests_without_a_sidecar_are_named_by_the_sdk_registration_at_their_address() -> None:
     q = Queried(
-        requests=[out("client.shop", "web_shop_svc_mesh", [0, 200]), inbound("web.shop", [1000, 1000 + 200 + 60 + 30])],
-        requests_before=[inbound("web.shop", [1000])],
-        errors=[inbound("web.shop", [0, 4])],
-        health_checks=[series([5, 36], "envoy_cluster_health_check_attempt", source_service="web.shop", envoy_cluster_name="hds|w"),
-                       series([1, 2], "envoy_cluster_health_check_network_failure", source_service="web.shop", envoy_cluster_name="hds|w")],
-        health_checks_before=[series([5], "envoy_cluster_health_check_attempt", source_service="web.shop", envoy_cluster_name="hds|w"),
-                              series([1], "envoy_cluster_health_check_network_failure", source_service="web.shop", envoy_cluster_name="hds|w")],
-        services=[WEB],
+        direct=[direct("web.shop", "10.0.0.9", [0, 50]), direct("web.shop", "10.0.0.9", [0, 4], code="503"),
+                direct("web.shop", "::ffff:10.0.0.9", [0, 6]),  # a dual-stack listener's view of the same IPv4 peer
+                direct("web.shop", "10.0.0.5", [10, 17]),  # the sidecar node's own address: not an SDK app
+                direct("web.shop", "192.0.2.1", [0, 3])],
+        direct_before=[direct("web.shop", "10.0.0.5", [10])],
+        direct_p99=[series(12.0, destination_service="web.shop", peer="10.0.0.9"),
+                    series(30.0, destination_service="web.shop", peer="::ffff:10.0.0.9")],
+        services=[WEB], instances=[LEGACY, WEB_1],
     )
     got = edges(topology(q))
+    legacy = got.get(("legacy.shop", "web.shop"))
+    assert legacy is not None and (legacy["requests"], legacy["errors"], legacy["reporter"], legacy["p99_ms"]) == (60, 4, "destination", 30.0), \
+        f"expected legacy -> web with 60 requests, 4 of them 5xx, reported by web, p99 the slower address's, got {got}"
     unknown = got.get(("unknown", "web.shop"))
-    # 290 received, 200 sent by client's sidecar, 31 health checks of which 1 never connected
-    assert unknown is not None and unknown["requests"] == 60 and unknown["reporter"] == "destination", \
-        f"expected 60 requests from callers without a sidecar, got {got}"
-    assert unknown["errors"] == 4, f"expected the callee's 5xx not reported by a sidecar caller, got {unknown}"
+    assert unknown is not None and unknown["requests"] == 10, f"expected 7 + 3 requests from unregistered addresses, got {got}"
 
 
-def test_no_unknown_edge_when_the_sidecar_callers_account_for_every_request() -> None:
-    q = Queried(requests=[out("client.shop", "web_shop_svc_mesh", [0, 200]), inbound("web.shop", [0, 200])], services=[WEB])
-    assert set(edges(topology(q))) == {("client.shop", "web.shop")}
+def test_an_address_two_sdk_services_share_cannot_name_a_caller() -> None:
+    other = Instance(id="batch-1", service="batch", namespace="shop", address="10.0.0.9", ports={"http": 80}, source="eureka")
+    got = edges(topology(Queried(direct=[direct("web.shop", "10.0.0.9", [0, 5])], services=[WEB], instances=[LEGACY, other])))
+    assert set(got) == {("unknown", "web.shop")}, f"expected unknown for a shared address, got {got}"
 
 
 def test_latency_quantiles_attach_to_their_edge_and_nan_means_none() -> None:

@@ -115,3 +115,25 @@ def test_a_stats_port_with_an_os_chosen_admin_port_is_refused_naming_the_field()
 
     with pytest.raises(ValueError, match=r"^mesh\.sidecar\.statsPort: "):
         bootstrap_options(_spec("{adminPort: 0, statsPort: 15090}"), SidecarOptions(node_id="web-1"))  # type: ignore[arg-type]
+
+
+def test_the_inbound_listener_counts_requests_without_a_callers_sidecar_by_peer_but_not_health_checks() -> None:
+    from google.protobuf import json_format
+
+    from meshpilot.translate.listeners import build_inbound_listener
+    from meshpilot.xds.resource import NodeInfo
+
+    lst = json_format.MessageToDict(build_inbound_listener(
+        NodeInfo(id="web-1", service="web", inbound_port=15006, app_port=8080), trusted_peers=["10.0.0.7"]))
+    logs = lst["filterChains"][0]["filters"][0]["typedConfig"]["accessLog"]
+    stats = [log for log in logs if log["name"] == "envoy.access_loggers.stats"]
+    assert len(stats) == 1, f"expected one stats access logger on the inbound listener, got {logs}"
+    cfg = stats[0]["typedConfig"]
+    [counter] = cfg["counters"]
+    tags = {t["name"]: t["valueFormat"] for t in counter["stat"]["tags"]}
+    assert (cfg["statPrefix"], counter["stat"]["name"]) == ("meshpilot", "direct_requests") and tags == {
+        "destination_service": "web.default", "peer": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", "response_code": "%RESPONSE_CODE%",
+    }, f"expected envoy_meshpilot_direct_requests by destination, peer and code, got {cfg}"
+    expression = stats[0]["filter"]["extensionFilter"]["typedConfig"]["expression"]
+    assert expression == "xds.route_name != 'health' && !('x-mesh-caller' in request.headers)", \
+        f"expected only requests without a caller header and outside the health route, got {expression!r}"
