@@ -146,6 +146,12 @@ async def test_a_stranger_gets_401_and_nothing_is_kept() -> None:
         assert len(store) == 0, "expected nothing kept"
         r = await client.get(f"/v1/traces/{T}")
         assert r.status == 401, f"expected reads to need a token too, got {r.status}"
+        issued = await (await client.post("/v1/access/tokens", json={"scope": "read", "description": "reader"},
+                                          headers={"Authorization": "Bearer boot"})).json()
+        reader = {"Authorization": f"Bearer {issued['secret']}"}
+        r = await client.post("/v1/spans", json=body, headers=reader)
+        assert r.status == 403 and len(store) == 0, f"expected a read token refused with 403, got {r.status} {await r.text()}"
+        assert (await client.get("/v1/traces", headers=reader)).status == 200, "expected a read token to read traces"
         r = await client.post("/v1/spans", json=body, headers={"Authorization": "Bearer boot"})
         assert r.status == 201 and len(store) == 1, f"expected the token's spans kept, got {r.status} {await r.text()}"
     finally:
