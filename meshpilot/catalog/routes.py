@@ -1,6 +1,6 @@
 """The API catalog's routes on the management API (``/v1/catalog``).
 
-Upload (PUT or POST a document: write scope), import from an instance's springdoc endpoint (write
+Upload (PUT a document: write scope), import from an instance's springdoc endpoint (write
 scope), and reads (read scope): the services with a catalog, a service's current operations, its
 versions, one version, and the diff between two. Every bad request is a 4xx naming the field, and
 leaves the stored catalog as it was. docs/catalog.md is the user's page.
@@ -100,10 +100,10 @@ class _Handlers:
 
     async def version(self, request: web.Request) -> web.Response:
         key = self._key(request)
-        number = _number(request.match_info["number"], "number")
-        version = self.catalog.version(key, number)
+        text = request.match_info["number"]
+        version = self.catalog.version(key, int(text)) if text.isdigit() and len(text) <= 9 else None
         if version is None:
-            raise ApiError(404, f"number: {key} has no catalog version {number}", [{"field": "number", "reason": "not found"}])
+            raise ApiError(404, f"number: {key} has no catalog version {text!r} (versions are numbered 1, 2, ...)", [{"field": "number", "reason": "not found"}])
         return web.json_response(version)
 
     async def diff(self, request: web.Request) -> web.Response:
@@ -117,7 +117,7 @@ class _Handlers:
         else:
             earlier = [int(v["number"]) for v in versions if int(v["number"]) < to]
             if not earlier:
-                raise ApiError(400, f"from: version {to} has no earlier version to compare with; give from", [{"field": "from", "reason": "no earlier version"}])
+                raise ApiError(404, f"from: version {to} has no earlier version to compare with; give from", [{"field": "from", "reason": "no earlier version"}])
             frm = earlier[-1]
         a, b = self.catalog.version(key, frm), self.catalog.version(key, to)
         for name, n, v in (("from", frm, a), ("to", to, b)):
@@ -161,7 +161,6 @@ def catalog_routes(registry: Registry) -> list[Route]:
         Route("GET", "/v1/catalog", h.list_services, "List the services with an API catalog and their current versions"),
         Route("GET", base, h.current, "Get a service's current API operations"),
         Route("PUT", base, h.upload, "Upload a service's OpenAPI 3 document: a new catalog version when its operations changed", DocumentIn),
-        Route("POST", base, h.upload, "Upload a service's OpenAPI 3 document (as PUT)", DocumentIn),
         Route("POST", base + "/import", h.import_, "Import a service's OpenAPI document from one of its registered instances (springdoc /v3/api-docs)", ImportIn),
         Route("GET", base + "/versions", h.versions, "List a service's catalog versions"),
         Route("GET", base + "/versions/{number}", h.version, "Get one catalog version with its operations"),

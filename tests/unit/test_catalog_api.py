@@ -68,7 +68,7 @@ async def test_upload_makes_a_version_only_when_the_operations_change(api: TestC
     changed = document()
     changed["paths"]["/orders/{id}"]["get"]["summary"] = "fetch one order"
     changed["paths"]["/health"] = {"get": {"operationId": "health", "responses": {"200": {"description": "ok"}}}}
-    r = await api.post(BASE, data=json.dumps(changed))
+    r = await api.put(BASE, data=json.dumps(changed))
     body = await r.json()
     assert r.status == 201 and body["version"]["number"] == 2 and body["version"]["source"]["kind"] == "upload", f"expected version 2, got {r.status}: {body}"
     versions = await (await api.get(BASE + "/versions")).json()
@@ -110,7 +110,8 @@ async def test_bad_uploads_are_refused_naming_the_field_and_store_nothing(api: T
     assert [v["number"] for v in versions] == [1], f"expected only version 1 after the refusals, got {versions}"
     r = await api.put("/v1/catalog/default/nosuch", data=json.dumps(document()))
     assert r.status == 404 and (await r.json())["fields"][0]["field"] == "service", f"expected 404 for an unregistered service, got {r.status}"
-    for path, field in ((BASE + "/versions/x", "number"), (BASE + "/versions/9", "number"), (BASE + "/diff?from=1&to=7", "to")):
+    for path, field in ((BASE + "/versions/x", "number"), (BASE + "/versions/0", "number"), (BASE + "/versions/9", "number"),
+                        (BASE + "/diff?from=1&to=7", "to"), (BASE + "/diff", "from"), (BASE + "/diff?from=x", "from")):
         r = await api.get(path)
         body = await r.json()
         assert r.status in (400, 404) and body["fields"][0]["field"] == field, f"expected {field} named for {path}, got {r.status}: {body}"
@@ -303,4 +304,4 @@ async def test_openapi_json_documents_the_catalog_routes(api: TestClient) -> Non
     want = {"/v1/catalog", "/v1/catalog/{namespace}/{name}", "/v1/catalog/{namespace}/{name}/import", "/v1/catalog/{namespace}/{name}/diff",
             "/v1/catalog/{namespace}/{name}/versions", "/v1/catalog/{namespace}/{name}/versions/{number}"}
     assert want <= set(paths), f"expected the catalog's paths documented, missing {want - set(paths)}"
-    assert {"put", "post", "get"} <= set(paths["/v1/catalog/{namespace}/{name}"]), f"got {paths['/v1/catalog/{namespace}/{name}']}"
+    assert {"put", "get"} <= set(paths["/v1/catalog/{namespace}/{name}"]), f"got {paths['/v1/catalog/{namespace}/{name}']}"
