@@ -24,7 +24,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from meshpilot.model import Instance, Service
@@ -72,7 +72,6 @@ class Queried:
     domain: str = "mesh"
     window_s: float = 300.0
     time: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 def _number(v: Any) -> float | None:
@@ -251,7 +250,7 @@ def topology(q: Queried) -> dict[str, Any]:
             "error_rate": _round(e.errors / e.requests if e.requests else 0.0, 4),
             "p50_ms": _round(e.p50), "p99_ms": _round(e.p99), "reporter": e.reporter,
         })
-    return {"time": q.time, "window_s": q.window_s, "nodes": _nodes(q, edge_list), "edges": edge_list, "notes": q.notes}
+    return {"time": q.time, "window_s": q.window_s, "nodes": _nodes(q, edge_list), "edges": edge_list}
 
 
 def _nodes(q: Queried, edges: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
