@@ -1,0 +1,104 @@
+"""The topology part in an assembled control plane (in-process, on 127.0.0.1): the file_sd file follows the
+connected sidecars, /v1/prometheus/targets serves it to read tokens only, and /v1/topology names what is
+wrong with its input or its Prometheus."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from meshpilot.controlplane import ControlPlane
+from meshpilot.plugins import install_plugins
+from meshpilot.settings import Settings
+from meshpilot.xds.resource import NodeInfo
+
+TOKEN = "topology-unit-token"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def _serving(**settings: Any) -> AsyncIterator[tuple[ControlPlane, str]]:
+    cp = ControlPlane(Settings(store="memory:", xds_port=0, api_port=0, consul_port=None, eureka_port=None, token=TOKEN, **settings))
+    install_plugins(cp)
+    run = asyncio.create_task(cp.run())
+    try:
+        async with asyncio.timeout(10):
+            await cp.ready.wait()
+        yield cp, f"http://127.0.0.1:{cp.ports['api']}"
+    finally:
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+
+
+async def _get(url: str, token: str | None = TOKEN) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def _until(pred: Any, what: str, timeout: float = 5.0) -> Any:
+    async with asyncio.timeout(timeout):
+        while True:
+            got = pred()
+            if got:
+                return got
+            await asyncio.sleep(0.02)
+    raise AssertionError(what)  # pragma: no cover
+
+
+def _read(path: Path) -> list[dict[str, Any]] | None:
+    try:
+        return list(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def test_the_file_follows_the_connected_sidecars_and_the_route_serves_it_to_read_tokens(tmp_path: Path) -> None:
+    sd = tmp_path / "targets.json"
+
+    async def scenario() -> None:
+        async with _serving(prometheus_sd_file=str(sd)) as (cp, api):
+            first = await _until(lambda: _read(sd), "the file written at start")
+            assert [g["labels"]["kind"] for g in first] == ["controlplane"] and first[0]["targets"] == [f"127.0.0.1:{cp.ports['api']}"], \
+                f"expected the control plane's own /metrics at start, got {first}"
+            node = NodeInfo(id="web-1", service="web", outbound_port=15001, bind_address="10.0.0.5", extra={"STATS_PORT": 15090})
+            cp._node_connected(node)
+            got = await _until(lambda: (g := _read(sd)) and len(g) == 2 and g, "the sidecar listed")
+            assert got[1]["targets"] == ["10.0.0.5:15090"] and got[1]["labels"]["node"] == "web-1", f"expected web-1's target, got {got}"
+            assert await _get(api + "/v1/prometheus/targets") == (200, got), "expected the route to serve the file's document"
+            status, body = await _get(api + "/v1/prometheus/targets", token=None)
+            assert status == 401, f"expected 401 without a token, got {status}: {body}"
+            cp._node_gone(node)
+            back = await _until(lambda: (g := _read(sd)) and len(g) == 1 and g, "the sidecar gone from the file")
+            assert back == first, f"expected only the control plane again, got {back}"
+
+    asyncio.run(scenario())
+
+
+def test_the_topology_route_names_a_bad_window_a_missing_and_an_unreachable_prometheus() -> None:
+    async def scenario() -> None:
+        async with _serving() as (_, api):
+            status, body = await _get(api + "/v1/topology")
+            assert status == 503 and "prometheus_url" in body["error"], f"expected 503 naming prometheus_url, got {status}: {body}"
+            status, body = await _get(api + "/v1/topology", token=None)
+            assert status == 401, f"expected 401 without a token, got {status}: {body}"
+        async with _serving(prometheus_url=f"http://127.0.0.1:{_closed_port()}") as (_, api):
+            status, body = await _get(api + "/v1/topology?window=5%20minutes")
+            assert status == 400 and body["error"].startswith("window: "), f"expected 400 naming window, got {status}: {body}"
+            status, body = await _get(api + "/v1/topology?window=30s")
+            assert status == 502 and body["error"].startswith("prometheus_url: "), f"expected 502 naming prometheus_url, got {status}: {body}"
+
+    asyncio.run(scenario())
