@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ playwright = pytest.importorskip("playwright.sync_api", reason="the console's br
 CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "console-e2e-bootstrap-t0ken"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-SHOTS = ROOT / "docs" / "console"
+# where the screenshots go: docs/console when asked (MESHPILOT_CONSOLE_SHOTS=docs, to refresh the
+# docs' pictures), else a temporary directory, so a test run leaves the tree as it was
+_SHOTS: list[Path] = []
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
 HOSTILE_ZONE = "<script>window.__pwned=2</script>"
 BROKEN_CLUSTER = {  # Envoy refuses it (not an IP address): its NACK text is what the proxies page shows
@@ -108,7 +111,9 @@ def mesh() -> Iterator[Mesh]:
             status, body = cp.call("GET", "/v1/instances/reviews-mesh-1", None, ADMIN)
             return str(body.get("health")) if status == 200 else f"status {status}"
 
-        wait_until(lambda: mesh_health() == "passing", 20, what="reviews-mesh-1 registered over HDS and passing")
+        seen: list[str] = []
+        wait_until(lambda: seen.append(mesh_health()) or seen[-1] == "passing", 20,
+                   what=f"reviews-mesh-1 registered over HDS and passing (its health as the API showed it, in turn: {seen})")
         outbound = free_port()
         web = stack.enter_context(envoy(workdir, sidecar_bootstrap("web-1", cp.xds_port, service="web", outbound_port=outbound), name="web-1"))
         m = Mesh(cp, web, outbound, reviews_mesh)
@@ -151,8 +156,10 @@ def sign_in(pg: Any, mesh: Mesh, token: str = TOKEN) -> None:
 
 
 def shot(pg: Any, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    pg.screenshot(path=str(SHOTS / name), full_page=True)
+    if not _SHOTS:
+        _SHOTS.append(ROOT / "docs" / "console" if os.environ.get("MESHPILOT_CONSOLE_SHOTS") == "docs" else tmpdir("meshpilot-console-shots-"))
+    _SHOTS[0].mkdir(parents=True, exist_ok=True)
+    pg.screenshot(path=str(_SHOTS[0] / name), full_page=True)
 
 
 def test_the_ui_is_served_with_a_strict_csp_and_no_data_without_a_token(mesh: Mesh) -> None:
