@@ -112,8 +112,10 @@ def mesh() -> Iterator[Mesh]:
             return str(body.get("health")) if status == 200 else f"status {status}"
 
         seen: list[str] = []
-        wait_until(lambda: seen.append(mesh_health()) or seen[-1] == "passing", 20,
-                   what=f"reviews-mesh-1 registered over HDS and passing (its health as the API showed it, in turn: {seen})")
+        try:
+            wait_until(lambda: seen.append(mesh_health()) or seen[-1] == "passing", 20, what="reviews-mesh-1 registered over HDS and passing")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the API showed its health as {sorted(set(seen))}") from None
         outbound = free_port()
         web = stack.enter_context(envoy(workdir, sidecar_bootstrap("web-1", cp.xds_port, service="web", outbound_port=outbound), name="web-1"))
         m = Mesh(cp, web, outbound, reviews_mesh)
