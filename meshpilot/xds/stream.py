@@ -110,6 +110,18 @@ def _incremental(cache: ResourceCache, type_url: str, node_id: str, names: froze
     return made[1], made[2], made[3]
 
 
+def _shared_names(names: frozenset[str]) -> frozenset[str]:
+    """One object per distinct set of names (delta subscriptions, as ``_subscription`` for sotw)."""
+    got = _SETS.get(names)
+    if got is not None:
+        return got
+    if len(_SETS) >= _MAX_SHARED:
+        _SETS.clear()
+        _SUBSCRIPTIONS.clear()
+    _SETS[names] = names
+    return names
+
+
 @dataclass(frozen=True, slots=True)
 class _Whole:
     """The delta Resource fields of a set of names: a client's first sync of a type (every stream
@@ -165,6 +177,30 @@ def _whole(cache: ResourceCache, type_url: str, node_id: str, names: frozenset[s
     return made
 
 
+# delta: what a stream has been sent, shared between streams while they hold the same. A fleet's
+# streams are sent the same first sync and then the same pushes, so their records of what they hold
+# are equal: 2,000 streams each holding a copy of 1,000 versions per type held ~70 KB each. A record
+# is shared from a first sync (the ``_Whole``'s versions) and moves to the next shared one on a push
+# every holder of it is sent alike; a stream whose record must change otherwise takes its own copy.
+_ADVANCED: OrderedDict[tuple[int, int], tuple[dict[str, str], _Whole, dict[str, str]]] = OrderedDict()
+_MAX_ADVANCED = 16
+
+
+def _advanced(sent: dict[str, str], whole: _Whole) -> dict[str, str]:
+    """The shared record ``sent`` becomes once ``whole`` is sent: built once per push for every
+    stream that held ``sent``. The memo holds both, so an id in its key is never reused meanwhile."""
+    key = (id(sent), id(whole))
+    hit = _ADVANCED.get(key)
+    if hit is not None:
+        _ADVANCED.move_to_end(key)
+        return hit[2]
+    made = {**sent, **whole.versions}
+    _ADVANCED[key] = (sent, whole, made)
+    if len(_ADVANCED) > _MAX_ADVANCED:
+        _ADVANCED.popitem(last=False)
+    return made
+
+
 @dataclass(slots=True)
 class Nack:
     type_url: str
@@ -194,8 +230,10 @@ class _TypeState:
     retiring: set[str] = field(default_factory=set)  # gone from the cache, removal waits for the routes
     requests: int = 0
     resumed_version: str = ""  # sotw: the version the first request of the stream says the client holds
-    # delta
+    # delta: the version of each resource sent; ``sent_shared``: the dict is shared with other
+    # streams (``_own_sent`` before changing it in place)
     sent: dict[str, str] = field(default_factory=dict)
+    sent_shared: bool = False
     dirty: set[str] = field(default_factory=set)
     forced_names: set[str] = field(default_factory=set)
     full: bool = False
@@ -523,41 +561,43 @@ class DeltaStream(_Stream):
                 self._release_retiring(now)
         touched = False
         if first:
-            ts.sent.update(req.initial_resource_versions)
+            if req.initial_resource_versions:
+                self._own_sent(ts).update(req.initial_resource_versions)
             if not req.resource_names_subscribe and type_url in _WILDCARD_BY_DEFAULT:
                 ts.wildcard = True
             ts.full = True
             touched = True
-        subscribe = req.resource_names_subscribe
-        if subscribe:
+        subscribe, unsubscribe = req.resource_names_subscribe, req.resource_names_unsubscribe
+        if subscribe or unsubscribe:
+            names = set(ts.names)
+            if subscribe:
+                new = {sys.intern(n) for n in subscribe}  # the strings shared, not one copy per stream
+                if "*" in new:
+                    new.discard("*")
+                    ts.wildcard = True
+                    ts.full = True
+                names |= new
+                # on a stream's first request, what the client says it holds is not sent again
+                ts.forced_names |= {n for n in new if n not in ts.sent} if first and ts.sent else new
+            for n in unsubscribe:
+                if n == "*":
+                    ts.wildcard = False
+                    ts.full = True
+                else:
+                    names.discard(n)
+                    ts.forced_names.discard(n)
+                    ts.dirty.add(n)
+            ts.names = _shared_names(frozenset(names))  # a fleet subscribes alike: one set for all
             touched = True
-            new = {sys.intern(n) for n in subscribe}  # the strings shared, not one copy per stream
-            if "*" in new:
-                new.discard("*")
-                ts.wildcard = True
-                ts.full = True
-            names = self._own_names(ts)
-            names |= new
-            # on a stream's first request, what the client says it holds is not sent again
-            ts.forced_names |= {n for n in new if n not in ts.sent} if first and ts.sent else new
-        for n in req.resource_names_unsubscribe:
-            touched = True
-            if n == "*":
-                ts.wildcard = False
-                ts.full = True
-            else:
-                self._own_names(ts).discard(n)
-                ts.forced_names.discard(n)
-                ts.dirty.add(n)
         if touched:
             self._mark(ts, now)
 
     @staticmethod
-    def _own_names(ts: _TypeState) -> set[str]:
-        names = ts.names
-        if not isinstance(names, set):
-            names = ts.names = set(names)
-        return names
+    def _own_sent(ts: _TypeState) -> dict[str, str]:
+        if ts.sent_shared:
+            ts.sent = dict(ts.sent)
+            ts.sent_shared = False
+        return ts.sent
 
     def _respond(self, type_url: str, stamp: float) -> bytes | None:
         ts = self.types[type_url]
@@ -581,7 +621,7 @@ class DeltaStream(_Stream):
         removed: list[str] = []
         carried: list[str] = []  # names whose resource this response carries
         own, shared = self.cache.scopes(type_url, self.node_id)
-        sent, subscribed, wildcard = ts.sent, ts.names, ts.wildcard
+        sent, subscribed, wildcard = self._own_sent(ts), ts.names, ts.wildcard
         hold = type_url in NAMED and not self._routes_settled()
         # one pass over the names, once per name and stream (a fleet's first sync is all of them),
         # with the lookups bound once
@@ -627,7 +667,10 @@ class DeltaStream(_Stream):
         if any(map(operator.eq, map(sent.get, whole.names), whole.version_list)):
             return None  # the client holds some of them already
         ts.dirty = set()
-        sent.update(whole.versions)
+        if ts.sent_shared:
+            ts.sent = _advanced(sent, whole)  # every stream that held the same moves to the same
+        else:
+            sent.update(whole.versions)
         return self._finish(ts, type_url, stamp, [whole.body], whole.carried, [], whole.carried)
 
     def _first(self, ts: _TypeState, type_url: str, stamp: float) -> bytes | None:
@@ -641,7 +684,7 @@ class DeltaStream(_Stream):
         removed = sorted(forced & whole.missing) if whole.missing and forced else []
         if not whole.carried and not removed:
             return None
-        ts.sent = dict(whole.versions)
+        ts.sent, ts.sent_shared = whole.versions, True  # shared with every stream subscribed alike: never changed in place
         return self._finish(ts, type_url, stamp, [whole.body], whole.carried.union(removed) if removed else whole.carried, removed, whole.carried)
 
     def _finish(

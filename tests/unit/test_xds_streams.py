@@ -644,7 +644,34 @@ def test_delta_first_sync_of_a_fleet_looks_each_resource_up_once_not_once_per_st
     assert more < 20, f"expected 5 more streams subscribed alike to cost (almost) no lookups after the first ({one}); got {more}"
     for s in (first, *others):
         assert s.types[E].sent == first.types[E].sent and len(s.types[E].sent) == 200 and len(s.types[C].sent) == 200
-        assert s.types[E].sent is not first.types[E].sent or s is first, "each stream keeps its own record of what it sent"
+    # one stream's own change (it unsubscribes a name) leaves the others' record of what they hold alone
+    first.receive(discovery_pb2.DeltaDiscoveryRequest(type_url=E, resource_names_unsubscribe=["c0"]))
+    for t, raw in first.responses():
+        assert _delta_decode(raw).removed_resources == ["c0"], f"expected c0 removed from {t}, got {_delta_decode(raw)}"
+    assert "c0" not in first.types[E].sent, "the unsubscribed name stayed in the stream's record"
+    for s in others:
+        assert len(s.types[E].sent) == 200 and "c0" in s.types[E].sent, "another stream's change reached this stream's record"
+
+
+def test_delta_streams_that_hold_the_same_share_one_record_through_a_push() -> None:
+    cache = _fleet_cache(200)
+    names = [f"c{i}" for i in range(200)]
+    fleet = [_delta_sync(cache, f"n{k}", names) for k in range(4)]
+    assert len({id(s.types[E].sent) for s in fleet}) == 1, "streams sent the same first sync hold separate records"
+    cache.put(E, {"c7": _cla("c7", 2)})
+    for s in fleet:
+        out = s.responses()
+        assert [t for t, _ in out] == [E], f"expected one endpoint push per stream, got {[t for t, _ in out]}"
+        r = _delta_decode(out[0][1])
+        assert [x.name for x in r.resources] == ["c7"], f"expected c7 pushed, got {[x.name for x in r.resources]}"
+        s.receive(discovery_pb2.DeltaDiscoveryRequest(type_url=E, response_nonce=r.nonce))
+    records = {id(s.types[E].sent) for s in fleet}
+    assert len(records) == 1, f"after the same push the streams hold {len(records)} records, expected one shared"
+    assert fleet[0].types[E].sent["c7"] == cache.scopes(E, "n0")[1]["c7"].version, "the shared record missed the push"
+    # a stream that then diverges takes its own copy; the others keep the shared one unchanged
+    fleet[0].receive(discovery_pb2.DeltaDiscoveryRequest(type_url=E, resource_names_unsubscribe=["c1"]))
+    fleet[0].responses()
+    assert "c1" not in fleet[0].types[E].sent and all("c1" in s.types[E].sent for s in fleet[1:])
 
 
 def test_sotw_endpoint_change_to_a_fleet_is_built_once_not_once_per_stream() -> None:
