@@ -73,8 +73,15 @@ async function editor(kind, namespace, name) {
     return Object.assign(out, doc);
   }
 
+  // the editor grows with its text, so the whole policy is in view
+  function fit() {
+    text.rows = Math.min(200, Math.max(20, text.value.split("\n").length + 1));
+  }
+  text.addEventListener("input", fit);
+
   async function show(doc) {
     text.value = (await convert(JSON.stringify(ordered(doc)), "json", format)).text;
+    fit();
   }
 
   function showError(e) {
@@ -136,6 +143,7 @@ async function editor(kind, namespace, name) {
     try {
       const out = await convert(text.value, format, to);
       text.value = out.text;
+      fit();
       format = to;
       sessionStorage.setItem(FORMAT, to);
       errors.replaceChildren();
