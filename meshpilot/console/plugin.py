@@ -97,7 +97,12 @@ def render_text(doc: Any, fmt: str, sort_keys: bool = False) -> str:
     """``doc`` written as ``fmt``: block-style YAML, or JSON indented by two spaces."""
     if fmt == "json":
         return json.dumps(doc, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n"
-    return str(yaml.safe_dump(doc, sort_keys=sort_keys, default_flow_style=False, allow_unicode=True))
+    text = str(yaml.safe_dump(doc, sort_keys=sort_keys, default_flow_style=False, allow_unicode=True))
+    # pyyaml writes YAML's own line breaks (U+0085, U+2028, U+2029) unescaped, and they read back as
+    # other text; such a document is written with every non-ASCII character escaped instead
+    if any(c in text for c in "\x85\u2028\u2029"):
+        text = str(yaml.safe_dump(doc, sort_keys=sort_keys, default_flow_style=False, allow_unicode=False))
+    return text
 
 
 _PLACEHOLDER: dict[str, Any] = {"string": "", "integer": 0, "number": 0, "boolean": False, "array": [], "object": {}}
