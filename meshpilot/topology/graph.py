@@ -24,12 +24,12 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshpilot.model import Instance, Service
 
-__all__ = ["UNKNOWN", "Queried", "Series", "parse_series", "series_increase", "topology", "window_increase"]
+__all__ = ["UNKNOWN", "Queried", "Series", "histogram_quantile", "parse_series", "series_increase", "topology", "window_increase"]
 
 UNKNOWN = "unknown"  # the caller of requests no sidecar reported sending
 _OUTBOUND = re.compile(r"^outbound\|(\d+)\|[^|]*\|(.+)$")
@@ -52,21 +52,20 @@ class Series:
 class Queried:
     """The Prometheus results a topology is computed from (``data.result`` of each query, parsed).
     ``requests``/``errors``: the callers' outbound counters over the window (range vectors), ``*_before``:
-    the same counters at the window's start (instant vectors); ``p50``/``p99``: latency in ms per source and
-    cluster (instant vectors); ``direct`` (and ``_before``): the callees' counters of requests without a
-    caller's sidecar, by ``destination_service``, ``peer`` and ``response_code``; ``direct_p50``/``_p99``:
-    their latency by ``destination_service`` and ``peer``."""
+    the same counters at the window's start (instant vectors); ``buckets``: how many requests of the window
+    fell in each latency bucket (ms, ``le``), by source and cluster (instant vectors); ``direct`` (and
+    ``_before``): the callees' counters of requests without a caller's sidecar, by ``destination_service``,
+    ``peer`` and ``response_code``; ``direct_buckets``: their latency buckets by ``destination_service`` and
+    ``peer``."""
 
     requests: Sequence[Series] = ()
     requests_before: Sequence[Series] = ()
     errors: Sequence[Series] = ()
     errors_before: Sequence[Series] = ()
-    p50: Sequence[Series] = ()
-    p99: Sequence[Series] = ()
+    buckets: Sequence[Series] = ()
     direct: Sequence[Series] = ()
     direct_before: Sequence[Series] = ()
-    direct_p50: Sequence[Series] = ()
-    direct_p99: Sequence[Series] = ()
+    direct_buckets: Sequence[Series] = ()
     services: Sequence[Service] = ()
     instances: Sequence[Instance] = ()
     domain: str = "mesh"
@@ -156,19 +155,40 @@ def _destination(cluster: str, known: Mapping[str, str], domain: str) -> str | N
 class _Edge:
     requests: float = 0.0
     errors: float = 0.0
-    p50: float | None = None
-    p99: float | None = None
+    buckets: dict[float, float] = field(default_factory=dict)  # upper bound (ms) -> requests at or below it
     reporter: str = "source"
 
 
-def _quantiles(series: Sequence[Series], known: Mapping[str, str], domain: str) -> dict[tuple[str, str], float]:
-    out: dict[tuple[str, str], float] = {}
-    for s in series:
-        dest = _destination(s.labels.get("envoy_cluster_name", ""), known, domain)
-        src = s.labels.get("source_service", "")
-        if dest and src and s.samples:
-            out[(src, dest)] = max(out.get((src, dest), 0.0), s.samples[-1][1])  # several ports: the slowest
-    return out
+def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
+    """Prometheus' ``histogram_quantile`` over cumulative buckets (upper bound -> count at or below it): the
+    bucket the q-th request falls in, interpolated linearly inside it (from 0 for the first); in the +Inf
+    bucket, the highest finite bound. None without requests."""
+    bounds = sorted(buckets)
+    if not bounds or not math.isinf(bounds[-1]):
+        return None
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        count = max(buckets[bound], below)  # cumulative counts never fall (scrapes may disagree slightly)
+        if count >= rank:
+            if math.isinf(bound):
+                return lower if len(bounds) > 1 else None
+            if count == below:
+                return bound
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return None
+
+
+def _add_buckets(into: dict[float, float], labels: Mapping[str, str], value: float) -> None:
+    try:
+        bound = float(labels.get("le", ""))
+    except ValueError:
+        return
+    into[bound] = into.get(bound, 0.0) + value
 
 
 def _address(text: str) -> str:
@@ -228,18 +248,15 @@ def topology(q: Queried) -> dict[str, Any]:
         e.requests += n
         if labels.get("response_code", "").startswith("5"):
             e.errors += n
-    for quantiles, attr in ((q.direct_p50, "p50"), (q.direct_p99, "p99")):
-        for s in quantiles:
-            key = (_caller(s.labels.get("peer", ""), callers), s.labels.get("destination_service", ""))
-            if key in edges and s.samples:
-                current = getattr(edges[key], attr)
-                setattr(edges[key], attr, max(current, s.samples[-1][1]) if current is not None else s.samples[-1][1])
-    for (src, dest), v in _quantiles(q.p50, known, q.domain).items():
-        if (src, dest) in edges:
-            edges[(src, dest)].p50 = v
-    for (src, dest), v in _quantiles(q.p99, known, q.domain).items():
-        if (src, dest) in edges:
-            edges[(src, dest)].p99 = v
+    for series in q.buckets:
+        src = series.labels.get("source_service", "")
+        dest = _destination(series.labels.get("envoy_cluster_name", ""), known, q.domain)
+        if src and dest is not None and (src, dest) in edges and series.samples:
+            _add_buckets(edges[(src, dest)].buckets, series.labels, series.samples[-1][1])
+    for series in q.direct_buckets:
+        key = (_caller(series.labels.get("peer", ""), callers), series.labels.get("destination_service", ""))
+        if key in edges and series.samples:
+            _add_buckets(edges[key].buckets, series.labels, series.samples[-1][1])
     edge_list = []
     for (src, dest), e in sorted(edges.items()):
         if e.requests <= 0 and e.errors <= 0:
@@ -248,12 +265,17 @@ def topology(q: Queried) -> dict[str, Any]:
             "source": src, "destination": dest, "requests": int(round(e.requests)),
             "rps": _round(e.requests / q.window_s), "errors": int(round(e.errors)),
             "error_rate": _round(e.errors / e.requests if e.requests else 0.0, 4),
-            "p50_ms": _round(e.p50), "p99_ms": _round(e.p99), "reporter": e.reporter,
+            "p50_ms": _round(histogram_quantile(0.5, e.buckets)), "p99_ms": _round(histogram_quantile(0.99, e.buckets)),
+            "reporter": e.reporter,
         })
-    return {"time": q.time, "window_s": q.window_s, "nodes": _nodes(q, edge_list), "edges": edge_list}
+    into: dict[str, dict[float, float]] = defaultdict(dict)
+    for (_, dest), e in edges.items():
+        for bound, n in e.buckets.items():
+            into[dest][bound] = into[dest].get(bound, 0.0) + n
+    return {"time": q.time, "window_s": q.window_s, "nodes": _nodes(q, edge_list, into), "edges": edge_list}
 
 
-def _nodes(q: Queried, edges: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _nodes(q: Queried, edges: Sequence[Mapping[str, Any]], latency_in: Mapping[str, dict[float, float]]) -> list[dict[str, Any]]:
     sources: dict[str, set[str]] = defaultdict(set)
     count: dict[str, int] = defaultdict(int)
     for inst in q.instances:
@@ -276,4 +298,7 @@ def _nodes(q: Queried, edges: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
         node["requests_out"] = sum(e["requests"] for e in out)
         node["rps_in"] = _round(node["requests_in"] / q.window_s)
         node["errors_in"] = sum(e["errors"] for e in into)
+        node["error_rate_in"] = _round(node["errors_in"] / node["requests_in"] if node["requests_in"] else 0.0, 4)
+        node["p50_ms_in"] = _round(histogram_quantile(0.5, latency_in.get(node["id"], {})))
+        node["p99_ms_in"] = _round(histogram_quantile(0.99, latency_in.get(node["id"], {})))
     return [nodes[k] for k in sorted(nodes)]

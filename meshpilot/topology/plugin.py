@@ -120,8 +120,8 @@ def install(core: Core) -> Part:
         reg = core.registry
         return web.json_response(topology(Queried(
             requests=got["requests"], requests_before=got["requests_before"], errors=got["errors"],
-            errors_before=got["errors_before"], p50=got["p50"], p99=got["p99"], direct=got["direct"],
-            direct_before=got["direct_before"], direct_p50=got["direct_p50"], direct_p99=got["direct_p99"],
+            errors_before=got["errors_before"], buckets=got["buckets"], direct=got["direct"],
+            direct_before=got["direct_before"], direct_buckets=got["direct_buckets"],
             services=reg.services(), instances=list(reg.iter_instances()),
             domain=s.domain, window_s=window, time=now,
         )))

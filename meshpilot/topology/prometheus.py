@@ -1,7 +1,8 @@
 """The queries /v1/topology asks the mesh's Prometheus (``prometheus_url``, its HTTP API ``/api/v1/query``),
 run together; their results go to graph.py, which holds no I/O. Counters are read raw over the window and at
-its start, so graph.py can count exactly; latency quantiles come from Envoy's ``upstream_rq_time`` histogram
-(milliseconds) through ``histogram_quantile``."""
+its start, so graph.py can count exactly; latency comes as each histogram's bucket counts over the window
+(Envoy's ``upstream_rq_time`` and the direct callers' ``direct_request_time``, milliseconds), from which
+graph.py takes the quantiles of an edge and of all the requests into a service."""
 
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ _ERRORS = f'envoy_cluster_upstream_rq_xx{{envoy_response_code_class="5",{_CLUSTE
 _DIRECT = DIRECT_REQUESTS  # requests a callee's sidecar took without a caller's sidecar (by peer address)
 
 
-def _quantile(q: float, w: str) -> str:
-    return (f"histogram_quantile({q}, sum by (le, source_service, envoy_cluster_name) "
-            f"(rate(envoy_cluster_upstream_rq_time_bucket{{{_CLUSTERS}}}[{w}])))")
+def _buckets(w: str) -> str:
+    """How many requests of the window fell in each latency bucket, per caller and cluster (a ratio of these
+    is all a quantile needs, so increase()'s extrapolation cancels out)."""
+    return f"sum by (le, source_service, envoy_cluster_name) (increase(envoy_cluster_upstream_rq_time_bucket{{{_CLUSTERS}}}[{w}]))"
 
 
-def _direct_quantile(q: float, w: str) -> str:
-    return f"histogram_quantile({q}, sum by (le, destination_service, peer) (rate({DIRECT_REQUEST_TIME}_bucket[{w}])))"
+def _direct_buckets(w: str) -> str:
+    return f"sum by (le, destination_service, peer) (increase({DIRECT_REQUEST_TIME}_bucket[{w}]))"
 
 
 def queries(window_s: float) -> dict[str, tuple[str, float]]:
@@ -38,12 +40,10 @@ def queries(window_s: float) -> dict[str, tuple[str, float]]:
         "requests_before": (_REQUESTS, window_s),
         "errors": (f"{_ERRORS}[{w}]", 0.0),
         "errors_before": (_ERRORS, window_s),
-        "p50": (_quantile(0.5, w), 0.0),
-        "p99": (_quantile(0.99, w), 0.0),
+        "buckets": (_buckets(w), 0.0),
         "direct": (f"{_DIRECT}[{w}]", 0.0),
         "direct_before": (_DIRECT, window_s),
-        "direct_p50": (_direct_quantile(0.5, w), 0.0),
-        "direct_p99": (_direct_quantile(0.99, w), 0.0),
+        "direct_buckets": (_direct_buckets(w), 0.0),
     }
 
 

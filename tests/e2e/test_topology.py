@@ -191,8 +191,13 @@ def test_prometheus_scrapes_the_mesh_from_the_generated_targets_and_the_topology
                 f"expected {n} requests from {caller} (at {source}, no sidecar) reported by web's sidecar, got {e}"
             assert e["p50_ms"] is not None, f"expected latency on {caller} -> web, got {e}"
         nodes = {n["id"]: n for n in topo["nodes"]}
-        assert nodes.get("web.default", {}).get("registered") is True and "mesh" in nodes["web.default"]["sources"], \
-            f"expected web as a registered node (over HDS), got {topo['nodes']}"
+        web_node = nodes.get("web.default", {})
+        assert web_node.get("registered") is True and "mesh" in web_node["sources"], f"expected web as a registered node (over HDS), got {topo['nodes']}"
+        total = sum(SENT.values()) + sum(DIRECT.values())
+        assert abs(web_node["requests_in"] - total) <= 0.02 * total and web_node["errors_in"] == 0, \
+            f"expected {total} requests into web from all its callers, got {web_node}"
+        assert web_node["p50_ms_in"] is not None and web_node["p50_ms_in"] <= web_node["p99_ms_in"], \
+            f"expected web's latency over all its callers, got {web_node}"
         assert {"client.default", "shop.default", "unknown"} <= nodes.keys(), f"expected the callers as nodes, got {topo['nodes']}"
         assert nodes.get("legacy.default", {}).get("sources") == ["api"], f"expected legacy as a node registered through the API, got {topo['nodes']}"
 

@@ -3,6 +3,7 @@ requests from callers without a sidecar, latency and the registry's services as 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshpilot.model import Instance, Service
-from meshpilot.topology.graph import Queried, Series, parse_series, topology, window_increase
+from meshpilot.topology.graph import Queried, Series, histogram_quantile, parse_series, topology, window_increase
 from meshpilot.topology.plugin import parse_window
 
 WEB = Service(name="web", namespace="shop", ports=[{"name": "http", "port": 80}])
@@ -83,14 +84,16 @@ def test_requests_without_a_sidecar_are_named_by_the_sdk_registration_at_their_a
                 direct("web.shop", "10.0.0.5", [10, 17]),  # the sidecar node's own address: not an SDK app
                 direct("web.shop", "192.0.2.1", [0, 3])],
         direct_before=[direct("web.shop", "10.0.0.5", [10])],
-        direct_p99=[series(12.0, destination_service="web.shop", peer="10.0.0.9"),
-                    series(30.0, destination_service="web.shop", peer="::ffff:10.0.0.9")],
+        direct_buckets=[bucket("10", 50, destination_service="web.shop", peer="10.0.0.9"),
+                        bucket("+Inf", 54, destination_service="web.shop", peer="10.0.0.9"),
+                        bucket("10", 0, destination_service="web.shop", peer="::ffff:10.0.0.9"),
+                        bucket("+Inf", 6, destination_service="web.shop", peer="::ffff:10.0.0.9")],
         services=[WEB], instances=[LEGACY, WEB_1],
     )
     got = edges(topology(q))
     legacy = got.get(("legacy.shop", "web.shop"))
-    assert legacy is not None and (legacy["requests"], legacy["errors"], legacy["reporter"], legacy["p99_ms"]) == (60, 4, "destination", 30.0), \
-        f"expected legacy -> web with 60 requests, 4 of them 5xx, reported by web, p99 the slower address's, got {got}"
+    assert legacy is not None and (legacy["requests"], legacy["errors"], legacy["reporter"], legacy["p50_ms"]) == (60, 4, "destination", 6.0), \
+        f"expected legacy -> web with 60 requests, 4 of them 5xx, reported by web, latency over both spellings of its address, got {got}"
     unknown = got.get(("unknown", "web.shop"))
     assert unknown is not None and unknown["requests"] == 10, f"expected 7 + 3 requests from unregistered addresses, got {got}"
 
@@ -101,18 +104,47 @@ def test_an_address_two_sdk_services_share_cannot_name_a_caller() -> None:
     assert set(got) == {("unknown", "web.shop")}, f"expected unknown for a shared address, got {got}"
 
 
-def test_latency_quantiles_attach_to_their_edge_and_nan_means_none() -> None:
+@pytest.mark.parametrize(("q", "buckets", "want"), [
+    (0.5, {1.0: 10, 2.0: 20, math.inf: 20}, 1.0),  # the 10th of 20 is the last of the first bucket
+    (0.75, {1.0: 10, 2.0: 20, math.inf: 20}, 1.5),  # halfway through (1, 2]
+    (0.25, {0.5: 0, 5.0: 10, math.inf: 10}, 0.5 + 4.5 * 0.25),  # an empty first bucket: from its bound
+    (0.99, {1.0: 10, math.inf: 20}, 1.0),  # in the +Inf bucket: the highest finite bound
+    (0.5, {1.0: 0, math.inf: 0}, None),  # no requests
+    (0.5, {1.0: 3}, None),  # no +Inf bucket: not a histogram
+])
+def test_histogram_quantile_interpolates_inside_the_bucket_as_prometheus_does(q: float, buckets: dict[float, float], want: float | None) -> None:
+    got = histogram_quantile(q, buckets)
+    assert got == (pytest.approx(want) if want is not None else None), f"expected {want} for q={q} over {buckets}, got {got}"
+
+
+def bucket(le: str, n: float, **labels: str) -> Series:
+    return series(n, le=le, **labels)
+
+
+def test_latency_quantiles_per_edge_and_per_service_from_the_bucket_counts() -> None:
+    client = {"source_service": "client.shop", "envoy_cluster_name": "outbound|80||web_shop_svc_mesh"}
     q = Queried(
-        requests=[out("client.shop", "web_shop_svc_mesh", [0, 10]), out("batch.shop", "web_shop_svc_mesh", [0, 3])],
-        p50=[series(2.5, source_service="client.shop", envoy_cluster_name="outbound|80||web_shop_svc_mesh")],
-        p99=[series(9.75, source_service="client.shop", envoy_cluster_name="outbound|80||web_shop_svc_mesh"),
-             *parse_series([{"metric": {"source_service": "batch.shop", "envoy_cluster_name": "outbound|80||web_shop_svc_mesh"},
-                             "value": [1000, "NaN"]}])],
-        services=[WEB],
+        requests=[out("client.shop", "web_shop_svc_mesh", [0, 100])],
+        buckets=[bucket("1", 50, **client), bucket("10", 100, **client), bucket("100", 100, **client), bucket("+Inf", 100, **client)],
+        direct=[direct("web.shop", "10.0.0.9", [0, 100])],
+        direct_buckets=[bucket("10", 0, destination_service="web.shop", peer="10.0.0.9"),
+                        bucket("100", 100, destination_service="web.shop", peer="10.0.0.9"),
+                        bucket("+Inf", 100, destination_service="web.shop", peer="10.0.0.9")],
+        services=[WEB], instances=[LEGACY],
     )
-    got = edges(topology(q))
-    assert (got[("client.shop", "web.shop")]["p50_ms"], got[("client.shop", "web.shop")]["p99_ms"]) == (2.5, 9.75), f"got {got}"
-    assert got[("batch.shop", "web.shop")]["p99_ms"] is None, f"expected no quantile from NaN, got {got}"
+    topo = topology(q)
+    got = edges(topo)
+    assert (got[("client.shop", "web.shop")]["p50_ms"], got[("client.shop", "web.shop")]["p99_ms"]) == (1.0, 9.82), f"got {got}"
+    assert (got[("legacy.shop", "web.shop")]["p50_ms"], got[("legacy.shop", "web.shop")]["p99_ms"]) == (55.0, 99.1), f"got {got}"
+    web = next(n for n in topo["nodes"] if n["id"] == "web.shop")
+    # both callers' requests together: 200, of which 100 under 10 ms
+    assert (web["p50_ms_in"], web["p99_ms_in"]) == (10.0, 98.2), f"expected the service's quantiles over all its callers, got {web}"
+    assert got[("client.shop", "web.shop")]["reporter"] == "source"
+
+
+def test_no_latency_without_buckets() -> None:
+    got = edges(topology(Queried(requests=[out("client.shop", "web_shop_svc_mesh", [0, 3])], services=[WEB])))
+    assert got[("client.shop", "web.shop")]["p99_ms"] is None, f"expected no quantile without buckets, got {got}"
 
 
 def test_every_registered_service_is_a_node_with_its_front_doors_and_callers_seen_only_in_stats_too() -> None:
