@@ -149,6 +149,15 @@ def test_prometheus_scrapes_the_mesh_from_the_generated_targets_and_the_topology
         assert sorted(t["labels"]["node"] for t in up if t["labels"].get("kind") == "sidecar") == sorted(boots), \
             f"expected Prometheus to scrape every sidecar, got {[(t['scrapeUrl'], t['labels']) for t in up]}"
 
+        # the stats listener is read-only: the admin's other pages and its writes are not reachable through it
+        stats_url = f"http://127.0.0.1:{stats_ports['web-1']}"
+        for method, path in (("GET", "/config_dump"), ("GET", "/clusters"), ("POST", "/quitquitquit"), ("POST", "/stats/prometheus"),
+                             ("POST", "/logging?level=trace"), ("GET", "/stats/prometheus/../config_dump")):
+            status, body, _ = http(method, stats_url + path)
+            assert status == 404, f"expected 404 for {method} {path} on the stats listener, got {status}: {str(body)[:200]}"
+        status, body, _ = http("GET", stats_url + "/stats/prometheus?usedonly")
+        assert status == 200 and "envoy_cluster_upstream_rq_total" in str(body), f"expected Envoy's stats, got {status}: {str(body)[:200]}"
+
         # traffic: two sidecar callers and an app without a sidecar
         wait_until(lambda: cp.call("GET", "/v1/instances/web-1", headers=AUTH)[1].get("health") == "passing", 20,
                    what="web-1 registered and passing over HDS")
