@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,3 +396,35 @@ class Shipper:
         if self.failures == 1 or self.failures % 20 == 0:
             log.warning("event=spans_backend_failed failures=%d pending=%d error=%s", self.failures,
                         self.spool.pending(), error[:300])
+
+
+# ---- standalone: the receiver and spool alone (benchmarks: meshpilot/perf/tracing.py) --------------
+
+
+async def _serve(directory: Path, port: int, port_file: Path | None) -> None:
+    receiver = Receiver(Spool(directory), port=port)
+    bound = await receiver.start()
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(bound))
+        os.replace(tmp, port_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await receiver.close()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m meshpilot.sidecar.traces",
+                                     description="the node's span receiver and spool alone, without a shipper")
+    parser.add_argument("--dir", required=True, type=Path, help="the spool directory")
+    parser.add_argument("--port", type=int, default=0, help="loopback port (0: the OS picks)")
+    parser.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    args = parser.parse_args()
+    asyncio.run(_serve(args.dir, args.port, args.port_file))
