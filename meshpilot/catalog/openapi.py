@@ -134,20 +134,26 @@ def load_document(raw: bytes) -> Any:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DocumentError("(body)", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    doc: Any = None
+    json_error = ""
     if text.lstrip().startswith(("{", "[")):
         try:
             doc = boundedjson.loads(text.encode(), MAX_DEPTH)
         except RecursionError:
             raise DocumentError("(body)", f"nested deeper than {MAX_DEPTH} levels") from None
+        except boundedjson.TooDeep as exc:
+            raise DocumentError("(body)", str(exc)) from None
         except ValueError as exc:
-            raise DocumentError("(body)", f"malformed JSON: {exc}") from None
-    else:
-        try:
-            doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is the safe loader
-        except RecursionError:
-            raise DocumentError("(body)", f"nested deeper than {MAX_DEPTH} levels") from None
-        except yaml.YAMLError as exc:
-            raise DocumentError("(body)", f"malformed YAML: {_yaml_reason(exc)}") from None
+            json_error = f"malformed JSON: {exc}"  # it may still be YAML in flow style ({openapi: 3.0.3, ...})
+        else:
+            _check_size(doc)
+            return doc
+    try:
+        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is the safe loader
+    except RecursionError:
+        raise DocumentError("(body)", f"nested deeper than {MAX_DEPTH} levels") from None
+    except yaml.YAMLError as exc:
+        raise DocumentError("(body)", json_error or f"malformed YAML: {_yaml_reason(exc)}") from None
     _check_size(doc)
     return doc
 

@@ -238,3 +238,10 @@ def test_diff_accounts_for_every_operation_once_and_mirrors_when_reversed(a: lis
     assert diff(a, a) == {"added": [], "removed": [], "changed": []}, "expected no difference from a list to itself"
     assert (operations_sha256(a) == operations_sha256(b)) == (sorted(a, key=lambda o: o.key) == sorted(b, key=lambda o: o.key)), (
         "expected equal sha256 exactly for equal operations")
+
+
+def test_yaml_in_flow_style_is_read_though_it_starts_like_json() -> None:
+    spec = parse(b"{openapi: 3.0.3, info: {title: t, version: v}, paths: {/a: {get: {operationId: a}}}}")
+    assert [(o.method, o.path, o.operation_id) for o in spec.operations] == [("GET", "/a", "a")], f"expected one operation, got {spec.operations}"
+    err = refused(b'{"openapi": "3.0.3", "info": [1,}')
+    assert err.reason.startswith("malformed JSON"), f"expected broken JSON to be reported as JSON, got {err}"
