@@ -11,7 +11,11 @@ the flow control: every xDS client ACKs or NACKs every response. A stream whose 
 answers for more than a window of bytes writes nothing more until it answers (its changes
 collapse meanwhile), and a client that leaves a response unanswered for ``write_timeout_s`` is
 disconnected with DEADLINE_EXCEEDED. A stream never holds a writer slot while it waits for its
-client. Requests larger than a real client sends are refused with RESOURCE_EXHAUSTED before
+client. Across streams, the bytes written and not yet answered are bounded too (``InFlight``):
+grpc holds every written response until its client reads it, so a fleet's first sync (2,000
+streams each owed ~300 KB at once) would otherwise hold the whole fleet's responses in memory at
+once; a response counts against that bound until it is answered or for at most a second, so
+clients that never answer cannot hold the others back. Requests larger than a real client sends are refused with RESOURCE_EXHAUSTED before
 they cost the event loop anything.
 """
 
@@ -38,7 +42,7 @@ from meshpilot.xds.resource import NodeInfo, node_info, string_field
 from meshpilot.xds.stream import DeltaStream, SotwStream
 
 __all__ = [
-    "ADS_SERVICE", "Admit", "GRPC_SERVER_OPTIONS", "MAX_REQUEST_BYTES", "StreamError", "Unanswered", "XdsServer", "check_request",
+    "ADS_SERVICE", "Admit", "GRPC_SERVER_OPTIONS", "InFlight", "MAX_REQUEST_BYTES", "StreamError", "Unanswered", "XdsServer", "check_request",
     "names_region", "user_agent",
 ]
 
@@ -66,6 +70,54 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
+class InFlight:
+    """The bytes written to every stream and not yet answered, bounded by ``cap``: a stream waits
+    for room before it builds a response. A response stops counting when its client answers it, or
+    after ``hold_s`` whatever the client does, so streams whose clients never read or answer hold
+    room for at most ``hold_s`` (each is still bounded by its own window, ``Unanswered``)."""
+
+    __slots__ = ("_charges", "_room", "cap", "hold_s", "used")
+
+    def __init__(self, cap: int = 64 * 1024 * 1024, hold_s: float = 1.0) -> None:
+        self.cap = cap
+        self.hold_s = hold_s
+        self.used = 0
+        self._charges: deque[tuple[float, list[int]]] = deque()  # (when it stops counting, [bytes still counted])
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def charge(self, size: int, now: float) -> list[int]:
+        cell = [size]
+        self.used += size
+        self._charges.append((now + self.hold_s, cell))
+        return cell
+
+    def settle(self, cell: list[int]) -> None:
+        """The response of ``cell`` is answered (or its time is up): it stops counting."""
+        if cell[0]:
+            self.used -= cell[0]
+            cell[0] = 0
+            if self.used < self.cap:
+                self._room.set()
+
+    def _expire(self, now: float) -> None:
+        charges = self._charges
+        while charges and (charges[0][0] <= now or not charges[0][1][0]):
+            self.settle(charges.popleft()[1])
+
+    async def room(self) -> None:
+        """Return once the bytes in flight are under the bound."""
+        while True:
+            now = time.monotonic()
+            self._expire(now)
+            if self.used < self.cap or not self._charges:
+                return
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.001, self._charges[0][0] - now)):
+                    await self._room.wait()
+
+
 class Unanswered:
     """The responses a client has not answered yet, per type: the flow control of one stream.
 
@@ -73,14 +125,15 @@ class Unanswered:
     latest response of its type the client has seen, so it answers the earlier ones of that type
     too. Nonces are the stream's counter, so they compare as numbers."""
 
-    __slots__ = ("_sent", "bytes", "count", "window_bytes", "window_count")
+    __slots__ = ("_sent", "bytes", "count", "in_flight", "window_bytes", "window_count")
 
-    def __init__(self, window_bytes: int = 1024 * 1024, window_count: int = 64) -> None:
-        self._sent: dict[str, deque[tuple[int, float, int]]] = {}
+    def __init__(self, window_bytes: int = 1024 * 1024, window_count: int = 64, in_flight: InFlight | None = None) -> None:
+        self._sent: dict[str, deque[tuple[int, float, int, list[int]]]] = {}
         self.bytes = 0
         self.count = 0
         self.window_bytes = window_bytes
         self.window_count = window_count
+        self.in_flight = in_flight  # the bound across streams, if any
 
     @property
     def full(self) -> bool:
@@ -88,7 +141,8 @@ class Unanswered:
         return self.bytes >= self.window_bytes or self.count >= self.window_count
 
     def sent(self, type_url: str, nonce: str, size: int, now: float) -> None:
-        self._sent.setdefault(type_url, deque()).append((int(nonce), now, size))
+        cell = self.in_flight.charge(size, now) if self.in_flight is not None else [0]
+        self._sent.setdefault(type_url, deque()).append((int(nonce), now, size, cell))
         self.bytes += size
         self.count += 1
 
@@ -103,8 +157,11 @@ class Unanswered:
             return False
         hit = False
         while q and q[0][0] <= n:
-            self.bytes -= q.popleft()[2]
+            _nonce, _at, size, cell = q.popleft()
+            self.bytes -= size
             self.count -= 1
+            if self.in_flight is not None:
+                self.in_flight.settle(cell)
             hit = True
         return hit
 
@@ -154,6 +211,7 @@ class XdsServer:
         max_concurrent_writes: int = 64,
         write_timeout_s: float = 30.0,
         admit: Admit | None = None,
+        in_flight_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.cache = cache
         self.admit = admit
@@ -166,6 +224,7 @@ class XdsServer:
         self._changes: dict[tuple[str, str], tuple[set[str], float]] = {}
         self._dispatch_scheduled = False
         self._writers = asyncio.Semaphore(max_concurrent_writes)
+        self.in_flight = InFlight(in_flight_bytes)
         self.unavailable = ""  # why new streams are refused (``hand_over``), "" while serving
         cache.watch(self._on_change)
 
@@ -285,7 +344,7 @@ class XdsServer:
         await self._serve(DeltaStream(self.cache), requests, context)
 
     async def _serve(self, machine: SotwStream | DeltaStream, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        handle = StreamHandle(next(self._ids), machine, asyncio.Event(), context.peer())
+        handle = StreamHandle(next(self._ids), machine, asyncio.Event(), context.peer(), unanswered=Unanswered(in_flight=self.in_flight))
         self.streams[handle.id] = handle
         metrics.XDS_STREAMS.labels(machine.kind).inc()
         try:
@@ -415,6 +474,8 @@ class XdsServer:
             if handle.machine.pending and not owed.full:
                 # A bounded number of streams build and write at once; the slot is held only for
                 # that (grpc takes the bytes at once), never while the client reads or answers.
+                # Room among the bytes in flight is waited for before anything is built.
+                await self.in_flight.room()
                 async with self._writers:
                     wrote = await self._push(handle, context)
                 for seconds in handle.machine.latencies:

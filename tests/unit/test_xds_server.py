@@ -1,7 +1,10 @@
-"""The ADS server's pure parts: per-stream flow control, request limits, the client's user agent."""
+"""The ADS server's pure parts: per-stream flow control, the bound on bytes in flight across
+streams, request limits, the client's user agent."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -12,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshpilot.xds.resource import TYPE
-from meshpilot.xds.server import StreamError, Unanswered, check_request, user_agent
+from meshpilot.xds.server import InFlight, StreamError, Unanswered, check_request, user_agent
 
 
 def test_an_answer_covers_every_earlier_response_of_its_type_only() -> None:
@@ -48,6 +51,36 @@ def test_a_stream_is_full_by_bytes_or_by_count() -> None:
     assert not owed.full
     owed.sent(TYPE.ENDPOINT, "4", 1, now=0)
     assert owed.full, "three responses owed with a window of three should be full"
+
+
+async def test_streams_wait_for_room_among_the_bytes_in_flight_until_answers_come() -> None:
+    bound = InFlight(cap=1000, hold_s=60.0)
+    a, b = Unanswered(in_flight=bound), Unanswered(in_flight=bound)
+    now = time.monotonic()
+    a.sent(TYPE.CLUSTER, "1", 600, now)
+    b.sent(TYPE.CLUSTER, "1", 600, now)
+    assert bound.used == 1200
+    waiting = asyncio.ensure_future(bound.room())
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "a stream went on building while 1,200 of 1,000 bytes were in flight"
+    a.answer(TYPE.CLUSTER, "1")
+    await asyncio.wait_for(waiting, 1.0)  # the answer made room
+    assert bound.used == 600, f"expected the answered 600 bytes to stop counting, {bound.used} still count"
+    b.answer(TYPE.CLUSTER, "1")
+    b.answer(TYPE.CLUSTER, "1")  # answered twice: counted off once
+    assert bound.used == 0
+
+
+async def test_clients_that_never_answer_hold_room_for_at_most_the_hold_time() -> None:
+    bound = InFlight(cap=1000, hold_s=0.2)
+    silent = Unanswered(in_flight=bound)
+    silent.sent(TYPE.ENDPOINT, "1", 5000, time.monotonic())
+    started = time.monotonic()
+    await asyncio.wait_for(bound.room(), 2.0)
+    assert time.monotonic() - started >= 0.15, "room came before the silent client's response stopped counting"
+    assert bound.used == 0, f"expected the unanswered response to stop counting after hold_s, {bound.used} bytes still count"
+    silent.answer(TYPE.ENDPOINT, "1")  # a late answer counts nothing off twice
+    assert bound.used == 0 and silent.bytes == 0
 
 
 _types = st.sampled_from([TYPE.CLUSTER, TYPE.ENDPOINT, TYPE.LISTENER])
