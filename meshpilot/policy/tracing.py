@@ -41,14 +41,8 @@ class TracingPolicy(PolicyBase):
     @field_validator("sampling", mode="before")
     @classmethod
     def _sampling(cls, v: Any) -> Any:
-        if isinstance(v, bool):
-            raise ValueError("expected a percentage from 0 to 100")
-        if isinstance(v, str):
-            text = v.strip().removesuffix("%").strip()
-            try:
-                return float(text)
-            except ValueError:
-                raise ValueError(f"expected a percentage from 0 to 100 such as 1 or '2.5%', got {v!r}") from None
+        if isinstance(v, (bool, str)):
+            raise ValueError(f"expected a number, a percentage from 0 to 100 such as 1 or 2.5, got {v!r}")
         return v
 
     def target_services(self) -> set[str]:

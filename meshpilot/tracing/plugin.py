@@ -5,8 +5,8 @@ Routes of the management API (docs/observability.md, Tracing):
 - ``POST /v1/spans`` — a JSON array of Zipkin v2 spans, as the node agent's shipper sends them from its
   spool (meshpilot/sidecar/traces.py). Who may write: a holder of a write token, which the agent has
   already (it registers its service with it); with authorisation on, anyone else gets 401 and nothing is
-  kept. Each span is validated where it enters (meshpilot/telemetry/spans.py): good spans are kept,
-  refused ones are named by index and field; a body that is no span array is a 400 with nothing kept.
+  kept. The body is validated where it enters (the schema below, then meshpilot/telemetry/spans.py): a
+  bad span is a 400 naming it by index and field, and nothing of the body is kept.
 - ``GET /v1/traces?service=&since=&limit=`` — summaries of the newest traces (read token).
 - ``GET /v1/traces/{trace_id}`` — one trace as a tree of spans, ready for a waterfall (read token).
 
@@ -19,15 +19,16 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints, ValidationError
 
 from meshpilot.api.app import ApiError, json_body
 from meshpilot.api.routes import Route
 from meshpilot.parts import Core, Part
-from meshpilot.telemetry.spans import SpanInvalid, normalise_trace_id, parse_spans
+from meshpilot.model import field_errors
+from meshpilot.telemetry.spans import MAX_SPANS_PER_BODY, SpanInvalid, normalise_trace_id, parse_spans
 from meshpilot.tracing.store import TraceStore
 
 __all__ = ["install", "trace_routes"]
@@ -38,8 +39,12 @@ _AGO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 MAX_LIMIT = 1000
 
 
+_ID = r"^0*[1-9a-fA-F][0-9a-fA-F]*$"  # hex, not all zeros
+_MICROS = 2**62  # bound of a time or duration in microseconds
+
+
 class _Endpoint(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     serviceName: str | None = None
     ipv4: str | None = None
     ipv6: str | None = None
@@ -47,30 +52,31 @@ class _Endpoint(BaseModel):
 
 
 class _Annotation(BaseModel):
-    timestamp: int = Field(ge=0)
+    model_config = ConfigDict(extra="allow", strict=True)
+    timestamp: int = Field(ge=0, lt=_MICROS)
     value: str
 
 
 class ZipkinSpan(BaseModel):
     """A Zipkin v2 span (ids in hex; times in microseconds since the epoch)."""
 
-    model_config = ConfigDict(extra="allow")
-    traceId: str = Field(pattern=r"^[0-9a-fA-F]{1,32}$")
-    id: str = Field(pattern=r"^[0-9a-fA-F]{1,16}$")
-    parentId: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{1,16}$")
+    model_config = ConfigDict(extra="allow", strict=True)
+    traceId: str = Field(pattern=_ID, max_length=32)
+    id: str = Field(pattern=_ID, max_length=16)
+    parentId: str | None = Field(default=None, pattern=_ID, max_length=16)
     name: str | None = None
     kind: Literal["CLIENT", "SERVER", "PRODUCER", "CONSUMER"] | None = None
-    timestamp: int = Field(ge=0)
-    duration: int | None = Field(default=None, ge=0)
+    timestamp: int = Field(ge=0, lt=_MICROS)
+    duration: int | None = Field(default=None, ge=0, lt=_MICROS)
     localEndpoint: _Endpoint | None = None
     remoteEndpoint: _Endpoint | None = None
-    tags: dict[str, str] | None = None
+    tags: Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], str], Field(max_length=64)] | None = None
     annotations: list[_Annotation] | None = None
     shared: bool | None = None
     debug: bool | None = None
 
 
-class SpansIn(RootModel[list[ZipkinSpan]]):
+class SpansIn(RootModel[Annotated[list[ZipkinSpan], Field(max_length=MAX_SPANS_PER_BODY)]]):
     """Spans to keep: a JSON array of Zipkin v2 spans."""
 
 
@@ -107,16 +113,21 @@ def _limit(text: str) -> int:
 def trace_routes(store: TraceStore) -> list[Route]:
     async def ingest(request: web.Request) -> web.Response:
         doc = await json_body(request)
+        if not isinstance(doc, list):
+            raise ApiError(400, "(body): expected a JSON array of Zipkin v2 spans", [{"field": "(body)", "reason": "not an array"}])
+        try:
+            SpansIn.model_validate(doc)
+        except ValidationError as exc:
+            fields = field_errors(exc)
+            raise ApiError(400, f"{fields[0]['field']}: {fields[0]['reason']}", fields[:50]) from None
         try:
             spans, refused = parse_spans(doc)
         except SpanInvalid as exc:
             raise ApiError(400, str(exc), [{"field": exc.field, "reason": exc.reason}]) from None
-        if not spans and refused:
-            raise ApiError(400, f"no span could be kept; first: {refused[0]['field']}: {refused[0]['reason']}", refused[:50])
+        if refused:  # a bad span refuses the whole body: nothing is kept
+            raise ApiError(400, f"{refused[0]['field']}: {refused[0]['reason']}", refused[:50])
         new = store.add(spans)
-        if refused:
-            log.warning("event=spans_refused count=%d first=%s:%s", len(refused), refused[0]["field"], refused[0]["reason"])
-        return web.json_response({"accepted": len(spans), "new": new, "refused": refused[:50]}, status=201)
+        return web.json_response({"accepted": len(spans), "new": new}, status=201)
 
     async def list_traces(request: web.Request) -> web.Response:
         q = request.query
@@ -128,8 +139,8 @@ def trace_routes(store: TraceStore) -> list[Route]:
         raw = request.match_info["trace_id"]
         try:
             trace_id = normalise_trace_id(raw, "trace_id")
-        except SpanInvalid as exc:
-            raise ApiError(400, str(exc), [{"field": "trace_id", "reason": exc.reason}]) from None
+        except SpanInvalid as exc:  # no trace has such an id
+            raise ApiError(404, f"trace_id: {exc.reason}", [{"field": "trace_id", "reason": exc.reason}]) from None
         tree = store.tree(trace_id)
         if tree is None:
             raise ApiError(404, f"trace_id: no trace {trace_id} in the store (it keeps the newest {store.max_spans} spans)",

@@ -30,6 +30,7 @@ from meshpilot.xds.resource import TYPE, NodeInfo, node_info
     ({"name": "t", "sampling": 101}, "sampling"),
     ({"name": "t", "sampling": -1}, "sampling"),
     ({"name": "t", "sampling": "lots"}, "sampling"),
+    ({"name": "t", "sampling": "5"}, "sampling"),
     ({"name": "t", "sampling": True}, "sampling"),
     ({"name": "t", "service": "Bad_Name"}, "service"),
     ({"name": "Bad Name"}, "name"),
@@ -45,7 +46,7 @@ def test_bad_policies_name_the_field(body: dict[str, Any], field: str) -> None:
 
 def test_good_policies_and_their_defaults() -> None:
     assert TRACING.validate({"name": "t"}).sampling == DEFAULT_SAMPLING == 1.0  # type: ignore[attr-defined]
-    assert TRACING.validate({"kind": "TracingPolicy", "name": "t", "sampling": "2.5%"}).sampling == 2.5  # type: ignore[attr-defined]
+    assert TRACING.validate({"kind": "TracingPolicy", "name": "t", "sampling": 2.5}).sampling == 2.5  # type: ignore[attr-defined]
     assert get_kind("tracing") is TRACING, "expected the kind found by its alias"
     assert TRACING.validate({"name": "t", "service": "web"}).target_services() == {"web.default"}
 

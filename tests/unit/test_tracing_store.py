@@ -1,6 +1,6 @@
 """The span record (normalised where it enters, hypothesis on junk), the control plane's trace store
-(bound, duplicates, trees for a waterfall) and its routes (a stranger gets 401 and nothing is kept; bad
-queries name the field)."""
+(bound, duplicates, trees for a waterfall) and its routes (a stranger gets 401 and nothing is kept; a bad
+span or query is a 400 naming the field, and nothing of the body is kept)."""
 
 from __future__ import annotations
 
@@ -165,7 +165,8 @@ async def test_a_stranger_gets_401_and_nothing_is_kept() -> None:
     ("POST", "/v1/spans", b'[{"traceId": "zz", "id": "1", "timestamp": 1}]', "0.traceId"),
     ("GET", "/v1/traces?limit=0", None, "limit"),
     ("GET", "/v1/traces?since=yesterday", None, "since"),
-    ("GET", "/v1/traces/not-hex", None, "trace_id"),
+    ("POST", "/v1/spans", b'[{"traceId": "1", "id": "1", "timestamp": 1}, {"traceId": "1", "id": "2", "timestamp": "1"}]', "1.timestamp"),
+    ("POST", "/v1/spans", b'[{"traceId": "000", "id": "1", "timestamp": 1}]', "0.traceId"),
 ])
 async def test_bad_requests_name_the_field_and_keep_nothing(method: str, path: str, body: bytes | None, field: str) -> None:
     cp, client, store = await _client(None)
@@ -186,13 +187,18 @@ async def test_kept_spans_are_listed_and_shown_as_a_tree() -> None:
         spans = [span("000000000000000a", service="web"), span("000000000000000b", "000000000000000a", kind="SERVER", service="api", ts=3)]
         r = await client.post("/v1/spans", data=json.dumps(spans + [{"bad": 1}]), headers={"Content-Type": "application/json"})
         answer = await r.json()
-        assert r.status == 201 and answer["accepted"] == 2 and answer["refused"][0]["field"] == "2.traceId", f"got {answer}"
+        assert r.status == 400 and "2.traceId" in [f["field"] for f in answer["fields"]], f"expected the bad span named, got {answer}"
+        assert (await client.get(f"/v1/traces/{T}")).status == 404, "expected nothing of a refused body kept"
+        r = await client.post("/v1/spans", data=json.dumps(spans), headers={"Content-Type": "application/json"})
+        answer = await r.json()
+        assert r.status == 201 and answer["accepted"] == 2, f"got {answer}"
         listed = await (await client.get("/v1/traces?service=api&since=0")).json()
         assert [t["trace_id"] for t in listed["traces"]] == [T], f"got {listed}"
         r = await client.get(f"/v1/traces/{T.upper()}")
         tree = await r.json()
         assert r.status == 200 and tree["roots"][0]["children"][0]["service"] == "api", f"got {tree}"
         assert (await client.get(f"/v1/traces/{'9' * 32}")).status == 404
+        assert (await client.get("/v1/traces/not-hex")).status == 404, "expected an id no trace can have to be not found"
     finally:
         await client.close()
         cp.registry.store.close()
