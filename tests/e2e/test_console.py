@@ -357,3 +357,19 @@ def test_a_policy_created_in_the_console_reaches_the_services_envoy(page: Any, m
                    what="reviews-mesh-1's inbound filter holding the limit created in the console")
     finally:
         mesh.cp.call("DELETE", "/v1/policies/RateLimitPolicy/default/reviews-limit", None, ADMIN)
+
+
+def test_without_authorisation_the_console_signs_in_without_a_token(browser: Any) -> None:
+    workdir = tmpdir("meshpilot-console-open-")
+    with control_plane(workdir) as cp:
+        status, data = cp.call("POST", "/v1/services", {"name": "open-door", "ports": [{"name": "http", "port": 80}]})
+        assert status == 201, f"expected the service created, got {status}: {data}"
+        context = browser.new_context()
+        try:
+            pg = context.new_page()
+            pg.goto(f"{cp.api}/ui/")
+            pg.click("#signin button[type=submit]")  # the token field left empty
+            pg.wait_for_selector("article.service[data-service=open-door]", timeout=10_000)
+            assert pg.is_visible("#nav"), "expected the navigation once signed in"
+        finally:
+            context.close()
