@@ -37,7 +37,7 @@ __all__ = ["CSP", "MAX_TEXT", "install", "parse_text", "render_text"]
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; font-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 MAX_TEXT = 256 * 1024  # a policy's text; the largest real one is a few KB
-_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png"}
+_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}  # what pyproject ships as package data
 _HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
@@ -140,7 +140,7 @@ def install(core: Core) -> Part:
         if found is None:
             raise ApiError(404, f"asset: the console has no file {name!r}", [{"field": "asset", "reason": "not found"}])
         body, ctype = found
-        return web.Response(body=body, content_type=ctype, charset="utf-8" if ctype.startswith("text/") else None, headers=_HEADERS)
+        return web.Response(body=body, content_type=ctype, charset="utf-8", headers=_HEADERS)
 
     async def index(request: web.Request) -> web.Response:
         return _asset("index.html")
