@@ -52,20 +52,22 @@ class Series:
 class Queried:
     """The Prometheus results a topology is computed from (``data.result`` of each query, parsed).
     ``requests``/``errors``: the callers' outbound counters over the window (range vectors), ``*_before``:
-    the same counters at the window's start (instant vectors); ``buckets``: how many requests of the window
-    fell in each latency bucket (ms, ``le``), by source and cluster (instant vectors); ``direct`` (and
-    ``_before``): the callees' counters of requests without a caller's sidecar, by ``destination_service``,
-    ``peer`` and ``response_code``; ``direct_buckets``: their latency buckets by ``destination_service`` and
-    ``peer``."""
+    the same counters at the window's start (instant vectors); ``buckets`` (and ``_before``): the cumulative
+    latency buckets (ms, ``le``) by source and cluster at the window's end and start (instant vectors);
+    ``direct`` (and ``_before``): the callees' counters of requests without a caller's sidecar, by
+    ``destination_service``, ``peer`` and ``response_code``; ``direct_buckets`` (and ``_before``): their
+    latency buckets by ``destination_service`` and ``peer``."""
 
     requests: Sequence[Series] = ()
     requests_before: Sequence[Series] = ()
     errors: Sequence[Series] = ()
     errors_before: Sequence[Series] = ()
     buckets: Sequence[Series] = ()
+    buckets_before: Sequence[Series] = ()
     direct: Sequence[Series] = ()
     direct_before: Sequence[Series] = ()
     direct_buckets: Sequence[Series] = ()
+    direct_buckets_before: Sequence[Series] = ()
     services: Sequence[Service] = ()
     instances: Sequence[Instance] = ()
     domain: str = "mesh"
@@ -183,6 +185,18 @@ def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None
     return None
 
 
+def _growth(now: Sequence[Series], before: Sequence[Series]) -> list[tuple[Mapping[str, str], float]]:
+    """Each series' growth between two instant readings: from 0 for a series that was not there at the
+    start, and its whole value after a drop (a restart)."""
+    start = {s.key: s.samples[-1][1] for s in before if s.samples}
+    out = []
+    for s in now:
+        if s.samples:
+            end, was = s.samples[-1][1], start.get(s.key, 0.0)
+            out.append((s.labels, end - was if end >= was else end))
+    return out
+
+
 def _add_buckets(into: dict[float, float], labels: Mapping[str, str], value: float) -> None:
     try:
         bound = float(labels.get("le", ""))
@@ -248,15 +262,15 @@ def topology(q: Queried) -> dict[str, Any]:
         e.requests += n
         if labels.get("response_code", "").startswith("5"):
             e.errors += n
-    for series in q.buckets:
-        src = series.labels.get("source_service", "")
-        dest = _destination(series.labels.get("envoy_cluster_name", ""), known, q.domain)
-        if src and dest is not None and (src, dest) in edges and series.samples:
-            _add_buckets(edges[(src, dest)].buckets, series.labels, series.samples[-1][1])
-    for series in q.direct_buckets:
-        key = (_caller(series.labels.get("peer", ""), callers), series.labels.get("destination_service", ""))
-        if key in edges and series.samples:
-            _add_buckets(edges[key].buckets, series.labels, series.samples[-1][1])
+    for labels, n in _growth(q.buckets, q.buckets_before):
+        src = labels.get("source_service", "")
+        dest = _destination(labels.get("envoy_cluster_name", ""), known, q.domain)
+        if src and dest is not None and (src, dest) in edges:
+            _add_buckets(edges[(src, dest)].buckets, labels, n)
+    for labels, n in _growth(q.direct_buckets, q.direct_buckets_before):
+        key = (_caller(labels.get("peer", ""), callers), labels.get("destination_service", ""))
+        if key in edges:
+            _add_buckets(edges[key].buckets, labels, n)
     edge_list = []
     for (src, dest), e in sorted(edges.items()):
         if e.requests <= 0 and e.errors <= 0:

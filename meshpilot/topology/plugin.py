@@ -120,8 +120,9 @@ def install(core: Core) -> Part:
         reg = core.registry
         return web.json_response(topology(Queried(
             requests=got["requests"], requests_before=got["requests_before"], errors=got["errors"],
-            errors_before=got["errors_before"], buckets=got["buckets"], direct=got["direct"],
-            direct_before=got["direct_before"], direct_buckets=got["direct_buckets"],
+            errors_before=got["errors_before"], buckets=got["buckets"], buckets_before=got["buckets_before"],
+            direct=got["direct"], direct_before=got["direct_before"], direct_buckets=got["direct_buckets"],
+            direct_buckets_before=got["direct_buckets_before"],
             services=reg.services(), instances=list(reg.iter_instances()),
             domain=s.domain, window_s=window, time=now,
         )))

@@ -22,14 +22,10 @@ _ERRORS = f'envoy_cluster_upstream_rq_xx{{envoy_response_code_class="5",{_CLUSTE
 _DIRECT = DIRECT_REQUESTS  # requests a callee's sidecar took without a caller's sidecar (by peer address)
 
 
-def _buckets(w: str) -> str:
-    """How many requests of the window fell in each latency bucket, per caller and cluster (a ratio of these
-    is all a quantile needs, so increase()'s extrapolation cancels out)."""
-    return f"sum by (le, source_service, envoy_cluster_name) (increase(envoy_cluster_upstream_rq_time_bucket{{{_CLUSTERS}}}[{w}]))"
-
-
-def _direct_buckets(w: str) -> str:
-    return f"sum by (le, destination_service, peer) (increase({DIRECT_REQUEST_TIME}_bucket[{w}]))"
+# latency buckets summed per caller and cluster (per callee and peer for direct callers): read at the window's
+# end and start, as increase() would miss the requests of a series that first appeared with them in it
+_BUCKETS = f"sum by (le, source_service, envoy_cluster_name) (envoy_cluster_upstream_rq_time_bucket{{{_CLUSTERS}}})"
+_DIRECT_BUCKETS = f"sum by (le, destination_service, peer) ({DIRECT_REQUEST_TIME}_bucket)"
 
 
 def queries(window_s: float) -> dict[str, tuple[str, float]]:
@@ -40,10 +36,12 @@ def queries(window_s: float) -> dict[str, tuple[str, float]]:
         "requests_before": (_REQUESTS, window_s),
         "errors": (f"{_ERRORS}[{w}]", 0.0),
         "errors_before": (_ERRORS, window_s),
-        "buckets": (_buckets(w), 0.0),
+        "buckets": (_BUCKETS, 0.0),
+        "buckets_before": (_BUCKETS, window_s),
         "direct": (f"{_DIRECT}[{w}]", 0.0),
         "direct_before": (_DIRECT, window_s),
-        "direct_buckets": (_direct_buckets(w), 0.0),
+        "direct_buckets": (_DIRECT_BUCKETS, 0.0),
+        "direct_buckets_before": (_DIRECT_BUCKETS, window_s),
     }
 
 

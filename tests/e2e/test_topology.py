@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import _stop, control_plane, envoy, free_port, http, http_backend, through, wait_until
+from tests.support import VENV_BIN, _stop, control_plane, envoy, free_port, http, http_backend, through, wait_until
 
 TOKEN = "topology-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -209,6 +209,54 @@ def test_prometheus_scrapes_the_mesh_from_the_generated_targets_and_the_topology
             f"expected web's latency over all its callers, got {web_node}"
         assert {"client.default", "shop.default", "unknown"} <= nodes.keys(), f"expected the callers as nodes, got {topo['nodes']}"
         assert nodes.get("legacy.default", {}).get("sources") == ["api"], f"expected legacy as a node registered through the API, got {topo['nodes']}"
+
+
+def test_the_sidecar_agent_serves_its_stats_port_and_the_control_plane_lists_it(workdir: Path) -> None:
+    """``meshpilot sidecar`` with ``mesh.sidecar.statsPort``: the port reaches Envoy and, through the node
+    metadata, the control plane's targets."""
+    import yaml
+
+    with contextlib.ExitStack() as stack:
+        settings = workdir / "settings.yaml"
+        settings.write_text(json.dumps({"prometheus_sd_file": str(workdir / "targets.json")}))
+        cp = stack.enter_context(control_plane(workdir, extra=["--config", str(settings)]))
+        app = stack.enter_context(http_backend("reviews-app"))
+        admin, stats = free_port(), free_port()
+        spec = workdir / "spec.yaml"
+        spec.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "reviews"},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": app.port}]},
+            "mesh": {"healthCheck": {"http": {"path": "/healthz"}, "interval": "1s"}, "dns": {"enabled": False},
+                     "sidecar": {"adminPort": admin, "statsPort": stats, "inboundPort": free_port(), "outboundPort": free_port()}},
+        }))
+        log = workdir / "agent.log"
+        agent = subprocess.Popen(
+            [str(VENV_BIN / "meshpilot"), "sidecar", "--spec", str(spec), "--control-plane", f"127.0.0.1:{cp.xds_port}",
+             "--api", cp.api, "--node-id", "reviews-1", "--workdir", str(workdir / "agent")],
+            stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+        )
+        stack.callback(_stop, agent, 20.0)
+
+        def listed() -> list[dict[str, Any]] | None:
+            if agent.poll() is not None:
+                raise AssertionError(f"the sidecar agent exited with {agent.returncode}:\n{log.read_text()[-3000:]}")
+            groups = cp.call("GET", "/v1/prometheus/targets")[1]
+            found = [g for g in groups if g["labels"].get("node") == "reviews-1"]
+            return found or None
+
+        [group] = wait_until(listed, 30, 0.2, what="the agent's sidecar among the targets")
+        assert group["targets"] == [f"127.0.0.1:{stats}"] and group["labels"]["service"] == "reviews", \
+            f"expected the spec's statsPort as the target, got {group}"
+
+
+        def scraped() -> tuple[int, Any] | None:
+            try:
+                return http("GET", f"http://127.0.0.1:{stats}/stats/prometheus")[:2]
+            except OSError:
+                return None  # Envoy opens its listeners once its first configuration is in
+
+        status, body = wait_until(scraped, 20, 0.2, what="the agent's stats listener answering")
+        assert status == 200 and 'source_service="reviews.default"' in str(body), f"expected the sidecar's stats, got {status}: {str(body)[:200]}"
 
 
 def direct(port: int, source: str, path: str) -> int:

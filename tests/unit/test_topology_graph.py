@@ -142,6 +142,19 @@ def test_latency_quantiles_per_edge_and_per_service_from_the_bucket_counts() -> 
     assert got[("client.shop", "web.shop")]["reporter"] == "source"
 
 
+def test_latency_counts_only_the_requests_of_the_window() -> None:
+    client = {"source_service": "client.shop", "envoy_cluster_name": "outbound|80||web_shop_svc_mesh"}
+    q = Queried(
+        requests=[out("client.shop", "web_shop_svc_mesh", [0, 10])],
+        # before the window 1,000 requests took under 1 ms; in it, 10 took between 10 and 100 ms
+        buckets_before=[bucket("1", 1000, **client), bucket("10", 1000, **client), bucket("100", 1000, **client), bucket("+Inf", 1000, **client)],
+        buckets=[bucket("1", 1000, **client), bucket("10", 1000, **client), bucket("100", 1010, **client), bucket("+Inf", 1010, **client)],
+        services=[WEB],
+    )
+    e = edges(topology(q))[("client.shop", "web.shop")]
+    assert (e["p50_ms"], e["p99_ms"]) == (55.0, 99.1), f"expected the window's 10 requests only (10-100 ms), got {e}"
+
+
 def test_no_latency_without_buckets() -> None:
     got = edges(topology(Queried(requests=[out("client.shop", "web_shop_svc_mesh", [0, 3])], services=[WEB])))
     assert got[("client.shop", "web.shop")]["p99_ms"] is None, f"expected no quantile without buckets, got {got}"
