@@ -506,7 +506,7 @@ class _Scale:
             steps = (1, 2, 5) if hi - lo <= 3 else (1,)
             return [m * 10.0**e for e in range(lo, hi + 1) for m in steps if self.lo <= m * 10.0**e <= self.hi * 1.0001]
         step = _nice_step((self.hi - self.lo) / 5)
-        start = math.ceil(self.lo / step) * step
+        start = math.ceil(self.lo / step - 1e-9) * step  # 0.1 / 0.1 is 1.0000000000000002
         return [start + i * step for i in range(int((self.hi - start) / step + 1e-9) + 1)]
 
 

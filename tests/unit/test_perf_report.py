@@ -166,3 +166,9 @@ def test_first_json_object_in_a_benchmarks_output() -> None:
     out = "12:00:01 starting\n{\n  \"benchmark\": \"x\",\n  \"v\": [1, {\"a\": 2}]\n}\nperf x: summary {not json}\n"
     assert report.first_json_object(out) == {"benchmark": "x", "v": [1, {"a": 2}]}
     assert report.first_json_object("no json here\n{broken\n") is None
+
+
+def test_an_axis_that_starts_above_zero_labels_its_start() -> None:
+    svg = report.svg(report.Cdf("c", "t", "s", {"a": [0.16 + 0.001 * i for i in range(340)]}))
+    ticks = re.findall(r'text-anchor="middle">([0-9.]+)</text>', svg)
+    assert ticks[:2] == ["0.1", "0.2"], f"expected the x axis labelled from its start, 0.1, got {ticks}"
