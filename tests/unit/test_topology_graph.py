@@ -204,3 +204,13 @@ def test_a_window_is_a_duration(text: str, want: float) -> None:
 def test_a_bad_window_is_refused_naming_the_field(text: str) -> None:
     with pytest.raises(ValueError, match="^window: "):
         parse_window(text)
+
+
+@given(st.text(max_size=12))
+def test_any_window_text_is_a_duration_in_range_or_refused_naming_the_field(text: str) -> None:
+    try:
+        got = parse_window(text)
+    except ValueError as exc:
+        assert str(exc).startswith("window: "), f"expected the error to name window, got {exc}"
+        return
+    assert 1.0 <= got <= 86_400.0, f"expected a window between 1 s and 24 h from {text!r}, got {got}"
