@@ -73,7 +73,10 @@ class PolicyEngine(Producer):
         kinds_changed = set()
         for key in changed:
             parsed = parse_key(key)
-            if parsed is not None and self._load(key, self.registry.store.get("policies", key)):
+            if parsed is not None:
+                self._load(key, self.registry.store.get("policies", key))
+                # one written again unchanged is translated again too: its translation may read
+                # services (a route on a catalog operation resolves against the service's apis)
                 kinds_changed.add(parsed[0].name)
         if not kinds_changed:
             return set()
