@@ -63,11 +63,12 @@ def _unknown(service_key: str, operation: str, apis: list[ApiOperation]) -> str:
 
 def _selectors(value: Any, path: str) -> Iterator[tuple[str, str]]:
     """(field path, operationId) of every selector with an ``operation`` in a policy's fields."""
-    if isinstance(value, ApiSelector):
-        if value.operation is not None:
-            yield (f"{path}.operation" if path else "operation", value.operation)
-        return
     if isinstance(value, BaseModel):
+        operation = getattr(value, "operation", None) if "operation" in type(value).model_fields else None
+        if isinstance(operation, str):  # an API selector, a route's match
+            yield (f"{path}.operation" if path else "operation", operation)
+        if isinstance(value, ApiSelector):
+            return
         for name in type(value).model_fields:
             yield from _selectors(getattr(value, name), f"{path}.{name}" if path else name)
     elif isinstance(value, (list, tuple)):

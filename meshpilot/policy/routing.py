@@ -10,17 +10,21 @@ with ``weighted_clusters``, for Envoy sidecars and proxyless gRPC clients alike.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from meshpilot.model import dns_label
+from meshpilot.model import Service, dns_label
+from meshpilot.policy.authz import path_template_regex
 from meshpilot.policy.kinds import PolicyKind, ServicePolicy, TranslateContext, Translation, register_kind
 from meshpilot.translate.routes import Fault, HeaderMatch, RouteRule, ServiceRouting, Subset
 
 __all__ = ["ROUTING", "RoutingPolicy"]
+
+log = logging.getLogger("meshpilot.policy")
 
 _HEADER = re.compile(r"^:?[a-z0-9!#$%&'*+.^_`|~-]{1,128}$")
 _RETRY_ON = re.compile(r"^[a-z0-9-]+(,[a-z0-9-]+)*$")
@@ -76,12 +80,16 @@ class HeaderMatchSpec(_Spec):
 class MatchSpec(_Spec):
     path_prefix: str | None = Field(default=None, pattern=r"^/\S*$", max_length=1024)
     path_exact: str | None = Field(default=None, pattern=r"^/\S*$", max_length=1024)
+    operation: str | None = Field(default=None, min_length=1, max_length=128,
+                                  description="an operation of the service's API catalog, by operationId: its method and path template")
     headers: list[HeaderMatchSpec] = Field(default_factory=list, max_length=16)
 
     @model_validator(mode="after")
     def _paths(self) -> MatchSpec:
         if self.path_prefix is not None and self.path_exact is not None:
             raise ValueError("give path_prefix or path_exact, not both")
+        if self.operation is not None and (self.path_prefix is not None or self.path_exact is not None):
+            raise ValueError("an operation names its path: give operation, or path_prefix / path_exact")
         return self
 
 
@@ -146,7 +154,7 @@ class RouteSpec(_Spec):
     @property
     def matches_all(self) -> bool:
         m = self.match
-        return m is None or (m.path_exact is None and m.path_prefix in (None, "/") and not m.headers)
+        return m is None or (m.operation is None and m.path_exact is None and m.path_prefix in (None, "/") and not m.headers)
 
 
 class RoutingPolicy(ServicePolicy):
@@ -192,7 +200,20 @@ def _check(policy: RoutingPolicy) -> list[dict[str, str]]:
     return problems
 
 
-def _rule(policy: RoutingPolicy, index: int, r: RouteSpec) -> RouteRule:
+def _operation_headers(m: MatchSpec | None, service: Service | None) -> tuple[HeaderMatch, ...] | None:
+    """The method and path matchers of the route's catalog operation (none without one); None when
+    the service has no such operation (any more): the route then matches nothing and is left out."""
+    if m is None or m.operation is None:
+        return ()
+    op = next((o for o in (service.apis if service else ()) if o.name == m.operation), None)
+    pattern = path_template_regex(op.path) if op is not None else None
+    if op is None or pattern is None:
+        return None
+    method = (HeaderMatch(":method", exact=op.method),) if op.method != "*" else ()
+    return (*method, HeaderMatch(":path", regex=pattern[:-1] + r"(\?.*)?$"))  # :path carries the query
+
+
+def _rule(policy: RoutingPolicy, index: int, r: RouteSpec, operation: tuple[HeaderMatch, ...] = ()) -> RouteRule:
     m = r.match
     fault = None
     if r.fault is not None:
@@ -208,7 +229,7 @@ def _rule(policy: RoutingPolicy, index: int, r: RouteSpec) -> RouteRule:
         destinations=tuple((d.subset or "", d.weight) for d in r.destinations),
         path_prefix=m.path_prefix if m else None,
         path_exact=m.path_exact if m else None,
-        headers=tuple(HeaderMatch(h.name, h.exact, h.prefix, h.regex, h.present) for h in (m.headers if m else ())),
+        headers=operation + tuple(HeaderMatch(h.name, h.exact, h.prefix, h.regex, h.present) for h in (m.headers if m else ())),
         timeout_ms=r.timeout_ms,
         retries=r.retries.attempts if r.retries else None,
         retry_on=r.retries.retry_on if r.retries else None,
@@ -217,10 +238,18 @@ def _rule(policy: RoutingPolicy, index: int, r: RouteSpec) -> RouteRule:
     )
 
 
-def routing_of(policy: RoutingPolicy) -> ServiceRouting:
+def routing_of(policy: RoutingPolicy, service: Service | None = None) -> ServiceRouting:
+    """The policy's overlay; a route naming an operation ``service`` does not have is left out."""
+    rules = []
+    for i, r in enumerate(policy.routes):
+        operation = _operation_headers(r.match, service)
+        if operation is None:
+            log.warning("event=route_operation_unresolved policy=%s route=%d operation=%s", policy.key, i, r.match.operation if r.match else "")
+            continue
+        rules.append(_rule(policy, i, r, operation))
     return ServiceRouting(
         subsets=tuple(Subset(s.name, tuple(sorted(s.labels.items()))) for s in policy.subsets),
-        rules=tuple(_rule(policy, i, r) for i, r in enumerate(policy.routes)),
+        rules=tuple(rules),
         ports=frozenset({policy.port}) if policy.port else None,
         source=policy.key,
     )
@@ -230,7 +259,7 @@ def _translate(policies: Sequence[Any], ctx: TranslateContext) -> Translation:
     out = Translation()
     for p in sorted(policies, key=lambda x: x.key):
         # the API allows one per service; on a conflict loaded from storage, the first key wins
-        out.routing.setdefault(p.service_key, routing_of(p))
+        out.routing.setdefault(p.service_key, routing_of(p, ctx.registry.service(p.service_key)))
     return out
 
 
