@@ -144,7 +144,25 @@ class Catalog:
             return False
         self.registry.put_service(svc.model_copy(update={"apis": apis}))
         log.info("event=catalog_apis_set service=%s operations=%d", service_key, len(apis))
+        self._retranslate(svc)
         return True
+
+    def _retranslate(self, svc: Service) -> None:
+        """Write again, unchanged, the policies of the service that name operations: a routing
+        overlay is translated when its policy changes, so its operations resolve against the new
+        apis in the same push (the filter rules of limits and breakers follow service changes anyway)."""
+        puts = {key: doc for key, doc in self.registry.documents("policies")
+                if isinstance(doc, dict) and doc.get("namespace") == svc.namespace and doc.get("service") == svc.name and _names_operation(doc)}
+        if puts:
+            self.registry.write_documents("policies", puts)
+
+
+def _names_operation(value: Any) -> bool:
+    if isinstance(value, dict):
+        return isinstance(value.get("operation"), str) or any(_names_operation(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_names_operation(v) for v in value)
+    return False
 
 
 def _rfc3339(t: float) -> str:

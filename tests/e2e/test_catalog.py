@@ -4,7 +4,10 @@ document uploaded as YAML becomes version 2, and the diff names what changed; th
 a restart of the control plane; a RateLimitPolicy that names one catalog operation reaches a real
 Envoy 1.40 sidecar in front of the app and limits that operation (its method and path template)
 only, while the service's other operations pass untouched. Two control planes on one etcd share
-the catalog: what one records the other serves, and uploads to both at once get distinct numbers."""
+the catalog: what one records the other serves, and uploads to both at once get distinct numbers.
+A RoutingPolicy route on one operation sends that operation (its method and path template, any
+query) to its subset through a real caller's sidecar, and follows the operation to a new path when a
+new version moves it."""
 
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ class _App(http.server.BaseHTTPRequestHandler):
             with srv.lock:
                 key = f"{self.command} {self.path}"
                 srv.hits[key] = srv.hits.get(key, 0) + 1
-            body = json.dumps({"served": f"{self.command} {self.path}"}).encode()
+            body = json.dumps({"served": f"{self.command} {self.path}", "server": srv.name}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -84,10 +87,10 @@ class _App(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def orders_app() -> Iterator[Any]:
+def orders_app(name: str = "orders") -> Iterator[Any]:
     srv: Any = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _App)
     srv.daemon_threads = True
-    srv.lock, srv.doc, srv.doc_fetches, srv.hits = threading.Lock(), springdoc(), 0, {}
+    srv.lock, srv.doc, srv.doc_fetches, srv.hits, srv.name = threading.Lock(), springdoc(), 0, {}, name
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
@@ -233,3 +236,42 @@ def test_two_replicas_on_etcd_share_the_catalog_and_never_reuse_a_number() -> No
             assert numbers == [2, 3], f"expected the two uploads to get versions 2 and 3, got {numbers}"
             wait_until(lambda: [v["number"] for v in call(a, "GET", CATALOG + "/versions")] == [1, 2, 3], 10, what="A to list versions 1-3")
             wait_until(lambda: [v["number"] for v in call(b, "GET", CATALOG + "/versions")] == [1, 2, 3], 10, what="B to list versions 1-3")
+
+
+def served_by(port: int, method: str, path: str) -> str:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        c.request(method, path, body=b"{}" if method == "POST" else None, headers={"Host": "orders"})
+        r = c.getresponse()
+        data = r.read()
+        return str(json.loads(data)["server"]) if r.status == 200 else f"status:{r.status}"
+    finally:
+        c.close()
+
+
+def test_a_route_on_one_operation_sends_only_that_operation_to_its_subset() -> None:
+    workdir: Path = tmpdir("meshpilot-catalog-routing-")
+    with orders_app("v1") as v1, orders_app("v2") as v2, control_plane(workdir) as cp:
+        call(cp, "POST", "/v1/services", {"name": "orders", "ports": [{"name": "http", "port": 80}]})
+        for app in (v1, v2):
+            call(cp, "POST", "/v1/services/default/orders/instances",
+                 {"id": f"orders-{app.name}", "address": "127.0.0.1", "ports": {"http": app.port}, "labels": {"version": app.name}})
+        call(cp, "PUT", CATALOG, springdoc(), want=201)
+        call(cp, "PUT", "/v1/policies/RoutingPolicy/default/orders-split", {
+            "service": "orders",
+            "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}],
+            "routes": [{"match": {"operation": "getOrder"}, "destinations": [{"subset": "v2"}]}, {"destinations": [{"subset": "v1"}]}],
+        }, want=201)
+        port = free_port()
+        with envoy(workdir, sidecar_bootstrap("caller-1", cp.xds_port, outbound_port=port), name="caller-1"):
+            wait_until(lambda: served_by(port, "GET", "/orders/5") == "v2", 20, what="GET /orders/{id} routed to v2 through the caller's sidecar")
+            got = {f"{m} {p}": served_by(port, m, p) for m, p in [("GET", "/orders/6?full=1"), ("GET", "/orders"), ("POST", "/orders/5"),
+                                                                   ("GET", "/orders/5/lines"), ("POST", "/orders")]}
+            want = {"GET /orders/6?full=1": "v2", "GET /orders": "v1", "POST /orders/5": "v1", "GET /orders/5/lines": "v1", "POST /orders": "v1"}
+            assert got == want, f"expected only getOrder (GET /orders/{{id}}, any query) on v2, got {got}"
+
+            moved = springdoc("v2")
+            moved["servers"] = [{"url": "http://127.0.0.1:8080/api"}]
+            call(cp, "PUT", CATALOG, moved, want=201)
+            wait_until(lambda: served_by(port, "GET", "/api/orders/5") == "v2", 10, what="the route to follow getOrder to /api/orders/{id}")
+            assert served_by(port, "GET", "/orders/5") == "v1", "expected the old path to leave the operation's route once the version moved it"

@@ -305,3 +305,69 @@ async def test_openapi_json_documents_the_catalog_routes(api: TestClient) -> Non
             "/v1/catalog/{namespace}/{name}/versions", "/v1/catalog/{namespace}/{name}/versions/{number}"}
     assert want <= set(paths), f"expected the catalog's paths documented, missing {want - set(paths)}"
     assert {"put", "get"} <= set(paths["/v1/catalog/{namespace}/{name}"]), f"got {paths['/v1/catalog/{namespace}/{name}']}"
+
+
+def test_a_route_matching_an_operation_becomes_its_method_and_an_anchored_path_regex() -> None:
+    import re as _re
+
+    from meshpilot.catalog.versions import service_apis
+    from meshpilot.model import Service, ServicePort
+    from meshpilot.policy.routing import ROUTING, RoutingPolicy, routing_of
+
+    svc = Service(name="orders", ports=[ServicePort(name="http", port=80)], apis=service_apis(parse(json.dumps(document()).encode()).operations))
+    policy = ROUTING.validate({"name": "r", "service": "orders", "subsets": [{"name": "v2", "labels": {"version": "v2"}}],
+                               "routes": [{"match": {"operation": "getOrder"}, "destinations": [{"subset": "v2"}]},
+                                          {"match": {"operation": "gone"}, "destinations": [{"subset": "v2"}]},
+                                          {"destinations": [{}]}]})
+    assert isinstance(policy, RoutingPolicy)
+    rules = routing_of(policy, svc).rules
+    assert [r.name for r in rules] == ["r.default/route-0", "r.default/route-2"], f"expected the unresolvable route left out, got {[r.name for r in rules]}"
+    headers = {h.name: h for h in rules[0].headers}
+    assert headers[":method"].exact == "GET" and not rules[0].matches_all, f"expected GET matched, got {rules[0]}"
+    regex = headers[":path"].regex
+    assert regex is not None
+    for path, want in (("/orders/12", True), ("/orders/12?full=1", True), ("/orders/12/lines", False), ("/orders", False), ("/orders/", False)):
+        assert bool(_re.fullmatch(regex, path)) is want, f"expected {regex!r} {'to' if want else 'not to'} match {path}"
+    assert [r.name for r in routing_of(policy, None).rules] == ["r.default/route-2"], "expected no operation route without the service"
+
+
+async def test_routing_policies_naming_operations_are_checked_and_written_again_with_a_new_version(api: TestClient) -> None:
+    from meshpilot.registry import Change
+
+    route = {"service": "orders", "subsets": [{"name": "v2", "labels": {"version": "v2"}}],
+             "routes": [{"match": {"operation": "getOrder"}, "destinations": [{"subset": "v2"}]}, {"destinations": [{}]}]}
+    r = await api.put("/v1/policies/RoutingPolicy/default/r", json=route)
+    body = await r.json()
+    assert r.status == 400 and body["fields"][0]["field"] == "routes.0.match.operation", f"expected the operation refused before a catalog, got {r.status}: {body}"
+    await put_doc(api, document())
+    bad = {**route, "routes": [{"match": {"operation": "getOrder", "path_prefix": "/x"}, "destinations": [{}]}]}
+    r = await api.put("/v1/policies/RoutingPolicy/default/r", json=bad)
+    assert r.status == 400, f"expected operation with path_prefix refused, got {r.status}"
+    r = await api.put("/v1/policies/RoutingPolicy/default/r", json=route)
+    assert r.status == 201, f"expected the route on getOrder accepted, got {r.status}: {await r.text()}"
+    got = await (await api.get("/v1/policies/RoutingPolicy/default/r")).json()
+    assert got["routes"][0]["match"]["operation"] == "getOrder", f"expected the policy stored as written, got {got}"
+
+
+async def test_a_new_version_writes_the_policies_naming_operations_again() -> None:
+    from meshpilot.model import Service, ServicePort
+    from meshpilot.registry import Change
+    from meshpilot.registry.store import MemoryStore
+
+    reg = Registry(MemoryStore())
+    svc = reg.put_service(Service(name="orders", ports=[ServicePort(name="http", port=80)]))
+    catalog = Catalog(reg)
+    await catalog.record(svc, parse(json.dumps(document()).encode()), {"kind": "upload"})
+    naming = {"kind": "RoutingPolicy", "name": "r", "namespace": "default", "service": "orders",
+              "routes": [{"match": {"operation": "getOrder"}, "destinations": [{}]}]}
+    other = {"kind": "RoutingPolicy", "name": "o", "namespace": "default", "service": "orders", "routes": [{"destinations": [{}]}]}
+    reg.put_document("policies", "RoutingPolicy/default/r", naming, service="orders.default")
+    reg.put_document("policies", "RoutingPolicy/default/o", other, service="orders.default")
+    seen: list[Change] = []
+    reg.subscribe(seen.append)
+    svc2 = reg.service("orders.default")
+    assert svc2 is not None
+    await catalog.record(svc2, parse(json.dumps(document(servers=[{"url": "/api"}])).encode()), {"kind": "upload"})
+    kinds = [(c.kind, c.key) for c in seen]
+    assert kinds == [("service", "orders.default"), ("policy", "RoutingPolicy/default/r")], (
+        f"expected the service's apis, then the policy naming an operation, written again (not the other), got {kinds}")
