@@ -491,6 +491,7 @@ class _Scale:
     a: float  # pixel of lo
     b: float  # pixel of hi
     log: bool
+    step: float = 0.0  # linear: the tick step lo and hi were rounded to (0: choose one)
 
     def __call__(self, x: float) -> float:
         if self.log:
@@ -505,8 +506,8 @@ class _Scale:
             lo, hi = math.floor(math.log10(self.lo)), math.ceil(math.log10(self.hi))
             steps = (1, 2, 5) if hi - lo <= 3 else (1,)
             return [m * 10.0**e for e in range(lo, hi + 1) for m in steps if self.lo <= m * 10.0**e <= self.hi * 1.0001]
-        step = _nice_step((self.hi - self.lo) / 5)
-        start = math.ceil(self.lo / step - 1e-9) * step  # 0.1 / 0.1 is 1.0000000000000002
+        step = self.step or _nice_step((self.hi - self.lo) / 5)
+        start = math.ceil(self.lo / step - 1e-9) * step
         return [start + i * step for i in range(int((self.hi - start) / step + 1e-9) + 1)]
 
 
@@ -534,7 +535,7 @@ def _axis(values: Sequence[float], a: float, b: float, from_zero: bool) -> _Scal
     if hi == lo:
         hi = lo + (abs(lo) or 1.0)
     step = _nice_step((hi - lo) / 5)
-    return _Scale(math.floor(lo / step) * step, math.ceil(hi / step) * step, a, b, False)
+    return _Scale(math.floor(lo / step) * step, math.ceil(hi / step) * step, a, b, False, step)
 
 
 def _fmt(x: float) -> str:
@@ -670,7 +671,7 @@ def _svg_bars(c: Bars, standalone: bool) -> str:
     if xs.log:  # bars grow from zero: keep them linear
         hi = max(values)
         step = _nice_step(hi / 5)
-        xs = _Scale(0.0, math.ceil(hi / step) * step, x0, x1, False)
+        xs = _Scale(0.0, math.ceil(hi / step) * step, x0, x1, False, step)
     out = _open(c.name, c.title, height, standalone)
     out.append(f'<g class="axes" stroke="#999"><line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}"/><line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y1}"/></g>')
     for t in xs.ticks():

@@ -169,6 +169,6 @@ def test_first_json_object_in_a_benchmarks_output() -> None:
 
 
 def test_an_axis_that_starts_above_zero_labels_its_start() -> None:
-    svg = report.svg(report.Cdf("c", "t", "s", {"a": [0.16 + 0.001 * i for i in range(340)]}))
+    svg = report.svg(report.Cdf("c", "t", "s", {"a": [0.1609 + 0.001 * i for i in range(341)]}))
     ticks = re.findall(r'text-anchor="middle">([0-9.]+)</text>', svg)
     assert ticks[:2] == ["0.1", "0.2"], f"expected the x axis labelled from its start, 0.1, got {ticks}"
