@@ -5,12 +5,14 @@ control-plane replicas are live (the store's ``replicas`` table), and from them 
 
 - the file_sd file ``prometheus_sd_file`` (off when unset), replaced in one step whenever a target comes
   or goes, and checked every few seconds for replicas that came or went;
-- ``GET /v1/prometheus/targets`` (scope read): the same document, for Prometheus' ``http_sd_configs``;
+- ``GET /v1/prometheus/targets`` (scope read): the same document, for Prometheus' ``http_sd_configs``, with
+  the sidecars connected to the other live replicas too (each is asked for its own, ``?local=1``, with the
+  caller's token; one that does not answer within a second is left out and logged);
 - ``GET /v1/topology`` (scope read): services and caller → callee edges over a window (``?window=``,
   default ``topology_window_s``), computed from the Prometheus at ``prometheus_url`` (graph.py).
 
-Each replica lists the sidecars connected to it; with several replicas, Prometheus is given every
-replica's file or URL (docs/observability.md).
+The file lists the sidecars connected to this replica; with several replicas, Prometheus is given every
+replica's file, or the URL of any one (docs/observability.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from meshpilot.api.app import ApiError
@@ -31,7 +34,7 @@ from meshpilot.parts import Core, Part, Task
 from meshpilot.policy.governance import REPLICAS
 from meshpilot.topology.graph import Queried, topology
 from meshpilot.topology.prometheus import PrometheusError, query_all
-from meshpilot.topology.targets import file_sd, write_file_sd
+from meshpilot.topology.targets import file_sd, host_port, merge_file_sd, write_file_sd
 from meshpilot.xds.resource import NodeInfo
 
 __all__ = ["install", "parse_window"]
@@ -39,6 +42,7 @@ __all__ = ["install", "parse_window"]
 log = logging.getLogger("meshpilot.topology")
 
 _RECHECK_S = 5.0  # how often the replicas table is looked at again (it changes rarely, and not through a node)
+_ASK_S = 1.0  # how long another replica has to give its own targets
 _WINDOW = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -97,12 +101,40 @@ class _Targets:
                 pass
 
 
+async def _ask(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> list[dict[str, Any]] | None:
+    try:
+        async with http.get(url, headers=headers) as r:
+            body = await r.json(content_type=None)
+            if r.status == 200 and isinstance(body, list) and all(isinstance(g, dict) for g in body):
+                return body
+            log.warning("event=replica_targets_refused url=%s status=%d", url, r.status)
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+        log.info("event=replica_targets_unreachable url=%s reason=%s", url, type(exc).__name__)
+    return None
+
+
 def install(core: Core) -> Part:
     s = core.settings
     targets = _Targets(core)
 
+    async def others(request: web.Request) -> list[list[dict[str, Any]]]:
+        urls = []
+        for replica, record in core.registry.store.items(REPLICAS):
+            api = record.get("api") if isinstance(record, dict) else None
+            if replica != core.replica_id and isinstance(api, list) and len(api) == 2 and isinstance(api[1], int):
+                urls.append(f"http://{host_port(str(api[0]), api[1])}/v1/prometheus/targets?local=1")
+        if not urls:
+            return []
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_ASK_S)) as http:
+            got = await asyncio.gather(*(_ask(http, url, headers) for url in urls))
+        return [g for g in got if g is not None]
+
     async def prometheus_targets(request: web.Request) -> web.Response:
-        return web.json_response(targets.document())
+        own = targets.document()
+        if request.query.get("local") == "1":
+            return web.json_response(own)
+        return web.json_response(merge_file_sd([own, *await others(request)]))
 
     async def mesh_topology(request: web.Request) -> web.Response:
         try:
@@ -133,8 +165,8 @@ def install(core: Core) -> Part:
                   "The mesh as a graph: services and caller → callee edges with requests, rate, 5xx share and latency "
                   "(p50, p99) over ?window= (e.g. 60s, 5m), from the Prometheus at prometheus_url", scope="read"),
             Route("GET", "/v1/prometheus/targets", prometheus_targets,
-                  "Prometheus HTTP service discovery (http_sd): every connected sidecar's stats listener and every "
-                  "control-plane replica's /metrics, labelled", scope="read"),
+                  "Prometheus HTTP service discovery (http_sd): every connected sidecar's stats listener (of every "
+                  "replica; ?local=1: of this one) and every control-plane replica's /metrics, labelled", scope="read"),
         ],
         node_watchers=[targets.watch],
     )

@@ -23,7 +23,8 @@ from typing import Any
 from meshpilot.translate.bootstrap import STATS_PATH, STATS_PORT_META
 from meshpilot.xds.resource import NodeInfo
 
-__all__ = ["CONTROL_PLANE_SERVICE", "METRICS_PATH", "file_sd", "host_port", "sidecar_target", "stats_port", "write_file_sd"]
+__all__ = ["CONTROL_PLANE_SERVICE", "METRICS_PATH", "file_sd", "host_port", "merge_file_sd", "sidecar_target", "stats_port",
+           "write_file_sd"]
 
 METRICS_PATH = "/metrics"
 CONTROL_PLANE_SERVICE = "meshpilot"  # the ``service`` label of the control plane's own targets
@@ -92,6 +93,22 @@ def file_sd(nodes: Iterable[NodeInfo], replicas: Iterable[tuple[str, Any]]) -> l
             seen.add(g["targets"][0])
             out.append(g)
     return out
+
+
+def merge_file_sd(documents: Iterable[Any]) -> list[dict[str, Any]]:
+    """Several replicas' documents as one, in the same order as :func:`file_sd`; a target two of them
+    name (every replica lists every replica's /metrics) is listed once. Groups that are not a target with
+    labels (an answer from something else) are left out."""
+    groups: dict[str, dict[str, Any]] = {}
+    for doc in documents:
+        for g in doc if isinstance(doc, list) else ():
+            targets, labels = (g.get("targets"), g.get("labels")) if isinstance(g, dict) else (None, None)
+            if (isinstance(targets, list) and len(targets) == 1 and isinstance(targets[0], str) and isinstance(labels, dict)
+                    and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):
+                groups.setdefault(targets[0], {"targets": [targets[0]], "labels": dict(labels)})
+    ordered = sorted(groups.values(), key=lambda g: (g["labels"].get("kind") != "controlplane", g["targets"][0],
+                                                     g["labels"].get("node", "")))
+    return ordered
 
 
 def write_file_sd(path: str | Path, groups: list[dict[str, Any]]) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from meshpilot.controlplane import ControlPlane
 from meshpilot.plugins import install_plugins
@@ -100,5 +101,40 @@ def test_the_topology_route_names_a_bad_window_a_missing_and_an_unreachable_prom
             assert status == 400 and body["error"].startswith("window: "), f"expected 400 naming window, got {status}: {body}"
             status, body = await _get(api + "/v1/topology?window=30s")
             assert status == 502 and body["error"].startswith("prometheus_url: "), f"expected 502 naming prometheus_url, got {status}: {body}"
+
+    asyncio.run(scenario())
+
+
+def test_the_targets_route_adds_the_sidecars_of_the_other_replicas_asking_with_the_callers_token() -> None:
+    other_sidecar = {"targets": ["10.0.0.6:15090"], "labels": {"kind": "sidecar", "node": "api-1", "instance": "10.0.0.6:15090",
+                                                              "__metrics_path__": "/stats/prometheus"}}
+    asked: list[tuple[str, str]] = []
+
+    async def other_targets(request: web.Request) -> web.Response:
+        asked.append((request.query_string, request.headers.get("Authorization", "")))
+        return web.json_response([other_sidecar])
+
+    async def scenario() -> None:
+        other = web.Application()
+        other.router.add_get("/v1/prometheus/targets", other_targets)
+        runner = web.AppRunner(other)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with _serving() as (cp, api):
+                cp.registry.store.write({("replicas", "other"): {"api": ["127.0.0.1", port]},
+                                         ("replicas", "gone"): {"api": ["127.0.0.1", _closed_port()]}})
+                status, merged = await _get(api + "/v1/prometheus/targets")
+                assert status == 200 and other_sidecar in merged, f"expected the other replica's sidecar, got {status}: {merged}"
+                assert asked == [("local=1", f"Bearer {TOKEN}")], f"expected the other replica asked for its own, with the token, got {asked}"
+                kinds = sorted(g["labels"]["kind"] for g in merged)
+                assert kinds == ["controlplane", "controlplane", "controlplane", "sidecar"], \
+                    f"expected three replicas' /metrics (one unreachable, still listed) and one sidecar, got {merged}"
+                status, local = await _get(api + "/v1/prometheus/targets?local=1")
+                assert status == 200 and other_sidecar not in local and len(asked) == 1, f"expected only this replica's own, got {local}"
+        finally:
+            await runner.cleanup()
 
     asyncio.run(scenario())

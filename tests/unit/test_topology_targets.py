@@ -137,3 +137,17 @@ def test_the_inbound_listener_counts_requests_without_a_callers_sidecar_by_peer_
     expression = stats[0]["filter"]["extensionFilter"]["typedConfig"]["expression"]
     assert expression == "xds.route_name != 'health' && !('x-mesh-caller' in request.headers)", \
         f"expected only requests without a caller header and outside the health route, got {expression!r}"
+
+
+def test_merged_documents_list_each_target_once_in_file_sd_order_and_drop_junk() -> None:
+    from meshpilot.topology.targets import merge_file_sd
+
+    here = file_sd([node("a", "web", 15090)], [("r1", {"api": ["10.0.0.1", 15014]}), ("r2", {"api": ["10.0.0.2", 15014]})])
+    there = file_sd([node("b", "api", 15091, BIND_ADDRESS="10.0.0.6")], [("r2", {"api": ["10.0.0.2", 15014]}), ("r1", {"api": ["10.0.0.1", 15014]})])
+    junk = [{"targets": ["x:1", "y:2"], "labels": {}}, {"targets": ["z:1"], "labels": {"a": 1}}, "nope", {"labels": {}}]
+    got = merge_file_sd([here, there, junk, {"not": "a list"}])
+    assert [g["targets"][0] for g in got] == ["10.0.0.1:15014", "10.0.0.2:15014", "10.0.0.5:15090", "10.0.0.6:15091"], \
+        f"expected both replicas once, then both replicas' sidecars, without the junk, got {got}"
+    assert got == file_sd([node("a", "web", 15090), node("b", "api", 15091, BIND_ADDRESS="10.0.0.6")],
+                          [("r1", {"api": ["10.0.0.1", 15014]}), ("r2", {"api": ["10.0.0.2", 15014]})]), \
+        "expected the merge to equal one replica holding every sidecar"
