@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib
 import io
 import os
@@ -87,6 +88,7 @@ def _reported(command: str, main: _Main) -> _Main:
     """``main``, and with ``--report DIR`` the JSON report it printed kept in DIR with the run's facts.
     The benchmark is left as it is: its stdout is its report (docs/perf.md), read from a copy."""
 
+    @functools.wraps(main)
     def run(args: argparse.Namespace) -> int:
         directory: Path | None = getattr(args, "report", None)
         if directory is None:
