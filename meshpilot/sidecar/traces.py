@@ -61,12 +61,16 @@ class Spool:
     Writes and reads happen on the agent's event loop (small appends); nothing here blocks on the
     network. A line that a crash left half-written is cut off when the spool is opened again."""
 
-    def __init__(self, directory: Path, max_file_bytes: int = 4 * 1024 * 1024, max_files: int = 8) -> None:
+    def __init__(self, directory: Path, max_file_bytes: int = 4 * 1024 * 1024, max_files: int = 8,
+                 prefix: str = _PREFIX) -> None:
+        """``prefix``: the files' name before their number (the node's log records use a spool of
+        their own, sidecar/logs.py)."""
         if max_file_bytes < 1024:
             raise ValueError(f"max_file_bytes: at least 1024, got {max_file_bytes}")
         if max_files < 2:
             raise ValueError(f"max_files: at least 2 (one written, one shipped), got {max_files}")
         self.dir = directory
+        self._prefix = prefix
         self.max_file_bytes = max_file_bytes
         self.max_files = max_files
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -85,12 +89,12 @@ class Spool:
     # ---- files -----------------------------------------------------------------------------
 
     def _path(self, seq: int) -> Path:
-        return self.dir / f"{_PREFIX}{seq:012d}{_SUFFIX}"
+        return self.dir / f"{self._prefix}{seq:012d}{_SUFFIX}"
 
     def _scan(self) -> list[int]:
         seqs = []
-        for p in self.dir.glob(f"{_PREFIX}*{_SUFFIX}"):
-            digits = p.name[len(_PREFIX):-len(_SUFFIX)]
+        for p in self.dir.glob(f"{self._prefix}*{_SUFFIX}"):
+            digits = p.name[len(self._prefix):-len(_SUFFIX)]
             if digits.isdigit():
                 seqs.append(int(digits))
         return sorted(seqs)
@@ -130,9 +134,12 @@ class Spool:
     def append(self, spans: Sequence[dict[str, Any]]) -> None:
         """Append spans, rotating to a new file at the size bound and dropping the oldest file at
         the count bound (its unshipped spans are counted in ``stats.dropped``)."""
+        self.append_lines([line(span) for span in spans])
+
+    def append_lines(self, lines: Sequence[bytes]) -> None:
+        """``append`` for records already encoded, one line each ending in a newline."""
         chunk = bytearray()
-        for span in spans:
-            data = line(span)
+        for data in lines:
             if self._size + len(chunk) + len(data) > self.max_file_bytes and (self._size or chunk):
                 self._write(bytes(chunk))
                 chunk.clear()
@@ -140,7 +147,7 @@ class Spool:
             chunk += data
         if chunk:
             self._write(bytes(chunk))
-        self.stats.written += len(spans)
+        self.stats.written += len(lines)
 
     def _write(self, data: bytes) -> None:
         with self._path(self._files[-1]).open("ab") as f:
