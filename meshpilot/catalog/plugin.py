@@ -34,14 +34,14 @@ def install(core: Core) -> Part:
 
     async def catalog_apis() -> None:
         for svc in registry.services():  # writes made while this replica was down
-            catalog.reconcile(svc.key)
+            await catalog.reconcile(svc.key)
         while True:
             await wake.wait()
             wake.clear()
             keys = sorted(pending)
             pending.clear()
             for key in keys:
-                catalog.reconcile(key)
+                await catalog.reconcile(key)
             await registry.store.sync()
 
     return Part(routes=catalog_routes(registry), tasks=[Task("catalog_apis", catalog_apis)])

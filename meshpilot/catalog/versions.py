@@ -104,7 +104,7 @@ class Catalog:
             idx = self.index(key)
             versions = list(idx["versions"]) if idx else []
             if versions and versions[-1]["sha256"] == spec.sha256:
-                self._set_apis(key, spec.operations)
+                await self._set_apis(key, spec.operations)
                 await store.sync()
                 return Recorded(versions[-1], False)
             number = int(versions[-1]["number"]) + 1 if versions else 1
@@ -122,20 +122,20 @@ class Catalog:
             if await store.commit_if(since, guards, puts, deletes):
                 log.info("event=catalog_version service=%s number=%d sha256=%s operations=%d source=%s",
                          key, number, spec.sha256[:12], len(spec.operations), source.get("kind"))
-                self._set_apis(key, spec.operations)
+                await self._set_apis(key, spec.operations)
                 await store.sync()
                 return Recorded(summary, True)
         raise RuntimeError(f"catalog of {key}: the index kept changing under {_RETRIES} attempts to write a version")
 
-    def reconcile(self, service_key: str) -> bool:
+    async def reconcile(self, service_key: str) -> bool:
         """Put the current version's operations back as the service's ``apis`` if a write replaced
         them; whether it wrote."""
         version = self.version(service_key)
         if version is None:
             return False
-        return self._set_apis(service_key, self.operations(version))
+        return await self._set_apis(service_key, self.operations(version))
 
-    def _set_apis(self, service_key: str, operations: list[Operation] | tuple[Operation, ...]) -> bool:
+    async def _set_apis(self, service_key: str, operations: list[Operation] | tuple[Operation, ...]) -> bool:
         svc = self.registry.service(service_key)
         if svc is None:
             return False  # deleted meanwhile: its catalog stays and comes back with it
@@ -144,17 +144,27 @@ class Catalog:
             return False
         self.registry.put_service(svc.model_copy(update={"apis": apis}))
         log.info("event=catalog_apis_set service=%s operations=%d", service_key, len(apis))
-        self._retranslate(svc)
+        await self._retranslate(svc)
         return True
 
-    def _retranslate(self, svc: Service) -> None:
+    async def _retranslate(self, svc: Service) -> None:
         """Write again, unchanged, the policies of the service that name operations: a routing
         overlay is translated when its policy changes, so its operations resolve against the new
-        apis in the same push (the filter rules of limits and breakers follow service changes anyway)."""
-        puts = {key: doc for key, doc in self.registry.documents("policies")
-                if isinstance(doc, dict) and doc.get("namespace") == svc.namespace and doc.get("service") == svc.name and _names_operation(doc)}
-        if puts:
-            self.registry.write_documents("policies", puts)
+        apis in the same push (the filter rules of limits and breakers follow service changes anyway).
+        The write is conditional on each policy being as read: an operator's newer write, from
+        another replica, is never overwritten with what this one read before it (and itself
+        translates the policy again)."""
+        store = self.registry.store
+        for _ in range(_RETRIES):
+            since = store.revision
+            puts = {key: doc for key, doc in self.registry.documents("policies")
+                    if isinstance(doc, dict) and doc.get("namespace") == svc.namespace and doc.get("service") == svc.name and _names_operation(doc)}
+            if not puts:
+                return
+            guards = [Guard("policies", key, exists=True) for key in sorted(puts)]
+            if await self.registry.commit_documents_if(since, "policies", guards, puts):
+                return
+        log.warning("event=catalog_policies_not_rewritten service=%s reason='they kept changing'", svc.key)
 
 
 def _names_operation(value: Any) -> bool:

@@ -263,12 +263,20 @@ def test_a_route_on_one_operation_sends_only_that_operation_to_its_subset() -> N
             "routes": [{"match": {"operation": "getOrder"}, "destinations": [{"subset": "v2"}]}, {"destinations": [{"subset": "v1"}]}],
         }, want=201)
         port = free_port()
-        with envoy(workdir, sidecar_bootstrap("caller-1", cp.xds_port, outbound_port=port), name="caller-1"):
-            wait_until(lambda: served_by(port, "GET", "/orders/5") == "v2", 20, what="GET /orders/{id} routed to v2 through the caller's sidecar")
-            got = {f"{m} {p}": served_by(port, m, p) for m, p in [("GET", "/orders/6?full=1"), ("GET", "/orders"), ("POST", "/orders/5"),
-                                                                   ("GET", "/orders/5/lines"), ("POST", "/orders")]}
-            want = {"GET /orders/6?full=1": "v2", "GET /orders": "v1", "POST /orders/5": "v1", "GET /orders/5/lines": "v1", "POST /orders": "v1"}
-            assert got == want, f"expected only getOrder (GET /orders/{{id}}, any query) on v2, got {got}"
+        with envoy(workdir, sidecar_bootstrap("caller-1", cp.xds_port, outbound_port=port), name="caller-1") as proxy:
+            # until the policy's routes are in place the whole service answers (either version): wait for them
+            wait_until(lambda: "orders-split.default/route-0" in json.dumps(proxy.config_dump("dynamic_route_configs")), 20,
+                       what="the route on getOrder in the caller's sidecar")
+            calls = [("GET", "/orders/5"), ("GET", "/orders/6?full=1"), ("GET", "/orders"), ("POST", "/orders/5"), ("GET", "/orders/5/lines"), ("POST", "/orders")]
+            want = {"GET /orders/5": "v2", "GET /orders/6?full=1": "v2", "GET /orders": "v1", "POST /orders/5": "v1", "GET /orders/5/lines": "v1", "POST /orders": "v1"}
+
+            def pattern() -> dict[str, str]:
+                return {f"{m} {p}": served_by(port, m, p) for m, p in calls}
+
+            wait_until(lambda: pattern() == want, 20, what="getOrder on v2 and the rest on v1 through the caller's sidecar")
+            for _ in range(5):
+                got = pattern()
+                assert got == want, f"expected only getOrder (GET /orders/{{id}}, any query) on v2, every time, got {got}"
 
             moved = springdoc("v2")
             moved["servers"] = [{"url": "http://127.0.0.1:8080/api"}]
