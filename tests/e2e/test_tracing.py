@@ -4,7 +4,8 @@ HTTP apps on 127.0.0.1.
 A request that enters the caller's sidecar with a W3C ``traceparent`` (and one with B3 headers) and
 goes on to the callee's sidecar becomes one trace in ``/v1/traces`` with both sidecars' spans under the
 caller's trace id, the callee's span a child of the caller's; the app behind the callee gets both
-header families. The listeners with tracing, in every mTLS mode, and the bootstrap with the span
+header families. Spans on disk also survive the agent killed (kill -9, with its Envoy) while the control
+plane is down: the restarted agent ships them from its persisted cursor. The listeners with tracing, in every mTLS mode, and the bootstrap with the span
 collector are accepted by ``envoy --mode validate``. The ingestion route refuses a stranger. With the control plane stopped while requests
 flow, the spans wait in the nodes' span files and arrive once it is back.
 """
@@ -185,3 +186,31 @@ def test_one_trace_across_two_sidecars_with_w3c_and_b3_and_spans_survive_the_bac
         tree4 = wait_until(lambda: _both_sidecars(cp, t4), 60, interval=0.5,
                            what=f"trace {t4}, written while the control plane was down, with both sidecars' spans")
         _check_tree(tree4, t4, p4)
+
+
+def test_spans_on_disk_survive_the_agent_killed_while_the_control_plane_is_down(cp: ControlPlaneProc, tmp_path: Path) -> None:
+    status, body = cp.call("PUT", "/v1/policies/TracingPolicy/default/all",
+                           {"kind": "TracingPolicy", "name": "all", "namespace": "default", "sampling": 100}, AUTH)
+    assert status in (200, 201), f"expected the TracingPolicy stored, got {status} {body}"
+    web_doc = spec_doc("web", 0, free_port(), free_port())
+    with app("api") as api_app, app("web") as web_app, \
+            sidecar(tmp_path, "api", spec_doc("api", api_app.port, free_port(), free_port()), cp, "api-1") as api_side:
+        web_doc["spec"]["ports"][0]["targetPort"] = web_app.port
+        with sidecar(tmp_path, "web", web_doc, cp, "web-1") as web_side:
+            wait_until(lambda: (s := _sampling(web_side)) and all(v == 100 for v in s), 20, what="web's listeners tracing at 100 %")
+            wait_until(lambda: through(web_side.outbound, "api", "/ready")[0] == 200, 20, what="web -> api routable")
+            ports = dict(cp.ports)
+            cp.stop()
+            t5, p5 = secrets.token_hex(16), secrets.token_hex(8)
+            status, body = through(web_side.outbound, "api", "/before-kill", {"traceparent": f"00-{t5}-{p5}-01"})
+            assert status == 200, f"expected the request to flow with the control plane down, got {status} {body}"
+            files = web_side.dir / "traces"
+            wait_until(lambda: any(t5 in p.read_text() for p in files.glob("spans-*.jsonl")), 30, interval=0.5,
+                       what=f"web's span of trace {t5} in its span files")
+            web_side.kill()  # kill -9 of the agent and its Envoy: only the files remain
+        cp.xds_port_wanted, cp.api_port_wanted = ports["xds"], ports["api"]
+        cp.start()
+        with sidecar(tmp_path, "web", web_doc, cp, "web-1"):  # the same node, the same work directory
+            tree = wait_until(lambda: _both_sidecars(cp, t5), 60, interval=0.5,
+                              what=f"trace {t5}, spooled by an agent killed while the control plane was down, after it restarted")
+            _check_tree(tree, t5, p5)
