@@ -6,7 +6,8 @@ file describes the service in a cluster and on a VM, plus a ``mesh`` section for
 the app's health check, zone and weight, drain time, an optional pre-stop command, an optional
 ``app`` the agent starts and supervises, the sidecar's own ports, the node's meshdns (``dns``, on by
 default), the node's workload identity (``identity``: join token and trust bundle files, off by default),
-the node's spans (``tracing``: receiver port, spool bounds, backend; on by default),
+the node's spans (``tracing``: receiver port, spool bounds, backend; on by default), the node's logs
+(``logs``: Envoy's access log and app log files, spool bounds; on by default),
 the control plane's replicas (``controlPlanes``: the list ``--control-plane`` gives, which overrides it) and an
 optional API list.
 
@@ -25,7 +26,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from meshpilot.model import PROTOCOLS, ApiOperation, Protocol, Service, ServicePort, field_errors
 
-__all__ = ["DnsSpec", "IdentitySpec", "SpecError", "SidecarSpec", "TracingSpec", "load_spec", "parse_duration"]
+__all__ = ["DnsSpec", "IdentitySpec", "LogFileSpec", "LogsSpec", "SpecError", "SidecarSpec", "TracingSpec", "load_spec", "parse_duration"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
@@ -303,6 +304,27 @@ class TracingSpec(_Model):
     backendHeaders: dict[str, str] = Field(default_factory=dict, max_length=32, description="extra headers to the backend (its auth)")
 
 
+class LogFileSpec(_Model):
+    """An app log file the agent follows; its lines belong to ``service`` (default: this spec's) and
+    ``instance`` (default: this node's)."""
+
+    path: str = Field(min_length=1, max_length=4096)
+    service: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$",
+                                description="name or name.namespace")
+    instance: str | None = Field(default=None, min_length=1, max_length=256)
+
+
+class LogsSpec(_Model):
+    """The node's logs (docs/observability.md#logs-and-alerts): Envoy's access log and the app log
+    files, kept in bounded files and shipped to the control plane's /v1/logs."""
+
+    enabled: bool = True
+    access: bool = Field(default=True, description="collect the sidecar Envoy's access-log lines")
+    files: list[LogFileSpec] = Field(default_factory=list, max_length=64, description="app log files to follow")
+    maxFileBytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024**3, description="size of one spool file")
+    maxFiles: int = Field(default=8, ge=2, le=10_000, description="spool files kept; when full the oldest is dropped")
+
+
 def _control_plane(text: str) -> str:
     """One replica, ``HOST:PORT`` (``HOST`` alone: port 15010; ``[IPV6]:PORT``) → ``host:port`` as gRPC names it."""
     from meshpilot.translate.bootstrap import grpc_target, parse_control_planes
@@ -337,6 +359,7 @@ class MeshSection(_Model):
     dns: DnsSpec = DnsSpec()
     identity: IdentitySpec = IdentitySpec()
     tracing: TracingSpec = TracingSpec()
+    logs: LogsSpec = LogsSpec()
     apis: list[ApiOperation] = Field(default_factory=list, max_length=1024)
 
     @field_validator("controlPlanes", mode="before")
