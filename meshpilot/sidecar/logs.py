@@ -1,0 +1,256 @@
+"""The node's logs: the agent follows its Envoy's access log and the app log files named in spec.yaml,
+keeps each line as a log record in a bounded spool on disk, and ships the records to the control plane.
+
+Envoy writes one JSON access-log line per request to its stdout (translate/listeners.py), which the
+agent's supervisor sends to ``<workdir>/envoy.log`` together with Envoy's own log; the ``Collector``
+follows that file and keeps the JSON lines as ``access`` records (level from the status: 5xx error,
+4xx warn, else info; the trace id Envoy wrote), and follows each file of ``mesh.logs.files`` as
+``app`` records (level and trace id when the line names them). Records (meshpilot/telemetry/logs.py)
+go to a ``Spool`` of their own (``<workdir>/logs/logs-*.jsonl``: the span spool of sidecar/traces.py
+with its size and count bounds and its cursor), and the span ``Shipper`` sends them to the control
+plane's ``POST /v1/logs``, moving the cursor only after a 2xx: records wait on disk while the control
+plane is down and arrive later, at least once (the store keeps each record id once).
+
+A ``Follower`` reads one file from an offset kept in ``<workdir>/logs/follow.json`` with the file's
+inode, written after the records are in the spool, so an agent restart neither loses nor repeats
+lines. A file renamed away (rotated) is read to its end before the new file at the path is followed
+from its start; a file that shrank (truncated in place) is read again from its start. A line longer
+than ``MAX_LINE`` bytes is cut there and the rest of it skipped; undecodable bytes are replaced.
+docs/observability.md (Logs and alerts) has the operator's view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from meshpilot.sidecar.traces import Spool
+from meshpilot.telemetry.logs import MAX_LINE, find_trace_id, guess_level, line
+
+__all__ = ["Collector", "Follower", "LogSource", "access_record"]
+
+log = logging.getLogger("meshpilot.sidecar.logs")
+
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LogSource:
+    """A file the agent follows: ``kind`` access (Envoy's stdout) or app, and whose lines they are."""
+
+    path: Path
+    kind: str
+    service: str
+    instance: str
+
+
+class Follower:
+    """Complete lines appended to one file, across rotation (rename, then a new file) and truncation."""
+
+    def __init__(self, path: Path, inode: int = 0, offset: int = 0, max_line: int = MAX_LINE) -> None:
+        self.path = path
+        self.inode = inode  # of the file the offset is in (0: none seen yet)
+        self.offset = offset  # bytes of that file consumed into returned lines
+        self.max_line = max_line
+        self.cut = 0  # lines cut at max_line
+        self._fd: int | None = None
+        self._buf = b""
+        self._skipping = False  # inside a line already cut: drop bytes up to its newline
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._buf = b""
+        self._skipping = False
+
+    def _open(self) -> bool:
+        """Open the file at the path; from the kept offset when it is the same file and not shorter."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        st = os.fstat(fd)
+        if st.st_ino != self.inode or st.st_size < self.offset:
+            self.inode, self.offset = st.st_ino, 0
+        os.lseek(fd, self.offset, os.SEEK_SET)
+        self._fd = fd
+        return True
+
+    def _drain(self, out: list[str], budget: int) -> int:
+        """Read the open file to its end (or ``budget`` bytes); the bytes read."""
+        assert self._fd is not None
+        total = 0
+        while total < budget:
+            chunk = os.read(self._fd, _CHUNK)
+            if not chunk:
+                break
+            total += len(chunk)
+            self._take(chunk, out)
+        return total
+
+    def _take(self, chunk: bytes, out: list[str]) -> None:
+        data = self._buf + chunk
+        start = 0
+        base = self.offset  # offset of data[0]
+        while True:
+            nl = data.find(b"\n", start)
+            if nl < 0:
+                break
+            if self._skipping:
+                self._skipping = False
+            else:
+                out.append(data[start:nl].decode("utf-8", "replace").rstrip("\r"))
+            start = nl + 1
+            self.offset = base + start
+        rest = data[start:]
+        if self._skipping:
+            self.offset = base + len(data)
+            rest = b""
+        elif len(rest) > self.max_line:
+            out.append(rest[: self.max_line].decode("utf-8", "replace"))
+            self.cut += 1
+            self._skipping = True
+            self.offset = base + len(data)
+            rest = b""
+        self._buf = rest
+
+    def read(self, budget: int = 4 * 1024 * 1024) -> list[str]:
+        """The complete lines written since the last read (a partial last line waits for its newline)."""
+        out: list[str] = []
+        if self._fd is None and not self._open():
+            return out
+        self._drain(out, budget)
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return out  # renamed away and no new file yet: the open one may still grow
+        assert self._fd is not None
+        if st.st_ino != self.inode:  # rotated: the old file was read to its end above
+            self._drain(out, budget)
+            if self._buf and not self._skipping:  # its last line will get no newline now
+                out.append(self._buf.decode("utf-8", "replace"))
+            self.close()
+            self.inode, self.offset = 0, 0
+            if self._open():
+                self._drain(out, budget)
+        elif st.st_size < self.offset + len(self._buf):  # truncated in place
+            log.info("event=log_file_truncated path=%s size=%d offset=%d", self.path, st.st_size, self.offset)
+            self.close()
+            self.offset = 0
+            self._open()
+            self._drain(out, budget)
+        return out
+
+
+def _status(doc: dict[str, Any]) -> int:
+    try:
+        return int(doc.get("status") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _time(text: Any, default: float) -> float:
+    if isinstance(text, str) and text:
+        try:
+            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    return default
+
+
+def access_record(text: str, node: str, service: str, instance: str, now: float) -> dict[str, Any] | None:
+    """The record of one of Envoy's access-log lines, or None for any other line (Envoy's own log)."""
+    if not text.startswith("{"):
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or "direction" not in doc:
+        return None
+    status = _status(doc)
+    trace = doc.get("trace_id")
+    trace_id = find_trace_id(f"trace_id={trace}") if isinstance(trace, str) else ""
+    return {"id": secrets.token_hex(8), "time": _time(doc.get("time"), now), "node": node, "service": service,
+            "instance": instance, "source": "access", "level": "error" if status >= 500 else "warn" if status >= 400 else "info",
+            "trace_id": trace_id, "line": text[:MAX_LINE]}
+
+
+def app_record(text: str, node: str, service: str, instance: str, now: float) -> dict[str, Any]:
+    return {"id": secrets.token_hex(8), "time": now, "node": node, "service": service, "instance": instance,
+            "source": "app", "level": guess_level(text), "trace_id": find_trace_id(text), "line": text[:MAX_LINE]}
+
+
+class Collector:
+    """Follows the node's log sources into the spool; ``poll`` once, or ``run`` every ``interval_s``."""
+
+    def __init__(self, spool: Spool, sources: list[LogSource], node: str, state_file: Path,
+                 interval_s: float = 0.25, clock: Callable[[], float] = time.time) -> None:
+        self.spool = spool
+        self.node = node
+        self.sources = sources
+        self.state_file = state_file
+        self.interval_s = interval_s
+        self.clock = clock
+        self.arrived = asyncio.Event()
+        kept = self._load()
+        self.followers = [Follower(s.path, *kept.get(str(s.path), (0, 0))) for s in sources]
+
+    def _load(self) -> dict[str, tuple[int, int]]:
+        try:
+            doc = json.loads(self.state_file.read_text())
+            return {str(k): (int(v["inode"]), int(v["offset"])) for k, v in doc.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+
+    def _save(self) -> None:
+        doc = {str(f.path): {"inode": f.inode, "offset": f.offset} for f in self.followers}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.state_file)
+
+    def poll(self) -> int:
+        """Records appended to the spool from every source's new lines."""
+        now = self.clock()
+        encoded: list[bytes] = []
+        moved = False
+        for source, follower in zip(self.sources, self.followers):
+            before = (follower.inode, follower.offset)
+            for text in follower.read():
+                if source.kind == "access":
+                    record = access_record(text, self.node, source.service, source.instance, now)
+                elif text.strip():
+                    record = app_record(text, self.node, source.service, source.instance, now)
+                else:
+                    record = None
+                if record is not None:
+                    encoded.append(line(record))
+            moved = moved or before != (follower.inode, follower.offset)
+        if encoded:
+            self.spool.append_lines(encoded)
+            self.arrived.set()
+        if moved:
+            self._save()  # after the spool has the records: a crash in between repeats lines, never loses them
+        return len(encoded)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    self.poll()
+                except Exception as exc:  # noqa: BLE001 - a disk error, a bug: the offsets stay, the next poll tries again
+                    log.error("event=log_collect_failed error=%r", exc)
+                await asyncio.sleep(self.interval_s)
+        finally:
+            for f in self.followers:
+                f.close()
