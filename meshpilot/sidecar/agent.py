@@ -13,7 +13,9 @@ the control plane), then serves the certificate to Envoy over SDS on a unix sock
 (sidecar/sds.py), then starts meshdns with its table stream over TLS under the same identity, then Envoy.
 Renewals and new trust bundles reach Envoy and meshdns as they happen. With ``mesh.tracing`` on (the
 default), the agent first starts the node's span receiver on loopback, whose port the bootstrap's
-collector cluster names, and a shipper that sends the spooled spans on (sidecar/traces.py). The management-API calls below keep
+collector cluster names, and a shipper that sends the spooled spans on (sidecar/traces.py). With ``mesh.logs``
+on (the default), it follows Envoy's access log and the app's log files into a spool of log records
+shipped to the control plane (sidecar/logs.py). The management-API calls below keep
 using the bearer token. On SIGTERM/SIGINT it runs the graceful offline sequence of DESIGN.md:
 
 1. deregister the instance through the management API (HDS has no deregister message);
@@ -46,6 +48,7 @@ from meshpilot import pki
 from meshpilot.meshdns.config import MeshDnsConfig, TableTls
 from meshpilot.meshdns.server import MeshDns
 from meshpilot.sidecar.identity import ChannelTls, GrpcSigner, Material, WorkloadIdentity, enrol_target
+from meshpilot.sidecar.logs import Collector, LogSource
 from meshpilot.sidecar.render import (
     IdentitySettings,
     SidecarOptions,
@@ -388,6 +391,32 @@ class _Agent:
                 await asyncio.sleep(delay)
                 delay = min(MAX_DELAY_S, delay * 2)
 
+    # ---- logs --------------------------------------------------------------------------------
+
+    def _start_logs(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        """The collector of Envoy's access log and the app log files, and the shipper of its spool to
+        the control plane's /v1/logs (sidecar/logs.py); none when ``mesh.logs`` is off."""
+        spec = self.cfg.spec
+        lg = spec.mesh.logs
+        if not lg.enabled:
+            return []
+        ns = spec.metadata.namespace
+        own = f"{spec.metadata.name}.{ns}"
+        sources = [LogSource(self.cfg.workdir / "envoy.log", "access", own, self.instance_id)] if lg.access else []
+        for f in lg.files:
+            service = f.service if f.service is None or "." in f.service else f"{f.service}.{ns}"
+            sources.append(LogSource(self.cfg.workdir / f.path, "app", service or own, f.instance or self.instance_id))
+        try:
+            spool = Spool(self.cfg.workdir / "logs", lg.maxFileBytes, lg.maxFiles, prefix="logs-")
+        except (OSError, ValueError) as exc:
+            log.error("event=logs_unavailable error=%r", exc)
+            return []
+        collector = Collector(spool, sources, self.instance_id, self.cfg.workdir / "logs" / "follow.json")
+        urls = tuple(f"{u.rstrip('/')}/v1/logs" for u in (self.cfg.api_urls or (self.cfg.api_url,)))
+        shipper = Shipper(spool, Backend(urls, "meshpilot", self._headers()), collector.arrived)
+        log.info("event=log_collector_started sources=%d pending=%d", len(sources), spool.pending())
+        return [tg.create_task(collector.run()), tg.create_task(self._ship(shipper))]
+
     # ---- graceful offline --------------------------------------------------------------------
 
     async def offline(self, http: aiohttp.ClientSession) -> None:
@@ -458,6 +487,7 @@ class _Agent:
     async def _run_node(self, tg: asyncio.TaskGroup, http: aiohttp.ClientSession) -> int:
         """meshdns, the app and Envoy until a stop is asked, then the graceful offline."""
         traces = await self._start_traces(tg)  # before the bootstrap, which names its port
+        logs = self._start_logs(tg)
         config = self.cfg.workdir / "envoy.json"
         config.write_text(json.dumps(build_bootstrap(self.bopts), indent=2))
         mesh = self.cfg.spec.mesh
@@ -489,6 +519,8 @@ class _Agent:
         if traces is not None:
             traces[1].cancel()
             await traces[0].close()
+        for task in logs:
+            task.cancel()
         return 0
 
 
