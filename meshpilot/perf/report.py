@@ -349,7 +349,7 @@ def _route(result: dict[str, Any]) -> list[Chart]:
 
 def _registry(result: dict[str, Any]) -> list[Chart]:
     reg = result["registrations"]
-    store = _store_kind(str(result.get("store") or "store"))
+    store = _store_kind(str(result.get("store") or "store"), str(result.get("target", "")))
     phases = ["register", "deregister"]
     size = f"{reg['registrations']} registrations of {reg['services']} services, {reg['concurrency']} in flight"
     out: list[Chart] = [
@@ -365,8 +365,11 @@ def _registry(result: dict[str, Any]) -> list[Chart]:
     return out
 
 
-def _store_kind(store: str) -> str:
-    """``SQLite`` from ``sqlite:/tmp/x/bench.db``, ``3-member etcd`` from ``3-member etcd: etcd://...``."""
+def _store_kind(store: str, target: str = "") -> str:
+    """``SQLite`` from ``sqlite:/tmp/x/bench.db``, ``3-member etcd`` from ``3-member etcd: etcd://...``,
+    ``Consul API at HOST:PORT`` for a target the benchmark did not start (``--consul``: a peer)."""
+    if store == "(external)":
+        return f"Consul API at {target}" if target else "external Consul API"
     m = re.match(r"(\d+-member etcd)", store)
     if m:
         return m.group(1)

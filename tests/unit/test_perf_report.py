@@ -12,7 +12,11 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshpilot.perf import report
+import argparse
+
+import pytest
+
+from meshpilot.perf import command, report
 
 
 @given(st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=300))
@@ -172,3 +176,61 @@ def test_an_axis_that_starts_above_zero_labels_its_start() -> None:
     svg = report.svg(report.Cdf("c", "t", "s", {"a": [0.1609 + 0.001 * i for i in range(341)]}))
     ticks = re.findall(r'text-anchor="middle">([0-9.]+)</text>', svg)
     assert ticks[:2] == ["0.1", "0.2"], f"expected the x axis labelled from its start, 0.1, got {ticks}"
+
+
+def test_the_other_shapes_have_their_charts() -> None:
+    churn = {"benchmark": "xds_churn", "results": [
+        {"variant": v, "envoys": 3, "rounds": 2, "samples": {"last_write_to_each_envoy_s": [0.1, 0.2, 0.15]}} for v in ("delta", "sotw")]}
+    (c,) = report.charts("xds", churn)
+    assert isinstance(c, report.Cdf) and c.series == {"delta": [0.1, 0.2, 0.15], "sotw": [0.1, 0.2, 0.15]}, f"got {c}"
+    envoys = {"benchmark": "xds_single_real_envoys", "results": [
+        {"variant": "delta", "envoys": 2, "services": 5, "endpoints_per_service": 1,
+         "single_change": {"samples": {"write_to_each_envoy_ack_s": [0.01, 0.02], "write_to_last_envoy_ack_s": [0.02]}}}]}
+    each, last = report.charts("xds-envoys", envoys)
+    assert (each.series, last.series) == ({"delta": [0.01, 0.02]}, {"delta": [0.02]}), f"got {each.series} {last.series}"
+    abuse = {"benchmark": "xds_abuse", "result": {
+        "dead_readers": {"streams": 10, "first_config_seconds": {"clusters": 0.1, "endpoints": 0.2},
+                         "first_config_alone_seconds": {"clusters": 0.01, "endpoints": 0.02}},
+        "huge_requests": {"clients": 2, "mb_each": 4, "api_latency_seconds": {"median": 0.003, "max": 0.009}}}}
+    first, api = report.charts("xds-abuse", abuse)
+    assert isinstance(first, report.Bars) and first.series["once each was sent a response"] == [None, None], f"got {first.series}"
+    assert isinstance(api, report.Bars) and api.series == {"API": [0.003, 0.009]}, f"got {api.series}"
+    consul = {"store": "(external)", "target": "127.0.0.1:8500", "registrations": {
+        "registrations": 1, "services": 1, "concurrency": 1, "register": {"per_s": 1.0, "p99_ms": 1.0},
+        "deregister": {"per_s": 1.0, "p99_ms": 1.0}}}
+    assert list(report.charts("registry", consul)[0].series) == ["Consul API at 127.0.0.1:8500"], "expected an external target named"
+
+
+def _parsed(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    return argparse.Namespace(report=tmp_path, report_name="", **dict(zip(extra[::2], extra[1::2])))
+
+
+@pytest.fixture
+def facts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No git or Envoy asked for versions: unit tests start no process."""
+    monkeypatch.setattr(report, "machine_facts", lambda: {"cores": 2, "cpu_model": "x", "versions": {}})
+
+
+def test_report_keeps_what_the_benchmark_printed(tmp_path: Path, facts: None, capsys: pytest.CaptureFixture[str]) -> None:
+    def main(args: argparse.Namespace) -> int:
+        print(json.dumps(_xds_result({"delta": [0.1, 0.2]}), indent=2))
+        print("a summary line")
+        return 0
+
+    assert command._reported("xds", main)(_parsed(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("{") and out.endswith("a summary line\n"), f"expected the benchmark's output untouched, got {out[-200:]!r}"
+    doc = json.loads((tmp_path / "xds.json").read_text())
+    assert doc["result"] == _xds_result({"delta": [0.1, 0.2]}) and doc["machine"]["cores"] == 2, f"got {doc}"
+    assert "load_average_at_end" in doc["machine"], "expected the load at the end recorded"
+    assert 'data-chart="xds-single-change"' in (tmp_path / "index.html").read_text(), "expected the page drawn"
+
+
+def test_report_of_a_benchmark_that_printed_no_json_writes_nothing(tmp_path: Path, facts: None,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert command._reported("route", lambda args: 1)(_parsed(tmp_path)) == 1, "expected the benchmark's exit code"
+    assert "printed no JSON report (exit code 1); nothing written" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), f"expected nothing written, got {list(tmp_path.iterdir())}"
+    bad = argparse.Namespace(report=tmp_path, report_name="../x")
+    assert command._reported("route", lambda args: 0)(bad) == 2, "expected a report name that is not a file name stem refused"
+    assert "--report-name '../x'" in capsys.readouterr().err
