@@ -338,12 +338,13 @@ class XdsServer:
         return all(acked for node, acked in self.ack_status(type_url, names) if node == node_id)
 
     async def _sotw(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await self._serve(SotwStream(self.cache), requests, context)
+        await self._serve(SotwStream(self.cache), context)
 
     async def _delta(self, requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await self._serve(DeltaStream(self.cache), requests, context)
+        await self._serve(DeltaStream(self.cache), context)
 
-    async def _serve(self, machine: SotwStream | DeltaStream, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _serve(self, machine: SotwStream | DeltaStream, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """The stream's requests are read with ``context.read()`` (``_read``), not from grpc's iterator."""
         handle = StreamHandle(next(self._ids), machine, asyncio.Event(), context.peer(), unanswered=Unanswered(in_flight=self.in_flight))
         self.streams[handle.id] = handle
         metrics.XDS_STREAMS.labels(machine.kind).inc()
@@ -351,7 +352,7 @@ class XdsServer:
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(self._write(handle, context))
                 try:
-                    await self._read(handle, requests, context)
+                    await self._read(handle, context)
                 finally:
                     writer.cancel()
         except* (asyncio.CancelledError, grpc.aio.AioRpcError):
@@ -377,62 +378,74 @@ class XdsServer:
                     self._node_streams[handle.node.id] = left
             log.info("event=stream_closed stream=%s node=%s", handle.id, handle.node.id if handle.node else "")
 
-    async def _read(self, handle: StreamHandle, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        async for item in requests:
-            region: bytes | None = None
-            if isinstance(item, bytes):  # sotw
-                # an ACK lists the names the stream subscribes to already: recognised by their
-                # bytes, the names are neither parsed nor read (a new string of each) nor checked again
-                try:
-                    again = _repeated(item, handle.listed)
-                    if again is not None:
-                        req, listed = again[0], check_request(again[0], again[1])
-                    else:
-                        req = discovery_pb2.DiscoveryRequest.FromString(item)
-                        region = names_region(item, req)
-                        listed = check_request(req)
-                except DecodeError as exc:
-                    raise StreamError(f"the request is not a DiscoveryRequest: {exc}") from exc
-            else:
-                req = item
-                listed = check_request(req)
-            if handle.node is None:
-                if self.unavailable:
-                    raise StreamError(self.unavailable, grpc.StatusCode.UNAVAILABLE)
-                if not req.HasField("node") or not req.node.id:
-                    raise StreamError("the first request of a stream must carry node.id")
-                md = json_format.MessageToDict(req.node.metadata) if req.node.HasField("metadata") else {}
-                node = node_info(req.node.id, req.node.cluster, md, req.node.locality.zone)
-                if self.admit is not None:
-                    handle.identity, not_after = self.admit(context, node)  # raises StreamError to refuse
-                    handle.expires_at = time.monotonic() + (not_after - time.time())
-                    handle.wake.set()  # the writer keeps the time
-                handle.node = node
-                handle.user_agent = user_agent(req.node)
-                handle.machine.node_id = req.node.id
-                self._node_streams[req.node.id] = self._node_streams.get(req.node.id, 0) + 1
-                log.info("event=stream_open stream=%s kind=%s node=%s peer=%s", handle.id, handle.machine.kind, req.node.id, handle.peer)
-                self.on_node(handle.node)
-            nacks = handle.machine.nacks
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("event=request stream=%s %s", handle.id, _describe(req))
-            if isinstance(handle.machine, SotwStream):
-                handle.machine.receive(req, resource_names=listed)
-                ts = handle.machine.types.get(req.type_url)
-                if region is not None and ts is not None and ts.listed == listed:  # a new list of names
-                    handle.listed[req.type_url] = (_REGIONS.setdefault(region, region), ts.listed)
-                    if len(_REGIONS) > _MAX_REGIONS:
-                        _REGIONS.clear()  # only sharing is lost
-            else:
-                handle.machine.receive(req)
-            if handle.unanswered.answer(req.type_url, req.response_nonce):
-                handle.wake.set()  # the writer may be waiting for room
-            if handle.machine.nacks != nacks and handle.machine.last_nack:
-                n = handle.machine.last_nack
-                metrics.XDS_NACKS.labels(n.type_url.rsplit(".", 1)[-1]).inc()
-                log.warning("event=nack node=%s type=%s error=%r", handle.node.id, n.type_url, n.message[:500])
-            if handle.machine.pending:
-                handle.wake.set()
+    async def _read(self, handle: StreamHandle, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        # context.read(), not the request iterator: grpc's iterator holds the last request while it
+        # waits for the next, and so would a loop variable here. A sotw ACK repeats every name the
+        # stream subscribes to (~40 KB for 1,000 names), and a stream waiting for its first sync held
+        # its request, its names as strings and as wire bytes: ~200 KB per stream across a fleet.
+        while self._request(handle, await context.read(), context):
+            pass
+
+    def _request(self, handle: StreamHandle, item: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        """Take one request (False: the client closed its side). Nothing of it outlives this call
+        but what the stream records."""
+        if item is grpc.aio.EOF:
+            return False
+        region: bytes | None = None
+        if isinstance(item, bytes):  # sotw
+            # an ACK lists the names the stream subscribes to already: recognised by their
+            # bytes, the names are neither parsed nor read (a new string of each) nor checked again
+            try:
+                again = _repeated(item, handle.listed)
+                if again is not None:
+                    req, listed = again[0], check_request(again[0], again[1])
+                else:
+                    req = discovery_pb2.DiscoveryRequest.FromString(item)
+                    region = names_region(item, req)
+                    listed = check_request(req)
+            except DecodeError as exc:
+                raise StreamError(f"the request is not a DiscoveryRequest: {exc}") from exc
+        else:
+            req = item
+            listed = check_request(req)
+        if handle.node is None:
+            if self.unavailable:
+                raise StreamError(self.unavailable, grpc.StatusCode.UNAVAILABLE)
+            if not req.HasField("node") or not req.node.id:
+                raise StreamError("the first request of a stream must carry node.id")
+            md = json_format.MessageToDict(req.node.metadata) if req.node.HasField("metadata") else {}
+            node = node_info(req.node.id, req.node.cluster, md, req.node.locality.zone)
+            if self.admit is not None:
+                handle.identity, not_after = self.admit(context, node)  # raises StreamError to refuse
+                handle.expires_at = time.monotonic() + (not_after - time.time())
+                handle.wake.set()  # the writer keeps the time
+            handle.node = node
+            handle.user_agent = user_agent(req.node)
+            handle.machine.node_id = req.node.id
+            self._node_streams[req.node.id] = self._node_streams.get(req.node.id, 0) + 1
+            log.info("event=stream_open stream=%s kind=%s node=%s peer=%s", handle.id, handle.machine.kind, req.node.id, handle.peer)
+            self.on_node(handle.node)
+        nacks = handle.machine.nacks
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("event=request stream=%s %s", handle.id, _describe(req))
+        if isinstance(handle.machine, SotwStream):
+            handle.machine.receive(req, resource_names=listed)
+            ts = handle.machine.types.get(req.type_url)
+            if region is not None and ts is not None and ts.listed == listed:  # a new list of names
+                handle.listed[req.type_url] = (_REGIONS.setdefault(region, region), ts.listed)
+                if len(_REGIONS) > _MAX_REGIONS:
+                    _REGIONS.clear()  # only sharing is lost
+        else:
+            handle.machine.receive(req)
+        if handle.unanswered.answer(req.type_url, req.response_nonce):
+            handle.wake.set()  # the writer may be waiting for room
+        if handle.machine.nacks != nacks and handle.machine.last_nack:
+            n = handle.machine.last_nack
+            metrics.XDS_NACKS.labels(n.type_url.rsplit(".", 1)[-1]).inc()
+            log.warning("event=nack node=%s type=%s error=%r", handle.node.id, n.type_url, n.message[:500])
+        if handle.machine.pending:
+            handle.wake.set()
+        return True
 
     def disconnect(self, node_id: str, reason: str) -> int:
         """End every stream of ``node_id`` and of its auxiliary nodes (``<node>~...``) with

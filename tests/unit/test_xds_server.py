@@ -235,3 +235,52 @@ def test_an_answer_that_comes_while_the_response_is_still_being_written_is_not_l
             f"expected the response answered, still owed: {handle.unanswered.count} ({handle.unanswered.bytes} bytes)"
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_the_reader_holds_no_request_while_it_waits_for_the_next(delta: bool) -> None:
+    """A sotw ACK repeats every subscribed name (~40 KB for 1,000): a fleet's streams waiting for their
+    next request must not each hold their last one (nor its names) meanwhile."""
+    import gc
+    import sys
+
+    from envoy.config.endpoint.v3 import endpoint_pb2
+
+    from meshpilot.xds.cache import ResourceCache
+    from meshpilot.xds.server import StreamHandle, XdsServer
+    from meshpilot.xds.stream import DeltaStream, SotwStream
+
+    names = [f"svc{i}.default.svc.cluster.local" for i in range(300)]
+    node = base_pb2.Node(id="n1")
+    if delta:
+        first: Any = discovery_pb2.DeltaDiscoveryRequest(type_url=TYPE.ENDPOINT, node=node, resource_names_subscribe=names)
+    else:
+        first = discovery_pb2.DiscoveryRequest(type_url=TYPE.ENDPOINT, node=node, resource_names=names).SerializeToString()
+
+    async def main() -> None:
+        cache = ResourceCache()
+        cache.put(TYPE.ENDPOINT, {n: endpoint_pb2.ClusterLoadAssignment(cluster_name=n) for n in names})
+        server = XdsServer(cache)
+        handle = StreamHandle(1, DeltaStream(cache) if delta else SotwStream(cache), asyncio.Event(), "peer")
+        taken, more = asyncio.Event(), asyncio.Event()
+        queue = [first]
+
+        class Context:
+            async def read(self) -> Any:
+                if queue:
+                    return queue.pop()
+                taken.set()
+                await more.wait()
+                return grpc.aio.EOF
+
+        reader = asyncio.create_task(server._read(handle, Context()))  # type: ignore[arg-type]
+        await taken.wait()
+        gc.collect()
+        refs = sys.getrefcount(first) - 1  # ``first`` here, and the ``main`` closure cell
+        holders = [type(r).__name__ for r in gc.get_referrers(first) if r is not queue]
+        more.set()
+        await reader
+        assert handle.machine.types[TYPE.ENDPOINT].names == frozenset(names), "expected the request taken"
+        assert refs <= 2, f"expected nothing but the test to hold the request while the reader waits; held by {holders}"
+
+    asyncio.run(main())
