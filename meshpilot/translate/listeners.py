@@ -127,14 +127,15 @@ def _listener(name: str, host: str, port: int, manager: hcm.HttpConnectionManage
 
 
 def access_log(direction: str, fields: dict[str, str]) -> accesslog_pb2.AccessLog:
-    """One JSON line per request (or TCP connection) on Envoy's stdout."""
+    """One JSON line per request (or TCP connection) on Envoy's stdout; ``trace_id`` is the request's
+    trace (its spans in /v1/traces), so the node's log collector links the line to it."""
     fmt = struct_pb2.Struct()
     fmt.update({
         "time": "%START_TIME%", "direction": direction, "protocol": "%PROTOCOL%", "method": "%REQ(:METHOD)%",
         "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "authority": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%",
         "flags": "%RESPONSE_FLAGS%", "duration_ms": "%DURATION%", "bytes_in": "%BYTES_RECEIVED%",
         "bytes_out": "%BYTES_SENT%", "upstream_host": "%UPSTREAM_HOST%", "upstream_cluster": "%UPSTREAM_CLUSTER%",
-        "peer": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", **fields,
+        "peer": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", "trace_id": "%TRACE_ID%", **fields,
     })
     out = stream_pb2.StdoutAccessLog(log_format=substitution_format_string_pb2.SubstitutionFormatString(json_format=fmt))
     return accesslog_pb2.AccessLog(name="envoy.access_loggers.stdout", typed_config=pack(out))
