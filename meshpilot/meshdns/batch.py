@@ -5,8 +5,11 @@ caps a single meshdns process well below a C resolver on a busy machine. This re
 blocked in ``recvmmsg`` (``MSG_WAITFORONE``: it wakes for the first datagram and takes what else has queued, up
 to 64), answers prebuilt-response hits (mesh names, and cached upstream answers while their TTLs are current;
 see server.py) in place (the query id is copied buffer to buffer and the client's socket address reused as raw
-bytes, never converted) and sends them back with one ``sendmmsg``. Misses are posted to the event loop, which
-owns the slow path, as the asyncio DatagramProtocol's are; that protocol stays the fallback where this is
+bytes, never converted) and sends them back with one ``sendmmsg``. A cached upstream answer whose TTLs have dropped by another second is
+rendered again here (``renew``: no I/O, the counted-down TTLs written into the cached bytes), not posted: at
+10,000 queries/s of 200 cached names, those re-renderings were 2 % of queries, each waiting for the loop and
+the GIL, and made the 99th percentile (measured: 3.7 ms against 0.8 for mesh names). Misses are posted to the
+event loop, which owns the slow path, as the asyncio DatagramProtocol's are; that protocol stays the fallback where this is
 unavailable (not Linux, IPv6 listeners, no libc). A thread rather than the loop's reader callback because
 most of a query's CPU at moderate rates is the wake-up, not the answer: the thread is woken by the socket
 itself, with no ``epoll_wait`` and loop iteration around each batch (measured: 15-20 -> 11-12 us of CPU per
@@ -75,13 +78,16 @@ class BatchedUdp:
 
     def __init__(self, sock: socket.socket, hot: Callable[[], dict[bytes, HotEntry]],
                  miss: Callable[[bytes, Callable[[bytes], Any]], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 renew: Callable[[bytes, float], HotEntry | None] = lambda data, now: None) -> None:
         self.sock = sock
+        self._renew = renew
         self._clock = clock
         self.fd = sock.fileno()
         self._hot = hot
         self._miss = miss
         self.hits = 0
+        self.renewed = 0  # stale hot entries rendered again in this thread
         self.send_drops = 0
         self._stopping = False
         self._rbuf = ctypes.create_string_buffer(_N * _SLOT)
@@ -146,7 +152,7 @@ class BatchedUdp:
         stride32, len_at, namelen_at = self._stride32, self._len_at, self._namelen_at
         name_at, stride64, nb = self._name_at, self._stride32 // 2, self._nb
         recvmmsg, sendmmsg, fd, rmsgs, smsgs = _LIBC.recvmmsg, _LIBC.sendmmsg, self.fd, self._rmsgs, self._smsgs
-        hot_of, clock, miss = self._hot, self._clock, self._miss
+        hot_of, clock, miss, renew = self._hot, self._clock, self._miss, self._renew
         used, shifted = _N, 0
         while not self._stopping:
             for i in range(used):  # the kernel rewrote the address sizes of the slots it filled last time
@@ -164,7 +170,14 @@ class BatchedUdp:
             for i in range(n):
                 off = i * _SLOT
                 end = off + r32[i * stride32 + len_at]
-                entry = hot.get(bytes(rmv[off + 4:end]))  # a packet shorter than a header finds nothing
+                key = bytes(rmv[off + 4:end])
+                entry = hot.get(key)  # a packet shorter than a header finds nothing
+                if entry is not None and entry[4] <= now and not rmv[off + 2] & 0xF8:
+                    # a cached upstream answer a second older: its TTLs counted down here, or a miss
+                    entry = renew(bytes(rmv[off:end]), now)
+                    if entry is not None:
+                        hot[key] = entry
+                        self.renewed += 1
                 if entry is not None and not (flags := rmv[off + 2]) & 0xF8 and entry[4] > now:
                     # the index is 0-3, a bytes variant (4 is the expiry); a cast() would cost a call per query
                     body: bytes = entry[(flags & 1) | ((rmv[off + 3] & 0x10) >> 3)]  # type: ignore[assignment]

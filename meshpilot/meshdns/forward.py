@@ -51,8 +51,9 @@ class _Entry:
     ttls: tuple[int, ...]
     stored: float
     expires: float
-    rendered_age: int = -1
-    rendered: bytes = b""
+    # (age in whole seconds, the records with TTLs counted down by it): one attribute, so the UDP thread and
+    # the loop, which may both render an entry, never see one's age with the other's bytes
+    rendered: tuple[int, bytes] = (-1, b"")
 
 
 @dataclass(slots=True)
@@ -180,7 +181,7 @@ class Forwarder:
             entry, key, shape = hit
             if entry.expires > now and self._cache.get(key) is entry:
                 return self._render(entry, data, shape, tcp, now), self._valid_until(entry, now)
-            del self._exact[data[4:]]
+            self._exact.pop(data[4:], None)  # the UDP thread and the loop may both find it stale
         if q is None:
             return None
         key = self._key(q)
@@ -207,17 +208,19 @@ class Forwarder:
 
     def _render(self, entry: _Entry, data: bytes, shape: _Shape, tcp: bool, now: float) -> bytes:
         age = int(now - entry.stored)
-        if entry.rendered_age != age:
+        rendered_age, records = entry.rendered
+        if rendered_age != age:
             body = bytearray(entry.body)
             for off, ttl in zip(entry.ttl_offsets, entry.ttls):
                 struct.pack_into("!I", body, off, max(0, ttl - age))
-            entry.rendered, entry.rendered_age = bytes(body), age
+            records = bytes(body)
+            entry.rendered = (age, records)
         an, ns, ar = entry.counts
         question_end, opt, limit = shape
         flags = 0x8000 | entry.flags | (((data[2] << 8) | data[3]) & 0x0110)
         head = _HEADER.pack(0, flags, 1, an, ns, ar + (1 if opt else 0))
         question = data[12:question_end]
-        out = data[:2] + head[2:] + question + entry.rendered + opt
+        out = data[:2] + head[2:] + question + records + opt
         if not tcp and len(out) > limit:
             head = _HEADER.pack(0, flags | 0x0200, 1, 0, 0, 1 if opt else 0)
             out = data[:2] + head[2:] + question + opt

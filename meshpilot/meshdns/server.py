@@ -131,6 +131,18 @@ class MeshDns:
             hot.clear()
         hot[data[4:]] = (*flag_variants(response), until)
 
+    def _renew(self, data: bytes, now: float) -> batch.HotEntry | None:
+        """In the UDP thread: the prebuilt answer of a packet whose cached upstream answer is still cached but a
+        second older (its TTLs counted down), or None (expired, replaced, or forgotten with the table: the
+        loop's slow path decides). Only the forwarder's cache is read; nothing goes upstream."""
+        try:
+            hit = self.forwarder.cached_until(data, None, False, now)
+        except (KeyError, ValueError):  # the loop changed the cache under this read: let the slow path decide
+            return None
+        if hit is None:
+            return None
+        return (*flag_variants(hit[0]), hit[1])
+
     def _miss(self, data: bytes, reply: Callable[[bytes], Any], *, tcp: bool) -> None:
         try:
             if len(data) >= 12 and not data[2] & 0xF8:
@@ -205,7 +217,8 @@ class MeshDns:
                 sock.close()
                 raise
             self._batched = batch.BatchedUdp(sock, lambda: self._udp_hot,
-                                             lambda data, reply: self._miss(data, reply, tcp=False), self.clock)
+                                             lambda data, reply: self._miss(data, reply, tcp=False), self.clock,
+                                             self._renew)
             return int(sock.getsockname()[1])
         transport, proto = await loop.create_datagram_endpoint(
             lambda: _Udp(self), local_addr=(host, port), family=family)
@@ -293,6 +306,7 @@ class MeshDns:
         out["udp_hot_hits"] = (self._udp.hits if self._udp else 0) + (self._batched.hits if self._batched else 0)
         if self._batched is not None:
             out["udp_send_drops"] = self._batched.send_drops
+            out["forward_cache_renewed"] = self._batched.renewed
         out["table_services"] = len(self.table.services)
         out["ads_acks"], out["ads_nacks_total"] = self.ads.acks, self.ads.nacks
         return out

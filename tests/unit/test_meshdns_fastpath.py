@@ -100,7 +100,13 @@ def test_cached_forwarded_answers_take_the_fast_path_and_expire(batch: bool) -> 
             assert _hot_hits(server) == hits + 1, f"expected a fast-path hit, hits went {hits} -> {_hot_hits(server)}"
 
             clock.now += 1.2  # the remaining TTL drops to 2: the stored answer must not be sent as it is
+            slow = server.metrics().get("forward_cache_hits", 0)
             assert await _ask(server, "fwd.example.") == ("192.0.2.1", 2), "expected the TTL counted down to 2"
+            if batch:  # counted down in the UDP thread itself, not posted to the loop's slow path
+                m = server.metrics()
+                assert (m["forward_cache_renewed"], m.get("forward_cache_hits", 0)) == (1, slow), (
+                    f"expected the countdown rendered in the UDP thread, got renewed={m['forward_cache_renewed']}, "
+                    f"slow-path cache hits {slow} -> {m.get('forward_cache_hits', 0)}")
             hits = _hot_hits(server)
             assert await _ask(server, "fwd.example.") == ("192.0.2.1", 2)
             assert _hot_hits(server) == hits + 1, "expected the re-rendered answer back on the fast path"
