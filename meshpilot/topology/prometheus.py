@@ -17,7 +17,9 @@ from meshpilot.translate.listeners import DIRECT_REQUEST_TIME, DIRECT_REQUESTS
 __all__ = ["PrometheusError", "queries", "query_all"]
 
 _CLUSTERS = r'envoy_cluster_name=~"outbound\\|.+"'
-_REQUESTS = f"envoy_cluster_upstream_rq_total{{{_CLUSTERS}}}"
+# every request the caller's sidecar answered for the cluster: upstream_rq_total leaves out the ones that
+# never reached an upstream (no healthy endpoint, connection refused), whose 503s upstream_rq_xx does count
+_REQUESTS = f"envoy_cluster_upstream_rq_completed{{{_CLUSTERS}}}"
 _ERRORS = f'envoy_cluster_upstream_rq_xx{{envoy_response_code_class="5",{_CLUSTERS}}}'
 _DIRECT = DIRECT_REQUESTS  # requests a callee's sidecar took without a caller's sidecar (by peer address)
 

@@ -23,6 +23,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 SENT = {"client": 200, "shop": 120}  # requests each caller's sidecar sends to web
 DIRECT = {"127.0.0.2": 60, "127.0.0.1": 25}  # requests apps without a sidecar send straight to web's inbound listener, by source address
+DOWN = 10  # requests client sends to a service without an instance
 LEGACY = "127.0.0.2"  # where the SDK app "legacy" is registered (through the API, as a Consul client would)
 
 
@@ -99,7 +100,7 @@ def test_prometheus_scrapes_the_mesh_from_the_generated_targets_and_the_topology
         settings.write_text(json.dumps({"token": TOKEN, "prometheus_sd_file": str(sd_file), "prometheus_url": prom}))
         cp = stack.enter_context(control_plane(workdir, extra=["--config", str(settings)]))
         web = stack.enter_context(http_backend("web-1"))
-        for svc in ("web", "legacy"):
+        for svc in ("web", "legacy", "down"):  # down: no instance, so every call to it is a 503 from the caller's sidecar
             status, body = cp.call("POST", "/v1/services", {"name": svc, "ports": [{"name": "http", "port": 80}]}, headers=AUTH)
             assert status in (200, 201), f"expected {svc} created, got {status}: {body}"
         status, body = cp.call("POST", "/v1/services/default/legacy/instances",
@@ -164,6 +165,7 @@ def test_prometheus_scrapes_the_mesh_from_the_generated_targets_and_the_topology
         for name in ("client-1", "shop-1"):
             out = boots[name][1]
             wait_until(lambda: through(out, "web")[0] == 200, 20, what=f"the route from {name} to web")
+        wait_until(lambda: through(boots["client-1"][1], "down")[0] == 503, 20, what="the route from client-1 to down (no endpoint)")
         # the window starts after a scrape that saw the warm-up requests above, and before the counted ones
         warmed = time.time()
         wait_until(lambda: all(_scrape_time(t) > warmed + 0.05 for t in targets_up(prom)), 30, 0.2,
@@ -175,6 +177,9 @@ def test_prometheus_scrapes_the_mesh_from_the_generated_targets_and_the_topology
             for i in range(n):
                 status, body = through(out, "web", f"/topology/{i}")
                 assert status == 200, f"expected 200 from web through {svc}'s sidecar, got {status}: {body}"
+        for i in range(DOWN):
+            status, body = through(boots["client-1"][1], "down", f"/down/{i}")
+            assert status == 503, f"expected 503 from down (no endpoint) through client's sidecar, got {status}: {body}"
         for source, n in DIRECT.items():
             for i in range(n):
                 status = direct(inbound, source, f"/direct/{i}")
@@ -192,6 +197,9 @@ def test_prometheus_scrapes_the_mesh_from_the_generated_targets_and_the_topology
             assert e["errors"] == 0 and e["error_rate"] == 0, f"expected no errors on {svc} -> web, got {e}"
             assert e["p50_ms"] is not None and e["p99_ms"] is not None and e["p50_ms"] <= e["p99_ms"], \
                 f"expected latency quantiles on {svc} -> web, got {e}"
+        down = edge(topo, "client.default", "down.default")
+        assert (down["requests"], down["errors"], down["error_rate"]) == (DOWN, DOWN, 1.0), \
+            f"expected {DOWN} requests to down, every one a 5xx, got {down}"
         # callers without a sidecar: named by the SDK registration at their address, else unknown
         for source, caller in ((LEGACY, "legacy.default"), ("127.0.0.1", "unknown")):
             e = edge(topo, caller, "web.default")
