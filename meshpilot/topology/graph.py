@@ -305,13 +305,18 @@ def _nodes(q: Queried, edges: Sequence[Mapping[str, Any]], latency_in: Mapping[s
                 name, _, ns = key.partition(".")
                 nodes[key] = {"id": key, "name": name, "namespace": ns, "registered": False,
                               "sources": sorted(sources.get(key, ())), "instances": count.get(key, 0)}
+    requests_in: dict[str, int] = defaultdict(int)
+    requests_out: dict[str, int] = defaultdict(int)
+    errors_in: dict[str, int] = defaultdict(int)
+    for e in edges:
+        requests_in[e["destination"]] += e["requests"]
+        requests_out[e["source"]] += e["requests"]
+        errors_in[e["destination"]] += e["errors"]
     for node in nodes.values():
-        into = [e for e in edges if e["destination"] == node["id"]]
-        out = [e for e in edges if e["source"] == node["id"]]
-        node["requests_in"] = sum(e["requests"] for e in into)
-        node["requests_out"] = sum(e["requests"] for e in out)
+        node["requests_in"] = requests_in.get(node["id"], 0)
+        node["requests_out"] = requests_out.get(node["id"], 0)
         node["rps_in"] = _round(node["requests_in"] / q.window_s)
-        node["errors_in"] = sum(e["errors"] for e in into)
+        node["errors_in"] = errors_in.get(node["id"], 0)
         node["error_rate_in"] = _round(node["errors_in"] / node["requests_in"] if node["requests_in"] else 0.0, 4)
         node["p50_ms_in"] = _round(histogram_quantile(0.5, latency_in.get(node["id"], {})))
         node["p99_ms_in"] = _round(histogram_quantile(0.99, latency_in.get(node["id"], {})))
