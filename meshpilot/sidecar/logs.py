@@ -14,7 +14,9 @@ plane is down and arrive later, at least once (the store keeps each record id on
 A ``Follower`` reads one file from an offset kept in ``<workdir>/logs/follow.json`` with the file's
 inode, written after the records are in the spool, so an agent restart neither loses nor repeats
 lines. A file renamed away (rotated) is read to its end before the new file at the path is followed
-from its start; a file that shrank (truncated in place) is read again from its start. A line longer
+from its start; a file that shrank (truncated in place) is read again from its start (one that was
+truncated and grew past the offset again between two reads, 0.25 s apart, is read on from the offset:
+a size check cannot see that). A line longer
 than ``MAX_LINE`` bytes is cut there and the rest of it skipped; undecodable bytes are replaced.
 docs/observability.md (Logs and alerts) has the operator's view.
 """
@@ -108,6 +110,9 @@ class Follower:
                 break
             if self._skipping:
                 self._skipping = False
+            elif nl - start > self.max_line:
+                out.append(data[start:start + self.max_line].decode("utf-8", "replace"))
+                self.cut += 1
             else:
                 out.append(data[start:nl].decode("utf-8", "replace").rstrip("\r"))
             start = nl + 1
