@@ -23,6 +23,7 @@ _PLUGINS = (
     "meshpilot.topology.plugin",
     "meshpilot.console.plugin",
     "meshpilot.catalog.plugin",
+    "meshpilot.logs.plugin",
 )
 
 
