@@ -24,6 +24,7 @@ _PLUGINS = (
     "meshpilot.console.plugin",
     "meshpilot.catalog.plugin",
     "meshpilot.logs.plugin",
+    "meshpilot.alerts.plugin",
 )
 
 
