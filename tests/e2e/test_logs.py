@@ -1,0 +1,214 @@
+"""Logs and alerts end to end: a real control plane, two real `meshpilot sidecar` agents with real Envoys,
+a real HTTP app behind one of them that writes its own log file.
+
+Requests through the mesh become access-log records searchable by service and by trace id (the trace id
+of a traced request is the one ``/v1/traces`` has, and the app's line naming it is found with it); the
+app's log lines are searchable; a stranger's records get 401 and nothing is kept; a log alert rule goes
+firing when errors pass its threshold and back to inactive when they leave its window; records written
+while the control plane is down arrive once it is back, and the rule is still there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from http import server as httpserver
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.test_sidecar import AUTH, TOKEN, app, sidecar, spec_doc
+from tests.support import ControlPlaneProc, free_port, http, through, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+class LoggingApp:
+    """An HTTP app that writes one line per request to its log file (level, path, the trace id it got),
+    and answers 500 (logging ERROR) on paths under /fail."""
+
+    def __init__(self, log_file: Path) -> None:
+        self.log_file = log_file
+        self._lock = threading.Lock()
+        owner = self
+
+        class H(httpserver.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                failing = self.path.startswith("/fail")
+                status = 500 if failing else 200
+                if self.path != "/healthz":
+                    trace = self.headers.get("x-b3-traceid", "-")
+                    level = "ERROR payment failed" if failing else "INFO served"
+                    owner.write(f"{time.strftime('%H:%M:%S')} {level} path={self.path} trace_id={trace}")
+                body = json.dumps({"server": "api", "path": self.path,
+                                   "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        class S(httpserver.ThreadingHTTPServer):
+            daemon_threads = True
+
+        self.srv = S(("127.0.0.1", 0), H)
+        self.port = self.srv.server_address[1]
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def write(self, text: str) -> None:
+        with self._lock, self.log_file.open("a") as f:
+            f.write(text + "\n")
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+@contextlib.contextmanager
+def logging_app(log_file: Path) -> Iterator[LoggingApp]:
+    a = LoggingApp(log_file)
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+@pytest.fixture
+def cp(tmp_path: Path) -> Iterator[ControlPlaneProc]:
+    cfg = tmp_path / "cp.yaml"
+    cfg.write_text(yaml.safe_dump({"hds_interval_s": 0.3, "debounce_ms": 20, "token": TOKEN, "alert_interval_s": 0.5}))
+    c = ControlPlaneProc(tmp_path, extra=["--config", str(cfg)])
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def _logs(cp: ControlPlaneProc, query: str) -> list[dict[str, Any]]:
+    status, body = cp.call("GET", f"/v1/logs?{query}", headers=AUTH)
+    assert status == 200, f"expected GET /v1/logs?{query} to answer 200, got {status} {body}"
+    return list(body["records"])
+
+
+def _alert(cp: ControlPlaneProc, name: str) -> dict[str, Any]:
+    status, body = cp.call("GET", f"/v1/alerts/{name}", headers=AUTH)
+    assert status == 200, f"expected the alert rule {name}, got {status} {body}"
+    return dict(body)
+
+
+def _access_line(r: dict[str, Any]) -> dict[str, Any]:
+    return dict(json.loads(r["line"]))
+
+
+def test_access_and_app_logs_are_searchable_linked_to_traces_alerted_on_and_survive_the_control_plane_down(
+        cp: ControlPlaneProc, tmp_path: Path) -> None:
+    status, body = cp.call("PUT", "/v1/policies/TracingPolicy/default/all",
+                           {"kind": "TracingPolicy", "name": "all", "namespace": "default", "sampling": 100}, AUTH)
+    assert status in (200, 201), f"expected the TracingPolicy stored, got {status} {body}"
+    app_log = tmp_path / "api-app.log"
+    api_doc = spec_doc("api", 0, free_port(), free_port())
+    with logging_app(app_log) as api_app, app("web") as web_app:
+        api_doc["spec"]["ports"][0]["targetPort"] = api_app.port
+        api_doc["mesh"]["logs"] = {"files": [{"path": str(app_log)}]}
+        with sidecar(tmp_path, "api", api_doc, cp, "api-1") as api_side, \
+                sidecar(tmp_path, "web", spec_doc("web", web_app.port, free_port(), free_port()), cp, "web-1") as web_side:
+            wait_until(lambda: through(web_side.outbound, "api", "/ready")[0] == 200, 20, what="web -> api routable")
+
+            # a traced request: its access records (both sidecars) and the app's line carry the trace id
+            t1, p1 = secrets.token_hex(16), secrets.token_hex(8)
+            status, body = through(web_side.outbound, "api", "/traced", {"traceparent": f"00-{t1}-{p1}-01"})
+            assert status == 200, f"expected api's answer, got {status} {body}"
+
+            def trace_with_logs() -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+                s, tree = cp.call("GET", f"/v1/traces/{t1}", headers=AUTH)
+                found = _logs(cp, f"trace_id={t1}")
+                kinds = {(r["service"], r["source"]) for r in found}
+                if s == 200 and {("web.default", "access"), ("api.default", "access"), ("api.default", "app")} <= kinds:
+                    return tree, found
+                return None
+
+            tree, found = wait_until(trace_with_logs, 40, interval=0.5,
+                                     what=f"trace {t1} and the access records of both sidecars and api's app line under its id")
+            assert tree["trace_id"] == t1 and all(r["trace_id"] == tree["trace_id"] for r in found), \
+                f"expected every record to carry the trace's id {tree['trace_id']}, got {[r['trace_id'] for r in found]}"
+            assert all(r["trace"] == f"/v1/traces/{t1}" for r in found), f"expected each record to link its trace, got {found}"
+            inbound = [r for r in found if r["service"] == "api.default" and r["source"] == "access"]
+            line = _access_line(inbound[0])
+            assert (line["direction"], line["path"], line["trace_id"], inbound[0]["instance"]) == ("inbound", "/traced", t1, "api-1"), \
+                f"expected api's inbound access line for /traced, got {inbound[0]}"
+            app_line = next(r for r in found if r["source"] == "app")
+            assert "path=/traced" in app_line["line"] and app_line["level"] == "info", f"expected the app's own line, got {app_line}"
+
+            # by service: every request's access record, and the app's lines by text
+            for i in range(3):
+                assert through(web_side.outbound, "api", f"/plain-{i}")[0] == 200
+            wait_until(lambda: {f"/plain-{i}" for i in range(3)} <= {
+                _access_line(r).get("path") for r in _logs(cp, "service=api&source=access&since=10m")}, 30, interval=0.5,
+                what="api's access records of /plain-0..2")
+            outbound = wait_until(lambda: (x := _logs(cp, "service=web&source=access&q=/plain-")) and len(x) >= 3 and x, 30,
+                                  interval=0.5, what="web's access records of /plain-0..2")
+            assert {_access_line(r)["destination_service"] for r in outbound} == {"api.default"} and len(outbound) == 3, \
+                f"expected web's 3 outbound access records to api, got {outbound}"
+            app_lines = wait_until(lambda: (x := _logs(cp, "service=api&source=app&q=path=/plain-")) and len(x) == 3 and x, 30,
+                                   interval=0.5, what="api's 3 app lines for /plain-0..2")
+            assert all(r["service"] == "api.default" and r["instance"] == "api-1" for r in app_lines), app_lines
+
+            # a stranger's records: 401, nothing kept
+            forged = [{"id": secrets.token_hex(8), "time": time.time(), "node": "x", "service": "api.default",
+                       "source": "app", "line": "forged-line"}]
+            for headers in ({}, {"Authorization": "Bearer not-a-token"}):
+                s, b, _ = http("POST", cp.api + "/v1/logs", forged, headers)
+                assert s == 401, f"expected 401 for records without a valid token, got {s} {b}"
+            assert _logs(cp, "q=forged-line") == [], "expected nothing of the stranger's records kept"
+
+            # a log alert rule: more than 2 errors of api in 5 s, for 1 s
+            rule = {"log": {"service": "api", "level": "error", "window": "5s"}, "op": ">", "threshold": 2, "for": "1s"}
+            s, b = cp.call("PUT", "/v1/alerts/api-errors", rule, AUTH)
+            assert s == 201, f"expected the rule created, got {s} {b}"
+            wait_until(lambda: _alert(cp, "api-errors")["evaluated_at"] is not None, 10, what="a first evaluation")
+            assert _alert(cp, "api-errors")["state"] == "inactive", f"expected inactive without errors, got {_alert(cp, 'api-errors')}"
+            for i in range(4):
+                assert through(web_side.outbound, "api", f"/fail-{i}")[0] == 500
+            firing = wait_until(lambda: (a := _alert(cp, "api-errors"))["state"] == "firing" and a, 30, interval=0.3,
+                                what="the rule firing after 4 failed requests")
+            assert firing["value"] > 2 and firing["error"] is None, f"expected a count above 2, got {firing}"
+            errors = wait_until(lambda: (x := _logs(cp, "service=api&level=error&since=1m")) and len(x) >= 8 and x, 30, interval=0.3,
+                                what="api's 4 access records (500) and 4 app lines (ERROR) at level error")
+            assert sorted(r["source"] for r in errors) == ["access"] * 4 + ["app"] * 4, \
+                f"expected the 500 access records and the app's ERROR lines, got {errors}"
+            back = wait_until(lambda: (a := _alert(cp, "api-errors"))["state"] == "inactive" and a, 30, interval=0.3,
+                              what="the rule inactive again once the errors left its 5 s window")
+            assert back["since"] > firing["since"] and back["value"] == 0, f"got {back}"
+
+            # the control plane down: records wait in the nodes' spools, then arrive
+            ports = dict(cp.ports)
+            cp.stop()
+            t2, p2 = secrets.token_hex(16), secrets.token_hex(8)
+            status, _ = through(web_side.outbound, "api", "/while-down", {"traceparent": f"00-{t2}-{p2}-01"})
+            assert status == 200, f"expected requests to flow with the control plane down, got {status}"
+
+            def spooled(side: Any) -> bool:
+                return any("/while-down" in p.read_text() for p in (side.dir / "logs").glob("logs-*.jsonl"))
+
+            for side in (web_side, api_side):
+                wait_until(lambda side=side: spooled(side), 30, interval=0.3,
+                           what=f"{side.node_id}'s record of /while-down in its log spool while the control plane is down")
+            cp.xds_port_wanted, cp.api_port_wanted = ports["xds"], ports["api"]
+            cp.start()
+            late = wait_until(lambda: (x := _logs(cp, f"trace_id={t2}")) and {(r["service"], r["source"]) for r in x} >= {
+                ("web.default", "access"), ("api.default", "access"), ("api.default", "app")} and x, 60, interval=0.5,
+                what="the records written while the control plane was down")
+            assert all(r["trace_id"] == t2 for r in late), late
+            s, b = cp.call("GET", "/v1/alerts", headers=AUTH)
+            assert s == 200 and [a["name"] for a in b["alerts"]] == ["api-errors"], f"expected the rule kept across the restart, got {s} {b}"
