@@ -60,6 +60,7 @@ from meshpilot.xds.server import GRPC_SERVER_OPTIONS, MAX_REQUEST_BYTES, StreamE
 __all__ = ["ControlPlane"]
 
 log = logging.getLogger("meshpilot.controlplane")
+_CHANGE_COUNTERS: dict[str, Any] = {}  # change kind -> its labelled counter
 
 _HEALTH_KEY = "controlplane/health_key"  # meta table: the key of the nodes' health tokens (hex)
 
@@ -158,7 +159,10 @@ class ControlPlane:
     # ---- change handling ----------------------------------------------------------------------
 
     def _on_change(self, change: Change) -> None:
-        metrics.REGISTRY_WRITES.labels(change.kind).inc()
+        counter = _CHANGE_COUNTERS.get(change.kind)
+        if counter is None:  # looking a labelled child up costs more than counting: once per kind
+            counter = _CHANGE_COUNTERS[change.kind] = metrics.REGISTRY_WRITES.labels(change.kind)
+        counter.inc()
         if change.kind == "service":
             self.publisher.note(Changes(services={change.key}))
         elif change.kind == "instance":

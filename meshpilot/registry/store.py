@@ -179,10 +179,12 @@ class SqliteStore:
             if self._closed or self._failed:
                 raise StoreError(self._failed or f"store {self.path}: closed")
             self._issued += 1
+            wake = not self._batch  # the writer waits only while there is no batch
             self._batch.extend(rows)
             for t, k, v in rows:
                 self._pending[t][k] = (self._issued, v)
-            self._cond.notify_all()
+            if wake:
+                self._cond.notify_all()
 
     async def sync(self) -> None:
         with self._cond:
