@@ -8,7 +8,8 @@ Routes of the management API (docs/observability.md, Tracing):
   kept. The body is validated where it enters (the schema below, then meshpilot/telemetry/spans.py): a
   bad span is a 400 naming it by index and field, and nothing of the body is kept.
 - ``GET /v1/traces?service=&since=&limit=`` — summaries of the newest traces (read token).
-- ``GET /v1/traces/{trace_id}`` — one trace as a tree of spans, ready for a waterfall (read token).
+- ``GET /v1/traces/{trace_id}`` — one trace as a tree of spans, ready for a waterfall (read token), with
+  ``logs``: the search of its log lines (``/v1/logs?trace_id=``).
 
 The spans live in a ``TraceStore`` in memory, bounded by ``trace_store_spans``; they are not kept across
 a restart, nor shared between replicas (each keeps what its sidecars sent it).
@@ -145,7 +146,7 @@ def trace_routes(store: TraceStore) -> list[Route]:
         if tree is None:
             raise ApiError(404, f"trace_id: no trace {trace_id} in the store (it keeps the newest {store.max_spans} spans)",
                            [{"field": "trace_id", "reason": "not found"}])
-        return web.json_response(tree)
+        return web.json_response({**tree, "logs": f"/v1/logs?trace_id={trace_id}"})  # its log lines (the logs part)
 
     return [
         Route("POST", "/v1/spans", ingest, "Keep spans (Zipkin v2 JSON array), as sidecars ship them", body=SpansIn, scope="write"),
