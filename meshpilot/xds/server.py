@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import time
@@ -42,8 +43,8 @@ from meshpilot.xds.resource import NodeInfo, node_info, string_field
 from meshpilot.xds.stream import DeltaStream, SotwStream
 
 __all__ = [
-    "ADS_SERVICE", "Admit", "GRPC_SERVER_OPTIONS", "InFlight", "MAX_REQUEST_BYTES", "StreamError", "Unanswered", "XdsServer", "check_request",
-    "names_region", "user_agent",
+    "ADS_SERVICE", "Admit", "COLLECTOR_THRESHOLDS", "GRPC_SERVER_OPTIONS", "InFlight", "MAX_REQUEST_BYTES", "StreamError", "Unanswered", "XdsServer", "check_request",
+    "collect_less", "names_region", "user_agent",
 ]
 
 log = logging.getLogger("meshpilot.xds")
@@ -229,6 +230,8 @@ class XdsServer:
         cache.watch(self._on_change)
 
     def handler(self) -> grpc.GenericRpcHandler:
+        """The ADS service for a grpc server; the process serves xDS from now on (``collect_less``)."""
+        collect_less()
         return grpc.method_handlers_generic_handler(
             ADS_SERVICE,
             {
@@ -534,6 +537,25 @@ class XdsServer:
             await context.write(payload)
             _pushes(type_url, handle.machine.kind).inc()
         return bool(out)
+
+
+# the cyclic garbage collector's thresholds in a process serving xDS (CPython's are 700, 10, 10)
+COLLECTOR_THRESHOLDS = (50_000, 20, 20)
+
+
+def collect_less() -> None:
+    """Run the cyclic garbage collector less often, and never over what the process holds so far.
+
+    A push to 2,000 streams allocates a few hundred thousand short-lived containers (futures,
+    coroutine frames, the records of what each stream owes), almost all freed by reference counts,
+    yet each 700 of them started a collection, and the streams' own objects (~320,000) were walked
+    again by every full one: ~0.1 s of the 0.35 s a single change cost the control plane, and a full
+    collection in the middle of a push stopped every stream for 0.1-0.8 s. What was built before
+    the server starts (modules, the first resources) lives as long as the process: frozen, left
+    out of full collections. Thresholds are only ever raised."""
+    now = gc.get_threshold()
+    gc.set_threshold(*(max(a, b) for a, b in zip(now, COLLECTOR_THRESHOLDS)))
+    gc.freeze()
 
 
 _PUSH_COUNTERS: dict[tuple[str, str], Any] = {}

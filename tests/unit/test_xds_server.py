@@ -284,3 +284,22 @@ def test_the_reader_holds_no_request_while_it_waits_for_the_next(delta: bool) ->
         assert refs <= 2, f"expected nothing but the test to hold the request while the reader waits; held by {holders}"
 
     asyncio.run(main())
+
+
+def test_serving_xds_runs_the_collector_less_often_and_never_lowers_its_thresholds() -> None:
+    import gc
+
+    from meshpilot.xds.cache import ResourceCache
+    from meshpilot.xds.server import COLLECTOR_THRESHOLDS, XdsServer
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 50)
+        XdsServer(ResourceCache()).handler()
+        got = gc.get_threshold()
+        assert got == (COLLECTOR_THRESHOLDS[0], COLLECTOR_THRESHOLDS[1], 50), \
+            f"expected the thresholds raised to {COLLECTOR_THRESHOLDS} and a higher one kept, got {got}"
+        assert gc.get_freeze_count() > 0, "expected what the process held when serving began to be frozen"
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
