@@ -51,6 +51,7 @@ class Settings(BaseModel):
     prometheus_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$", description="the Prometheus that scrapes the mesh (http://HOST:PORT); /v1/topology queries it")
     topology_window_s: float = Field(default=300.0, ge=1, le=86_400, description="the default window /v1/topology counts requests over")
     trace_store_spans: int = Field(default=100_000, ge=1, le=10_000_000, description="spans the control plane's trace store keeps in memory (newest traces; not kept across restarts)")
+    try_it_proxy: str | None = Field(default=None, pattern=r"^[^\s/:]+:\d{1,5}$", description="HOST:PORT of the outbound listener of a sidecar run on the control plane's host (e.g. for meshpilot-console): the API catalog's try-it sends requests through it (docs/catalog.md: Try it); unset: try-it is off")
     log_store_records: int = Field(default=100_000, ge=1, le=10_000_000, description="log records the control plane's log store keeps in memory (the newest arrivals; not kept across restarts)")
     alert_interval_s: float = Field(default=15.0, ge=0.1, le=3600, description="how often the control plane evaluates the alert rules")
     log_level: str = "INFO"
