@@ -269,6 +269,13 @@ def build_outbound_listener(
     return listener
 
 
+def _untraced(route: rc.Route) -> None:
+    """The node's own health checks are never traced (at a high sampling rate they would bury the
+    traces of real requests); the listener's tracing config stays as it is for every other route."""
+    for percent in (route.tracing.client_sampling, route.tracing.random_sampling, route.tracing.overall_sampling):
+        percent.SetInParent()  # 0 %
+
+
 def build_inbound_routes(
     node: NodeInfo,
     filters_off: Sequence[str] = (),
@@ -294,6 +301,7 @@ def build_inbound_routes(
         h.match.headers.add(name=HEALTH_HEADER).string_match.exact = health_token
         h.route.CopyFrom(action)
         h.request_headers_to_remove.append(HEALTH_HEADER)
+        _untraced(h)
         for name in health_skips:
             h.typed_per_filter_config[name].CopyFrom(pack(rc.FilterConfig(disabled=True)))
         if authz is not None and (authz.deny is not None or authz.allow is not None):
@@ -328,6 +336,7 @@ def build_inbound_local_routes(
         h.match.headers.add(name=HEALTH_HEADER).string_match.exact = health_token
         h.route.CopyFrom(action)
         h.request_headers_to_remove.append(HEALTH_HEADER)
+        _untraced(h)
         for name in (*health_skips, AUTHZ_DENY, AUTHZ_ALLOW):
             h.typed_per_filter_config[name].CopyFrom(pack(rc.FilterConfig(disabled=True)))
     r = vh.routes.add(name="strict")
