@@ -155,9 +155,13 @@ def test_one_trace_across_two_sidecars_with_w3c_and_b3_and_spans_survive_the_bac
         _check_tree(tree1, t1, p1)
         tree2 = wait_until(lambda: _both_sidecars(cp, t2), 40, interval=0.5, what=f"trace {t2} with web's and api's spans")
         _check_tree(tree2, t2, p2)
-        status, listed = cp.call("GET", "/v1/traces?service=api&since=1h&limit=50", headers=AUTH)
+        status, listed = cp.call("GET", "/v1/traces?service=api&since=1h&limit=1000", headers=AUTH)
         ids = [t["trace_id"] for t in listed.get("traces", [])] if status == 200 else []
         assert t1 in ids and t2 in ids, f"expected both traces listed for service api, got {status} {listed}"
+        # the nodes' own health checks (HDS, every 0.3 s here) are never traced, even at 100 %
+        urls = [s.get("tags", {}).get("http.url", "") for tid in ids for s in _flat(_trace(cp, tid) or {"roots": []})]
+        assert not any(u.endswith("/healthz") for u in urls), \
+            f"expected no health check traced, got spans of {[u for u in urls if u.endswith('/healthz')][:3]}"
 
         # a stranger may not write spans: 401 and nothing kept
         t3 = secrets.token_hex(16)

@@ -138,3 +138,16 @@ def test_a_stored_policy_reaches_the_listeners_of_its_services_nodes() -> None:
         assert NoPolicy().trace_sampling(TRACED) == DEFAULT_SAMPLING
     finally:
         reg.store.close()
+
+
+def test_the_nodes_health_checks_are_never_traced() -> None:
+    from meshpilot.translate.listeners import build_inbound_local_routes, build_inbound_routes
+
+    for routes in (build_inbound_routes(TRACED, health_token="tok"), build_inbound_local_routes(TRACED, health_token="tok")):
+        health = next(r for r in routes.virtual_hosts[0].routes if r.name == "health")
+        t = health.tracing
+        assert health.HasField("tracing") and all(
+            p.value == 0 and t.HasField(f) for f, p in (("client_sampling", t.client_sampling), ("random_sampling", t.random_sampling),
+                                                       ("overall_sampling", t.overall_sampling))), f"expected 0 % tracing on the health route, got {t}"
+        others = [r for r in routes.virtual_hosts[0].routes if r.name != "health"]
+        assert not any(r.HasField("tracing") for r in others), "expected other routes to keep the listener's sampling"
