@@ -5,7 +5,9 @@ Requests through the mesh become access-log records searchable by service and by
 of a traced request is the one ``/v1/traces`` has, and the app's line naming it is found with it); the
 app's log lines are searchable; a stranger's records get 401 and nothing is kept; a log alert rule goes
 firing when errors pass its threshold and back to inactive when they leave its window; records written
-while the control plane is down arrive once it is back, and the rule is still there.
+while the control plane is down arrive once it is back, and the rule is still there. A metric rule on
+Debian's Prometheus (scraping the control plane's /metrics) fires and goes back to inactive, and a
+query Prometheus refuses is shown as the rule's error.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pytest
 import yaml
 
 from tests.e2e.test_sidecar import AUTH, TOKEN, app, sidecar, spec_doc
+from tests.e2e.test_topology import PROMETHEUS, prometheus
 from tests.support import ControlPlaneProc, free_port, http, through, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -107,6 +110,19 @@ def _alert(cp: ControlPlaneProc, name: str) -> dict[str, Any]:
     return dict(body)
 
 
+def _until_state(cp: ControlPlaneProc, name: str, state: str, timeout: float, what: str) -> dict[str, Any]:
+    seen: list[dict[str, Any]] = [{}]
+
+    def reached() -> dict[str, Any] | None:
+        seen[0] = _alert(cp, name)
+        return seen[0] if seen[0]["state"] == state else None
+
+    try:
+        return dict(wait_until(reached, timeout, interval=0.3, what=what))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the rule last showed {seen[0]}") from None
+
+
 def _access_line(r: dict[str, Any]) -> dict[str, Any]:
     return dict(json.loads(r["line"]))
 
@@ -143,6 +159,10 @@ def test_access_and_app_logs_are_searchable_linked_to_traces_alerted_on_and_surv
             assert tree["trace_id"] == t1 and all(r["trace_id"] == tree["trace_id"] for r in found), \
                 f"expected every record to carry the trace's id {tree['trace_id']}, got {[r['trace_id'] for r in found]}"
             assert all(r["trace"] == f"/v1/traces/{t1}" for r in found), f"expected each record to link its trace, got {found}"
+            assert tree.get("logs") == f"/v1/logs?trace_id={t1}", f"expected the trace to link its log lines, got {tree.get('logs')}"
+            s, linked = cp.call("GET", tree["logs"], headers=AUTH)
+            assert s == 200 and {r["id"] for r in linked["records"]} >= {r["id"] for r in found}, \
+                f"expected the trace's link to find its records, got {s} {linked}"
             inbound = [r for r in found if r["service"] == "api.default" and r["source"] == "access"]
             line = _access_line(inbound[0])
             assert (line["direction"], line["path"], line["trace_id"], inbound[0]["instance"]) == ("inbound", "/traced", t1, "api-1"), \
@@ -180,15 +200,13 @@ def test_access_and_app_logs_are_searchable_linked_to_traces_alerted_on_and_surv
             assert _alert(cp, "api-errors")["state"] == "inactive", f"expected inactive without errors, got {_alert(cp, 'api-errors')}"
             for i in range(4):
                 assert through(web_side.outbound, "api", f"/fail-{i}")[0] == 500
-            firing = wait_until(lambda: (a := _alert(cp, "api-errors"))["state"] == "firing" and a, 30, interval=0.3,
-                                what="the rule firing after 4 failed requests")
+            firing = _until_state(cp, "api-errors", "firing", 30, "the rule firing after 4 failed requests")
             assert firing["value"] > 2 and firing["error"] is None, f"expected a count above 2, got {firing}"
             errors = wait_until(lambda: (x := _logs(cp, "service=api&level=error&since=1m")) and len(x) >= 8 and x, 30, interval=0.3,
                                 what="api's 4 access records (500) and 4 app lines (ERROR) at level error")
             assert sorted(r["source"] for r in errors) == ["access"] * 4 + ["app"] * 4, \
                 f"expected the 500 access records and the app's ERROR lines, got {errors}"
-            back = wait_until(lambda: (a := _alert(cp, "api-errors"))["state"] == "inactive" and a, 30, interval=0.3,
-                              what="the rule inactive again once the errors left its 5 s window")
+            back = _until_state(cp, "api-errors", "inactive", 30, "the rule inactive again once the errors left its 5 s window")
             assert back["since"] > firing["since"] and back["value"] == 0, f"got {back}"
 
             # the control plane down: records wait in the nodes' spools, then arrive
@@ -212,3 +230,38 @@ def test_access_and_app_logs_are_searchable_linked_to_traces_alerted_on_and_surv
             assert all(r["trace_id"] == t2 for r in late), late
             s, b = cp.call("GET", "/v1/alerts", headers=AUTH)
             assert s == 200 and [a["name"] for a in b["alerts"]] == ["api-errors"], f"expected the rule kept across the restart, got {s} {b}"
+
+
+@pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="Debian's prometheus is not installed (run.sh installs it)")
+def test_a_metric_rule_fires_on_a_real_prometheus_and_goes_back_to_inactive(tmp_path: Path) -> None:
+    """The control plane's own /metrics scraped by Debian's Prometheus (from the generated file_sd file);
+    a rule on the 404s its management API answered in the last 10 s."""
+    sd_file = tmp_path / "targets.json"
+    with contextlib.ExitStack() as stack:
+        prom = stack.enter_context(prometheus(tmp_path, sd_file))
+        cfg = tmp_path / "cp.yaml"
+        cfg.write_text(yaml.safe_dump({"token": TOKEN, "alert_interval_s": 0.5, "prometheus_sd_file": str(sd_file),
+                                       "prometheus_url": prom}))
+        cp = ControlPlaneProc(tmp_path, extra=["--config", str(cfg)])
+        stack.callback(cp.stop)
+        cp.start()
+        query = 'sum(increase(meshpilot_api_requests_total{status="404"}[10s]))'
+        # one 404 first: increase() counts from a series' first sample, so the series must exist before the burst
+        assert cp.call("GET", "/v1/services/default/no-such-service", headers=AUTH)[0] == 404
+        series = f"{prom}/api/v1/query?query=meshpilot_api_requests_total%7Bstatus%3D%22404%22%7D"
+        wait_until(lambda: http("GET", series)[1]["data"]["result"], 30, interval=0.5,
+                   what="prometheus scraping the control plane's 404 counter")
+        rule = {"metric": {"query": query}, "op": ">", "threshold": 3}
+        s, b = cp.call("PUT", "/v1/alerts/api-404s", rule, AUTH)
+        assert s == 201, f"expected the rule created, got {s} {b}"
+        s, b = cp.call("PUT", "/v1/alerts/broken", {"metric": {"query": "sum(("}, "threshold": 1}, AUTH)
+        assert s == 201, f"expected the rule created (PromQL is Prometheus' to judge), got {s} {b}"
+        broken = wait_until(lambda: (a := _alert(cp, "broken"))["error"] and a, 20, interval=0.3, what="the broken rule's error")
+        assert "Prometheus refused" in broken["error"] and broken["state"] == "inactive", f"expected Prometheus' refusal shown, got {broken}"
+        for _ in range(10):
+            s, _b = cp.call("GET", "/v1/services/default/no-such-service", headers=AUTH)
+            assert s == 404, f"expected 404 for a service that does not exist, got {s}"
+        firing = _until_state(cp, "api-404s", "firing", 30, "the metric rule firing after 10 answers 404")
+        assert firing["value"] > 3 and firing["error"] is None, f"got {firing}"
+        back = _until_state(cp, "api-404s", "inactive", 40, "the metric rule inactive once the 404s left the 10 s window")
+        assert back["since"] > firing["since"], f"got {back}"
