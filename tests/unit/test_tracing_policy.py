@@ -147,7 +147,7 @@ def test_the_nodes_health_checks_are_never_traced() -> None:
         health = next(r for r in routes.virtual_hosts[0].routes if r.name == "health")
         t = health.tracing
         assert health.HasField("tracing") and all(
-            p.value == 0 and t.HasField(f) for f, p in (("client_sampling", t.client_sampling), ("random_sampling", t.random_sampling),
+            p.numerator == 0 and t.HasField(f) for f, p in (("client_sampling", t.client_sampling), ("random_sampling", t.random_sampling),
                                                        ("overall_sampling", t.overall_sampling))), f"expected 0 % tracing on the health route, got {t}"
         others = [r for r in routes.virtual_hosts[0].routes if r.name != "health"]
         assert not any(r.HasField("tracing") for r in others), "expected other routes to keep the listener's sampling"
