@@ -1,4 +1,5 @@
-"""The API catalog as a part of the control plane: its routes on the management API, and the
+"""The API catalog as a part of the control plane: its routes on the management API (with "try it"
+when ``try_it_proxy`` names the control plane's own sidecar), and the
 supervised task that keeps each catalogued service's ``apis`` equal to its current catalog version
 (a service written without them, by this replica's API or another front door, gets them back).
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 
 from meshpilot.catalog.routes import catalog_routes
+from meshpilot.catalog.tryit import TryIt
 from meshpilot.catalog.versions import Catalog
 from meshpilot.parts import Core, Part, Task
 from meshpilot.registry import Change
@@ -44,4 +46,5 @@ def install(core: Core) -> Part:
                 await catalog.reconcile(key)
             await registry.store.sync()
 
-    return Part(routes=catalog_routes(registry), tasks=[Task("catalog_apis", catalog_apis)])
+    try_it = TryIt(core.settings.try_it_proxy) if core.settings.try_it_proxy else None
+    return Part(routes=catalog_routes(registry, try_it), tasks=[Task("catalog_apis", catalog_apis)])

@@ -2,7 +2,8 @@
 
 Upload (PUT a document: write scope), import from an instance's springdoc endpoint (write
 scope), and reads (read scope): the services with a catalog, a service's current operations, its
-versions, one version, and the diff between two. Every bad request is a 4xx naming the field, and
+versions, one version, and the diff between two; and "try it" (write scope: it sends a request
+through the mesh on the operator's behalf, tryit.py). Every bad request is a 4xx naming the field, and
 leaves the stored catalog as it was. docs/catalog.md is the user's page.
 """
 
@@ -19,11 +20,12 @@ from meshpilot.api.app import ApiError, json_body
 from meshpilot.api.routes import Route
 from meshpilot.catalog.fetch import DEFAULT_PATH, FETCH_TIMEOUT_S, FetchError, choose, document_url, fetch
 from meshpilot.catalog.openapi import MAX_DOCUMENT_BYTES, DocumentError, diff, parse
+from meshpilot.catalog.tryit import TryError, TryIn, TryIt, prepare
 from meshpilot.catalog.versions import Catalog
 from meshpilot.model import Service, field_errors, service_key
 from meshpilot.registry import Registry
 
-__all__ = ["DocumentIn", "ImportIn", "catalog_routes"]
+__all__ = ["DocumentIn", "ImportIn", "TryIn", "catalog_routes"]
 
 
 class ImportIn(BaseModel):
@@ -37,9 +39,10 @@ class ImportIn(BaseModel):
 
 
 class _Handlers:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, try_it: TryIt | None = None) -> None:
         self.registry = registry
         self.catalog = Catalog(registry)
+        self.try_it = try_it
 
     def _service(self, request: web.Request) -> Service:
         key = service_key(request.match_info["name"], request.match_info["namespace"])
@@ -129,6 +132,27 @@ class _Handlers:
         out = diff(self.catalog.operations(a), self.catalog.operations(b))
         return web.json_response({"service": key, "from": frm, "to": to, **out})
 
+    async def try_(self, request: web.Request) -> web.Response:
+        if self.try_it is None:
+            raise ApiError(404, "try_it_proxy: try-it is off; set try_it_proxy to the outbound listener (HOST:PORT) of a sidecar "
+                                "on the control plane's host (docs/catalog.md: Try it)", [{"field": "try_it_proxy", "reason": "not set"}])
+        svc = self._service(request)
+        try:
+            body = TryIn.model_validate_json(json.dumps(await json_body(request)), strict=True)
+        except ValidationError as exc:
+            fields = field_errors(exc)
+            raise ApiError(400, "; ".join(f"{f['field']}: {f['reason']}" for f in fields), fields) from None
+        version = self.catalog.version(svc.key)
+        if version is None:
+            raise ApiError(404, f"service: {svc.key} has no API catalog (PUT its OpenAPI document, or import it)",
+                           [{"field": "service", "reason": "no catalog"}])
+        try:
+            prepared = prepare(svc, self.catalog.operations(version), body)
+            out = await self.try_it.send(prepared, body.timeout_s)
+        except TryError as exc:
+            raise ApiError(exc.status, str(exc), [{"field": exc.field, "reason": exc.reason}]) from None
+        return web.json_response({"service": svc.key, "version": version["number"], **out})
+
 
 def _number(text: str, field: str) -> int:
     if not text.isdigit() or len(text) > 9 or int(text) < 1:
@@ -156,8 +180,9 @@ class DocumentIn(BaseModel):
     paths: dict[str, Any] = Field(default_factory=dict, description="path templates and their operations")
 
 
-def catalog_routes(registry: Registry) -> list[Route]:
-    h = _Handlers(registry)
+def catalog_routes(registry: Registry, try_it: TryIt | None = None) -> list[Route]:
+    """``try_it``: where tries are sent (the ``try_it_proxy`` setting); None: the try route answers 404."""
+    h = _Handlers(registry, try_it)
     base = "/v1/catalog/{namespace}/{name}"
     return [
         Route("GET", "/v1/catalog", h.list_services, "List the services with an API catalog and their current versions"),
@@ -167,4 +192,6 @@ def catalog_routes(registry: Registry) -> list[Route]:
         Route("GET", base + "/versions", h.versions, "List a service's catalog versions"),
         Route("GET", base + "/versions/{number}", h.version, "Get one catalog version with its operations"),
         Route("GET", base + "/diff", h.diff, "Operations added, removed and changed between two catalog versions (?from=&to=)"),
+        Route("POST", base + "/try", h.try_, "Send one request to an operation through the mesh, from the control plane's own sidecar "
+              "(try_it_proxy): its status, headers, body and trace id", TryIn, scope="write"),
     ]
