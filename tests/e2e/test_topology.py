@@ -28,13 +28,14 @@ LEGACY = "127.0.0.2"  # where the SDK app "legacy" is registered (through the AP
 
 
 @contextlib.contextmanager
-def prometheus(workdir: Path, sd_file: Path) -> Iterator[str]:
-    """Debian's Prometheus scraping only what the file names, every second; its own data directory."""
+def prometheus(workdir: Path, sd_file: Path | None = None, job: dict[str, Any] | None = None) -> Iterator[str]:
+    """Debian's Prometheus scraping only what the file names (or what ``job`` says), every second; its own
+    data directory."""
     port = free_port()
     config = workdir / "prometheus.yml"
     config.write_text(json.dumps({  # JSON is YAML
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "mesh", "file_sd_configs": [{"files": [str(sd_file)], "refresh_interval": "1s"}]}],
+        "scrape_configs": [job or {"job_name": "mesh", "file_sd_configs": [{"files": [str(sd_file)], "refresh_interval": "1s"}]}],
     }))
     log = workdir / "prometheus.log"
     proc = subprocess.Popen(
@@ -265,6 +266,34 @@ def test_the_sidecar_agent_serves_its_stats_port_and_the_control_plane_lists_it(
 
         status, body = wait_until(scraped, 20, 0.2, what="the agent's stats listener answering")
         assert status == 200 and 'source_service="reviews.default"' in str(body), f"expected the sidecar's stats, got {status}: {str(body)[:200]}"
+
+
+@pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="Debian's prometheus is not installed (run.sh installs it)")
+def test_a_prometheus_elsewhere_finds_the_targets_over_http_sd_with_a_read_token(workdir: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        settings = workdir / "settings.yaml"
+        settings.write_text(json.dumps({"token": TOKEN}))
+        cp = stack.enter_context(control_plane(workdir, extra=["--config", str(settings)]))
+        status, made = cp.call("POST", "/v1/access/tokens", {"scope": "read", "description": "prometheus"}, headers=AUTH)
+        assert status == 201, f"expected a read token, got {status}: {made}"
+        secret = workdir / "read-token"
+        secret.write_text(made["secret"])
+        boot, _, stats = sidecar("api-1", cp.xds_port, "api")
+        stack.enter_context(envoy(workdir, boot, name="api-1"))
+        prom = stack.enter_context(prometheus(workdir, job={
+            "job_name": "mesh",
+            "http_sd_configs": [{"url": cp.api + "/v1/prometheus/targets", "refresh_interval": "1s",
+                                 # Prometheus' http_sd does not default the type to Bearer (prometheus/prometheus#12762)
+                                 "authorization": {"type": "Bearer", "credentials_file": str(secret)}}],
+        }))
+
+        def all_up() -> list[dict[str, Any]] | None:
+            got = targets_up(prom)
+            return got if len(got) == 2 and all(t["health"] == "up" for t in got) else None
+
+        up = wait_until(all_up, 30, 0.2, what="the sidecar and the control plane up in Prometheus, found over http_sd")
+        assert sorted(t["scrapeUrl"] for t in up) == sorted([f"http://127.0.0.1:{stats}/stats/prometheus", f"{cp.api}/metrics"]), \
+            f"expected the sidecar's stats listener and the control plane's /metrics, got {[t['scrapeUrl'] for t in up]}"
 
 
 def direct(port: int, source: str, path: str) -> int:
