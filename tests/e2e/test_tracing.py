@@ -5,7 +5,9 @@ A request that enters the caller's sidecar with a W3C ``traceparent`` (and one w
 goes on to the callee's sidecar becomes one trace in ``/v1/traces`` with both sidecars' spans under the
 caller's trace id, the callee's span a child of the caller's; the app behind the callee gets both
 header families. Spans on disk also survive the agent killed (kill -9, with its Envoy) while the control
-plane is down: the restarted agent ships them from its persisted cursor. The listeners with tracing, in every mTLS mode, and the bootstrap with the span
+plane is down: the restarted agent ships them from its persisted cursor. With ``mesh.tracing.backend``
+set, a node ships to that Zipkin (with its configured headers) or OTLP/HTTP endpoint instead of the
+control plane. The node's health checks are never traced. The listeners with tracing, in every mTLS mode, and the bootstrap with the span
 collector are accepted by ``envoy --mode validate``. The ingestion route refuses a stranger. With the control plane stopped while requests
 flow, the spans wait in the nodes' span files and arrive once it is back.
 """
@@ -218,3 +220,88 @@ def test_spans_on_disk_survive_the_agent_killed_while_the_control_plane_is_down(
             tree = wait_until(lambda: _both_sidecars(cp, t5), 60, interval=0.5,
                               what=f"trace {t5}, spooled by an agent killed while the control plane was down, after it restarted")
             _check_tree(tree, t5, p5)
+
+
+class Collector:
+    """A tracing backend stand-in on 127.0.0.1: keeps every JSON body posted to it, with its headers."""
+
+    def __init__(self) -> None:
+        import http.server as httpserver
+        import threading
+
+        self.posts: list[tuple[str, dict[str, str], Any]] = []
+        collector = self
+
+        class H(httpserver.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802
+                raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                collector.posts.append((self.path, {k.lower(): v for k, v in self.headers.items()}, json.loads(raw)))
+                self.send_response(202)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        class S(httpserver.ThreadingHTTPServer):
+            daemon_threads = True
+
+        self.srv = S(("127.0.0.1", 0), H)
+        self.port = self.srv.server_address[1]
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def test_sidecars_ship_to_a_zipkin_or_otlp_backend_when_configured(cp: ControlPlaneProc, tmp_path: Path) -> None:
+    status, body = cp.call("PUT", "/v1/policies/TracingPolicy/default/all",
+                           {"kind": "TracingPolicy", "name": "all", "namespace": "default", "sampling": 100}, AUTH)
+    assert status in (200, 201), f"expected the TracingPolicy stored, got {status} {body}"
+    zipkin, otlp = Collector(), Collector()
+    try:
+        web_doc = spec_doc("web", 1, free_port(), free_port())
+        api_doc = spec_doc("api", 1, free_port(), free_port())
+        web_doc["mesh"]["tracing"] = {"backend": f"http://127.0.0.1:{zipkin.port}/api/v2/spans",
+                                      "backendHeaders": {"Authorization": "Bearer zipkin-secret"}}
+        api_doc["mesh"]["tracing"] = {"backend": f"http://127.0.0.1:{otlp.port}/v1/traces", "backendFormat": "otlp"}
+        with app("api") as api_app, app("web") as web_app:
+            web_doc["spec"]["ports"][0]["targetPort"] = web_app.port
+            api_doc["spec"]["ports"][0]["targetPort"] = api_app.port
+            with sidecar(tmp_path, "api", api_doc, cp, "api-1"), sidecar(tmp_path, "web", web_doc, cp, "web-1") as web_side:
+                wait_until(lambda: (s := _sampling(web_side)) and all(v == 100 for v in s), 20, what="web's listeners tracing at 100 %")
+                wait_until(lambda: through(web_side.outbound, "api", "/ready")[0] == 200, 20, what="web -> api routable")
+                t6, p6 = secrets.token_hex(16), secrets.token_hex(8)
+                status, body = through(web_side.outbound, "api", "/to-backends", {"traceparent": f"00-{t6}-{p6}-01"})
+                assert status == 200, f"expected 200, got {status} {body}"
+
+                def zipkin_span() -> dict[str, Any] | None:
+                    for path, headers, doc in list(zipkin.posts):
+                        for s in doc:
+                            if s["traceId"] == t6 and s.get("kind") == "CLIENT":
+                                assert path == "/api/v2/spans" and headers.get("authorization") == "Bearer zipkin-secret", \
+                                    f"expected Zipkin's path and the configured header, got {path} {headers}"
+                                return s
+                    return None
+
+                def otlp_span() -> tuple[str, dict[str, Any]] | None:
+                    for path, _, doc in list(otlp.posts):
+                        for resource in doc["resourceSpans"]:
+                            service = resource["resource"]["attributes"][0]["value"]["stringValue"]
+                            for s in resource["scopeSpans"][0]["spans"]:
+                                if s["traceId"] == t6 and path == "/v1/traces":
+                                    return service, s
+                    return None
+
+                client = wait_until(zipkin_span, 30, interval=0.5, what=f"web's span of {t6} at the Zipkin backend")
+                service, server = wait_until(otlp_span, 30, interval=0.5, what=f"api's span of {t6} at the OTLP backend")
+                assert client["parentId"] == p6 and client["localEndpoint"]["serviceName"] == "web", f"got {client}"
+                assert (service, server["kind"], server["parentSpanId"]) == ("api", 2, client["id"]), \
+                    f"expected api's SERVER span under web's span {client['id']}, got {service} {server}"
+                assert _trace(cp, t6) is None, "expected nothing shipped to the control plane when a backend is configured"
+    finally:
+        zipkin.close()
+        otlp.close()
