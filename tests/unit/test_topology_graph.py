@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshpilot.model import Instance, Service
+from meshpilot.model import Instance, Service, ServicePort
 from meshpilot.topology.graph import Queried, Series, histogram_quantile, parse_series, topology, window_increase
 from meshpilot.topology.plugin import parse_window
 
-WEB = Service(name="web", namespace="shop", ports=[{"name": "http", "port": 80}])
-PAY = Service(name="pay", namespace="shop", ports=[{"name": "http", "port": 8080}])
+WEB = Service(name="web", namespace="shop", ports=[ServicePort(name="http", port=80)])
+PAY = Service(name="pay", namespace="shop", ports=[ServicePort(name="http", port=8080)])
 
 
 def series(value: float | list[float], __name__: str = "", **labels: str) -> Series:

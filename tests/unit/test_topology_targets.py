@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from meshpilot.topology.targets import file_sd, sidecar_target, stats_port, write_file_sd
 from meshpilot.translate.bootstrap import ADMIN_CLUSTER, STATS_LISTENER, STATS_PORT_META, BootstrapOptions, build_bootstrap
-from meshpilot.xds.resource import node_info
+from meshpilot.xds.resource import NodeInfo, node_info
 
 
-def node(node_id: str, service: str = "web", port: object = 15090, zone: str = "", **meta: object) -> object:
+def node(node_id: str, service: str = "web", port: object = 15090, zone: str = "", **meta: object) -> NodeInfo:
     md = {"SERVICE": service, "NAMESPACE": "shop", "BIND_ADDRESS": "10.0.0.5", STATS_PORT_META: port, **meta}
     return node_info(node_id, service, md, zone=zone)
 
@@ -83,7 +84,7 @@ def test_without_a_stats_port_there_is_no_listener_and_an_os_chosen_admin_port_i
         build_bootstrap(BootstrapOptions(node_id="n", admin_port=0, stats_port=15090))
 
 
-def _spec(sidecar: str) -> object:
+def _spec(sidecar: str) -> Any:
     from meshpilot.sidecar.spec import load_spec
 
     return load_spec(f"""
@@ -106,7 +107,7 @@ mesh:
 def test_the_sidecar_spec_decides_the_stats_port(sidecar: str, want: int) -> None:
     from meshpilot.sidecar.render import SidecarOptions, bootstrap_options
 
-    got = bootstrap_options(_spec(sidecar), SidecarOptions(node_id="web-1"))  # type: ignore[arg-type]
+    got = bootstrap_options(_spec(sidecar), SidecarOptions(node_id="web-1"))
     assert got.stats_port == want, f"expected stats port {want} for mesh.sidecar {sidecar}, got {got.stats_port}"
 
 
@@ -114,7 +115,7 @@ def test_a_stats_port_with_an_os_chosen_admin_port_is_refused_naming_the_field()
     from meshpilot.sidecar.render import SidecarOptions, bootstrap_options
 
     with pytest.raises(ValueError, match=r"^mesh\.sidecar\.statsPort: "):
-        bootstrap_options(_spec("{adminPort: 0, statsPort: 15090}"), SidecarOptions(node_id="web-1"))  # type: ignore[arg-type]
+        bootstrap_options(_spec("{adminPort: 0, statsPort: 15090}"), SidecarOptions(node_id="web-1"))
 
 
 def test_the_inbound_listener_counts_requests_without_a_callers_sidecar_by_peer_but_not_health_checks() -> None:
