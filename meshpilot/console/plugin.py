@@ -64,9 +64,21 @@ def parse_text(text: str, fmt: str) -> Any:
         raise ApiError(400, "text: empty; write one policy", [{"field": "text", "reason": "empty"}])
     if fmt == "json":
         try:
-            return boundedjson.loads(text.encode())
+            doc = boundedjson.loads(text.encode())
         except ValueError as exc:
             raise ApiError(400, f"text: not valid JSON: {exc}", [{"field": "text", "reason": f"not valid JSON: {exc}"}]) from None
+    else:
+        doc = _read_yaml(text)
+    # YAML's dates and other non-JSON scalars become the strings JSON would carry; NaN and infinity
+    # (YAML's .nan, JSON's 1e999) have no JSON form
+    try:
+        return json.loads(json.dumps(doc, default=str, allow_nan=False))
+    except ValueError:
+        raise ApiError(400, "text: holds a number JSON cannot carry (NaN or infinity, such as .nan or 1e999)",
+                       [{"field": "text", "reason": "NaN or infinity"}]) from None
+
+
+def _read_yaml(text: str) -> Any:
     try:
         depth = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
@@ -86,11 +98,7 @@ def parse_text(text: str, fmt: str) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ApiError(400, f"text: not valid YAML: {where}{problem}", [{"field": "text", "reason": f"not valid YAML: {where}{problem}"}]) from None
-    # YAML's dates and other non-JSON scalars become the strings JSON would carry; .nan and .inf have no JSON form
-    try:
-        return json.loads(json.dumps(doc, default=str, allow_nan=False))
-    except ValueError:
-        raise ApiError(400, "text: holds a number JSON cannot carry (.nan or .inf)", [{"field": "text", "reason": "NaN or infinity"}]) from None
+    return doc
 
 
 def render_text(doc: Any, fmt: str, sort_keys: bool = False) -> str:
