@@ -235,11 +235,12 @@ def _round(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(x, digits)
 
 
-def topology(q: Queried) -> dict[str, Any]:
+def topology(q: Queried, namespace: str | None = None) -> dict[str, Any]:
     """The graph: ``nodes`` (services) and ``edges`` (caller → callee), each edge with ``requests`` (exact
     count in the window), ``rps``, ``errors`` (5xx), ``error_rate``, ``p50_ms``, ``p99_ms`` (None without
     traffic) and ``reporter`` (``source``: the caller's sidecar; ``destination``: the callee's, for
-    callers without one, named by their registered address or ``unknown``)."""
+    callers without one, named by their registered address or ``unknown``). With ``namespace``: the edges
+    that start or end there, the services of the namespace and the other ends of those edges."""
     known = _cluster_services(q.services, q.domain)
     edges: dict[tuple[str, str], _Edge] = defaultdict(_Edge)
     for labels, n in series_increase(q.requests, q.requests_before):
@@ -271,7 +272,7 @@ def topology(q: Queried) -> dict[str, Any]:
         key = (_caller(labels.get("peer", ""), callers), labels.get("destination_service", ""))
         if key in edges:
             _add_buckets(edges[key].buckets, labels, n)
-    edge_list = []
+    edge_list: list[dict[str, Any]] = []
     for (src, dest), e in sorted(edges.items()):
         if e.requests <= 0 and e.errors <= 0:
             continue  # a cluster that exists but carried nothing in the window
@@ -286,7 +287,16 @@ def topology(q: Queried) -> dict[str, Any]:
     for (_, dest), e in edges.items():
         for bound, n in e.buckets.items():
             into[dest][bound] = into[dest].get(bound, 0.0) + n
-    return {"time": q.time, "window_s": q.window_s, "nodes": _nodes(q, edge_list, into), "edges": edge_list}
+    nodes = _nodes(q, edge_list, into)
+    if namespace is not None:
+        edge_list = [e for e in edge_list if _namespace(e["source"]) == namespace or _namespace(e["destination"]) == namespace]
+        ends = {k for e in edge_list for k in (e["source"], e["destination"])}
+        nodes = [n for n in nodes if n["namespace"] == namespace or n["id"] in ends]
+    return {"time": q.time, "window_s": q.window_s, "nodes": nodes, "edges": edge_list}
+
+
+def _namespace(key: str) -> str:
+    return key.partition(".")[2]
 
 
 def _nodes(q: Queried, edges: Sequence[Mapping[str, Any]], latency_in: Mapping[str, dict[float, float]]) -> list[dict[str, Any]]:

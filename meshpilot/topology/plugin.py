@@ -9,7 +9,8 @@ control-plane replicas are live (the store's ``replicas`` table), and from them 
   the sidecars connected to the other live replicas too (each is asked for its own, ``?local=1``, with the
   caller's token; one that does not answer within a second is left out and logged);
 - ``GET /v1/topology`` (scope read): services and caller → callee edges over a window (``?window=``,
-  default ``topology_window_s``), computed from the Prometheus at ``prometheus_url`` (graph.py).
+  default ``topology_window_s``; ``?namespace=``: only what touches it), computed from the Prometheus at
+  ``prometheus_url`` (graph.py).
 
 The file lists the sidecars connected to this replica; with several replicas, Prometheus is given every
 replica's file, or the URL of any one (docs/observability.md).
@@ -30,6 +31,7 @@ from aiohttp import web
 
 from meshpilot.api.app import ApiError
 from meshpilot.api.routes import Route
+from meshpilot.model import dns_label
 from meshpilot.parts import Core, Part, Task
 from meshpilot.policy.governance import REPLICAS
 from meshpilot.topology.graph import Queried, topology
@@ -141,6 +143,12 @@ def install(core: Core) -> Part:
             window = parse_window(request.query["window"]) if "window" in request.query else s.topology_window_s
         except ValueError as exc:
             raise ApiError(400, str(exc), [{"field": "window", "reason": str(exc).partition(": ")[2]}]) from None
+        namespace = request.query.get("namespace")
+        if namespace is not None:
+            try:
+                namespace = dns_label(namespace, "the value")
+            except ValueError as exc:
+                raise ApiError(400, f"namespace: {exc}", [{"field": "namespace", "reason": str(exc)}]) from None
         if not s.prometheus_url:
             raise ApiError(503, "prometheus_url: not set; the topology is computed from the Prometheus that scrapes "
                                 "the mesh (docs/observability.md)", [{"field": "prometheus_url", "reason": "not set"}])
@@ -157,13 +165,14 @@ def install(core: Core) -> Part:
             direct_buckets_before=got["direct_buckets_before"],
             services=reg.services(), instances=list(reg.iter_instances()),
             domain=s.domain, window_s=window, time=now,
-        )))
+        ), namespace))
 
     part = Part(
         routes=[
             Route("GET", "/v1/topology", mesh_topology,
                   "The mesh as a graph: services and caller → callee edges with requests, rate, 5xx share and latency "
-                  "(p50, p99) over ?window= (e.g. 60s, 5m), from the Prometheus at prometheus_url", scope="read"),
+                  "(p50, p99) over ?window= (e.g. 60s, 5m), from the Prometheus at prometheus_url; ?namespace=: the edges "
+                  "that start or end there", scope="read"),
             Route("GET", "/v1/prometheus/targets", prometheus_targets,
                   "Prometheus HTTP service discovery (http_sd): every connected sidecar's stats listener (of every "
                   "replica; ?local=1: of this one) and every control-plane replica's /metrics, labelled", scope="read"),

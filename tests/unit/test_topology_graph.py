@@ -214,3 +214,14 @@ def test_any_window_text_is_a_duration_in_range_or_refused_naming_the_field(text
         assert str(exc).startswith("window: "), f"expected the error to name window, got {exc}"
         return
     assert 1.0 <= got <= 86_400.0, f"expected a window between 1 s and 24 h from {text!r}, got {got}"
+
+
+def test_a_namespace_keeps_the_edges_that_start_or_end_there_and_their_other_ends() -> None:
+    shop_web, bank_pay = WEB, Service(name="pay", namespace="bank", ports=[ServicePort(name="http", port=80)])
+    q = Queried(requests=[out("client.shop", "web_shop_svc_mesh", [0, 5]), out("web.shop", "pay_bank_svc_mesh", [0, 3]),
+                          out("batch.ops", "pay_bank_svc_mesh", [0, 2])],
+                services=[shop_web, bank_pay])
+    topo = topology(q, namespace="shop")
+    assert set(edges(topo)) == {("client.shop", "web.shop"), ("web.shop", "pay.bank")}, f"expected shop's edges only, got {topo['edges']}"
+    assert [n["id"] for n in topo["nodes"]] == ["client.shop", "pay.bank", "web.shop"], f"expected shop's nodes and pay, got {topo['nodes']}"
+    assert len(topology(q)["edges"]) == 3

@@ -99,6 +99,8 @@ def test_the_topology_route_names_a_bad_window_a_missing_and_an_unreachable_prom
         async with _serving(prometheus_url=f"http://127.0.0.1:{_closed_port()}") as (_, api):
             status, body = await _get(api + "/v1/topology?window=5%20minutes")
             assert status == 400 and body["error"].startswith("window: "), f"expected 400 naming window, got {status}: {body}"
+            status, body = await _get(api + "/v1/topology?namespace=No_Such")
+            assert status == 400 and body["error"].startswith("namespace: "), f"expected 400 naming namespace, got {status}: {body}"
             status, body = await _get(api + "/v1/topology?window=30s")
             assert status == 502 and body["error"].startswith("prometheus_url: "), f"expected 502 naming prometheus_url, got {status}: {body}"
 
