@@ -1,9 +1,10 @@
 """The console's observing pages in a real browser (Debian's headless Chromium, driven by Playwright) against
-a running mesh: a control plane scraped by Debian's Prometheus (the generated file_sd), two `meshpilot
-sidecar` agents with real Envoys tracing every request (web calls api through its sidecar), and an OpenAPI
+a running mesh: a control plane scraped by Debian's Prometheus (the generated file_sd), three `meshpilot
+sidecar` agents with real Envoys tracing every request (shop calls web, web calls api, through their sidecars), and an OpenAPI
 document uploaded twice to the catalog. Each page must show what its API answers: the topology's edges and
 numbers (graph and table), a trace in the list and as a waterfall (rows nested by parent, bars placed by
-start and duration, tags on click), the catalog's operations, versions and diff. A span name and an
+start and duration, tags on click, the trace's log lines under it), the log search, the catalog's
+operations, versions and diff. A span name, a log line and an
 operation summary that look like markup render as text. Screenshots go to docs/console/ when asked."""
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def observed() -> Iterator[Observed]:
                                {"kind": "TracingPolicy", "name": "all", "namespace": "default", "sampling": 100}, AUTH)
         assert status in (200, 201), f"expected the TracingPolicy stored, got {status} {body}"
         sides = {}
-        for name in ("api", "web"):
+        for name in ("api", "web", "shop"):
             backend = stack.enter_context(app(name))
             doc = spec_doc(name, backend.port, free_port(), free_port())
             doc["mesh"]["sidecar"].update(adminPort=free_port(), statsPort=free_port())  # Prometheus scrapes the stats port
@@ -90,15 +91,25 @@ def observed() -> Iterator[Observed]:
                        what=f"{side.node_id}'s listeners tracing at 100 %")
         out = sides["web"].outbound
         wait_until(lambda: through(out, "api", "/ready")[0] == 200, 20, what="web -> api routable")
-        wait_until(lambda: len(targets_up(prom)) == 3 and all(t["health"] == "up" for t in targets_up(prom)), 30, 0.2,
+        wait_until(lambda: through(sides["shop"].outbound, "web", "/ready")[0] == 200, 20, what="shop -> web routable")
+        wait_until(lambda: len(targets_up(prom)) == 4 and all(t["health"] == "up" for t in targets_up(prom)), 30, 0.2,
                    what="Prometheus scraping both sidecars and the control plane")
         trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
         for i in range(SENT):
             headers = {"traceparent": f"00-{trace_id}-{parent}-01"} if i == SENT - 1 else {}
             status, body = through(out, "api", f"/orders/{i}", headers)
             assert status == 200, f"expected api's answer through web's sidecar, got {status}: {body}"
+        for i in range(SENT // 2):  # shop calls web: three columns in the graph
+            status, body = through(sides["shop"].outbound, "web", f"/cart/{i}")
+            assert status == 200, f"expected web's answer through shop's sidecar, got {status}: {body}"
         done = time.time()
         wait_until(lambda: _both_sidecars(cp, trace_id), 40, 0.5, what=f"trace {trace_id} with web's and api's spans")
+
+        def logged() -> bool:
+            status, body = cp.call("GET", f"/v1/logs?trace_id={trace_id}", None, AUTH)
+            return status == 200 and {r["service"] for r in body["records"]} >= {"web.default", "api.default"}
+
+        wait_until(logged, 40, 0.5, what=f"both sidecars' access log records of trace {trace_id}")
         # a span whose name and tag look like markup, as any holder of a write token could ship
         hostile = secrets.token_hex(16)
         now_us = int(time.time() * 1e6)
@@ -106,6 +117,10 @@ def observed() -> Iterator[Observed]:
                   "duration": 1500, "localEndpoint": {"serviceName": "xss-probe"}, "tags": {"http.url": HOSTILE}}]
         status, body = cp.call("POST", "/v1/spans", spans, AUTH)
         assert status == 201, f"expected the span kept, got {status}: {body}"
+        record = {"id": secrets.token_hex(8), "time": time.time(), "node": "probe-1", "service": "xss-probe.default",
+                  "instance": "probe-1", "source": "app", "level": "error", "line": HOSTILE}
+        status, body = cp.call("POST", "/v1/logs", [record], AUTH)
+        assert status == 201, f"expected the log record kept, got {status}: {body}"
         for doc in (CATALOG_V1, CATALOG_V2):
             status, body = cp.call("PUT", "/v1/catalog/default/api", doc, AUTH)
             assert status == 201 and body.get("created"), f"expected a new catalog version, got {status}: {body}"
@@ -163,14 +178,14 @@ def test_topology_draws_the_apis_edges_with_their_numbers(page: Any, observed: O
     label = page.locator("#topology-graph text.edge-label[data-source='web.default'][data-destination='api.default']").text_content()
     want = f"{e['rps']:g} rps · {_percent(e['error_rate'])} 5xx · p99 {_ms(e['p99_ms'])}"
     assert label == want, f"expected the arrow labelled {want!r}, got {label!r}"
-    # web calls api: its box is in an earlier column than api's
-    x = {n: float(page.locator(f"#topology-graph g.node[data-id='{n}'] rect").get_attribute("x")) for n in ("web.default", "api.default")}
-    assert x["web.default"] < x["api.default"], f"expected the caller left of the callee, got {x}"
-    row = page.locator("#edges-table tbody tr", has_text="web.default").inner_text().split("\t")
-    cells = [c.strip() for c in row]
-    want_row = ["web.default", "api.default", str(e["requests"]), f"{e['rps']:g}", str(e["errors"]), _percent(e["error_rate"]),
-                _ms(e["p50_ms"]), _ms(e["p99_ms"]), e["reporter"]]
-    assert cells == want_row, f"expected the table row {want_row}, got {cells}"
+    # shop calls web, web calls api: a column each, callers to the left
+    x = {n: float(page.locator(f"#topology-graph g.node[data-id='{n}'] rect").get_attribute("x")) for n in ("shop.default", "web.default", "api.default")}
+    assert x["shop.default"] < x["web.default"] < x["api.default"], f"expected shop, web and api in columns left to right, got {x}"
+    rows = [[c.strip() for c in r.split("\t")] for r in page.locator("#edges-table tbody tr").all_inner_texts()]
+    want_rows = [[x["source"], x["destination"], str(x["requests"]), f"{x['rps']:g}", str(x["errors"]), _percent(x["error_rate"]),
+                  _ms(x["p50_ms"]), _ms(x["p99_ms"]), x["reporter"]] for x in before["edges"]]
+    assert rows == want_rows, f"expected a table row per edge {want_rows}, got {rows}"
+    assert any(r[:2] == ["shop.default", "web.default"] for r in rows), f"expected the edge shop -> web, got {rows}"
     api_node = next(n for n in before["nodes"] if n["id"] == "api.default")
     node_row = page.locator("#nodes-table tbody tr", has_text="api.default").inner_text()
     assert str(api_node["requests_in"]) in node_row and "mesh" in node_row, f"expected api's {api_node['requests_in']} requests in, got {node_row!r}"
@@ -246,7 +261,41 @@ def test_traces_list_and_waterfall_show_the_trace_the_sidecars_shipped(page: Any
     text = details.inner_text()
     for key, value in server["tags"].items():
         assert key in text and str(value) in text, f"expected tag {key}={value!r} among the shown tags, got {text!r}"
+    logs = observed.api(f"/v1/logs?trace_id={observed.trace_id}&limit=200")["records"]
+    shown_logs = page.locator("#trace-logs code.log-line").all_inner_texts()
+    assert sorted(shown_logs) == sorted(r["line"] for r in logs), f"expected the trace's {len(logs)} log lines under the waterfall, got {shown_logs}"
     shot(page, "trace.png")
+
+
+def test_logs_search_shows_what_the_api_finds(page: Any, observed: Observed) -> None:
+    want = observed.api(f"/v1/logs?service=api&trace_id={observed.trace_id}&since=1h")["records"]
+    assert want and all(r["service"] == "api.default" for r in want), f"expected api's records of the trace, got {want}"
+    sign_in(page, observed.base, "logs")
+    page.wait_for_selector("#logs-table")
+    page.fill("#logs-service", "api")
+    page.fill("#logs-trace_id", observed.trace_id)
+    page.click("#logs-form button[type=submit]")
+    page.wait_for_selector(f"#logs-page:has(#logs-trace_id[value='{observed.trace_id}'])")
+    rows = page.locator("#logs-table tbody tr").all_inner_texts()
+    assert len(rows) == len(want), f"expected the API's {len(want)} records, got {rows}"
+    for row, rec in zip(rows, want):
+        assert rec["line"] in row and "api-1" in row and rec["source"] in row, f"expected {rec['line']!r} of api-1, got {row!r}"
+    shot(page, "logs.png")
+    page.click("#logs-table a:has(code.trace-id)")
+    page.wait_for_selector("#waterfall")
+    assert page.inner_text("#trace-id") == observed.trace_id, "expected a record's trace link to open its waterfall"
+
+
+def test_a_refused_log_search_names_the_field_and_a_hostile_line_is_text(page: Any, observed: Observed) -> None:
+    sign_in(page, observed.base, "logs?trace_id=not-hex")
+    page.wait_for_selector("#logs-page .notice.error")
+    item = page.locator("#field-errors li[data-field=trace_id]")
+    assert item.count() == 1 and "hex" in item.inner_text(), f"expected the API's refusal naming trace_id, got {page.inner_text('#logs-page')!r}"
+    page.goto(f"{observed.base}/ui/#/logs?service=xss-probe")
+    page.wait_for_selector("#logs-table code.log-line")
+    assert page.inner_text("#logs-table code.log-line") == HOSTILE, "expected the hostile line shown as text"
+    assert page.locator("main img, main script").count() == 0 and page.evaluate("window.__pwned") is None, \
+        "expected no element or script made from a log line"
 
 
 def test_a_span_that_looks_like_markup_renders_as_text(page: Any, observed: Observed) -> None:

@@ -1,5 +1,5 @@
 // The console's shell: sign-in, the navigation and a hash router (#/services, #/proxies,
-// #/policies/..., #/topology, #/traces/..., #/catalog/...). Each page is a module whose render(parts, params) returns its element; the
+// #/policies/..., #/topology, #/traces/..., #/logs, #/catalog/...). Each page is a module whose render(parts, params) returns its element; the
 // shell shows it only if the user has not moved on meanwhile.
 
 import { call, signedIn, signIn, signOut, takeMessage, Unauthorized } from "./api.js";
@@ -10,8 +10,9 @@ import * as policies from "./policies.js";
 import * as topology from "./topology.js";
 import * as traces from "./traces.js";
 import * as catalog from "./catalog.js";
+import * as logs from "./logs.js";
 
-const PAGES = { services, proxies, policies, topology, traces, catalog };
+const PAGES = { services, proxies, policies, topology, traces, logs, catalog };
 let generation = 0;
 
 function where() {

@@ -51,7 +51,9 @@ function graph(topo) {
     rows = Math.max(rows, list.length);
   }
   const width = PAD * 2 + (Math.max(0, ...byColumn.keys()) * COL) + BOX_W + 60;
-  const height = PAD * 2 + rows * ROW + 40;
+  // an arrow that goes back or stays in its column bends below the boxes: room for it
+  const bends = edges.some((e) => depth.get(e.destination) <= depth.get(e.source));
+  const height = PAD * 2 + rows * ROW + (bends ? ROW / 2 : 0);
   const arrows = edges.map((e) => {
     const a = at.get(e.source), b = at.get(e.destination);
     if (!a || !b) return null;

@@ -121,7 +121,7 @@ async function logsOf(traceId) {
   }
   const lines = [...found.records].sort((a, b) => a.time - b.time);
   return table(["time", "service", "instance", "source", "level", "line"], lines.map((r) => [
-    when(r.time), r.service, r.instance || r.node, r.source, r.level ? badge(r.level, r.level === "error" ? "bad" : r.level) : "",
+    when(r.time), r.service, r.instance || r.node, r.source, r.level ? badge(r.level, r.level === "error" ? "bad" : r.level === "warn" ? "warning" : "muted") : "",
     h("code", { class: "log-line" }, r.line),
   ]), "No log line names this trace.");
 }
