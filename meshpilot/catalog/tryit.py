@@ -13,7 +13,8 @@ agents ship them (meshpilot/tracing).
 The pure core (``prepare``) turns the operator's request into what is sent, or a ``TryError`` naming
 the field: the operation must be in the service's current catalog version; its path parameters are
 all given and each is percent-encoded as one segment (``/`` ``?`` ``#`` ``%`` cannot add segments, a
-query or a fragment; ``.`` and ``..`` are refused), its required query, header and cookie parameters
+query or a fragment; ``.``, ``..`` and values with ``/`` or ``\\``, which the sidecars refuse
+escaped, are refused), its required query, header and cookie parameters
 are present; headers that would speak for the mesh or the connection (hop-by-hop headers, Host,
 ``x-mesh-*``, ``x-envoy-*``, the trace headers, client-certificate headers) are refused; the request
 body is bounded. ``TryIt.send`` does the I/O: one request with a timeout, no redirects followed, at
@@ -149,7 +150,8 @@ def expand_path(template: str, values: Mapping[str, Scalar]) -> str:
     """``template`` with each ``{name}`` replaced by its value percent-encoded as part of one segment:
     every character but the unreserved ones (letters, digits, ``-._~``) is encoded, so a value cannot
     add a segment, a query or a fragment; ``.`` and ``..`` (which a server resolves as segments of
-    their own) and empty values are refused. TryError names ``path.<name>``."""
+    their own), empty values and values with ``/`` or ``\\`` (whose escapes the sidecars' inbound
+    listeners refuse) are refused. TryError names ``path.<name>``."""
     names = _PARAM.findall(template)
     for name in values:
         if name not in names:
@@ -164,6 +166,9 @@ def expand_path(template: str, values: Mapping[str, Scalar]) -> str:
         _check_value(field, text)
         if text in ("", ".", ".."):
             raise TryError(400, field, f"{text!r} cannot be a path parameter's value (it would change the path's segments)")
+        if "/" in text or "\\" in text:
+            raise TryError(400, field, "holds '/' or '\\': the mesh's sidecars refuse a path with an escaped slash or backslash "
+                                       "(%2F, %5C; docs/policy.md), so no request could carry it")
         return quote(text, safe="")
 
     return _PARAM.sub(one, template)
