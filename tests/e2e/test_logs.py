@@ -27,6 +27,7 @@ import yaml
 
 from tests.e2e.test_sidecar import AUTH, TOKEN, app, sidecar, spec_doc
 from tests.e2e.test_topology import PROMETHEUS, prometheus
+from tests.e2e.test_tracing import _sampling
 from tests.support import ControlPlaneProc, free_port, http, through, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -170,6 +171,14 @@ def test_access_and_app_logs_are_searchable_linked_to_traces_alerted_on_and_surv
             app_line = next(r for r in found if r["source"] == "app")
             assert "path=/traced" in app_line["line"] and app_line["level"] == "info", f"expected the app's own line, got {app_line}"
 
+            # a request its caller chose not to sample: no spans, and still its trace id in the access records
+            t0 = secrets.token_hex(16)
+            status, _ = through(web_side.outbound, "api", "/unsampled", {"traceparent": f"00-{t0}-{secrets.token_hex(8)}-00"})
+            assert status == 200, f"expected api's answer, got {status}"
+            unsampled = wait_until(lambda: (x := _logs(cp, f"trace_id={t0}&source=access")) and len(x) >= 2 and x, 30,
+                                   interval=0.5, what=f"both sidecars' access records of an unsampled request under its trace id {t0}")
+            assert {_access_line(r)["path"] for r in unsampled} == {"/unsampled"}, unsampled
+
             # by service: every request's access record, and the app's lines by text
             for i in range(3):
                 assert through(web_side.outbound, "api", f"/plain-{i}")[0] == 200
@@ -208,6 +217,19 @@ def test_access_and_app_logs_are_searchable_linked_to_traces_alerted_on_and_surv
                 f"expected the 500 access records and the app's ERROR lines, got {errors}"
             back = _until_state(cp, "api-errors", "inactive", 30, "the rule inactive again once the errors left its 5 s window")
             assert back["since"] > firing["since"] and back["value"] == 0, f"got {back}"
+
+            # sampling at 0 %: a request nobody samples still has one trace id in both sidecars' access records
+            status, body = cp.call("PUT", "/v1/policies/TracingPolicy/default/all",
+                                   {"kind": "TracingPolicy", "name": "all", "namespace": "default", "sampling": 0}, AUTH)
+            assert status in (200, 201), f"expected the TracingPolicy changed, got {status} {body}"
+            for side in (web_side, api_side):
+                wait_until(lambda side=side: _sampling(side) == [] and '"random_sampling": {}' in side.admin("/config_dump?resource=dynamic_listeners"),
+                           20, what=f"{side.node_id}'s listeners tracing at 0 % (a percentage of 0 is left out of the dump)")
+            assert through(web_side.outbound, "api", "/never-sampled")[0] == 200
+            never = wait_until(lambda: (x := _logs(cp, "source=access&q=/never-sampled")) and len(x) >= 2 and x, 30,
+                               interval=0.5, what="both sidecars' access records of /never-sampled")
+            ids = {r["trace_id"] for r in never}
+            assert len(ids) == 1 and "" not in ids, f"expected one trace id in both records of an unsampled request, got {never}"
 
             # the control plane down: records wait in the nodes' spools, then arrive
             ports = dict(cp.ports)
