@@ -62,15 +62,16 @@ class Spool:
     network. A line that a crash left half-written is cut off when the spool is opened again."""
 
     def __init__(self, directory: Path, max_file_bytes: int = 4 * 1024 * 1024, max_files: int = 8,
-                 prefix: str = _PREFIX) -> None:
-        """``prefix``: the files' name before their number (the node's log records use a spool of
-        their own, sidecar/logs.py)."""
+                 prefix: str = _PREFIX, what: str = "spans") -> None:
+        """``prefix``: the files' name before their number; ``what``: what its lines are, in its log
+        events (the node's log records use a spool of their own, sidecar/logs.py)."""
         if max_file_bytes < 1024:
             raise ValueError(f"max_file_bytes: at least 1024, got {max_file_bytes}")
         if max_files < 2:
             raise ValueError(f"max_files: at least 2 (one written, one shipped), got {max_files}")
         self.dir = directory
         self._prefix = prefix
+        self.what = what
         self.max_file_bytes = max_file_bytes
         self.max_files = max_files
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,7 @@ class Spool:
             keep = data.rfind(b"\n") + 1
             with path.open("r+b") as f:
                 f.truncate(keep)
-            log.warning("event=span_spool_torn_line file=%s cut_bytes=%d", path.name, len(data) - keep)
+            log.warning("event=%s_spool_torn_line file=%s cut_bytes=%d", self.what, path.name, len(data) - keep)
 
     @property
     def files(self) -> list[int]:
@@ -175,8 +176,8 @@ class Spool:
             self.cursor = Cursor(self._files[0], 0)
         if lost:
             self.stats.dropped += lost
-            log.warning("event=spans_dropped reason=spool_full file=%d spans=%d dropped_total=%d",
-                        oldest, lost, self.stats.dropped)
+            log.warning("event=%s_dropped reason=spool_full file=%d %s=%d dropped_total=%d",
+                        self.what, oldest, self.what, lost, self.stats.dropped)
         self._save_cursor()
 
     # ---- reading ---------------------------------------------------------------------------
@@ -210,7 +211,7 @@ class Spool:
             if not later:
                 break
             if torn:  # a line without its newline in a file no longer written
-                log.warning("event=span_spool_torn_line file=%d offset=%d", cursor.seq, cursor.offset)
+                log.warning("event=%s_spool_torn_line file=%d offset=%d", self.what, cursor.seq, cursor.offset)
             cursor = Cursor(later[0], 0)
         return lines, cursor
 
@@ -361,7 +362,7 @@ class Shipper:
         try:
             body = self.backend.body(lines)
         except SpanInvalid as exc:  # an edited or damaged spool file: skip the batch
-            log.error("event=spans_unreadable error=%s spans=%d", exc, len(lines))
+            log.error("event=%s_unreadable error=%s %s=%d", self.spool.what, exc, self.spool.what, len(lines))
             self.spool.commit(cursor, refused=len(lines))
             return len(lines)
         status = await self._post(http, body)
@@ -370,11 +371,12 @@ class Shipper:
         if 200 <= status < 300:
             self.spool.commit(cursor, shipped=len(lines))
             if self.failures:
-                log.info("event=spans_backend_back after_failures=%d", self.failures)
+                log.info("event=%s_backend_back after_failures=%d", self.spool.what, self.failures)
             self.failures = 0
             return len(lines)
         if status in _REFUSED:
-            log.error("event=spans_refused_by_backend status=%d spans=%d error=%s", status, len(lines), self.last_error)
+            log.error("event=%s_refused_by_backend status=%d %s=%d error=%s", self.spool.what, status, self.spool.what, len(lines),
+                      self.last_error)
             self.spool.commit(cursor, refused=len(lines))
             return len(lines)
         self._failed(f"status {status}: {self.last_error}")
@@ -401,7 +403,7 @@ class Shipper:
     def _failed(self, error: str) -> None:
         self.failures += 1
         if self.failures == 1 or self.failures % 20 == 0:
-            log.warning("event=spans_backend_failed failures=%d pending=%d error=%s", self.failures,
+            log.warning("event=%s_backend_failed failures=%d pending=%d error=%s", self.spool.what, self.failures,
                         self.spool.pending(), error[:300])
 
 
