@@ -381,13 +381,13 @@ class _Agent:
         return receiver, task
 
     async def _ship(self, shipper: Shipper) -> None:
-        """The shipper, restarted after a failure of its own (a disk error): spans wait on disk."""
+        """The shipper, restarted after a failure of its own (a disk error): spans (or log records) wait on disk."""
         delay = BASE_DELAY_S
         while True:
             try:
                 await shipper.run()
             except Exception as exc:  # noqa: BLE001 - logged and retried; the sidecar keeps serving
-                log.error("event=span_shipper_failed error=%r retry_in_s=%.1f", exc, delay)
+                log.error("event=%s_shipper_failed error=%r retry_in_s=%.1f", shipper.spool.what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(MAX_DELAY_S, delay * 2)
 
@@ -407,7 +407,7 @@ class _Agent:
             service = f.service if f.service is None or "." in f.service else f"{f.service}.{ns}"
             sources.append(LogSource(self.cfg.workdir / f.path, "app", service or own, f.instance or self.instance_id))
         try:
-            spool = Spool(self.cfg.workdir / "logs", lg.maxFileBytes, lg.maxFiles, prefix="logs-")
+            spool = Spool(self.cfg.workdir / "logs", lg.maxFileBytes, lg.maxFiles, prefix="logs-", what="logs")
         except (OSError, ValueError) as exc:
             log.error("event=logs_unavailable error=%r", exc)
             return []
