@@ -10,6 +10,7 @@ rules read (meshpilot/telemetry/logs.py). Pure: no I/O.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -52,8 +53,7 @@ class LogStore:
 
     def search(self, match: LogMatch, since: float = 0.0, until: float = float("inf"), limit: int = 100) -> list[dict[str, Any]]:
         """Up to ``limit`` matching records with ``since <= time < until``, newest first."""
-        found = sorted(self._select(match, since, until), key=lambda r: (r["time"], r["id"]), reverse=True)
-        return found[:limit]
+        return heapq.nlargest(limit, self._select(match, since, until), key=lambda r: (r["time"], r["id"]))
 
     def count(self, match: LogMatch, since: float, until: float) -> int:
         return sum(1 for _ in self._select(match, since, until))
