@@ -4,7 +4,7 @@ sidecar` agents with real Envoys tracing every request (shop calls web, web call
 document uploaded twice to the catalog. Each page must show what its API answers: the topology's edges and
 numbers (graph and table), a trace in the list and as a waterfall (rows nested by parent, bars placed by
 start and duration, tags on click, the trace's log lines under it), the log search, the catalog's
-operations, versions and diff. A span name, a log line and an
+operations, versions and diff, and try-it sending an operation through the control plane's own sidecar. A span name, a log line and an
 operation summary that look like markup render as text. Screenshots go to docs/console/ when asked."""
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ CATALOG_V1 = _doc("1.0", {
     "/orders": {"post": {"operationId": "createOrder", "summary": "Place an order", "responses": {"201": {"description": "made"}}}},
 })
 CATALOG_V2 = _doc("2.0", {
-    "/orders/{id}": {"get": {"operationId": "getOrder", "summary": "Find an order by id", "responses": {"200": {"description": "ok"}}},
+    "/orders/{id}": {"get": {"operationId": "getOrder", "summary": "Find an order by id", "responses": {"200": {"description": "ok"}},
+                             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
+                                            {"name": "fields", "in": "query", "schema": {"type": "string"}}]},
                      "delete": {"operationId": "cancelOrder", "summary": "Cancel an order", "responses": {"204": {"description": "gone"}}}},
 })
 
@@ -74,8 +76,9 @@ def observed() -> Iterator[Observed]:
     with contextlib.ExitStack() as stack:
         prom = stack.enter_context(prometheus(workdir, sd_file))
         cfg = workdir / "cp.yaml"
+        console_out = free_port()  # the outbound listener of the control plane's own sidecar, which try-it sends through
         cfg.write_text(yaml.safe_dump({"token": TOKEN, "prometheus_sd_file": str(sd_file), "prometheus_url": prom,
-                                       "hds_interval_s": 0.3, "debounce_ms": 20}))
+                                       "hds_interval_s": 0.3, "debounce_ms": 20, "try_it_proxy": f"127.0.0.1:{console_out}"}))
         cp = stack.enter_context(control_plane(workdir, extra=["--config", str(cfg)]))
         status, body = cp.call("PUT", "/v1/policies/TracingPolicy/default/all",
                                {"kind": "TracingPolicy", "name": "all", "namespace": "default", "sampling": 100}, AUTH)
@@ -84,16 +87,20 @@ def observed() -> Iterator[Observed]:
         for name in ("api", "web", "shop"):
             backend = stack.enter_context(app(name))
             doc = spec_doc(name, backend.port, free_port(), free_port())
-            doc["mesh"]["sidecar"].update(adminPort=free_port(), statsPort=free_port())  # Prometheus scrapes the stats port
+            doc["mesh"]["sidecar"].update(adminPort=free_port(), statsPort=free_port())  # Prometheus scrapes the stats ports
             sides[name] = stack.enter_context(sidecar(workdir, name, doc, cp, f"{name}-1"))
+        api_port = int(cp.api.rsplit(":", 1)[1])  # the control plane's sidecar: its app is the control plane's API
+        sides["meshpilot-console"] = stack.enter_context(sidecar(
+            workdir, "meshpilot-console", spec_doc("meshpilot-console", api_port, free_port(), console_out), cp, "control-plane-1"))
         for side in sides.values():
             wait_until(lambda side=side: (s := _sampling(side)) and all(v == 100 for v in s), 20,
                        what=f"{side.node_id}'s listeners tracing at 100 %")
         out = sides["web"].outbound
         wait_until(lambda: through(out, "api", "/ready")[0] == 200, 20, what="web -> api routable")
         wait_until(lambda: through(sides["shop"].outbound, "web", "/ready")[0] == 200, 20, what="shop -> web routable")
+        # shop's, web's and api's stats listeners and the control plane (the control plane's own sidecar serves no stats)
         wait_until(lambda: len(targets_up(prom)) == 4 and all(t["health"] == "up" for t in targets_up(prom)), 30, 0.2,
-                   what="Prometheus scraping both sidecars and the control plane")
+                   what="Prometheus scraping three sidecars and the control plane")
         trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
         for i in range(SENT):
             headers = {"traceparent": f"00-{trace_id}-{parent}-01"} if i == SENT - 1 else {}
@@ -354,3 +361,55 @@ def test_catalog_shows_operations_versions_and_the_diff(page: Any, observed: Obs
     assert page.locator("main img, main script").count() == 0 and page.evaluate("window.__pwned") is None, \
         "expected no element or script made from an operation's summary"
     assert re.search(r"Operations of v1\b", page.inner_text("#operations-title")), "expected the page to name the version shown"
+
+
+def _console_and_api(cp: Any, trace_id: str) -> bool:
+    status, tree = cp.call("GET", f"/v1/traces/{trace_id}", None, AUTH)
+    return status == 200 and {("meshpilot-console", "CLIENT"), ("api", "SERVER")} <= {(s["service"], s.get("kind")) for s in _flat(tree)}
+
+
+def test_try_it_sends_an_operation_through_the_mesh_and_links_its_trace(page: Any, observed: Observed) -> None:
+    sign_in(page, observed.base, "catalog/default/api")
+    page.wait_for_selector("#operations")
+    page.click("#operations button.try-button[data-operation=getOrder]")
+    page.wait_for_selector("#try-panel[data-operation=getOrder]")
+    page.fill("#try-panel input[name='path.id']", "42 x")
+    page.fill("#try-panel input[name='query.fields']", "name")
+    page.click("#try-send")
+    page.wait_for_selector("#try-status")
+    status = page.inner_text("#try-status")
+    answer = json.loads(page.inner_text("#try-response"))
+    assert status.startswith("200") and "GET /orders/42%20x?fields=name" in status, f"expected the app's 200 for the request sent, got {status!r}"
+    assert answer["server"] == "api" and answer["path"] == "/orders/42%20x?fields=name", f"expected api's app to answer the request, got {answer}"
+    assert answer["headers"].get("x-mesh-caller") == "meshpilot-console", f"expected the request to come through the control plane's sidecar, got {answer}"
+    trace_id = answer["headers"]["traceparent"].split("-")[1]
+    assert trace_id[:12] in status, f"expected a link to the try's trace {trace_id}, got {status!r}"
+    assert page.inner_text("#try-result").split()[-1] != "null", f"expected only the answer under the form, got {page.inner_text('#try-result')!r}"
+    shot(page, "catalog-try.png")
+    wait_until(lambda: _console_and_api(observed.cp, trace_id), 40, 0.5, what=f"trace {trace_id} with the control plane's sidecar's and api's spans")
+    page.click("#try-status a")
+    page.wait_for_selector("#waterfall")
+    services = page.locator("#waterfall .span-row[data-span] .service-name").all_inner_texts()
+    assert {"meshpilot-console", "api"} <= set(services), f"expected the try's trace through both sidecars, got {services}"
+
+
+def test_try_it_with_a_read_token_shows_the_apis_refusal(browser: Any, observed: Observed) -> None:  # noqa: F811
+    status, made = observed.cp.call("POST", "/v1/access/tokens", {"scope": "read", "description": "console try-it"}, AUTH)
+    assert status == 201, f"expected a read token made, got {status}: {made}"
+    context = browser.new_context()
+    try:
+        pg = context.new_page()
+        pg.goto(f"{observed.base}/ui/")
+        pg.fill("#token", made["secret"])
+        pg.click("#signin button[type=submit]")
+        pg.wait_for_selector("#services-page", timeout=10_000)
+        pg.goto(f"{observed.base}/ui/#/catalog/default/api")
+        pg.click("#operations button.try-button[data-operation=getOrder]")
+        pg.fill("#try-panel input[name='path.id']", "1")
+        pg.click("#try-send")
+        pg.wait_for_selector("#try-result .notice.error")
+        refusal = pg.inner_text("#try-result")
+        assert "scope read" in refusal and "write" in refusal, f"expected the API's 403 reason, got {refusal!r}"
+    finally:
+        context.close()
+        observed.cp.call("DELETE", f"/v1/access/tokens/{made['id']}", None, AUTH)

@@ -1,9 +1,10 @@
 // API catalog: the services with a catalog (/v1/catalog); per service its current operations
 // (method, path, operationId, summary), its versions, and what changed between two of them
-// (/v1/catalog/{ns}/{name}/diff): operations added, removed, and changed field by field.
+// (/v1/catalog/{ns}/{name}/diff): operations added, removed, and changed field by field; and on the
+// current version, "Try it": one request to an operation sent through the mesh, with its trace.
 // The page's address holds the version shown and the pair compared, so each view can be linked.
 
-import { ApiError, get } from "./api.js";
+import { ApiError, Unauthorized, call, get } from "./api.js";
 import { badge, h, link, notice, table } from "./dom.js";
 import { when } from "./units.js";
 
@@ -34,16 +35,76 @@ async function list() {
       "No service has an API catalog yet.")));
 }
 
-function operations(version) {
+function operations(version, onTry) {
   const ops = [...version.operations].sort((a, b) => (a.path + " " + a.method).localeCompare(b.path + " " + b.method));
-  return table(["method", "path", "operationId", "summary", "tags", "responses"], ops.map((o) => [
+  return table(["method", "path", "operationId", "summary", "tags", "responses", ""], ops.map((o) => [
     h("span", { class: "method" }, o.method),
     [h("code", { class: "op-path" }, o.path), o.deprecated ? [" ", badge("deprecated", "warning")] : null],
     o.operation_id ? h("code", { class: "op-id" }, o.operation_id) : h("span", { class: "muted" }, "—"),
     h("span", { class: "op-summary" }, o.summary || ""),
     (o.tags || []).join(", "),
     (o.responses || []).join(", "),
+    onTry ? h("button", { type: "button", class: "try-button", "data-operation": o.operation_id || o.method + " " + o.path,
+      onclick: () => onTry(o) }, "Try it") : null,
   ]), "This version has no operations.");
+}
+
+// The try-it form of one operation: a field per parameter (the path template's and the declared
+// ones), a body when the operation takes one; "Send" asks the control plane to send the request
+// through its own sidecar (POST .../try, scope write) and shows the answer and a link to its trace.
+function tryPanel(base, op) {
+  const params = [];
+  const seen = new Set();
+  for (const m of op.path.matchAll(/\{([^}]+)\}/g)) {
+    params.push({ in: "path", name: m[1], required: true });
+    seen.add("path " + m[1]);
+  }
+  for (const p of op.parameters || []) if (!seen.has(p.in + " " + p.name)) params.push(p);
+  const inputs = params.map((p) => ({ p, el: h("input", { name: p.in + "." + p.name, "data-in": p.in, "data-name": p.name,
+    placeholder: p.type || "", spellcheck: "false", autocomplete: "off" }) }));
+  const body = op.request_body ? h("textarea", { id: "try-body", name: "body", rows: 5, spellcheck: "false",
+    placeholder: "JSON (sent as application/json), or text sent as it is" }) : null;
+  const result = h("div", { id: "try-result" });
+  const opName = op.operation_id || op.method + " " + op.path;
+  async function send() {
+    const req = { operation: opName, path: {}, query: {}, headers: {}, cookies: {} };
+    for (const { p, el } of inputs) {
+      if (el.value === "" && p.in !== "path") continue;
+      const into = { path: req.path, query: req.query, header: req.headers, cookie: req.cookies }[p.in];
+      if (into) into[p.name] = el.value;
+    }
+    if (body && body.value.trim()) {
+      try { req.body = JSON.parse(body.value); } catch (e) { req.body = body.value; }
+    }
+    result.replaceChildren(h("p", { class: "muted" }, "Sending…"));
+    let out;
+    try {
+      out = await call("POST", base + "/try", req);
+    } catch (e) {
+      if (e instanceof Unauthorized) throw e;
+      const fields = e instanceof ApiError ? e.fields : [];
+      // replaceChildren writes a null as the text "null": only elements go in
+      result.replaceChildren(notice("error", "Refused: " + e.message), ...(fields.length ? [h("ul", { class: "field-errors", id: "field-errors" },
+        fields.map((f) => h("li", { "data-field": f.field }, h("code", {}, f.field), ": ", f.reason)))] : []));
+      return;
+    }
+    result.replaceChildren(
+      h("p", { id: "try-status" }, badge(String(out.status), out.status < 400 ? "ok" : out.status < 500 ? "warning" : "bad"), " ",
+        h("code", {}, out.request.method + " " + out.request.target), h("span", { class: "muted" }, " to " + out.request.host + " in " +
+          out.duration_ms + " ms · "), link(["traces", out.trace_id], "its trace " + out.trace_id.slice(0, 12) + "…")),
+      h("table", { class: "versions", id: "try-headers" }, h("tbody", {}, out.headers.map((x) =>
+        h("tr", {}, h("th", {}, h("code", {}, x.name)), h("td", {}, x.value))))),
+      h("pre", { class: "diff", id: "try-response" }, out.body),
+      ...(out.body_truncated ? [h("p", { class: "muted" }, "The body was cut at " + out.body_bytes + " bytes.")] : []));
+  }
+  return h("div", { class: "card", id: "try-panel", "data-operation": opName },
+    h("h3", {}, "Try ", h("span", { class: "method" }, op.method), " ", h("code", {}, op.path), op.summary ? h("span", { class: "muted" }, " " + op.summary) : null),
+    h("p", { class: "muted" }, "Sent by the control plane through its own sidecar to the service's mesh name, traced; needs a token of scope write."),
+    inputs.length ? h("table", { class: "try-params" }, h("tbody", {}, inputs.map(({ p, el }) => h("tr", {},
+      h("th", {}, h("code", {}, p.name), h("span", { class: "muted" }, " " + p.in + (p.required ? ", required" : ""))), h("td", {}, el))))) : null,
+    body,
+    h("div", { class: "toolbar" }, h("button", { type: "button", class: "primary", id: "try-send", onclick: send }, "Send")),
+    result);
 }
 
 function value(v) {
@@ -115,6 +176,7 @@ async function service(ns, name, params) {
       diff = notice("error", "Could not compare: " + e.message);
     }
   }
+  const tryHere = h("div", { id: "try-here" });
   const versionRows = [...versions].reverse().map((v) => [
     String(v.number) === String(shown.number) ? h("strong", {}, "v" + v.number) : here({ text: "v" + v.number, q: { version: v.number } }),
     v.title || "—", v.api_version || "—", String(v.operations), source(v.source), when(Date.parse(v.created) / 1000),
@@ -125,7 +187,8 @@ async function service(ns, name, params) {
     h("h1", {}, name, h("span", { class: "muted" }, " namespace " + ns)),
     h("h2", { id: "operations-title" }, "Operations of v" + shown.number + (shown.number === newest ? " (current)" : ""),
       shown.title ? h("span", { class: "muted" }, " · " + shown.title + " " + (shown.api_version || "")) : null),
-    h("div", { id: "operations" }, operations(shown)),
+    h("div", { id: "operations" }, operations(shown, shown.number === newest ? (op) => tryHere.replaceChildren(tryPanel(base, op)) : null)),
+    tryHere,
     h("h2", {}, "Versions"),
     h("div", { id: "versions" }, table(["version", "title", "API version", "operations", "source", "recorded", "sha256"], versionRows)),
     h("h2", {}, "Compare versions"),
