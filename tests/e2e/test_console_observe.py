@@ -413,3 +413,26 @@ def test_try_it_with_a_read_token_shows_the_apis_refusal(browser: Any, observed:
     finally:
         context.close()
         observed.cp.call("DELETE", f"/v1/access/tokens/{made['id']}", None, AUTH)
+
+
+@pytest.mark.parametrize("where", ["topology", "traces", "logs", "catalog", "catalog/default/api"])
+def test_a_revoked_token_on_an_observing_page_goes_back_to_sign_in(browser: Any, observed: Observed, where: str) -> None:  # noqa: F811
+    status, made = observed.cp.call("POST", "/v1/access/tokens", {"scope": "read", "description": f"console {where}"}, AUTH)
+    assert status == 201, f"expected a read token made, got {status}: {made}"
+    context = browser.new_context()
+    try:
+        pg = context.new_page()
+        pg.goto(f"{observed.base}/ui/")
+        pg.fill("#token", made["secret"])
+        pg.click("#signin button[type=submit]")
+        pg.wait_for_selector("#services-page", timeout=10_000)
+        status, body = observed.cp.call("DELETE", f"/v1/access/tokens/{made['id']}", None, AUTH)
+        assert status in (200, 204), f"expected the token revoked, got {status}: {body}"
+        pg.goto(f"{observed.base}/ui/#/{where}")
+        pg.wait_for_selector("#signin-status .notice.error", timeout=10_000)
+        shown = pg.inner_text("#signin-status")
+        assert "Signed out" in shown and "not valid" in shown, f"expected the sign-in page to say why on #/{where}, got {shown!r}"
+        assert pg.locator("#topology-graph, #traces-table, #logs-table, #catalog-table, #operations").count() == 0, \
+            f"expected no data of #/{where} shown after the 401"
+    finally:
+        context.close()

@@ -6,6 +6,7 @@
 
 import { ApiError, Unauthorized, call, get } from "./api.js";
 import { badge, h, link, notice, table } from "./dom.js";
+import { traceView } from "./tryit.js";
 import { when } from "./units.js";
 
 // "orders.shop" → ["shop", "orders"]: names and namespaces are DNS labels, so the first dot splits them
@@ -81,7 +82,7 @@ function tryPanel(base, op) {
     try {
       out = await call("POST", base + "/try", req);
     } catch (e) {
-      if (e instanceof Unauthorized) throw e;
+      if (e instanceof Unauthorized) return; // signOut has sent the user to the sign-in page
       const fields = e instanceof ApiError ? e.fields : [];
       // replaceChildren writes a null as the text "null": only elements go in
       result.replaceChildren(notice("error", "Refused: " + e.message), ...(fields.length ? [h("ul", { class: "field-errors", id: "field-errors" },
@@ -95,6 +96,7 @@ function tryPanel(base, op) {
       h("table", { class: "versions", id: "try-headers" }, h("tbody", {}, out.headers.map((x) =>
         h("tr", {}, h("th", {}, h("code", {}, x.name)), h("td", {}, x.value))))),
       h("pre", { class: "diff", id: "try-response" }, out.body),
+      h("div", { id: "try-trace" }, h("h3", {}, "Its trace"), traceView(out.trace_id, out.service)),
       ...(out.body_truncated ? [h("p", { class: "muted" }, "The body was cut at " + out.body_bytes + " bytes.")] : []));
   }
   return h("div", { class: "card", id: "try-panel", "data-operation": opName },
