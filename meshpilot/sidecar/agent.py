@@ -393,13 +393,13 @@ class _Agent:
 
     # ---- logs --------------------------------------------------------------------------------
 
-    def _start_logs(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+    def _start_logs(self, tg: asyncio.TaskGroup) -> tuple[Collector, Shipper, list[asyncio.Task[None]]] | None:
         """The collector of Envoy's access log and the app log files, and the shipper of its spool to
-        the control plane's /v1/logs (sidecar/logs.py); none when ``mesh.logs`` is off."""
+        the control plane's /v1/logs (sidecar/logs.py), with their tasks; None when ``mesh.logs`` is off."""
         spec = self.cfg.spec
         lg = spec.mesh.logs
         if not lg.enabled:
-            return []
+            return None
         ns = spec.metadata.namespace
         own = f"{spec.metadata.name}.{ns}"
         sources = [LogSource(self.cfg.workdir / "envoy.log", "access", own, self.instance_id)] if lg.access else []
@@ -410,12 +410,26 @@ class _Agent:
             spool = Spool(self.cfg.workdir / "logs", lg.maxFileBytes, lg.maxFiles, prefix="logs-", what="logs")
         except (OSError, ValueError) as exc:
             log.error("event=logs_unavailable error=%r", exc)
-            return []
+            return None
         collector = Collector(spool, sources, self.instance_id, self.cfg.workdir / "logs" / "follow.json")
         urls = tuple(f"{u.rstrip('/')}/v1/logs" for u in (self.cfg.api_urls or (self.cfg.api_url,)))
         shipper = Shipper(spool, Backend(urls, "meshpilot", self._headers()), collector.arrived)
         log.info("event=log_collector_started sources=%d pending=%d", len(sources), spool.pending())
-        return [tg.create_task(collector.run()), tg.create_task(self._ship(shipper))]
+        return collector, shipper, [tg.create_task(collector.run()), tg.create_task(self._ship(shipper))]
+
+    async def _flush_logs(self, collector: Collector, shipper: Shipper, http: aiohttp.ClientSession,
+                          bound_s: float = 2.0) -> None:
+        """After Envoy and the app stopped: their last lines into the spool, and the spool to the control
+        plane for at most ``bound_s`` (what is left goes when the agent starts again)."""
+        try:
+            collector.poll()
+            async with asyncio.timeout(bound_s):
+                while await shipper.ship_once(http):
+                    pass
+        except TimeoutError:
+            log.warning("event=logs_flush_unfinished pending=%d", shipper.spool.pending())
+        except Exception as exc:  # noqa: BLE001 - the records stay on disk for the next start
+            log.error("event=logs_flush_failed error=%r", exc)
 
     # ---- graceful offline --------------------------------------------------------------------
 
@@ -519,8 +533,12 @@ class _Agent:
         if traces is not None:
             traces[1].cancel()
             await traces[0].close()
-        for task in logs:
-            task.cancel()
+        if logs is not None:
+            collector, shipper, tasks = logs
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._flush_logs(collector, shipper, http)
         return 0
 
 
