@@ -253,6 +253,17 @@ def test_access_and_app_logs_are_searchable_linked_to_traces_alerted_on_and_surv
             s, b = cp.call("GET", "/v1/alerts", headers=AUTH)
             assert s == 200 and [a["name"] for a in b["alerts"]] == ["api-errors"], f"expected the rule kept across the restart, got {s} {b}"
 
+            # a node that stops: its last lines are shipped on the way out
+            assert through(web_side.outbound, "api", "/last-words")[0] == 200
+            assert api_side.terminate() == 0, f"expected api's agent to stop cleanly:\n{api_side.log.read_text()[-2000:]}"
+            last = wait_until(lambda: {r["source"] for r in _logs(cp, "service=api&q=/last-words")} == {"access", "app"}, 15,
+                              interval=0.3, what="api's access record and app line of its last request after it stopped")
+            assert last
+            pending = json.loads((api_side.dir / "logs" / "cursor.json").read_text())
+            newest = max((api_side.dir / "logs").glob("logs-*.jsonl"))
+            assert (pending["seq"], pending["offset"]) == (int(newest.name[5:-6]), newest.stat().st_size), \
+                f"expected api's log spool shipped to its end when it stopped, cursor {pending}, newest file {newest.name} of {newest.stat().st_size} bytes"
+
 
 @pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="Debian's prometheus is not installed (run.sh installs it)")
 def test_a_metric_rule_fires_on_a_real_prometheus_and_goes_back_to_inactive(tmp_path: Path) -> None:
