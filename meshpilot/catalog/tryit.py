@@ -43,7 +43,7 @@ from meshpilot.catalog.openapi import Operation
 from meshpilot.model import Service
 
 __all__ = [
-    "MAX_REQUEST_BODY_BYTES", "MAX_RESPONSE_BYTES", "REFUSED_HEADERS", "Prepared", "TryError", "TryIn", "TryIt", "expand_path",
+    "MAX_REQUEST_BODY_BYTES", "MAX_RESPONSE_BYTES", "Prepared", "TryError", "TryIn", "TryIt", "check_headers", "expand_path",
     "find_operation", "prepare", "query_string", "traceparent",
 ]
 
@@ -61,7 +61,6 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-
 _MESH = frozenset({"traceparent", "tracestate", "b3", "x-request-id", "x-forwarded-client-cert", "x-forwarded-for",
                    "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded", "x-ot-span-context"})
 _MESH_PREFIXES = ("x-mesh-", "x-envoy-", "x-b3-", "x-meshpilot-")
-REFUSED_HEADERS = tuple(sorted(_HOP_BY_HOP | _MESH)) + tuple(p + "*" for p in _MESH_PREFIXES)
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")  # an HTTP field name (RFC 9110 5.1)
 _PARAM = re.compile(r"\{([^{}/]*)\}")
 _HEX = "0123456789abcdef"
