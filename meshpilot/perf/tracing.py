@@ -142,6 +142,9 @@ def _run_one(name: str, backend_port: int, args: argparse.Namespace, work: Path)
         time.sleep(5.5)  # the last spans of the run are flushed and received
         cpu = {role: _cpu_seconds(pid) - before[role] for role, pid in pids.items()}
         spans = _spans(spool) - spans_before
+        # Envoy's own count of what its tracer sent, dropped or failed to report (the whole run, warm-up too)
+        zipkin = {k: caller.stats("tracing.zipkin.").get(f"tracing.zipkin.{k}", 0) + callee.stats("tracing.zipkin.").get(f"tracing.zipkin.{k}", 0)
+                  for k in ("spans_sent", "reports_sent", "reports_dropped", "reports_failed")}
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed for {name}: {proc.stderr}")
     result = _parse_wrk(proc.stdout)
@@ -151,6 +154,7 @@ def _run_one(name: str, backend_port: int, args: argparse.Namespace, work: Path)
         result["envoy_cpu_us_per_request"] = round((cpu["caller"] + cpu["callee"]) * 1e6 / n, 2)
         result["cpu_us_per_request_by_role"] = {role: round(c * 1e6 / n, 2) for role, c in cpu.items()}
         result["spans_per_request"] = round(spans / n, 4)
+    result["envoy_zipkin"] = zipkin
     return result
 
 
