@@ -385,8 +385,9 @@ def test_try_it_sends_an_operation_through_the_mesh_and_links_its_trace(page: An
     trace_id = answer["headers"]["traceparent"].split("-")[1]
     assert trace_id[:12] in status, f"expected a link to the try's trace {trace_id}, got {status!r}"
     assert page.inner_text("#try-result").split()[-1] != "null", f"expected only the answer under the form, got {page.inner_text('#try-result')!r}"
-    shot(page, "catalog-try.png")
     wait_until(lambda: _console_and_api(observed.cp, trace_id), 40, 0.5, what=f"trace {trace_id} with the control plane's sidecar's and api's spans")
+    page.wait_for_selector("#try-trace .tryit-trace[data-complete=true]", timeout=60_000)  # drawn under the answer (tryit.js)
+    shot(page, "catalog-try.png")
     page.click("#try-status a")
     page.wait_for_selector("#waterfall")
     services = page.locator("#waterfall .span-row[data-span] .service-name").all_inner_texts()
