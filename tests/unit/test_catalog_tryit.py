@@ -3,10 +3,12 @@ the path's segments, whatever it holds; required parameters named when absent; m
 hop-by-hop headers refused; the request body bounded; a fresh sampled traceparent), and the route in
 process against an in-process HTTP server standing in for the control plane's sidecar (the answer's
 status, headers and body, the body cut at its bound, 404 naming try_it_proxy when it is off, 400
-naming the field for an unknown operation, 502 when nothing listens)."""
+naming the field for an unknown operation, 504 naming timeout_s for an answer that does not come
+in time, 502 when nothing listens)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -47,6 +49,7 @@ DOC = {
         "/session": {"get": {"operationId": "session", "parameters": [{"name": "sid", "in": "cookie", "required": True}],
                              "responses": {"200": {"description": "ok"}}}},
         "/blob": {"get": {"operationId": "blob", "responses": {"200": {"description": "ok"}}}},
+        "/slow": {"get": {"operationId": "slow", "responses": {"200": {"description": "ok"}}}},
     },
 }
 OPS = parse(json.dumps(DOC).encode()).operations
@@ -165,6 +168,8 @@ class _Sidecar:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.seen.append({"method": request.method, "raw_path": request.raw_path, "headers": dict(request.headers), "body": body})
+        if request.path.endswith("/slow"):
+            await asyncio.sleep(5)
         if request.path.endswith("/blob"):
             return web.Response(body=b"y" * (tryit.MAX_RESPONSE_BYTES + 5000), content_type="application/octet-stream")
         return web.json_response({"you": "reached " + request.headers.get("Host", "")}, status=201, headers={"X-Served-By": "orders-1"})
@@ -216,6 +221,10 @@ async def test_the_route_sends_through_the_proxy_and_answers_with_the_response(s
         out = await r.json()
         assert r.status == 200 and out["body_truncated"] and out["body_bytes"] == tryit.MAX_RESPONSE_BYTES, \
             f"expected the body cut at {tryit.MAX_RESPONSE_BYTES} bytes and flagged, got {r.status} {out.get('body_bytes')} {out.get('body_truncated')}"
+
+        r = await api.post("/v1/catalog/shop/orders/try", json={"operation": "slow", "timeout_s": 0.3})
+        out = await r.json()
+        assert r.status == 504 and out["fields"][0]["field"] == "timeout_s", f"expected 504 naming timeout_s, got {r.status} {out}"
 
         r = await api.post("/v1/catalog/shop/orders/try", json={"operation": "nope"})
         out = await r.json()
