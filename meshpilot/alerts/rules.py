@@ -47,6 +47,19 @@ def parse_duration(v: Any) -> float:
     return n
 
 
+# a duration is seconds or text such as 30s, 5m, 1h (parse_duration)
+_DURATION_SCHEMA: dict[str, Any] = {"anyOf": [
+    {"type": "number", "minimum": 0, "maximum": MAX_DURATION_S},
+    {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
+]}
+
+
+
+def _duration_schema(schema: dict[str, Any]) -> None:
+    schema.pop("type", None)
+    schema.update(_DURATION_SCHEMA)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -59,7 +72,7 @@ class LogQuery(_Model):
     source: Literal["", "access", "app"] = ""
     level: Literal["", "debug", "info", "warn", "error"] = Field(default="", description="this level and above")
     text: str = Field(default="", max_length=1024, description="a case-insensitive substring of the line")
-    window: float = Field(description="e.g. 5m; from 1s to 24h")
+    window: float = Field(description="e.g. 5m; from 1s to 24h", json_schema_extra=_duration_schema)
 
     @field_validator("window", mode="before")
     @classmethod
@@ -89,9 +102,15 @@ class AlertRule(_Model):
     metric: MetricQuery | None = None
     op: Op = ">"
     threshold: float = Field(allow_inf_nan=False)
-    for_: float = Field(default=0.0, alias="for", description="how long it must hold before it fires, e.g. 1m")
+    for_: float = Field(default=0.0, alias="for", description="how long it must hold before it fires, e.g. 1m",
+                        json_schema_extra=_duration_schema)
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", str_strip_whitespace=True, populate_by_name=True,
+        # exactly one of log and metric, as the schema says it too
+        json_schema_extra={"oneOf": [{"required": ["log"], "properties": {"log": {"type": "object"}}},
+                                     {"required": ["metric"], "properties": {"metric": {"type": "object"}}}]},
+    )
 
     @field_validator("for_", mode="before")
     @classmethod

@@ -467,7 +467,8 @@ def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[
     err = {"$ref": "#/components/schemas/Error"}
     reasons = {"400": "invalid request (the fields name what)", "401": "no valid bearer token (missing, unknown, revoked or expired)",
                "403": "the token's scope is below what the operation needs",
-               "404": "no such resource", "409": "conflicts with what is stored", "413": "body too large"}
+               "404": "no such resource", "409": "conflicts with what is stored", "413": "body too large",
+               "502": "another system the answer needs gave none", "503": "not available now or not configured (the error says which)"}
     labelled = ("/v1/services/", "/v1/policies/")  # services and policies are named by DNS labels
 
     def body_schema(body: type[BaseModel] | dict[str, Any]) -> dict[str, Any]:
@@ -480,7 +481,7 @@ def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[
 
     def op(method: str, path: str, summary: str, body: type[BaseModel] | dict[str, Any] | None = None,
            out: dict[str, Any] | None = None, query: tuple[str, ...] = (), codes: tuple[str, ...] | None = None,
-           declared: RouteScope | None = None) -> dict[str, Any]:
+           declared: RouteScope | None = None, more: tuple[str, ...] = ()) -> dict[str, Any]:
         write = method not in ("get", "head")
         need = required_scope(method, path, declared)
         ok: dict[str, Any] = {"description": "OK"}
@@ -499,6 +500,7 @@ def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[
             errors.append("409")
         if body is not None:
             errors.append("413")
+        errors += [c for c in more if c not in errors]
         o: dict[str, Any] = {
             "summary": summary,
             "x-meshpilot-scope": "open" if need is None else need.name,
@@ -588,12 +590,12 @@ def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[
     for route in routes:
         m = route.method.lower()
         if route.path not in per_value:
-            paths.setdefault(route.path, {})[m] = op(m, route.path, route.summary, route.body, declared=route.scope)
+            paths.setdefault(route.path, {})[m] = op(m, route.path, route.summary, route.body, declared=route.scope, more=route.errors)
             continue
         for value in per_value[route.path]:
             concrete = _PATH_PARAM.sub(value, route.path, count=1)
             per = route.body.get(value) if isinstance(route.body, dict) else route.body
-            paths.setdefault(concrete, {})[m] = op(m, concrete, f"{route.summary} ({value})", per, declared=route.scope)
+            paths.setdefault(concrete, {})[m] = op(m, concrete, f"{route.summary} ({value})", per, declared=route.scope, more=route.errors)
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "meshpilot management API", "version": "1"},

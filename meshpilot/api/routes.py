@@ -33,3 +33,6 @@ class Route:
     summary: str
     body: type[BaseModel] | dict[str, Any] | None = None
     scope: RouteScope | None = None
+    # answers beyond those every route of its kind may give (e.g. "502", "503" from a route that asks
+    # another system), documented with the API's error body
+    errors: tuple[str, ...] = ()

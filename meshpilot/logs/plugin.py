@@ -37,18 +37,21 @@ MAX_LIMIT = 1000
 _AGO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _HEX = re.compile(r"^[0-9a-fA-F]{1,32}$")
+# what the records' checks (meshpilot/telemetry/logs.py) take for a name: one line, not blank
+_ONE_LINE = r"^[^\n\r\x00]*$"
+_NAME = r"^[^\n\r\x00]*[^\s\x00][^\n\r\x00]*$"
 
 class LogRecordIn(BaseModel):
     """A log record as a node ships it (meshpilot/telemetry/logs.py checks it)."""
 
     id: str = Field(pattern="^[0-9a-f]{16}$", description="given on the node; a record sent twice is kept once")
-    time: float = Field(ge=0, description="unix seconds")
-    node: str
-    service: str = Field(description="name.namespace")
-    instance: str = ""
+    time: float = Field(ge=0, lt=1e11, description="unix seconds")
+    node: str = Field(pattern=_NAME, max_length=256)
+    service: str = Field(pattern=_NAME, max_length=256, description="name.namespace")
+    instance: str = Field(default="", pattern=_ONE_LINE, max_length=256)
     source: Literal["access", "app"]
     level: Literal["debug", "info", "warn", "error", ""] = ""
-    trace_id: str = Field(default="", description="hex; a 64-bit id is padded to 128 bits")
+    trace_id: str = Field(default="", pattern="^[0-9a-fA-F]{0,32}$", description="hex; a 64-bit id is padded to 128 bits")
     line: str = Field(description=f"the line, cut at {MAX_LINE} characters")
 
 

@@ -97,10 +97,10 @@ def normalise(doc: Any) -> dict[str, Any]:
     source = doc.get("source")
     if source not in SOURCES:
         raise LogInvalid("source", f"expected one of {', '.join(SOURCES)}")
-    level = doc.get("level", "") or ""
-    if level not in LEVELS and level != "":
+    level = doc.get("level", "")
+    if not isinstance(level, str) or (level not in LEVELS and level != ""):
         raise LogInvalid("level", f"expected one of {', '.join(LEVELS)} or empty")
-    trace = doc.get("trace_id", "") or ""
+    trace = doc.get("trace_id", "")
     if not isinstance(trace, str) or (trace and not _TRACE.match(trace.lower())):
         raise LogInvalid("trace_id", "expected 1-32 hex digits or empty")
     text = doc.get("line")

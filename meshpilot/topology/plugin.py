@@ -172,7 +172,7 @@ def install(core: Core) -> Part:
             Route("GET", "/v1/topology", mesh_topology,
                   "The mesh as a graph: services and caller → callee edges with requests, rate, 5xx share and latency "
                   "(p50, p99) over ?window= (e.g. 60s, 5m), from the Prometheus at prometheus_url; ?namespace=: the edges "
-                  "that start or end there", scope="read"),
+                  "that start or end there", scope="read", errors=("502", "503")),
             Route("GET", "/v1/prometheus/targets", prometheus_targets,
                   "Prometheus HTTP service discovery (http_sd): every connected sidecar's stats listener (of every "
                   "replica; ?local=1: of this one) and every control-plane replica's /metrics, labelled", scope="read"),

@@ -48,6 +48,7 @@ def test_a_record_is_normalised_and_round_trips_through_its_line() -> None:
     ({"time": "now"}, "time"), ({"time": -1}, "time"), ({"id": "xyz"}, "id"), ({"source": "kernel"}, "source"),
     ({"level": "loud"}, "level"), ({"trace_id": "not-hex"}, "trace_id"), ({"line": 5}, "line"),
     ({"service": ""}, "service"), ({"node": "a\nb"}, "node"),
+    ({"trace_id": None}, "trace_id"), ({"trace_id": 0}, "trace_id"), ({"level": None}, "level"), ({"level": False}, "level"),
 ])
 def test_a_bad_record_is_refused_naming_the_field(change: dict[str, Any], field: str) -> None:
     with pytest.raises(LogInvalid) as err:
