@@ -334,6 +334,15 @@ def _dns(result: dict[str, Any]) -> list[Chart]:
 def _route(result: dict[str, Any]) -> list[Chart]:
     sc: dict[str, Any] = result["scenarios"]
     names = list(sc)
+    if result.get("benchmark") == "tracing":
+        s = result.get("settings", {})
+        return [
+            Bars("route-tracing-rps", f"Requests per second on a sidecar hop by tracing sampling (rounds: {s.get('rounds', 1)})",
+                 "requests per second", names, {"rps": [sc[n].get("rps") for n in names]}),
+            Bars("route-tracing-cpu", "Both Envoys' CPU per request by tracing sampling", "CPU µs per request", names,
+                 {"Envoys": [sc[n].get("envoy_cpu_us_per_request") for n in names],
+                  "span receiver": [sc[n].get("cpu_us_per_request_by_role", {}).get("receiver") for n in names]}),
+        ]
     if result.get("benchmark") == "route-instructions":
         return [Bars("route-instructions", "Instructions per request (callgrind)", "instructions per request", names,
                      {"instructions": [sc[n].get("instructions_per_request") for n in names]})]

@@ -110,6 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="count the proxy's instructions per request over N requests under callgrind instead of "
                         "measuring rps (needs valgrind and h2load)")
     p.add_argument("--probes", action="store_true", help="with --instructions: also price single host calls with the probe module")
+    p.add_argument("--tracing", action="store_true",
+                   help="instead: what tracing costs on a caller sidecar -> callee sidecar hop, untraced, traced at 1 %% and "
+                        "at 100 %% (spans to the node's real receiver), as ratios to untraced (meshpilot/perf/tracing.py)")
 
 
 def _filters(name: str) -> list[dict[str, Any]]:
@@ -506,6 +509,13 @@ def _ratio_text(r: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.tracing:
+        if args.instructions or args.only or args.check:
+            print("perf route: --tracing runs its own three scenarios; drop --instructions, --only and --check", file=sys.stderr)
+            return 2
+        from meshpilot.perf import tracing  # only this mode needs it
+
+        return tracing.main(args)
     if args.instructions < 0:
         print("perf route: --instructions must be a positive number of requests", file=sys.stderr)
         return 2

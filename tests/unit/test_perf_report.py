@@ -199,6 +199,12 @@ def test_the_other_shapes_have_their_charts() -> None:
         "registrations": 1, "services": 1, "concurrency": 1, "register": {"per_s": 1.0, "p99_ms": 1.0},
         "deregister": {"per_s": 1.0, "p99_ms": 1.0}}}
     assert list(report.charts("registry", consul)[0].series) == ["Consul API at 127.0.0.1:8500"], "expected an external target named"
+    tracing = {"benchmark": "tracing", "settings": {"rounds": 3}, "scenarios": {
+        "untraced": {"rps": 9000.0, "envoy_cpu_us_per_request": 90.0, "cpu_us_per_request_by_role": {"receiver": 0.1}},
+        "traced_100": {"rps": 4000.0, "envoy_cpu_us_per_request": 230.0, "cpu_us_per_request_by_role": {"receiver": 61.0}}}}
+    rps, cpu = report.charts("route", tracing)  # perf route --tracing
+    assert rps.groups == ["untraced", "traced_100"] and rps.series == {"rps": [9000.0, 4000.0]}, f"got {rps}"
+    assert cpu.series == {"Envoys": [90.0, 230.0], "span receiver": [0.1, 61.0]}, f"got {cpu.series}"
 
 
 def _parsed(tmp_path: Path, *extra: str) -> argparse.Namespace:
