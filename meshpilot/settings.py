@@ -53,6 +53,7 @@ class Settings(BaseModel):
     trace_store_spans: int = Field(default=100_000, ge=1, le=10_000_000, description="spans the control plane's trace store keeps in memory (newest traces; not kept across restarts)")
     try_it_proxy: str | None = Field(default=None, pattern=r"^[^\s/:]+:\d{1,5}$", description="HOST:PORT of the outbound listener of a sidecar run on the control plane's host (e.g. for meshpilot-console): the API catalog's try-it sends requests through it (docs/catalog.md: Try it); unset: try-it is off")
     log_store_records: int = Field(default=100_000, ge=1, le=10_000_000, description="log records the control plane's log store keeps in memory (the newest arrivals; not kept across restarts)")
+    log_store_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024, le=64 * 1024**3, description="bytes (about: the lines, names and a fixed cost per record) the control plane's log store keeps in memory; past it the earliest arrivals go, as past log_store_records")
     alert_interval_s: float = Field(default=15.0, ge=0.1, le=3600, description="how often the control plane evaluates the alert rules")
     log_level: str = "INFO"
 
