@@ -11,7 +11,7 @@ Routes of the management API (docs/observability.md, Logs and alerts):
 - ``GET /v1/logs?service=&instance=&source=&level=&trace_id=&q=&since=&until=&limit=`` — the newest
   matching records first (read token). A record naming a trace links to ``/v1/traces/{id}``.
 
-The records live in a ``LogStore`` in memory, bounded by ``log_store_records``: not kept across a
+The records live in a ``LogStore`` in memory, bounded by ``log_store_records`` and ``log_store_bytes``: not kept across a
 restart, nor shared between replicas. The part offers the store's count to the alert rules of the
 same control plane (``offer_counter``), so a log rule counts what this store holds.
 """
@@ -123,7 +123,8 @@ def log_routes(store: LogStore, clock: Any = time.time) -> list[Route]:
         until = _time(q.get("until", ""), "until", float("inf"), now)
         found = store.search(match, since, until, _limit(q.get("limit", "100")))
         out = [{**r, "trace": f"/v1/traces/{r['trace_id']}"} if r["trace_id"] else r for r in found]
-        return web.json_response({"records": out, "stored_records": len(store), "max_records": store.max_records})
+        return web.json_response({"records": out, "stored_records": len(store), "max_records": store.max_records,
+                                  "stored_bytes": store.bytes, "max_bytes": store.max_bytes})
 
     return [
         Route("POST", "/v1/logs", ingest, "Keep log records (a JSON array), as sidecars ship them", body=LogsIn, scope="write"),
@@ -134,6 +135,6 @@ def log_routes(store: LogStore, clock: Any = time.time) -> list[Route]:
 
 
 def install(core: Core) -> Part:
-    store = LogStore(core.settings.log_store_records)
+    store = LogStore(core.settings.log_store_records, core.settings.log_store_bytes)
     offer_counter(core, store)
     return Part(routes=log_routes(store))

@@ -1,6 +1,8 @@
 """The control plane's log store: the newest log records sidecars shipped, in memory.
 
-Bounded by a record count: past ``max_records`` the records that arrived first go. Nothing is kept
+Bounded by a record count and by bytes: past ``max_records`` records or ``max_bytes`` bytes (about: the
+line, the names and a fixed cost per record, ``size_of``) the records that arrived first go, so long
+lines cannot grow the store past its budget. Nothing is kept
 across a restart and replicas do not share it (each keeps what its sidecars sent it); it is for
 looking at what the mesh does now and for the alert rules' recent windows, not a log archive. A
 record that arrives twice (a shipper sends a batch again when our 2xx was lost) is kept once, by its
@@ -20,14 +22,28 @@ from meshpilot.telemetry.logs import LogMatch
 __all__ = ["LogStore"]
 
 
+# what a kept record costs besides its strings: the dict, its floats and the id set's entry (measured
+# with tracemalloc: about 800 bytes a record beyond the lengths of its line and names)
+_RECORD_BYTES = 800
+
+
 class LogStore:
-    def __init__(self, max_records: int = 100_000) -> None:
+    def __init__(self, max_records: int = 100_000, max_bytes: int = 256 * 1024 * 1024) -> None:
         if max_records < 1:
             raise ValueError(f"max_records: at least 1, got {max_records}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes: at least 1, got {max_bytes}")
         self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.bytes = 0  # size_of every kept record
         self._records: deque[dict[str, Any]] = deque()
         self._ids: set[str] = set()
-        self.dropped = 0  # records that left for the bound
+        self.dropped = 0  # records that left for the bounds
+
+    @staticmethod
+    def size_of(r: dict[str, Any]) -> int:
+        """About the bytes a kept record holds: its strings (a character is a byte or more) and a fixed cost."""
+        return _RECORD_BYTES + len(r["line"]) + len(r["node"]) + len(r["service"]) + len(r["instance"])
 
     def __len__(self) -> int:
         return len(self._records)
@@ -40,9 +56,12 @@ class LogStore:
                 continue
             self._records.append(r)
             self._ids.add(r["id"])
+            self.bytes += self.size_of(r)
             new += 1
-        while len(self._records) > self.max_records:
-            self._ids.discard(self._records.popleft()["id"])
+        while len(self._records) > self.max_records or (self.bytes > self.max_bytes and self._records):
+            gone = self._records.popleft()
+            self._ids.discard(gone["id"])
+            self.bytes -= self.size_of(gone)
             self.dropped += 1
         return new
 

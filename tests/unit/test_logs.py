@@ -102,6 +102,21 @@ def test_the_store_keeps_the_newest_records_once_each() -> None:
     assert store.add([records[0]]) == 1, "expected a record that left for the bound to be new again"
 
 
+def test_the_store_is_bounded_by_bytes_as_well_as_by_count() -> None:
+    store = LogStore(max_records=100_000, max_bytes=2 * 1024 * 1024)
+    big = [normalise(rec(f"{i:06d} " + "x" * 8000, t=1000 + i)) for i in range(1000)]
+    for i in range(0, 1000, 100):
+        store.add(big[i:i + 100])
+    assert store.bytes <= store.max_bytes, f"expected at most {store.max_bytes} bytes kept, got {store.bytes}"
+    assert 200 <= len(store) < 260, f"expected about 2 MiB / 8 KiB records kept, got {len(store)}"
+    kept = store.search(LogMatch(), limit=1000)
+    assert kept[0]["line"].startswith("000999") and store.dropped == 1000 - len(store), \
+        f"expected the newest kept and the earliest dropped, got {kept[0]['line'][:6]} and dropped {store.dropped}"
+    store.add([normalise(rec("small", t=5000))])
+    assert store.search(LogMatch(), limit=1)[0]["line"] == "small"
+    assert store.bytes == sum(store.size_of(r) for r in store.search(LogMatch(), limit=1000)), "expected the byte count to follow adds and drops"
+
+
 def test_search_filters_by_every_field_and_time() -> None:
     store = LogStore()
     store.add([normalise(r) for r in [
