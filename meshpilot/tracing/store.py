@@ -1,7 +1,11 @@
 """The control plane's trace store: the newest spans sidecars shipped, grouped by trace, in memory.
 
 Bounded by a span count: when adding spans would pass ``max_spans``, whole traces go, the ones least
-recently written first. Nothing is kept across a restart (the store is for looking at what the mesh
+recently written first. One trace holds at most ``max_trace_spans`` (a tenth of the store unless told):
+a caller's sampling decision is kept from any peer, so anyone who can reach a sidecar can write every
+request into one trace id, and such a trace must not grow without bound nor push out every other
+trace. Spans past a trace's share are dropped and counted (``dropped_spans``), and the trace is
+marked ``truncated``. Nothing is kept across a restart (the store is for looking at what the mesh
 does now; a durable history belongs in a tracing backend, where sidecars can ship instead). A span
 that arrives twice (a shipper sends a batch again when our 2xx was lost) is kept once: spans are keyed
 by (span id, kind, service). ``traces`` lists trace summaries, newest first, for a service and a time;
@@ -40,16 +44,22 @@ class _Trace:
     services: set[str] = field(default_factory=set)
     start: int = 0
     end: int = 0
+    dropped: int = 0  # spans refused past the trace's share of the store
 
 
 class TraceStore:
-    def __init__(self, max_spans: int = 100_000) -> None:
+    def __init__(self, max_spans: int = 100_000, max_trace_spans: int | None = None) -> None:
         if max_spans < 1:
             raise ValueError(f"max_spans: at least 1, got {max_spans}")
+        per_trace = max(1, max_spans // 10) if max_trace_spans is None else max_trace_spans
+        if not 1 <= per_trace <= max_spans:
+            raise ValueError(f"max_trace_spans: from 1 to max_spans ({max_spans}), got {per_trace}")
         self.max_spans = max_spans
+        self.max_trace_spans = per_trace
         self._traces: OrderedDict[str, _Trace] = OrderedDict()  # least recently written first
         self.span_count = 0
         self.evicted_traces = 0
+        self.dropped_spans = 0
 
     def add(self, spans: Iterable[Mapping[str, Any]]) -> int:
         """Keep normalised spans (meshpilot/telemetry/spans.py); returns how many were new."""
@@ -63,6 +73,10 @@ class TraceStore:
                 self._traces.move_to_end(tid)
             key = (str(span["id"]), str(span.get("kind") or ""), _service(span))
             if key not in trace.spans:
+                if len(trace.spans) >= self.max_trace_spans:
+                    trace.dropped += 1
+                    self.dropped_spans += 1
+                    continue
                 new += 1
                 self.span_count += 1
             trace.spans[key] = dict(span)
@@ -98,6 +112,7 @@ class TraceStore:
             "services": sorted({_service(s) for s in t.spans.values() if _service(s)}),
             "root": {"name": root.get("name", ""), "service": _service(root)} if root else None,
             "errors": sum(1 for s in t.spans.values() if _failed(s)),
+            "truncated": t.dropped > 0, "dropped_spans": t.dropped,
         }
 
     @staticmethod

@@ -109,7 +109,7 @@ def test_parent_cycles_are_broken_and_every_span_is_shown() -> None:
 
 
 def test_duplicates_are_kept_once_and_the_oldest_traces_go_at_the_bound() -> None:
-    store = TraceStore(max_spans=5)
+    store = TraceStore(max_spans=5, max_trace_spans=3)
     first = [span(f"{i + 1:016x}", trace="1" * 32, ts=i) for i in range(3)]
     assert store.add(first) == 3 and store.add(first) == 0, "expected a batch sent twice kept once"
     store.add([span(f"{i + 1:016x}", trace="2" * 32, ts=100 + i) for i in range(3)])
@@ -202,3 +202,28 @@ async def test_kept_spans_are_listed_and_shown_as_a_tree() -> None:
     finally:
         await client.close()
         cp.registry.store.close()
+
+
+def test_one_trace_cannot_grow_past_its_share_nor_push_out_every_other_trace() -> None:
+    """A caller's sampled flag is kept from any peer, so anyone may write every request into one trace
+    id: that trace stops at a tenth of the store, the rest of its spans are dropped and counted, and
+    the other traces stay."""
+    store = TraceStore(max_spans=1000)
+    others = [f"{n + 1:032x}" for n in range(5)]
+    for n, tid in enumerate(others):
+        store.add([span(f"{i + 1:016x}", trace=tid, ts=n * 100 + i) for i in range(10)])
+    hot = "f" * 32
+    for body in range(20):
+        store.add([span(f"{body * 1000 + i + 1:016x}", trace=hot, ts=10_000 + body * 1000 + i) for i in range(1000)])
+    kept = [tid for tid in others if store.tree(tid) is not None]
+    assert kept == others, f"expected the other traces kept, got {kept} of {others}"
+    tree = store.tree(hot)
+    assert tree is not None
+    assert tree["span_count"] == 100 and store.span_count == 150, \
+        f"expected the hot trace cut at 100 spans (a tenth of 1000) and 150 spans stored, got {tree['span_count']} and {store.span_count}"
+    assert (tree["truncated"], tree["dropped_spans"], store.dropped_spans) == (True, 19_900, 19_900), \
+        f"expected the trace marked truncated with 19,900 spans dropped, got {tree['truncated']}, {tree['dropped_spans']}, {store.dropped_spans}"
+    listed = {t["trace_id"]: t for t in store.traces(limit=10)}
+    assert listed[hot]["truncated"] and not listed[others[0]]["truncated"], f"expected only the hot trace truncated, got {listed}"
+    again = store.add([span("0000000000000001", trace=hot, ts=10_000)])
+    assert again == 0 and store.tree(hot)["span_count"] == 100, "expected a span already kept taken again at the cap"
