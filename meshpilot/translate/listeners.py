@@ -132,7 +132,7 @@ def access_log(direction: str, fields: dict[str, str]) -> accesslog_pb2.AccessLo
     fmt = struct_pb2.Struct()
     fmt.update({
         "time": "%START_TIME%", "direction": direction, "protocol": "%PROTOCOL%", "method": "%REQ(:METHOD)%",
-        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "authority": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%",
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH):1024%", "authority": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%",
         "flags": "%RESPONSE_FLAGS%", "duration_ms": "%DURATION%", "bytes_in": "%BYTES_RECEIVED%",
         "bytes_out": "%BYTES_SENT%", "upstream_host": "%UPSTREAM_HOST%", "upstream_cluster": "%UPSTREAM_CLUSTER%",
         "peer": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", "trace_id": "%TRACE_ID%", **fields,

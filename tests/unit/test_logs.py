@@ -311,3 +311,14 @@ def test_an_access_record_only_from_access_log_lines() -> None:
     assert access_record("{broken", "n", "s.d", "i", 1.0) is None
     r = access_record('{"direction": "outbound", "status": "404", "trace_id": null, "time": "junk"}', "n", "s.d", "i", 7.0)
     assert r is not None and (r["level"], r["trace_id"], r["time"]) == ("warn", "", 7.0), r
+
+
+def test_the_access_log_cuts_the_path_in_envoy() -> None:
+    from google.protobuf import json_format
+
+    from meshpilot.translate.listeners import access_log
+
+    doc = json_format.MessageToDict(access_log("inbound", {}).typed_config)
+    fmt = doc["logFormat"]["jsonFormat"]
+    assert fmt["path"] == "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH):1024%", \
+        f"expected Envoy to cut the logged path at 1,024 characters, got {fmt['path']!r}"
