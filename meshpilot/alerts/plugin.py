@@ -8,10 +8,10 @@ Routes of the management API (docs/observability.md, Logs and alerts):
 - ``PUT /v1/alerts/{name}`` and ``DELETE /v1/alerts/{name}`` (write token): a rule is validated where
   it enters (meshpilot/alerts/rules.py; a 400 names each bad field) and kept in the registry's store
   (table ``meta``, key ``alerts/<name>``), durable before the answer, so rules survive a restart and
-  replicas sharing a store share them.
+  replicas sharing a store share them. At most ``MAX_RULES`` rules: one more is a 409 naming ``name``.
 
-A supervised task evaluates every rule each ``alert_interval_s``: a log rule counts the records of
-this control plane's log store through the ``LogCounter`` the logs part offers for it
+A supervised task evaluates every rule each ``alert_interval_s``, ``MAX_CONCURRENT_QUERIES`` at once: a
+log rule counts (in a thread) the records of this control plane's log store through the ``LogCounter`` the logs part offers for it
 (meshpilot/telemetry/logs.py; alerts do not import the logs part), a metric rule asks the
 Prometheus at ``prometheus_url`` (``/api/v1/query``). States live in memory: after a restart every
 rule starts ``inactive`` and is evaluated again, and each replica evaluates against what it holds.
@@ -38,12 +38,14 @@ from meshpilot.parts import Core, Part, Task
 from meshpilot.registry.store import Store
 from meshpilot.telemetry.logs import LogCounter, counter_of
 
-__all__ = ["Alerts", "PrometheusError", "alert_routes", "install", "prometheus_values"]
+__all__ = ["MAX_CONCURRENT_QUERIES", "MAX_RULES", "Alerts", "PrometheusError", "alert_routes", "install", "prometheus_values"]
 
 log = logging.getLogger("meshpilot.alerts")
 
 _TABLE = "meta"
 _PREFIX = "alerts/"
+MAX_RULES = 100  # rules kept; one more is a 409 (each costs a count or a query per evaluation)
+MAX_CONCURRENT_QUERIES = 8  # rules evaluated at once: a slow Prometheus holds up at most this many
 
 MetricSource = Callable[[str], Awaitable[list[float]]]
 
@@ -113,6 +115,9 @@ class Alerts:
     async def put(self, rule: AlertRule) -> bool:
         """Keep the rule (durable on return); True when it is new. A changed rule starts inactive."""
         new = self.store.get(_TABLE, _PREFIX + rule.name) is None
+        if new and sum(1 for key, _ in self.store.items(_TABLE) if key.startswith(_PREFIX)) >= MAX_RULES:
+            raise ApiError(409, f"name: at most {MAX_RULES} alert rules; delete one before adding {rule.name!r}",
+                           [{"field": "name", "reason": f"at most {MAX_RULES} rules"}])
         self.store.write({(_TABLE, _PREFIX + rule.name): rule.doc()})
         await self.store.sync()
         self.states.pop(rule.name, None)
@@ -131,7 +136,8 @@ class Alerts:
             counter = self.counter()
             if counter is None:
                 raise PrometheusError("log: this control plane keeps no log records (the logs part is off)")
-            return [float(counter.count(rule.log.match(), now - rule.log.window, now))]
+            # in a thread (the store counts over a snapshot): a scan does not hold up xDS and the API
+            return [float(await asyncio.to_thread(counter.count, rule.log.match(), now - rule.log.window, now))]
         assert rule.metric is not None
         if self.metrics is None:
             raise PrometheusError("prometheus_url: not set; a metric rule needs the mesh's Prometheus")
@@ -140,13 +146,25 @@ class Alerts:
     async def evaluate(self) -> None:
         now = self.clock()
         rules = self.rules()
-        for rule in rules:
+        slots = asyncio.Semaphore(MAX_CONCURRENT_QUERIES)
+
+        async def value(rule: AlertRule) -> list[float] | str:
+            async with slots:
+                try:
+                    return await self._value(rule, now)
+                except PrometheusError as exc:
+                    return str(exc)
+
+        async with asyncio.TaskGroup() as tg:  # at most MAX_CONCURRENT_QUERIES at once, not one after another
+            values = [tg.create_task(value(rule)) for rule in rules]
+        for rule, task in zip(rules, values):
             prev = self.states.get(rule.name, AlertState())
-            try:
-                value, holds = pick(await self._value(rule, now), rule.op, rule.threshold)
-                state = step(prev, now, rule.for_, holds, value)
-            except PrometheusError as exc:
-                state = step(prev, now, rule.for_, False, None, str(exc))
+            got = task.result()
+            if isinstance(got, str):
+                state = step(prev, now, rule.for_, False, None, got)
+            else:
+                v, holds = pick(got, rule.op, rule.threshold)
+                state = step(prev, now, rule.for_, holds, v)
             if state.state != prev.state:
                 log.info("event=alert_state rule=%s state=%s value=%s", rule.name, state.state, state.value)
             self.states[rule.name] = state
@@ -198,7 +216,7 @@ def alert_routes(alerts: Alerts) -> list[Route]:
         Route("GET", "/v1/alerts", list_rules, "Alert rules with their state (inactive, pending, firing), since, value and last evaluation", scope="read"),
         Route("GET", "/v1/alerts/{name}", get_rule, "One alert rule with its state", scope="read"),
         Route("PUT", "/v1/alerts/{name}", put_rule, "Create or replace an alert rule (a log or a metric rule with a threshold and `for`)",
-              body=AlertRule, scope="write"),
+              body=AlertRule, scope="write", errors=("409",)),
         Route("DELETE", "/v1/alerts/{name}", delete_rule, "Delete an alert rule", scope="write"),
     ]
 

@@ -18,6 +18,7 @@ same control plane (``offer_counter``), so a log rule counts what this store hol
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Annotated, Any, Literal
@@ -121,7 +122,8 @@ def log_routes(store: LogStore, clock: Any = time.time) -> list[Route]:
         match = query_match(q)
         since = _time(q.get("since", ""), "since", 0.0, now)
         until = _time(q.get("until", ""), "until", float("inf"), now)
-        found = store.search(match, since, until, _limit(q.get("limit", "100")))
+        # in a thread over a snapshot: a scan of every record does not hold up xDS and the API
+        found = await asyncio.to_thread(store.search, match, since, until, _limit(q.get("limit", "100")))
         out = [{**r, "trace": f"/v1/traces/{r['trace_id']}"} if r["trace_id"] else r for r in found]
         return web.json_response({"records": out, "stored_records": len(store), "max_records": store.max_records,
                                   "stored_bytes": store.bytes, "max_bytes": store.max_bytes})

@@ -7,7 +7,10 @@ across a restart and replicas do not share it (each keeps what its sidecars sent
 looking at what the mesh does now and for the alert rules' recent windows, not a log archive. A
 record that arrives twice (a shipper sends a batch again when our 2xx was lost) is kept once, by its
 id. ``search`` answers the newest matching records first; ``count`` is the ``LogCounter`` the alert
-rules read (meshpilot/telemetry/logs.py). Pure: no I/O.
+rules read (meshpilot/telemetry/logs.py). Each record's line is kept lower-cased too, once, as it
+arrives (counted in the bytes; shared when the line has no upper case), so a text search compares
+without copying every line. ``search`` and ``count`` work on a snapshot of the records, so they may run in
+a thread while the event loop adds records (the routes and the alert rules run them so). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -36,14 +39,16 @@ class LogStore:
         self.max_records = max_records
         self.max_bytes = max_bytes
         self.bytes = 0  # size_of every kept record
-        self._records: deque[dict[str, Any]] = deque()
+        self._records: deque[tuple[dict[str, Any], str, int]] = deque()  # (record, its line lower-cased, size)
         self._ids: set[str] = set()
         self.dropped = 0  # records that left for the bounds
 
     @staticmethod
-    def size_of(r: dict[str, Any]) -> int:
-        """About the bytes a kept record holds: its strings (a character is a byte or more) and a fixed cost."""
-        return _RECORD_BYTES + len(r["line"]) + len(r["node"]) + len(r["service"]) + len(r["instance"])
+    def size_of(r: dict[str, Any], lowered: str | None = None) -> int:
+        """About the bytes a kept record holds: its strings (a character is a byte or more), the lower-cased
+        copy of its line when that is another string, and a fixed cost."""
+        low = 0 if lowered is None or lowered is r["line"] else len(lowered)
+        return _RECORD_BYTES + len(r["line"]) + low + len(r["node"]) + len(r["service"]) + len(r["instance"])
 
     def __len__(self) -> int:
         return len(self._records)
@@ -54,20 +59,24 @@ class LogStore:
         for r in records:
             if r["id"] in self._ids:
                 continue
-            self._records.append(r)
+            lowered = r["line"].lower()
+            if lowered == r["line"]:
+                lowered = r["line"]  # one string, not two
+            size = self.size_of(r, lowered)
+            self._records.append((r, lowered, size))
             self._ids.add(r["id"])
-            self.bytes += self.size_of(r)
+            self.bytes += size
             new += 1
         while len(self._records) > self.max_records or (self.bytes > self.max_bytes and self._records):
-            gone = self._records.popleft()
+            gone, _, size = self._records.popleft()
             self._ids.discard(gone["id"])
-            self.bytes -= self.size_of(gone)
+            self.bytes -= size
             self.dropped += 1
         return new
 
     def _select(self, match: LogMatch, since: float, until: float) -> Iterable[dict[str, Any]]:
-        for r in self._records:
-            if since <= r["time"] < until and match.matches(r):
+        for r, lowered, _ in list(self._records):  # a snapshot: the loop may add records meanwhile
+            if since <= r["time"] < until and match.matches(r, lowered):
                 yield r
 
     def search(self, match: LogMatch, since: float = 0.0, until: float = float("inf"), limit: int = 100) -> list[dict[str, Any]]:

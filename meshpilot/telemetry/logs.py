@@ -155,7 +155,9 @@ class LogMatch:
     trace_id: str = ""
     text: str = ""
 
-    def matches(self, r: dict[str, Any]) -> bool:
+    def matches(self, r: dict[str, Any], lowered: str | None = None) -> bool:
+        """Whether ``r`` is selected; ``lowered``: its line lower-cased already (a store keeps it once, so a
+        text search does not lower-case every line again)."""
         if self.service:
             s = r["service"]
             if s != self.service and s.split(".", 1)[0] != self.service:
@@ -168,7 +170,9 @@ class LogMatch:
             return False
         if self.trace_id and r["trace_id"] != self.trace_id:
             return False
-        return not self.text or self.text.lower() in r["line"].lower()
+        if not self.text:
+            return True
+        return self.text.lower() in (r["line"].lower() if lowered is None else lowered)
 
 
 class LogCounter(Protocol):

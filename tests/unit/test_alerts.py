@@ -208,3 +208,55 @@ async def test_the_routes_keep_rules_with_field_errors_and_scopes() -> None:
     finally:
         await client.close()
         cp.registry.store.close()
+
+
+async def test_log_counts_run_off_the_event_loop_and_metric_rules_concurrently_within_a_bound() -> None:
+    import asyncio
+    import threading
+
+    from meshpilot.alerts.plugin import MAX_CONCURRENT_QUERIES
+
+    counted: list[int] = []
+
+    class Watched(LogStore):
+        def count(self, *args: Any, **kw: Any) -> int:
+            counted.append(threading.get_ident())
+            return super().count(*args, **kw)
+
+    in_flight, most = 0, 0
+
+    async def metrics(query: str) -> list[float]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return [1.0]
+
+    logs = Watched()
+    alerts = Alerts(MemoryStore(), lambda: logs, metrics, Clock(10.0))
+    await alerts.put(AlertRule.model_validate(LOG_RULE))
+    for i in range(3 * MAX_CONCURRENT_QUERIES):
+        await alerts.put(AlertRule.model_validate({"name": f"m{i}", "metric": {"query": "up"}, "threshold": 0}))
+    await alerts.evaluate()
+    assert counted and counted[0] != threading.get_ident(), "expected a log rule's count to run in a thread, not on the event loop"
+    assert most == MAX_CONCURRENT_QUERIES, f"expected {MAX_CONCURRENT_QUERIES} metric queries at once (a slow one not holding up the rest), got {most}"
+    assert all(alerts.states[f"m{i}"].state == "firing" for i in range(3 * MAX_CONCURRENT_QUERIES)), alerts.states
+
+
+async def test_the_number_of_rules_is_bounded_with_a_409_naming_the_field() -> None:
+    from meshpilot.alerts.plugin import MAX_RULES
+
+    cp, client, alerts = await _client(None)
+    try:
+        for i in range(MAX_RULES):
+            alerts.store.write({("meta", f"alerts/r{i}"): {**LOG_RULE, "name": f"r{i}"}})
+        r = await client.put("/v1/alerts/one-more", json={**LOG_RULE, "name": "one-more"})
+        body = await r.json()
+        assert r.status == 409 and body["fields"][0]["field"] == "name", f"expected a 409 naming name past {MAX_RULES} rules, got {r.status} {body}"
+        assert alerts.rule("one-more") is None, "expected nothing stored"
+        r = await client.put("/v1/alerts/r0", json={**LOG_RULE, "name": "r0", "threshold": 9})
+        assert r.status == 200, f"expected a rule replaced at the bound, got {r.status} {await r.text()}"
+    finally:
+        await client.close()
+        cp.registry.store.close()

@@ -322,3 +322,27 @@ def test_the_access_log_cuts_the_path_in_envoy() -> None:
     fmt = doc["logFormat"]["jsonFormat"]
     assert fmt["path"] == "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH):1024%", \
         f"expected Envoy to cut the logged path at 1,024 characters, got {fmt['path']!r}"
+
+
+async def test_a_search_runs_off_the_event_loop_over_a_snapshot() -> None:
+    import threading
+
+    seen: list[int] = []
+
+    class Watched(LogStore):
+        def search(self, *args: Any, **kw: Any) -> list[dict[str, Any]]:
+            seen.append(threading.get_ident())
+            return super().search(*args, **kw)
+
+    cp = ControlPlane(Settings(store="memory:"))
+    store = Watched()
+    client = TestClient(TestServer(build_api(cp.settings, cp.registry, cp.xds, routes=log_routes(store))))
+    await client.start_server()
+    try:
+        store.add([normalise(rec("Straße ÄRGER timeout")), normalise(rec("other"))])
+        found = (await (await client.get("/v1/logs?q=ärger")).json())["records"]
+        assert [r["line"] for r in found] == ["Straße ÄRGER timeout"], f"expected a case-insensitive match, got {found}"
+        assert seen and seen[0] != threading.get_ident(), "expected the search to run in a thread, not on the event loop"
+    finally:
+        await client.close()
+        cp.registry.store.close()
