@@ -11,8 +11,8 @@ Routes of the management API (docs/observability.md, Tracing):
 - ``GET /v1/traces/{trace_id}`` — one trace as a tree of spans, ready for a waterfall (read token), with
   ``logs``: the search of its log lines (``/v1/logs?trace_id=``).
 
-The spans live in a ``TraceStore`` in memory, bounded by ``trace_store_spans`` (one trace by a tenth of
-it: past that its spans are dropped and the trace is marked ``truncated``); they are not kept across
+The spans live in a ``TraceStore`` in memory, bounded by ``trace_store_spans`` and ``trace_store_bytes``
+(one trace by a tenth of each: past that its spans are dropped and the trace is marked ``truncated``); they are not kept across
 a restart, nor shared between replicas (each keeps what its sidecars sent it).
 """
 
@@ -136,7 +136,8 @@ def trace_routes(store: TraceStore) -> list[Route]:
         service = q.get("service", "").strip().lower()
         found = store.traces(service, _since(q.get("since", "")), _limit(q.get("limit", "20")))
         return web.json_response({"traces": found, "stored_spans": store.span_count, "max_spans": store.max_spans,
-                                  "max_trace_spans": store.max_trace_spans, "dropped_spans": store.dropped_spans})
+                                  "max_trace_spans": store.max_trace_spans, "dropped_spans": store.dropped_spans,
+                                  "stored_bytes": store.bytes, "max_bytes": store.max_bytes})
 
     async def get_trace(request: web.Request) -> web.Response:
         raw = request.match_info["trace_id"]
@@ -158,5 +159,5 @@ def trace_routes(store: TraceStore) -> list[Route]:
 
 
 def install(core: Core) -> Part:
-    store = TraceStore(core.settings.trace_store_spans)
+    store = TraceStore(core.settings.trace_store_spans, max_bytes=core.settings.trace_store_bytes)
     return Part(routes=trace_routes(store))

@@ -1,7 +1,9 @@
 """The control plane's trace store: the newest spans sidecars shipped, grouped by trace, in memory.
 
-Bounded by a span count: when adding spans would pass ``max_spans``, whole traces go, the ones least
-recently written first. One trace holds at most ``max_trace_spans`` (a tenth of the store unless told):
+Bounded by a span count and by bytes: when adding spans would pass ``max_spans`` spans or ``max_bytes``
+bytes (about: the spans' strings and a fixed cost per span and per trace, ``size_of``), whole traces
+go, the ones least recently written first. One trace holds at most ``max_trace_spans`` spans (a tenth
+of the store unless told) and a tenth of ``max_bytes``:
 a caller's sampling decision is kept from any peer, so anyone who can reach a sidecar can write every
 request into one trace id, and such a trace must not grow without bound nor push out every other
 trace. Spans past a trace's share are dropped and counted (``dropped_spans``), and the trace is
@@ -20,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TraceStore"]
+__all__ = ["TraceStore", "size_of"]
 
 
 def _service(span: Mapping[str, Any]) -> str:
@@ -38,26 +40,55 @@ def _services(span: Mapping[str, Any]) -> set[str]:
     return out
 
 
+# what a kept span costs besides its strings (its dict, ints, ids, endpoints, the key): measured with
+# tracemalloc, about 1 KB; a tag or an annotation costs its dict slot or dict and its string objects
+_SPAN_BYTES = 1024
+_TAG_BYTES = 120
+_ANNOTATION_BYTES = 250
+_TRACE_BYTES = 1200  # a trace's own record: its dict of spans, its set of services, its entry
+
+
+def size_of(span: Mapping[str, Any]) -> int:
+    """About the bytes a kept span holds: its strings (a character is a byte or more) and fixed costs."""
+    n = _SPAN_BYTES + len(span.get("name") or "")
+    for key in ("localEndpoint", "remoteEndpoint"):
+        for value in (span.get(key) or {}).values():
+            if isinstance(value, str):
+                n += len(value)
+    for k, v in (span.get("tags") or {}).items():
+        n += _TAG_BYTES + len(k) + len(v)
+    for a in span.get("annotations") or ():
+        n += _ANNOTATION_BYTES + len(a.get("value") or "")
+    return n
+
+
 @dataclass(slots=True)
 class _Trace:
     spans: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
     services: set[str] = field(default_factory=set)
     start: int = 0
     end: int = 0
+    bytes: int = _TRACE_BYTES
     dropped: int = 0  # spans refused past the trace's share of the store
 
 
 class TraceStore:
-    def __init__(self, max_spans: int = 100_000, max_trace_spans: int | None = None) -> None:
+    def __init__(self, max_spans: int = 100_000, max_trace_spans: int | None = None,
+                 max_bytes: int = 256 * 1024 * 1024) -> None:
         if max_spans < 1:
             raise ValueError(f"max_spans: at least 1, got {max_spans}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes: at least 1, got {max_bytes}")
         per_trace = max(1, max_spans // 10) if max_trace_spans is None else max_trace_spans
         if not 1 <= per_trace <= max_spans:
             raise ValueError(f"max_trace_spans: from 1 to max_spans ({max_spans}), got {per_trace}")
         self.max_spans = max_spans
         self.max_trace_spans = per_trace
+        self.max_bytes = max_bytes
+        self.max_trace_bytes = max_bytes // 10
         self._traces: OrderedDict[str, _Trace] = OrderedDict()  # least recently written first
         self.span_count = 0
+        self.bytes = 0  # size_of every kept span and each trace's own cost
         self.evicted_traces = 0
         self.dropped_spans = 0
 
@@ -66,27 +97,39 @@ class TraceStore:
         new = 0
         for span in spans:
             tid = str(span["traceId"])
+            key = (str(span["id"]), str(span.get("kind") or ""), _service(span))
+            size = size_of(span)
             trace = self._traces.get(tid)
             if trace is None:
+                if _TRACE_BYTES + size > self.max_trace_bytes:  # alone past a trace's share
+                    self.dropped_spans += 1
+                    continue
                 trace = self._traces[tid] = _Trace(start=int(span["timestamp"]), end=int(span["timestamp"]))
+                self.bytes += trace.bytes
             else:
                 self._traces.move_to_end(tid)
-            key = (str(span["id"]), str(span.get("kind") or ""), _service(span))
-            if key not in trace.spans:
-                if len(trace.spans) >= self.max_trace_spans:
+            old = trace.spans.get(key)
+            if old is None:
+                if len(trace.spans) >= self.max_trace_spans or trace.bytes + size > self.max_trace_bytes:
                     trace.dropped += 1
                     self.dropped_spans += 1
                     continue
                 new += 1
                 self.span_count += 1
+            else:
+                size -= size_of(old)
             trace.spans[key] = dict(span)
+            trace.bytes += size
+            self.bytes += size
             trace.services |= _services(span)
             begin = int(span["timestamp"])
             trace.start = min(trace.start, begin)
             trace.end = max(trace.end, begin + int(span.get("duration") or 0))
-        while self.span_count > self.max_spans and len(self._traces) > 1:
-            _, old = self._traces.popitem(last=False)
-            self.span_count -= len(old.spans)
+        # the newest trace holds at most a tenth of either bound, so the loop ends within both
+        while (self.span_count > self.max_spans or self.bytes > self.max_bytes) and len(self._traces) > 1:
+            _, gone = self._traces.popitem(last=False)
+            self.span_count -= len(gone.spans)
+            self.bytes -= gone.bytes
             self.evicted_traces += 1
         return new
 

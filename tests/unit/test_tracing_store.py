@@ -194,6 +194,8 @@ async def test_kept_spans_are_listed_and_shown_as_a_tree() -> None:
         assert r.status == 201 and answer["accepted"] == 2, f"got {answer}"
         listed = await (await client.get("/v1/traces?service=api&since=0")).json()
         assert [t["trace_id"] for t in listed["traces"]] == [T], f"got {listed}"
+        assert 0 < listed["stored_bytes"] <= listed["max_bytes"] and listed["max_trace_spans"] == listed["max_spans"] // 10, \
+            f"expected the store's bounds in the answer, got {listed}"
         r = await client.get(f"/v1/traces/{T.upper()}")
         tree = await r.json()
         assert r.status == 200 and tree["roots"][0]["children"][0]["service"] == "api", f"got {tree}"
@@ -227,3 +229,44 @@ def test_one_trace_cannot_grow_past_its_share_nor_push_out_every_other_trace() -
     assert listed[hot]["truncated"] and not listed[others[0]]["truncated"], f"expected only the hot trace truncated, got {listed}"
     again = store.add([span("0000000000000001", trace=hot, ts=10_000)])
     assert again == 0 and store.tree(hot)["span_count"] == 100, "expected a span already kept taken again at the cap"
+
+
+def _big(sid: str, trace: str, ts: int) -> dict[str, Any]:
+    """A span at the record's bounds, decoded from JSON as a posted body is (its strings each their own
+    object): 64 tags of 4 KiB and 64 annotations, about 290 KB kept."""
+    raw = json.dumps({"traceId": trace, "id": sid, "kind": "SERVER", "name": "GET /x", "timestamp": T0 + ts, "duration": 10,
+                      "localEndpoint": {"serviceName": "api"},
+                      "tags": {f"tag-{j:02d}": f"{trace}{sid}{j}".ljust(4096, "v") for j in range(64)},
+                      "annotations": [{"timestamp": T0 + ts, "value": f"{sid}{j}".ljust(256, "a")} for j in range(64)]})
+    return normalise(json.loads(raw))
+
+
+def test_the_store_is_bounded_by_bytes_and_the_traces_least_recently_written_go() -> None:
+    import gc
+    import tracemalloc
+
+    budget = 16 * 1024 * 1024
+    gc.collect()
+    tracemalloc.start()
+    try:
+        store = TraceStore(max_spans=100_000, max_bytes=budget)
+        for n in range(40):  # 40 traces of 4 big spans, about 46 MB unbounded
+            store.add([_big(f"{i + 1:016x}", f"{n + 1:032x}", n * 10 + i) for i in range(4)])
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert store.bytes <= budget, f"expected at most {budget} bytes counted, got {store.bytes}"
+    assert held <= budget * 1.1, f"expected the store to hold about its budget of {budget} bytes, tracemalloc says {held}"
+    newest = store.tree(f"{40:032x}")
+    assert newest is not None and newest["span_count"] == 4 and not newest["truncated"], \
+        f"expected the newest trace whole, got {newest and newest['span_count']}"
+    assert store.tree(f"{1:032x}") is None and store.evicted_traces > 0, "expected the oldest traces evicted for the byte budget"
+    # one trace holds at most a tenth of the budget: the rest of its spans are dropped and counted
+    store.add([_big(f"{i + 1:016x}", "e" * 32, 10_000 + i) for i in range(20)])
+    hot = store.tree("e" * 32)
+    assert hot is not None and hot["truncated"] and hot["span_count"] == 5 and hot["dropped_spans"] == 15, \
+        f"expected the trace cut at a tenth of the budget (5 big spans), got {hot and (hot['span_count'], hot['dropped_spans'])}"
+    assert store.tree(f"{40:032x}") is not None, "expected the newest other trace kept"
+    with pytest.raises(ValueError, match="max_bytes"):
+        TraceStore(max_bytes=0)
