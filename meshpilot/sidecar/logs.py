@@ -13,7 +13,9 @@ plane is down and arrive later, at least once (the store keeps each record id on
 
 A ``Follower`` reads one file from an offset kept in ``<workdir>/logs/follow.json`` with the file's
 inode, written after the records are in the spool, so an agent restart neither loses nor repeats
-lines. A file renamed away (rotated) is read to its end before the new file at the path is followed
+lines. A file with no kept offset (never followed) is followed from its end as it is when the collector
+starts, as ``tail -F`` does, so its history does not arrive stamped as new; a file that appears later is
+read from its start. A file renamed away (rotated) is read to its end before the new file at the path is followed
 from its start; a file that shrank (truncated in place) is read again from its start (one that was
 truncated and grew past the offset again between two reads, 0.25 s apart, is read on from the offset:
 a size check cannot see that). A line longer
@@ -196,6 +198,17 @@ def app_record(text: str, node: str, service: str, instance: str, now: float) ->
             "source": "app", "level": guess_level(text), "trace_id": find_trace_id(text), "line": text[:MAX_LINE]}
 
 
+def _end_of(path: Path) -> tuple[int, int]:
+    """Where to follow a file from that was never followed: its current end, as ``tail -F`` does (its
+    history is not the mesh's now, and would be stamped with the time it is read); (0, 0), its start, for
+    a file that does not exist yet."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0, 0
+    return st.st_ino, st.st_size
+
+
 class Collector:
     """Follows the node's log sources into the spool; ``poll`` once, or ``run`` every ``interval_s``."""
 
@@ -209,7 +222,12 @@ class Collector:
         self.clock = clock
         self.arrived = asyncio.Event()
         kept = self._load()
-        self.followers = [Follower(s.path, *kept.get(str(s.path), (0, 0))) for s in sources]
+        self.followers = [Follower(s.path, *kept.get(str(s.path)) or _end_of(s.path)) for s in sources]
+        if any(str(s.path) not in kept for s in sources):
+            try:
+                self._save()  # where a file was first seen, so a restart before its next line goes on from there
+            except OSError as exc:
+                log.error("event=log_follow_state_unwritable path=%s error=%r", self.state_file, exc)
 
     def _load(self) -> dict[str, tuple[int, int]]:
         try:

@@ -283,11 +283,11 @@ def test_the_collector_keeps_access_and_app_records_and_its_offsets(tmp_path: Pa
     envoy = tmp_path / "envoy.log"
     app = tmp_path / "app.log"
     access = {"time": "2026-12-02T10:00:00.500Z", "direction": "inbound", "status": 503, "trace_id": T, "path": "/x"}
-    envoy.write_text("[2026-12-02 10:00:00.000][1][info][main] starting\n" + json.dumps(access) + "\n")
-    app.write_text(f"ERROR payment failed trace_id={T}\n\nall good\n")
     sources = [LogSource(envoy, "access", "web.default", "web-1"), LogSource(app, "app", "pay.default", "pay-1")]
     spool = Spool(tmp_path / "logs", prefix="logs-")
     c = Collector(spool, sources, "web-1", tmp_path / "logs" / "follow.json", clock=lambda: 2000.0)
+    envoy.write_text("[2026-12-02 10:00:00.000][1][info][main] starting\n" + json.dumps(access) + "\n")  # files that appear later
+    app.write_text(f"ERROR payment failed trace_id={T}\n\nall good\n")  # are read from their start
     assert c.poll() == 3, "expected Envoy's own line and the blank line left out"
     lines, _ = spool.read()
     records = [from_line(x) for x in lines]
@@ -346,3 +346,24 @@ async def test_a_search_runs_off_the_event_loop_over_a_snapshot() -> None:
     finally:
         await client.close()
         cp.registry.store.close()
+
+
+def test_a_file_never_followed_is_read_from_its_end_at_first_sight(tmp_path: Path) -> None:
+    old = tmp_path / "old.log"
+    old.write_text("ERROR last week\n" * 100)
+    sources = [LogSource(old, "app", "pay.default", "pay-1")]
+    spool = Spool(tmp_path / "logs", prefix="logs-")
+    state = tmp_path / "logs" / "follow.json"
+    c = Collector(spool, sources, "web-1", state, clock=lambda: 2000.0)
+    with old.open("a") as out:
+        out.write("ERROR today\n")
+    assert c.poll() == 1, "expected only the line written after the agent first saw the file, not its history"
+    assert [from_line(x)["line"] for x in spool.read()[0]] == ["ERROR today"]
+    for f in c.followers:
+        f.close()
+    with old.open("a") as out:
+        out.write("while down\n")
+    again = Collector(spool, sources, "web-1", state)
+    assert again.poll() == 1, "expected a file followed before to go on from its kept offset"
+    for f in again.followers:
+        f.close()
