@@ -10,7 +10,8 @@ control-plane replicas are live (the store's ``replicas`` table), and from them 
   caller's token; one that does not answer within a second is left out and logged);
 - ``GET /v1/topology`` (scope read): services and caller → callee edges over a window (``?window=``,
   default ``topology_window_s``; ``?namespace=``: only what touches it), computed from the Prometheus at
-  ``prometheus_url`` (graph.py).
+  ``prometheus_url`` (graph.py); a window whose raw samples exceed prometheus.MAX_SAMPLES is a 400 naming
+  ``window`` and the longest one that fits.
 
 The file lists the sidecars connected to this replica; with several replicas, Prometheus is given every
 replica's file, or the URL of any one (docs/observability.md).
@@ -35,7 +36,7 @@ from meshpilot.model import dns_label
 from meshpilot.parts import Core, Part, Task
 from meshpilot.policy.governance import REPLICAS
 from meshpilot.topology.graph import Queried, topology
-from meshpilot.topology.prometheus import PrometheusError, query_all
+from meshpilot.topology.prometheus import PrometheusError, WindowTooLarge, query_all
 from meshpilot.topology.targets import file_sd, host_port, merge_file_sd, write_file_sd
 from meshpilot.xds.resource import NodeInfo
 
@@ -157,6 +158,8 @@ def install(core: Core) -> Part:
             got = await query_all(s.prometheus_url, window, now)
         except PrometheusError as exc:
             raise ApiError(502, str(exc), [{"field": "prometheus_url", "reason": "no answer"}]) from None
+        except WindowTooLarge as exc:
+            raise ApiError(400, str(exc), [{"field": "window", "reason": str(exc).partition(": ")[2]}]) from None
         reg = core.registry
         return web.json_response(topology(Queried(
             requests=got["requests"], requests_before=got["requests_before"], errors=got["errors"],

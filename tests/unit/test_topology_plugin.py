@@ -140,3 +140,87 @@ def test_the_targets_route_adds_the_sidecars_of_the_other_replicas_asking_with_t
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+@contextlib.asynccontextmanager
+async def _fake_prometheus(answer: Any) -> AsyncIterator[tuple[str, list[str]]]:
+    """A Prometheus HTTP API on 127.0.0.1 answering ``answer(promql)`` (a JSON-able body or raw bytes) to
+    every /api/v1/query; the queries asked, in order."""
+    asked: list[str] = []
+
+    async def query(request: web.Request) -> web.Response:
+        promql = request.query.get("query", "")
+        asked.append(promql)
+        got = answer(promql)
+        return web.Response(body=got, content_type="application/json") if isinstance(got, bytes) else web.json_response(got)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/query", query)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", asked
+    finally:
+        await runner.cleanup()
+
+
+def _vector(value: float) -> dict[str, Any]:
+    return {"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}, "value": [1.0, str(value)]}]}}
+
+
+_EMPTY = {"status": "success", "data": {"resultType": "vector", "result": []}}
+
+
+def test_a_window_holding_more_samples_than_read_is_refused_naming_window_before_they_are_asked_for() -> None:
+    from meshpilot.topology import prometheus
+
+    def answer(promql: str) -> Any:
+        # each of the three range queries holds MAX_SAMPLES samples a day: 24h is three times the bound
+        if promql.startswith("sum(count_over_time("):
+            return _vector(prometheus.MAX_SAMPLES * int(promql.rpartition("[")[2].partition("ms]")[0]) / 86_400_000)
+        return _EMPTY
+
+    async def scenario() -> None:
+        async with _fake_prometheus(answer) as (prom, asked), _serving(prometheus_url=prom) as (_, api):
+            status, body = await _get(api + "/v1/topology?window=24h")
+            assert status == 400 and body["error"].startswith("window: ") and "at most 28800s" in body["error"], \
+                f"expected 400 naming window and the longest that fits (24h / 3), got {status}: {body}"
+            raw = [q for q in asked if q.endswith("ms]")]
+            assert raw == [], f"expected no range query asked once the count is over, got {raw}"
+            status, body = await _get(api + "/v1/topology?window=1h")
+            assert status == 200 and body["edges"] == [], f"expected a window under the bound answered, got {status}: {body}"
+
+    asyncio.run(scenario())
+
+
+def test_an_answer_past_the_byte_bound_is_a_502_and_answers_are_decoded_off_the_loop(monkeypatch: Any) -> None:
+    import threading
+
+    from meshpilot.topology import prometheus
+
+    decoded: list[int] = []
+    real = prometheus.parse_series
+
+    def parse(result: Any) -> Any:
+        decoded.append(threading.get_ident())
+        return real(result)
+
+    monkeypatch.setattr(prometheus, "parse_series", parse)
+    monkeypatch.setattr(prometheus, "MAX_BODY", 4096)
+    big = json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": {"peer": f"10.0.{i // 256}.{i % 256}"}, "value": [1.0, "1"]} for i in range(200)]}}).encode()
+
+    async def scenario() -> None:
+        async with _fake_prometheus(lambda q: _EMPTY) as (prom, _), _serving(prometheus_url=prom) as (_, api):
+            status, body = await _get(api + "/v1/topology?window=5m")
+            assert status == 200, f"expected the topology, got {status}: {body}"
+        loop = threading.get_ident()
+        assert decoded and loop not in decoded, f"expected every answer decoded on a worker thread, not the loop's ({loop}), got {decoded}"
+        async with _fake_prometheus(lambda q: big) as (prom, _), _serving(prometheus_url=prom) as (_, api):
+            status, body = await _get(api + "/v1/topology?window=5m")
+            assert status == 502 and body["error"].startswith("prometheus_url: ") and "more than 4096 bytes" in body["error"], \
+                f"expected 502 naming prometheus_url and the byte bound, got {status}: {body}"
+
+    asyncio.run(scenario())
