@@ -18,7 +18,10 @@ starts, as ``tail -F`` does, so its history does not arrive stamped as new; a fi
 read from its start. A file renamed away (rotated) is read to its end before the new file at the path is followed
 from its start; a file that shrank (truncated in place) is read again from its start (one that was
 truncated and grew past the offset again between two reads, 0.25 s apart, is read on from the offset:
-a size check cannot see that). A line longer
+a size check cannot see that). ``<workdir>/envoy.log`` is the
+agent's own file (``LogSource.max_bytes``): once it is past ``ENVOY_LOG_MAX_BYTES`` and read to its end,
+the collector truncates it in place and Envoy's appends go on at its start, so it stays bounded without
+rename rotation (which Envoy, holding the renamed file open, would not follow). A line longer
 than ``MAX_LINE`` bytes is cut there and the rest of it skipped; undecodable bytes are replaced.
 docs/observability.md (Logs and alerts) has the operator's view.
 """
@@ -40,21 +43,25 @@ from typing import Any
 from meshpilot.sidecar.traces import Spool
 from meshpilot.telemetry.logs import MAX_LINE, find_trace_id, guess_level, line
 
-__all__ = ["Collector", "Follower", "LogSource", "access_record"]
+__all__ = ["ENVOY_LOG_MAX_BYTES", "Collector", "Follower", "LogSource", "access_record"]
 
 log = logging.getLogger("meshpilot.sidecar.logs")
 
 _CHUNK = 64 * 1024
+ENVOY_LOG_MAX_BYTES = 64 * 1024 * 1024  # <workdir>/envoy.log is truncated once past this and read to its end
 
 
 @dataclass(frozen=True, slots=True)
 class LogSource:
-    """A file the agent follows: ``kind`` access (Envoy's stdout) or app, and whose lines they are."""
+    """A file the agent follows: ``kind`` access (Envoy's stdout), app, or envoy (Envoy's stdout kept
+    bounded but not collected), and whose lines they are. ``max_bytes``: the agent's own file, truncated
+    in place once it is past this and read to its end (0: never)."""
 
     path: Path
     kind: str
     service: str
     instance: str
+    max_bytes: int = 0
 
 
 class Follower:
@@ -130,6 +137,26 @@ class Follower:
             self.offset = base + len(data)
             rest = b""
         self._buf = rest
+
+    def trim(self, max_bytes: int) -> bool:
+        """Truncate the file in place when it is past ``max_bytes`` and every byte of it has been read
+        into lines; True when it was. For a file whose writers append (O_APPEND, as Envoy's stdout):
+        they go on at its new end. A line written between the last read and the truncation is lost."""
+        if self._fd is None or self._buf or self._skipping:
+            return False
+        st = os.fstat(self._fd)
+        if st.st_size <= max_bytes or st.st_size != self.offset:
+            return False
+        try:
+            if os.stat(self.path).st_ino != st.st_ino:  # rotated meanwhile: not ours to cut
+                return False
+            os.truncate(self.path, 0)
+        except OSError:
+            return False
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        self.offset = 0
+        log.info("event=log_file_trimmed path=%s size=%d", self.path, st.st_size)
+        return True
 
     def read(self, budget: int = 4 * 1024 * 1024) -> list[str]:
         """The complete lines written since the last read (a partial last line waits for its newline)."""
@@ -252,7 +279,7 @@ class Collector:
             for text in follower.read():
                 if source.kind == "access":
                     record = access_record(text, self.node, source.service, source.instance, now)
-                elif text.strip():
+                elif source.kind == "app" and text.strip():
                     record = app_record(text, self.node, source.service, source.instance, now)
                 else:
                     record = None
@@ -262,6 +289,9 @@ class Collector:
         if encoded:
             self.spool.append_lines(encoded)
             self.arrived.set()
+        for source, follower in zip(self.sources, self.followers):
+            if source.max_bytes and follower.trim(source.max_bytes):  # after its lines are in the spool
+                moved = True
         if moved:
             self._save()  # after the spool has the records: a crash in between repeats lines, never loses them
         return len(encoded)

@@ -367,3 +367,27 @@ def test_a_file_never_followed_is_read_from_its_end_at_first_sight(tmp_path: Pat
     assert again.poll() == 1, "expected a file followed before to go on from its kept offset"
     for f in again.followers:
         f.close()
+
+
+def test_envoy_log_is_kept_bounded_by_truncating_it_once_read_to_its_end(tmp_path: Path) -> None:
+    envoy = tmp_path / "envoy.log"
+    out = os.open(envoy, os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # as Envoy's stdout: O_APPEND
+    sources = [LogSource(envoy, "access", "web.default", "web-1", max_bytes=4096)]
+    spool = Spool(tmp_path / "logs", prefix="logs-")
+    c = Collector(spool, sources, "web-1", tmp_path / "logs" / "follow.json", clock=lambda: 2000.0)
+    access = json.dumps({"time": "2026-12-02T10:00:00Z", "direction": "inbound", "status": 200, "path": "/" + "p" * 100})
+    try:
+        os.write(out, ((access + "\n") * 40).encode() + b"[info] partial envoy li")
+        assert c.poll() == 40
+        assert envoy.stat().st_size > 4096, "expected a file with a partial last line left alone (not read to its end)"
+        os.write(out, b"ne\n")
+        assert c.poll() == 0
+        assert envoy.stat().st_size == 0, f"expected envoy.log truncated once past 4096 bytes and read to its end, got {envoy.stat().st_size}"
+        os.write(out, ((access + "\n") * 3).encode())
+        assert c.poll() == 3, "expected the lines Envoy writes after the truncation read once each"
+        assert envoy.stat().st_size < 4096, "expected a file under the bound left alone"
+        assert len(spool.read(10_000, 10**7)[0]) == 43, "expected no line lost or repeated across the truncation"
+    finally:
+        os.close(out)
+        for f in c.followers:
+            f.close()
