@@ -8,7 +8,8 @@ Routes of the management API (docs/observability.md, Tracing):
   kept. The body is validated where it enters (the schema below, then meshpilot/telemetry/spans.py): a
   bad span is a 400 naming it by index and field, and nothing of the body is kept.
 - ``GET /v1/traces?service=&since=&limit=`` — summaries of the newest traces (read token).
-- ``GET /v1/traces/{trace_id}`` — one trace as a tree of spans, ready for a waterfall (read token), with
+- ``GET /v1/traces/{trace_id}`` — one trace as a tree of spans, ready for a waterfall (read token; children
+  nest at most 64 deep, deeper spans follow in tree order under their ancestor at that depth), with
   ``logs``: the search of its log lines (``/v1/logs?trace_id=``).
 
 The spans live in a ``TraceStore`` in memory, bounded by ``trace_store_spans`` and ``trace_store_bytes``

@@ -22,7 +22,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TraceStore", "size_of"]
+__all__ = ["MAX_NESTING", "TraceStore", "size_of"]
+
+MAX_NESTING = 64  # how deep a trace's answer nests children (deeper spans are listed flat under their ancestor)
 
 
 def _service(span: Mapping[str, Any]) -> str:
@@ -164,7 +166,11 @@ class TraceStore:
 
     def tree(self, trace_id: str) -> dict[str, Any] | None:
         """The trace as a tree: ``roots`` are spans whose parent is not in the store, each span with
-        its ``children`` (by start time), ``offset_us`` from the trace's start and ``depth``."""
+        its ``children`` (by start time), ``offset_us`` from the trace's start and ``depth``. Children
+        nest at most ``MAX_NESTING`` deep (a chain of thousands of spans, an app parenting each call on
+        the previous one, could not be encoded as JSON): below that, a span's descendants follow it
+        in tree order as further children of its ancestor at that depth, each with its real
+        ``depth`` and ``parentId``, so walking the answer depth first gives every span in tree order."""
         t = self._traces.get(trace_id)
         if t is None:
             return None
@@ -173,19 +179,21 @@ class TraceStore:
         for key, span in t.spans.items():
             nodes[key] = {**span, "service": _service(span), "offset_us": int(span["timestamp"]) - t.start,
                           "error": _failed(span), "children": []}
-        roots: list[dict[str, Any]] = []
+        below: dict[tuple[str, str, str] | None, list[tuple[str, str, str]]] = {}
         for span in self._ordered(t):
             key = _key(span)
-            parent = parents.get(key)
-            if parent is None:
-                roots.append(nodes[key])
-            else:
-                nodes[parent]["children"].append(nodes[key])
-        stack = [(root, 0) for root in roots]
+            below.setdefault(parents.get(key), []).append(key)
+        roots: list[dict[str, Any]] = []
+        # depth first, in order: (span, its depth, the span whose children it is listed with)
+        stack: list[tuple[tuple[str, str, str], int, tuple[str, str, str] | None]] = [
+            (key, 0, None) for key in reversed(below.get(None, []))]
         while stack:
-            node, d = stack.pop()
+            key, d, holder = stack.pop()
+            node = nodes[key]
             node["depth"] = d
-            stack.extend((child, d + 1) for child in node["children"])
+            (roots if holder is None else nodes[holder]["children"]).append(node)
+            under = key if d <= MAX_NESTING else holder
+            stack.extend((child, d + 1, under) for child in reversed(below.get(key, [])))
         return {**self._summary(trace_id, t), "roots": roots}
 
 
@@ -209,14 +217,18 @@ def _parents(t: _Trace) -> dict[tuple[str, str, str], tuple[str, str, str] | Non
             candidates = sorted(by_id.get(str(span["parentId"]), ()), key=lambda k: k[1] != "SERVER")
             parent = candidates[0] if candidates else None
         out[key] = parent if parent != key else None
+    done: set[tuple[str, str, str]] = set()  # spans whose way up is known to end at a root
     for key in out:  # break cycles: walking up, the first span met twice becomes a root
-        seen = {key}
+        path = [key]
+        on_path = {key}
         up = out[key]
-        while up is not None and up not in seen:
-            seen.add(up)
+        while up is not None and up not in done and up not in on_path:
+            path.append(up)
+            on_path.add(up)
             up = out.get(up)
-        if up is not None:
+        if up is not None and up in on_path:
             out[up] = None
+        done.update(path)
     return out
 
 

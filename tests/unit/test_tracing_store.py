@@ -270,3 +270,45 @@ def test_the_store_is_bounded_by_bytes_and_the_traces_least_recently_written_go(
     assert store.tree(f"{40:032x}") is not None, "expected the newest other trace kept"
     with pytest.raises(ValueError, match="max_bytes"):
         TraceStore(max_bytes=0)
+
+
+def _nesting(node: Any) -> int:
+    """How deep JSON values nest in ``node`` (walked without recursion)."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        value, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(value, dict):
+            stack.extend((v, d + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, d + 1) for v in value)
+    return deepest
+
+
+async def test_a_deep_parent_chain_is_answered_in_tree_order_with_bounded_nesting() -> None:
+    """An app that parents each call on the previous one (or junk ids) makes a chain of thousands of
+    spans: the trace is answered, each span once in tree order with its real depth and parent, and
+    the answer's nesting stays bounded (a nested tree that deep cannot be encoded)."""
+    cp, client, store = await _client(None)
+    try:
+        n = 5_000
+        chain = [span(f"{i + 1:016x}", f"{i:016x}" if i else None, ts=i, service="api" if i % 2 else "web") for i in range(n)]
+        chain.append(span(f"{n + 1:016x}", f"{1:016x}", ts=n))  # a second child of the root, drawn after the chain
+        store.add(chain)
+        r = await client.get(f"/v1/traces/{T}")
+        assert r.status == 200, f"expected the deep trace answered, got {r.status} {(await r.text())[:300]}"
+        tree = await r.json()
+        flat, stack = [], list(reversed(tree["roots"]))  # as the console's traces.js and tryit.js walk it
+        while stack:
+            node = stack.pop()
+            flat.append(node)
+            stack.extend(reversed(node.get("children") or []))
+        ids = [s["id"] for s in flat]
+        assert ids == [f"{i + 1:016x}" for i in range(n + 1)], f"expected every span once in tree order, got {ids[:3]}... ({len(ids)} spans)"
+        depths = [s["depth"] for s in flat]
+        assert depths == [*range(n), 1], f"expected each span's real depth, got {depths[:3]}...{depths[-3:]}"
+        assert all(s.get("parentId") == f"{i:016x}" for i, s in enumerate(flat[1:n], 1)), "expected each span's parent id kept"
+        assert _nesting(tree) < 300, f"expected the answer's nesting bounded, got {_nesting(tree)} levels"
+    finally:
+        await client.close()
+        cp.registry.store.close()
