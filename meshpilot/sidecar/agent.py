@@ -48,7 +48,7 @@ from meshpilot import pki
 from meshpilot.meshdns.config import MeshDnsConfig, TableTls
 from meshpilot.meshdns.server import MeshDns
 from meshpilot.sidecar.identity import ChannelTls, GrpcSigner, Material, WorkloadIdentity, enrol_target
-from meshpilot.sidecar.logs import Collector, LogSource
+from meshpilot.sidecar.logs import ENVOY_LOG_MAX_BYTES, Collector, LogSource
 from meshpilot.sidecar.render import (
     IdentitySettings,
     SidecarOptions,
@@ -402,7 +402,9 @@ class _Agent:
             return None
         ns = spec.metadata.namespace
         own = f"{spec.metadata.name}.{ns}"
-        sources = [LogSource(self.cfg.workdir / "envoy.log", "access", own, self.instance_id)] if lg.access else []
+        # envoy.log is followed even when its access lines are not collected, to keep it bounded
+        sources = [LogSource(self.cfg.workdir / "envoy.log", "access" if lg.access else "envoy", own, self.instance_id,
+                             max_bytes=ENVOY_LOG_MAX_BYTES)]
         for f in lg.files:
             service = f.service if f.service is None or "." in f.service else f"{f.service}.{ns}"
             sources.append(LogSource(self.cfg.workdir / f.path, "app", service or own, f.instance or self.instance_id))
