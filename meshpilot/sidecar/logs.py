@@ -12,8 +12,9 @@ plane's ``POST /v1/logs``, moving the cursor only after a 2xx: records wait on d
 plane is down and arrive later, at least once (the store keeps each record id once).
 
 A ``Follower`` reads one file from an offset kept in ``<workdir>/logs/follow.json`` with the file's
-inode, written after the records are in the spool, so an agent restart neither loses nor repeats
-lines. A file with no kept offset (never followed) is followed from its end as it is when the collector
+inode, written after the records are in the spool, so an agent restart loses no lines; a record's id
+comes from where its line is (``record_id``: node, path, the follower's epoch, inode and offset), so a
+line read again after a crash between the two writes is kept once by the store. A file with no kept offset (never followed) is followed from its end as it is when the collector
 starts, as ``tail -F`` does, so its history does not arrive stamped as new; a file that appears later is
 read from its start. A file renamed away (rotated) is read to its end before the new file at the path is followed
 from its start; a file that shrank (truncated in place) is read again from its start (one that was
@@ -29,6 +30,7 @@ docs/observability.md (Logs and alerts) has the operator's view.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -43,7 +45,7 @@ from typing import Any
 from meshpilot.sidecar.traces import Spool
 from meshpilot.telemetry.logs import MAX_LINE, find_trace_id, guess_level, line
 
-__all__ = ["ENVOY_LOG_MAX_BYTES", "Collector", "Follower", "LogSource", "access_record"]
+__all__ = ["ENVOY_LOG_MAX_BYTES", "Collector", "Follower", "LogSource", "access_record", "record_id"]
 
 log = logging.getLogger("meshpilot.sidecar.logs")
 
@@ -67,10 +69,14 @@ class LogSource:
 class Follower:
     """Complete lines appended to one file, across rotation (rename, then a new file) and truncation."""
 
-    def __init__(self, path: Path, inode: int = 0, offset: int = 0, max_line: int = MAX_LINE) -> None:
+    def __init__(self, path: Path, inode: int = 0, offset: int = 0, max_line: int = MAX_LINE, epoch: str = "") -> None:
         self.path = path
         self.inode = inode  # of the file the offset is in (0: none seen yet)
         self.offset = offset  # bytes of that file consumed into returned lines
+        # names this file's bytes from offset 0 on: a line is (epoch, inode, offset); the next epoch follows
+        # from this one whenever the offset starts again at 0 (a new file, a truncation), so a file read
+        # again from the same kept state names its lines as before, and new lines at old offsets anew
+        self.epoch = epoch or secrets.token_hex(8)
         self.max_line = max_line
         self.cut = 0  # lines cut at max_line
         self._fd: int | None = None
@@ -92,12 +98,16 @@ class Follower:
             return False
         st = os.fstat(fd)
         if st.st_ino != self.inode or st.st_size < self.offset:
-            self.inode, self.offset = st.st_ino, 0
+            self._restart(st.st_ino)
         os.lseek(fd, self.offset, os.SEEK_SET)
         self._fd = fd
         return True
 
-    def _drain(self, out: list[str], budget: int) -> int:
+    def _restart(self, inode: int) -> None:
+        self.inode, self.offset = inode, 0
+        self.epoch = hashlib.blake2b(f"{self.epoch}|{inode}".encode(), digest_size=8).hexdigest()
+
+    def _drain(self, out: list[tuple[str, str]], budget: int) -> int:
         """Read the open file to its end (or ``budget`` bytes); the bytes read."""
         assert self._fd is not None
         total = 0
@@ -109,7 +119,7 @@ class Follower:
             self._take(chunk, out)
         return total
 
-    def _take(self, chunk: bytes, out: list[str]) -> None:
+    def _take(self, chunk: bytes, out: list[tuple[str, str]]) -> None:
         data = self._buf + chunk
         start = 0
         base = self.offset  # offset of data[0]
@@ -120,10 +130,10 @@ class Follower:
             if self._skipping:
                 self._skipping = False
             elif nl - start > self.max_line:
-                out.append(data[start:start + self.max_line].decode("utf-8", "replace"))
+                out.append((self._at(base + start), data[start:start + self.max_line].decode("utf-8", "replace")))
                 self.cut += 1
             else:
-                out.append(data[start:nl].decode("utf-8", "replace").rstrip("\r"))
+                out.append((self._at(base + start), data[start:nl].decode("utf-8", "replace").rstrip("\r")))
             start = nl + 1
             self.offset = base + start
         rest = data[start:]
@@ -131,7 +141,7 @@ class Follower:
             self.offset = base + len(data)
             rest = b""
         elif len(rest) > self.max_line:
-            out.append(rest[: self.max_line].decode("utf-8", "replace"))
+            out.append((self._at(base + start), rest[: self.max_line].decode("utf-8", "replace")))
             self.cut += 1
             self._skipping = True
             self.offset = base + len(data)
@@ -154,13 +164,21 @@ class Follower:
         except OSError:
             return False
         os.lseek(self._fd, 0, os.SEEK_SET)
-        self.offset = 0
+        self._restart(self.inode)
         log.info("event=log_file_trimmed path=%s size=%d", self.path, st.st_size)
         return True
 
+    def _at(self, offset: int) -> str:
+        return f"{self.epoch}|{self.inode}|{offset}"
+
     def read(self, budget: int = 4 * 1024 * 1024) -> list[str]:
         """The complete lines written since the last read (a partial last line waits for its newline)."""
-        out: list[str] = []
+        return [text for _, text in self.read_placed(budget)]
+
+    def read_placed(self, budget: int = 4 * 1024 * 1024) -> list[tuple[str, str]]:
+        """As ``read``, each line with where it is (``epoch|inode|offset``): the same line read again
+        from the same kept state is at the same place."""
+        out: list[tuple[str, str]] = []
         if self._fd is None and not self._open():
             return out
         self._drain(out, budget)
@@ -172,7 +190,7 @@ class Follower:
         if st.st_ino != self.inode:  # rotated: the old file was read to its end above
             self._drain(out, budget)
             if self._buf and not self._skipping:  # its last line will get no newline now
-                out.append(self._buf.decode("utf-8", "replace"))
+                out.append((self._at(self.offset), self._buf.decode("utf-8", "replace")))
             self.close()
             self.inode, self.offset = 0, 0
             if self._open():
@@ -180,7 +198,7 @@ class Follower:
         elif st.st_size < self.offset + len(self._buf):  # truncated in place
             log.info("event=log_file_truncated path=%s size=%d offset=%d", self.path, st.st_size, self.offset)
             self.close()
-            self.offset = 0
+            self._restart(self.inode)
             self._open()
             self._drain(out, budget)
         return out
@@ -202,7 +220,13 @@ def _time(text: Any, default: float) -> float:
     return default
 
 
-def access_record(text: str, node: str, service: str, instance: str, now: float) -> dict[str, Any] | None:
+def record_id(node: str, path: Path, place: str) -> str:
+    """A record's id from where its line is (``Follower.read_placed``): a line read again (the agent
+    stopped after spooling it, before keeping its offset) gets the same id, and the store keeps it once."""
+    return hashlib.blake2b(f"{node}|{path}|{place}".encode(), digest_size=8).hexdigest()
+
+
+def access_record(text: str, node: str, service: str, instance: str, now: float, rid: str = "") -> dict[str, Any] | None:
     """The record of one of Envoy's access-log lines, or None for any other line (Envoy's own log)."""
     if not text.startswith("{"):
         return None
@@ -215,13 +239,13 @@ def access_record(text: str, node: str, service: str, instance: str, now: float)
     status = _status(doc)
     trace = doc.get("trace_id")
     trace_id = find_trace_id(f"trace_id={trace}") if isinstance(trace, str) else ""
-    return {"id": secrets.token_hex(8), "time": _time(doc.get("time"), now), "node": node, "service": service,
+    return {"id": rid or secrets.token_hex(8), "time": _time(doc.get("time"), now), "node": node, "service": service,
             "instance": instance, "source": "access", "level": "error" if status >= 500 else "warn" if status >= 400 else "info",
             "trace_id": trace_id, "line": text[:MAX_LINE]}
 
 
-def app_record(text: str, node: str, service: str, instance: str, now: float) -> dict[str, Any]:
-    return {"id": secrets.token_hex(8), "time": now, "node": node, "service": service, "instance": instance,
+def app_record(text: str, node: str, service: str, instance: str, now: float, rid: str = "") -> dict[str, Any]:
+    return {"id": rid or secrets.token_hex(8), "time": now, "node": node, "service": service, "instance": instance,
             "source": "app", "level": guess_level(text), "trace_id": find_trace_id(text), "line": text[:MAX_LINE]}
 
 
@@ -249,22 +273,22 @@ class Collector:
         self.clock = clock
         self.arrived = asyncio.Event()
         kept = self._load()
-        self.followers = [Follower(s.path, *kept.get(str(s.path)) or _end_of(s.path)) for s in sources]
+        self.followers = [Follower(s.path, *(kept.get(str(s.path)) or (*_end_of(s.path), MAX_LINE, ""))) for s in sources]
         if any(str(s.path) not in kept for s in sources):
             try:
                 self._save()  # where a file was first seen, so a restart before its next line goes on from there
             except OSError as exc:
                 log.error("event=log_follow_state_unwritable path=%s error=%r", self.state_file, exc)
 
-    def _load(self) -> dict[str, tuple[int, int]]:
+    def _load(self) -> dict[str, tuple[int, int, int, str]]:
         try:
             doc = json.loads(self.state_file.read_text())
-            return {str(k): (int(v["inode"]), int(v["offset"])) for k, v in doc.items()}
+            return {str(k): (int(v["inode"]), int(v["offset"]), MAX_LINE, str(v.get("epoch", ""))) for k, v in doc.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return {}
 
     def _save(self) -> None:
-        doc = {str(f.path): {"inode": f.inode, "offset": f.offset} for f in self.followers}
+        doc = {str(f.path): {"inode": f.inode, "offset": f.offset, "epoch": f.epoch} for f in self.followers}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, self.state_file)
@@ -276,11 +300,12 @@ class Collector:
         moved = False
         for source, follower in zip(self.sources, self.followers):
             before = (follower.inode, follower.offset)
-            for text in follower.read():
+            for place, text in follower.read_placed():
+                rid = record_id(self.node, source.path, place)
                 if source.kind == "access":
-                    record = access_record(text, self.node, source.service, source.instance, now)
+                    record = access_record(text, self.node, source.service, source.instance, now, rid)
                 elif source.kind == "app" and text.strip():
-                    record = app_record(text, self.node, source.service, source.instance, now)
+                    record = app_record(text, self.node, source.service, source.instance, now, rid)
                 else:
                     record = None
                 if record is not None:

@@ -391,3 +391,28 @@ def test_envoy_log_is_kept_bounded_by_truncating_it_once_read_to_its_end(tmp_pat
         os.close(out)
         for f in c.followers:
             f.close()
+
+
+def test_a_line_read_again_after_a_crash_keeps_its_id_and_is_kept_once(tmp_path: Path) -> None:
+    app = tmp_path / "app.log"
+    sources = [LogSource(app, "app", "pay.default", "pay-1")]
+    spool = Spool(tmp_path / "logs", prefix="logs-")
+    state = tmp_path / "logs" / "follow.json"
+    c = Collector(spool, sources, "web-1", state)
+    app.write_text("one\ntwo\n")
+    before_crash = state.read_text()
+    assert c.poll() == 2
+    for f in c.followers:
+        f.close()
+    state.write_text(before_crash)  # the agent died after the spool append, before follow.json was written
+    again = Collector(spool, sources, "web-1", state)
+    assert again.poll() == 2, "expected the lines read again"
+    records = [from_line(x) for x in spool.read(10_000, 10**7)[0]]
+    store = LogStore()
+    assert store.add(records) == 2, f"expected a line read twice kept once (same id), got {[(r['id'], r['line']) for r in records]}"
+    app.write_text("three\n")  # truncated in place: a new line where "one" was
+    assert again.poll() == 1
+    last = from_line(spool.read(10_000, 10**7)[0][-1])
+    assert last["line"] == "three" and store.add([last]) == 1, "expected a new line at a reused offset to get a new id"
+    for f in again.followers:
+        f.close()
