@@ -9,7 +9,8 @@ deleted and its unshipped spans are counted as dropped. The ``Shipper`` reads th
 /v1/spans`` (or to a Zipkin v2 or OTLP/HTTP endpoint of the operator's) and moves the cursor past the
 batch only after a 2xx, so spans wait on disk while the backend is down or the agent restarts, and a
 batch is sent at least once. A batch the backend refuses for its content (400, 413, 422) would never
-pass: it is dropped, counted and logged rather than blocking the spool. docs/observability.md
+pass: it is dropped, counted and logged rather than blocking the spool. A stopping agent ships what is
+left once its Envoy stopped (``flush``, bounded in time). docs/observability.md
 (Tracing) has the operator's view.
 """
 
@@ -350,6 +351,18 @@ class Shipper:
                             await self.arrived.wait()
                     except TimeoutError:
                         pass
+
+    async def flush(self, http: aiohttp.ClientSession, bound_s: float = 2.0) -> None:
+        """The final ship of a stopping agent: batches until the spool is shipped, the backend fails or
+        ``bound_s`` passes (what is left waits on disk for the next start)."""
+        try:
+            async with asyncio.timeout(bound_s):
+                while await self.ship_once(http):
+                    pass
+        except TimeoutError:
+            log.warning("event=%s_flush_unfinished pending=%d", self.spool.what, self.spool.pending())
+        except Exception as exc:  # noqa: BLE001 - the lines stay on disk for the next start
+            log.error("event=%s_flush_failed error=%r", self.spool.what, exc)
 
     async def ship_once(self, http: aiohttp.ClientSession) -> int | None:
         """Send one batch: the number of spans it held (0: nothing to send), None when the backend
