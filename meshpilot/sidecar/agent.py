@@ -361,8 +361,8 @@ class _Agent:
         urls = tuple(f"{u.rstrip('/')}/v1/spans" for u in (self.cfg.api_urls or (self.cfg.api_url,)))
         return Backend(urls, "meshpilot", self._headers())
 
-    async def _start_traces(self, tg: asyncio.TaskGroup) -> tuple[Receiver, asyncio.Task[None]] | None:
-        """The span receiver Envoy reports to (its port goes into the bootstrap) and the shipper's
+    async def _start_traces(self, tg: asyncio.TaskGroup) -> tuple[Receiver, Shipper, asyncio.Task[None]] | None:
+        """The span receiver Envoy reports to (its port goes into the bootstrap), the shipper and its
         task; None when tracing is off or the receiver cannot start (Envoy then runs without tracing)."""
         t = self.cfg.spec.mesh.tracing
         if not t.enabled:
@@ -378,7 +378,7 @@ class _Agent:
         shipper = Shipper(spool, self._trace_backend(), receiver.arrived)
         task = tg.create_task(self._ship(shipper))
         log.info("event=span_receiver_started port=%d backend=%s pending=%d", port, shipper.backend.urls[0], spool.pending())
-        return receiver, task
+        return receiver, shipper, task
 
     async def _ship(self, shipper: Shipper) -> None:
         """The shipper, restarted after a failure of its own (a disk error): spans (or log records) wait on disk."""
@@ -532,9 +532,12 @@ class _Agent:
         watcher.cancel()
         if dns_task is not None:
             dns_task.cancel()
-        if traces is not None:
-            traces[1].cancel()
-            await traces[0].close()
+        if traces is not None:  # Envoy stopped and flushed its last spans: the spool to its end, bounded
+            receiver, span_shipper, span_task = traces
+            span_task.cancel()
+            await receiver.close()
+            await asyncio.gather(span_task, return_exceptions=True)
+            await span_shipper.flush(http)
         if logs is not None:
             collector, shipper, tasks = logs
             for task in tasks:
