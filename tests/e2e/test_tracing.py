@@ -223,13 +223,18 @@ def test_spans_on_disk_survive_the_agent_killed_while_the_control_plane_is_down(
 
 
 class Collector:
-    """A tracing backend stand-in on 127.0.0.1: keeps every JSON body posted to it, with its headers."""
+    """A tracing backend stand-in on 127.0.0.1: keeps every JSON body posted to it, with its headers.
+    With ``hold`` set to a trace id, the first post that holds a span of that trace gets no answer
+    (``held`` is set; the connection stays open until ``release`` or 30 s), as a backend that hangs."""
 
     def __init__(self) -> None:
         import http.server as httpserver
         import threading
 
         self.posts: list[tuple[str, dict[str, str], Any]] = []
+        self.hold = ""
+        self.held = threading.Event()
+        self.release = threading.Event()
         collector = self
 
         class H(httpserver.BaseHTTPRequestHandler):
@@ -237,6 +242,11 @@ class Collector:
 
             def do_POST(self) -> None:  # noqa: N802
                 raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if collector.hold and not collector.held.is_set() and collector.hold.encode() in raw:
+                    collector.held.set()
+                    collector.release.wait(30)
+                    self.close_connection = True
+                    return
                 collector.posts.append((self.path, {k.lower(): v for k, v in self.headers.items()}, json.loads(raw)))
                 self.send_response(202)
                 self.send_header("Content-Length", "0")
@@ -253,6 +263,7 @@ class Collector:
         threading.Thread(target=self.srv.serve_forever, daemon=True).start()
 
     def close(self) -> None:
+        self.release.set()
         self.srv.shutdown()
         self.srv.server_close()
 
@@ -305,3 +316,38 @@ def test_sidecars_ship_to_a_zipkin_or_otlp_backend_when_configured(cp: ControlPl
     finally:
         zipkin.close()
         otlp.close()
+
+
+def test_a_sidecar_that_stops_ships_its_last_spans_on_the_way_out(cp: ControlPlaneProc, tmp_path: Path) -> None:
+    """The shipper's post of the last request's span hangs (a backend that does not answer) when the
+    agent is asked to stop: the span is still shipped before the agent exits, by a bounded final ship
+    once Envoy stopped, and the node's span spool is shipped to its end."""
+    status, body = cp.call("PUT", "/v1/policies/TracingPolicy/default/all",
+                           {"kind": "TracingPolicy", "name": "all", "namespace": "default", "sampling": 100}, AUTH)
+    assert status in (200, 201), f"expected the TracingPolicy stored, got {status} {body}"
+    zipkin = Collector()
+    try:
+        web_doc = spec_doc("web", 1, free_port(), free_port(), drain="0s")
+        web_doc["mesh"]["tracing"] = {"backend": f"http://127.0.0.1:{zipkin.port}/api/v2/spans"}
+        with app("api") as api_app, app("web") as web_app:
+            web_doc["spec"]["ports"][0]["targetPort"] = web_app.port
+            with sidecar(tmp_path, "api", spec_doc("api", api_app.port, free_port(), free_port()), cp, "api-1"), \
+                    sidecar(tmp_path, "web", web_doc, cp, "web-1") as web_side:
+                wait_until(lambda: (s := _sampling(web_side)) and all(v == 100 for v in s), 20, what="web's listeners tracing at 100 %")
+                wait_until(lambda: through(web_side.outbound, "api", "/ready")[0] == 200, 20, what="web -> api routable")
+                t7, p7 = secrets.token_hex(16), secrets.token_hex(8)
+                zipkin.hold = t7
+                status, body = through(web_side.outbound, "api", "/last-span", {"traceparent": f"00-{t7}-{p7}-01"})
+                assert status == 200, f"expected 200, got {status} {body}"
+                wait_until(zipkin.held.is_set, 30, interval=0.2, what=f"web's shipper posting the span of {t7} (held unanswered)")
+                assert web_side.terminate() == 0, f"expected web's agent to stop cleanly:\n{web_side.log.read_text()[-2000:]}"
+                shipped = [s for _, _, doc in zipkin.posts for s in doc if s["traceId"] == t7]
+                assert [s.get("kind") for s in shipped] == ["CLIENT"] and shipped[0]["parentId"] == p7, \
+                    f"expected web's span of {t7} shipped by the agent on its way out, got {shipped}\n{web_side.log.read_text()[-2000:]}"
+                files = web_side.dir / "traces"
+                pending = json.loads((files / "cursor.json").read_text())
+                newest = max(files.glob("spans-*.jsonl"))
+                assert (pending["seq"], pending["offset"]) == (int(newest.name[6:-6]), newest.stat().st_size), \
+                    f"expected web's span spool shipped to its end, cursor {pending}, newest file {newest.name} of {newest.stat().st_size} bytes"
+    finally:
+        zipkin.close()
