@@ -14,7 +14,9 @@ A supervised task evaluates every rule each ``alert_interval_s``, ``MAX_CONCURRE
 log rule counts (in a thread) the records of this control plane's log store through the ``LogCounter`` the logs part offers for it
 (meshpilot/telemetry/logs.py; alerts do not import the logs part), a metric rule asks the
 Prometheus at ``prometheus_url`` (``/api/v1/query``). States live in memory: after a restart every
-rule starts ``inactive`` and is evaluated again, and each replica evaluates against what it holds.
+rule starts ``inactive`` and is evaluated again, and each replica evaluates against what it holds. A
+state names the digest of its rule, so a rule replaced through any replica starts ``inactive`` on every
+replica.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -109,8 +112,15 @@ class Alerts:
         doc = self.store.get(_TABLE, _PREFIX + name)
         return AlertRule.model_validate(doc) if doc is not None else None
 
+    def state_of(self, rule: AlertRule, digest: str | None = None) -> AlertState:
+        """The rule's state; inactive when the state kept is of another rule by that name (replaced,
+        maybe through another replica sharing the store)."""
+        digest = digest or rule.digest()
+        state = self.states.get(rule.name)
+        return state if state is not None and state.rule == digest else AlertState(rule=digest)
+
     def view(self, rule: AlertRule) -> dict[str, Any]:
-        return {**rule.doc(), "kind": rule.kind, **self.states.get(rule.name, AlertState()).doc()}
+        return {**rule.doc(), "kind": rule.kind, **self.state_of(rule).doc()}
 
     async def put(self, rule: AlertRule) -> bool:
         """Keep the rule (durable on return); True when it is new. A changed rule starts inactive."""
@@ -158,13 +168,15 @@ class Alerts:
         async with asyncio.TaskGroup() as tg:  # at most MAX_CONCURRENT_QUERIES at once, not one after another
             values = [tg.create_task(value(rule)) for rule in rules]
         for rule, task in zip(rules, values):
-            prev = self.states.get(rule.name, AlertState())
+            digest = rule.digest()
+            prev = self.state_of(rule, digest)
             got = task.result()
             if isinstance(got, str):
                 state = step(prev, now, rule.for_, False, None, got)
             else:
                 v, holds = pick(got, rule.op, rule.threshold)
                 state = step(prev, now, rule.for_, holds, v)
+            state = replace(state, rule=digest)
             if state.state != prev.state:
                 log.info("event=alert_state rule=%s state=%s value=%s", rule.name, state.state, state.value)
             self.states[rule.name] = state

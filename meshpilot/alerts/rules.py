@@ -12,6 +12,8 @@ unreachable, a query it refuses) changes no state and is reported as the rule's 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, replace
@@ -130,6 +132,10 @@ class AlertRule(_Model):
     def doc(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
+    def digest(self) -> str:
+        """Names this rule's content: a state kept for another digest is of a replaced rule."""
+        return hashlib.blake2b(json.dumps(self.doc(), sort_keys=True).encode(), digest_size=16).hexdigest()
+
 
 def compare(value: float, op: str, threshold: float) -> bool:
     return {">": value > threshold, ">=": value >= threshold, "<": value < threshold, "<=": value <= threshold,
@@ -158,6 +164,7 @@ class AlertState:
     value: float | None = None
     evaluated_at: float | None = None
     error: str = ""  # the last evaluation's failure ("" when it succeeded)
+    rule: str = ""  # digest of the rule this state is of (AlertRule.digest): another rule starts inactive
 
     def doc(self) -> dict[str, Any]:
         return {"state": self.state, "since": self.since, "value": self.value, "evaluated_at": self.evaluated_at,

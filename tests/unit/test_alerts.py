@@ -260,3 +260,25 @@ async def test_the_number_of_rules_is_bounded_with_a_409_naming_the_field() -> N
     finally:
         await client.close()
         cp.registry.store.close()
+
+
+async def test_a_replaced_rule_starts_inactive_on_every_replica() -> None:
+    logs, clock, shared = LogStore(), Clock(1000.0), MemoryStore()
+    a = Alerts(shared, lambda: logs, None, clock)  # two replicas sharing one store
+    b = Alerts(shared, lambda: logs, None, clock)
+    await a.put(AlertRule.model_validate({**LOG_RULE, "for": 0}))
+    _errors(logs, 1000.0, 5)
+    clock.t = 1001.0
+    await a.evaluate()
+    await b.evaluate()
+    assert a.states["pay-errors"].state == b.states["pay-errors"].state == "firing"
+    await a.put(AlertRule.model_validate({**LOG_RULE, "threshold": 3, "for": "30s"}))  # replaced through replica a
+    rule = b.rule("pay-errors")
+    assert rule is not None and b.view(rule)["state"] == "inactive", f"expected replica b to show the replaced rule inactive, got {b.view(rule)}"
+    clock.t = 1002.0
+    await b.evaluate()
+    s = b.states["pay-errors"]
+    assert (s.state, s.since) == ("pending", 1002.0), f"expected the replaced rule to start again on replica b (pending, not firing), got {s}"
+    clock.t = 1003.0
+    await b.evaluate()
+    assert b.states["pay-errors"].since == 1002.0, "expected an unchanged rule to keep its state"
