@@ -3,16 +3,30 @@
 The control plane sits inside the mesh's network with the access of a trusted component, so a
 management API that fetched any URL it was given would let a caller with a write token make it
 request internal addresses (server-side request forgery: cloud metadata endpoints, admin ports,
-other tenants' services) and read the answers back through error messages. The import therefore
-takes no URL: it takes an instance of the service (registered in the registry, so its address and
-port are already the mesh's) and a path on it, builds ``http://<address>:<port><path>`` itself,
-follows no redirect, gives up after a timeout and reads at most ``MAX_DOCUMENT_BYTES``.
+other tenants' services) and read the answers back through error messages. What this module guards,
+exactly:
+
+- the import takes no URL: it takes an instance of the service (registered in the registry) and a
+  path on it, and builds ``http://<address>:<port><path>`` itself (the path cannot name a host);
+- the instance must be routable (healthy once, not critical now: what EDS would send traffic to);
+- its address may not be link-local (169.254.0.0/16 and fe80::/10, where cloud metadata lives),
+  unspecified (0.0.0.0, ::) or multicast, IPv4-mapped IPv6 included, and the address and port may not
+  be one of the control plane's own listeners;
+- no redirect is followed, it gives up after a timeout and reads at most ``MAX_DOCUMENT_BYTES``;
+- a fetch that fails says only "could not connect" (refused, reset, timed out alike), so the import
+  does not tell a closed port from a filtered one, and a document's own values are not echoed.
+
+What it does not guard: a caller who may register instances (write scope, as the import needs) can
+still register one at any other address, a private or loopback one included, and have the control
+plane send it one GET; what comes back is only ever read as an OpenAPI document.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
+from collections.abc import Collection
 
 import aiohttp
 from yarl import URL
@@ -20,7 +34,7 @@ from yarl import URL
 from meshpilot.catalog.openapi import MAX_DOCUMENT_BYTES
 from meshpilot.model import Instance, Service
 
-__all__ = ["DEFAULT_PATH", "FETCH_TIMEOUT_S", "FetchError", "choose", "document_url", "fetch"]
+__all__ = ["DEFAULT_PATH", "FETCH_TIMEOUT_S", "FetchError", "check_target", "choose", "document_url", "fetch"]
 
 DEFAULT_PATH = "/v3/api-docs"  # springdoc-openapi's default
 FETCH_TIMEOUT_S = 5.0
@@ -39,17 +53,21 @@ class FetchError(Exception):
 
 
 def choose(service: Service, instances: list[Instance], instance_id: str | None, port_name: str | None) -> tuple[Instance, int]:
-    """The instance and port to fetch from: the one named (it must be the service's), else the
-    first routable one; the port named, else the service's first HTTP port the instance has."""
+    """The instance and port to fetch from: the one named (it must be the service's and routable), else
+    the first routable one at an address :func:`check_target` allows; the port named, else the service's first HTTP port the instance has."""
     if instance_id is not None:
         found = [i for i in instances if i.id == instance_id]
         if not found:
             raise FetchError(404, "instance", f"{instance_id!r} is not a registered instance of {service.key}")
         inst = found[0]
+        if not inst.routable:
+            raise FetchError(409, "instance", f"{instance_id!r} is not routable (never healthy, or critical now); "
+                                              "the import fetches only from an instance the mesh would send traffic to")
     else:
-        ready = [i for i in instances if i.routable] or instances
+        ready = [i for i in instances if i.routable and _fetchable(i.address)]
         if not ready:
-            raise FetchError(409, "instance", f"{service.key} has no registered instance to fetch from")
+            what = "no routable instance (healthy once, not critical now, at an address fetched from)" if instances else "no registered instance"
+            raise FetchError(409, "instance", f"{service.key} has {what} to fetch from")
         inst = sorted(ready, key=lambda i: i.id)[0]
     if port_name is not None:
         if port_name not in inst.ports or not inst.ports[port_name]:
@@ -61,8 +79,39 @@ def choose(service: Service, instances: list[Instance], instance_id: str | None,
     raise FetchError(400, "port", f"instance {inst.id!r} has no HTTP port of {service.key}; name one with port")
 
 
-def document_url(inst: Instance, port: int, path: str) -> URL:
-    """``http://<address>:<port><path>``; ``path`` is a path (and query) only, never a host."""
+def _fetchable(address: str) -> bool:
+    try:
+        check_target(address, 0)
+    except FetchError:
+        return False
+    return True
+
+
+def check_target(address: str, port: int, own: Collection[tuple[str, int]] = ()) -> None:
+    """FetchError(400, instance) when ``address`` is link-local, unspecified or multicast, or
+    ``address:port`` is one of ``own`` (the control plane's listeners: (listen address, port); a
+    loopback or unspecified listen address stands for every local address)."""
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    ip = mapped or ip
+    for kind, hit in (("link-local", ip.is_link_local), ("unspecified", ip.is_unspecified), ("multicast", ip.is_multicast)):
+        if hit:
+            raise FetchError(400, "instance", f"its address {address} is {kind}: such addresses are not fetched from")
+    for host, own_port in own:
+        if port != own_port:
+            continue
+        try:
+            listen = ipaddress.ip_address(host)
+        except ValueError:  # a host name: it may be any local address
+            listen = ipaddress.ip_address("0.0.0.0")
+        if listen == ip or listen.is_unspecified or (listen.is_loopback and ip.is_loopback):
+            raise FetchError(400, "instance", f"{address}:{port} is the control plane's own listener: it is not fetched from")
+
+
+def document_url(inst: Instance, port: int, path: str, own: Collection[tuple[str, int]] = ()) -> URL:
+    """``http://<address>:<port><path>``; ``path`` is a path (and query) only, never a host; the
+    address passes :func:`check_target`."""
+    check_target(inst.address, port, own)
     if not _PATH.match(path):
         raise FetchError(400, "path", "expected a path on the instance such as /v3/api-docs (no scheme, host or '//')")
     raw_path, _, query = path.partition("?")
@@ -86,7 +135,6 @@ async def fetch(url: URL, timeout_s: float = FETCH_TIMEOUT_S, limit: int = MAX_D
                     if len(body) > limit:
                         raise FetchError(413, "source", f"{url} sent more than {limit} bytes; at most {limit} are read")
                 return bytes(body)
-    except asyncio.TimeoutError:
-        raise FetchError(504, "source", f"{url} did not answer within {timeout_s:g} s") from None
-    except aiohttp.ClientError as exc:
-        raise FetchError(502, "source", f"{url} could not be read: {exc.__class__.__name__}: {exc}") from None
+    except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+        # refused, reset and timed out alike: the reason would tell a closed port from a filtered one
+        raise FetchError(502, "source", f"{url} could not connect, or no answer within {timeout_s:g} s") from None

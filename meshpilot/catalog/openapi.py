@@ -207,13 +207,14 @@ def normalise(doc: Any) -> Spec:
     if not isinstance(doc, dict):
         raise DocumentError("(body)", f"expected an OpenAPI document (a mapping), got {_kind(doc)}")
     if "swagger" in doc:
-        raise DocumentError("swagger", f"a Swagger {doc['swagger']} document: only OpenAPI 3.0 and 3.1 are read (springdoc serves 3.x at /v3/api-docs)")
+        # the document's own values are not echoed: an import's errors must not read back what an address served
+        raise DocumentError("swagger", "a Swagger document: only OpenAPI 3.0 and 3.1 are read (springdoc serves 3.x at /v3/api-docs)")
     version = doc.get("openapi")
     if not isinstance(version, str):
-        shown = f" (got {version!r}: quote it)" if isinstance(version, (int, float)) else ""
+        shown = " (got a number: quote it)" if isinstance(version, (int, float)) else ""
         raise DocumentError("openapi", f"missing or not a string: expected an OpenAPI version such as 3.0.1 or 3.1.0{shown}")
     if not _VERSION.match(version.strip()):
-        raise DocumentError("openapi", f"version {version!r} is not read: expected 3.0.x or 3.1.x")
+        raise DocumentError("openapi", "the version is not read: expected 3.0.x or 3.1.x")
     info = doc.get("info")
     if not isinstance(info, dict):
         raise DocumentError("info", "missing or not a mapping (OpenAPI requires info with title and version)")

@@ -46,5 +46,14 @@ def install(core: Core) -> Part:
                 await catalog.reconcile(key)
             await registry.store.sync()
 
+    def own() -> set[tuple[str, int]]:
+        """The control plane's listeners: the ports it bound (ControlPlane.ports, once serving) and the
+        ones configured, on its listen address."""
+        s = core.settings
+        bound = getattr(core, "ports", None)
+        ports = {p for p in (bound.values() if isinstance(bound, dict) else ()) if isinstance(p, int) and p}
+        ports |= {p for p in (s.api_port, s.xds_port, s.consul_port, s.eureka_port) if p}
+        return {(s.listen_address, p) for p in ports}
+
     try_it = TryIt(core.settings.try_it_proxy) if core.settings.try_it_proxy else None
-    return Part(routes=catalog_routes(registry, try_it), tasks=[Task("catalog_apis", catalog_apis)])
+    return Part(routes=catalog_routes(registry, try_it, own), tasks=[Task("catalog_apis", catalog_apis)])

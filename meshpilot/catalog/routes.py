@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable, Collection
 from typing import Any
 
 from aiohttp import web
@@ -39,8 +40,9 @@ class ImportIn(BaseModel):
 
 
 class _Handlers:
-    def __init__(self, registry: Registry, try_it: TryIt | None = None) -> None:
+    def __init__(self, registry: Registry, try_it: TryIt | None = None, own: Callable[[], Collection[tuple[str, int]]] = lambda: ()) -> None:
         self.registry = registry
+        self.own = own
         self.catalog = Catalog(registry)
         self.try_it = try_it
 
@@ -80,7 +82,7 @@ class _Handlers:
             raise ApiError(400, "; ".join(f"{f['field']}: {f['reason']}" for f in fields), fields) from None
         try:
             inst, port = choose(svc, self.registry.instances(svc.key), body.instance, body.port)
-            url = document_url(inst, port, body.path)
+            url = document_url(inst, port, body.path, self.own())
             doc = await fetch(url, body.timeout_s)
         except FetchError as exc:
             raise ApiError(exc.status, str(exc), [{"field": exc.field, "reason": exc.reason}]) from None
@@ -180,9 +182,11 @@ class DocumentIn(BaseModel):
     paths: dict[str, Any] = Field(default_factory=dict, description="path templates and their operations")
 
 
-def catalog_routes(registry: Registry, try_it: TryIt | None = None) -> list[Route]:
-    """``try_it``: where tries are sent (the ``try_it_proxy`` setting); None: the try route answers 404."""
-    h = _Handlers(registry, try_it)
+def catalog_routes(registry: Registry, try_it: TryIt | None = None,
+                   own: Callable[[], Collection[tuple[str, int]]] = lambda: ()) -> list[Route]:
+    """``try_it``: where tries are sent (the ``try_it_proxy`` setting); None: the try route answers 404.
+    ``own``: the control plane's listeners (address, port), which an import never fetches from."""
+    h = _Handlers(registry, try_it, own)
     base = "/v1/catalog/{namespace}/{name}"
     return [
         Route("GET", "/v1/catalog", h.list_services, "List the services with an API catalog and their current versions"),

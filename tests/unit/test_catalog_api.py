@@ -371,3 +371,93 @@ async def test_a_new_version_writes_the_policies_naming_operations_again() -> No
     kinds = [(c.kind, c.key) for c in seen]
     assert kinds == [("service", "orders.default"), ("policy", "RoutingPolicy/default/r")], (
         f"expected the service's apis, then the policy naming an operation, written again (not the other), got {kinds}")
+
+
+async def test_import_refuses_addresses_no_service_lives_at_and_instances_not_routable(api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Link-local (cloud metadata), unspecified and multicast addresses are refused naming instance, as is an
+    instance that is not routable (here: in maintenance), before anything is fetched."""
+    from meshpilot.catalog import routes
+
+    async def no_fetch(url: object, *args: object) -> bytes:
+        raise AssertionError(f"expected nothing fetched, got a fetch of {url}")
+
+    monkeypatch.setattr(routes, "fetch", no_fetch)  # a regression fails here, sending nothing anywhere
+    for i, address in enumerate(("169.254.169.254", "0.0.0.0", "224.0.0.1", "::", "fe80::1", "ff02::1", "::ffff:169.254.169.254")):
+        r = await api.post("/v1/services/default/orders/instances", json={"id": f"odd-{i}", "address": address, "ports": {"http": 80}})
+        assert r.status == 201, f"expected the instance at {address} registered, got {r.status}: {await r.text()}"
+        r = await api.post(BASE + "/import", json={"instance": f"odd-{i}", "path": "/latest/meta-data/"})
+        body = await r.json()
+        assert r.status == 400 and body["fields"][0]["field"] == "instance" and "not fetched from" in body["error"], \
+            f"expected the import from {address} refused naming instance, got {r.status}: {body}"
+    r = await api.post("/v1/services/default/orders/instances", json={"id": "self-1", "address": "127.0.0.1", "ports": {"http": 15014}})
+    r = await api.post(BASE + "/import", json={"instance": "self-1"})
+    body = await r.json()
+    assert r.status == 400 and "control plane's own" in body["error"], \
+        f"expected the management API's own port (api_port 15014) refused naming instance, got {r.status}: {body}"
+    await api.delete("/v1/instances/self-1")
+    r = await api.post("/v1/services/default/orders/instances", json={"id": "sick-1", "address": "127.0.0.1", "ports": {"http": 80}})
+    assert r.status == 201, f"expected the instance registered, got {r.status}: {await r.text()}"
+    r = await api.put("/v1/instances/sick-1/maintenance", json={"enabled": True})
+    assert r.status == 200, f"expected the instance in maintenance, got {r.status}: {await r.text()}"
+    r = await api.post(BASE + "/import", json={"instance": "sick-1"})
+    body = await r.json()
+    assert r.status == 409 and body["fields"][0]["field"] == "instance" and "not routable" in body["error"], \
+        f"expected 409 naming instance for an instance that is not routable, got {r.status}: {body}"
+    r = await api.post(BASE + "/import", json={})
+    body = await r.json()
+    assert r.status == 409 and body["fields"][0]["field"] == "instance", \
+        f"expected 409 when no instance is routable (no fallback to the others), got {r.status}: {body}"
+
+
+def test_the_control_planes_own_listeners_are_refused() -> None:
+    from meshpilot.catalog.fetch import FetchError, check_target
+
+    own = {("127.0.0.1", 15014), ("0.0.0.0", 15010)}
+    for address, port in (("127.0.0.1", 15014), ("127.0.0.1", 15010), ("10.1.2.3", 15010), ("::ffff:127.0.0.1", 15014)):
+        try:
+            check_target(address, port, own)
+        except FetchError as exc:
+            assert exc.field == "instance" and "control plane's own" in exc.reason, f"expected instance named for {address}:{port}, got {exc}"
+        else:
+            raise AssertionError(f"expected {address}:{port} refused as the control plane's own listener, got it allowed")
+    for address, port in (("127.0.0.1", 8080), ("10.1.2.3", 15014)):
+        check_target(address, port, own)  # an app beside the control plane, another host's port
+
+
+async def test_a_failed_fetch_says_only_could_not_connect_and_a_document_is_not_echoed(api: TestClient) -> None:
+    import re
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        silent = s.getsockname()[1]
+        s.listen(0)  # a port that takes the connection and never answers: the fetch times out
+        for iid, port in (("closed-1", None), ("silent-1", silent)):
+            if port is None:
+                with socket.socket() as c:
+                    c.bind(("127.0.0.1", 0))
+                    port = c.getsockname()[1]
+            await api.post("/v1/services/default/orders/instances", json={"id": iid, "address": "127.0.0.1", "ports": {"http": port}})
+        errors = []
+        for iid in ("closed-1", "silent-1"):
+            r = await api.post(BASE + "/import", json={"instance": iid, "timeout_s": 1})
+            body = await r.json()
+            errors.append((r.status, re.sub(r":\d+/", ":PORT/", body["error"]), [f["field"] for f in body["fields"]]))
+    assert errors[0] == errors[1] and errors[0][0] == 502 and "could not connect" in errors[0][1], \
+        f"expected a refused port and a silent one answered alike (502, could not connect), got {errors}"
+    server = await _springdoc({"swagger": "SECRET-a1", "openapi": "SECRET-b2"})
+    try:
+        await api.post("/v1/services/default/orders/instances", json={"id": "leaky-1", "address": "127.0.0.1", "ports": {"http": server.port}})
+        r = await api.post(BASE + "/import", json={"instance": "leaky-1"})
+        text = await r.text()
+        assert r.status == 400 and "SECRET" not in text, f"expected a refusal that does not echo the fetched values, got {r.status}: {text}"
+        server2 = await _springdoc({"openapi": "SECRET-c3", "info": {"title": "t", "version": "1"}, "paths": {}})
+        try:
+            await api.post("/v1/services/default/orders/instances", json={"id": "leaky-2", "address": "127.0.0.1", "ports": {"http": server2.port}})
+            r = await api.post(BASE + "/import", json={"instance": "leaky-2"})
+            text = await r.text()
+            assert r.status == 400 and "SECRET" not in text, f"expected a refusal that does not echo the fetched version, got {r.status}: {text}"
+        finally:
+            await server2.close()
+    finally:
+        await server.close()
