@@ -136,16 +136,34 @@ class Catalog:
         return await self._set_apis(service_key, self.operations(version))
 
     async def _set_apis(self, service_key: str, operations: list[Operation] | tuple[Operation, ...]) -> bool:
-        svc = self.registry.service(service_key)
-        if svc is None:
-            return False  # deleted meanwhile: its catalog stays and comes back with it
+        """Set the service's ``apis``. On a shared store the write is conditional on the service being
+        as this replica read it: another replica's newer change (ports, labels, from the API or a
+        Consul/Eureka front door) is never overwritten with this replica's older copy; on a lost race
+        the view has caught up and the apis are set again on what it holds now."""
+        store = self.registry.store
         apis = service_apis(operations)
-        if svc.apis == apis:
-            return False
-        self.registry.put_service(svc.model_copy(update={"apis": apis}))
-        log.info("event=catalog_apis_set service=%s operations=%d", service_key, len(apis))
-        await self._retranslate(svc)
-        return True
+        for _ in range(_RETRIES):
+            since = store.revision  # read before deciding, nothing awaited until the commit
+            svc = self.registry.service(service_key)
+            if svc is None:
+                return False  # deleted meanwhile: its catalog stays and comes back with it
+            if svc.apis == apis:
+                return False
+            new = svc.model_copy(update={"apis": apis})
+            if not store.shared:
+                self.registry.put_service(new)  # one writer: what it read is what is stored
+            else:
+                guards = [Guard("services", service_key, exists=True)]
+                if not await store.commit_if(since, guards, {("services", service_key): new.model_dump(mode="json")}):
+                    continue
+                # the registry takes the service as the store's view holds it now (this write, or one
+                # that came after it), as it takes any replica's write
+                self.registry.apply_remote([("services", service_key, store.get("services", service_key))], store.revision)
+            log.info("event=catalog_apis_set service=%s operations=%d", service_key, len(apis))
+            await self._retranslate(new)
+            return True
+        log.warning("event=catalog_apis_not_set service=%s reason='the service kept changing'", service_key)
+        return False
 
     async def _retranslate(self, svc: Service) -> None:
         """Write again, unchanged, the policies of the service that name operations: a routing

@@ -461,3 +461,64 @@ async def test_a_failed_fetch_says_only_could_not_connect_and_a_document_is_not_
             await server2.close()
     finally:
         await server.close()
+
+
+class _Guarded(SharedStore):
+    """A replica's view whose ``commit_if`` checks the guards against every replica's writes, as etcd's
+    Txn compares do; a lost race first brings the view up to date (``catch_up``), as the real store does,
+    and so does a write (a view's revision never passes another replica's write it has not applied)."""
+
+    def __init__(self, clock: list[int], truth: dict[tuple[str, str], int]) -> None:
+        super().__init__(clock)
+        self.truth = truth  # (table, key) -> the revision that last wrote it, shared by the replicas
+        self.catch_up: Any = lambda: None
+
+    def write(self, puts: Any, deletes: tuple[tuple[str, str], ...] = ()) -> None:
+        super().write(puts, deletes)
+        for tk in [*puts, *deletes]:
+            self.truth[tk] = self.clock[0]
+        self.catch_up()
+
+    async def commit_if(self, since: int, guards: Any, puts: Any, deletes: tuple[tuple[str, str], ...] = ()) -> bool:
+        for g in guards:
+            rev = self.truth.get((g.table, g.key))
+            if (rev is not None and rev > since) or (g.exists and rev is None):
+                self.catch_up()
+                return False
+        self.write(puts, deletes)
+        return True
+
+
+async def test_setting_the_apis_does_not_undo_another_replicas_change_to_the_service() -> None:
+    """Replica A's own write left the service without its apis (an API PUT that does not carry them), so A
+    reconciles; meanwhile replica B relabelled the service, and B's write has not reached A. Setting the
+    apis is conditional on the service: A loses the race, takes B's service and sets the apis on it, so
+    both B's labels and the apis are kept."""
+    from meshpilot.model import Service, ServicePort
+
+    clock: list[int] = [0]
+    truth: dict[tuple[str, str], int] = {}
+    sa, sb = _Guarded(clock, truth), _Guarded(clock, truth)
+    ra, rb = Registry(sa), Registry(sb)
+    svc = ra.put_service(Service(name="orders", ports=[ServicePort(name="http", port=80)]))
+    await Catalog(ra).record(svc, parse(json.dumps(document()).encode()), {"kind": "upload"})
+    a_svc = ra.service("orders.default")
+    assert a_svc is not None and a_svc.apis, f"expected A's service to have the apis, got {a_svc}"
+    ra.put_service(a_svc.model_copy(update={"apis": [], "ports": [ServicePort(name="http", port=8080)]}))  # A's API PUT
+    hand(sa, sb, rb)
+    b_svc = rb.service("orders.default")
+    assert b_svc is not None and b_svc.ports[0].port == 8080, f"expected B to see A's PUT, got {b_svc}"
+    rb.put_service(b_svc.model_copy(update={"labels": {"team": "payments"}}))  # not handed to A yet
+    sa.catch_up = lambda: hand(sb, sa, ra)  # from now on A's view follows B's writes when the store says so
+    sb.catch_up = lambda: hand(sa, sb, rb)
+    wrote = await Catalog(ra).reconcile("orders.default")
+    assert wrote, "expected A to set the apis again"
+    hand(sa, sb, rb)
+    hand(sb, sa, ra)
+    for name, reg in (("A", ra), ("B", rb)):
+        got = reg.service("orders.default")
+        assert got is not None and got.labels == {"team": "payments"} and {a.name for a in got.apis} >= {"getOrder", "listOrders"}, \
+            f"expected replica {name} to keep B's labels and have the apis, got labels {got and got.labels}, apis {got and [a.name for a in got.apis]}"
+    stored = sa.get("services", "orders.default")
+    assert stored is not None and stored.get("labels") == {"team": "payments"} and stored.get("apis"), \
+        f"expected the store to hold both B's labels and the apis, got {stored}"
