@@ -277,14 +277,25 @@ class TryIt:
 
     async def send(self, p: Prepared, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
         """The answer as the API gives it: status, headers, body (text, cut at MAX_RESPONSE_BYTES with
-        ``body_truncated``), duration_ms and the trace id; TryError(502/504) when no answer came."""
+        ``body_truncated``), duration_ms and the trace id; TryError(502/504) when no answer came, and
+        TryError(429, timeout_s) when no slot of CONCURRENT freed within ``timeout_s`` (the wait and the
+        answer share that one deadline)."""
         url = URL(f"http://{self.proxy}{p.target}", encoded=True)  # as built: nothing re-encoded or normalised
         headers = {"Host": p.host}
         headers.update(p.headers)  # names are unique: headers given twice in JSON are one key
-        async with self._slots:
+        # the wait for a slot counts against timeout_s too: tries that hang hold every slot for at most
+        # their own timeout, and one waiting behind them is refused when its own runs out
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise TryError(429, "timeout_s", f"no free try-it slot within {timeout_s:g} s: all {CONCURRENT} are taken by "
+                                             "tries still waiting for their answers; try again later or with a longer timeout_s") from None
+        try:
             start = time.perf_counter()
             try:
-                async with asyncio.timeout(timeout_s):
+                async with asyncio.timeout_at(deadline):
                     async with aiohttp.ClientSession(auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent")) as session:
                         async with session.request(p.method, url, headers=headers, data=p.body, allow_redirects=False) as resp:
                             body = await _read_bounded(resp.content, MAX_RESPONSE_BYTES)
@@ -298,6 +309,8 @@ class TryIt:
             except aiohttp.ClientError as exc:
                 raise TryError(502, "(response)", f"the answer through {self.proxy} broke off: {exc}") from None
             duration_ms = round((time.perf_counter() - start) * 1000, 1)
+        finally:
+            self._slots.release()
         truncated = len(body) > MAX_RESPONSE_BYTES
         body = body[:MAX_RESPONSE_BYTES]
         return {

@@ -9,6 +9,7 @@ in time, 502 when nothing listens)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -262,3 +263,27 @@ async def test_try_is_off_without_the_setting_and_502_when_nothing_listens() -> 
         finally:
             await api.close()
 
+
+
+async def test_a_try_that_finds_no_free_slot_within_its_timeout_is_a_429_naming_timeout_s(
+        sidecar_server: tuple[_Sidecar, TestServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every slot taken by a try that hangs: another try waits at most its own timeout_s for one, then is
+    refused naming timeout_s and why, without being sent."""
+    side, server = sidecar_server
+    monkeypatch.setattr(tryit, "CONCURRENT", 1)
+    api = await _api(f"127.0.0.1:{server.port}")
+    hung = asyncio.create_task(api.post("/v1/catalog/shop/orders/try", json={"operation": "slow", "timeout_s": 4}))
+    try:
+        async with asyncio.timeout(5):
+            while not side.seen:
+                await asyncio.sleep(0.01)
+        r = await api.post("/v1/catalog/shop/orders/try", json={"operation": "blob", "timeout_s": 0.3})
+        out = await r.json()
+        assert r.status == 429 and out["fields"][0]["field"] == "timeout_s" and "slot" in out["error"], \
+            f"expected 429 naming timeout_s (no free slot), got {r.status} {str(out)[:300]}"
+        assert [s["raw_path"] for s in side.seen] == ["/api/slow"], f"expected the refused try never sent, got {[s['raw_path'] for s in side.seen]}"
+    finally:
+        hung.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hung
+        await api.close()
