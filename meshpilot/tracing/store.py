@@ -57,8 +57,9 @@ def size_of(span: Mapping[str, Any]) -> int:
         for value in (span.get(key) or {}).values():
             if isinstance(value, str):
                 n += len(value)
-    for k, v in (span.get("tags") or {}).items():
-        n += _TAG_BYTES + len(k) + len(v)
+    tags = span.get("tags")
+    if tags:
+        n += _TAG_BYTES * len(tags) + sum(map(len, tags)) + sum(map(len, tags.values()))
     for a in span.get("annotations") or ():
         n += _ANNOTATION_BYTES + len(a.get("value") or "")
     return n
