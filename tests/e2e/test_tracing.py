@@ -9,7 +9,8 @@ plane is down: the restarted agent ships them from its persisted cursor. With ``
 set, a node ships to that Zipkin (with its configured headers) or OTLP/HTTP endpoint instead of the
 control plane. The node's health checks are never traced. The listeners with tracing, in every mTLS mode, and the bootstrap with the span
 collector are accepted by ``envoy --mode validate``. The ingestion route refuses a stranger. With the control plane stopped while requests
-flow, the spans wait in the nodes' span files and arrive once it is back.
+flow, the spans wait in the nodes' span files and arrive once it is back. An agent asked to stop while
+its shipper's post hangs still ships its last span on the way out.
 """
 
 from __future__ import annotations
