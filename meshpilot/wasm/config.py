@@ -49,6 +49,9 @@ __all__ = ["FilterConfigError", "encode"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _HEADER = re.compile(r"^[a-z0-9_.\-]{1,128}$")
+# a header value as HTTP allows it and Envoy sends it: visible ASCII, inner spaces and tabs (no control
+# characters, which also covers every character a line-splitting reader could take for a line break)
+_HEADER_VALUE = re.compile(r"^([\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?)?$")
 _METHOD = re.compile(r"^[A-Z]{1,32}$")
 _DURATION = re.compile(r"^(\d{1,12}(?:\.\d{1,6})?)(ms|s|m|h)$")
 _RATE = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,6})?)\s*/\s*([smh])\s*$")
@@ -253,8 +256,8 @@ def _reply(field: str, value: Any) -> list[str]:
         f = f"{field}.headers.{name}"
         if not isinstance(name, str) or not _HEADER.match(name):
             raise FilterConfigError(f, "header names are lower-case tokens")
-        if not isinstance(hv, str) or len(hv.encode()) > 1024 or any(c in hv for c in "\r\n\0") or hv != hv.strip():
-            raise FilterConfigError(f, "header values are single-line text without surrounding spaces")
+        if not isinstance(hv, str) or len(hv) > 1024 or not _HEADER_VALUE.match(hv):
+            raise FilterConfigError(f, "header values are visible ASCII (inner spaces allowed), at most 1024 characters")
         lines.append(f"reply_header = {name}: {hv}")
     return lines
 

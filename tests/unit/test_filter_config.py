@@ -111,10 +111,19 @@ def test_any_policy_renders_its_rules_or_names_the_field(policy: dict) -> None:
     except FilterConfigError as e:
         assert e.field and e.reason, f"expected a field and a reason, got {e!r}"
         return
-    lines = text.splitlines()
+    lines = text.split("\n")  # the filter reads lines split at LF only
     sections = [line for line in lines if line.startswith("[")]
     want = ["[filter]", *(f"[breaker {b['name']}]" for b in policy.get("breakers", [])),
             *(f"[ratelimit {r['name']}]" for r in policy.get("rate_limits", []))]
     assert sections == want, f"expected the sections {want}, got {sections} in:\n{text}"
     odd = [line for line in lines if line and not line.startswith(("#", "[")) and " = " not in line]
     assert not odd, f"expected every other line to be `key = value`, got {odd} in:\n{text}"
+
+
+@pytest.mark.parametrize("value", ["a\x1eb", "caf\u00e9", "a\u2028b", "a\x07", "x\ty ", " x"])
+def test_a_reply_header_value_beyond_visible_ascii_is_refused(value: str) -> None:
+    policy = {"rate_limits": [{"name": "r", "rate": "10/s", "burst": 1, "reply": {"headers": {"x-a": value}}}]}
+    encode({**policy, "rate_limits": [{**policy["rate_limits"][0], "reply": {"headers": {"x-a": "ok value"}}}]})  # the rest is fine
+    with pytest.raises(FilterConfigError) as err:
+        encode(policy)
+    assert err.value.field == "rate_limits[0].reply.headers.x-a", f"expected the header named, got {err.value!r}"
