@@ -148,10 +148,18 @@ async def _fake_prometheus(answer: Any) -> AsyncIterator[tuple[str, list[str]]]:
     every /api/v1/query; the queries asked, in order."""
     asked: list[str] = []
 
-    async def query(request: web.Request) -> web.Response:
+    async def query(request: web.Request) -> web.StreamResponse:
         promql = request.query.get("query", "")
         asked.append(promql)
         got = answer(promql)
+        if isinstance(got, tuple):  # ("chunked", bytes): no Content-Length, as a streaming Prometheus may send
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(0, len(got[1]), 1000):
+                await resp.write(got[1][i:i + 1000])
+            await resp.write_eof()
+            return resp
         return web.Response(body=got, content_type="application/json") if isinstance(got, bytes) else web.json_response(got)
 
     app = web.Application()
@@ -222,5 +230,12 @@ def test_an_answer_past_the_byte_bound_is_a_502_and_answers_are_decoded_off_the_
             status, body = await _get(api + "/v1/topology?window=5m")
             assert status == 502 and body["error"].startswith("prometheus_url: ") and "more than 4096 bytes" in body["error"], \
                 f"expected 502 naming prometheus_url and the byte bound, got {status}: {body}"
+        async with _fake_prometheus(lambda q: ("chunked", json.dumps(_EMPTY).encode())) as (prom, _), _serving(prometheus_url=prom) as (_, api):
+            status, body = await _get(api + "/v1/topology?window=5m")
+            assert status == 200 and body["edges"] == [], f"expected a chunked answer under the bound read, got {status}: {body}"
+        async with _fake_prometheus(lambda q: ("chunked", big)) as (prom, _), _serving(prometheus_url=prom) as (_, api):
+            status, body = await _get(api + "/v1/topology?window=5m")
+            assert status == 502 and "more than 4096 bytes" in body["error"], \
+                f"expected 502 naming the byte bound for a chunked answer too, got {status}: {body}"
 
     asyncio.run(scenario())
