@@ -468,7 +468,9 @@ def openapi_document(token: bool = False, routes: Sequence[Route] = ()) -> dict[
     reasons = {"400": "invalid request (the fields name what)", "401": "no valid bearer token (missing, unknown, revoked or expired)",
                "403": "the token's scope is below what the operation needs",
                "404": "no such resource", "409": "conflicts with what is stored", "413": "body too large",
-               "502": "another system the answer needs gave none", "503": "not available now or not configured (the error says which)"}
+               "429": "too many at once: try again (the error says what waited)",
+               "502": "another system the answer needs gave none", "503": "not available now or not configured (the error says which)",
+               "504": "another system the answer needs did not answer in time"}
     labelled = ("/v1/services/", "/v1/policies/")  # services and policies are named by DNS labels
 
     def body_schema(body: type[BaseModel] | dict[str, Any]) -> dict[str, Any]:

@@ -198,5 +198,5 @@ def catalog_routes(registry: Registry, try_it: TryIt | None = None,
         Route("GET", base + "/diff", h.diff, "Operations added, removed and changed between two catalog versions (?from=&to=)"),
         Route("POST", base + "/try", h.try_, "Send one request to an operation through the mesh, from the control plane's own sidecar "
               "(try_it_proxy): its status, headers, body and trace id; 429 naming timeout_s when no try slot frees within it",
-              TryIn, scope="write"),
+              TryIn, scope="write", errors=("429", "502", "504")),
     ]
