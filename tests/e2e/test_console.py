@@ -137,11 +137,11 @@ def browser() -> Iterator[Any]:
 _REFUSAL = re.compile(r"^Failed to load resource: the server responded with a status of (400|401|403) ")
 
 
-@pytest.fixture
-def page(browser: Any, mesh: Mesh) -> Iterator[Any]:
+@contextlib.contextmanager
+def watched_tab(browser: Any, height: int = 900) -> Iterator[Any]:
     """A fresh tab (its own sessionStorage); what the page logs as an error (a CSP violation, a
-    script exception) fails the test."""
-    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    script exception, a failed request other than a refusal) fails the test."""
+    context = browser.new_context(viewport={"width": 1360, "height": height})
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(f"exception: {exc}"))
@@ -153,11 +153,22 @@ def page(browser: Any, mesh: Mesh) -> Iterator[Any]:
     assert errors == [], f"expected no script errors or CSP violations in the page, got {errors}"
 
 
-def sign_in(pg: Any, mesh: Mesh, token: str = TOKEN) -> None:
-    pg.goto(f"{mesh.base}/ui/")
+@pytest.fixture
+def page(browser: Any, mesh: Mesh) -> Iterator[Any]:
+    with watched_tab(browser) as pg:
+        yield pg
+
+
+def sign_in_at(pg: Any, base: str, token: str) -> None:
+    """Sign in to the console at ``base`` and wait for the first page."""
+    pg.goto(f"{base}/ui/")
     pg.fill("#token", token)
     pg.click("#signin button[type=submit]")
     pg.wait_for_selector("#services-page", timeout=10_000)
+
+
+def sign_in(pg: Any, mesh: Mesh, token: str = TOKEN) -> None:
+    sign_in_at(pg, mesh.base, token)
 
 
 def shot(pg: Any, name: str) -> None:

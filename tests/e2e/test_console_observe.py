@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.test_console import CHROMIUM, _REFUSAL, browser, shot  # noqa: F401 (browser: a fixture used here)
+from tests.e2e.test_console import CHROMIUM, browser, shot, sign_in_at, watched_tab  # noqa: F401 (browser: a fixture used here)
 from tests.e2e.test_sidecar import AUTH, TOKEN, app, sidecar, spec_doc
 from tests.e2e.test_topology import PROMETHEUS, _scrape_time, prometheus, targets_up
 from tests.e2e.test_tracing import _both_sidecars, _flat, _sampling
@@ -139,24 +139,12 @@ def observed() -> Iterator[Observed]:
 
 @pytest.fixture
 def page(browser: Any, observed: Observed) -> Iterator[Any]:  # noqa: F811 (browser: the imported fixture)
-    """A fresh tab; a script exception or CSP violation in it fails the test."""
-    context = browser.new_context(viewport={"width": 1360, "height": 900})
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda exc: errors.append(f"exception: {exc}"))
-    pg.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" and not _REFUSAL.match(msg.text) else None)
-    try:
+    with watched_tab(browser) as pg:
         yield pg
-    finally:
-        context.close()
-    assert errors == [], f"expected no script errors or CSP violations in the page, got {errors}"
 
 
 def sign_in(pg: Any, base: str, then: str) -> None:
-    pg.goto(f"{base}/ui/")
-    pg.fill("#token", TOKEN)
-    pg.click("#signin button[type=submit]")
-    pg.wait_for_selector("#services-page", timeout=10_000)
+    sign_in_at(pg, base, TOKEN)
     pg.goto(f"{base}/ui/#/{then}")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.test_catalog_tryit import SERVICE, TryMesh, try_mesh
-from tests.e2e.test_console import _REFUSAL, CHROMIUM
+from tests.e2e.test_console import CHROMIUM, browser, sign_in_at, watched_tab  # noqa: F401 (browser: a fixture used here)
 from tests.e2e.test_sidecar import TOKEN
 from tests.support import tmpdir
 
@@ -34,36 +34,14 @@ def mesh() -> Iterator[TryMesh]:
         yield m
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
-
-
 @pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    """A fresh tab; a script exception, a CSP violation or a failed request other than a refusal fails the test."""
-    context = browser.new_context(viewport={"width": 1360, "height": 1000})
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda exc: errors.append(f"exception: {exc}"))
-    pg.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" and not _REFUSAL.match(msg.text) else None)
-    try:
+def page(browser: Any) -> Iterator[Any]:  # noqa: F811 (browser: the imported fixture)
+    with watched_tab(browser, height=1000) as pg:
         yield pg
-    finally:
-        context.close()
-    assert errors == [], f"expected no script errors or CSP violations in the page, got {errors}"
 
 
 def _open_try(pg: Any, mesh: TryMesh, operation: str) -> None:
-    pg.goto(f"{mesh.cp.api}/ui/")
-    pg.fill("#token", TOKEN)
-    pg.click("#signin button[type=submit]")
-    pg.wait_for_selector("#services-page", timeout=10_000)
+    sign_in_at(pg, mesh.cp.api, TOKEN)
     pg.goto(f"{mesh.cp.api}/ui/#/catalog/default/{SERVICE}")
     pg.wait_for_selector("#operations")
     pg.click(f"#operations button.try-button[data-operation={operation}]")
