@@ -51,8 +51,8 @@ async function list(params) {
       "No trace" + (service ? " of " + service : "") + " in this time. Sampled requests through the sidecars show up here.")));
 }
 
-// spans in tree order (a parent, then its children by start), each once
-function flatten(roots) {
+// spans in tree order (a parent, then its children by start), each once; tryit.js draws with it too
+export function flatten(roots) {
   const out = [];
   const stack = [...roots].reverse();
   while (stack.length) {

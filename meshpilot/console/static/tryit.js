@@ -10,21 +10,11 @@
 import { ApiError, Unauthorized, get } from "./api.js";
 import { h, link, notice } from "./dom.js";
 import { s } from "./svg.js";
+import { flatten } from "./traces.js";
 import { micros } from "./units.js";
 
 const POLL_MS = 1000;
 const POLL_TIMES = 60;
-
-function flatten(roots) {
-  const out = [];
-  const stack = [...roots].reverse();
-  while (stack.length) {
-    const span = stack.pop();
-    out.push(span);
-    for (const child of [...(span.children || [])].reverse()) stack.push(child);
-  }
-  return out;
-}
 
 function waterfall(trace) {
   const total = Math.max(1, trace.duration_us);
