@@ -41,11 +41,12 @@ _NETWORK_ERRORS = ("Could not transfer", "Unknown host", "Could not resolve", "C
                    "Connect timed out", "UnknownHostException")
 
 
-def _source_digest() -> str:
+def source_digest(sources: Path = SOURCES) -> str:
+    """A digest of a Maven project's sources (its build output left out): the build is redone when it changes."""
     h = hashlib.sha256()
-    for p in sorted(SOURCES.rglob("*")):
-        if p.is_file() and "target" not in p.relative_to(SOURCES).parts:
-            h.update(str(p.relative_to(SOURCES)).encode())
+    for p in sorted(sources.rglob("*")):
+        if p.is_file() and "target" not in p.relative_to(sources).parts:
+            h.update(str(p.relative_to(sources)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
 
@@ -55,7 +56,7 @@ def spring_jars() -> dict[str, Path]:
     """consul-app.jar and eureka-app.jar, built with Maven once per source version."""
     if shutil.which("mvn") is None or shutil.which("java") is None:
         pytest.skip("Maven and a JDK 17 are needed to build the Spring Cloud apps; mvn or java is not on PATH")
-    digest = _source_digest()
+    digest = source_digest()
     src = BUILD / "src"
     stamp = BUILD / "built.sha256"
     jars = {k: src / f"{k}-app" / "target" / f"{k}-app.jar" for k in ("consul", "eureka")}

@@ -16,7 +16,6 @@ says so and is skipped.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.server as httpserver
 import json
 import shutil
@@ -31,32 +30,22 @@ import pytest
 import yaml
 
 from tests.e2e.test_sidecar import AUTH, TOKEN, sidecar, spec_doc
+from tests.interop.test_spring import _NETWORK_ERRORS, source_digest
 from tests.support import ROOT, ControlPlaneProc, free_port, http, tmpdir, wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(1200)]
 
 SOURCES = ROOT / "tests" / "interop" / "spring_trace"
 BUILD = ROOT / "var" / "spring-trace-build"
-_NETWORK_ERRORS = ("Could not transfer", "Unknown host", "Could not resolve", "Connection refused", "Network is unreachable",
-                   "Connect timed out", "UnknownHostException")
 _TRACE_HEADERS = ("traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled",
                   "x-b3-flags", "b3", "x-request-id")
-
-
-def _digest() -> str:
-    h = hashlib.sha256()
-    for p in sorted(SOURCES.rglob("*")):
-        if p.is_file() and "target" not in p.relative_to(SOURCES).parts:
-            h.update(str(p.relative_to(SOURCES)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
 def trace_jar() -> Path:
     if shutil.which("mvn") is None or shutil.which("java") is None:
         pytest.skip("Maven and a JDK 17 are needed to build the Spring app; mvn or java is not on PATH")
-    digest, src, stamp = _digest(), BUILD / "src", BUILD / "built.sha256"
+    digest, src, stamp = source_digest(SOURCES), BUILD / "src", BUILD / "built.sha256"
     jar = src / "target" / "trace-app.jar"
     if stamp.exists() and stamp.read_text() == digest and jar.exists():
         return jar
